@@ -1,0 +1,78 @@
+"""The `histo` command: a click group whose subcommands are imported only when they are run.
+
+This is the composition root: `histo/` never imports the domain packages elsewhere, and each
+subcommand imports them inside its function so `histo --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from histo import __version__
+from histo.errors import HistoError
+
+# name -> "module:attribute" of the click command; imported on first use.
+COMMANDS = {
+    "tile": "histo.cli.tile:tile",
+    "train": "histo.cli.train:train",
+    "index": "histo.cli.index:index",
+    "search": "histo.cli.search:search",
+    "segment": "histo.cli.segment:segment",
+    "robustness": "histo.cli.robustness:robustness",
+}
+
+HELP = {
+    "tile": "Tile slides with the high-cellularity mosaic into a zarr tile store.",
+    "train": "Train or fine-tune a KimiaNet (DenseNet-121) feature extractor on weak slide labels.",
+    "index": "Extract features of a tile store and build a FAISS slide index.",
+    "search": "Search an index with query slides or image patches.",
+    "segment": "Train, apply and evaluate reversible-MBConv 3D U-Nets on BraTS MRI.",
+    "robustness": "Evaluate models under image corruptions (ImageNet-C style metrics).",
+}
+
+
+class LazyGroup(click.Group):
+    """A group that lists commands from a table and imports a command module only when it runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module_name, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Use the static help table so `histo --help` imports no command module.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, HELP[name]) for name in COMMANDS])
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except HistoError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="histo")
+def main() -> None:
+    """histo: slide retrieval (tile, train, index, search) and brain-tumour segmentation (segment)."""
+
+
+def not_built(name: str, issue: int) -> click.Command:
+    """A placeholder command that says it is not built yet and exits non-zero."""
+
+    @click.command(name=name, context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args: tuple[str, ...]) -> None:
+        click.echo(f"error: `histo {name}` is not built yet (issue {issue})", err=True)
+        sys.exit(3)
+
+    command.help = f"{HELP[name]} (not built yet)"
+    return command

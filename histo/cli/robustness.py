@@ -1,0 +1,5 @@
+"""`histo robustness`: not built yet."""
+
+from histo.cli import not_built
+
+robustness = not_built("robustness", issue=7)
