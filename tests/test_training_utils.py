@@ -1,0 +1,86 @@
+"""Shared trainer pieces: schedule shape, RNG round trip, checkpoints, resume config check, metrics log."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from histo import training
+from histo.errors import HistoError, InputFileError
+
+
+def test_cosine_warmup_factor_matches_formula():
+    warm, total = 4, 20
+    for step in range(total + 3):
+        got = training.cosine_warmup_factor(step, warm, total, min_lr_ratio=0.1)
+        if step < warm:
+            want = (step + 1) / warm
+        else:
+            progress = min((step - warm) / (total - warm), 1.0)
+            want = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        assert got == pytest.approx(want, abs=1e-12)
+    assert training.cosine_warmup_factor(total, warm, total) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_scheduler_drives_optimizer_lr():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=2.0)
+    sched = training.cosine_warmup(opt, warmup_steps=2, total_steps=10)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:2] == [pytest.approx(1.0), pytest.approx(2.0)]
+    assert lrs[2] > lrs[3]
+
+
+def test_rng_state_round_trip_through_weights_only_checkpoint(tmp_path):
+    training.seed_everything(3)
+    state = training.rng_state()
+    training.save_checkpoint(tmp_path / "c.pt", {"rng": state})
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    training.seed_everything(99)
+    training.set_rng_state(training.load_checkpoint(tmp_path / "c.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(InputFileError, match="checkpoint not found"):
+        training.load_checkpoint(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(InputFileError, match="not a readable checkpoint"):
+        training.load_checkpoint(bad)
+
+
+def test_check_same_config_lists_changed_keys():
+    training.check_same_config({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 2}}, "x.pt")
+    training.check_same_config({"epochs": 1}, {"epochs": 5}, "x.pt", ignore=["epochs"])
+    with pytest.raises(HistoError, match=r"x.pt: cannot --resume.*b.c: 2 -> 3"):
+        training.check_same_config({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}}, "x.pt")
+
+
+def test_metrics_log_rewrites_csv_and_png_and_resumes(tmp_path):
+    log = training.MetricsLog(tmp_path / "m.csv", tmp_path / "m.png")
+    for epoch in range(3):
+        log.log({"epoch": epoch, "train_loss": 1.0 / (epoch + 1), "val_acc": 0.5 + 0.1 * epoch})
+    assert (tmp_path / "m.png").stat().st_size > 1000
+    again = training.MetricsLog(tmp_path / "m.csv")
+    assert [r["epoch"] for r in again.rows] == [0, 1, 2]
+    assert again.rows[1]["train_loss"] == pytest.approx(0.5)
+    again.truncate(before_x=1)
+    assert [r["epoch"] for r in again.rows] == [0]
+
+
+def test_early_stopping_counts_epochs_without_improvement():
+    stop = training.EarlyStopping(patience=2, mode="max")
+    assert [stop.step(v) for v in (0.5, 0.6, 0.6, 0.55)] == [True, True, False, False]
+    assert stop.should_stop and stop.best == 0.6
+    restored = training.EarlyStopping(patience=2)
+    restored.load_state_dict(stop.state_dict())
+    assert restored.should_stop
