@@ -1,56 +1,47 @@
 """Shared normalization blocks: `make_norm(name, channels, spatial_dims)` builds any registered block.
 
-Minimal first version (batch, instance, group); the full library is being built in this package.
+Names: batch, instance, group, layer, ibn_a, ibn_b, rn_b, rn_l, bcn, evonorm_b0, evonorm_s0, frn (one
+module per family; formulas in ../shared/REFERENCE.md §6 and each module's docstring). Keyword arguments use
+PyTorch's names (num_groups, eps, momentum, affine). Every name is also in MONAI's `Norm` factory under
+`monai_name(name)` (the name itself, or `histo_<name>` where MONAI already defines it: batch, instance,
+group, layer). Blocks with running statistics (BN parts, evonorm_b0) update them only when
+`updates_stats(self)`, so `frozen_running_stats(model)` covers them.
 """
 
-from __future__ import annotations
+from histo.norms import bcn, evonorm, frn, ibn, region, standard  # noqa: F401  (registers the names)
+from histo.norms.bcn import WS_CONV, BatchChannelNorm, WSConv1d, WSConv2d, WSConv3d, standardize_weight
+from histo.norms.common import resolve_groups
+from histo.norms.evonorm import EvoNormB0, EvoNormS0
+from histo.norms.frn import FilterResponseNorm
+from histo.norms.ibn import IBN
+from histo.norms.monai_factory import monai_name
+from histo.norms.region import RegionNormB, RegionNormL, region_mask, set_region_mask
+from histo.norms.registry import make_norm, names, register
+from histo.norms.standard import GroupNorm, SpatialLayerNorm
+from histo.norms.stats import frozen_running_stats, updates_stats
 
-from collections.abc import Callable
-
-from torch import nn
-
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register(name: str) -> Callable:
-    """Decorator adding a builder `fn(channels, spatial_dims, **kwargs) -> nn.Module` to the registry."""
-
-    def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = fn
-        return fn
-
-    return add
-
-
-def names() -> list[str]:
-    """The registered norm names."""
-    return sorted(_REGISTRY)
-
-
-def make_norm(name: str, channels: int, spatial_dims: int = 2, **kwargs) -> nn.Module:
-    """Build the norm block `name` for `channels` channels-first features with 1, 2 or 3 spatial dims."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown norm {name!r}; registered: {', '.join(names())}")
-    return _REGISTRY[name](channels, spatial_dims, **kwargs)
-
-
-@register("batch")
-def _batch(channels: int, spatial_dims: int, **kwargs) -> nn.Module:
-    return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims](channels, **kwargs)
-
-
-@register("instance")
-def _instance(channels: int, spatial_dims: int, **kwargs) -> nn.Module:
-    kwargs.setdefault("affine", True)
-    cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[spatial_dims]
-    return cls(channels, **kwargs)
-
-
-@register("group")
-def _group(channels: int, spatial_dims: int, num_groups: int = 32, **kwargs) -> nn.Module:
-    return nn.GroupNorm(min(num_groups, channels), channels, **kwargs)
-
-
-from histo.norms.stats import frozen_running_stats, updates_stats  # noqa: E402
-
-__all__ = ["frozen_running_stats", "make_norm", "names", "register", "updates_stats"]
+__all__ = [
+    "IBN",
+    "WS_CONV",
+    "BatchChannelNorm",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
+    "GroupNorm",
+    "RegionNormB",
+    "RegionNormL",
+    "SpatialLayerNorm",
+    "WSConv1d",
+    "WSConv2d",
+    "WSConv3d",
+    "frozen_running_stats",
+    "make_norm",
+    "monai_name",
+    "names",
+    "region_mask",
+    "register",
+    "resolve_groups",
+    "set_region_mask",
+    "standardize_weight",
+    "updates_stats",
+]

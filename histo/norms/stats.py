@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Iterator
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _NormBase
 
 _FLAG = "_histo_stats_frozen"
 
@@ -25,13 +25,13 @@ def updates_stats(module: nn.Module) -> bool:
 def frozen_running_stats(model: nn.Module) -> Iterator[None]:
     """Within the block, forward passes of `model` use batch statistics as usual but update none.
 
-    torch BatchNorm layers get momentum 0 (running = running) and their batch counter restored;
+    torch BatchNorm/InstanceNorm layers that track statistics get momentum 0 (running = running) and their batch counter restored;
     registry blocks check `updates_stats(self)`.
     """
     saved = []
     for m in model.modules():
         setattr(m, _FLAG, True)
-        if isinstance(m, _BatchNorm):
+        if isinstance(m, _NormBase) and m.track_running_stats:
             tracked = None if m.num_batches_tracked is None else m.num_batches_tracked.clone()
             saved.append((m, m.momentum, tracked))
             m.momentum = 0.0

@@ -1,0 +1,160 @@
+"""Region Normalization (Yu et al., AAAI 2020): normalise a region and its complement separately.
+
+Statistics: per channel, mean and (biased) variance over (N, spatial) positions inside each region, taken
+from the current batch in training AND in eval, as in the authors' code (their BN has
+track_running_stats=False). There are no running statistics, so `alpha_bn` and `frozen_running_stats`
+have nothing to do here; note that eval outputs therefore depend on the other samples of the batch.
+
+rn_b: the region mask comes from outside (brain / tissue mask) through `set_region_mask(model, mask)` or
+the `region_mask(model, mask)` context; each block resizes it with nearest interpolation to its feature
+map, takes mask > 0.5 as the region, and applies a separate affine per region (initialised to identity).
+rn_l: the mask is learned: sigmoid(kxk conv([mean_c(x), max_c(x)])) >= threshold (0.8) selects the region;
+the output is modulated by spatial maps gamma, beta = conv(sigmoid map), through which gradients flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from histo.norms.common import CONV, channel_view, check_input
+from histo.norms.registry import register
+
+
+def region_normalize(x: torch.Tensor, inside: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise x where `inside` (bool, N|1 x 1 x *spatial) and where not, each with its own statistics.
+
+    Mean and biased variance per channel over (N, spatial) of the region (two-pass); an empty region gets
+    mean 0 and variance 0 (it has no output positions, so they are never used).
+    """
+    axes = (0, *range(2, x.ndim))
+    inside = inside.expand(x.shape[0], 1, *x.shape[2:])
+    count_in = inside.sum()
+    counts = torch.stack([count_in, inside.numel() - count_in]).clamp(min=1).to(x.dtype)
+
+    def region_means(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        zero = t.new_zeros(())
+        s_in, s_out = torch.where(inside, t, zero).sum(axes), torch.where(inside, zero, t).sum(axes)
+        return s_in / counts[0], s_out / counts[1]
+
+    def per_position(v_in: torch.Tensor, v_out: torch.Tensor) -> torch.Tensor:
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        return torch.where(inside, v_in.view(view), v_out.view(view))
+
+    centred = x - per_position(*region_means(x))
+    var_in, var_out = region_means(centred * centred)
+    return centred * per_position(torch.rsqrt(var_in + eps), torch.rsqrt(var_out + eps))
+
+
+class RegionNormB(nn.Module):
+    """RN-B: region-wise normalisation with an external mask and a separate affine per region.
+
+    `weight`/`bias` have shape (2, C): row 1 for the region (mask > 0.5), row 0 for its complement.
+    Without a mask the forward raises RuntimeError (never silently one region).
+    """
+
+    def __init__(self, num_features: int, spatial_dims: int = 2, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        self.num_features, self.spatial_dims, self.eps = num_features, spatial_dims, eps
+        self.weight = nn.Parameter(torch.ones(2, num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(2, num_features)) if affine else None
+        self.mask: torch.Tensor | None = None
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """Set (or clear with None) the region mask: N x 1 x *spatial (or 1 x 1 x ...), bool or float."""
+        if mask is not None and (mask.ndim != self.spatial_dims + 2 or mask.shape[1] != 1):
+            raise ValueError(
+                f"RegionNormB: mask must be N x 1 x {self.spatial_dims} spatial dims, got {tuple(mask.shape)}"
+            )
+        self.mask = mask
+
+    def _resized_mask(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            raise RuntimeError(
+                "RegionNormB (rn_b) has no region mask: call histo.norms.set_region_mask(model, mask) "
+                "or use `with histo.norms.region_mask(model, mask):` before the forward pass"
+            )
+        if self.mask.shape[0] not in (1, x.shape[0]):
+            raise ValueError(
+                f"RegionNormB: mask batch {self.mask.shape[0]} does not match input {x.shape[0]}"
+            )
+        m = self.mask.to(device=x.device, dtype=torch.float32)
+        if m.shape[2:] != x.shape[2:]:
+            m = F.interpolate(m, size=x.shape[2:], mode="nearest")
+        return m > 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x)
+        inside = self._resized_mask(x)
+        y = region_normalize(x, inside, self.eps)
+        if self.weight is None:
+            return y
+        w_in, w_out = (channel_view(w, x.ndim) for w in (self.weight[1], self.weight[0]))
+        b_in, b_out = (channel_view(b, x.ndim) for b in (self.bias[1], self.bias[0]))
+        return torch.where(inside, y * w_in + b_in, y * w_out + b_out)
+
+
+class RegionNormL(nn.Module):
+    """RN-L: region-wise normalisation with a learned mask and learned spatial modulation maps.
+
+    a = sigmoid(conv([mean_c x, max_c x])); region = a >= threshold (a hard, detached mask);
+    y = RN(x, region) * (1 + gamma) + beta with [gamma, beta] = conv(a) (one conv, two output maps), following
+    the authors' RN_L / SelfAware_Affine (which uses two one-map convs: the same function).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        spatial_dims: int = 2,
+        eps: float = 1e-5,
+        threshold: float = 0.8,
+        kernel_size: int = 7,
+    ):
+        super().__init__()
+        self.num_features, self.spatial_dims = num_features, spatial_dims
+        self.eps, self.threshold = eps, threshold
+        conv, pad = CONV[spatial_dims], kernel_size // 2
+        self.attention = conv(2, 1, kernel_size, padding=pad, bias=False)
+        self.modulation = conv(1, 2, kernel_size, padding=pad)  # output channels: gamma map, beta map
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x)
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        soft = torch.sigmoid(self.attention(pooled))
+        y = region_normalize(x, soft.detach() >= self.threshold, self.eps)
+        gamma, beta = self.modulation(soft).split(1, dim=1)
+        return y * (1 + gamma) + beta
+
+
+def set_region_mask(model: nn.Module, mask: torch.Tensor | None) -> int:
+    """Give `mask` (N x 1 x *spatial, any resolution) to every rn_b block in `model`; None clears it.
+
+    Returns the number of rn_b blocks reached.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, RegionNormB)]
+    for block in blocks:
+        block.set_mask(mask)
+    return len(blocks)
+
+
+@contextlib.contextmanager
+def region_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[int]:
+    """Context: `set_region_mask(model, mask)` on entry (yields the block count), cleared on exit."""
+    try:
+        yield set_region_mask(model, mask)
+    finally:
+        set_region_mask(model, None)
+
+
+@register("rn_b")
+def _rn_b(channels: int, spatial_dims: int, **kwargs) -> nn.Module:
+    return RegionNormB(channels, spatial_dims, **kwargs)
+
+
+@register("rn_l")
+def _rn_l(channels: int, spatial_dims: int, **kwargs) -> nn.Module:
+    return RegionNormL(channels, spatial_dims, **kwargs)
