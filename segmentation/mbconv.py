@@ -1,0 +1,69 @@
+"""MBConv body for 3D volumes: 1x1x1 expand -> depthwise kxkxk -> squeeze-excitation -> 1x1x1 project.
+
+The body has no residual of its own: the reversible coupling (or the plain twin) adds it. Every norm comes
+from the shared registry (`histo.norms.make_norm`), so any registered name works here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from histo.norms import WSConv3d, make_norm
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gating from the spatial mean: x * sigmoid(W2 silu(W1 mean(x))) (Hu et al.; EfficientNet)."""
+
+    def __init__(self, channels: int, squeeze: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv3d(channels, squeeze, 1)
+        self.expand = nn.Conv3d(squeeze, channels, 1)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean(dim=(2, 3, 4), keepdim=True)
+        return x * torch.sigmoid(self.expand(self.act(self.reduce(s))))
+
+
+class MBConv(nn.Module):
+    """Inverted bottleneck without residual: expand x`expansion`, depthwise conv, optional SE, linear project.
+
+    Layout: conv1x1 -> norm -> SiLU -> depthwise conv -> norm -> SiLU -> [SE] -> conv1x1 -> norm -> [dropout].
+    The squeeze width is `se_ratio` x the body's input channels (EfficientNet convention); `dropout` is
+    element-wise dropout on the branch output, before the caller's residual sum. With norm="bcn" the
+    convolutions are weight-standardised (WS + BCN, Qiao et al.).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int | None = None,
+        expansion: int = 4,
+        norm: str = "instance",
+        norm_kwargs: dict | None = None,
+        se_ratio: float = 0.25,
+        dropout: float = 0.0,
+        kernel_size: int = 3,
+    ) -> None:
+        super().__init__()
+        out_channels = channels if out_channels is None else out_channels
+        hidden = channels * expansion
+        kw = dict(norm_kwargs or {})
+        conv = WSConv3d if norm == "bcn" else nn.Conv3d
+        self.expand = conv(channels, hidden, 1, bias=False)
+        self.norm1 = make_norm(norm, hidden, spatial_dims=3, **kw)
+        self.depthwise = conv(
+            hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=False
+        )
+        self.norm2 = make_norm(norm, hidden, spatial_dims=3, **kw)
+        self.se = SqueezeExcite(hidden, max(1, int(channels * se_ratio))) if se_ratio > 0 else nn.Identity()
+        self.project = conv(hidden, out_channels, 1, bias=False)
+        self.norm3 = make_norm(norm, out_channels, spatial_dims=3, **kw)
+        self.act = nn.SiLU()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.norm1(self.expand(x)))
+        h = self.se(self.act(self.norm2(self.depthwise(h))))
+        return self.drop(self.norm3(self.project(h)))
