@@ -1,0 +1,50 @@
+"""CBR baselines: small conv-norm-ReLU stacks, the lightweight models of Raghu et al. 2019 ("Transfusion").
+
+Specs (appendix of the paper): stride-1 convolutions, each conv-norm-ReLU followed by 3x3/2 max pooling
+(CBR-LargeT has none after its last layer), then global average pooling and a linear head.
+  cbr-large-t: 7x7 conv 32, 64, 128, 256, 512      cbr-large-w: 7x7 conv 64, 128, 256, 512
+  cbr-small:   7x7 conv 32, 64, 128, 256           cbr-tiny:    5x5 conv 64, 128, 256, 512
+Every norm comes from the shared registry, so CBR and DenseNet are compared with the same norm.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+from histo.norms import make_norm
+from pathology.densenet import FeatureClassifier, Trunk, activation, conv_class, init_weights
+
+# name -> (widths, kernel size, max pooling after the last layer)
+CBR_SPECS: dict[str, tuple[tuple[int, ...], int, bool]] = {
+    "cbr-large-t": ((32, 64, 128, 256, 512), 7, False),
+    "cbr-large-w": ((64, 128, 256, 512), 7, True),
+    "cbr-small": ((32, 64, 128, 256), 7, True),
+    "cbr-tiny": ((64, 128, 256, 512), 5, True),
+}
+
+
+def cbr_trunk(name: str, norm: str = "batch") -> Trunk:
+    """The conv-norm-ReLU(-maxpool) stack of CBR model `name`."""
+    widths, kernel, last_pool = CBR_SPECS[name]
+    conv = conv_class(norm)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    in_channels = 3
+    for i, width in enumerate(widths):
+        layers[f"conv{i}"] = conv(in_channels, width, kernel_size=kernel, padding=kernel // 2, bias=False)
+        layers[f"norm{i}"] = make_norm(norm, width, spatial_dims=2)
+        layers[f"relu{i}"] = activation(norm)
+        if i < len(widths) - 1 or last_pool:
+            layers[f"pool{i}"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        in_channels = width
+    return Trunk(layers)
+
+
+def cbr(name: str, norm: str = "batch", num_classes: int = 0) -> FeatureClassifier:
+    """CBR model `name` (see CBR_SPECS) with a linear head on its pooled last map."""
+    if name not in CBR_SPECS:
+        raise ValueError(f"unknown CBR model {name!r}; known: {', '.join(sorted(CBR_SPECS))}")
+    model = FeatureClassifier(cbr_trunk(name, norm), CBR_SPECS[name][0][-1], num_classes)
+    init_weights(model)
+    return model

@@ -1,0 +1,185 @@
+"""DenseNet-121 built from the shared norm registry, with torchvision's module names so its weights load.
+
+No torchvision: it replaces the CPU torch here (ENVIRONMENT.md). Module names follow torchvision
+(`features.conv0`, `features.denseblock1.denselayer1.norm1`, `features.transition1.conv`, `features.norm5`)
+so ImageNet and KimiaNet checkpoints map one to one. Unlike torchvision, the head sees the KimiaNet feature:
+global average pool of `norm5` *without* the final ReLU (Riasatian et al. 2021; official KimiaNet code).
+
+IBN-a placement follows the IBN-Net authors' `densenet_ibn_a.py`: in dense blocks 1-3 the first norm
+(`norm1`) of every third dense layer (denselayer1, 4, 7, ...) is IBN with an instance-norm ratio of 0.4;
+every other norm stays BatchNorm (the shared IBN block puts IN on the first int(0.4 C) channels; the
+authors' DenseNet code puts it on the last C - int(0.6 C), equivalent up to channel order and rounding).
+`bcn` (batch-channel norm) pairs with weight-standardised convolutions; EvoNorm/FRN carry their own
+nonlinearity, so the ReLU after them is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from histo.norms import make_norm
+
+GROWTH_RATE = 32
+BLOCK_CONFIG = (6, 12, 24, 16)
+NUM_INIT_FEATURES = 64
+BN_SIZE = 4
+IBN_RATIO = 0.4
+# Norms that already contain their nonlinearity (EvoNorm, FRN+TLU) replace "norm + ReLU" as a pair.
+ACTIVATING_NORMS = frozenset({"evonorm_b0", "evonorm_s0", "frn"})
+
+
+class Trunk(nn.Sequential):
+    """A convolutional trunk: calling it returns the globally average-pooled last map (the feature)."""
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map (N, C, h, w), e.g. DenseNet's `norm5` output."""
+        return super().forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(x).mean(dim=(2, 3))
+
+
+class FeatureClassifier(nn.Module):
+    """`features` (a Trunk, pooled feature) followed by a linear `classifier`; frozen parts stay in eval.
+
+    `num_classes=0` builds no head (forward returns the feature), for untrained feature extractors.
+    """
+
+    def __init__(self, features: Trunk, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = features
+        self.feature_dim = feature_dim
+        self.classifier = nn.Linear(feature_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.frozen: tuple[str, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def freeze(self, names: Iterable[str]) -> None:
+        """Stop gradients through the named submodules and keep them (their BN statistics) in eval mode."""
+        self.frozen = tuple(names)
+        for name in self.frozen:
+            for p in self.get_submodule(name).parameters():
+                p.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> FeatureClassifier:
+        super().train(mode)
+        for name in self.frozen:
+            self.get_submodule(name).eval()
+        return self
+
+
+def conv_class(norm: str) -> type[nn.Conv2d]:
+    """Weight-standardised convolutions for batch-channel norm (Qiao et al.), plain ones otherwise."""
+    if norm == "bcn":
+        from histo.norms import WSConv2d
+
+        return WSConv2d
+    return nn.Conv2d
+
+
+def activation(norm: str) -> nn.Module:
+    """ReLU after a norm, or nothing when the norm carries its own nonlinearity."""
+    return nn.Identity() if norm in ACTIVATING_NORMS else nn.ReLU(inplace=True)
+
+
+def densenet_norm(norm: str, channels: int, ibn_site: bool = False) -> nn.Module:
+    """The norm at one site: for `ibn_a`, IBN at the IBN-Net sites and BatchNorm elsewhere."""
+    if norm == "ibn_a":
+        return (
+            make_norm("ibn_a", channels, spatial_dims=2, ratio=IBN_RATIO)
+            if ibn_site
+            else make_norm("batch", channels, spatial_dims=2)
+        )
+    return make_norm(norm, channels, spatial_dims=2)
+
+
+class DenseLayer(nn.Sequential):
+    """Bottleneck layer norm1-relu1-conv1(1x1)-norm2-relu2-conv2(3x3) producing `growth_rate` new maps."""
+
+    def __init__(self, in_channels: int, norm: str, ibn_site: bool) -> None:
+        conv = conv_class(norm)
+        width = BN_SIZE * GROWTH_RATE
+        super().__init__(
+            OrderedDict(
+                norm1=densenet_norm(norm, in_channels, ibn_site),
+                relu1=activation(norm),
+                conv1=conv(in_channels, width, kernel_size=1, bias=False),
+                norm2=densenet_norm(norm, width),
+                relu2=activation(norm),
+                conv2=conv(width, GROWTH_RATE, kernel_size=3, padding=1, bias=False),
+            )
+        )
+
+
+class DenseBlock(nn.ModuleDict):
+    """Dense connectivity: each layer sees the concatenation of the block input and all earlier outputs."""
+
+    def __init__(self, num_layers: int, in_channels: int, norm: str, ibn: bool) -> None:
+        super().__init__(
+            {
+                f"denselayer{i + 1}": DenseLayer(in_channels + i * GROWTH_RATE, norm, ibn and i % 3 == 0)
+                for i in range(num_layers)
+            }
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = [x]
+        for layer in self.values():
+            maps.append(layer(torch.cat(maps, 1)))
+        return torch.cat(maps, 1)
+
+
+class Transition(nn.Sequential):
+    """norm-relu-conv(1x1) halving the channels, then 2x2 average pooling."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
+        super().__init__(
+            OrderedDict(
+                norm=densenet_norm(norm, in_channels),
+                relu=activation(norm),
+                conv=conv_class(norm)(in_channels, out_channels, kernel_size=1, bias=False),
+                pool=nn.AvgPool2d(kernel_size=2, stride=2),
+            )
+        )
+
+
+def densenet121_trunk(norm: str = "batch") -> Trunk:
+    """The DenseNet-121 `features` trunk ending in `norm5` (no final ReLU): 1024 channels."""
+    conv = conv_class(norm)
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        conv0=conv(3, NUM_INIT_FEATURES, kernel_size=7, stride=2, padding=3, bias=False),
+        norm0=densenet_norm(norm, NUM_INIT_FEATURES),
+        relu0=activation(norm),
+        pool0=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+    )
+    channels = NUM_INIT_FEATURES
+    for i, num_layers in enumerate(BLOCK_CONFIG):
+        layers[f"denseblock{i + 1}"] = DenseBlock(num_layers, channels, norm, ibn=i < 3)
+        channels += num_layers * GROWTH_RATE
+        if i < len(BLOCK_CONFIG) - 1:
+            layers[f"transition{i + 1}"] = Transition(channels, channels // 2, norm)
+            channels //= 2
+    layers["norm5"] = densenet_norm(norm, channels)
+    return Trunk(layers)
+
+
+def init_weights(model: nn.Module) -> None:
+    """torchvision's DenseNet initialisation: Kaiming-normal convolutions, unit norms, zero biases."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+def densenet121(norm: str = "batch", num_classes: int = 0) -> FeatureClassifier:
+    """DenseNet-121 with every norm from the registry and a linear head on the 1024-d KimiaNet feature."""
+    model = FeatureClassifier(densenet121_trunk(norm), 1024, num_classes)
+    init_weights(model)
+    return model

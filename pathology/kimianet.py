@@ -1,0 +1,232 @@
+"""KimiaNet: models, training variants, checkpoints and the feature extractor used by the slide index.
+
+The feature is the global average pool of DenseNet-121's final norm (`norm5`) output *without* the
+final ReLU (Riasatian et al. 2021), 1024-d; torchvision's penultimate feature (ReLU, then pool) differs.
+Variants (KimiaNet-I ... IV): I trains dense block 4, II blocks 3-4, III blocks 2-4 (each with everything
+after it: transitions between trained blocks, `norm5`, head; the transition feeding the first trained
+block stays frozen, as when Keras' DenseNet is frozen up to `conv5_block1`); IV and `scratch` train
+everything (IV from imported weights, scratch from random ones). Frozen parts keep their BN statistics
+(eval mode on every `.train()`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from histo.errors import HistoError, InputFileError
+from histo.norms import names as norm_names
+from pathology.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, resize
+from pathology.cbr import CBR_SPECS, cbr
+from pathology.densenet import FeatureClassifier, densenet121
+
+CHECKPOINT_FORMAT = "histo-kimianet"
+CHECKPOINT_VERSION = 1
+ARCHS = ("densenet121", *sorted(CBR_SPECS))
+VARIANTS = ("I", "II", "III", "IV", "scratch")
+_FIRST_TRAINED_BLOCK = {"I": 4, "II": 3, "III": 2}
+# Registry norms this trainer refuses, and why.
+UNSUPPORTED_NORMS = {
+    "rn_b": "it needs a region mask per image and tiles come without one",
+    "ibn_b": "IBN-b placement is defined for ResNets only (use ibn_a, placed as IBN-Net places it in DenseNet)",
+}
+
+
+def build_model(
+    arch: str = "densenet121", norm: str = "batch", num_classes: int = 30, variant: str = "IV"
+) -> FeatureClassifier:
+    """A model with `.features(x)` -> pooled feature and `forward(x)` -> logits, frozen per `variant`."""
+    if arch not in ARCHS:
+        raise HistoError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+    if variant not in VARIANTS:
+        raise HistoError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if norm in UNSUPPORTED_NORMS:
+        raise HistoError(f"norm {norm!r} cannot be used here: {UNSUPPORTED_NORMS[norm]}")
+    if norm not in norm_names():
+        raise HistoError(
+            f"unknown norm {norm!r}; known: {', '.join(n for n in norm_names() if n not in UNSUPPORTED_NORMS)}"
+        )
+    model = densenet121(norm, num_classes) if arch == "densenet121" else cbr(arch, norm, num_classes)
+    model.freeze(frozen_modules(model, arch, variant))
+    return model
+
+
+def frozen_modules(model: FeatureClassifier, arch: str, variant: str) -> list[str]:
+    """Names of the submodules a variant keeps frozen (all of `features` before the first trained block)."""
+    if variant in ("IV", "scratch"):
+        return []
+    if arch != "densenet121":
+        raise HistoError(f"variant {variant} freezes dense blocks; {arch} has none (use IV or scratch)")
+    first = f"denseblock{_FIRST_TRAINED_BLOCK[variant]}"
+    names = []
+    for name, _ in model.features.named_children():
+        if name == first:
+            break
+        names.append(f"features.{name}")
+    return names
+
+
+def feature_definition(arch: str, norm: str, variant: str, input_px: int) -> dict[str, Any]:
+    """What a feature vector means; an index refuses features made under another definition."""
+    pooling = "avgpool(norm5) without ReLU" if arch == "densenet121" else "avgpool(last conv-norm-ReLU)"
+    return {
+        "arch": arch,
+        "norm": norm,
+        "variant": variant,
+        "pooling": pooling,
+        "input_px": int(input_px),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
+
+
+def model_config(
+    arch: str,
+    norm: str,
+    variant: str,
+    classes: list[str],
+    input_px: int,
+    data_hash: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The JSON-able config stored beside the weights (enough to rebuild the model)."""
+    return {
+        "arch": arch,
+        "norm": norm,
+        "variant": variant,
+        "classes": list(classes),
+        "input_px": int(input_px),
+        "feature_definition": feature_definition(arch, norm, variant, input_px),
+        "data_hash": data_hash,
+        **extra,
+    }
+
+
+def save_model(path: str | Path, model: FeatureClassifier, config: Mapping[str, Any]) -> None:
+    """Atomically write a model checkpoint: plain tensors + JSON-able config (loads with weights_only)."""
+    from histo.training import save_checkpoint
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_checkpoint(
+        path,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "config": dict(config),
+            "state_dict": state,
+        },
+    )
+
+
+def load_model(path: str | Path) -> tuple[FeatureClassifier, dict[str, Any]]:
+    """Rebuild the model of a histo checkpoint (InputFileError when it is not one)."""
+    from histo.training import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputFileError(path, "not a histo KimiaNet checkpoint (use --init for foreign weights)")
+    cfg = ckpt["config"]
+    model = build_model(cfg["arch"], cfg["norm"], len(cfg["classes"]), cfg["variant"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise InputFileError(path, f"weights do not match its config: {str(e).splitlines()[0]}") from None
+    return model, cfg
+
+
+def random_init_checkpoint(
+    path: str | Path, arch: str = "densenet121", norm: str = "batch", input_px: int = 224, seed: int = 0
+) -> Path:
+    """Write a valid checkpoint of an untrained network (no head), for baselines and tests."""
+    torch.manual_seed(seed)
+    model = build_model(arch, norm, num_classes=0, variant="scratch")
+    save_model(path, model, model_config(arch, norm, "scratch", [], input_px, untrained=True, seed=seed))
+    return Path(path)
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over the names and bytes of every state tensor (for models built in memory)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_hash(path: str | Path) -> str:
+    """sha256 hex digest of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FeatureExtractor:
+    """Turns uint8 RGB tiles into KimiaNet features (resize to `input_px`, ImageNet mean/std)."""
+
+    def __init__(
+        self,
+        model: FeatureClassifier,
+        config: Mapping[str, Any],
+        device: str | torch.device = "auto",
+        model_hash: str | None = None,
+    ) -> None:
+        from histo.devices import resolve_device
+
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.config = dict(config)
+        self.input_px = int(config["input_px"])
+        self.feature_dim = model.feature_dim
+        self.feature_definition = dict(config["feature_definition"])
+        self.model_hash = model_hash or weights_hash(model)
+        self.model = model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> FeatureExtractor:
+        """Load a histo checkpoint; `.model_hash` is the sha256 of the file."""
+        model, cfg = load_model(path)
+        return cls(model, cfg, device, model_hash=file_hash(path))
+
+    def _prepare(self, tiles: np.ndarray) -> torch.Tensor:
+        # uint8 travels to the device (4x less than float); conversion and resizing happen there.
+        x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
+        x = normalize(resize(x.movedim(-1, -3).float().div_(255.0), self.input_px))
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    @torch.inference_mode()
+    def extract(self, tiles: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> (N, feature_dim) float32, computed in batches of `batch_size`."""
+        from histo.devices import autocast
+
+        tiles = np.asarray(tiles)
+        if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
+            raise ValueError(f"expected uint8 tiles (N, H, W, 3), got {tiles.dtype} {tiles.shape}")
+        out = np.empty((len(tiles), self.feature_dim), np.float32)
+        for start in range(0, len(tiles), batch_size):
+            with autocast(self.device):
+                f = self.model.features(self._prepare(tiles[start : start + batch_size]))
+            out[start : start + batch_size] = f.float().cpu().numpy()
+        return out
+
+    def extract_store(self, store: Any, slide_id: str, batch_size: int = 32) -> np.ndarray:
+        """Features of a slide's selected tiles in a TileStore, reading the next batch while computing."""
+        n = int(np.count_nonzero(store.selected(slide_id)))
+        chunks = [np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+        out = np.empty((n, self.feature_dim), np.float32)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(store.read_selected, slide_id, chunks[0]) if chunks else None
+            for i, idx in enumerate(chunks):
+                tiles = pending.result()
+                if i + 1 < len(chunks):
+                    pending = pool.submit(store.read_selected, slide_id, chunks[i + 1])
+                out[idx] = self.extract(tiles, batch_size)
+        return out

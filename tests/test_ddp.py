@@ -1,0 +1,61 @@
+"""torchrun DDP (gloo, 2 CPU processes) gives the validation metrics and weights of 1 process, same global batch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_kimianet_train import PX, cohort, make_store
+
+BIN = Path(sys.executable).parent
+
+
+def _train(args: list[str], out: Path, nproc: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = (
+        [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    cmd = [*launcher, str(BIN / "histo"), "train", *args, "--out", str(out), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def _val_rows(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [
+            {k: float(v) for k, v in r.items() if k.startswith(("val_", "train_"))} for r in csv.DictReader(f)
+        ]
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    store = make_store(tmp_path / "t.zarr", cohort(tiles=8))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  samples_per_epoch: 16\n  val_fraction: 0.34\noptim:\n  warmup_epochs: 0.5\n")
+    args = ["--tiles", str(store), "--arch", "cbr-tiny", "--norm", "group", "--variant", "scratch",
+            "--input-px", str(PX), "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--workers", "0",
+            "--config", str(cfg)]  # fmt: skip
+    one = _train(args, tmp_path / "one.pt", nproc=1)
+    two = _train(args, tmp_path / "two.pt", nproc=2)
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    rows1, rows2 = _val_rows(tmp_path / "one.metrics.csv"), _val_rows(tmp_path / "two.metrics.csv")
+    assert len(rows1) == len(rows2) == 2
+    for r1, r2 in zip(rows1, rows2, strict=True):
+        for key in ("val_acc", "val_macro_f1", "val_slide_acc"):
+            assert r1[key] == r2[key], key
+        for key in ("val_loss", "train_loss"):
+            assert r1[key] == pytest.approx(r2[key], rel=1e-4), key
+    w1 = torch.load(tmp_path / "one.last.pt", weights_only=True)["model"]
+    w2 = torch.load(tmp_path / "two.last.pt", weights_only=True)["model"]
+    for k, v in w1.items():
+        torch.testing.assert_close(w2[k], v, atol=1e-4, rtol=1e-4)

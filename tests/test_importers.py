@@ -1,0 +1,113 @@
+"""Importers: every key of KimiaNet-layout and torchvision-layout (old and new) files maps; bad files fail."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from histo.errors import InputFileError
+from pathology.importers import load_pretrained
+from pathology.kimianet import build_model, random_init_checkpoint
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def source() -> dict[str, torch.Tensor]:
+    """A DenseNet-121 backbone whose every tensor (running stats, counters included) is distinct."""
+    torch.manual_seed(0)
+    model = build_model("densenet121", "batch", num_classes=0, variant="scratch")
+    g = torch.Generator().manual_seed(1)
+    state = {}
+    for k, v in model.features.state_dict().items():
+        if v.is_floating_point():
+            state[k] = torch.rand(v.shape, generator=g) + 0.1
+        else:
+            state[k] = torch.randint(1, 1000, v.shape, generator=g)
+    return state
+
+
+def _old_style(key: str) -> str:
+    return re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key)
+
+
+def _load_and_compare(path, source, drop_counters=False):
+    model = build_model("densenet121", "batch", num_classes=4, variant="IV")
+    before = {k: v.clone() for k, v in model.features.state_dict().items()}
+    report = load_pretrained(model, path)
+    after = model.features.state_dict()
+    for k, v in source.items():
+        if drop_counters and k.endswith("num_batches_tracked"):
+            assert torch.equal(after[k], before[k])
+        else:
+            assert torch.equal(after[k], v), k
+    return report
+
+
+def test_kimianet_official_layout(tmp_path, source):
+    state = {f"module.model.0.{k}": v for k, v in source.items()}
+    state["module.fc_4.weight"] = torch.randn(30, 1024)
+    state["module.fc_4.bias"] = torch.randn(30)
+    torch.save(state, tmp_path / "KimiaNetPyTorchWeights.pth")
+    report = _load_and_compare(tmp_path / "KimiaNetPyTorchWeights.pth", source)
+    assert report["layout"] == "KimiaNet" and report["tensors_loaded"] == len(source) == 725
+
+
+def test_torchvision_new_style(tmp_path, source):
+    state = {f"features.{k}": v for k, v in source.items()}
+    state["classifier.weight"], state["classifier.bias"] = torch.randn(1000, 1024), torch.randn(1000)
+    torch.save(state, tmp_path / "densenet121.pth")
+    assert _load_and_compare(tmp_path / "densenet121.pth", source)["layout"] == "torchvision"
+
+
+def test_torchvision_old_style_without_counters(tmp_path, source):
+    state = {
+        f"features.{_old_style(k)}": v for k, v in source.items() if not k.endswith("num_batches_tracked")
+    }
+    assert "features.denseblock1.denselayer1.norm.1.weight" in state
+    state["classifier.weight"], state["classifier.bias"] = torch.randn(1000, 1024), torch.randn(1000)
+    torch.save(state, tmp_path / "densenet121-a639ec97.pth")
+    report = _load_and_compare(tmp_path / "densenet121-a639ec97.pth", source, drop_counters=True)
+    assert report["tensors_loaded"] == 604  # torchvision's 606 minus the 1000-class head
+
+
+def test_histo_checkpoint_of_another_arch_is_refused(tmp_path):
+    path = random_init_checkpoint(tmp_path / "cbr.pt", arch="cbr-tiny")
+    model = build_model("densenet121", "batch", 2, "IV")
+    with pytest.raises(InputFileError, match="arch 'cbr-tiny'") as e:
+        load_pretrained(model, path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_foreign_densenet169_lists_missing_and_unexpected(tmp_path, source):
+    state = {f"features.{k}": v for k, v in source.items() if "denseblock3.denselayer24" not in k}
+    state["features.denseblock3.denselayer25.conv1.weight"] = torch.randn(128, 1024, 1, 1)
+    state["features.norm5.weight"] = torch.randn(1664)
+    torch.save(state, tmp_path / "densenet169.pth")
+    model = build_model("densenet121", "batch", 2, "IV")
+    with pytest.raises(InputFileError) as e:
+        load_pretrained(model, tmp_path / "densenet169.pth")
+    msg = str(e.value)
+    assert "\n" not in msg and "densenet169.pth" in msg
+    assert "missing (features." not in msg  # keys are shown relative to the backbone
+    assert re.search(r"\d+ missing \(denseblock3\.denselayer24\.", msg)
+    assert "1 unexpected (denseblock3.denselayer25.conv1.weight)" in msg
+    assert "1 shape mismatches (norm5.weight (1664,))" in msg
+
+
+def test_unknown_layout(tmp_path):
+    torch.save(
+        {"conv1.weight": torch.randn(64, 3, 7, 7), "layer1.0.bn1.weight": torch.randn(64)}, tmp_path / "r.pth"
+    )
+    model = build_model("densenet121", "batch", 2, "IV")
+    with pytest.raises(InputFileError, match=r"unknown checkpoint layout.*unexpected"):
+        load_pretrained(model, tmp_path / "r.pth")
+
+
+def test_norm_mismatch_is_reported(tmp_path, source):
+    torch.save({f"features.{k}": v for k, v in source.items()}, tmp_path / "bn.pth")
+    model = build_model("densenet121", "ibn_a", 2, "IV")
+    with pytest.raises(InputFileError, match=r"missing \(denseblock1\.denselayer1\.norm1\.BN"):
+        load_pretrained(model, tmp_path / "bn.pth")
