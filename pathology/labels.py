@@ -1,0 +1,90 @@
+"""Slide labels: the labels CSV (slide,label[,patient,site,project,mpp]) and TCGA barcode parsing."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from histo.errors import InputFileError
+
+TCGA_RE = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", re.IGNORECASE)
+OPTIONAL = ("patient", "site", "project", "mpp")
+
+
+@dataclass(frozen=True)
+class SlideMeta:
+    """Labels of one slide; None where unknown."""
+
+    label: str | None = None
+    patient: str | None = None
+    site: str | None = None
+    project: str | None = None
+    mpp: float | None = None
+
+
+def tcga_patient(slide_id: str) -> str | None:
+    """The TCGA patient ID (first 12 characters, e.g. TCGA-CR-7395) of a TCGA barcode, upper-cased."""
+    m = TCGA_RE.match(slide_id)
+    return m.group(1).upper() if m else None
+
+
+def read_labels(path: str | Path) -> dict[str, SlideMeta]:
+    """Read a labels CSV into {slide key: SlideMeta}; every error names the file and the row."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+            header = rows[0].keys() if rows else []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputFileError(path, f"cannot read labels CSV: {e}") from None
+    missing = {"slide", "label"} - set(header)
+    if missing:
+        raise InputFileError(
+            path, f"labels CSV needs columns slide,label (missing {', '.join(sorted(missing))})"
+        )
+    out: dict[str, SlideMeta] = {}
+    for line, row in enumerate(rows, start=2):
+        key = (row["slide"] or "").strip()
+        if not key:
+            raise InputFileError(path, f"line {line}: empty slide name")
+        if key in out:
+            raise InputFileError(path, f"line {line}: slide {key!r} listed twice")
+        values = {k: (row.get(k) or "").strip() or None for k in OPTIONAL}
+        mpp = None
+        if values["mpp"] is not None:
+            try:
+                mpp = float(values["mpp"])
+            except ValueError:
+                mpp = math.nan
+            if not (math.isfinite(mpp) and mpp > 0):
+                raise InputFileError(
+                    path, f"line {line}: mpp must be a positive number, got {values['mpp']!r}"
+                )
+        label = (row["label"] or "").strip() or None
+        out[key] = SlideMeta(label, values["patient"], values["site"], values["project"], mpp)
+    return out
+
+
+def find_meta(labels: dict[str, SlideMeta], path: Path, slide_id: str) -> SlideMeta | None:
+    """The CSV row of a slide: matched by file name, file name without extension, or slide ID."""
+    for key in (path.name, path.stem, slide_id):
+        if key in labels:
+            return labels[key]
+    return None
+
+
+def resolve_meta(meta: SlideMeta | None, slide_id: str) -> SlideMeta:
+    """Fill what the CSV does not say: TCGA barcodes give the patient and project "TCGA"; otherwise
+    each slide is its own patient."""
+    meta = meta or SlideMeta()
+    tcga = tcga_patient(slide_id)
+    return SlideMeta(
+        label=meta.label,
+        patient=meta.patient or tcga or slide_id,
+        site=meta.site,
+        project=meta.project or ("TCGA" if tcga else None),
+        mpp=meta.mpp,
+    )

@@ -1,0 +1,368 @@
+"""One slide -> TileSet: tissue mask, Yottixel mosaic, cellularity and the high-cellularity subset."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from histo.errors import ConfigError, HistoError, InputFileError
+from pathology.cellularity import cellularity_score, keep_most_cellular
+from pathology.labels import SlideMeta, resolve_meta
+from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, tissue_fractions
+from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_id_of
+from pathology.store import SlideRecord, read_tiles, slide_id_problem
+from pathology.tissue import brightfield_problem, tissue_mask
+
+MAX_MASK_PX = 8192  # long side of the tissue-mask image; coarser µm/px beyond (bounded memory)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The stored tile: `px` pixels at `mpp` µm/px, i.e. `um` µm on a side."""
+
+    px: int
+    mpp: float
+    um: float
+
+
+def tile_geometry(cfg: dict) -> Geometry:
+    """Resolve the tile config: px at a magnification, px at an µm/px, or a physical size as px."""
+    t = cfg["tile"]
+    px = int(t["px"])
+    if px < 8:
+        raise ConfigError(f"tile.px must be >= 8, got {px}")
+    if t["um"] is not None:
+        mpp = float(t["um"]) / px
+    elif t["mpp"] is not None:
+        mpp = float(t["mpp"])
+    else:
+        mpp = 10.0 / float(t["magnification"])
+    if not mpp > 0:
+        raise ConfigError(f"tile target resolution must be positive, got {mpp} µm/px")
+    return Geometry(px, mpp, px * mpp)
+
+
+def store_params(cfg: dict) -> dict:
+    """The parameters recorded in a store: the config plus the resolved tile geometry."""
+    g = tile_geometry(cfg)
+    return {**cfg, "resolved": {"tile_px": g.px, "target_mpp": g.mpp, "tile_um": g.um}}
+
+
+@dataclass
+class TileSet:
+    """The mosaic of one slide: level-0 coords, colour cluster, cellularity and the selected subset."""
+
+    record: SlideRecord
+    coords: np.ndarray
+    cluster: np.ndarray
+    cellularity: np.ndarray
+    selected: np.ndarray
+    thumbnail: np.ndarray | None = None  # the tissue-mask image (for QC pictures)
+    mask: np.ndarray | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "coords": self.coords.astype(np.int64),
+            "cluster": self.cluster.astype(np.int32),
+            "cellularity": self.cellularity.astype(np.float32),
+            "selected": self.selected.astype(bool),
+        }
+
+    def read_tiles(self, which: str = "selected") -> np.ndarray:
+        """Tiles (M, tile_px, tile_px, 3) uint8 at the target resolution: "selected" or "mosaic" (all)."""
+        if which not in ("selected", "mosaic"):
+            raise ValueError(f"which must be 'selected' or 'mosaic', got {which!r}")
+        coords = self.coords[self.selected] if which == "selected" else self.coords
+        rec = self.record
+        with open_slide(rec.source_path, mpp_override=rec.mpp) as slide:
+            return read_tiles(slide, coords, rec.tile_size_level0, rec.tile_px)
+
+
+class EmptyMosaicError(InputFileError):
+    """The slide was read but gives no mosaic (no tissue, not brightfield); keeps what was computed."""
+
+    def __init__(self, path: object, reason: str, tileset: TileSet) -> None:
+        super().__init__(path, reason)
+        self.tileset = tileset
+
+
+def _base_record(slide: Slide, geometry: Geometry, meta: SlideMeta) -> SlideRecord:
+    return SlideRecord(
+        slide_id=slide.slide_id,
+        source_path=str(Path(slide.path).resolve()),
+        label=meta.label,
+        patient=meta.patient,
+        site=meta.site,
+        project=meta.project,
+        width=slide.width,
+        height=slide.height,
+        vendor=slide.vendor,
+        mpp=slide.mpp,
+        mpp_source=slide.mpp_source,
+        objective_power=slide.objective_power,
+        tile_size_level0=geometry.um / slide.mpp,
+        tile_px=geometry.px,
+    )
+
+
+def _empty(record: SlideRecord, thumb: np.ndarray | None, mask: np.ndarray | None) -> TileSet:
+    return TileSet(
+        record, np.zeros((0, 2), np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32),
+        np.zeros(0, bool), thumb, mask,
+    )  # fmt: skip
+
+
+def tile_open_slide(slide: Slide, cfg: dict, meta: SlideMeta | None = None) -> TileSet:
+    """Compute the high-cellularity mosaic of an open slide; EmptyMosaicError when there is none."""
+    geometry = tile_geometry(cfg)
+    record = _base_record(slide, geometry, resolve_meta(meta, slide.slide_id))
+    problem = slide_id_problem(slide.slide_id)
+    if problem:
+        raise InputFileError(slide.path, problem)
+    size0 = record.tile_size_level0
+    mask_mpp = max(cfg["tissue"]["mpp"], max(slide.width, slide.height) * slide.mpp / MAX_MASK_PX)
+    thumb = slide.read_at_mpp(mask_mpp)
+
+    def fail(reason: str, mask: np.ndarray | None = None) -> EmptyMosaicError:
+        record.status, record.reason = "failed", reason
+        return EmptyMosaicError(slide.path, reason, _empty(record, thumb, mask))
+
+    dark = brightfield_problem(thumb, cfg["tissue"]["min_brightness"])
+    if dark:
+        raise fail(dark)
+    mask = tissue_mask(thumb, cfg["tissue"], mask_mpp)
+    grid = Grid.of(slide.width, slide.height, size0)
+    if grid.n_cols * grid.n_rows == 0:
+        raise fail(
+            f"slide {slide.width}x{slide.height} px is smaller than one tile ({size0:.0f} px at level 0)"
+        )
+    origins = grid.origins()
+    fractions = tissue_fractions(mask, grid, slide.width, slide.height)
+    threshold = cfg["mosaic"]["min_tissue_fraction"]
+    candidates = np.flatnonzero(fractions >= threshold)
+    if len(candidates) == 0:
+        raise fail(
+            f"no tissue: none of {len(origins)} grid tiles is >= {threshold:.0%} tissue "
+            f"(mask covers {mask.mean():.1%} of the slide)",
+            mask,
+        )
+    cand = origins[candidates]
+    colour_mpp = cfg["mosaic"]["colour_mpp"]
+    if colour_mpp is None:
+        features = box_means(thumb, grid, slide.width, slide.height)[candidates]
+    else:
+        features = colour_features(slide, cand, grid, colour_mpp)
+    pick, cluster = select_mosaic(
+        features, cand[:, ::-1], cfg["mosaic"]["n_clusters"], cfg["mosaic"]["percent"], cfg["seed"]
+    )
+    coords = cand[pick]
+    cell = cfg["cellularity"]
+    cell_px = max(8, round(geometry.um / cell["mpp"]))
+    radius_px = max(1, round(cell["nucleus_radius_um"] / (geometry.um / cell_px)))
+    scores = np.array(
+        [
+            cellularity_score(slide.read_tile(x, y, size0, cell_px), cell["h_threshold"], radius_px)
+            for x, y in coords
+        ],
+        np.float32,
+    )
+    selected = keep_most_cellular(scores, cell)
+    record.n_mosaic, record.n_selected = len(coords), int(selected.sum())
+    return TileSet(record, coords, cluster, scores, selected, thumb, mask)
+
+
+def tile_slide(
+    path: str | os.PathLike, config: dict, mpp_override: float | None = None, meta: SlideMeta | None = None
+) -> TileSet:
+    """Open a slide and tile it (API used by `histo tile` and by `histo search` for query slides).
+
+    The scale override (argument, else the labels' mpp) is used only when the slide has no scale.
+    Raises InputFileError (EmptyMosaicError for an empty mosaic) naming the file and the reason.
+    """
+    if mpp_override is None and meta is not None:
+        mpp_override = meta.mpp
+    with open_slide(path, mpp_override) as slide:
+        return tile_open_slide(slide, config, meta)
+
+
+# ---- many slides -> tile store -------------------------------------------------------------------
+
+
+def find_slides(paths: list[str | os.PathLike]) -> list[Path]:
+    """Slide files named or found (recursively) in folders, sorted and de-duplicated; a DICOM series
+    counts once per folder. Named files are kept whatever their extension (bad ones fail later)."""
+    found: set[Path] = set()
+    for p in map(Path, paths):
+        if not p.is_dir():
+            found.add(p.absolute())
+            continue
+        dicom_dirs: set[Path] = set()
+        for f in sorted(p.rglob("*")):
+            suffix = f.suffix.lower()
+            if not f.is_file() or suffix not in SLIDE_EXTENSIONS or f.name.startswith("."):
+                continue
+            if suffix == ".dcm":
+                if f.parent in dicom_dirs:
+                    continue
+                dicom_dirs.add(f.parent)
+            found.add(f.absolute())
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class _Job:
+    path: Path
+    slide_id: str
+    meta: SlideMeta | None
+    duplicate_of: Path | None
+
+
+def _row(rec: SlideRecord, status: str, path: Path) -> dict:
+    return {
+        "slide_id": rec.slide_id, "path": str(path), "status": status, "n_mosaic": rec.n_mosaic,
+        "n_selected": rec.n_selected, "mpp": rec.mpp, "mpp_source": rec.mpp_source, "reason": rec.reason,
+        "label": rec.label,
+    }  # fmt: skip
+
+
+def _failed(job: _Job, reason: str) -> SlideRecord:
+    return SlideRecord(job.slide_id, str(job.path.resolve()), status="failed", reason=reason)
+
+
+def _process(
+    job: _Job, out: str, config: dict, save_pixels: bool, qc_dir: str | None, mpp: float | None
+) -> dict:
+    """Tile one slide into the store (or record its failure there); returns its summary row."""
+    import traceback
+
+    from pathology.store import TileStore
+
+    store = TileStore.open(out)
+    tileset = None
+    if job.duplicate_of is not None:
+        rec = _failed(job, f"duplicate slide ID (also {job.duplicate_of})")
+        return _row(rec, "failed", job.path)  # not written: the store's record belongs to the other file
+    safe = slide_id_problem(job.slide_id) is None
+    if safe:
+        store.clean_partial(job.slide_id)
+    try:
+        tileset = tile_slide(job.path, config, mpp_override=mpp, meta=job.meta)
+        pixels = tileset.read_tiles("selected") if save_pixels else None
+        store.write_slide(tileset.record, tileset.arrays(), pixels)
+        rec = tileset.record
+    except EmptyMosaicError as e:
+        tileset, rec = e.tileset, e.tileset.record
+    except HistoError as e:
+        rec = _failed(job, e.reason if isinstance(e, InputFileError) else str(e))
+    except Exception as e:  # a bug or an unforeseen file problem: record it, show it, go on
+        traceback.print_exc()
+        rec = _failed(job, f"unexpected {type(e).__name__}: {e}")
+    if rec.status == "failed" and safe:
+        store.write_slide(rec)
+    if qc_dir is not None and safe:
+        from pathology.qc import has_picture, write_qc
+
+        if has_picture(tileset):
+            write_qc(tileset, Path(qc_dir) / f"{job.slide_id}.png")
+    return _row(rec, rec.status, job.path)
+
+
+def _in_pool(todo: list[int], workers: int, jobs: list[_Job], args: tuple, rows: list, bar) -> None:
+    """Run `_process` for jobs `todo` in a spawned process pool, filling `rows`; stops quietly when a
+    worker dies (the rows of the unfinished jobs stay None)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_process, jobs[k], *args): k for k in todo}
+        for future in as_completed(futures):
+            try:
+                rows[futures[future]] = future.result()
+            except BrokenProcessPool:
+                continue
+            bar.update()
+
+
+def tile_slides(
+    paths: list[str | os.PathLike],
+    out: str | os.PathLike,
+    config: dict,
+    labels_csv: str | os.PathLike | None = None,
+    shard: tuple[int, int] = (0, 1),
+    workers: int = 1,
+    save_pixels: bool = False,
+    qc_dir: str | os.PathLike | None = None,
+    mpp_override: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Tile the shard `shard` = (i, n) of the slides into the store `out` (created if absent).
+
+    Slides already done in the store are skipped; failures are recorded (store and summary) and the
+    rest goes on. `workers` > 1 tiles slides in parallel processes.
+    Returns {"store", "shard", "counts", "slides": [row per slide of this shard]}.
+    """
+    from tqdm import tqdm
+
+    from pathology.labels import find_meta, read_labels
+    from pathology.store import TileStore
+
+    index, count = shard
+    tile_geometry(config)  # config errors before any work
+    labels = read_labels(labels_csv) if labels_csv is not None else {}
+    everything = find_slides(paths)
+    first_of: dict[str, Path] = {}
+    jobs = []
+    for k, path in enumerate(everything):
+        slide_id = slide_id_of(path)
+        dup = first_of.setdefault(slide_id, path)
+        if k % count == index:
+            meta = find_meta(labels, path, slide_id) if labels else None
+            jobs.append(_Job(path, slide_id, meta, None if dup == path else dup))
+    unlabelled = [job.slide_id for job in jobs if labels and job.meta is None]
+    if unlabelled:
+        shown = ", ".join(unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
+        tqdm.write(
+            f"warning: {len(unlabelled)} slide(s) have no row in {labels_csv}: {shown}", file=sys.stderr
+        )
+    store = TileStore.create_or_open(out, store_params(config))
+    rows: list[dict | None] = [None] * len(jobs)
+    todo = []
+    for k, job in enumerate(jobs):
+        if (
+            job.duplicate_of is None
+            and slide_id_problem(job.slide_id) is None
+            and store.has_slide(job.slide_id)
+        ):
+            rec = store.record(job.slide_id)
+            if rec.status == "done" and rec.source_path == str(job.path.resolve()):
+                store.clean_partial(job.slide_id)
+                rows[k] = _row(rec, "skipped", job.path)
+                continue
+        todo.append(k)
+    args = (str(out), config, save_pixels, None if qc_dir is None else str(qc_dir), mpp_override)
+    bar = tqdm(total=len(todo), desc="tile", unit="slide", disable=not progress)
+    if workers <= 1 or len(todo) <= 1:
+        for k in todo:
+            rows[k] = _process(jobs[k], *args)
+            bar.update()
+    else:
+        _in_pool(todo, workers, jobs, args, rows, bar)
+        # A worker that died (crash, out of memory) breaks the pool: retry the rest one process per
+        # slide, so only the slide that kills its process is recorded as failed.
+        for k in [k for k in todo if rows[k] is None]:
+            _in_pool([k], 1, jobs, args, rows, bar)
+            if rows[k] is None:
+                rows[k] = _row(
+                    _failed(jobs[k], "the worker process died while tiling this slide"),
+                    "failed",
+                    jobs[k].path,
+                )
+                bar.update()
+    bar.close()
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
+    return {"store": str(out), "shard": [index, count], "counts": counts, "slides": rows}
