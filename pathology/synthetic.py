@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,16 @@ def style_of(class_id: int) -> Style:
         r.uniform(1000, 9000), r.uniform(2.3, 5.0), r.uniform(1.0, 3.0), r.uniform(0.8, 1.7),
         r.uniform(0.3, 0.8), r.uniform(0.0, 0.6), r.uniform(0, np.pi), r.uniform(0, 0.2), r.uniform(-0.2, 0.3),
     )  # fmt: skip
+
+
+def stain_variant(style: Style, rng: np.random.Generator, jitter: float) -> Style:
+    """A slide's own staining (a site, batch or scanner effect): stain strengths scaled by U(1 ± jitter)
+    and hue shifted by U(± jitter), so colour alone no longer tells the classes apart."""
+    if jitter <= 0:
+        return style
+    h, e = rng.uniform(1 - jitter, 1 + jitter, 2)
+    hue = style.hue + rng.uniform(-jitter, jitter)
+    return replace(style, haematoxylin=style.haematoxylin * h, eosin=style.eosin * e, hue=hue)
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -134,10 +144,18 @@ class _Renderer:
     """Level tiles of one synthetic slide, composed from the tile bank and the tissue layout."""
 
     def __init__(
-        self, width: int, height: int, class_id: int, seed: int, mpp: float, tile: int, fraction: float
+        self,
+        width: int,
+        height: int,
+        class_id: int,
+        seed: int,
+        mpp: float,
+        tile: int,
+        fraction: float,
+        stain_jitter: float = 0.0,
     ):
         rng = np.random.default_rng([seed, class_id, 1])
-        style = style_of(class_id)
+        style = stain_variant(style_of(class_id), np.random.default_rng([seed, class_id, 2]), stain_jitter)
         self.tile, self.width, self.height = tile, width, height
         bank = [render_tissue(rng, style, tile, mpp) for _ in range(BANK)]
         self.bank = [
@@ -227,6 +245,7 @@ def write_synthetic_slide(
     tile: int = 512,
     tissue_fraction: float = 0.4,
     quality: int = 85,
+    stain_jitter: float = 0.0,
 ) -> Path:
     """Write a pyramidal JPEG tiled slide: "svs" (Aperio-style, MPP and AppMag in the description) or
     "tiff" (generic TIFF, scale in the resolution tags). Written to a temporary file and renamed."""
@@ -237,7 +256,7 @@ def write_synthetic_slide(
     if tile % CELL or tile < 64:
         raise ValueError(f"tile must be a multiple of {CELL} and >= 64, got {tile}")
     path = Path(path)
-    r = _Renderer(width, height, class_id, seed, mpp, tile, tissue_fraction)
+    r = _Renderer(width, height, class_id, seed, mpp, tile, tissue_fraction, stain_jitter)
     power = 10.0 / mpp
     levels = _downsamples(width, height, tile)
     bigtiff = width * height > 1_500_000_000
@@ -281,10 +300,12 @@ def make_cohort(
     slides_per_patient: int = 1,
     size: tuple[int, int] = (6000, 4000),
     seed: int = 0,
+    stain_jitter: float = 0.0,
 ) -> Path:
     """Write a labelled cohort of synthetic slides and `labels.csv` (slide,label,patient,site).
 
-    Patients alternate between SVS and generic TIFF; classes are grouped two per site.
+    Patients alternate between SVS and generic TIFF; classes are grouped two per site. `stain_jitter`
+    gives every slide its own staining (see `stain_variant`), as real cohorts from several labs have.
     Returns the CSV path.
     """
     out = Path(out_dir)
@@ -297,7 +318,9 @@ def make_cohort(
             for s in range(slides_per_patient):
                 name = f"{patient}-S{s}.{fmt}"
                 slide_seed = seed * 1_000_003 + (c * 1000 + p) * 100 + s
-                write_synthetic_slide(out / name, size[0], size[1], c, slide_seed, fmt=fmt)
+                write_synthetic_slide(
+                    out / name, size[0], size[1], c, slide_seed, fmt=fmt, stain_jitter=stain_jitter
+                )
                 rows.append(
                     {"slide": name, "label": f"class{c}", "patient": patient, "site": f"site{c // 2}"}
                 )

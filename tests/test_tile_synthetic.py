@@ -55,3 +55,18 @@ def test_classes_differ_in_nuclei_and_colour():
         for d in range(c + 1, 4):
             assert np.abs(colour[c] - colour[d]).max() > 3.0
     assert style_of(7) == style_of(7) and style_of(7) != style_of(8)  # classes beyond the table
+
+
+def test_stain_variant_bounds_and_identity():
+    import numpy as np
+
+    from pathology.synthetic import stain_variant, style_of
+
+    base = style_of(1)
+    assert stain_variant(base, np.random.default_rng(0), 0.0) == base
+    variants = [stain_variant(base, np.random.default_rng(s), 0.3) for s in range(50)]
+    h = np.array([v.haematoxylin / base.haematoxylin for v in variants])
+    hue = np.array([v.hue - base.hue for v in variants])
+    assert h.min() >= 0.7 and h.max() <= 1.3 and h.std() > 0.05
+    assert np.abs(hue).max() <= 0.3 and hue.std() > 0.05
+    assert all(v.nuclei_per_mm2 == base.nuclei_per_mm2 for v in variants), "texture must not change"
