@@ -1,0 +1,313 @@
+"""BraTS case folders: discovery under all common naming schemes, loading, and training crops.
+
+Arrays are returned in RAS voxel order (MONAI `Orientation`), channel-wise z-scored over non-zero voxels;
+the source affine and header travel along so `from_ras` can write outputs in the input's own voxel order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from histo.errors import InputFileError
+from histo.io import atomic_path
+from segmentation.labels import labels_to_regions
+
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+# filename token -> modality; 2018-2021 (t1, t1ce, t2, flair), 2023 (t1n, t1c, t2w, t2f), variants (t1c, fla, t1gd).
+TOKENS = {
+    "t1": "t1",
+    "t1n": "t1",
+    "t1ce": "t1ce",
+    "t1c": "t1ce",
+    "t1gd": "t1ce",
+    "t2": "t2",
+    "t2w": "t2",
+    "flair": "flair",
+    "fla": "flair",
+    "t2f": "flair",
+}
+TOKENS_2023 = {"t1n", "t2w", "t2f"}
+NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One BraTS case folder: a path per modality, the label map if present, and its label scheme."""
+
+    case_id: str
+    images: dict[str, Path]
+    seg: Path | None
+    scheme: str
+    folder: Path = field(default=Path("."), compare=False)
+
+
+def _tokens(path: Path) -> list[str]:
+    return [t for t in re.split(r"[_\-.\s]+", NIFTI.sub("", path.name).lower()) if t]
+
+
+def find_case(folder: str | Path) -> Case:
+    """Identify the four modalities (and `*_seg`/`*-seg`) in a case folder; InputFileError if any is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputFileError(folder, "case folder not found")
+    found: dict[str, list[Path]] = {}
+    segs: list[Path] = []
+    uses_2023 = False
+    # Hidden files (temporary writes, macOS "._" companions) are never case files.
+    for path in sorted(
+        p for p in folder.iterdir() if p.is_file() and NIFTI.search(p.name) and p.name[0] != "."
+    ):
+        tokens = _tokens(path)
+        if tokens and tokens[-1] == "seg":
+            segs.append(path)
+            continue
+        hits = {TOKENS[t] for t in tokens if t in TOKENS}
+        if len(hits) == 1:
+            found.setdefault(hits.pop(), []).append(path)
+            uses_2023 |= any(t in TOKENS_2023 for t in tokens)
+    missing = [m for m in MODALITIES if m not in found]
+    if missing:
+        expected = ", ".join(f"*_{m}.nii.gz" for m in missing)
+        raise InputFileError(
+            folder, f"case {folder.name} is missing modality {', '.join(missing)} ({expected})"
+        )
+    for modality, paths in found.items():
+        if len(paths) > 1:
+            names = ", ".join(p.name for p in paths)
+            raise InputFileError(folder, f"case {folder.name}: several files for {modality}: {names}")
+    if len(segs) > 1:
+        raise InputFileError(
+            folder, f"case {folder.name}: several label files: {', '.join(p.name for p in segs)}"
+        )
+    images = {m: found[m][0] for m in MODALITIES}
+    return Case(folder.name, images, segs[0] if segs else None, "2023" if uses_2023 else "2021", folder)
+
+
+def find_cases(root: str | Path, errors: list[dict] | None = None) -> list[Case]:
+    """Cases under `root` (itself a case folder, or a folder of case folders), sorted by id.
+
+    A bad case raises InputFileError, or, when `errors` is a list, is appended to it as
+    {"case_id", "status": "error", "reason"} and skipped.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputFileError(root, "data folder not found")
+    if any(NIFTI.search(p.name) for p in root.iterdir() if p.is_file()):
+        folders = [root]
+    else:
+        folders = sorted(
+            p for p in root.iterdir() if p.is_dir() and any(NIFTI.search(q.name) for q in p.iterdir())
+        )
+    if not folders:
+        raise InputFileError(root, "no case folders with NIfTI files found")
+    cases = []
+    for folder in folders:
+        try:
+            cases.append(find_case(folder))
+        except InputFileError as e:
+            if errors is None:
+                raise
+            errors.append({"case_id": folder.name, "status": "error", "reason": str(e)})
+    return cases
+
+
+def read_nifti(path: Path) -> nib.Nifti1Image:
+    """Open a 3D NIfTI (a trailing singleton 4th axis is dropped); one-line error otherwise."""
+    try:
+        img = nib.load(str(path))
+        shape = img.shape
+    except Exception as e:  # nibabel raises several types for truncated/foreign files
+        raise InputFileError(
+            path, f"not a readable NIfTI file ({type(e).__name__}: {str(e)[:100]})"
+        ) from None
+    if len(shape) == 4 and shape[3] == 1:
+        img = nib.Nifti1Image(np.asarray(img.dataobj)[..., 0], img.affine, img.header)
+    elif len(shape) != 3:
+        raise InputFileError(path, f"expected a 3D volume, got shape {shape}")
+    return img
+
+
+def _data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    try:
+        return np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:
+        raise InputFileError(path, f"cannot read voxel data ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Reorder a channel-first array (C, *spatial) from the source's voxel axes to RAS (MONAI Orientation)."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation
+
+    meta = MetaTensor(
+        torch.as_tensor(np.ascontiguousarray(array)), affine=torch.as_tensor(affine, dtype=torch.float64)
+    )
+    return Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(meta).as_tensor().numpy()
+
+
+def from_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Inverse of `to_ras`: a RAS-ordered (C, *spatial) array back to the voxel order of `affine`."""
+    ornt = nib.orientations.io_orientation(affine)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    out = [nib.orientations.apply_orientation(channel, back) for channel in array]
+    return np.ascontiguousarray(np.stack(out))
+
+
+def load_case(case: Case, with_labels: bool = True):
+    """-> (image float32 (4,D,H,W) z-scored, brain_mask bool (D,H,W), regions uint8 (3,D,H,W) | None, affine, header).
+
+    Arrays are in RAS order; `affine` and `header` are the source's (FLAIR), for writing outputs with `from_ras`.
+    """
+    from monai.transforms import NormalizeIntensity
+
+    ref_img = read_nifti(case.images["flair"])
+    channels = []
+    for modality in MODALITIES:
+        path = case.images[modality]
+        img = ref_img if modality == "flair" else read_nifti(path)
+        _check_grid(img, ref_img, path, case.images["flair"])
+        channels.append(_data(img, path))
+    raw = np.stack(channels)
+    brain = np.any(raw != 0, axis=0)
+    image = NormalizeIntensity(nonzero=True, channel_wise=True)(raw)
+    image = np.asarray(image, dtype=np.float32)
+    affine, header = ref_img.affine.copy(), ref_img.header.copy()
+    regions = None
+    if with_labels and case.seg is not None:
+        seg_img = read_nifti(case.seg)
+        _check_grid(seg_img, ref_img, case.seg, case.images["flair"])
+        try:
+            regions = labels_to_regions(_data(seg_img, case.seg), case.scheme).astype(np.uint8)
+        except ValueError as e:
+            raise InputFileError(case.seg, str(e)) from None
+        regions = to_ras(regions, affine)
+    image = to_ras(image, affine)
+    brain = to_ras(brain[None], affine)[0]
+    return image, brain, regions, affine, header
+
+
+def _check_grid(img: nib.Nifti1Image, ref: nib.Nifti1Image, path: Path, ref_path: Path) -> None:
+    if img.shape[:3] != ref.shape[:3]:
+        raise InputFileError(path, f"shape {img.shape[:3]} differs from {ref_path.name} {ref.shape[:3]}")
+    if not np.allclose(img.affine, ref.affine, atol=1e-3):
+        raise InputFileError(path, f"affine differs from {ref_path.name} (volumes must be co-registered)")
+
+
+def write_nifti(path: str | Path, image: nib.Nifti1Image) -> Path:
+    """Save a NIfTI image atomically (a `.nii.gz` name is gzipped)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        # nibabel picks the format from the suffix, so write under a temporary name that keeps it.
+        target = tmp.with_name(
+            tmp.name + ("".join(path.suffixes[-2:]) if path.name.endswith(".gz") else ".nii")
+        )
+        try:
+            nib.save(image, str(target))
+            target.replace(tmp)
+        finally:
+            target.unlink(missing_ok=True)
+    return path
+
+
+def spacing_of(header: nib.Nifti1Header) -> tuple[float, ...]:
+    """Voxel size in mm along the source's voxel axes."""
+    return tuple(float(z) for z in header.get_zooms()[:3])
+
+
+KEYS = ("image", "label", "mask")
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Random training crops indexed by (case index, seed): the seed fixes the crop, flips and intensity
+    change, so any worker layout and any resumed epoch draws exactly the same samples."""
+
+    def __init__(self, cases: list[Case], roi: tuple[int, int, int], aug: dict, cache: bool = True) -> None:
+        from monai.transforms import (
+            Compose,
+            RandCropByPosNegLabeld,
+            RandFlipd,
+            RandScaleIntensityd,
+            RandShiftIntensityd,
+        )
+
+        self.cases, self.roi, self.cache = cases, tuple(roi), cache
+        self._store: dict[int, dict] = {}
+        flips = [RandFlipd(KEYS, prob=aug["flip_prob"], spatial_axis=axis) for axis in range(3)]
+        self.random = Compose(
+            [
+                RandCropByPosNegLabeld(
+                    KEYS,
+                    label_key="label",
+                    spatial_size=self.roi,
+                    pos=aug["pos"],
+                    neg=aug["neg"],
+                    num_samples=1,
+                    fg_indices_key="fg",
+                    bg_indices_key="bg",
+                ),
+                *flips,
+                RandScaleIntensityd("image", factors=aug["intensity_scale"], prob=1.0),
+                RandShiftIntensityd("image", offsets=aug["intensity_shift"], prob=1.0),
+            ]
+        )
+
+    def _prepared(self, index: int) -> dict:
+        """Load, pad to at least the ROI and index foreground/background voxels (cached when enabled)."""
+        if index in self._store:
+            return self._store[index]
+        from monai.transforms import FgBgToIndicesd, SpatialPadd
+
+        case = self.cases[index]
+        image, brain, regions, _, _ = load_case(case)
+        if regions is None:
+            raise InputFileError(case.folder, f"case {case.case_id} has no label file (*_seg) for training")
+        data = {"image": image, "label": regions, "mask": brain[None].astype(np.uint8)}
+        data = SpatialPadd(KEYS, spatial_size=self.roi)(data)
+        # Background crops are centred in the brain (mask), foreground crops on any tumour region.
+        data = FgBgToIndicesd("label", image_key="mask", image_threshold=0.0)(data)
+        data = {k: (v.as_tensor() if hasattr(v, "as_tensor") else v) for k, v in data.items()}
+        data["fg"], data["bg"] = data.pop("label_fg_indices"), data.pop("label_bg_indices")
+        if self.cache:
+            self._store[index] = data
+        return data
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, seed = item
+        self.random.set_random_state(seed=seed)
+        out = self.random(dict(self._prepared(index)))
+        out = out[0] if isinstance(out, list) else out
+        return {key: torch.as_tensor(np.asarray(out[key]), dtype=torch.float32) for key in KEYS}
+
+
+class PlanSampler(torch.utils.data.Sampler):
+    """Yields this epoch's (case index, seed) items; the DataLoader's workers can stay alive across epochs."""
+
+    def __init__(self) -> None:
+        self.plan: list[tuple[int, int]] = []
+
+    def set_plan(self, plan: list[tuple[int, int]]) -> None:
+        self.plan = list(plan)
+
+    def __iter__(self):
+        return iter(self.plan)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+def epoch_plan(n_cases: int, samples: int, seed: int, epoch: int) -> list[tuple[int, int]]:
+    """`samples` (case index, seed) items for one epoch: shuffled passes over the cases, seeded by (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    passes = -(-samples // n_cases)
+    order = np.concatenate([rng.permutation(n_cases) for _ in range(passes)])[:samples]
+    seeds = rng.integers(0, 2**31 - 1, size=samples)
+    return [(int(i), int(s)) for i, s in zip(order, seeds, strict=True)]

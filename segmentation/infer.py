@@ -1,0 +1,235 @@
+"""Whole-volume inference: Gaussian-blended sliding windows (MONAI), optional flip test-time augmentation,
+NIfTI label maps in the input's label scheme, affine and header, and overlay PNGs for a quick look."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import nn
+
+from histo.errors import HistoError, InputFileError
+from segmentation.data import Case, from_ras, load_case, write_nifti
+from segmentation.labels import regions_to_labels
+
+
+def load_model(ckpt_path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the UNet3D stored in a training checkpoint; -> (model in eval mode on `device`, training config)."""
+    from histo.training import load_checkpoint
+    from segmentation.unet import UNet3D
+
+    ckpt = load_checkpoint(ckpt_path)
+    if "model" not in ckpt or "model_config" not in ckpt:
+        raise InputFileError(ckpt_path, "not a segmentation checkpoint (no 'model'/'model_config' entries)")
+    try:
+        model = UNet3D(**ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputFileError(
+            ckpt_path, f"weights do not fit the stored model config: {str(e)[:160]}"
+        ) from None
+    return model.to(device).eval(), dict(ckpt.get("config", {}))
+
+
+def region_probabilities(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """Logits -> (N, 3, …) probabilities of [TC, WT, ET] for either head (labels: classes bg, NCR, ED, ET)."""
+    if model.config["head"] == "regions":
+        return torch.sigmoid(logits.float())
+    p = torch.softmax(logits.float(), dim=1)
+    return torch.stack([p[:, 1] + p[:, 3], p[:, 1] + p[:, 2] + p[:, 3], p[:, 3]], dim=1)
+
+
+def _window_predictor(model: nn.Module, device: torch.device):
+    """Predictor for one window whose last input channel is the brain mask (handed to rn_b norms)."""
+    from histo.devices import autocast
+    from histo.norms import set_region_mask
+
+    def predict(window: torch.Tensor) -> torch.Tensor:
+        image, mask = window[:, :-1], window[:, -1:] > 0.5
+        set_region_mask(model, mask)
+        with autocast(device):
+            return region_probabilities(model, model(image))
+
+    return predict
+
+
+@torch.no_grad()
+def predict_volume(
+    model: nn.Module,
+    image: np.ndarray,
+    roi: Sequence[int] = (128, 128, 128),
+    overlap: float = 0.5,
+    tta: bool = False,
+    device: torch.device | str = "cpu",
+    brain_mask: np.ndarray | None = None,
+    sw_batch_size: int = 1,
+    progress: bool = False,
+) -> np.ndarray:
+    """(4, D, H, W) z-scored image -> (3, D, H, W) float32 probabilities of [TC, WT, ET].
+
+    Windows of `roi` overlap by `overlap` and are blended with a Gaussian weight; `tta` averages the 8
+    flips over the spatial axes. `brain_mask` (default: any channel non-zero) feeds rn_b norms.
+    """
+    from monai.inferers import sliding_window_inference
+
+    device = torch.device(device)
+    divisor = 2 ** (len(model.config["channels"]) - 1)
+    if any(int(r) % divisor for r in roi):
+        raise ValueError(f"roi {tuple(roi)} must be divisible by {divisor} for this model")
+    if brain_mask is None:
+        brain_mask = np.any(image != 0, axis=0)
+    x = torch.from_numpy(np.concatenate([image, brain_mask[None].astype(np.float32)]))[None].to(device)
+    predictor = _window_predictor(model, device)
+    flips = [a for n in range(4) for a in itertools.combinations((2, 3, 4), n)] if tta else [()]
+    total = torch.zeros((1, 3, *image.shape[1:]), dtype=torch.float32, device=device)
+    for axes in flips:
+        xi = torch.flip(x, axes) if axes else x
+        prob = sliding_window_inference(
+            xi,
+            tuple(int(r) for r in roi),
+            sw_batch_size,
+            predictor,
+            overlap=overlap,
+            mode="gaussian",
+            progress=progress,
+        )
+        total += torch.flip(prob, axes) if axes else prob
+    return (total / len(flips))[0].float().cpu().numpy()
+
+
+def write_labels(path: Path, labels_ras: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header) -> None:
+    """Write a RAS-ordered uint8 label map in the source's voxel order with its affine and header (atomic)."""
+    data = from_ras(labels_ras[None], affine)[0].astype(np.uint8)
+    header = header.copy()
+    header.set_data_dtype(np.uint8)
+    header.set_slope_inter(1.0, 0.0)
+    write_nifti(path, nib.Nifti1Image(data, affine, header))
+
+
+def overlay_png(path: Path, flair: np.ndarray, regions: np.ndarray, title: str, n_slices: int = 3) -> Path:
+    """Axial FLAIR slices through the predicted tumour with WT/TC/ET contours (RAS arrays, axis 2 = S)."""
+    from matplotlib import pyplot as plt
+
+    from histo.plots import save_figure
+
+    area = regions[1].sum(axis=(0, 1)).astype(np.float64)
+    if area.any():  # slices at quantiles of the cumulative tumour volume: through the main mass
+        cumulative = np.cumsum(area) / area.sum()
+        picks = np.unique(np.searchsorted(cumulative, np.linspace(0.5, n_slices - 0.5, n_slices) / n_slices))
+    else:
+        picks = np.unique(np.linspace(0.35, 0.65, n_slices) * (flair.shape[2] - 1)).astype(int)
+        title += " (no tumour predicted)"
+    brain = flair[flair != 0]
+    vmin, vmax = np.percentile(brain, [1, 99]) if brain.size else (0.0, 1.0)
+    shown = np.ma.masked_equal(flair, 0)
+    cmap = plt.get_cmap("gray").with_extremes(bad="black")  # background (masked) stays black
+    fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.4), squeeze=False)
+    colours = {"WT": "yellow", "TC": "red", "ET": "cyan"}
+    for ax, z in zip(axes[0], picks, strict=True):
+        ax.imshow(shown[:, :, z].T, cmap=cmap, origin="lower", vmin=vmin, vmax=vmax)
+        for name, index in (("WT", 1), ("TC", 0), ("ET", 2)):
+            if regions[index, :, :, z].any():
+                ax.contour(
+                    regions[index, :, :, z].T.astype(float), levels=[0.5], colors=colours[name], linewidths=1
+                )
+        ax.set_title(f"axial z={z}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"{title}  WT yellow, TC red, ET cyan", fontsize=9)
+    return save_figure(fig, path)
+
+
+def predict_case(model: nn.Module, case: Case, out_dir: str | os.PathLike, settings: dict, device) -> dict:
+    """Segment one case: `<out>/<case_id>.nii.gz` (+ `_overlay.png`); -> record with counts per region."""
+    out_dir = Path(out_dir)
+    image, brain, _, affine, header = load_case(case, with_labels=False)
+    prob = predict_volume(
+        model,
+        image,
+        roi=settings["roi"],
+        overlap=settings["overlap"],
+        tta=settings["tta"],
+        device=device,
+        brain_mask=brain,
+        sw_batch_size=settings["sw_batch_size"],
+    )
+    regions = prob >= settings["threshold"]
+    labels = regions_to_labels(regions, case.scheme)
+    out = out_dir / f"{case.case_id}.nii.gz"
+    if settings["overlay_slices"] > 0:
+        overlay_png(
+            out_dir / f"{case.case_id}_overlay.png",
+            image[3],
+            regions,
+            case.case_id,
+            settings["overlay_slices"],
+        )
+    write_labels(out, labels, affine, header)  # last: its presence marks the case as done
+    voxels = {name: int(regions[i].sum()) for i, name in enumerate(("TC", "WT", "ET"))}
+    return {
+        "case_id": case.case_id,
+        "status": "ok",
+        "output": str(out),
+        "scheme": case.scheme,
+        "voxels": voxels,
+    }
+
+
+def predict_cases(
+    model_path: str | os.PathLike,
+    case_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    settings: dict,
+    device: str = "auto",
+) -> dict:
+    """Segment every case under `case_dirs` into `out_dir`; bad cases are recorded and skipped, finished
+    outputs are kept (a re-run resumes). Writes and returns `predictions.json`."""
+    from tqdm import tqdm
+
+    from histo.devices import resolve_device
+    from histo.io import atomic_write_json
+    from segmentation.data import find_cases
+
+    dev = resolve_device(device)
+    model, trained = load_model(model_path, dev)
+    # An empty roi means the training crop: instance-norm statistics then match those seen in training.
+    roi = list(settings["roi"] or trained.get("data", {}).get("roi", []))
+    if not roi:
+        raise HistoError(f"{model_path}: the checkpoint records no training crop; set infer.roi (--roi)")
+    settings = {**settings, "roi": roi}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    cases: list[Case] = []
+    for folder in case_dirs:
+        try:
+            cases += find_cases(folder, errors=records)
+        except InputFileError as e:
+            records.append({"case_id": Path(folder).name, "status": "error", "reason": str(e)})
+    for case in tqdm(cases, desc="segment", unit="case"):
+        if (out_dir / f"{case.case_id}.nii.gz").exists():
+            records.append(
+                {
+                    "case_id": case.case_id,
+                    "status": "exists",
+                    "output": str(out_dir / f"{case.case_id}.nii.gz"),
+                }
+            )
+            continue
+        try:
+            records.append(predict_case(model, case, out_dir, settings, dev))
+        except InputFileError as e:
+            records.append({"case_id": case.case_id, "status": "error", "reason": str(e)})
+    summary = {
+        "model": str(model_path),
+        "settings": dict(settings),
+        "n_ok": sum(r["status"] in ("ok", "exists") for r in records),
+        "n_failed": sum(r["status"] == "error" for r in records),
+        "cases": records,
+    }
+    atomic_write_json(out_dir / "predictions.json", summary)
+    return summary

@@ -1,0 +1,135 @@
+"""`histo segment train|predict|eval` end to end on tiny synthetic cases, and their one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from histo.cli import main
+from histo.training import load_checkpoint
+from segmentation.synthetic import make_cases
+
+BRATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """One tiny training run through the CLI (rn_b norms, the non-reversible twin)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    data = tmp / "cases"
+    make_cases(data, 3, shape=(16, 16, 16), seed=2)
+    config = tmp / "small.yaml"
+    config.write_text(
+        "model: {blocks_per_level: 1, expansion: 1}\n"
+        "data: {val_fraction: 0.34}\n"
+        "train: {samples_per_epoch: 2, accumulate: 1}\n"
+        "infer: {overlap: 0.0, overlay_slices: 1}\n"
+    )
+    args = ["segment", "train", "--data", str(data), "--out", str(tmp / "model.pt"), "--channels", "4,8"]
+    args += ["--roi", "16,16,16", "--epochs", "1", "--norm", "rn_b", "--no-reversible", "--device", "cpu"]
+    result = CliRunner().invoke(main, [*args, "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    return {
+        "tmp": tmp,
+        "data": data,
+        "config": config,
+        "model": tmp / "model.pt",
+        "summary": json.loads(result.stdout),
+    }
+
+
+def test_train_writes_checkpoints_and_metrics(trained):
+    summary = trained["summary"]
+    assert summary["epochs_done"] == 1 and summary["n_train"] == 2 and summary["n_val"] == 1
+    ckpt = load_checkpoint(trained["model"])
+    assert ckpt["model_config"]["norm"] == "rn_b" and ckpt["model_config"]["reversible"] is False
+    assert ckpt["model_config"]["channels"] == [4, 8] and ckpt["config"]["data"]["roi"] == [16, 16, 16]
+    assert Path(summary["last"]).is_file() and Path(summary["png"]).is_file()
+    with open(summary["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and 0.0 <= float(rows[0]["val_dice_WT"]) <= 1.0
+
+
+def test_predict_then_eval(trained, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "pred"
+    args = ["segment", "predict", "--model", str(trained["model"]), str(trained["data"]), "--out", str(out)]
+    result = runner.invoke(main, [*args, "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["settings"]["roi"] == [16, 16, 16]  # [] in the config: the training crop
+    assert [r["status"] for r in summary["cases"]] == ["ok"] * 3
+    for case in sorted(trained["data"].iterdir()):
+        written, source = nib.load(out / f"{case.name}.nii.gz"), nib.load(next(case.glob("*_flair.nii.gz")))
+        assert written.shape == source.shape and np.array_equal(written.affine, source.affine)
+    again = runner.invoke(main, [*args, "--device", "cpu", "--json"])  # a re-run keeps finished outputs
+    assert [r["status"] for r in json.loads(again.stdout)["cases"]] == ["exists"] * 3
+
+    result = runner.invoke(
+        main, ["segment", "eval", "--pred", str(out), "--data", str(trained["data"]), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n_ok"] == 3 and "MONAI" in summary["hd95_definition"]
+    assert 0.0 <= summary["metrics"]["dice_WT"]["mean"] <= 1.0
+    with open(out / "metrics.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+
+    (out / "synth_001.nii.gz").unlink()
+    result = runner.invoke(main, ["segment", "eval", "--pred", str(out), "--data", str(trained["data"])])
+    assert result.exit_code == 1 and "error: synth_001: no prediction synth_001.nii.gz" in result.output
+
+
+def test_predict_records_a_case_with_missing_modalities(trained, tmp_path):
+    deepmedic = BRATS / "deepmedic_brats2013_pat0005_1"
+    case = sorted(trained["data"].iterdir())[0]
+    args = ["segment", "predict", "--model", str(trained["model"]), str(deepmedic), str(case)]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "p"), "--device", "cpu", "--json"])
+    assert result.exit_code == 1
+    records = {r["case_id"]: r for r in json.loads(result.stdout)["cases"]}
+    assert records[case.name]["status"] == "ok"
+    assert "missing modality t1, t2" in records["deepmedic_brats2013_pat0005_1"]["reason"]
+
+
+def test_one_line_errors(trained, tmp_path):
+    runner = CliRunner()
+    bad = tmp_path / "bad"
+    shutil.copytree(trained["data"], bad)
+    next((bad / "synth_000").glob("*_t2.nii.gz")).unlink()
+    result = runner.invoke(main, ["segment", "train", "--data", str(bad), "--out", str(tmp_path / "m.pt")])
+    assert (
+        result.exit_code == 2
+        and result.output.startswith("error: ")
+        and "missing modality t2" in result.output
+    )
+    assert len(result.output.strip().splitlines()) == 1
+
+    args = ["segment", "train", "--data", str(trained["data"]), "--out", str(trained["model"])]
+    result = runner.invoke(main, [*args, "--config", str(trained["config"])])
+    assert result.exit_code == 2 and "pass --resume" in result.output
+
+    result = runner.invoke(
+        main, ["segment", "train", "--data", str(trained["data"]), "--out", "x.pt", "--roi", "16,16"]
+    )
+    assert result.exit_code == 2 and "expected 3 positive integers" in result.output
+
+    result = runner.invoke(
+        main, ["segment", "predict", "--model", str(tmp_path / "none.pt"), str(bad), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "none.pt: checkpoint not found" in result.output

@@ -1,0 +1,168 @@
+"""Sliding-window inference, flip TTA, output NIfTI geometry on real and synthetic cases, overlays."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from histo.errors import InputFileError
+from histo.training import save_checkpoint
+from segmentation.data import find_case
+from segmentation.infer import load_model, predict_case, predict_cases, predict_volume, region_probabilities
+from segmentation.synthetic import make_cases
+from segmentation.unet import UNet3D
+
+BRATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats"
+SETTINGS = {
+    "roi": [16, 16, 16],
+    "overlap": 0.25,
+    "tta": False,
+    "threshold": 0.5,
+    "sw_batch_size": 1,
+    "overlay_slices": 2,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ConvNet(nn.Module):
+    """A stand-in model with UNet3D's `.config` keys: one convolution, kernel k."""
+
+    def __init__(self, k: int, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv3d(4, 3, k, padding=k // 2)
+        self.config = {"channels": [8], "head": "regions"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_sliding_window_stitches_exactly():
+    model = ConvNet(1).eval()  # pointwise: every window must reproduce the full-volume output
+    image = np.random.default_rng(0).standard_normal((4, 20, 26, 30)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(torch.from_numpy(image)[None]))[0].numpy()
+    for roi in ((8, 8, 8), (32, 8, 16)):
+        got = predict_volume(model, image, roi=roi, overlap=0.5)
+        assert got.shape == (3, 20, 26, 30)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_tta_averages_the_eight_flips():
+    model = ConvNet(3).eval()
+    image = np.random.default_rng(1).standard_normal((4, 8, 12, 16)).astype(np.float32)
+    x = torch.from_numpy(image)[None].double()
+    conv = model.conv.double()
+    expected = np.zeros((3, 8, 12, 16))
+    flips = [a for n in range(4) for a in itertools.combinations((2, 3, 4), n)]
+    with torch.no_grad():
+        for axes in flips:
+            out = torch.sigmoid(conv(torch.flip(x, axes) if axes else x))
+            expected += (torch.flip(out, axes) if axes else out)[0].numpy() / 8
+    model.float()
+    got = predict_volume(model, image, roi=(8, 12, 16), tta=True)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.abs(predict_volume(model, image, roi=(8, 12, 16)) - expected).max() > 1e-3
+
+
+def test_labels_head_gives_nested_region_probabilities():
+    model = nn.Module()
+    model.config = {"head": "labels"}
+    logits = torch.randn(2, 4, 3, 3, 3)
+    p = torch.softmax(logits, 1)
+    regions = region_probabilities(model, logits)
+    torch.testing.assert_close(regions[:, 0], p[:, 1] + p[:, 3])
+    torch.testing.assert_close(regions[:, 1], 1 - p[:, 0])
+    torch.testing.assert_close(regions[:, 2], p[:, 3])
+
+
+def test_brain_mask_reaches_rn_b_norms():
+    torch.manual_seed(0)
+    model = UNet3D(channels=(4, 8), blocks_per_level=1, expansion=1, norm="rn_b").eval()
+    image = np.random.default_rng(2).standard_normal((4, 16, 16, 16)).astype(np.float32)
+    inner = np.zeros((16, 16, 16), bool)
+    inner[4:12, 4:12, 4:12] = True
+    a = predict_volume(model, image, roi=(16, 16, 16), brain_mask=inner)
+    half = np.zeros((16, 16, 16), bool)
+    half[:8] = True  # (the complement of `inner` would give the same output: RN-B is symmetric at init)
+    b = predict_volume(model, image, roi=(16, 16, 16), brain_mask=half)
+    assert np.isfinite(a).all() and np.abs(a - b).max() > 1e-4
+
+
+def _checkpoint(path: Path, model: nn.Module) -> Path:
+    save_checkpoint(path, {"model": model.state_dict(), "model_config": model.config, "config": {}})
+    return path
+
+
+def test_predict_real_cases_keeps_geometry_and_records_bad_case(tmp_path):
+    torch.manual_seed(0)
+    ckpt = _checkpoint(tmp_path / "m.pt", UNet3D(channels=(2, 4), blocks_per_level=1, expansion=1))
+    settings = {**SETTINGS, "roi": [240, 240, 160], "overlap": 0.0}
+    summary = predict_cases(
+        ckpt,
+        [BRATS / "TCGA-DU-7294", BRATS / "deepmedic_brats2013_pat0005_1"],
+        tmp_path / "out",
+        settings,
+        "cpu",
+    )
+    by_id = {r["case_id"]: r for r in summary["cases"]}
+    assert by_id["TCGA-DU-7294"]["status"] == "ok"
+    assert by_id["deepmedic_brats2013_pat0005_1"]["status"] == "error"
+    assert "missing modality t1, t2" in by_id["deepmedic_brats2013_pat0005_1"]["reason"]
+    source = nib.load(BRATS / "TCGA-DU-7294" / "TCGA-DU-7294_fla_bet.nii.gz")
+    out = nib.load(tmp_path / "out" / "TCGA-DU-7294.nii.gz")
+    assert out.shape == source.shape == (240, 240, 155)
+    np.testing.assert_array_equal(out.affine, source.affine)
+    assert (
+        nib.aff2axcodes(out.affine) == ("L", "P", "S") and out.header.get_zooms() == source.header.get_zooms()
+    )
+    assert out.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2, 4}
+    assert (tmp_path / "out" / "TCGA-DU-7294_overlay.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text())["n_failed"] == 1
+
+
+@pytest.mark.parametrize("scheme,et", [("2021", 4), ("2023", 3)])
+def test_output_is_in_the_input_voxel_order_and_scheme(tmp_path, scheme, et):
+    folder = make_cases(tmp_path / "cases", 1, shape=(20, 24, 16), seed=3, scheme=scheme)[0]
+    model = ConvNet(1)
+    with torch.no_grad():  # ET logit = 50 (z(T1ce) - 2); TC and WT off: label ET exactly where T1ce z > 2
+        model.conv.weight.zero_()
+        model.conv.bias.copy_(torch.tensor([-50.0, -50.0, -100.0]))
+        model.conv.weight[2, 1] = 50.0
+    case = find_case(folder)
+    t1ce = nib.load(case.images["t1ce"])
+    raw = np.asarray(t1ce.dataobj, dtype=np.float64)
+    nz = raw != 0
+    z = np.where(nz, (raw - raw[nz].mean()) / raw[nz].std(), 0.0)
+    record = predict_case(model.eval(), case, tmp_path / "out", {**SETTINGS, "roi": [8, 8, 8]}, "cpu")
+    assert record["status"] == "ok" and record["scheme"] == scheme
+    out = nib.load(tmp_path / "out" / f"{case.case_id}.nii.gz")
+    labels = np.asarray(out.dataobj)
+    np.testing.assert_array_equal(out.affine, t1ce.affine)
+    clear = np.abs(z - 2.0) > 1e-3
+    assert (z > 2.0).sum() > 10 and set(np.unique(labels)) == {0, et}
+    np.testing.assert_array_equal((labels == et)[clear], (z > 2.0)[clear])
+
+
+def test_load_model_rejects_other_files(tmp_path):
+    bad = tmp_path / "x.pt"
+    save_checkpoint(bad, {"weights": torch.zeros(1)})
+    with pytest.raises(InputFileError, match="not a segmentation checkpoint"):
+        load_model(bad)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputFileError, match=r"junk\.pt"):
+        load_model(tmp_path / "junk.pt")

@@ -1,0 +1,217 @@
+"""Segmentation training: loss definition, exact resume, refusal to clobber, DDP equivalence, and a few CPU
+minutes of training that must segment held-out synthetic cases (whole tumour Dice >= 0.8)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from histo.config import load_config
+from histo.errors import HistoError
+from histo.training import load_checkpoint
+from segmentation.data import find_cases, load_case
+from segmentation.infer import load_model, predict_volume
+from segmentation.labels import labels_to_regions
+from segmentation.metrics import dice
+from segmentation.synthetic import make_cases
+from segmentation.train import SegLoss, regions_to_classes, split_cases, train_segmenter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # much faster than 2 contended threads on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides) -> dict:
+    base = {
+        "device": "cpu",
+        "model.channels": [4, 8],
+        "model.blocks_per_level": 1,
+        "model.expansion": 1,
+        "model.dropout": 0.2,
+        "data.roi": [16, 16, 16],
+        "data.val_fraction": 0.34,
+        "train.epochs": 2,
+        "train.samples_per_epoch": 4,
+        "train.batch_size": 1,
+        "train.accumulate": 2,
+        "train.warmup_epochs": 0.5,
+        "infer.overlap": 0.0,
+    }
+    return load_config("segment", overrides={**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_cases(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    make_cases(root, 3, shape=(24, 24, 24), seed=11)
+    return root
+
+
+def test_region_loss_is_soft_dice_plus_bce():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 4, 3, dtype=torch.float64)
+    target = (torch.rand(2, 3, 5, 4, 3) > 0.6).double()
+    target[1, 2] = 0  # an empty channel contributes Dice loss 1 (smooth_nr = 0) and trains through BCE
+    p = torch.sigmoid(logits)
+    dice_terms = [
+        1 - 2 * (p[n, c] * target[n, c]).sum() / (p[n, c].sum() + target[n, c].sum() + 1e-5)
+        for n in range(2)
+        for c in range(3)
+    ]
+    bce = -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+    expected = torch.stack(dice_terms).mean() + bce
+    torch.testing.assert_close(SegLoss("regions")(logits, target), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_regions_to_classes_inverts_label_conversion():
+    seg = np.random.default_rng(0).choice([0, 1, 2, 4], size=(6, 5, 4))
+    regions = torch.from_numpy(labels_to_regions(seg, "2021")).float()[None]
+    classes = regions_to_classes(regions)[0, 0].numpy()
+    assert np.array_equal(classes, np.select([seg == 1, seg == 2, seg == 4], [1, 2, 3], 0))
+
+
+def test_split_is_by_case_and_seeded(tiny_cases):
+    cases = find_cases(tiny_cases)
+    train, val = split_cases(cases, 0.34, seed=0)
+    assert len(val) == 1 and len(train) == 2 and not {c.case_id for c in train} & {c.case_id for c in val}
+    assert split_cases(cases, 0.34, seed=0) == (train, val)
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(f)]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_cases, tmp_path):
+    config = tiny_config()
+    full = train_segmenter(tiny_cases, tmp_path / "a" / "model.pt", config)
+    assert full["epochs_done"] == 2 and full["n_val"] == 1
+    part = train_segmenter(tiny_cases, tmp_path / "b" / "model.pt", config, stop_after=1)
+    assert part["epochs_done"] == 1
+    resumed = train_segmenter(tiny_cases, tmp_path / "b" / "model.pt", config, resume=True)
+    assert resumed["epochs_done"] == 2
+    a, b = (
+        load_checkpoint(tmp_path / "a" / "model.last.pt"),
+        load_checkpoint(tmp_path / "b" / "model.last.pt"),
+    )
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert a["scheduler"] == b["scheduler"] and a["epoch"] == b["epoch"] == 2
+    rows_a, rows_b = _rows(tmp_path / "a" / "model.metrics.csv"), _rows(tmp_path / "b" / "model.metrics.csv")
+    assert rows_a == rows_b and [r["epoch"] for r in rows_a] == ["1", "2"]
+    # the second epoch really differs from the first (so equality above is not trivial)
+    first = train_segmenter(tiny_cases, tmp_path / "c" / "model.pt", config, stop_after=1)
+    assert first["epochs_done"] == 1
+    c = load_checkpoint(tmp_path / "c" / "model.last.pt")
+    assert any(not torch.equal(v, c["model"][k]) for k, v in a["model"].items())
+    assert (tmp_path / "a" / "model.metrics.png").stat().st_size > 1000
+    best = load_checkpoint(tmp_path / "a" / "model.pt")
+    assert set(best["val"]) == {"val_dice_TC", "val_dice_WT", "val_dice_ET", "val_dice_mean"}
+
+
+def test_refuses_to_clobber_or_resume_with_another_config(tiny_cases, tmp_path):
+    config = tiny_config(**{"train.epochs": 1, "train.samples_per_epoch": 2})
+    train_segmenter(tiny_cases, tmp_path / "model.pt", config)
+    with pytest.raises(HistoError, match="pass --resume"):
+        train_segmenter(tiny_cases, tmp_path / "model.pt", config)
+    changed = tiny_config(**{"train.epochs": 1, "train.samples_per_epoch": 2, "train.lr": 0.5})
+    with pytest.raises(HistoError, match=r"train\.lr"):
+        train_segmenter(tiny_cases, tmp_path / "model.pt", changed, resume=True)
+    with pytest.raises(HistoError, match="nothing to resume"):
+        train_segmenter(tiny_cases, tmp_path / "other.pt", config, resume=True)
+
+
+DDP_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from histo.config import load_config
+from segmentation.train import train_segmenter
+overrides = dict(arg.split("=", 1) for arg in sys.argv[3:])
+config = load_config("segment", overrides={k: eval(v) for k, v in overrides.items()})
+train_segmenter(sys.argv[1], sys.argv[2], config)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_with_double_batch(tiny_cases, tmp_path):
+    """gloo DDP with batch 1 per rank averages gradients exactly like one process with batch 2."""
+    common = {"model.dropout": 0.0, "data.val_fraction": 0.0, "train.epochs": 1, "train.accumulate": 1}
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    args = [f"{k}={v!r}" for k, v in {**_flat(tiny_config(**common)), "train.batch_size": 1}.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    subprocess.run(
+        [*torchrun, str(script), str(tiny_cases), str(tmp_path / "ddp.pt"), *args],
+        check=True,
+        env=env,
+        cwd=ROOT,
+    )
+    train_segmenter(tiny_cases, tmp_path / "one.pt", tiny_config(**common, **{"train.batch_size": 2}))
+    a, b = load_checkpoint(tmp_path / "ddp.pt"), load_checkpoint(tmp_path / "one.pt")
+    for key, value in a["model"].items():
+        torch.testing.assert_close(value, b["model"][key], rtol=1e-4, atol=1e-5)
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.slow
+def test_short_training_segments_held_out_synthetic_cases(tmp_path):
+    start = time.time()
+    make_cases(tmp_path / "train", 12, shape=(48, 48, 48), seed=1)
+    make_cases(tmp_path / "test", 4, shape=(48, 48, 48), seed=99)
+    config = load_config(
+        "segment",
+        overrides={
+            "device": "cpu",
+            "model.channels": [8, 16, 32],
+            "model.blocks_per_level": 1,
+            "model.expansion": 2,
+            "data.roi": [24, 24, 24],
+            "data.val_fraction": 0.25,
+            "train.epochs": 8,
+            "train.samples_per_epoch": 32,
+            "train.batch_size": 2,
+            "train.accumulate": 1,
+            "train.lr": 5e-3,
+            "train.warmup_epochs": 0.3,
+        },
+    )
+    summary = train_segmenter(tmp_path / "train", tmp_path / "model.pt", config)
+    model, saved = load_model(tmp_path / "model.pt")
+    assert saved["model"]["reversible"] is True
+    scores = []
+    for case in find_cases(tmp_path / "test"):
+        image, brain, regions, _, _ = load_case(case)
+        # windows of the training crop size: instance-norm statistics then match training
+        pred = predict_volume(model, image, roi=(24, 24, 24), overlap=0.5, brain_mask=brain) >= 0.5
+        scores.append([dice(pred[i], regions[i]) for i in range(3)])
+    tc, wt, et = np.mean(scores, axis=0)
+    print(
+        f"held-out Dice TC {tc:.3f} WT {wt:.3f} ET {et:.3f}; best val {summary['best_val_dice_mean']:.3f}; "
+        f"{time.time() - start:.0f} s"
+    )
+    assert wt >= 0.8
