@@ -69,8 +69,17 @@ def cleanup_distributed() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over all processes in place (identity in a single process)."""
-    if dist.is_available() and dist.is_initialized():
+    """Sum `tensor` over all processes in place (identity in a single process).
+
+    NCCL reduces CUDA tensors only, so a CPU tensor travels through the current GPU and back.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        tensor.copy_(on_gpu.cpu())
+    else:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 

@@ -93,9 +93,10 @@ def load_pretrained(model: FeatureClassifier, path: str | Path, arch: str = "den
     problem = check_keys(expected, backbone)
     if layout == "unknown":
         raise InputFileError(path, f"unknown checkpoint layout for {arch}: {problem}")
+    if config is not None:
+        layout = f"histo (norm {config.get('norm')!r})"
     if problem:
         raise InputFileError(path, f"{layout} layout does not match {arch}: {problem}")
-    merged = {**expected, **backbone}
-    model.features.load_state_dict(merged, strict=True)
+    model.features.load_state_dict({**expected, **backbone}, strict=True)
     layout = "histo" if config is not None else layout
     return {"init": str(path), "layout": layout, "tensors_loaded": len(backbone), "head": "not loaded"}

@@ -204,16 +204,17 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def extract(self, tiles: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """(N, H, W, 3) uint8 -> (N, feature_dim) float32, computed in batches of `batch_size`."""
-        from histo.devices import autocast
+        """(N, H, W, 3) uint8 -> (N, feature_dim) float32, computed in batches of `batch_size`.
 
+        Always in float32 (no bf16 autocast): an index built on a GPU and queries featurised on a CPU
+        must give the same barcodes, and bf16 would flip bits of near-equal neighbouring features.
+        """
         tiles = np.asarray(tiles)
         if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
             raise ValueError(f"expected uint8 tiles (N, H, W, 3), got {tiles.dtype} {tiles.shape}")
         out = np.empty((len(tiles), self.feature_dim), np.float32)
         for start in range(0, len(tiles), batch_size):
-            with autocast(self.device):
-                f = self.model.features(self._prepare(tiles[start : start + batch_size]))
+            f = self.model.features(self._prepare(tiles[start : start + batch_size]))
             out[start : start + batch_size] = f.float().cpu().numpy()
         return out
 

@@ -31,6 +31,7 @@ STATE_FORMAT = "histo-kimianet-train-state"
 # Keys that may change between a run and its resumption (they do not change the computation).
 RESUME_IGNORE = ("device", "resume", "data.workers", "data.skip_missing")
 MONITORS = ("val_macro_f1", "val_acc", "val_slide_acc", "val_loss")
+POSTFIX_EVERY = 20  # training steps between progress-bar loss updates (each one is a device sync)
 
 
 def output_paths(out: str | Path) -> dict[str, Path]:
@@ -180,7 +181,8 @@ class Trainer:
         self.train_sampler.set_epoch(epoch)
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+        # loss * n, correct, n: summed on the device, read once per epoch (no CPU sync per step)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{o['epochs']}", disable=not self.dist.is_main)
         for step, (x, y) in enumerate(bar):
             x, y = self._to_device(x, y)
@@ -196,12 +198,12 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            n = len(y)
-            sums += torch.tensor(
-                [loss.item() * n, (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64
-            )
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        all_reduce_sum(sums)
+            with torch.no_grad():
+                correct = (logits.argmax(1) == y).sum()
+                sums += torch.stack([loss.detach() * len(y), correct, loss.new_full((), len(y))]).double()
+            if self.dist.is_main and (step + 1) % POSTFIX_EVERY == 0:
+                bar.set_postfix(loss=f"{float(sums[0] / sums[2]):.3f}")  # one sync every few steps
+        sums = all_reduce_sum(sums).cpu()
         return {"train_loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2])}
 
     @torch.inference_mode()
@@ -214,7 +216,7 @@ class Trainer:
         slide_index = {s: i for i, s in enumerate(slides)}
         confusion = torch.zeros(c, c, dtype=torch.float64)
         votes = torch.zeros(len(slides), c, dtype=torch.float64)
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
         self.model.eval()
         seen = list(self.val_loader.sampler)
         position = 0
@@ -222,7 +224,7 @@ class Trainer:
             x, yd = self._to_device(x, y)
             with autocast(self.device, self.cfg["optim"]["amp"]):
                 logits = self.model(x)
-            loss_sum += F.cross_entropy(logits.float(), yd, reduction="sum").item()
+            loss_sum += F.cross_entropy(logits.float(), yd, reduction="sum")
             pred = logits.argmax(1).cpu()
             confusion.index_put_((y, pred), torch.ones(len(y), dtype=torch.float64), accumulate=True)
             rows = [slide_index[self.data.val[i][0]] for i, _ in seen[position : position + len(y)]]
@@ -230,8 +232,10 @@ class Trainer:
                 (torch.tensor(rows), pred), torch.ones(len(y), dtype=torch.float64), accumulate=True
             )
             position += len(y)
-        for t in (confusion, votes, loss_sum):
-            all_reduce_sum(t)
+        # NCCL reduces CUDA tensors only: every sum travels to the device and back.
+        confusion, votes, loss_sum = (
+            all_reduce_sum(t.to(self.device)).cpu() for t in (confusion, votes, loss_sum)
+        )
         metrics = classification_metrics(confusion.numpy())
         truth = {s: label for s, _, label in self.data.val}
         slide_correct = [int(votes[i].argmax()) == truth[s] for s, i in slide_index.items()]

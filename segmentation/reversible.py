@@ -5,8 +5,9 @@ x2 = y2 - G(y1), x1 = y1 - F(x2). `ReversibleSequence` runs its blocks inside on
 saves the final output only and, in backward, recomputes each block's input from its output block by block,
 so activation memory does not grow with depth. Recomputation runs under `frozen_running_stats` (running
 statistics move once per step), replays the CPU/CUDA RNG state of the forward pass (dropout masks match),
-re-enters the forward's autocast state, and keeps the coupling sums in fp32 or wider. The input tensor is never
-freed or modified in place, so a skip connection may read it (or the output) safely.
+re-enters the forward's autocast state, uses the rn_b region masks the forward saw (the caller may clear or
+replace them before backward, as with the plain twin), and keeps the coupling sums in fp32 or wider. The
+input tensor is never freed or modified in place, so a skip connection may read it (or the output) safely.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from histo.norms import frozen_running_stats
+from histo.norms import RegionNormB, frozen_running_stats
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,19 @@ def _branch(fn: nn.Module, x: torch.Tensor, rng_log: list[RngState] | None) -> t
     return fn(x).to(x.dtype)
 
 
+@contextlib.contextmanager
+def _forward_masks(saved: list[tuple[RegionNormB, torch.Tensor | None]]) -> Iterator[None]:
+    """Give each rn_b block the mask it had in the forward pass; the current masks are restored afterwards."""
+    current = [block.mask for block, _ in saved]
+    try:
+        for block, mask in saved:
+            block.mask = mask
+        yield
+    finally:
+        for (block, _), mask in zip(saved, current, strict=True):
+            block.mask = mask
+
+
 def _autocast_state(device_type: str) -> dict:
     return {
         "device_type": device_type,
@@ -130,6 +144,7 @@ class _ReversibleFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, blocks: nn.ModuleList, *params: torch.Tensor) -> torch.Tensor:
         ctx.blocks = blocks
         ctx.autocast = _autocast_state(x.device.type)
+        ctx.masks = [(m, m.mask) for m in blocks.modules() if isinstance(m, RegionNormB)]
         ctx.rng = []
         for block in blocks:
             log: list[RngState] = []
@@ -143,7 +158,7 @@ class _ReversibleFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (y,) = ctx.saved_tensors
         grads: dict[nn.Parameter, torch.Tensor] = {}
-        with torch.autocast(**ctx.autocast):
+        with torch.autocast(**ctx.autocast), _forward_masks(ctx.masks):
             for block, rng in zip(reversed(ctx.blocks), reversed(ctx.rng), strict=True):
                 y, dy, block_grads = _block_backward(block, y, dy, rng)
                 _accumulate(grads, block_grads)

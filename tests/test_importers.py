@@ -111,3 +111,10 @@ def test_norm_mismatch_is_reported(tmp_path, source):
     model = build_model("densenet121", "ibn_a", 2, "IV")
     with pytest.raises(InputFileError, match=r"missing \(denseblock1\.denselayer1\.norm1\.BN"):
         load_pretrained(model, tmp_path / "bn.pth")
+
+
+def test_histo_checkpoint_of_another_norm_names_its_norm(tmp_path):
+    path = random_init_checkpoint(tmp_path / "gn.pt", norm="group")
+    model = build_model("densenet121", "batch", 2, "IV")
+    with pytest.raises(InputFileError, match=r"histo \(norm 'group'\) layout does not match .*missing"):
+        load_pretrained(model, path)

@@ -166,3 +166,76 @@ def test_autocast_bf16_keeps_fp32_stream_and_replays_autocast() -> None:
 def test_empty_sequence_rejected() -> None:
     with pytest.raises(ValueError, match="at least one block"):
         ReversibleSequence([])
+
+
+def test_rn_b_backward_uses_the_forward_mask_after_the_context_is_left() -> None:
+    """`with region_mask(...): loss = ...` then `loss.backward()` outside works as for the plain twin."""
+    rev, plain = twins(2, "rn_b")
+    x = torch.randn(2, C, 8, 8, 8, dtype=torch.float64)
+    weight = torch.randn_like(x)
+    mask = torch.rand(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(3)) > 0.5
+    grads = []
+    for model in (rev, plain):
+        xi = x.clone().requires_grad_(True)
+        with histo.norms.region_mask(model, mask):
+            loss = (model(xi) * weight).sum()
+        histo.norms.set_region_mask(model, ~mask)  # even a different mask set before backward is not used
+        loss.backward()
+        grads.append((xi.grad, {n: p.grad for n, p in model.named_parameters()}))
+        assert all(
+            m.mask is not None and torch.equal(m.mask, ~mask)
+            for m in model.modules()
+            if isinstance(m, histo.norms.RegionNormB)
+        )
+    assert rel_err(grads[0][0], grads[1][0]) <= 1e-5
+    for name, g in grads[1][1].items():
+        assert rel_err(grads[0][1][name], g) <= 1e-5, name
+
+
+def _ddp_worker(rank: int, port: int, find_unused: bool, queue) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        seq = nn.parallel.DistributedDataParallel(
+            make_sequence(2).double(), find_unused_parameters=find_unused
+        )
+        x = torch.randn(2, C, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        for _ in range(2):  # a second step: DDP's reducer is reset and reused
+            seq.zero_grad()
+            (seq(x[rank : rank + 1]) ** 2).sum().backward()
+        queue.put((rank, {n: p.grad.numpy().copy() for n, p in seq.module.named_parameters()}))
+    except Exception as e:  # report instead of leaving the test waiting on the queue
+        queue.put((rank, repr(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("find_unused", [False, True])
+def test_ddp_two_gloo_processes_average_the_reversible_gradients(find_unused: bool) -> None:
+    """The custom autograd Function under DistributedDataParallel: grads = the full-batch mean's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, port, find_unused, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert all(isinstance(r, dict) for r in results.values()), results
+    seq = make_sequence(2).double()
+    x = torch.randn(2, C, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (seq(x) ** 2).sum().div(2).backward()  # DDP averages the per-rank gradients
+    for name, p in seq.named_parameters():
+        for rank in (0, 1):
+            got = torch.from_numpy(results[rank][name])
+            assert rel_err(got, p.grad) <= 1e-10, (rank, name)

@@ -84,3 +84,19 @@ def test_early_stopping_counts_epochs_without_improvement():
     restored = training.EarlyStopping(patience=2)
     restored.load_state_dict(stop.state_dict())
     assert restored.should_stop
+
+
+def test_frozen_running_stats_is_reentrant():
+    from histo.norms import frozen_running_stats, make_norm, updates_stats
+
+    bn = make_norm("batch", 3, spatial_dims=1).train()
+    x = torch.randn(4, 3, 5) * 2 + 1
+    with frozen_running_stats(bn):
+        with frozen_running_stats(bn):
+            pass
+        assert not updates_stats(bn), "leaving the inner context must not unfreeze the outer one"
+        bn(x)
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0
+    assert bn.momentum == 0.1 and updates_stats(bn)
+    bn(x)
+    assert not torch.equal(bn.running_mean, torch.zeros(3))

@@ -21,33 +21,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histo.norms.common import CONV, channel_view, check_input
+from histo.norms.common import CONV, check_input
 from histo.norms.registry import register
 
 
-def region_normalize(x: torch.Tensor, inside: torch.Tensor, eps: float) -> torch.Tensor:
+def region_normalize(
+    x: torch.Tensor,
+    inside: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Normalise x where `inside` (bool, N|1 x 1 x *spatial) and where not, each with its own statistics.
 
     Mean and biased variance per channel over (N, spatial) of the region (two-pass); an empty region gets
-    mean 0 and variance 0 (it has no output positions, so they are never used).
+    mean 0 and variance 0 (it has no output positions, so they are never used). Optional `weight`/`bias`
+    (2, C) give each region its own affine (row 1: the region, row 0: its complement), folded into the
+    per-position scale and shift. The per-region sums are one matmul against the 0/1 indicators of the two
+    regions (x is read once, not masked into full-size copies), in x's own dtype: autocast is off here.
     """
-    axes = (0, *range(2, x.ndim))
-    inside = inside.expand(x.shape[0], 1, *x.shape[2:])
-    count_in = inside.sum()
-    counts = torch.stack([count_in, inside.numel() - count_in]).clamp(min=1).to(x.dtype)
+    n, c = x.shape[:2]
+    m = inside.reshape(inside.shape[0], 1, -1)
+    where = inside.expand(n, 1, *x.shape[2:]).reshape(n, 1, -1)
+    with torch.autocast(x.device.type, enabled=False):
+        regions = torch.cat([m, ~m], dim=1).to(x.dtype)  # (N|1, 2, S): the region, its complement
+        counts = (regions.sum((0, 2)) * (n // m.shape[0])).clamp(min=1)
 
-    def region_means(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        zero = t.new_zeros(())
-        s_in, s_out = torch.where(inside, t, zero).sum(axes), torch.where(inside, zero, t).sum(axes)
-        return s_in / counts[0], s_out / counts[1]
+        def region_means(t: torch.Tensor) -> torch.Tensor:
+            return torch.matmul(t, regions.transpose(1, 2)).sum(0) / counts  # (C, 2)
 
-    def per_position(v_in: torch.Tensor, v_out: torch.Tensor) -> torch.Tensor:
-        view = (1, -1) + (1,) * (x.ndim - 2)
-        return torch.where(inside, v_in.view(view), v_out.view(view))
+        def per_position(v: torch.Tensor) -> torch.Tensor:
+            return torch.where(where, v[:, 0, None], v[:, 1, None])  # (C, 2) -> (N, C, S)
 
-    centred = x - per_position(*region_means(x))
-    var_in, var_out = region_means(centred * centred)
-    return centred * per_position(torch.rsqrt(var_in + eps), torch.rsqrt(var_out + eps))
+        flat = x.reshape(n, c, -1)
+        centred = flat - per_position(region_means(flat))
+        scale = torch.rsqrt(region_means(centred * centred) + eps)
+        if weight is not None:
+            scale = scale * weight.flip(0).t()
+        y = centred * per_position(scale)
+        if bias is not None:
+            y = y + per_position(bias.flip(0).t())
+    return y.reshape(x.shape)
 
 
 class RegionNormB(nn.Module):
@@ -89,13 +103,7 @@ class RegionNormB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x)
-        inside = self._resized_mask(x)
-        y = region_normalize(x, inside, self.eps)
-        if self.weight is None:
-            return y
-        w_in, w_out = (channel_view(w, x.ndim) for w in (self.weight[1], self.weight[0]))
-        b_in, b_out = (channel_view(b, x.ndim) for b in (self.bias[1], self.bias[0]))
-        return torch.where(inside, y * w_in + b_in, y * w_out + b_out)
+        return region_normalize(x, self._resized_mask(x), self.eps, self.weight, self.bias)
 
 
 class RegionNormL(nn.Module):

@@ -28,8 +28,9 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
     torch BatchNorm/InstanceNorm layers that track statistics get momentum 0 (running = running) and their batch counter restored;
     registry blocks check `updates_stats(self)`.
     """
+    flagged = [m for m in model.modules() if not getattr(m, _FLAG, False)]  # re-entrant: outer flags stay
     saved = []
-    for m in model.modules():
+    for m in flagged:
         setattr(m, _FLAG, True)
         if isinstance(m, _NormBase) and m.track_running_stats:
             tracked = None if m.num_batches_tracked is None else m.num_batches_tracked.clone()
@@ -38,9 +39,8 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for m in model.modules():
-            if hasattr(m, _FLAG):
-                delattr(m, _FLAG)
+        for m in flagged:
+            delattr(m, _FLAG)
         for m, momentum, tracked in saved:
             m.momentum = momentum
             if tracked is not None:
