@@ -1,5 +1,118 @@
-"""`histo robustness`: not built yet."""
+"""`histo robustness pathology|segment`: models under image corruptions, ImageNet-C metrics and plots."""
 
-from histo.cli import not_built
+from __future__ import annotations
 
-robustness = not_built("robustness", issue=7)
+import click
+
+from histo.cli.options import compose, config_option, device_option, emit_json, json_option
+
+common_options = compose(
+    click.option("--model", required=True, type=click.Path(exists=True, dir_okay=False), help="Checkpoint."),
+    click.option(
+        "--corruptions", default=None, help="Comma-separated corruption names (default: all of the domain)."
+    ),
+    click.option("--severities", default=None, help="Severities, e.g. 1-5 or 1,3,5."),
+    click.option("--alpha-bn", "alpha_bn", type=float, default=None, help="Also run with α-BN, e.g. 0.1."),
+    click.option(
+        "--reference",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="Reference checkpoint for CE/mCE (the plain-BN model of the task).",
+    ),
+    click.option("--seed", type=int, default=None, help="Corruption seed."),
+    click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder."),
+    device_option,
+    config_option,
+    json_option,
+)
+
+
+def _config(config_path, corruptions, severities, alpha_bn, seed, device, **more) -> dict:
+    from histo.config import load_config
+    from histo.errors import HistoError
+
+    if alpha_bn is not None and not 0.0 <= alpha_bn <= 1.0:
+        raise HistoError(f"--alpha-bn must be in [0, 1], got {alpha_bn}")
+    return load_config(
+        "robustness",
+        config_path,
+        overrides={
+            "corruptions": corruptions,
+            "severities": severities,
+            "alpha_bn": alpha_bn,
+            "seed": seed,
+            "device": device,
+            **more,
+        },
+    )
+
+
+def _finish(summary: dict, out_dir: str, as_json: bool) -> None:
+    """Print a short table of mean scores (and mCE when there is a reference), or the JSON summary."""
+    if as_json:
+        emit_json(summary)
+        return
+    for metric, entry in summary["metrics"].items():
+        click.echo(f"{metric}:")
+        for model, per in sorted(entry["mean"].items()):
+            corrupted = [v for c, v in per.items() if c != "clean"]
+            line = f"  {model:32s} clean {per.get('clean', float('nan')):.4f}"
+            line += f"  corrupted mean {sum(corrupted) / max(len(corrupted), 1):.4f}"
+            if "mce" in entry:
+                line += f"  mCE {entry['mce'][model]:.3f}  rel. mCE {entry['rmce'][model]:.3f}"
+            click.echo(line)
+    for failure in summary["failed"]:
+        click.echo(
+            f"failed: {failure['model']} {failure['corruption']} s{failure['severity']}: {failure['reason']}"
+        )
+    click.echo(f"results in {out_dir}: {', '.join(summary['files'])}")
+
+
+@click.group(name="robustness")
+def robustness() -> None:
+    """Evaluate models under image corruptions (ImageNet-C CE, relative CE, mCE; plots)."""
+
+
+@robustness.command("pathology")
+@click.option("--tiles", required=True, type=click.Path(exists=True), help="Tile store (zarr).")
+@click.option("--k", type=int, default=None, help="Neighbours voting for a query tile's label.")
+@common_options
+def pathology_command(
+    tiles, k, model, corruptions, severities, alpha_bn, reference, seed, out_dir, device, config_path, as_json
+):
+    """Leave-one-patient-out nearest-neighbour tile classification under H&E corruptions."""
+    from pathology.robustness import evaluate_pathology
+
+    config = _config(config_path, corruptions, severities, alpha_bn, seed, device, **{"pathology.k": k})
+    summary = evaluate_pathology(model, tiles, out_dir, config, reference=reference)
+    _finish(summary, out_dir, as_json)
+
+
+@robustness.command("segment")
+@click.option(
+    "--data", required=True, type=click.Path(exists=True, file_okay=False), help="BraTS case folders."
+)
+@click.option("--max-cases", type=int, default=None, help="Evaluate only the first N labelled cases.")
+@common_options
+def segment_command(
+    data,
+    max_cases,
+    model,
+    corruptions,
+    severities,
+    alpha_bn,
+    reference,
+    seed,
+    out_dir,
+    device,
+    config_path,
+    as_json,
+):
+    """Dice and HD95 per region (TC, WT, ET) of a 3D U-Net under MRI corruptions."""
+    from segmentation.robustness import evaluate_segmentation
+
+    config = _config(
+        config_path, corruptions, severities, alpha_bn, seed, device, **{"segment.max_cases": max_cases}
+    )
+    summary = evaluate_segmentation(model, data, out_dir, config, reference=reference)
+    _finish(summary, out_dir, as_json)

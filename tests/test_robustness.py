@@ -1,0 +1,365 @@
+"""Robustness harness: ImageNet-C metrics against a hand computation, the grid runner, α-BN, the report."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from histo.errors import HistoError
+from histo.robustness import (
+    CLEAN,
+    corruption_errors,
+    parse_severities,
+    read_rows,
+    report,
+    run_grid,
+    select_corruptions,
+    write_rows,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Several processes share 2 cores here: one torch thread each is much faster than oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rows(model: str, clean: float, table: dict[str, list[float]]) -> list[dict]:
+    rows = [
+        {"model": model, "corruption": CLEAN, "severity": 0, "metric": "acc", "value": clean, "status": "ok"}
+    ]
+    for c, values in table.items():
+        rows += [
+            {"model": model, "corruption": c, "severity": s, "metric": "acc", "value": v, "status": "ok"}
+            for s, v in enumerate(values, start=1)
+        ]
+    return rows
+
+
+def test_ce_rce_mce_match_hand_computation() -> None:
+    rows = _rows("bn", 0.9, {"blur": [0.8, 0.6], "noise": [0.7, 0.5]})
+    rows += _rows("gn", 0.8, {"blur": [0.7, 0.7], "noise": [0.75, 0.65]})
+    result = corruption_errors(rows, reference="bn", metric="acc")
+    # errors: bn clean 0.1, blur 0.2 + 0.4, noise 0.3 + 0.5; gn clean 0.2, blur 0.3 + 0.3, noise 0.25 + 0.35
+    assert result.ce["gn"]["blur"] == pytest.approx(0.6 / 0.6)
+    assert result.ce["gn"]["noise"] == pytest.approx(0.6 / 0.8)
+    assert result.rce["gn"]["blur"] == pytest.approx((0.1 + 0.1) / (0.1 + 0.3))
+    assert result.rce["gn"]["noise"] == pytest.approx((0.05 + 0.15) / (0.2 + 0.4))
+    assert result.mce["gn"] == pytest.approx((1.0 + 0.75) / 2)
+    assert result.rmce["gn"] == pytest.approx((0.5 + 1 / 3) / 2)
+    assert result.mce["bn"] == pytest.approx(1.0) and result.rmce["bn"] == pytest.approx(1.0)
+    lower = corruption_errors(
+        [{**r, "value": 1 - r["value"], "metric": "err"} for r in rows], "bn", "err", higher_is_better=False
+    )
+    assert lower.ce["gn"] == pytest.approx(result.ce["gn"])
+
+
+def test_undefined_ce_is_nan_and_left_out_of_mce() -> None:
+    rows = _rows("bn", 1.0, {"blur": [1.0, 1.0], "noise": [0.5, 0.5]})  # the reference never errs on blur
+    rows += _rows("gn", 1.0, {"blur": [0.9, 0.9], "noise": [0.75, 0.75]})
+    result = corruption_errors(rows, reference="bn", metric="acc")
+    assert math.isnan(result.ce["gn"]["blur"]) and math.isnan(result.rce["gn"]["blur"])
+    assert result.mce["gn"] == pytest.approx(0.5) and result.rmce["gn"] == pytest.approx(0.5)
+
+
+def test_ce_refuses_mismatched_severities() -> None:
+    rows = _rows("bn", 0.9, {"blur": [0.8, 0.6]}) + _rows("gn", 0.8, {"blur": [0.7]})
+    with pytest.raises(HistoError, match="lacks blur severities"):
+        corruption_errors(rows, reference="bn", metric="acc")
+    with pytest.raises(HistoError, match="reference model"):
+        corruption_errors(rows, reference="ibn", metric="acc")
+
+
+def _table():
+    return {
+        "shift": lambda x, s, rng: x + s,
+        "noise": lambda x, s, rng: x + s * rng.normal(size=x.shape),
+        "broken": lambda x, s, rng: (_ for _ in ()).throw(ValueError("bad corruption")),
+    }
+
+
+def test_run_grid_rows_determinism_failure_and_resume() -> None:
+    data = np.zeros((4, 3))
+    calls = []
+
+    def evaluate(corrupt):
+        calls.append(1)
+        out = np.stack([corrupt(x, key=i) for i, x in enumerate(data)])
+        return {"mean": float(out.mean()), "std": float(out.std())}
+
+    rows = run_grid(evaluate, _table(), [1, 2], model="m", seed=3, progress=False)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(calls) == 1 + 3 * 2
+    assert {(r["corruption"], r["severity"]) for r in ok} == {
+        (CLEAN, 0),
+        ("shift", 1),
+        ("shift", 2),
+        ("noise", 1),
+        ("noise", 2),
+    }
+    value = {(r["corruption"], r["severity"], r["metric"]): r["value"] for r in ok}
+    assert value[(CLEAN, 0, "mean")] == 0 and value[("shift", 2, "mean")] == 2
+    assert value[("noise", 2, "std")] > value[("noise", 1, "std")] > 0
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 2 and all("bad corruption" in r["reason"] for r in failed)
+    again = run_grid(evaluate, _table(), [1, 2], model="m", seed=3, progress=False)
+    assert [r["value"] for r in again if r["status"] == "ok"] == [r["value"] for r in ok]
+    other = run_grid(evaluate, _table(), [1], model="m", seed=4, progress=False)
+    assert {r["value"] for r in other if r["corruption"] == "noise"} != {
+        value[("noise", 1, m)] for m in ("mean", "std")
+    }
+    calls.clear()
+    resumed = run_grid(evaluate, _table(), [1, 2], model="m", seed=3, done=ok, progress=False)
+    assert len(calls) == 2  # only the failed cells run again
+    assert len([r for r in resumed if r["status"] == "ok"]) == len(ok)
+
+
+def _net(norm: str) -> nn.Module:
+    layer = nn.BatchNorm2d(4) if norm == "batch" else nn.GroupNorm(2, 4)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), layer, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+    if norm == "batch":
+        net.train()
+        with torch.no_grad():
+            for _ in range(5):
+                net(torch.randn(8, 3, 8, 8))
+    return net.eval()
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_alpha_bn_through_the_harness(norm: str) -> None:
+    net = _net(norm)
+    data = torch.randn(8, 3, 8, 8)
+    table = {"contrast": lambda x, s, rng: x * (1 + s) + s}
+
+    def evaluate(corrupt):
+        with torch.no_grad():
+            return {"out": float(net(corrupt(data)).sum())}
+
+    plain = run_grid(evaluate, table, [2], model="m", progress=False)
+    calibrated = run_grid(evaluate, table, [2], model="m", alpha_bn=0.5, module=net, progress=False)
+    changed = [
+        a["value"] != pytest.approx(b["value"], abs=1e-6) for a, b in zip(plain, calibrated, strict=False)
+    ]
+    assert all(changed) if norm == "batch" else not any(changed)
+    assert all(r["alpha_bn"] == 0.5 for r in calibrated)
+    after = run_grid(evaluate, table, [2], model="m", progress=False)
+    assert [r["value"] for r in after] == [r["value"] for r in plain]  # the model is restored
+    with pytest.raises(HistoError):
+        run_grid(evaluate, table, [2], alpha_bn=0.1, progress=False)
+
+
+def test_report_writes_tables_and_plots(tmp_path) -> None:
+    rows = _rows("bn", 0.9, {"blur": [0.8, 0.6], "noise": [0.7, 0.5]})
+    rows += _rows("gn", 0.8, {"blur": [0.7, 0.7], "noise": [0.75, 0.65]})
+    rows = [{**r, "alpha_bn": None, "reason": ""} for r in rows]
+    summary = report(rows, tmp_path, {"acc": True}, reference="bn")
+    for name in ("results.csv", "ce_acc.csv", "curves_acc.png", "heatmap_acc.png", "summary.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert summary["metrics"]["acc"]["mce"]["gn"] == pytest.approx(0.875)
+    back = read_rows(tmp_path / "results.csv")
+    assert [(r["model"], r["corruption"], r["severity"], r["value"]) for r in back] == [
+        (r["model"], r["corruption"], r["severity"], r["value"]) for r in rows
+    ]
+    write_rows(tmp_path / "x.csv", [{**rows[0], "value": math.nan, "status": "failed"}])
+    assert math.isnan(read_rows(tmp_path / "x.csv")[0]["value"])
+
+
+def test_parsers() -> None:
+    assert parse_severities("1-5") == [1, 2, 3, 4, 5]
+    assert parse_severities("1,3-4") == [1, 3, 4]
+    for bad in ("0-2", "x", "6"):
+        with pytest.raises(HistoError):
+            parse_severities(bad)
+    assert select_corruptions(None, ["a", "b"]) == ["a", "b"]
+    assert select_corruptions("b", ["a", "b"]) == ["b"]
+    with pytest.raises(HistoError, match="unknown corruption"):
+        select_corruptions("a,c", ["a", "b"])
+
+
+# ---------------------------------------------------------------- end to end through the CLI
+
+
+def _he_like(label: int, seed: int, n: int = 3, size: int = 32) -> np.ndarray:
+    """Tiles whose colour and nuclear density depend on the label (so nearest neighbours can classify)."""
+    rng = np.random.default_rng(seed)
+    base = np.array([[235, 170, 205], [150, 90, 170]])[label]
+    tiles = base + rng.normal(0, 8, size=(n, size, size, 3))
+    dots = rng.random((n, size, size)) < (0.05 if label == 0 else 0.3)
+    tiles[dots] = [70, 40, 130]
+    return np.clip(tiles, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tile_store(tmp_path_factory):
+    from pathology.store import SlideRecord, TileStore
+
+    path = tmp_path_factory.mktemp("store") / "tiles.zarr"
+    store = TileStore.create_or_open(path, {"seed": 0, "tile": {"px": 32}})
+    for i in range(4):
+        label = i % 2
+        pixels = _he_like(label, seed=i)
+        arrays = {
+            "coords": np.zeros((3, 2), np.int64),
+            "cluster": np.zeros(3, np.int32),
+            "cellularity": np.ones(3, np.float32),
+            "selected": np.ones(3, bool),
+        }
+        rec = SlideRecord(
+            f"s{i}", f"/x/s{i}.svs", label=f"class{label}", patient=f"P{i}", tile_px=32, n_selected=3
+        )
+        store.write_slide(rec, arrays, pixels)
+    return path
+
+
+def test_cli_pathology_grid_alpha_bn_reference_and_resume(tile_store, tmp_path) -> None:
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from histo.cli import main
+    from pathology.kimianet import random_init_checkpoint
+
+    model = random_init_checkpoint(tmp_path / "gn.pt", norm="batch", input_px=32, seed=1)
+    ref = shutil.copy(model, tmp_path / "bn.pt")  # same weights under another name: its CE must be 1
+    out = tmp_path / "out"
+    args = [
+        "robustness",
+        "pathology",
+        "--model",
+        str(model),
+        "--tiles",
+        str(tile_store),
+        "--out",
+        str(out),
+        "--corruptions",
+        "gaussian_noise,stain",
+        "--severities",
+        "1,3",
+        "--alpha-bn",
+        "0.1",
+        "--reference",
+        str(ref),
+        "--device",
+        "cpu",
+        "--json",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n_slides"] == 4 and summary["n_tiles"] == 12 and not summary["failed"]
+    ce = summary["metrics"]["accuracy"]["ce"]
+    assert set(ce) == {"gn", "gn+alphaBN0.1", "bn"}
+    assert all(
+        math.isnan(v) or v == pytest.approx(1.0) for v in ce["gn"].values()
+    )  # identical to the reference
+    assert ce["bn"] == ce["gn"]
+    rows = read_rows(out / "results.csv")
+    assert len({(r["model"], r["corruption"], r["severity"]) for r in rows}) == 3 * (1 + 2 * 2)
+    assert all(0 <= r["value"] <= 1 for r in rows)
+    for name in ("curves_accuracy.png", "heatmap_macro_f1.png", "ce_accuracy.csv", "settings.json"):
+        assert (out / name).exists()
+    before = (out / "results.csv").read_text()
+    again = CliRunner().invoke(main, args)  # resumes: nothing left to evaluate, same results
+    assert again.exit_code == 0 and (out / "results.csv").read_text() == before
+    other = CliRunner().invoke(main, [*args[:-1], "--seed", "9"])
+    assert other.exit_code == 2 and "other settings (seed)" in other.output
+    bad = CliRunner().invoke(main, [*args[:9], "snow", *args[10:]])
+    assert bad.exit_code == 2 and "unknown corruption(s) snow" in bad.output
+
+
+def test_cli_segment_grid(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from histo.cli import main
+    from histo.training import save_checkpoint
+    from segmentation.synthetic import make_cases
+    from segmentation.unet import UNet3D
+
+    make_cases(tmp_path / "data", 1, shape=(32, 32, 32), seed=0)
+    torch.manual_seed(0)
+    net = UNet3D(channels=(4, 8), blocks_per_level=1, norm="batch")
+    save_checkpoint(
+        tmp_path / "unet.pt", {"model": net.state_dict(), "model_config": net.config, "config": {}}
+    )
+    (tmp_path / "cfg.yaml").write_text("segment:\n  roi: [32, 32, 32]\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        [
+            "robustness",
+            "segment",
+            "--model",
+            str(tmp_path / "unet.pt"),
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--corruptions",
+            "bias_field,missing_modality",
+            "--severities",
+            "5",
+            "--alpha-bn",
+            "0.5",
+            "--config",
+            str(tmp_path / "cfg.yaml"),
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n_cases"] == 1 and not summary["failed"]
+    means = summary["metrics"]["dice_WT"]["mean"]
+    assert set(means) == {"unet", "unet+alphaBN0.5"}
+    assert means["unet"] != means["unet+alphaBN0.5"]  # a BN U-Net is changed by α-BN
+    assert set(summary["metrics"]["dice_WT"]["ce"]["unet+alphaBN0.5"]) == {"bias_field", "missing_modality"}
+    rows = read_rows(out / "results.csv")
+    assert {r["metric"] for r in rows} >= {"dice_TC", "dice_WT", "dice_ET", "hd95_WT", "dice_mean"}
+
+
+def test_knn_predict_matches_a_loop_and_excludes_the_patient() -> None:
+    from pathology.robustness import classification_scores, knn_predict
+
+    rng = np.random.default_rng(0)
+    index = rng.normal(size=(30, 5))
+    labels = rng.choice(["a", "b", "c"], size=30)
+    groups = np.repeat(np.arange(10), 3)
+    query = index + 0.01 * rng.normal(size=index.shape)
+    for k in (1, 3):
+        pred = knn_predict(query, groups, index, labels, groups, k)
+        for i in range(30):
+            d = [(np.sum((query[i] - index[j]) ** 2), j) for j in range(30) if groups[j] != groups[i]]
+            nearest = [labels[j] for _, j in sorted(d)[:k]]
+            counts = {lab: nearest.count(lab) for lab in nearest}
+            best = max(counts.values())
+            assert pred[i] == next(lab for lab in nearest if counts[lab] == best)
+    y = np.array(["a", "a", "b", "b", "b", "c"])
+    p = np.array(["a", "b", "b", "b", "a", "a"])
+    slide = np.array([0, 0, 1, 1, 1, 2])
+    scores = classification_scores(y, p, slide)
+    # per-class F1: a 2*1/(2+3)=0.4, b 2*2/(3+3)=2/3, c 0 -> macro 0.3556; slides: a/b tie -> a (first) ok, b ok, c wrong
+    assert scores["accuracy"] == pytest.approx(3 / 6)
+    assert scores["macro_f1"] == pytest.approx((0.4 + 2 / 3 + 0) / 3)
+    assert scores["slide_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_ras_spacing_follows_the_axis_permutation() -> None:
+    from segmentation.robustness import ras_spacing
+
+    # voxel axis 0 runs S-I (3 mm), axis 1 L-R (1 mm), axis 2 A-P (2 mm)
+    affine = np.array([[0, 1.0, 0, 0], [0, 0, -2.0, 0], [-3.0, 0, 0, 0], [0, 0, 0, 1]])
+    assert ras_spacing(affine) == (1.0, 2.0, 3.0)
