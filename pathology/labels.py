@@ -36,8 +36,9 @@ def read_labels(path: str | Path) -> dict[str, SlideMeta]:
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-            header = rows[0].keys() if rows else []
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise InputFileError(path, f"cannot read labels CSV: {e}") from None
     missing = {"slide", "label"} - set(header)
@@ -45,6 +46,8 @@ def read_labels(path: str | Path) -> dict[str, SlideMeta]:
         raise InputFileError(
             path, f"labels CSV needs columns slide,label (missing {', '.join(sorted(missing))})"
         )
+    if not rows:
+        raise InputFileError(path, "labels CSV has a header but no rows")
     out: dict[str, SlideMeta] = {}
     for line, row in enumerate(rows, start=2):
         key = (row["slide"] or "").strip()

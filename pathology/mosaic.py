@@ -52,8 +52,8 @@ def box_means(image: np.ndarray, grid: Grid, width: int, height: int) -> np.ndar
     mh, mw = image.shape[:2]
     wx = _overlap_weights(grid.n_cols, grid.size, mw, width / mw)
     wy = _overlap_weights(grid.n_rows, grid.size, mh, height / mh)
-    planes = image.reshape(mh, mw, -1).astype(np.float64)
-    sums = np.stack([wy @ planes[..., c] @ wx.T for c in range(planes.shape[2])], axis=-1)
+    planes = image.reshape(mh, mw, -1)  # one float64 plane at a time: memory of a single channel
+    sums = np.stack([wy @ planes[..., c].astype(np.float64) @ wx.T for c in range(planes.shape[2])], axis=-1)
     means = sums.reshape(grid.n_rows * grid.n_cols, -1) / grid.size**2
     return means[:, 0] if image.ndim == 2 else means
 

@@ -73,11 +73,14 @@ def resolve_scale(props: dict, vendor: str, mpp_override: float | None, path: ob
 
 
 def _composite_white(region: Image.Image) -> np.ndarray:
-    """RGBA from OpenSlide (premultiplied, transparent outside the slide) -> RGB on a white background."""
+    """RGBA from openslide-python (not premultiplied; transparent outside the slide) -> RGB over white,
+    rounded: (rgb * a + 255 * (255 - a)) / 255."""
     rgba = np.asarray(region)
-    rgb = rgba[..., :3].astype(np.uint16)
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    return (rgb + (255 - alpha)).clip(0, 255).astype(np.uint8)
+    alpha = rgba[..., 3:4].astype(np.uint32)
+    if alpha.min() == 255:  # the common case: no transparency
+        return np.ascontiguousarray(rgba[..., :3])
+    out = (rgba[..., :3].astype(np.uint32) * alpha + 255 * (255 - alpha) + 127) // 255
+    return out.astype(np.uint8)
 
 
 class Slide:

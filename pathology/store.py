@@ -118,8 +118,6 @@ class TileStore:
         path = Path(path)
         params = _jsonable(params)
         if not (path / "zarr.json").exists():
-            if path.exists() and (not path.is_dir() or any(path.iterdir())):
-                raise InputFileError(path, "exists and is not a tile store")
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.parent / f".{path.name}.{_tmp_name('new')}"
             root = zarr.open_group(tmp, mode="w")
@@ -127,9 +125,12 @@ class TileStore:
             root.create_group(SLIDES)
             (tmp / PARTIAL).mkdir()
             try:
-                os.rename(tmp, path)  # atomic; fails if another shard created the store first
+                os.rename(tmp, path)  # atomic; fails when the path is taken (e.g. another shard's new store)
             except OSError:
                 shutil.rmtree(tmp, ignore_errors=True)
+                # Judged only now: a shard that created the store since our first look is no error.
+                if not (path / "zarr.json").exists():
+                    raise InputFileError(path, "exists and is not a tile store") from None
         store = cls.open(path)
         if store.params != params:
             differ = sorted(_diff_keys(store.params, params))

@@ -35,6 +35,8 @@ def tile_geometry(cfg: dict) -> Geometry:
     px = int(t["px"])
     if px < 8:
         raise ConfigError(f"tile.px must be >= 8, got {px}")
+    if t["um"] is not None and t["mpp"] is not None:
+        raise ConfigError(f"set tile.um or tile.mpp, not both (got um={t['um']}, mpp={t['mpp']})")
     if t["um"] is not None:
         mpp = float(t["um"]) / px
     elif t["mpp"] is not None:
@@ -172,7 +174,15 @@ def tile_open_slide(slide: Slide, cfg: dict, meta: SlideMeta | None = None) -> T
     )
     selected = keep_most_cellular(scores, cell)
     record.n_mosaic, record.n_selected = len(coords), int(selected.sum())
-    return TileSet(record, coords, cluster, scores, selected, thumb, mask)
+    tileset = TileSet(record, coords, cluster, scores, selected, thumb, mask)
+    if not selected.any():  # only the min_score rule can keep nothing: a visible outcome, not a success
+        record.status = "failed"
+        record.reason = (
+            f"no high-cellularity tile: none of {len(coords)} mosaic tiles reaches cellularity.min_score "
+            f"{cell['min_score']} (best {scores.max():.3g})"
+        )
+        raise EmptyMosaicError(slide.path, record.reason, tileset)
+    return tileset
 
 
 def tile_slide(

@@ -12,6 +12,8 @@ from scipy import ndimage
 
 from histo.errors import ConfigError
 
+ROW_BLOCK = 256  # image rows per block of float64 per-pixel work (bounds memory)
+
 
 def hsd_density(rgb: np.ndarray) -> np.ndarray:
     """HSD density D: the mean over R, G, B of the optical density -ln(I / 255), zero intensity -> eps."""
@@ -22,12 +24,18 @@ def hsd_density(rgb: np.ndarray) -> np.ndarray:
 
 def hsd_mask(rgb: np.ndarray, std_threshold: float, density_threshold: float, filter_px: int) -> np.ndarray:
     """Yottixel mask: grey pixels (std over RGB < threshold) become white, then the density averaged
-    over a filter_px square (mirrored border) must reach `density_threshold`."""
-    std = rgb.astype(np.float64).std(axis=2)
-    grey = std < std_threshold
-    cleaned = rgb.copy()
-    cleaned[grey] = 255
-    density = hsd_density(cleaned)
+    over a filter_px square (mirrored border) must reach `density_threshold`.
+
+    The per-pixel float64 work runs over row blocks, so a mask image of many megapixels needs about
+    two float64 planes rather than a dozen."""
+    grey = np.empty(rgb.shape[:2], bool)
+    density = np.empty(rgb.shape[:2], np.float64)
+    for r in range(0, rgb.shape[0], ROW_BLOCK):
+        block = rgb[r : r + ROW_BLOCK]
+        grey[r : r + ROW_BLOCK] = block.astype(np.float64).std(axis=2) < std_threshold
+        cleaned = block.copy()
+        cleaned[grey[r : r + ROW_BLOCK]] = 255
+        density[r : r + ROW_BLOCK] = hsd_density(cleaned)
     mean_density = ndimage.uniform_filter(density, size=max(1, filter_px), mode="mirror")
     return ~grey & (mean_density >= density_threshold)
 
@@ -59,7 +67,7 @@ def brightfield_problem(rgb: np.ndarray, min_brightness: float) -> str | None:
     Brightfield glass is near white; fluorescence and dark-field images have a dark background, which the
     HSD rule would take for dense tissue. Uses the 95th percentile of luminance.
     """
-    luminance = rgb.astype(np.float64).mean(axis=2)
+    luminance = rgb.mean(axis=2, dtype=np.float64)  # reduces without a float64 copy of the image
     p95 = float(np.percentile(luminance, 95))
     if p95 < min_brightness:
         return (

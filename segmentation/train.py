@@ -26,6 +26,7 @@ from segmentation.metrics import dice
 FORMAT = {"format": "histo-segment-checkpoint", "version": 1}
 # Keys that may change between a run and its --resume.
 RESUME_IGNORE = ("device", "data.workers")
+POSTFIX_EVERY = 20  # training steps between progress-bar loss updates (each one is a device sync)
 
 
 def output_paths(out_path: str | Path) -> dict[str, Path]:
@@ -108,10 +109,10 @@ def _validate(
     sums = torch.zeros(4, dtype=torch.float64)
     model.eval()
     for case in cases[dist.rank :: dist.world_size]:
-        if case.case_id not in cache:
-            item = load_case(case)
-            cache[case.case_id] = item if config["data"]["cache"] else None
-        image, brain, regions, _, _ = cache[case.case_id] or load_case(case)
+        item = cache.get(case.case_id) or load_case(case)
+        if config["data"]["cache"]:
+            cache[case.case_id] = item
+        image, brain, regions, _, _ = item
         prob = predict_volume(
             model,
             image,
@@ -220,10 +221,16 @@ def _train(
         seed_everything(seed + 7919 * (epoch + 1) + 104729 * dist.rank)
         plan = epoch_plan(len(train_cases), per_rank * dist.world_size, seed, epoch)
         sampler.set_plan(plan[dist.rank :: dist.world_size])
-        losses = _train_epoch(net, model, loader, optimizer, scheduler, loss_fn, config, dist, batches, epoch)
+        loss_sums = _train_epoch(
+            net, model, loader, optimizer, scheduler, loss_fn, config, dist, batches, epoch
+        )
         epoch += 1
         run += 1
-        row = {"epoch": epoch, "train_loss": _mean_over_ranks(losses), "lr": optimizer.param_groups[0]["lr"]}
+        row = {
+            "epoch": epoch,
+            "train_loss": _mean_over_ranks(loss_sums),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
         if val_cases and (epoch % tc["val_every"] == 0 or epoch == tc["epochs"]):
             row.update(_validate(model, val_cases, config, device, dist, val_cache))
         improved = early.step(row["val_dice_mean"]) if "val_dice_mean" in row else not val_cases
@@ -263,14 +270,17 @@ def _check_inputs(data_dir: Path, paths: dict[str, Path], config: dict, resume: 
     return cases
 
 
-def _train_epoch(net, model, loader, optimizer, scheduler, loss_fn, config, dist, batches: int, epoch: int):
-    """One pass over the loader with gradient accumulation (DDP syncs only on the stepping batch)."""
+def _train_epoch(
+    net, model, loader, optimizer, scheduler, loss_fn, config, dist, batches: int, epoch: int
+) -> torch.Tensor:
+    """One pass over the loader with gradient accumulation (DDP syncs only on the stepping batch);
+    -> float64 [sum of batch losses, number of batches] kept on the device (no host sync per step)."""
     from histo.devices import autocast
     from histo.norms import set_region_mask
 
     tc, device = config["train"], dist.device
     model.train()
-    losses = []
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc['epochs']}", disable=not dist.is_main, leave=False)
     for i, batch in enumerate(bar):
         group_start = (i // tc["accumulate"]) * tc["accumulate"]
@@ -284,15 +294,16 @@ def _train_epoch(net, model, loader, optimizer, scheduler, loss_fn, config, dist
                 logits = net(image)
             loss = loss_fn(logits.float(), regions)
             (loss / (group_end - group_start)).backward()
-        losses.append(loss.item())
+        sums += torch.stack([loss.detach().double(), sums.new_ones(())])
         if step_now:
             if tc["grad_clip"] > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    return losses
+        if dist.is_main and (i + 1) % POSTFIX_EVERY == 0:
+            bar.set_postfix(loss=f"{float(sums[0] / sums[1]):.4f}")  # one sync every few steps
+    return sums
 
 
 def _save(paths, model, config, epoch, row, improved, optimizer, scheduler, early) -> None:
@@ -314,8 +325,9 @@ def _save(paths, model, config, epoch, row, improved, optimizer, scheduler, earl
     save_checkpoint(paths["last"], {**weights, **resumable, "early_stopping": early.state_dict()})
 
 
-def _mean_over_ranks(losses: list[float]) -> float:
+def _mean_over_ranks(sums: torch.Tensor) -> float:
+    """Mean batch loss over all ranks from each rank's [loss sum, batch count] (NaN when no batches)."""
     from histo.devices import all_reduce_sum
 
-    total = all_reduce_sum(torch.tensor([sum(losses), len(losses)], dtype=torch.float64))
-    return float(total[0] / max(total[1].item(), 1.0)) if total[1] > 0 else math.nan
+    total = all_reduce_sum(sums.clone()).cpu()
+    return float(total[0] / total[1]) if total[1] > 0 else math.nan

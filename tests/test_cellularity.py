@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from PIL import Image
 
 from histo.errors import ConfigError
 from pathology.cellularity import cellularity_score, haematoxylin, keep_most_cellular, nuclei_mask
 
-PATCHES = Path(__file__).resolve().parents[2] / "shared" / "data" / "histology_patches"
+PATCHES = SHARED_DATA / "histology_patches"
 TISSUE = [
     "TCGA-HE-7130-01Z-00-DX1.png", "kather2.tif", "stardist_histo.jpg", "source_image.png",
     "histolab_tiles/tissue-level0-4302-10273-4814-10785.png", "histolab_tiles/tissue-level0-7352-11762-7864-12274.png",

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import SHARED_DATA
 
 from histo.cli import main
 from histo.training import load_checkpoint
 from segmentation.synthetic import make_cases
 
-BRATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats"
+BRATS = SHARED_DATA / "brats"
 
 
 @pytest.fixture(autouse=True)
@@ -133,3 +134,11 @@ def test_one_line_errors(trained, tmp_path):
         main, ["segment", "predict", "--model", str(tmp_path / "none.pt"), str(bad), "--out", str(tmp_path)]
     )
     assert result.exit_code == 2 and "none.pt: checkpoint not found" in result.output
+
+
+def test_overlap_outside_its_range_is_a_usage_error(trained, tmp_path):
+    case = sorted(trained["data"].iterdir())[0]
+    args = ["segment", "predict", "--model", str(trained["model"]), str(case), "--out", str(tmp_path / "p")]
+    result = CliRunner().invoke(main, [*args, "--overlap", "1.0", "--device", "cpu"])
+    assert result.exit_code == 2 and "Invalid value for '--overlap'" in result.output
+    assert not (tmp_path / "p").exists()

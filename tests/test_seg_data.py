@@ -8,13 +8,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from histo.errors import InputFileError
 from segmentation.data import CropDataset, epoch_plan, find_case, find_cases, from_ras, load_case, to_ras
 from segmentation.labels import labels_to_regions, regions_to_labels
 from segmentation.synthetic import make_cases
 
-BRATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats"
+BRATS = SHARED_DATA / "brats"
 TCGA = BRATS / "TCGA-DU-7294"
 DEEPMEDIC = BRATS / "deepmedic_brats2013_pat0005_1"
 AUG = {"pos": 1.0, "neg": 1.0, "flip_prob": 0.5, "intensity_scale": 0.1, "intensity_shift": 0.1}

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from torch import nn
 
 from histo.errors import InputFileError
@@ -19,7 +20,7 @@ from segmentation.infer import load_model, predict_case, predict_cases, predict_
 from segmentation.synthetic import make_cases
 from segmentation.unet import UNet3D
 
-BRATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats"
+BRATS = SHARED_DATA / "brats"
 SETTINGS = {
     "roi": [16, 16, 16],
     "overlap": 0.25,

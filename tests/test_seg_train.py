@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+import segmentation.train as seg_train
 from histo.config import load_config
+from histo.devices import DistInfo
 from histo.errors import HistoError
 from histo.training import load_checkpoint
 from segmentation.data import find_cases, load_case
@@ -22,7 +24,7 @@ from segmentation.infer import load_model, predict_volume
 from segmentation.labels import labels_to_regions
 from segmentation.metrics import dice
 from segmentation.synthetic import make_cases
-from segmentation.train import SegLoss, regions_to_classes, split_cases, train_segmenter
+from segmentation.train import SegLoss, build_model, regions_to_classes, split_cases, train_segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +91,63 @@ def test_split_is_by_case_and_seeded(tiny_cases):
     train, val = split_cases(cases, 0.34, seed=0)
     assert len(val) == 1 and len(train) == 2 and not {c.case_id for c in train} & {c.case_id for c in val}
     assert split_cases(cases, 0.34, seed=0) == (train, val)
+
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def test_validation_loads_each_case_once_without_cache(tiny_cases, monkeypatch):
+    config = tiny_config(**{"data.cache": False})
+    cases = find_cases(tiny_cases)[:2]
+    loads: list[str] = []
+    monkeypatch.setattr(seg_train, "load_case", lambda case: loads.append(case.case_id) or load_case(case))
+    cache: dict = {}
+    out = seg_train._validate(build_model(config), cases, config, CPU.device, CPU, cache)
+    assert sorted(loads) == sorted(c.case_id for c in cases) and not cache
+    assert 0.0 <= out["val_dice_mean"] <= 1.0
+
+
+def test_epoch_losses_stay_on_the_device_and_sum_every_batch(monkeypatch):
+    """No host sync per step: the epoch returns [loss sum, batches] without calling Tensor.item."""
+    config = tiny_config(**{"train.accumulate": 2})
+    torch.manual_seed(0)
+    model = build_model(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batches = [
+        {
+            "image": torch.randn(1, 4, 16, 16, 16),
+            "label": (torch.rand(1, 3, 16, 16, 16) > 0.7).float(),
+            "mask": torch.ones(1, 1, 16, 16, 16),
+        }
+        for _ in range(3)
+    ]
+    seen: list[float] = []
+    loss_fn = SegLoss("regions")
+
+    def recording_loss(logits, regions):
+        loss = loss_fn(logits, regions)
+        seen.append(float(loss.detach()))
+        return loss
+
+    items: list[str] = []  # .item() calls made by the trainer itself (the CPU optimizer makes its own)
+    real_item = torch.Tensor.item
+
+    def item(self):
+        caller = sys._getframe(1).f_code.co_filename
+        if caller == seg_train.__file__:
+            items.append(caller)
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    sums = seg_train._train_epoch(
+        model, model, batches, optimizer, scheduler, recording_loss, config, CPU, 3, 0
+    )
+    monkeypatch.undo()
+    assert not items
+    assert sums.dtype == torch.float64 and sums[1].item() == 3
+    assert sums[0].item() == pytest.approx(sum(seen), rel=1e-6)
+    assert seg_train._mean_over_ranks(sums) == pytest.approx(sum(seen) / 3, rel=1e-6)
 
 
 def _rows(path: Path) -> list[dict]:

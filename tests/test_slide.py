@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import openslide
 import pytest
+from conftest import SHARED_DATA
 
 from histo.errors import InputFileError
 from pathology import slide as slide_mod
 from pathology.slide import open_slide, resolve_scale, slide_id_of
 from pathology.synthetic import write_synthetic_slide
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 WSI, FIXTURES = DATA / "wsi", DATA / "wsi_synthetic"
 CMU, TCGA, NDPI = (
     WSI / "CMU-1-Small-Region.svs",
@@ -153,3 +152,21 @@ def test_slide_id():
     assert slide_id_of("/a/b/TCGA-XX-0001-01Z-00-DX1.svs") == "TCGA-XX-0001-01Z-00-DX1"
     assert slide_id_of("/a/series/img_0.dcm") == "series"
     assert slide_id_of("/a/...svs") == ".."
+
+
+def test_partly_transparent_pixels_are_composited_over_white():
+    """openslide-python returns straight (not premultiplied) RGBA: out = rgb * a + 255 * (1 - a)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (6, 7, 4), dtype=np.uint8)
+    rgba[0, 0] = (100, 150, 200, 128)
+    rgba[0, 1] = (0, 0, 0, 0)  # outside the slide
+    got = slide_mod._composite_white(Image.fromarray(rgba, "RGBA"))
+    a = rgba[..., 3:].astype(np.float64) / 255.0
+    expected = np.floor(rgba[..., :3] * a + 255.0 * (1.0 - a) + 0.5)
+    np.testing.assert_array_equal(got, expected.astype(np.uint8))
+    assert tuple(got[0, 0]) == (177, 202, 227) and tuple(got[0, 1]) == (255, 255, 255)
+    opaque = rgba.copy()
+    opaque[..., 3] = 255
+    np.testing.assert_array_equal(slide_mod._composite_white(Image.fromarray(opaque, "RGBA")), rgba[..., :3])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,6 +117,25 @@ def test_concurrent_shards_share_one_store(tmp_path):
     for k in range(4):
         np.testing.assert_array_equal(store.coords(f"slide{k}"), _arrays(4, k)["coords"])
     assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]  # no temporary root left behind
+
+
+def test_store_created_by_another_shard_meanwhile_is_opened(tmp_path, monkeypatch):
+    """Shard B creates the store right after shard A saw none: A must open it, not call it foreign."""
+    path = tmp_path / "s.zarr"
+    real_exists = Path.exists
+    raced: list[bool] = []
+
+    def exists(self: Path, *args, **kwargs) -> bool:
+        if self == path / "zarr.json" and not raced:
+            raced.append(True)
+            TileStore.create_or_open(path, PARAMS)  # the other shard wins the race here
+            return False
+        return real_exists(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    store = TileStore.create_or_open(path, PARAMS)
+    assert raced and store.params == PARAMS
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
 
 
 def test_read_selected_from_source_and_moved_source(tmp_path):

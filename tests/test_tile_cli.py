@@ -12,6 +12,7 @@ import numpy as np
 import openslide
 import pytest
 from click.testing import CliRunner
+from conftest import SHARED_DATA
 
 from histo.cli import main
 from histo.config import load_config
@@ -20,7 +21,7 @@ from pathology.synthetic import write_synthetic_slide
 from pathology.tiler import tile_slides
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = SHARED_DATA
 WSI = DATA / "wsi"
 TILE_PX = "224"
 GOOD = {"syn0", "syn1", "syn2", "CMU-1-Small-Region"}

@@ -31,6 +31,8 @@ def test_read_and_match(tmp_path):
         ("slide,label,mpp\na,x,fast\n", "line 2: mpp must be a positive number"),
         ("slide,label,mpp\na,x,-1\n", "line 2: mpp must be a positive number"),
         ("slide,label\n,x\n", "line 2: empty slide name"),
+        ("slide,label\n", "has a header but no rows"),
+        ("", r"needs columns slide,label \(missing label, slide\)"),
     ],
 )
 def test_bad_csv_names_file_and_line(tmp_path, text, reason):

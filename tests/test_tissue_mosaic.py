@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from histo.config import load_config
 from pathology import slide as slide_mod
+from pathology import tissue as tissue_mod
 from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, spatial_pick, tissue_fractions
 from pathology.slide import open_slide
 from pathology.synthetic import write_synthetic_slide
-from pathology.tiler import tile_slide
-from pathology.tissue import hsd_density, hsd_mask, tissue_mask
+from pathology.tiler import EmptyMosaicError, tile_slide
+from pathology.tissue import brightfield_problem, hsd_density, hsd_mask, tissue_mask
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 CMU = DATA / "wsi" / "CMU-1-Small-Region.svs"
 
 
@@ -63,6 +66,28 @@ def test_hsd_mask_matches_loop_reference():
     np.testing.assert_array_equal(got, ref)
 
 
+def test_hsd_mask_row_blocks_and_bounded_memory(monkeypatch):
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, (1024, 300, 3), dtype=np.uint8)
+    rgb[100:400] = 250  # background rows straddling block edges
+    whole = hsd_mask(rgb, 5.0, 0.05, 7)
+    plane3 = rgb.size * 8  # bytes of one float64 copy of the image
+    tracemalloc.start()
+    try:
+        brightfield_problem(rgb, 100.0)
+        lum_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        blocked = tissue_mod.hsd_mask(rgb, 5.0, 0.05, 7)
+        mask_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert mask_peak < 1.2 * plane3 and lum_peak < 0.8 * plane3  # were 2.8x and 1.3x
+    np.testing.assert_array_equal(blocked, whole)
+    monkeypatch.setattr(tissue_mod, "ROW_BLOCK", 7)  # many blocks with a ragged last one
+    np.testing.assert_array_equal(hsd_mask(rgb, 5.0, 0.05, 7), whole)
+    assert whole.any() and not whole.all()
+
+
 def test_tissue_fractions_match_supersampled_loop():
     rng = np.random.default_rng(2)
     mask = rng.random((13, 17)) > 0.5
@@ -77,6 +102,21 @@ def test_tissue_fractions_match_supersampled_loop():
             xs = c * size + (np.arange(n) + 0.5) * size / n
             sub = mask[np.floor(ys / sy).astype(int)][:, np.floor(xs / sx).astype(int)]
             assert got[r, c] == pytest.approx(sub.mean(), abs=0.01)
+
+
+def test_colour_box_means_per_channel_in_one_plane_of_memory():
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (600, 400, 3), dtype=np.uint8)
+    grid = Grid.of(40000, 60000, 1900.0)
+    tracemalloc.start()
+    try:
+        got = box_means(image, grid, 40000, 60000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * image.size * 8  # was a float64 copy of all three channels
+    per_channel = [box_means(np.ascontiguousarray(image[..., c]), grid, 40000, 60000) for c in range(3)]
+    np.testing.assert_allclose(got, np.stack(per_channel, axis=1), rtol=1e-12)
 
 
 def test_grid_origins_are_whole_tiles_inside():
@@ -151,6 +191,15 @@ def test_tile_slide_is_deterministic_inside_and_on_tissue(synthetic, cfg):
     assert tiles.shape == (a.selected.sum(), 224, 224, 3) and tiles.dtype == np.uint8
 
 
+def test_min_score_rule_keeping_nothing_is_a_failure_with_reason(synthetic, cfg):
+    strict = {**cfg, "cellularity": {**cfg["cellularity"], "rule": "min_score", "min_score": 2.0}}
+    with pytest.raises(EmptyMosaicError, match=r"s\.svs: no high-cellularity tile.*min_score 2\.0") as e:
+        tile_slide(synthetic, strict)
+    ts = e.value.tileset
+    assert ts.record.status == "failed" and ts.record.n_mosaic == len(ts.coords) > 0  # mosaic kept for QC
+    assert not ts.selected.any()
+
+
 def test_otsu_option_and_real_slide(cfg):
     ts = tile_slide(CMU, cfg)
     assert ts.record.n_mosaic > 0 and ts.record.mpp_source == "metadata"
@@ -196,3 +245,5 @@ def test_tile_geometry_options():
     assert tile_geometry(at_10x).mpp == 1.0
     with pytest.raises(ConfigError, match=r"tile\.px"):
         tile_geometry({**base, "tile": {**base["tile"], "px": 4}})
+    with pytest.raises(ConfigError, match=r"tile\.um or tile\.mpp, not both"):
+        tile_geometry({**base, "tile": {**base["tile"], "um": 500.0, "mpp": 0.5}})

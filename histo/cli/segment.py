@@ -85,7 +85,9 @@ def train(data_dir, out_path, norm, reversible, roi, channels, epochs, device, r
 @click.argument("case_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--roi", default=None, callback=_int_list(3), help="Sliding-window size, e.g. 128,128,128.")
-@click.option("--overlap", type=float, default=None, help="Window overlap in [0, 1).")
+@click.option(
+    "--overlap", type=click.FloatRange(0, 1, max_open=True), default=None, help="Window overlap in [0, 1)."
+)
 @click.option("--tta/--no-tta", default=None, help="Average the 8 flips (test-time augmentation).")
 @device_option
 @config_option
