@@ -21,14 +21,7 @@ from histo.robustness import (
     write_rows,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Several processes share 2 cores here: one torch thread each is much faster than oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(model: str, clean: float, table: dict[str, list[float]]) -> list[dict]:

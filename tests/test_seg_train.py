@@ -29,12 +29,7 @@ from segmentation.train import SegLoss, build_model, regions_to_classes, split_c
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # much faster than 2 contended threads on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides) -> dict:
@@ -45,6 +40,7 @@ def tiny_config(**overrides) -> dict:
         "model.expansion": 1,
         "model.dropout": 0.2,
         "data.roi": [16, 16, 16],
+        "data.cache": True,
         "data.val_fraction": 0.34,
         "train.epochs": 2,
         "train.samples_per_epoch": 4,
