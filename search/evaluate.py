@@ -1,0 +1,176 @@
+"""Leave-one-patient-out evaluation of a slide index (REFERENCE.md §3).
+
+Every labelled slide is a query (its stored tile codes/features); all slides of its patient are excluded
+from the search (a slide without a patient ID is its own patient). The prediction at k is the majority
+label of the top k slides (ties: the tied label ranked first). Reported per k: accuracy, macro-F1 (mean F1
+over the classes present in the truth or the predictions, as scikit-learn's default) and per-class
+precision/recall/F1/support; confusion matrices as PNG. Scopes: horizontal (all slides) and, when every
+slide has a site, vertical (only slides of the query's site). A query with no other patient in its scope
+is listed as unanswerable and left out of the metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from search.engine import SearchEngine, majority_vote
+
+NONE_LABEL = "(none)"  # prediction when no neighbour has a label
+
+
+@dataclass
+class ClassScores:
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass
+class KScores:
+    """Scores of the majority vote of the top k."""
+
+    k: int
+    accuracy: float
+    macro_f1: float
+    per_class: dict[str, ClassScores]
+    labels: list[str]
+    confusion: list[list[int]]  # rows: true label, columns: predicted label (order of `labels`)
+
+
+@dataclass
+class ScopeResult:
+    scope: str  # "horizontal" or "vertical"
+    n_queries: int
+    unanswerable: list[str]
+    scores: dict[int, KScores]
+    predictions: dict[str, dict[int, str]] = field(default_factory=dict)  # slide_id -> k -> label
+
+
+@dataclass
+class EvaluationResult:
+    mode: str
+    ks: list[int]
+    scopes: dict[str, ScopeResult]
+    pngs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """One row per scope and k: accuracy and macro-F1 (for a table)."""
+        return [
+            {"scope": name, "k": k, "n": s.n_queries, "accuracy": ks.accuracy, "macro_f1": ks.macro_f1}
+            for name, s in self.scopes.items()
+            for k, ks in s.scores.items()
+        ]
+
+
+def scores(truth: list[str], pred: list[str], k: int) -> KScores:
+    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix."""
+    labels = sorted(set(truth) | set(pred))
+    pos = {lab: i for i, lab in enumerate(labels)}
+    cm = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for t, p in zip(truth, pred, strict=True):
+        cm[pos[t], pos[p]] += 1
+    per_class = {}
+    for i, lab in enumerate(labels):
+        tp, predicted, actual = cm[i, i], cm[:, i].sum(), cm[i, :].sum()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[lab] = ClassScores(float(precision), float(recall), float(f1), int(actual))
+    accuracy = float(np.trace(cm) / cm.sum()) if cm.sum() else 0.0
+    macro = float(np.mean([c.f1 for c in per_class.values()])) if per_class else 0.0
+    return KScores(k, accuracy, macro, per_class, labels, cm.tolist())
+
+
+def evaluate_engine(
+    engine: SearchEngine,
+    ks: tuple[int, ...] = (1, 3, 5),
+    mode: str = "barcode",
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Leave-one-patient-out search over the engine's own slides; confusion PNGs + JSON in `out_dir`."""
+    from tqdm import tqdm
+
+    cat = engine.catalog
+    base = engine.tiles[mode]()
+    patients = np.array(
+        [p if p is not None else f"slide:{s}" for p, s in zip(cat.patients, cat.slide_ids, strict=True)]
+    )
+    sites = cat.sites
+    scope_names = ["horizontal"] + (["vertical"] if sites and all(s is not None for s in sites) else [])
+    result = EvaluationResult(mode, list(ks), {})
+    for scope in scope_names:
+        truth: list[str] = []
+        preds: dict[int, list[str]] = {k: [] for k in ks}
+        sr = ScopeResult(scope, 0, [], {})
+        for s in tqdm(range(len(cat)), desc=f"evaluate {scope}", unit="slide", disable=not progress):
+            if cat.labels[s] is None:
+                continue
+            allowed = patients != patients[s]
+            if scope == "vertical":
+                allowed &= np.array([x == sites[s] for x in sites])
+            if not allowed.any():
+                sr.unanswerable.append(cat.slide_ids[s])
+                continue
+            ranked, _ = engine.rank(base[cat.rows(s)], mode, max(ks), allowed)
+            labels = [cat.labels[i] for i, _ in ranked]
+            truth.append(cat.labels[s])
+            sr.predictions[cat.slide_ids[s]] = {}
+            for k in ks:
+                p = majority_vote(labels[:k]) or NONE_LABEL
+                preds[k].append(p)
+                sr.predictions[cat.slide_ids[s]][k] = p
+        sr.n_queries = len(truth)
+        sr.scores = {k: scores(truth, preds[k], k) for k in ks}
+        result.scopes[scope] = sr
+    if out_dir is not None:
+        _write(result, Path(out_dir))
+    return result
+
+
+def _write(result: EvaluationResult, out: Path) -> None:
+    from histo.io import atomic_write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, sr in result.scopes.items():
+        png = out / f"confusion_{name}_{result.mode}.png"
+        plot_confusions(sr, png)
+        result.pngs.append(str(png))
+    atomic_write_json(out / f"evaluation_{result.mode}.json", result.to_dict())
+
+
+def plot_confusions(sr: ScopeResult, png: Path) -> None:
+    """One confusion-matrix panel per k (counts annotated), saved atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from histo.plots import save_figure
+
+    n = len(sr.scores)
+    size = max(3.5, 0.5 * max((len(s.labels) for s in sr.scores.values()), default=1) + 2)
+    fig, axes = plt.subplots(1, n, figsize=(size * n, size), squeeze=False)
+    for ax, (k, s) in zip(axes[0], sr.scores.items(), strict=True):
+        cm = np.array(s.confusion)
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+        ax.set_xticks(range(len(s.labels)), s.labels, rotation=45, ha="right")
+        ax.set_yticks(range(len(s.labels)), s.labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(
+            f"{sr.scope} {'top-1' if k == 1 else f'MV@{k}'}: acc {s.accuracy:.2f}, F1 {s.macro_f1:.2f}"
+        )
+    fig.tight_layout()
+    save_figure(fig, png)

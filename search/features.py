@@ -1,0 +1,179 @@
+"""Features of every selected tile of a tile store, in a zarr group inside the index dir.
+
+Layout::
+
+    INDEX/features.zarr/zarr.json        root; attributes: format, version, model (hash, feature
+                                         definition, dim), tiling (the tile store's parameters)
+    INDEX/features.zarr/slides/<id>/     per slide: attributes record (slide_id, label, patient, site,
+                                         n_tiles, source store); arrays features (n, D) float32,
+                                         coords (n, 2) int64 level-0 x, y of the selected tiles
+    INDEX/features.zarr/.partial/        slides being written (renamed into slides/ when complete)
+
+Extraction is resumable per slide (a slide's group appears only when complete) and shardable
+(`shard=(i, n)` takes every n-th slide of the sorted list, starting at i).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from histo.errors import HistoError, InputFileError
+
+FORMAT = "histo-features"
+VERSION = 1
+FEATURES_DIR = "features.zarr"
+SLIDES = "slides"
+PARTIAL = ".partial"
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def model_info(extractor: Any) -> dict[str, Any]:
+    """What identifies the feature extractor: checkpoint hash, feature definition and dimension."""
+    return _jsonable(
+        {
+            "hash": extractor.model_hash,
+            "feature_definition": extractor.feature_definition,
+            "feature_dim": int(extractor.feature_dim),
+        }
+    )
+
+
+def open_features(index_dir: str | Path, model: dict[str, Any], tiling: dict[str, Any]) -> Path:
+    """Create (atomically) or reopen the features group; refuse one made by another model or tiling."""
+    root = Path(index_dir) / FEATURES_DIR
+    if not (root / "zarr.json").exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = root.parent / f".{FEATURES_DIR}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        group = zarr.open_group(tmp, mode="w")
+        group.attrs.update(
+            _jsonable({"format": FORMAT, "version": VERSION, "model": model, "tiling": tiling})
+        )
+        group.create_group(SLIDES)
+        try:
+            os.rename(tmp, root)  # another shard may have created it first: then use theirs
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    attrs = read_attrs(root)
+    if attrs["model"]["hash"] != model["hash"]:
+        raise HistoError(
+            f"{root}: features were extracted with model {attrs['model']['hash'][:12]}, not "
+            f"{model['hash'][:12]}; use another --out or the same model"
+        )
+    if attrs["tiling"] != _jsonable(tiling):
+        raise HistoError(f"{root}: features were extracted from tiles with other tiling parameters")
+    return root
+
+
+def read_attrs(root: Path) -> dict[str, Any]:
+    """Root attributes of a features group, checked for format and version."""
+    try:
+        attrs = json.loads((root / "zarr.json").read_text())["attributes"]
+    except (OSError, ValueError, KeyError):
+        raise InputFileError(root, "not a features group (no readable zarr.json)") from None
+    if attrs.get("format") != FORMAT or attrs.get("version") != VERSION:
+        raise InputFileError(root, f"not a {FORMAT} v{VERSION} group")
+    return attrs
+
+
+def done_slides(root: Path) -> list[str]:
+    """Sorted IDs of the slides whose features are complete."""
+    slides = root / SLIDES
+    return sorted(d.name for d in slides.iterdir() if (d / "zarr.json").exists()) if slides.exists() else []
+
+
+def write_slide(root: Path, record: dict[str, Any], features: np.ndarray, coords: np.ndarray) -> None:
+    """Write one slide under .partial/ and rename it into slides/ (so it appears only when complete)."""
+    partial = root / PARTIAL
+    partial.mkdir(exist_ok=True)
+    tmp = partial / f"{record['slide_id']}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    group = zarr.open_group(tmp, mode="w")
+    group.attrs["record"] = _jsonable(record)
+    group.create_array("features", data=np.ascontiguousarray(features, np.float32), chunks=features.shape)
+    group.create_array("coords", data=np.ascontiguousarray(coords, np.int64), chunks=coords.shape)
+    os.rename(tmp, root / SLIDES / record["slide_id"])
+
+
+def read_slide(root: Path, slide_id: str) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """(record, features (n, D) float32, coords (n, 2) int64) of one slide."""
+    try:
+        group = zarr.open_group(root / SLIDES / slide_id, mode="r")
+        return (
+            dict(group.attrs["record"]),
+            np.asarray(group["features"][...]),
+            np.asarray(group["coords"][...]),
+        )
+    except Exception as e:  # zarr raises many types for damaged chunks/metadata
+        raise InputFileError(root / SLIDES / slide_id, f"unreadable features ({type(e).__name__})") from None
+
+
+def remove_slides(root: Path, slide_ids: list[str]) -> list[str]:
+    """Delete slides' features (renamed away first, so a kill never leaves half a slide); returns unknown IDs."""
+    missing = []
+    for sid in slide_ids:
+        src = root / SLIDES / sid
+        if not (src / "zarr.json").exists():
+            missing.append(sid)
+            continue
+        dead = root / PARTIAL / f"{sid}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        dead.parent.mkdir(exist_ok=True)
+        os.rename(src, dead)
+        shutil.rmtree(dead)
+    return missing
+
+
+def extract_features(
+    store: Any,
+    extractor: Any,
+    index_dir: str | Path,
+    shard: tuple[int, int] = (0, 1),
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Extract the features of every done slide of `store` in this shard that is not extracted yet.
+
+    A slide that fails (tiles unreadable, no selected tile) is recorded with its reason; the rest goes on.
+    Returns {"extracted": [...], "already_done": n, "failed": [{"slide_id", "status", "reason"}]}.
+    """
+    from tqdm import tqdm
+
+    root = open_features(index_dir, model_info(extractor), store.params)
+    existing = set(done_slides(root))
+    i, n = shard
+    todo = [sid for k, sid in enumerate(store.slide_ids()) if k % n == i]
+    summary: dict[str, Any] = {"extracted": [], "already_done": 0, "failed": []}
+    for sid in tqdm(todo, desc="features", unit="slide", disable=not progress):
+        if sid in existing:
+            summary["already_done"] += 1
+            continue
+        rec = store.record(sid)
+        coords = store.coords(sid)[store.selected(sid)]
+        if len(coords) == 0:
+            summary["failed"].append({"slide_id": sid, "status": "failed", "reason": "no selected tiles"})
+            continue
+        try:
+            feats = extractor.extract_store(store, sid, batch_size=batch_size)
+        except InputFileError as e:
+            summary["failed"].append({"slide_id": sid, "status": "failed", "reason": str(e)})
+            continue
+        record = {
+            "slide_id": sid,
+            "label": rec.label,
+            "patient": rec.patient,
+            "site": rec.site,
+            "n_tiles": len(coords),
+            "store": str(Path(store.path).resolve()),
+        }
+        write_slide(root, record, feats, coords)
+        summary["extracted"].append(sid)
+    return summary

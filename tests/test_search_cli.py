@@ -1,0 +1,156 @@
+"""`histo index` and `histo search` end to end: JSON schema, resumption after a kill, shards, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from histo.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+TILE_OVERRIDES = {"tile.px": 32, "tile.um": 64.0, "mosaic.percent": 50.0, "cellularity.top_fraction": 1.0}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """6 synthetic slides (3 classes x 2 patients) tiled into a store, and a random-init model."""
+    from histo.config import load_config
+    from pathology import tile_slides
+    from pathology.kimianet import random_init_checkpoint
+    from pathology.synthetic import make_cohort
+
+    root = tmp_path_factory.mktemp("cli")
+    csv = make_cohort(root / "slides", n_classes=3, patients_per_class=2, size=(1280, 1024), seed=1)
+    tile_slides([root / "slides"], root / "tiles.zarr", load_config("tile", overrides=TILE_OVERRIDES),
+                labels_csv=csv, progress=False)  # fmt: skip
+    return {
+        "root": root,
+        "tiles": root / "tiles.zarr",
+        "model": random_init_checkpoint(root / "model.pt", input_px=32),
+        "slide": sorted((root / "slides").glob("*.svs"))[0],
+    }
+
+
+def run(args: list[str]) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def index_args(data: dict, out: Path) -> list:
+    return ["index", "--tiles", data["tiles"], "--model", data["model"], "--out", out, "--device", "cpu"]
+
+
+def file_hashes(index_dir: Path) -> dict:
+    return json.loads((index_dir / "manifest.json").read_text())["files"]
+
+
+@pytest.fixture(scope="module")
+def built(data: dict) -> Path:
+    out = data["root"] / "index"
+    code, stdout, _ = run([*index_args(data, out), "--evaluate", "--json"])
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["counts"]["slides"] == 6 and report["type"] == "flat" and report["failed_slides"] == []
+    assert report["device"] == {"device": "cpu"}
+    assert {(r["scope"], r["k"]) for r in report["evaluation"]["rows"]} >= {
+        ("horizontal", 1),
+        ("horizontal", 5),
+    }
+    assert all(Path(p).exists() for p in report["evaluation"]["pngs"])
+    return out
+
+
+def test_search_json_schema(built: Path, data: dict) -> None:
+    patch = data["root"] / "patch.png"
+    from PIL import Image
+
+    from pathology.store import TileStore
+
+    store = TileStore.open(data["tiles"])
+    Image.fromarray(store.read_selected(store.slide_ids()[3], [0])[0]).save(patch)
+    code, stdout, stderr = run(["search", "--index", built, data["slide"], patch, "--k", "3", "--json"])
+    assert code == 0, stderr
+    out = json.loads(stdout)
+    assert set(out) == {"queries"} and len(out["queries"]) == 2
+    slide_q, patch_q = out["queries"]
+    for q in out["queries"]:
+        assert set(q) == {"query", "prediction", "results"}
+        for r in q["results"]:
+            assert set(r) == {"slide_id", "label", "distance", "matches"}
+    assert slide_q["query"] == str(data["slide"]) and len(slide_q["results"]) == 3
+    assert slide_q["results"][0]["slide_id"] == data["slide"].stem and slide_q["results"][0]["distance"] == 0
+    assert set(slide_q["results"][0]["matches"][0]) == {"query_tile", "query_xy", "tile", "xy", "distance"}
+    assert patch_q["results"][0]["slide_id"] == store.slide_ids()[3]
+    assert slide_q["prediction"] == "class0"
+    code, stdout, _ = run(["search", "--index", built, data["slide"], "--exclude-same-patient", "--json"])
+    assert data["slide"].stem not in [r["slide_id"] for r in json.loads(stdout)["queries"][0]["results"]]
+
+
+def test_bad_query_is_reported_and_the_rest_goes_on(built: Path, data: dict) -> None:
+    missing = data["root"] / "missing.svs"
+    code, stdout, stderr = run(["search", "--index", built, missing, data["slide"], "--json"])
+    assert code == 1
+    first, second = json.loads(stdout)["queries"]
+    assert "missing.svs" in first["error"] and first["results"] == []
+    assert second["results"][0]["slide_id"] == data["slide"].stem
+    assert "error: " in stderr and "missing.svs" in stderr
+
+
+def test_corrupted_index_is_one_line_error(built: Path, data: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(built, bad)
+    coords = bad / "coords.npy"
+    coords.write_bytes(coords.read_bytes()[:-3] + b"\x00\x01\x02")
+    code, _, stderr = run(["search", "--index", bad, data["slide"]])
+    assert code == 2 and stderr.strip().count("\n") == 0
+    assert stderr.startswith("error: ") and "coords.npy: index file corrupted" in stderr
+
+
+def test_kill_then_rerun_equals_uninterrupted(built: Path, data: dict, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-c", "from histo.cli import main; main()", *map(str, index_args(data, out))]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    slides_dir = out / "features.zarr" / "slides"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if slides_dir.exists() and any(d.is_dir() for d in slides_dir.iterdir()):
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [d for d in slides_dir.iterdir() if d.is_dir()]
+    assert 1 <= len(done) < 6 and not (out / "manifest.json").exists()  # killed mid-extraction
+    code, _, stderr = run(index_args(data, out))
+    assert code == 0, stderr
+    assert file_hashes(out) == file_hashes(built)
+
+
+def test_shards_then_assembly_equal_one_run(built: Path, data: dict, tmp_path: Path) -> None:
+    out = tmp_path / "sharded"
+    for shard in ("1/2", "0/2"):
+        code, stdout, _ = run([*index_args(data, out), "--shard", shard, "--json"])
+        assert code == 0 and json.loads(stdout)["status"] == "features extracted"
+        assert not (out / "manifest.json").exists()
+    assert len([d for d in (out / "features.zarr" / "slides").iterdir() if d.is_dir()]) == 6
+    code, _, _ = run(index_args(data, out))
+    assert code == 0 and file_hashes(out) == file_hashes(built)
+
+
+def test_unknown_config_key_and_bad_store(data: dict, tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("params:\n  nprobes: 3\n")
+    code, _, stderr = run([*index_args(data, tmp_path / "x"), "--config", cfg])
+    assert code == 2 and "unknown key 'params.nprobes'" in stderr
+    code, _, stderr = run(["index", "--tiles", tmp_path, "--model", data["model"], "--out", tmp_path / "y"])
+    assert code == 2 and "not a tile store" in stderr

@@ -1,0 +1,125 @@
+"""Leave-one-patient-out evaluation on tiny hand-made indexes with hand-computed numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+from search.engine import Catalog, SearchEngine, majority_vote
+from search.evaluate import evaluate_engine, scores
+from search.index import exact_knn
+
+
+def line_engine(xs, labels, patients, sites) -> SearchEngine:
+    """One tile per slide at position x on a line: slide distance = |x_i - x_j| (float mode)."""
+    feats = np.array([[x, 0.0] for x in xs], dtype=np.float32)
+    cat = Catalog(
+        slide_ids=[f"s{i}" for i in range(len(xs))],
+        labels=labels,
+        patients=patients,
+        sites=sites,
+        offsets=np.arange(len(xs) + 1),
+        coords=np.zeros((len(xs), 2), np.int64),
+    )
+    return SearchEngine(
+        cat, knn={"float": lambda q, k: exact_knn(q, feats, k)}, tiles={"float": lambda: feats}
+    )
+
+
+SIX = line_engine(
+    xs=[0, 1, 3, 4, 10, 11],
+    labels=["A", "A", "B", "B", "A", "B"],
+    patients=["p0", "p1", "p2", "p3", "p4", "p5"],
+    sites=["x", "x", "x", "y", "y", "y"],
+)
+
+
+def test_majority_vote_ties_go_to_the_best_ranked_label() -> None:
+    assert majority_vote(["A", "B", "B"]) == "B"
+    assert majority_vote(["B", "A"]) == "B"
+    assert majority_vote(["A", "B", "B", "A"]) == "A"
+    assert majority_vote([None, "B"]) == "B" and majority_vote([None]) is None
+
+
+def test_horizontal_numbers_by_hand(tmp_path) -> None:
+    ev = evaluate_engine(SIX, ks=(1, 3, 5), mode="float", out_dir=tmp_path, progress=False)
+    h = ev.scopes["horizontal"]
+    # Rankings by |x_i - x_j|: top-1 predictions A A B B B A; MV@3 B B A A B B; MV@5 B B A A B A.
+    assert [h.predictions[f"s{i}"][1] for i in range(6)] == list("AABBBA")
+    assert [h.predictions[f"s{i}"][3] for i in range(6)] == list("BBAABB")
+    assert [h.predictions[f"s{i}"][5] for i in range(6)] == list("BBAABA")
+    s1, s3, s5 = h.scores[1], h.scores[3], h.scores[5]
+    assert s1.accuracy == pytest.approx(4 / 6) and s1.macro_f1 == pytest.approx(2 / 3)
+    assert s1.confusion == [[2, 1], [1, 2]]
+    assert s3.accuracy == pytest.approx(1 / 6)
+    assert s3.per_class["A"].f1 == 0.0 and s3.per_class["B"].precision == pytest.approx(1 / 4)
+    assert s3.per_class["B"].recall == pytest.approx(1 / 3) and s3.per_class["B"].f1 == pytest.approx(2 / 7)
+    assert s3.macro_f1 == pytest.approx(1 / 7) and s3.confusion == [[0, 3], [2, 1]]
+    assert s5.accuracy == 0.0 and s5.macro_f1 == 0.0
+    assert (tmp_path / "confusion_horizontal_float.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "evaluation_float.json").read_text())
+    assert saved["scopes"]["horizontal"]["scores"]["3"]["accuracy"] == pytest.approx(1 / 6)
+
+
+def test_vertical_searches_within_the_site() -> None:
+    ev = evaluate_engine(SIX, ks=(1, 3), mode="float", progress=False)
+    v = ev.scopes["vertical"]
+    # Site x = s0 s1 s2, site y = s3 s4 s5: top-1 A A A A B A.
+    assert [v.predictions[f"s{i}"][1] for i in range(6)] == list("AAAABA")
+    assert v.scores[1].accuracy == pytest.approx(2 / 6)
+    assert v.scores[1].per_class["A"].precision == pytest.approx(2 / 5)
+    assert v.scores[1].per_class["A"].f1 == pytest.approx(0.5) and v.scores[1].macro_f1 == pytest.approx(0.25)
+
+
+def test_same_patient_slides_are_excluded() -> None:
+    eng = line_engine([0, 0, 5], ["A", "B", "A"], ["p0", "p0", "p1"], [None, None, None])
+    ev = evaluate_engine(eng, ks=(1,), mode="float", progress=False)
+    assert list(ev.scopes) == ["horizontal"]  # no sites: no vertical search
+    h = ev.scopes["horizontal"]
+    # s0 and s1 may only find s2 (A); s2 finds s0 and s1 tied at 5, s0 ranked first (A).
+    assert h.predictions == {"s0": {1: "A"}, "s1": {1: "A"}, "s2": {1: "A"}}
+    assert h.scores[1].accuracy == pytest.approx(2 / 3)
+
+
+def test_unanswerable_queries_are_listed_not_scored() -> None:
+    eng = line_engine([0, 1, 2], ["A", "B", "A"], ["p0", "p1", "p2"], ["x", "y", "y"])
+    v = evaluate_engine(eng, ks=(1,), mode="float", progress=False).scopes["vertical"]
+    assert v.unanswerable == ["s0"] and v.n_queries == 2
+
+
+def test_scores_match_scikit_learn() -> None:
+    rng = np.random.default_rng(0)
+    truth = list(rng.choice(["a", "b", "c", "d"], 60))
+    pred = list(rng.choice(["a", "b", "c", "e"], 60))
+    s = scores(truth, pred, 1)
+    labels = sorted(set(truth) | set(pred))
+    p, r, f, n = precision_recall_fscore_support(truth, pred, labels=labels, zero_division=0)
+    assert s.macro_f1 == pytest.approx(f1_score(truth, pred, average="macro", zero_division=0))
+    for i, lab in enumerate(labels):
+        c = s.per_class[lab]
+        assert (c.precision, c.recall, c.f1, c.support) == pytest.approx((p[i], r[i], f[i], n[i]))
+
+
+def test_two_stage_matches_exhaustive_on_clustered_slides() -> None:
+    from search.barcodes import build_binary_index, minmax_barcode
+
+    rng = np.random.default_rng(1)
+    n_slides, n_tiles = 60, 20
+    centres = rng.standard_normal((n_slides, 128))
+    feats = np.repeat(centres, n_tiles, 0) + 0.6 * rng.standard_normal((n_slides * n_tiles, 128))
+    codes = minmax_barcode(feats)
+    index, _ = build_binary_index(codes, "flat")
+    cat = Catalog([f"s{i:02d}" for i in range(n_slides)], [None] * n_slides, [None] * n_slides,
+                  [None] * n_slides, np.arange(n_slides + 1) * n_tiles, np.zeros((len(codes), 2), np.int64))  # fmt: skip
+    eng = SearchEngine(cat, knn={"barcode": index.search}, tiles={"barcode": lambda: codes}, tile_k=2)
+    for parent in range(0, n_slides, 6):
+        query = minmax_barcode(centres[parent] + 0.6 * rng.standard_normal((n_tiles, 128)))
+        fast, info = eng.rank(query, "barcode", k=5)
+        slow, _ = eng.rank(query, "barcode", k=5, exhaustive=True)
+        assert fast == slow and fast[0][0] == parent
+        assert info["strategy"] == "two-stage" and eng.min_candidates <= info["candidates"] < n_slides
+    eng.max_candidates = 3
+    assert eng.rank(query, "barcode", k=5)[1]["strategy"] == "exhaustive (fewer than k candidates)"

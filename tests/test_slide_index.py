@@ -1,0 +1,177 @@
+"""SlideIndex on a real (synthetic-slide) tile store: build, search, add/remove, manifest checks, models."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histo.errors import HistoError, InputFileError
+from search import SlideIndex
+from search.barcodes import minmax_barcode
+
+TILE_OVERRIDES = {"tile.px": 32, "tile.um": 64.0, "mosaic.percent": 50.0, "cellularity.top_fraction": 1.0}
+STRUCTURE_FILES = ("catalog.json", "coords.npy", "barcodes.faissb", "float.faiss")
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """4 synthetic slides (2 classes x 2 patients), a full and a 2-slide tile store, two random models."""
+    from histo.config import load_config
+    from pathology import tile_slides
+    from pathology.kimianet import random_init_checkpoint
+    from pathology.synthetic import make_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    csv = make_cohort(root / "slides", n_classes=2, patients_per_class=2, size=(1536, 1024), seed=0)
+    cfg = load_config("tile", overrides=TILE_OVERRIDES)
+    slides = sorted(p for p in (root / "slides").iterdir() if p.suffix in (".svs", ".tiff"))
+    tile_slides(slides, root / "all.zarr", cfg, labels_csv=csv, progress=False)
+    tile_slides(slides[::2], root / "half.zarr", cfg, labels_csv=csv, progress=False)
+    return {
+        "root": root,
+        "slides": slides,
+        "all": root / "all.zarr",
+        "half": root / "half.zarr",
+        "model": random_init_checkpoint(root / "model.pt", input_px=32, seed=0),
+        "other_model": random_init_checkpoint(root / "other.pt", input_px=32, seed=1),
+    }
+
+
+@pytest.fixture(scope="module")
+def flat(cohort: dict) -> SlideIndex:
+    return SlideIndex.build(
+        cohort["all"], cohort["model"], cohort["root"] / "flat", device="cpu", progress=False
+    )
+
+
+def files_of(path: Path) -> dict[str, bytes]:
+    return {name: (path / name).read_bytes() for name in STRUCTURE_FILES}
+
+
+def test_build_records_everything(flat: SlideIndex, cohort: dict) -> None:
+    from pathology.store import TileStore
+
+    store = TileStore.open(cohort["all"])
+    m = flat.manifest
+    assert m["counts"]["slides"] == 4 == len(flat)
+    assert m["counts"]["tiles"] == sum(store.record(s).n_selected for s in store.slide_ids())
+    assert m["model"]["hash"] == flat.extractor.model_hash and m["model"]["feature_dim"] == 1024
+    assert m["tiling"] == store.params and m["index"]["type"] == "flat"
+    assert m["barcode"]["bits"] == 1023 and m["barcode"]["padded_bits"] == 1024
+    assert set(STRUCTURE_FILES) | {"model.pt"} <= set(m["files"])
+    assert flat.codes.shape == (m["counts"]["tiles"], 128)
+    # the stored barcodes are the MinMax codes of the stored features
+    np.testing.assert_array_equal(flat.codes, minmax_barcode(flat._features()))
+
+
+def test_query_slide_finds_itself_and_honours_patient_exclusion(flat: SlideIndex, cohort: dict) -> None:
+    from pathology import tile_slide
+
+    query = cohort["slides"][0]
+    tiles = tile_slide(query, flat.manifest["tiling"])  # a TileSet query: tiled once for both modes
+    for mode in ("barcode", "float"):
+        r = flat.search_slide(tiles, k=3, mode=mode)
+        assert r.results[0].slide_id == query.stem and r.results[0].distance == pytest.approx(0.0, abs=1e-3)
+        assert [h.distance for h in r.results] == sorted(h.distance for h in r.results)
+        assert r.results[0].matches[0].xy == r.results[0].matches[0].query_xy
+        d = r.to_dict()
+        assert set(d) == {"query", "prediction", "results"}
+        assert set(d["results"][0]) == {"slide_id", "label", "distance", "matches"}
+        r2 = flat.search_slide(tiles, k=3, mode=mode, exclude_patient=True)
+        assert query.stem not in [h.slide_id for h in r2.results] and len(r2.results) == 3
+        assert r2.results[:2] == r.results[1:]  # one slide per patient here
+    by_path = flat.search_slide(query, k=3)
+    assert by_path.query == str(query) and by_path.results[0].slide_id == query.stem
+
+
+def test_two_stage_equals_exhaustive(flat: SlideIndex) -> None:
+    for mode in ("barcode", "float"):
+        base = flat.engine.tiles[mode]()
+        for s in range(len(flat)):
+            q = base[flat.catalog.rows(s)]
+            flat.engine.tile_k = 1
+            fast, info = flat.engine.rank(q, mode, k=2)
+            slow, _ = flat.engine.rank(q, mode, k=2, exhaustive=True)
+            assert info["strategy"].startswith(("two-stage", "exhaustive")) and fast == slow
+    flat.engine.tile_k = 10
+
+
+def test_search_patch_returns_the_stored_tile(flat: SlideIndex, cohort: dict) -> None:
+    from pathology.store import TileStore
+
+    store = TileStore.open(cohort["all"])
+    sid = store.slide_ids()[1]
+    tile = store.read_selected(sid, [2])[0]
+    r = flat.search_patch(tile, k=3)
+    assert r.results[0].slide_id == sid and r.results[0].matches[0].tile == 2
+    assert r.results[0].distance == pytest.approx(0.0, abs=1e-3)
+    with pytest.raises(HistoError, match="uint8"):
+        flat.search_patch(tile.astype(np.float32))
+
+
+def test_add_and_remove_equal_a_fresh_build(flat: SlideIndex, cohort: dict, tmp_path: Path) -> None:
+    half_ids = [p.stem for p in cohort["slides"][::2]]
+    fresh_half = SlideIndex.build(
+        cohort["half"], cohort["model"], tmp_path / "half", device="cpu", progress=False
+    )
+    # remove: full index minus two slides == index built from the store of the other two
+    shrunk_dir = tmp_path / "shrunk"
+    shutil.copytree(flat.path, shrunk_dir)
+    shrunk = SlideIndex.open(shrunk_dir)
+    shrunk.remove([s for s in shrunk.catalog.slide_ids if s not in half_ids])
+    assert shrunk.catalog.slide_ids == sorted(half_ids) == fresh_half.catalog.slide_ids
+    assert files_of(shrunk_dir) == files_of(tmp_path / "half")
+    assert SlideIndex.open(shrunk_dir).manifest["counts"]["slides"] == 2
+    # add: the half index plus the full store == the full index
+    grown = SlideIndex.open(tmp_path / "half")
+    summary = grown.add(cohort["all"])
+    assert sorted(summary["extracted"]) == sorted(set(flat.catalog.slide_ids) - set(half_ids))
+    assert files_of(tmp_path / "half") == files_of(flat.path)
+    q = cohort["slides"][1]
+    assert grown.search_slide(q, k=4).to_dict() == flat.search_slide(q, k=4).to_dict()
+    with pytest.raises(HistoError, match="not in the index: nope"):
+        grown.remove(["nope"])
+
+
+def test_ivf_index_reuses_extracted_features(flat: SlideIndex, cohort: dict, tmp_path: Path) -> None:
+    (tmp_path / "ivf").mkdir()
+    shutil.copytree(flat.path / "features.zarr", tmp_path / "ivf" / "features.zarr")  # as if resumed
+    idx = SlideIndex.build(
+        cohort["all"], cohort["model"], tmp_path / "ivf", "ivf", device="cpu", progress=False
+    )
+    np.testing.assert_array_equal(idx._features(), flat._features())
+    p = idx.manifest["index"]["params"]
+    assert p["nlist"] >= 1 and p["nprobe"] >= 1 and "calibrated_recall_at_10" in p
+    again = SlideIndex.open(tmp_path / "ivf")
+    r = again.search_slide(cohort["slides"][2], k=2, mode="float")
+    assert r.results[0].slide_id == cohort["slides"][2].stem
+
+
+def test_corrupted_truncated_and_incomplete_index_refused(flat: SlideIndex, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(flat.path, bad)
+    data = bytearray((bad / "float.faiss").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "float.faiss").write_bytes(bytes(data))
+    with pytest.raises(InputFileError, match=r"float\.faiss: index file corrupted \(sha256"):
+        SlideIndex.open(bad)
+    (bad / "barcodes.faissb").write_bytes((bad / "barcodes.faissb").read_bytes()[:-10])
+    with pytest.raises(InputFileError, match=r"barcodes\.faissb: index file truncated"):
+        SlideIndex.open(bad, verify="size")
+    (bad / "manifest.json").write_text('{"format": "histo-slide-in')
+    with pytest.raises(InputFileError, match="truncated manifest"):
+        SlideIndex.open(bad)
+    (bad / "manifest.json").unlink()
+    with pytest.raises(InputFileError, match="not a complete index"):
+        SlideIndex.open(bad)
+
+
+def test_a_different_model_is_refused(flat: SlideIndex, cohort: dict) -> None:
+    with pytest.raises(HistoError, match="refusing to search with a different model"):
+        SlideIndex.open(flat.path, model=cohort["other_model"])
+    with pytest.raises(HistoError, match="features were extracted with model"):
+        SlideIndex.build(cohort["all"], cohort["other_model"], flat.path, device="cpu", progress=False)
+    assert SlideIndex.open(flat.path, model=cohort["model"]).extractor.model_hash == flat.model_hash
