@@ -44,7 +44,9 @@ def test_help_is_fast_and_imports_nothing_heavy():
 def test_bad_config_file_is_a_one_line_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("no_such_key: 1\n")
-    result = CliRunner().invoke(main, ["tile", str(tmp_path), "--out", str(tmp_path / "s.zarr"), "--config", str(bad)])
+    result = CliRunner().invoke(
+        main, ["tile", str(tmp_path), "--out", str(tmp_path / "s.zarr"), "--config", str(bad)]
+    )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and "unknown key 'no_such_key'" in lines[-1]

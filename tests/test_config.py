@@ -7,7 +7,14 @@ import pytest
 from histo import config
 from histo.errors import ConfigError
 
-DEFAULTS = {"seed": 0, "lr": 0.001, "name": "x", "flag": False, "sizes": [1, 2], "mosaic": {"k": 9, "p": 15.0}}
+DEFAULTS = {
+    "seed": 0,
+    "lr": 0.001,
+    "name": "x",
+    "flag": False,
+    "sizes": [1, 2],
+    "mosaic": {"k": 9, "p": 15.0},
+}
 
 
 def test_merge_overrides_nested_values_and_keeps_the_rest():
@@ -49,7 +56,9 @@ def test_load_config_layers_defaults_file_and_flags(tmp_path, monkeypatch):
     assert cfg == {"seed": 0, "mosaic": {"k": 4, "p": 5}}
 
 
-@pytest.mark.parametrize(("text", "needle"), [("a: [1,\n", "not valid YAML"), ("- 1\n- 2\n", "expected a mapping")])
+@pytest.mark.parametrize(
+    ("text", "needle"), [("a: [1,\n", "not valid YAML"), ("- 1\n- 2\n", "expected a mapping")]
+)
 def test_read_yaml_errors_name_the_file(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"
     path.write_text(text)

@@ -13,8 +13,6 @@ from pathology.cbr import CBR_SPECS, cbr
 from pathology.densenet import densenet121
 from pathology.kimianet import build_model
 
-torch.set_num_threads(1)
-
 
 def _randomise_stats(model: nn.Module, seed: int = 0) -> None:
     """Non-trivial affine parameters and running statistics, so eval-mode comparisons test something."""

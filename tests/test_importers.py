@@ -11,8 +11,6 @@ from histo.errors import InputFileError
 from pathology.importers import load_pretrained
 from pathology.kimianet import build_model, random_init_checkpoint
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def source() -> dict[str, torch.Tensor]:

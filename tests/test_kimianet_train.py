@@ -23,7 +23,6 @@ from pathology.kimianet import FeatureExtractor, build_model, random_init_checkp
 from pathology.store import SlideRecord, TileStore
 from pathology.train import Trainer, classification_metrics, output_paths, train_kimianet
 
-torch.set_num_threads(1)
 CMU = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
 PX = 32
 

@@ -12,7 +12,6 @@ import histo.norms
 from segmentation.mbconv import MBConv
 from segmentation.reversible import ReversibleBlock, ReversibleSequence, SavedTensorMeter
 
-torch.set_num_threads(1)
 NORMS = histo.norms.names()
 C = 8  # channels of the stream; F and G see C // 2
 

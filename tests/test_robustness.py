@@ -21,8 +21,6 @@ from histo.robustness import (
     write_rows,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _rows(model: str, clean: float, table: dict[str, list[float]]) -> list[dict]:
     rows = [

@@ -20,9 +20,6 @@ from segmentation.synthetic import make_cases
 BRATS = SHARED_DATA / "brats"
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """One tiny training run through the CLI (rn_b norms, the non-reversible twin)."""

@@ -31,9 +31,6 @@ SETTINGS = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 class ConvNet(nn.Module):
     """A stand-in model with UNet3D's `.config` keys: one convolution, kernel k."""
 

@@ -29,9 +29,6 @@ from segmentation.train import SegLoss, build_model, regions_to_classes, split_c
 ROOT = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def tiny_config(**overrides) -> dict:
     base = {
         "device": "cpu",
@@ -193,7 +190,6 @@ def test_refuses_to_clobber_or_resume_with_another_config(tiny_cases, tmp_path):
 
 DDP_SCRIPT = """
 import sys, torch
-torch.set_num_threads(1)
 from histo.config import load_config
 from segmentation.train import train_segmenter
 overrides = dict(arg.split("=", 1) for arg in sys.argv[3:])

@@ -9,7 +9,6 @@ import histo.norms
 from segmentation.reversible import SavedTensorMeter
 from segmentation.unet import UNet3D
 
-torch.set_num_threads(1)
 SMALL = {"channels": (8, 16, 32), "expansion": 2}
 
 
