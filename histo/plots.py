@@ -23,6 +23,9 @@ def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> Pat
     return path
 
 
+NOT_PLOTTED = {"lr", "seconds", "time", "step"}  # bookkeeping columns on another scale than the metrics
+
+
 def _numeric_keys(rows: Sequence[dict], x: str) -> list[str]:
     keys: list[str] = []
     for row in rows:
@@ -39,7 +42,7 @@ def _numeric_keys(rows: Sequence[dict], x: str) -> list[str]:
 
 def plot_curves(rows: Sequence[dict], x: str, png_path: str | os.PathLike, title: str = "") -> Path:
     """One panel for losses (keys containing 'loss'), one for every other numeric metric, against `x`."""
-    keys = [k for k in _numeric_keys(rows, x) if k != "lr"]
+    keys = [k for k in _numeric_keys(rows, x) if k not in NOT_PLOTTED]
     groups = [[k for k in keys if "loss" in k], [k for k in keys if "loss" not in k]]
     groups = [g for g in groups if g]
     fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(5.5 * max(len(groups), 1), 3.8), squeeze=False)

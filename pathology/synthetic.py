@@ -301,11 +301,13 @@ def make_cohort(
     size: tuple[int, int] = (6000, 4000),
     seed: int = 0,
     stain_jitter: float = 0.0,
+    prefix: str = "SYN",
 ) -> Path:
     """Write a labelled cohort of synthetic slides and `labels.csv` (slide,label,patient,site).
 
     Patients alternate between SVS and generic TIFF; classes are grouped two per site. `stain_jitter`
-    gives every slide its own staining (see `stain_variant`), as real cohorts from several labs have.
+    gives every slide its own staining (see `stain_variant`), as real cohorts from several labs have;
+    `prefix` starts every patient ID (cohorts with different prefixes share no patient).
     Returns the CSV path.
     """
     out = Path(out_dir)
@@ -313,7 +315,7 @@ def make_cohort(
     rows = []
     for c in range(n_classes):
         for p in range(patients_per_class):
-            patient = f"SYN-C{c}-P{p:02d}"
+            patient = f"{prefix}-C{c}-P{p:02d}"
             fmt = "svs" if p % 2 == 0 else "tiff"
             for s in range(slides_per_patient):
                 name = f"{patient}-S{s}.{fmt}"

@@ -43,7 +43,12 @@ def make_pathology_data(out: Path, seed: int) -> tuple[Path, Path, list[Path]]:
         out / "slides", n_classes=4, patients_per_class=4, seed=seed, stain_jitter=STAIN_JITTER
     )
     make_cohort(
-        out / "queries", n_classes=4, patients_per_class=1, seed=seed + 1000, stain_jitter=STAIN_JITTER
+        out / "queries",
+        n_classes=4,
+        patients_per_class=1,
+        seed=seed + 1000,
+        stain_jitter=STAIN_JITTER,
+        prefix="NEW",
     )
     queries = sorted(p for p in (out / "queries").iterdir() if p.suffix in (".svs", ".tiff", ".tif"))
     return out / "slides", labels, queries
@@ -157,7 +162,7 @@ def report(
     print("Tiles per slide (mosaic -> high-cellularity):")
     for s in tile["slides"]:
         print(f"  {s['slide_id']:<28} {s['status']:<7} {s['n_mosaic']:>4} -> {s['n_selected']:>3}")
-    print(f"Training curve: {train.get('curve_png')}")
+    print(f"KimiaNet training curve: {train['curve_png']}")
     print("Leave-one-patient-out search (majority vote of the top k; chance = 1 / number of classes):")
     print(f"  {'scope':<12} {'k':>3} {'queries':>8} {'accuracy':>9} {'macro-F1':>9}")
     for row in index["evaluation"]["rows"]:
@@ -168,6 +173,7 @@ def report(
     for q in search["queries"]:
         top = ", ".join(f"{r['slide_id']} ({r['label']}, {r['distance']:.3g})" for r in q["results"])
         print(f"  {Path(q['query']).name}: predicted {q['prediction']} <- {top}")
+    print(f"U-Net training curve: {out / 'unet.metrics.png'}")
     print("Segmentation on held-out synthetic cases (mean over cases):")
     for key, stats in seg_eval["metrics"].items():
         print(f"  {key:<24} {stats['mean']:.3f}")
