@@ -38,6 +38,11 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
     return (time.perf_counter() - start) / repeats
 
 
+def precision(device: torch.device) -> str:
+    """What `histo.devices.autocast` gives on this device."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def peak_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -80,7 +85,7 @@ def check_kimianet_training(device: torch.device, px: int, batch: int, repeats: 
     reset_peak(device)
     sec = timed(train_step_fn(model, x, y, torch.nn.functional.cross_entropy), device, repeats)
     return {
-        "check": f"KimiaNet train step {batch}x{px}px bf16",
+        "check": f"KimiaNet train step {batch}x{px}px {precision(device)}",
         "seconds": sec,
         "tiles_per_s": batch / sec,
         "peak_gb": peak_gb(device),
@@ -100,7 +105,7 @@ def check_unet_training(device: torch.device, size: int, reversible: bool, repea
     )
     name = "reversible" if reversible else "twin"
     return {
-        "check": f"U-Net ({name}) train step 1x4x{size}^3 bf16",
+        "check": f"U-Net ({name}) train step 1x4x{size}^3 {precision(device)}",
         "seconds": sec,
         "peak_gb": peak_gb(device),
     }
@@ -150,6 +155,14 @@ def check_faiss(n: int, queries: int, allow_cpu: bool) -> dict:
     }
 
 
+MAIN_COLUMNS = ("check", "seconds", "tiles_per_s", "peak_gb")
+
+
+def cell(value: float | None, width: int, digits: int) -> str:
+    """A right-aligned table cell; '-' where a check has no such figure."""
+    return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -180,16 +193,9 @@ def main() -> None:
     print(f"histo GPU check on {env['device']} (torch {env['torch']})")
     print(f"{'check':<48} {'s/step':>9} {'items/s':>9} {'peak GB':>8}  other")
     for r in rows:
-        other = {
-            k: round(v, 4) if isinstance(v, float) else v
-            for k, v in r.items()
-            if k not in ("check", "seconds", "tiles_per_s", "peak_gb")
-        }
-        secs = r.get("seconds")
-        print(
-            f"{r['check']:<48} {secs if secs is None else f'{secs:9.4f}':>9} "
-            f"{r.get('tiles_per_s', float('nan')):9.1f} {r.get('peak_gb') or float('nan'):8.2f}  {other}"
-        )
+        other = {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items() if k not in MAIN_COLUMNS}
+        print(f"{r['check']:<48} {cell(r.get('seconds'), 9, 4)} {cell(r.get('tiles_per_s'), 9, 1)} "
+              f"{cell(r.get('peak_gb'), 8, 2)}  {other}")  # fmt: skip
     args.out.write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
