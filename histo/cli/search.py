@@ -112,7 +112,13 @@ def _print_result(r: dict, err: bool) -> None:
     )
     for rank, hit in enumerate(r["results"], 1):
         m = hit["matches"][0] if hit["matches"] else None
-        where = f"{m['query_xy']} -> {m['xy']}" if m else ""
+        where = (
+            ""
+            if m is None
+            else f"tile at {m['xy']}"
+            if m["query_xy"] is None
+            else f"{m['query_xy']} -> {m['xy']}"
+        )
         click.echo(
             f"  {rank:>4} {hit['slide_id']:<28} {hit['label']!s:<16} {hit['distance']:>9.3f}  {where}",
             err=err,
