@@ -5,6 +5,7 @@ Checkpoints are plain dicts of tensors and JSON-able values so they load with `w
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -202,3 +203,18 @@ class EarlyStopping:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best, self.bad_epochs = state["best"], int(state["bad_epochs"])
+
+
+def accumulation_group(index: int, n_batches: int, accumulate: int) -> tuple[int, bool]:
+    """For batch `index` of an epoch of `n_batches`: the size of its gradient-accumulation group (the last
+    group may be short) and whether the optimizer steps after this batch."""
+    start = index - index % accumulate
+    size = min(accumulate, n_batches - start)
+    return size, index + 1 == start + size
+
+
+def gradient_sync(net: torch.nn.Module, step_now: bool) -> contextlib.AbstractContextManager:
+    """DDP's `no_sync()` on batches that only accumulate (no all-reduce until the stepping batch)."""
+    if step_now or not isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return net.no_sync()

@@ -9,7 +9,6 @@ CSV + curve PNG; rank 0 alone writes. `resume` continues from OUT.last.pt exactl
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -175,6 +174,7 @@ class Trainer:
         from tqdm import tqdm
 
         from histo.devices import all_reduce_sum, autocast
+        from histo.training import accumulation_group, gradient_sync
 
         o = self.cfg["optim"]
         accumulate, n_steps = o["accumulate"], len(self.train_loader)
@@ -186,10 +186,8 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{o['epochs']}", disable=not self.dist.is_main)
         for step, (x, y) in enumerate(bar):
             x, y = self._to_device(x, y)
-            group = min(accumulate, n_steps - (step - step % accumulate))
-            sync = (step + 1) % accumulate == 0 or step + 1 == n_steps
-            no_sync = self.net.no_sync() if self.dist.distributed and not sync else contextlib.nullcontext()
-            with no_sync:
+            group, sync = accumulation_group(step, n_steps, accumulate)
+            with gradient_sync(self.net, sync):
                 with autocast(self.device, o["amp"]):
                     logits = self.net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=o["label_smoothing"])

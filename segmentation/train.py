@@ -8,7 +8,6 @@ so a run resumed after epoch e replays epochs e+1… exactly as an uninterrupted
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -277,23 +276,21 @@ def _train_epoch(
     -> float64 [sum of batch losses, number of batches] kept on the device (no host sync per step)."""
     from histo.devices import autocast
     from histo.norms import set_region_mask
+    from histo.training import accumulation_group, gradient_sync
 
     tc, device = config["train"], dist.device
     model.train()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc['epochs']}", disable=not dist.is_main, leave=False)
     for i, batch in enumerate(bar):
-        group_start = (i // tc["accumulate"]) * tc["accumulate"]
-        group_end = min(group_start + tc["accumulate"], batches)
-        step_now = i + 1 == group_end
-        sync = contextlib.nullcontext() if step_now or not dist.distributed else net.no_sync()
+        group, step_now = accumulation_group(i, batches, tc["accumulate"])
         image, regions = batch["image"].to(device), batch["label"].to(device)
         set_region_mask(model, batch["mask"].to(device) > 0.5)
-        with sync:
+        with gradient_sync(net, step_now):
             with autocast(device, enabled=tc["amp"]):
                 logits = net(image)
             loss = loss_fn(logits.float(), regions)
-            (loss / (group_end - group_start)).backward()
+            (loss / group).backward()
         sums += torch.stack([loss.detach().double(), sums.new_ones(())])
         if step_now:
             if tc["grad_clip"] > 0:

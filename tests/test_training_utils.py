@@ -100,3 +100,18 @@ def test_frozen_running_stats_is_reentrant():
     assert bn.momentum == 0.1 and updates_stats(bn)
     bn(x)
     assert not torch.equal(bn.running_mean, torch.zeros(3))
+
+
+@pytest.mark.parametrize(("n_batches", "accumulate"), [(7, 3), (6, 3), (5, 1), (2, 4)])
+def test_accumulation_groups_cover_every_batch_once(n_batches, accumulate):
+    groups = [list(range(s, min(s + accumulate, n_batches))) for s in range(0, n_batches, accumulate)]
+    for group in groups:
+        for i in group:
+            assert training.accumulation_group(i, n_batches, accumulate) == (len(group), i == group[-1])
+
+
+def test_gradient_sync_is_a_no_op_outside_ddp():
+    net = torch.nn.Linear(2, 2)
+    with training.gradient_sync(net, step_now=False):
+        net(torch.ones(1, 2)).sum().backward()
+    assert net.weight.grad is not None
