@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from histo.norms import make_norm
+from histo.norms import ACTIVATING_NORMS, make_norm
 
 GROWTH_RATE = 32
 BLOCK_CONFIG = (6, 12, 24, 16)
@@ -29,7 +29,6 @@ NUM_INIT_FEATURES = 64
 BN_SIZE = 4
 IBN_RATIO = 0.4
 # Norms that already contain their nonlinearity (EvoNorm, FRN+TLU) replace "norm + ReLU" as a pair.
-ACTIVATING_NORMS = frozenset({"evonorm_b0", "evonorm_s0", "frn"})
 
 
 class Trunk(nn.Sequential):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from histo.norms import WSConv3d, make_norm
+from histo.norms import ACTIVATING_NORMS, WSConv3d, make_norm
 
 
 class SqueezeExcite(nn.Module):
@@ -29,7 +29,8 @@ class SqueezeExcite(nn.Module):
 class MBConv(nn.Module):
     """Inverted bottleneck without residual: expand x`expansion`, depthwise conv, optional SE, linear project.
 
-    Layout: conv1x1 -> norm -> SiLU -> depthwise conv -> norm -> SiLU -> [SE] -> conv1x1 -> norm -> [dropout].
+    Layout: conv1x1 -> norm -> SiLU -> depthwise conv -> norm -> SiLU -> [SE] -> conv1x1 -> norm -> [dropout]
+    (no SiLU after norms that carry their own nonlinearity: evonorm_*, frn).
     The squeeze width is `se_ratio` x the body's input channels (EfficientNet convention); `dropout` is
     element-wise dropout on the branch output, before the caller's residual sum. With norm="bcn" the
     convolutions are weight-standardised (WS + BCN, Qiao et al.).
@@ -60,7 +61,7 @@ class MBConv(nn.Module):
         self.se = SqueezeExcite(hidden, max(1, int(channels * se_ratio))) if se_ratio > 0 else nn.Identity()
         self.project = conv(hidden, out_channels, 1, bias=False)
         self.norm3 = make_norm(norm, out_channels, spatial_dims=3, **kw)
-        self.act = nn.SiLU()
+        self.act = nn.Identity() if norm in ACTIVATING_NORMS else nn.SiLU()  # no second nonlinearity
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

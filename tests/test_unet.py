@@ -137,3 +137,13 @@ def test_reversible_unet_saves_far_fewer_activations() -> None:
         saved[reversible] = meter.bytes
         y.sum().backward()
     assert saved[True] * 5 < saved[False]
+
+
+def test_mbconv_adds_no_activation_after_self_activating_norms():
+    from torch import nn
+
+    from segmentation.mbconv import MBConv
+
+    assert isinstance(MBConv(4, norm="frn").act, nn.Identity)
+    assert isinstance(MBConv(4, norm="evonorm_s0").act, nn.Identity)
+    assert isinstance(MBConv(4, norm="instance").act, nn.SiLU)

@@ -16,11 +16,12 @@ from histo.norms.frn import FilterResponseNorm
 from histo.norms.ibn import IBN
 from histo.norms.monai_factory import monai_name
 from histo.norms.region import RegionNormB, RegionNormL, region_mask, set_region_mask
-from histo.norms.registry import make_norm, names, register
+from histo.norms.registry import ACTIVATING_NORMS, make_norm, names, register
 from histo.norms.standard import GroupNorm, SpatialLayerNorm
 from histo.norms.stats import frozen_running_stats, updates_stats
 
 __all__ = [
+    "ACTIVATING_NORMS",
     "IBN",
     "WS_CONV",
     "BatchChannelNorm",

@@ -31,6 +31,11 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# Blocks that end in their own nonlinearity (EvoNorm's x * sigmoid(v x) or max; FRN's TLU): networks put no
+# activation after them, as the EvoNorm and FRN papers replace the norm-activation pair as a whole.
+ACTIVATING_NORMS = frozenset({"evonorm_b0", "evonorm_s0", "frn"})
+
+
 def make_norm(name: str, channels: int, spatial_dims: int = 2, **kwargs) -> nn.Module:
     """Build the norm block `name` for `channels` channels-first features with 1, 2 or 3 spatial dims."""
     if name not in _REGISTRY:
