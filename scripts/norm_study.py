@@ -91,6 +91,18 @@ def train_cnn(norm: str, tiles: np.ndarray, labels: np.ndarray, steps: int, seed
     return model.eval()
 
 
+def grid_with_and_without_alpha(evaluate, table: dict, norm: str, model, args) -> list[dict]:
+    """The corruption grid for one trained model as is (`norm`) and with α-BN (`norm+aBN`)."""
+    rows = []
+    for alpha in (None, args.alpha):
+        label = norm if alpha is None else f"{norm}+aBN"
+        module = model if alpha is not None else None
+        rows += run_grid(
+            evaluate, table, args.severities, model=label, seed=args.seed, alpha_bn=alpha, module=module
+        )
+    return rows
+
+
 def pathology_rows(norms, args) -> list[dict]:
     from pathology.corruptions import CORRUPTIONS, corrupt_tiles
 
@@ -111,17 +123,7 @@ def pathology_rows(norms, args) -> list[dict]:
         table = {
             n: (lambda x, s, rng, n=n: corrupt_tiles(x, n, s, int(rng.integers(2**63)))) for n in CORRUPTIONS
         }
-        for alpha in (None, args.alpha):
-            label = norm if alpha is None else f"{norm}+aBN"
-            rows += run_grid(
-                evaluate,
-                table,
-                args.severities,
-                model=label,
-                seed=args.seed,
-                alpha_bn=alpha,
-                module=model if alpha is not None else None,
-            )
+        rows += grid_with_and_without_alpha(evaluate, table, norm, model, args)
     return rows
 
 
@@ -170,17 +172,7 @@ def segmentation_rows(norms, args) -> list[dict]:
                 scores.append(np.mean([dice(prob[r] >= 0.5, regions[r]) for r in range(3)]))
             return {"dice_mean": float(np.mean(scores))}
 
-        for alpha in (None, args.alpha):
-            label = norm if alpha is None else f"{norm}+aBN"
-            rows += run_grid(
-                evaluate,
-                CORRUPTIONS,
-                args.severities,
-                model=label,
-                seed=args.seed,
-                alpha_bn=alpha,
-                module=model if alpha is not None else None,
-            )
+        rows += grid_with_and_without_alpha(evaluate, CORRUPTIONS, norm, model, args)
     return rows
 
 
