@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from histo.norms import RegionNormB, frozen_running_stats
+from histo.norms import RegionMask, RegionNormB, frozen_running_stats
 
 
 @dataclass(frozen=True)
@@ -80,16 +80,16 @@ def _branch(fn: nn.Module, x: torch.Tensor, rng_log: list[RngState] | None) -> t
 
 
 @contextlib.contextmanager
-def _forward_masks(saved: list[tuple[RegionNormB, torch.Tensor | None]]) -> Iterator[None]:
+def _forward_masks(saved: list[tuple[RegionNormB, RegionMask | None]]) -> Iterator[None]:
     """Give each rn_b block the mask it had in the forward pass; the current masks are restored afterwards."""
-    current = [block.mask for block, _ in saved]
+    current = [block.region for block, _ in saved]
     try:
-        for block, mask in saved:
-            block.mask = mask
+        for block, region in saved:
+            block.region = region
         yield
     finally:
-        for (block, _), mask in zip(saved, current, strict=True):
-            block.mask = mask
+        for (block, _), region in zip(saved, current, strict=True):
+            block.region = region
 
 
 def _autocast_state(device_type: str) -> dict:
@@ -144,7 +144,7 @@ class _ReversibleFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, blocks: nn.ModuleList, *params: torch.Tensor) -> torch.Tensor:
         ctx.blocks = blocks
         ctx.autocast = _autocast_state(x.device.type)
-        ctx.masks = [(m, m.mask) for m in blocks.modules() if isinstance(m, RegionNormB)]
+        ctx.masks = [(m, m.region) for m in blocks.modules() if isinstance(m, RegionNormB)]
         ctx.rng = []
         for block in blocks:
             log: list[RngState] = []

@@ -126,6 +126,26 @@ def test_set_region_mask_and_context_reach_every_rn_b_block():
     assert set_region_mask(nn.Linear(2, 2), mask) == 0
 
 
+def test_blocks_share_one_resized_mask_per_size():
+    """set_region_mask gives all blocks one RegionMask: each feature-map size is interpolated once."""
+    net = nn.Sequential(make_norm("rn_b", 4), make_norm("rn_b", 4), nn.AvgPool2d(2), make_norm("rn_b", 4))
+    mask = torch.rand(2, 1, 16, 16) > 0.5
+    set_region_mask(net, mask)
+    net(torch.randn(2, 4, 8, 8))
+    region = net[0].region
+    assert (
+        net[1].region is region
+        and net[3].region is region
+        and set(region._resized)
+        == {
+            ((8, 8), "cpu"),
+            ((4, 4), "cpu"),
+        }
+    )
+    expected = F.interpolate(mask.float(), size=(4, 4), mode="nearest") > 0.5
+    assert torch.equal(region.at(torch.Size((4, 4)), torch.device("cpu")), expected)
+
+
 def _rn_l_reference(m: RegionNormL, x: torch.Tensor) -> np.ndarray:
     """Independent RN-L: soft map from conv over [channel mean, channel max], threshold, loop RN, modulation."""
     xn = x.detach().numpy()

@@ -15,7 +15,7 @@ from histo.norms.evonorm import EvoNormB0, EvoNormS0
 from histo.norms.frn import FilterResponseNorm
 from histo.norms.ibn import IBN
 from histo.norms.monai_factory import monai_name
-from histo.norms.region import RegionNormB, RegionNormL, region_mask, set_region_mask
+from histo.norms.region import RegionMask, RegionNormB, RegionNormL, region_mask, set_region_mask
 from histo.norms.registry import ACTIVATING_NORMS, make_norm, names, register
 from histo.norms.standard import GroupNorm, SpatialLayerNorm
 from histo.norms.stats import frozen_running_stats, updates_stats
@@ -29,6 +29,7 @@ __all__ = [
     "EvoNormS0",
     "FilterResponseNorm",
     "GroupNorm",
+    "RegionMask",
     "RegionNormB",
     "RegionNormL",
     "SpatialLayerNorm",

@@ -64,6 +64,28 @@ def region_normalize(
     return y.reshape(x.shape)
 
 
+class RegionMask:
+    """A region mask shared by every rn_b block of a model, resized once per feature-map size and device.
+
+    A U-Net has several rn_b blocks at each resolution; they all read the same cached nearest-neighbour
+    resizing instead of interpolating the full-resolution mask in every block on every forward.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+        self._resized: dict[tuple, torch.Tensor] = {}
+
+    def at(self, size: torch.Size, device: torch.device) -> torch.Tensor:
+        """The region (mask > 0.5, bool) at spatial `size` on `device`."""
+        key = (tuple(size), str(device))
+        if key not in self._resized:
+            m = self.mask.to(device=device, dtype=torch.float32)
+            if m.shape[2:] != size:
+                m = F.interpolate(m, size=size, mode="nearest")
+            self._resized[key] = m > 0.5
+        return self._resized[key]
+
+
 class RegionNormB(nn.Module):
     """RN-B: region-wise normalisation with an external mask and a separate affine per region.
 
@@ -76,30 +98,34 @@ class RegionNormB(nn.Module):
         self.num_features, self.spatial_dims, self.eps = num_features, spatial_dims, eps
         self.weight = nn.Parameter(torch.ones(2, num_features)) if affine else None
         self.bias = nn.Parameter(torch.zeros(2, num_features)) if affine else None
-        self.mask: torch.Tensor | None = None
+        self.region: RegionMask | None = None
 
-    def set_mask(self, mask: torch.Tensor | None) -> None:
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The full-resolution region mask as given (None when unset)."""
+        return None if self.region is None else self.region.mask
+
+    def set_mask(self, mask: torch.Tensor | RegionMask | None) -> None:
         """Set (or clear with None) the region mask: N x 1 x *spatial (or 1 x 1 x ...), bool or float."""
-        if mask is not None and (mask.ndim != self.spatial_dims + 2 or mask.shape[1] != 1):
+        region = RegionMask(mask) if isinstance(mask, torch.Tensor) else mask
+        if region is not None and (region.mask.ndim != self.spatial_dims + 2 or region.mask.shape[1] != 1):
             raise ValueError(
-                f"RegionNormB: mask must be N x 1 x {self.spatial_dims} spatial dims, got {tuple(mask.shape)}"
+                f"RegionNormB: mask must be N x 1 x {self.spatial_dims} spatial dims, "
+                f"got {tuple(region.mask.shape)}"
             )
-        self.mask = mask
+        self.region = region
 
     def _resized_mask(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mask is None:
+        if self.region is None:
             raise RuntimeError(
                 "RegionNormB (rn_b) has no region mask: call histo.norms.set_region_mask(model, mask) "
                 "or use `with histo.norms.region_mask(model, mask):` before the forward pass"
             )
-        if self.mask.shape[0] not in (1, x.shape[0]):
+        if self.region.mask.shape[0] not in (1, x.shape[0]):
             raise ValueError(
-                f"RegionNormB: mask batch {self.mask.shape[0]} does not match input {x.shape[0]}"
+                f"RegionNormB: mask batch {self.region.mask.shape[0]} does not match input {x.shape[0]}"
             )
-        m = self.mask.to(device=x.device, dtype=torch.float32)
-        if m.shape[2:] != x.shape[2:]:
-            m = F.interpolate(m, size=x.shape[2:], mode="nearest")
-        return m > 0.5
+        return self.region.at(x.shape[2:], x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x)
@@ -144,8 +170,9 @@ def set_region_mask(model: nn.Module, mask: torch.Tensor | None) -> int:
     Returns the number of rn_b blocks reached.
     """
     blocks = [m for m in model.modules() if isinstance(m, RegionNormB)]
+    shared = None if mask is None else RegionMask(mask)  # one resizing cache for all blocks
     for block in blocks:
-        block.set_mask(mask)
+        block.set_mask(shared)
     return len(blocks)
 
 
