@@ -114,12 +114,39 @@ def test_two_stage_matches_exhaustive_on_clustered_slides() -> None:
     index, _ = build_binary_index(codes, "flat")
     cat = Catalog([f"s{i:02d}" for i in range(n_slides)], [None] * n_slides, [None] * n_slides,
                   [None] * n_slides, np.arange(n_slides + 1) * n_tiles, np.zeros((len(codes), 2), np.int64))  # fmt: skip
-    eng = SearchEngine(cat, knn={"barcode": index.search}, tiles={"barcode": lambda: codes}, tile_k=2)
+    eng = SearchEngine(cat, knn={"barcode": index.search}, tiles={"barcode": lambda: codes})
     for parent in range(0, n_slides, 6):
         query = minmax_barcode(centres[parent] + 0.6 * rng.standard_normal((n_tiles, 128)))
         fast, info = eng.rank(query, "barcode", k=5)
         slow, _ = eng.rank(query, "barcode", k=5, exhaustive=True)
         assert fast == slow and fast[0][0] == parent
-        assert info["strategy"] == "two-stage" and eng.min_candidates <= info["candidates"] < n_slides
-    eng.max_candidates = 3
-    assert eng.rank(query, "barcode", k=5)[1]["strategy"] == "exhaustive (fewer than k candidates)"
+        assert info["strategy"] == "two-stage" and 5 <= info["exact"] < n_slides  # pruned, yet exact
+    eng.tile_k, eng.widen = 1, 0  # one neighbour per tile finds only the parent: no certificate
+    fast, info = eng.rank(query, "barcode", k=5)
+    assert info["strategy"] == "exhaustive (bound not met)" and fast == slow
+
+
+def test_slide_bounds_are_lower_bounds_and_tight_when_everything_is_returned() -> None:
+    from search.barcodes import build_binary_index, minmax_barcode
+    from search.engine import slide_bounds
+
+    rng = np.random.default_rng(2)
+    sizes = rng.integers(3, 12, 25)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    codes = minmax_barcode(rng.standard_normal((offsets[-1], 64)))
+    query = minmax_barcode(rng.standard_normal((9, 64)))
+    index, _ = build_binary_index(codes, "flat")
+    row_slide = np.repeat(np.arange(len(sizes)), sizes)
+    bits, qbits = np.unpackbits(codes, axis=1), np.unpackbits(query, axis=1)  # pure-NumPy Hamming reference
+    exact = np.array([np.median([min(int((q != t).sum()) for t in bits[offsets[s] : offsets[s + 1]]) for q in qbits])
+                      for s in range(len(sizes))])  # fmt: skip
+    allowed = np.arange(len(sizes)) % 4 != 1
+    for k in (1, 4, 15):
+        d, rows = index.search(query, k)
+        slides, bounds, rest = slide_bounds(d, rows, row_slide, allowed)
+        assert allowed[slides].all() and (bounds <= exact[slides]).all()
+        assert (rest <= exact[np.setdiff1d(np.flatnonzero(allowed), slides)]).all()
+        assert rest == np.median(d[:, -1])
+    d, rows = index.search(query, len(codes))
+    slides, bounds, _ = slide_bounds(d, rows, row_slide, None)
+    assert np.array_equal(slides, np.arange(len(sizes))) and np.array_equal(bounds, exact)

@@ -96,7 +96,7 @@ def test_two_stage_equals_exhaustive(flat: SlideIndex) -> None:
             fast, info = flat.engine.rank(q, mode, k=2)
             slow, _ = flat.engine.rank(q, mode, k=2, exhaustive=True)
             assert info["strategy"].startswith(("two-stage", "exhaustive")) and fast == slow
-    flat.engine.tile_k = 10
+    flat.engine.tile_k = None
 
 
 def test_search_patch_returns_the_stored_tile(flat: SlideIndex, cohort: dict) -> None:
