@@ -62,6 +62,7 @@ class SearchResult:
             "query": self.query,
             "prediction": self.prediction,
             "results": [r.to_dict() for r in self.results],
+            "search": dict(self.info),
         }
 
 

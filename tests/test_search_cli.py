@@ -85,14 +85,14 @@ def test_search_json_schema(built: Path, data: dict) -> None:
     assert set(out) == {"queries"} and len(out["queries"]) == 2
     slide_q, patch_q = out["queries"]
     for q in out["queries"]:
-        assert set(q) == {"query", "prediction", "results"}
+        assert set(q) == {"query", "prediction", "results", "search"}  # search: how it was searched
         for r in q["results"]:
             assert set(r) == {"slide_id", "label", "distance", "matches"}
     assert slide_q["query"] == str(data["slide"]) and len(slide_q["results"]) == 3
     assert slide_q["results"][0]["slide_id"] == data["slide"].stem and slide_q["results"][0]["distance"] == 0
     assert set(slide_q["results"][0]["matches"][0]) == {"query_tile", "query_xy", "tile", "xy", "distance"}
     assert patch_q["results"][0]["slide_id"] == store.slide_ids()[3]
-    assert slide_q["prediction"] == "class0"
+    assert slide_q["prediction"] == "class0" and slide_q["search"]["mode"] == "barcode"
     code, stdout, _ = run(["search", "--index", built, data["slide"], "--exclude-same-patient", "--json"])
     assert data["slide"].stem not in [r["slide_id"] for r in json.loads(stdout)["queries"][0]["results"]]
 

@@ -78,7 +78,8 @@ def test_query_slide_finds_itself_and_honours_patient_exclusion(flat: SlideIndex
         assert [h.distance for h in r.results] == sorted(h.distance for h in r.results)
         assert r.results[0].matches[0].xy == r.results[0].matches[0].query_xy
         d = r.to_dict()
-        assert set(d) == {"query", "prediction", "results"}
+        assert set(d) == {"query", "prediction", "results", "search"} and d["search"]["mode"] == mode
+        assert d["search"]["strategy"] in ("two-stage", "exhaustive", "exhaustive (bound not met)")
         assert set(d["results"][0]) == {"slide_id", "label", "distance", "matches"}
         r2 = flat.search_slide(tiles, k=3, mode=mode, exclude_patient=True)
         assert query.stem not in [h.slide_id for h in r2.results] and len(r2.results) == 3
