@@ -84,6 +84,22 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def average_buffers(model: torch.nn.Module) -> int:
+    """Average the floating-point buffers (BN running statistics) over all processes; returns how many.
+
+    Each DDP rank updates its running mean/var from its own batches only, so validating or saving after an
+    epoch would use rank-dependent statistics; averaging them makes every rank hold one model (as timm's
+    distribute_bn). Integer buffers (batch counters) already agree. No-op in a single process.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    with torch.no_grad():
+        for b in buffers:
+            all_reduce_sum(b).div_(dist.get_world_size())
+    return len(buffers)
+
+
 def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():

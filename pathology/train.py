@@ -173,7 +173,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         from tqdm import tqdm
 
-        from histo.devices import all_reduce_sum, autocast
+        from histo.devices import all_reduce_sum, autocast, average_buffers
         from histo.training import accumulation_group, gradient_sync
 
         o = self.cfg["optim"]
@@ -201,6 +201,7 @@ class Trainer:
                 sums += torch.stack([loss.detach() * len(y), correct, loss.new_full((), len(y))]).double()
             if self.dist.is_main and (step + 1) % POSTFIX_EVERY == 0:
                 bar.set_postfix(loss=f"{float(sums[0] / sums[2]):.3f}")  # one sync every few steps
+        average_buffers(self.model)  # one set of BN statistics on every rank before validating and saving
         sums = all_reduce_sum(sums).cpu()
         return {"train_loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2])}
 

@@ -274,7 +274,7 @@ def _train_epoch(
 ) -> torch.Tensor:
     """One pass over the loader with gradient accumulation (DDP syncs only on the stepping batch);
     -> float64 [sum of batch losses, number of batches] kept on the device (no host sync per step)."""
-    from histo.devices import autocast
+    from histo.devices import autocast, average_buffers
     from histo.norms import set_region_mask
     from histo.training import accumulation_group, gradient_sync
 
@@ -300,6 +300,7 @@ def _train_epoch(
             scheduler.step()
         if dist.is_main and (i + 1) % POSTFIX_EVERY == 0:
             bar.set_postfix(loss=f"{float(sums[0] / sums[1]):.4f}")  # one sync every few steps
+    average_buffers(model)  # one set of BN statistics on every rank before validating and saving
     return sums
 
 

@@ -59,3 +59,34 @@ def test_two_gloo_processes_match_one(tmp_path):
     w2 = torch.load(tmp_path / "two.last.pt", weights_only=True)["model"]
     for k, v in w1.items():
         torch.testing.assert_close(w2[k], v, atol=1e-4, rtol=1e-4)
+
+
+def _average_worker(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from histo.devices import average_buffers
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    bn = torch.nn.BatchNorm2d(3)
+    bn.running_mean.fill_(float(rank + 1))  # rank 0: 1, rank 1: 2
+    bn.running_var.fill_(float(4 * rank + 1))  # rank 0: 1, rank 1: 5
+    bn.num_batches_tracked.fill_(7)
+    n = average_buffers(bn)
+    torch.save({"n": n, **bn.state_dict()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_average_buffers_gives_every_rank_the_mean_statistics(tmp_path):
+    """Ranks end an epoch with BN statistics of their own batches; average_buffers makes them one model."""
+    import torch.multiprocessing as mp
+
+    from histo.devices import average_buffers
+
+    assert average_buffers(torch.nn.BatchNorm2d(3)) == 0  # single process: nothing to do
+    mp.spawn(_average_worker, args=(str(tmp_path / "init"), str(tmp_path / "bn")), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"bn.{rank}", weights_only=True)
+        assert got["n"] == 2  # running_mean and running_var, not the integer counter
+        assert torch.equal(got["running_mean"], torch.full((3,), 1.5))
+        assert torch.equal(got["running_var"], torch.full((3,), 3.0))
+        assert int(got["num_batches_tracked"]) == 7
