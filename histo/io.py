@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,35 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, read in 1 MiB chunks (identifies checkpoints and index files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_run_settings(
+    out: str | os.PathLike, settings: Mapping[str, Any], remedy: str = "use a new --out"
+) -> bool:
+    """Record `settings` in out/settings.json, or check an earlier run there used the same ones.
+
+    Returns True when `out` holds an earlier run to resume; a run of other settings is refused with a
+    HistoError naming the settings that differ, so results of two configurations are never mixed.
+    """
+    from histo.errors import HistoError
+
+    out = Path(out)
+    settings = json.loads(json.dumps(settings, default=str))
+    path = out / "settings.json"
+    if not path.exists():
+        atomic_write_json(path, settings)
+        return False
+    previous = json.loads(path.read_text())
+    if previous != settings:
+        differ = sorted(k for k in set(settings) | set(previous) if previous.get(k) != settings.get(k))
+        raise HistoError(f"{out}: holds results of other settings ({', '.join(differ)}); {remedy}")
+    return True

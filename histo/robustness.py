@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import math
 import os
 import zlib
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from histo.errors import HistoError
-from histo.io import atomic_write_json, atomic_write_text
+from histo.io import atomic_write_json, atomic_write_text, check_run_settings
 
 CLEAN = "clean"
 CorruptionFn = Callable[[Any, int, np.random.Generator], Any]
@@ -277,30 +276,9 @@ def plan_runs(model: str | os.PathLike, reference: str | os.PathLike | None, alp
     return runs, ref_label
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file (identifies a checkpoint in settings.json)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resume_rows(out: str | os.PathLike, settings: Mapping[str, Any]) -> list[dict]:
     """Rows of an earlier run with the same settings in `out`; HistoError if `out` holds another run."""
-    out = Path(out)
-    settings = json.loads(json.dumps(settings, default=str))
-    path = out / "settings.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous != settings:
-            differ = sorted(k for k in set(settings) | set(previous) if previous.get(k) != settings.get(k))
-            raise HistoError(f"{out}: holds results of other settings ({', '.join(differ)}); use a new --out")
-        return read_rows(out / "results.csv")
-    atomic_write_json(path, settings)
-    return []
+    return read_rows(Path(out) / "results.csv") if check_run_settings(out, settings) else []
 
 
 def run_study(

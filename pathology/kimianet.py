@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from histo.errors import HistoError, InputFileError
+from histo.io import file_sha256
 from histo.norms import names as norm_names
 from pathology.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, resize
 from pathology.cbr import CBR_SPECS, cbr
@@ -159,15 +160,6 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def file_hash(path: str | Path) -> str:
-    """sha256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class FeatureExtractor:
     """Turns uint8 RGB tiles into KimiaNet features (resize to `input_px`, ImageNet mean/std)."""
 
@@ -194,7 +186,7 @@ class FeatureExtractor:
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> FeatureExtractor:
         """Load a histo checkpoint; `.model_hash` is the sha256 of the file."""
         model, cfg = load_model(path)
-        return cls(model, cfg, device, model_hash=file_hash(path))
+        return cls(model, cfg, device, model_hash=file_sha256(path))
 
     def _prepare(self, tiles: np.ndarray) -> torch.Tensor:
         # uint8 travels to the device (4x less than float); conversion and resizing happen there.

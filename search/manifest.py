@@ -7,25 +7,16 @@ sha256, so a truncated or corrupted file is refused with one line naming it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from histo.errors import HistoError, InputFileError
-from histo.io import atomic_write_json
+from histo.io import atomic_write_json, file_sha256
 
 FORMAT = "histo-slide-index"
 VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def list_files(index_dir: Path, entries: list[str]) -> list[str]:
@@ -43,7 +34,7 @@ def list_files(index_dir: Path, entries: list[str]) -> list[str]:
 
 def checksums(index_dir: Path, entries: list[str]) -> dict[str, dict[str, Any]]:
     """{relative path: {"bytes", "sha256"}} of every index file."""
-    return {rel: {"bytes": (index_dir / rel).stat().st_size, "sha256": sha256_file(index_dir / rel)}
+    return {rel: {"bytes": (index_dir / rel).stat().st_size, "sha256": file_sha256(index_dir / rel)}
             for rel in list_files(index_dir, entries)}  # fmt: skip
 
 
@@ -96,5 +87,5 @@ def verify_files(index_dir: Path, files: dict[str, dict[str, Any]], full: bool) 
             raise InputFileError(
                 p, f"index file truncated or altered ({size} bytes, manifest says {meta['bytes']})"
             )
-        if full and sha256_file(p) != meta["sha256"]:
+        if full and file_sha256(p) != meta["sha256"]:
             raise InputFileError(p, "index file corrupted (sha256 differs from the manifest)")

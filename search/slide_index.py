@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from histo.errors import HistoError, InputFileError
-from histo.io import atomic_path, atomic_write_json
+from histo.io import atomic_path, atomic_write_json, file_sha256
 from search import features as feats_io
 from search.barcodes import BITORDER, build_binary_index, code_bits, minmax_barcode, stored_codes
 from search.engine import MODES, Catalog, SearchEngine, SearchResult, SlideHit, TileMatch, majority_vote
@@ -139,7 +139,7 @@ class SlideIndex:
             return None
         if not isinstance(model, (str, os.PathLike)):
             (out / MODEL).unlink(missing_ok=True)
-        elif not (out / MODEL).exists() or feats_io.model_info(extractor)["hash"] != _file_hash(out / MODEL):
+        elif not (out / MODEL).exists() or feats_io.model_info(extractor)["hash"] != file_sha256(out / MODEL):
             with atomic_path(out / MODEL) as tmp:
                 shutil.copyfile(model, tmp)
         content = {
@@ -297,12 +297,6 @@ class SlideIndex:
 
     def __len__(self) -> int:
         return len(self.catalog)
-
-
-def _file_hash(path: Path) -> str:
-    from search.manifest import sha256_file
-
-    return sha256_file(path)
 
 
 def _assemble(out: Path, content: dict[str, Any]) -> None:

@@ -179,19 +179,27 @@ def predict_case(model: nn.Module, case: Case, out_dir: str | os.PathLike, setti
     }
 
 
+LABEL_SETTINGS = ("roi", "overlap", "tta", "threshold")  # what a resumed run must share with the first
+
+
 def predict_cases(
     model_path: str | os.PathLike,
     case_dirs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     settings: dict,
     device: str = "auto",
+    overwrite: bool = False,
 ) -> dict:
     """Segment every case under `case_dirs` into `out_dir`; bad cases are recorded and skipped, finished
-    outputs are kept (a re-run resumes). Writes and returns `predictions.json`."""
+    outputs are kept (a re-run resumes). Writes and returns `predictions.json`.
+
+    `out_dir/settings.json` records the model's sha256 and the settings that change a label map; a re-run
+    with others is refused unless `overwrite`, which recomputes every case.
+    """
     from tqdm import tqdm
 
     from histo.devices import resolve_device
-    from histo.io import atomic_write_json
+    from histo.io import atomic_write_json, check_run_settings, file_sha256
     from segmentation.data import find_cases
 
     dev = resolve_device(device)
@@ -203,6 +211,10 @@ def predict_cases(
     settings = {**settings, "roi": roi}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        (out_dir / "settings.json").unlink(missing_ok=True)
+    run = {"model_sha256": file_sha256(model_path), **{k: settings[k] for k in LABEL_SETTINGS}}
+    check_run_settings(out_dir, run, remedy="use a new --out or --overwrite")
     records: list[dict] = []
     cases: list[Case] = []
     for folder in case_dirs:
@@ -211,7 +223,7 @@ def predict_cases(
         except InputFileError as e:
             records.append({"case_id": Path(folder).name, "status": "error", "reason": str(e)})
     for case in tqdm(cases, desc="segment", unit="case"):
-        if (out_dir / f"{case.case_id}.nii.gz").exists():
+        if not overwrite and (out_dir / f"{case.case_id}.nii.gz").exists():
             records.append(
                 {
                     "case_id": case.case_id,

@@ -15,10 +15,9 @@ import nibabel as nib
 import numpy as np
 
 from histo.errors import HistoError
-from histo.io import atomic_write_json
+from histo.io import atomic_write_json, file_sha256
 from histo.robustness import (
     ModelRun,
-    file_sha256,
     parse_severities,
     plan_runs,
     run_study,

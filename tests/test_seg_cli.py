@@ -72,6 +72,14 @@ def test_predict_then_eval(trained, tmp_path):
         assert written.shape == source.shape and np.array_equal(written.affine, source.affine)
     again = runner.invoke(main, [*args, "--device", "cpu", "--json"])  # a re-run keeps finished outputs
     assert [r["status"] for r in json.loads(again.stdout)["cases"]] == ["exists"] * 3
+    other = runner.invoke(main, [*args, "--device", "cpu", "--overlap", "0.25"])  # would mix two settings
+    assert (
+        other.exit_code == 2
+        and "holds results of other settings (overlap); use a new --out or --overwrite" in (other.output)
+    )
+    redone = runner.invoke(main, [*args, "--device", "cpu", "--overlap", "0.25", "--overwrite", "--json"])
+    assert [r["status"] for r in json.loads(redone.stdout)["cases"]] == ["ok"] * 3
+    assert json.loads((out / "settings.json").read_text())["overlap"] == 0.25
 
     result = runner.invoke(
         main, ["segment", "eval", "--pred", str(out), "--data", str(trained["data"]), "--json"]

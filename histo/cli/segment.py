@@ -89,17 +89,20 @@ def train(data_dir, out_path, norm, reversible, roi, channels, epochs, device, r
     "--overlap", type=click.FloatRange(0, 1, max_open=True), default=None, help="Window overlap in [0, 1)."
 )
 @click.option("--tta/--no-tta", default=None, help="Average the 8 flips (test-time augmentation).")
+@click.option(
+    "--overwrite", is_flag=True, help="Recompute every case, even in an --out made with other settings."
+)
 @device_option
 @config_option
 @json_option
-def predict(model_path, case_dirs, out_dir, roi, overlap, tta, device, config_path, as_json):
+def predict(model_path, case_dirs, out_dir, roi, overlap, tta, overwrite, device, config_path, as_json):
     """Segment case folders (or folders of cases) into <out>/<case_id>.nii.gz label maps + overlay PNGs."""
     from histo.config import load_config
     from segmentation.infer import predict_cases
 
     overrides = {"infer.roi": roi, "infer.overlap": overlap, "infer.tta": tta, "device": device}
     config = load_config("segment", config_path, overrides)
-    summary = predict_cases(model_path, case_dirs, out_dir, config["infer"], config["device"])
+    summary = predict_cases(model_path, case_dirs, out_dir, config["infer"], config["device"], overwrite)
     if as_json:
         emit_json(summary)
     for record in summary["cases"]:
