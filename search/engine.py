@@ -114,22 +114,18 @@ class Catalog:
 class SearchEngine:
     """Two-stage search over a catalog; `knn[mode](queries, k) -> (distances, rows)`, `tiles[mode]` arrays.
 
-    The first stage asks every query tile for its `tile_k` nearest tiles. That table bounds every slide's
-    distance from below: a tile not returned to query tile i is at least as far as i's last neighbour r_i,
-    so a slide never hit is at distance >= median(r), and a hit slide at >= the median of its per-tile
-    minima with r_i standing in for misses. Exact slide distances are then computed best bound first until
-    no bound is below the k-th best distance. When the bound of the slides never hit is above it too, the
-    top k is *certified* equal to the exhaustive one (exactly so for an exact kNN; for IVF, up to the
-    index's recall); otherwise tile_k grows 4x (up to `widen` times) and the search falls back to
-    exhaustive when the bound is still not met.
+    First stage: `stage1_tiles` evenly spread query tiles each fetch their `tile_k` nearest tiles, and every
+    slide hit becomes a candidate (tile_k grows 4x while fewer than k slides are hit). Second stage: the
+    exact slide distance, over all query tiles, on the candidates. tile_k must exceed the tiles of a slide
+    that nearly duplicates the query (another slide of the patient), or that slide alone fills every list.
     """
 
     catalog: Catalog
     knn: dict[str, Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]]
     tiles: dict[str, Callable[[], np.ndarray]]  # mode -> all rows' codes (uint8) or features (float32)
     tile_k: int | None = None  # neighbours per query tile; None: default_tile_k(catalog)
+    stage1_tiles: int = 32  # query tiles that run the kNN (an evenly spaced subset; all when fewer)
     n_matches: int = 5
-    widen: int = 2  # times tile_k may grow 4x before falling back to exhaustive search
 
     def rank(
         self,
@@ -139,63 +135,43 @@ class SearchEngine:
         allowed: np.ndarray | None = None,
         exhaustive: bool = False,
     ) -> tuple[list[tuple[int, float]], dict[str, Any]]:
-        """Top-k (slide, distance) for a query slide's codes/features, equal to the exhaustive ranking."""
+        """Top-k (slide, distance) for a query slide's codes/features, by exact slide distance on candidates."""
         if mode not in MODES:
             raise ValueError(f"unknown search mode {mode!r} (barcode, float)")
-        base = self.tiles[mode]()
         cat = self.catalog
         everything = np.arange(len(cat)) if allowed is None else np.flatnonzero(allowed)
         excluded_rows = 0 if allowed is None else int(np.diff(cat.offsets)[~allowed].sum())
-        info: dict[str, Any] = {"mode": mode, "tile_k": 0, "strategy": "exhaustive"}
+        info: dict[str, Any] = {"mode": mode, "strategy": "exhaustive", "tile_k": 0}
+        candidates = everything
         if not exhaustive and excluded_rows * 2 < len(cat.row_slide) and len(everything) > k:
-            found = self._two_stage(query, mode, k, allowed, excluded_rows)
-            info.update(found[1])
-            if found[0] is not None:
-                return found[0], info
-            info["strategy"] = "exhaustive (bound not met)"
-        distances = slide_distances(query, base, cat.offsets, everything)
-        info["exact"] = len(everything)
-        return _top(everything, distances, k), info
+            hit, info["tile_k"] = self._first_stage(query, mode, allowed, excluded_rows, k)
+            if len(hit) >= k:
+                candidates, info["strategy"] = hit, "two-stage"
+            else:  # fewer distinct slides than asked for even with every row: search all allowed ones
+                info["strategy"] = "exhaustive (fewer than k candidates)"
+        distances = slide_distances(query, self.tiles[mode](), cat.offsets, candidates)
+        order = np.lexsort((candidates, distances))[:k]
+        info["candidates"] = len(candidates)
+        return [(int(candidates[i]), float(distances[i])) for i in order], info
 
-    def _two_stage(
-        self, query: np.ndarray, mode: str, k: int, allowed: np.ndarray | None, excluded_rows: int
-    ) -> tuple[list[tuple[int, float]] | None, dict[str, Any]]:
-        """Certified top-k from the per-tile kNN bounds, or None when `widen` rounds do not certify it."""
-        n_rows = len(self.catalog.row_slide)
-        tile_k = self.tile_k or default_tile_k(self.catalog)
-        known: dict[int, float] = {}  # exact slide distances computed so far (kept across widening)
-        for _ in range(self.widen + 1):
-            asked = min(n_rows, tile_k + excluded_rows)
-            dist, rows = self.knn[mode](query, asked)
-            slides, bounds, rest = slide_bounds(dist, rows, self.catalog.row_slide, allowed)
-            if mode == "float":  # FAISS float32 distances vs float64 exact ones: loosen the bounds a little
-                bounds, rest = bounds - 1e-4 * (1 + bounds), rest - 1e-4 * (1 + rest)
-            kth = self._exact_by_bound(query, mode, k, slides, bounds, known)
-            info = {"strategy": "two-stage", "tile_k": tile_k, "hit_slides": len(slides), "exact": len(known)}
-            if len(known) >= k and (rest > kth or asked == n_rows):
-                ids = np.fromiter(known, dtype=np.int64, count=len(known))
-                return _top(ids, np.array([known[int(s)] for s in ids]), k), info
+    def _first_stage(
+        self, query: np.ndarray, mode: str, allowed: np.ndarray | None, excluded_rows: int, wanted: int
+    ) -> tuple[np.ndarray, int]:
+        """Allowed slides hit by the kNN of the stage-1 query tiles, widening tile_k until `wanted` are hit."""
+        cat = self.catalog
+        n_rows = len(cat.row_slide)
+        picked = np.unique(np.linspace(0, len(query) - 1, min(len(query), self.stage1_tiles)).round())
+        tiles = query[picked.astype(np.int64)]
+        tile_k = self.tile_k or default_tile_k(cat)
+        while True:
+            # Asking for tile_k + excluded rows neighbours guarantees tile_k allowed ones per query tile.
+            _, rows = self.knn[mode](tiles, min(n_rows, tile_k + excluded_rows))
+            slides = np.unique(cat.row_slide[rows[rows >= 0]])
+            if allowed is not None:
+                slides = slides[allowed[slides]]
+            if len(slides) >= wanted or tile_k + excluded_rows >= n_rows:
+                return slides, tile_k
             tile_k *= 4
-        return None, info
-
-    def _exact_by_bound(
-        self, query: np.ndarray, mode: str, k: int, slides: np.ndarray, bounds: np.ndarray, known: dict
-    ) -> float:
-        """Exact distances of hit slides in order of their bounds until no bound is below the k-th best."""
-        base, offsets = self.tiles[mode](), self.catalog.offsets
-        order = np.argsort(bounds, kind="stable")
-        kth, start = np.inf, 0
-        while start < len(order) and bounds[order[start]] <= kth:
-            batch = [int(s) for s in slides[order[start : start + max(k, 16)]] if int(s) not in known]
-            if batch:
-                known.update(
-                    zip(batch, slide_distances(query, base, offsets, np.array(batch)).tolist(), strict=True)
-                )
-            start += max(k, 16)
-            kth = (
-                np.partition(np.fromiter(known.values(), float), k - 1)[k - 1] if len(known) >= k else np.inf
-            )
-        return float(kth)
 
     def hits(
         self, query: np.ndarray, ranked: list[tuple[int, float]], mode: str, query_xy: np.ndarray | None
@@ -237,32 +213,7 @@ class SearchEngine:
 def default_tile_k(catalog: Catalog) -> int:
     """First-stage neighbours per query tile: 1.5x the mean tiles per slide (at least 10).
 
-    A query's own near-duplicate slide (another slide of the patient) can fill as many neighbours as it has
-    tiles; asking for more lets the next slides in, which is what makes the lower bound certify a top k.
+    A query's near-duplicate slide (another slide of the patient) can fill as many neighbours as it has
+    tiles; asking for more lets the next-closest slides into the candidates.
     """
     return max(10, int(np.ceil(1.5 * len(catalog.row_slide) / max(1, len(catalog)))))
-
-
-def slide_bounds(
-    dist: np.ndarray, rows: np.ndarray, row_slide: np.ndarray, allowed: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Hit slides, a lower bound of each one's slide distance, and the bound of every slide not hit.
-
-    r_i (the distance of query tile i's last returned neighbour) bounds every tile not returned to i; a
-    hit slide's per-tile minimum is its closest returned tile or r_i, and the median of lower bounds is a
-    lower bound of the median.
-    """
-    valid = rows >= 0
-    r = np.where(valid.any(axis=1), np.max(np.where(valid, dist, -np.inf), axis=1), 0.0).astype(np.float64)
-    slide_of = row_slide[np.where(valid, rows, 0)]
-    keep = valid if allowed is None else valid & allowed[slide_of]
-    slides, column = np.unique(slide_of[keep], return_inverse=True)
-    per_tile = np.repeat(r[:, None], len(slides), axis=1)
-    np.minimum.at(per_tile, (np.nonzero(keep)[0], column), dist[keep].astype(np.float64))
-    return slides, np.median(per_tile, axis=0), float(np.median(r))
-
-
-def _top(slides: np.ndarray, distances: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """The k closest (slide, distance) pairs; ties go to the lower slide number."""
-    order = np.lexsort((slides, distances))[:k]
-    return [(int(slides[i]), float(distances[i])) for i in order]

@@ -102,6 +102,7 @@ class SlideIndex:
             knn={"barcode": self.barcode_index.search, "float": self.float_index.search},
             tiles={"barcode": lambda: self.codes, "float": self._features},
             tile_k=search_cfg.get("tile_k"),
+            stage1_tiles=int(search_cfg.get("stage1_tiles", 32)),
             n_matches=int(search_cfg.get("n_matches", 5)),
         )
 
@@ -144,7 +145,7 @@ class SlideIndex:
                 shutil.copyfile(model, tmp)
         content = {
             "index": {"type": index_type, "params_requested": dict(params or {})},
-            "search": {"tile_k": None, "n_matches": 5, **(search or {})},
+            "search": {"tile_k": None, "stage1_tiles": 32, "n_matches": 5, **(search or {})},
             "failed_slides": summary["failed"],
             "built_with": {"feature_device": str(extractor.device)},
         }

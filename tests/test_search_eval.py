@@ -114,39 +114,33 @@ def test_two_stage_matches_exhaustive_on_clustered_slides() -> None:
     index, _ = build_binary_index(codes, "flat")
     cat = Catalog([f"s{i:02d}" for i in range(n_slides)], [None] * n_slides, [None] * n_slides,
                   [None] * n_slides, np.arange(n_slides + 1) * n_tiles, np.zeros((len(codes), 2), np.int64))  # fmt: skip
-    eng = SearchEngine(cat, knn={"barcode": index.search}, tiles={"barcode": lambda: codes})
+    eng = SearchEngine(cat, knn={"barcode": index.search}, tiles={"barcode": lambda: codes}, stage1_tiles=8)
     for parent in range(0, n_slides, 6):
         query = minmax_barcode(centres[parent] + 0.6 * rng.standard_normal((n_tiles, 128)))
         fast, info = eng.rank(query, "barcode", k=5)
         slow, _ = eng.rank(query, "barcode", k=5, exhaustive=True)
         assert fast == slow and fast[0][0] == parent
-        assert info["strategy"] == "two-stage" and 5 <= info["exact"] < n_slides  # pruned, yet exact
-    eng.tile_k, eng.widen = 1, 0  # one neighbour per tile finds only the parent: no certificate
+        assert info["strategy"] == "two-stage" and info["tile_k"] == 30 and 5 <= info["candidates"] < n_slides
+    eng.tile_k = 1  # one neighbour per tile hits only the parent: widened 4x until 5 slides are hit
     fast, info = eng.rank(query, "barcode", k=5)
-    assert info["strategy"] == "exhaustive (bound not met)" and fast == slow
+    assert info["strategy"] == "two-stage" and info["tile_k"] > 1 and info["candidates"] >= 5 and fast == slow
 
 
-def test_slide_bounds_are_lower_bounds_and_tight_when_everything_is_returned() -> None:
-    from search.barcodes import build_binary_index, minmax_barcode
-    from search.engine import slide_bounds
+def test_first_stage_uses_an_evenly_spread_subset_of_query_tiles() -> None:
+    calls = []
 
-    rng = np.random.default_rng(2)
-    sizes = rng.integers(3, 12, 25)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    codes = minmax_barcode(rng.standard_normal((offsets[-1], 64)))
-    query = minmax_barcode(rng.standard_normal((9, 64)))
-    index, _ = build_binary_index(codes, "flat")
-    row_slide = np.repeat(np.arange(len(sizes)), sizes)
-    bits, qbits = np.unpackbits(codes, axis=1), np.unpackbits(query, axis=1)  # pure-NumPy Hamming reference
-    exact = np.array([np.median([min(int((q != t).sum()) for t in bits[offsets[s] : offsets[s + 1]]) for q in qbits])
-                      for s in range(len(sizes))])  # fmt: skip
-    allowed = np.arange(len(sizes)) % 4 != 1
-    for k in (1, 4, 15):
-        d, rows = index.search(query, k)
-        slides, bounds, rest = slide_bounds(d, rows, row_slide, allowed)
-        assert allowed[slides].all() and (bounds <= exact[slides]).all()
-        assert (rest <= exact[np.setdiff1d(np.flatnonzero(allowed), slides)]).all()
-        assert rest == np.median(d[:, -1])
-    d, rows = index.search(query, len(codes))
-    slides, bounds, _ = slide_bounds(d, rows, row_slide, None)
-    assert np.array_equal(slides, np.arange(len(sizes))) and np.array_equal(bounds, exact)
+    def knn(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(q.copy())
+        return np.zeros((len(q), k)), np.tile(np.arange(k), (len(q), 1))
+
+    n = 12
+    cat = Catalog([str(i) for i in range(n)], [None] * n, [None] * n, [None] * n, np.arange(n + 1) * 2,
+                  np.zeros((2 * n, 2), np.int64))  # fmt: skip
+    codes = np.arange(2 * n, dtype=np.uint8)[:, None].repeat(4, 1)
+    eng = SearchEngine(cat, knn={"barcode": knn}, tiles={"barcode": lambda: codes}, stage1_tiles=3, tile_k=4)
+    query = np.arange(7, dtype=np.uint8)[:, None].repeat(4, 1)
+    eng.rank(query, "barcode", k=2)
+    assert [c[:, 0].tolist() for c in calls] == [[0, 3, 6]]
+    eng.stage1_tiles = 50  # more than the query has: every tile
+    eng.rank(query, "barcode", k=2)
+    assert calls[-1][:, 0].tolist() == list(range(7))

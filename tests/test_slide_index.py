@@ -79,7 +79,7 @@ def test_query_slide_finds_itself_and_honours_patient_exclusion(flat: SlideIndex
         assert r.results[0].matches[0].xy == r.results[0].matches[0].query_xy
         d = r.to_dict()
         assert set(d) == {"query", "prediction", "results", "search"} and d["search"]["mode"] == mode
-        assert d["search"]["strategy"] in ("two-stage", "exhaustive", "exhaustive (bound not met)")
+        assert d["search"]["strategy"] in ("two-stage", "exhaustive", "exhaustive (fewer than k candidates)")
         assert set(d["results"][0]) == {"slide_id", "label", "distance", "matches"}
         r2 = flat.search_slide(tiles, k=3, mode=mode, exclude_patient=True)
         assert query.stem not in [h.slide_id for h in r2.results] and len(r2.results) == 3

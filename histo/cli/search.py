@@ -82,6 +82,8 @@ def search(
     idx = SlideIndex.open(index_dir, device=cfg["device"], verify=cfg["verify"])
     if cfg["tile_k"] is not None:
         idx.engine.tile_k = int(cfg["tile_k"])
+    if cfg["stage1_tiles"] is not None:
+        idx.engine.stage1_tiles = int(cfg["stage1_tiles"])
     out, failed = [], 0
     for q in queries:
         path = Path(q)
