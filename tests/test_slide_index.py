@@ -89,6 +89,8 @@ def test_query_slide_finds_itself_and_honours_patient_exclusion(flat: SlideIndex
 
 
 def test_two_stage_equals_exhaustive(flat: SlideIndex) -> None:
+    assert flat.manifest["search"]["tile_k"] is None and flat.manifest["search"]["stage1_tiles"] == 32
+    assert flat.engine.tile_k is None and flat.engine.stage1_tiles == 32  # the manifest's search defaults
     for mode in ("barcode", "float"):
         base = flat.engine.tiles[mode]()
         for s in range(len(flat)):
