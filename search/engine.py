@@ -141,10 +141,11 @@ class SearchEngine:
         cat = self.catalog
         everything = np.arange(len(cat)) if allowed is None else np.flatnonzero(allowed)
         excluded_rows = 0 if allowed is None else int(np.diff(cat.offsets)[~allowed].sum())
-        info: dict[str, Any] = {"mode": mode, "strategy": "exhaustive", "tile_k": 0}
+        info: dict[str, Any] = {"mode": mode, "strategy": "exhaustive", "tile_k": 0, "stage1_tiles": 0}
         candidates = everything
         if not exhaustive and excluded_rows * 2 < len(cat.row_slide) and len(everything) > k:
             hit, info["tile_k"] = self._first_stage(query, mode, allowed, excluded_rows, k)
+            info["stage1_tiles"] = min(len(query), self.stage1_tiles)
             if len(hit) >= k:
                 candidates, info["strategy"] = hit, "two-stage"
             else:  # fewer distinct slides than asked for even with every row: search all allowed ones

@@ -97,6 +97,17 @@ def test_search_json_schema(built: Path, data: dict) -> None:
     assert data["slide"].stem not in [r["slide_id"] for r in json.loads(stdout)["queries"][0]["results"]]
 
 
+def test_search_config_sets_the_first_stage(built: Path, data: dict, tmp_path: Path) -> None:
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text("tile_k: 7\nstage1_tiles: 2\n")
+    code, stdout, stderr = run(
+        ["search", "--index", built, data["slide"], "--config", cfg, "--k", "2", "--json"]
+    )
+    assert code == 0, stderr
+    how = json.loads(stdout)["queries"][0]["search"]
+    assert how["strategy"] == "two-stage" and how["stage1_tiles"] == 2 and how["tile_k"] % 7 == 0
+
+
 def test_bad_query_is_reported_and_the_rest_goes_on(built: Path, data: dict) -> None:
     missing = data["root"] / "missing.svs"
     code, stdout, stderr = run(["search", "--index", built, missing, data["slide"], "--json"])
