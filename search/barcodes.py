@@ -68,7 +68,7 @@ def build_binary_index(
     """
     import faiss
 
-    from search.index import DEFAULT_PARAMS, default_nlist, held_out_rows, sample_rows
+    from search.index import DEFAULT_PARAMS, default_nlist, held_out_rows, sample_rows, training_points
 
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     bits = codes.shape[1] * 8
@@ -82,7 +82,7 @@ def build_binary_index(
     nlist = int(p["nlist"] or default_nlist(len(codes)))
     index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(bits), bits, nlist)
     index.cp.seed = int(p["seed"])
-    index.train(sample_rows(codes, nlist * 256, int(p["seed"])))
+    index.train(sample_rows(codes, nlist * training_points(p), int(p["seed"])))
     held = held_out_rows(
         len(codes), groups, min(int(p["calibration_queries"]), len(codes) // 10), int(p["seed"])
     )

@@ -30,7 +30,6 @@ from histo.errors import HistoError, InputFileError
 
 INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
 MIN_POINTS_PER_LIST = 39  # FAISS k-means warns below this many training points per centroid
-TRAIN_POINTS_PER_LIST = 256  # FAISS's default cap on training points per centroid
 KNN_BLOCK_ELEMENTS = 1 << 25  # exact search: query x base distances held at once (128 MB of float32)
 
 DEFAULT_PARAMS: dict[str, Any] = {
@@ -45,6 +44,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "recall_target": 0.95,
     "calibration_queries": 256,
     "calibration_k": 10,
+    "train_points_per_list": 256,  # IVF k-means sample per list (FAISS's cap); fewer (>= 39) trains faster
     "barcode_index": None,  # None: "flat" for a flat float index, else "ivf" (search/barcodes.py)
     "gpu_shard": False,  # multi-GPU: False = replicas (throughput), True = shards (capacity)
     "seed": 0,
@@ -252,7 +252,7 @@ def build_float_index(
             params["pq_nbits"] = int(min(params["pq_nbits"], max(1, int(math.log2(n / MIN_POINTS_PER_LIST)))))
             index = faiss.IndexIVFPQ(quantizer, d, params["nlist"], params["pq_m"], params["pq_nbits"])
         index.cp.seed = int(params["seed"])
-        index.train(sample_rows(vectors, params["nlist"] * TRAIN_POINTS_PER_LIST, int(params["seed"])))
+        index.train(sample_rows(vectors, params["nlist"] * training_points(params), int(params["seed"])))
     else:
         hnsw = faiss.IndexHNSWFlat(d, int(params["hnsw_m"]))
         hnsw.hnsw.efConstruction = int(params["ef_construction"])
@@ -280,6 +280,16 @@ def held_out_rows(n: int, groups: np.ndarray | None, n_rows: int, seed: int) -> 
     count = min(len(ids) // 2, int(np.searchsorted(taken, n_rows)) + 1)
     mask[np.isin(groups, ids[order[:count]])] = True
     return mask
+
+
+def training_points(params: dict[str, Any]) -> int:
+    """IVF k-means training points per list; below 39 FAISS k-means is unreliable, so that is refused."""
+    per_list = int(params["train_points_per_list"])
+    if per_list < MIN_POINTS_PER_LIST:
+        raise HistoError(
+            f"train_points_per_list={per_list} must be at least {MIN_POINTS_PER_LIST} (FAISS k-means)"
+        )
+    return per_list
 
 
 def sample_rows(x: np.ndarray, n: int, seed: int) -> np.ndarray:

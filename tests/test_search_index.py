@@ -113,3 +113,19 @@ def test_device_resolution_never_silent() -> None:
             resolve_faiss_device("cuda", "flat")
     with pytest.raises(HistoError, match="unknown index type"):
         build_float_index(clustered(10), "lsh")
+
+
+def test_ivf_training_sample_follows_train_points_per_list(monkeypatch) -> None:
+    import search.index as index_module
+    from search.barcodes import build_binary_index, minmax_barcode
+
+    x = clustered(4000, seed=9)
+    asked = []
+    real = index_module.sample_rows
+    monkeypatch.setattr(index_module, "sample_rows", lambda v, n, seed: asked.append(n) or real(v, n, seed))
+    params = {"train_points_per_list": 40, "calibration_queries": 50}
+    built = build_float_index(x, "ivf", params)
+    _, binary_params = build_binary_index(minmax_barcode(x), "ivf", params)
+    assert asked == [built.params["nlist"] * 40, binary_params["nlist"] * 40]
+    with pytest.raises(HistoError, match="train_points_per_list=20 must be at least 39"):
+        build_float_index(x, "ivf", {"train_points_per_list": 20})
