@@ -81,7 +81,12 @@ def main() -> None:
     )
     ap.add_argument("--types", default="flat,ivf,ivfpq,hnsw", help="float index types ('' for none)")
     ap.add_argument("--no-slide-search", action="store_true", help="skip barcodes and slide search")
-    ap.add_argument("--train-per-list", type=int, default=256, help="IVF k-means training points per list")
+    ap.add_argument(
+        "--train-per-list",
+        type=int,
+        default=None,
+        help="IVF k-means training points per list (None: default)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--threads", type=int, default=None, help="BLAS/OpenMP threads (default: library default)"
@@ -153,7 +158,7 @@ def main() -> None:
 
 def index_params(args: argparse.Namespace) -> dict:
     """Index parameters the benchmark sets (the rest are the defaults of configs/index.yaml)."""
-    return {"train_points_per_list": args.train_per_list}
+    return {} if args.train_per_list is None else {"train_points_per_list": args.train_per_list}
 
 
 def slide_search(args, report, feats, queries, cat, offsets) -> None:
