@@ -204,9 +204,10 @@ class SearchEngine:
         k: int = 5,
         allowed: np.ndarray | None = None,
         query_xy: np.ndarray | None = None,
+        exhaustive: bool = False,
     ) -> SearchResult:
         """Full slide query: ranking, tile matches and the majority-vote label of the top k."""
-        ranked, info = self.rank(query, mode, k, allowed)
+        ranked, info = self.rank(query, mode, k, allowed, exhaustive)
         hits = self.hits(query, ranked, mode, query_xy)
         return SearchResult(name, majority_vote([h.label for h in hits]), hits, info)
 

@@ -248,11 +248,17 @@ class SlideIndex:
         )
 
     def search_slide(
-        self, query: Any, k: int = 5, mode: str = "barcode", exclude_patient: str | bool | None = None
+        self,
+        query: Any,
+        k: int = 5,
+        mode: str = "barcode",
+        exclude_patient: str | bool | None = None,
+        exhaustive: bool = False,
     ) -> SearchResult:
         """Rank indexed slides for a query slide (file path or TileSet) by the two-stage search.
 
         `exclude_patient`: a patient ID, or True for the query's own patient (TCGA: first 12 characters).
+        `exhaustive`: skip the first stage and compare every indexed slide (exact, slower).
         """
         if mode not in MODES:
             raise HistoError(f"unknown search mode {mode!r} (barcode, float)")
@@ -263,7 +269,7 @@ class SlideIndex:
                 raise HistoError(f"{name}: patient of the query is unknown; cannot exclude it")
         allowed = self.catalog.allowed(exclude_patient or None)
         q = minmax_barcode(f) if mode == "barcode" else f
-        result = self.engine.search(name, q, mode, k, allowed, xy)
+        result = self.engine.search(name, q, mode, k, allowed, xy, exhaustive)
         result.info.update(self.float_index.device_info() if mode == "float" else {"device": "cpu"})
         return result
 

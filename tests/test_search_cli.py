@@ -104,8 +104,15 @@ def test_search_config_sets_the_first_stage(built: Path, data: dict, tmp_path: P
         ["search", "--index", built, data["slide"], "--config", cfg, "--k", "2", "--json"]
     )
     assert code == 0, stderr
-    how = json.loads(stdout)["queries"][0]["search"]
-    assert how["strategy"] == "two-stage" and how["stage1_tiles"] == 2 and how["tile_k"] % 7 == 0
+    fast = json.loads(stdout)["queries"][0]
+    assert fast["search"]["strategy"] == "two-stage"
+    assert fast["search"]["stage1_tiles"] == 2 and fast["search"]["tile_k"] % 7 == 0
+    code, stdout, stderr = run(
+        ["search", "--index", built, data["slide"], "--k", "2", "--exhaustive", "--json"]
+    )
+    assert code == 0, stderr
+    exact = json.loads(stdout)["queries"][0]
+    assert exact["search"]["strategy"] == "exhaustive" and exact["results"] == fast["results"]
 
 
 def test_bad_query_is_reported_and_the_rest_goes_on(built: Path, data: dict) -> None:

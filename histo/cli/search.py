@@ -52,6 +52,9 @@ def read_patch(path: Path):
     "--mode", type=click.Choice(["barcode", "float"]), default=None, help="Distance for slide queries."
 )
 @click.option("--exclude-same-patient", is_flag=True, default=None, help="Drop the query's own patient.")
+@click.option(
+    "--exhaustive", is_flag=True, default=None, help="Compare every indexed slide (exact; no first stage)."
+)
 @device_option
 @config_option
 @json_option
@@ -61,6 +64,7 @@ def search(
     k: int | None,
     mode: str | None,
     exclude_same_patient: bool | None,
+    exhaustive: bool | None,
     device: str | None,
     config_path: str | None,
     as_json: bool,
@@ -77,7 +81,13 @@ def search(
     cfg = load_config(
         "search",
         config_path,
-        {"k": k, "mode": mode, "exclude_same_patient": exclude_same_patient or None, "device": device},
+        {
+            "k": k,
+            "mode": mode,
+            "exclude_same_patient": exclude_same_patient or None,
+            "exhaustive": exhaustive or None,
+            "device": device,
+        },
     )
     idx = SlideIndex.open(index_dir, device=cfg["device"], verify=cfg["verify"])
     if cfg["tile_k"] is not None:
@@ -93,7 +103,11 @@ def search(
                 result.query = q
             else:
                 result = idx.search_slide(
-                    q, k=cfg["k"], mode=cfg["mode"], exclude_patient=cfg["exclude_same_patient"] or None
+                    q,
+                    k=cfg["k"],
+                    mode=cfg["mode"],
+                    exclude_patient=cfg["exclude_same_patient"] or None,
+                    exhaustive=cfg["exhaustive"],
                 )
             out.append(result.to_dict())
             _print_result(result.to_dict(), err=as_json)
