@@ -220,6 +220,14 @@ def spacing_of(header: nib.Nifti1Header) -> tuple[float, ...]:
     return tuple(float(z) for z in header.get_zooms()[:3])
 
 
+def ras_spacing(affine: np.ndarray) -> tuple[float, ...]:
+    """Voxel size in mm along the RAS axes of `to_ras` arrays (the source's axes, permuted)."""
+    zooms = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    out = np.empty(3)
+    out[nib.orientations.io_orientation(affine)[:, 0].astype(int)] = zooms
+    return tuple(float(z) for z in out)
+
+
 KEYS = ("image", "label", "mask")
 
 

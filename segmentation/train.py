@@ -20,7 +20,7 @@ from tqdm import tqdm
 from histo.errors import ConfigError, HistoError
 from segmentation.data import Case, CropDataset, PlanSampler, epoch_plan, find_cases, load_case
 from segmentation.labels import REGIONS
-from segmentation.metrics import dice
+from segmentation.metrics import dice, hd95
 
 FORMAT = {"format": "histo-segment-checkpoint", "version": 1}
 # Keys that may change between a run and its --resume.
@@ -101,17 +101,20 @@ def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list
 def _validate(
     model: nn.Module, cases: list[Case], config: dict, device, dist, cache: dict
 ) -> dict[str, float]:
-    """Mean Dice per region over the validation cases (sharded over ranks, summed with all_reduce)."""
+    """Mean Dice (and with train.val_hd95, HD95 in mm) per region over the validation cases, sharded over
+    ranks and summed with all_reduce."""
     from histo.devices import all_reduce_sum
+    from segmentation.data import ras_spacing
     from segmentation.infer import predict_volume
 
-    sums = torch.zeros(4, dtype=torch.float64)
+    with_hd95 = config["train"]["val_hd95"]
+    sums = torch.zeros(7, dtype=torch.float64)  # Dice TC/WT/ET, HD95 TC/WT/ET, cases
     model.eval()
     for case in cases[dist.rank :: dist.world_size]:
         item = cache.get(case.case_id) or load_case(case)
         if config["data"]["cache"]:
             cache[case.case_id] = item
-        image, brain, regions, _, _ = item
+        image, brain, regions, affine, _ = item
         prob = predict_volume(
             model,
             image,
@@ -122,12 +125,20 @@ def _validate(
             sw_batch_size=config["infer"]["sw_batch_size"],
         )
         pred = prob >= config["infer"]["threshold"]
-        sums += torch.tensor([*(dice(pred[i], regions[i]) for i in range(3)), 1.0], dtype=torch.float64)
+        sums[:3] += torch.tensor([dice(pred[i], regions[i]) for i in range(3)], dtype=torch.float64)
+        if with_hd95:
+            spacing = ras_spacing(affine)
+            sums[3:6] += torch.tensor(
+                [hd95(pred[i], regions[i], spacing) for i in range(3)], dtype=torch.float64
+            )
+        sums[6] += 1.0
     all_reduce_sum(sums)
     model.train()
-    n = max(sums[3].item(), 1.0)
+    n = max(sums[6].item(), 1.0)
     out = {f"val_dice_{r}": sums[i].item() / n for i, r in enumerate(REGIONS)}
     out["val_dice_mean"] = float(np.mean([out[f"val_dice_{r}"] for r in REGIONS]))
+    if with_hd95:
+        out |= {f"val_hd95_{r}": sums[3 + i].item() / n for i, r in enumerate(REGIONS)}
     return out
 
 

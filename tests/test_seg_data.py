@@ -254,3 +254,16 @@ def test_synthetic_contrasts_geometry_and_naming(tmp_path, scheme, et):
         assert np.all(vol["t1"][vol["flair"] == 0] == 0)  # background is exactly 0 in every modality
         centres.append(np.argwhere(seg > 0).mean(axis=0))
     assert np.abs(centres[0] - centres[1]).max() > 1.0  # the tumour moves between cases
+
+
+def test_ras_spacing_matches_nibabel_canonical_zooms():
+    import nibabel as nib
+
+    from segmentation.data import ras_spacing
+
+    affine = np.array(
+        [[0, 0, 3.0, 5], [-2.0, 0, 0, 1], [0, 1.5, 0, 2], [0, 0, 0, 1]]
+    )  # permuted, one axis flipped
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine))
+    assert ras_spacing(affine) == pytest.approx(canonical.header.get_zooms()[:3])
+    assert ras_spacing(affine) == pytest.approx((3.0, 2.0, 1.5))

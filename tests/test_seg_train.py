@@ -100,6 +100,26 @@ def test_validation_loads_each_case_once_without_cache(tiny_cases, monkeypatch):
     assert 0.0 <= out["val_dice_mean"] <= 1.0
 
 
+def test_validation_hd95_is_the_mean_of_per_case_hd95_in_ras_spacing(tiny_cases):
+    import nibabel as nib
+
+    from segmentation.metrics import region_metrics
+
+    config = tiny_config(**{"train.val_hd95": True})
+    cases, model = find_cases(tiny_cases)[:2], build_model(config)
+    out = seg_train._validate(model, cases, config, CPU.device, CPU, {})
+    plain = seg_train._validate(model, cases, tiny_config(), CPU.device, CPU, {})
+    assert set(plain) < set(out) and all(out[k] == v for k, v in plain.items())
+    reference, _ = [], model.eval()  # _validate hands the model back in train mode (dropout on)
+    for case in cases:  # independent spacing: nibabel's closest canonical (RAS) image
+        image, brain, regions, _, _ = load_case(case)
+        zooms = nib.as_closest_canonical(nib.load(case.images["flair"])).header.get_zooms()[:3]
+        prob = predict_volume(model, image, roi=[16, 16, 16], overlap=0.0, brain_mask=brain)
+        reference.append(region_metrics(prob >= 0.5, regions.astype(bool), zooms))
+    for r in ("TC", "WT", "ET"):
+        assert out[f"val_hd95_{r}"] == pytest.approx(np.mean([m[f"hd95_{r}"] for m in reference]))
+
+
 def test_epoch_losses_stay_on_the_device_and_sum_every_batch(monkeypatch):
     """No host sync per step: the epoch returns [loss sum, batches] without calling Tensor.item."""
     config = tiny_config(**{"train.accumulate": 2})
