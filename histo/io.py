@@ -11,6 +11,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from histo.errors import HistoError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -70,8 +72,6 @@ def check_run_settings(
     Returns True when `out` holds an earlier run to resume; a run of other settings is refused with a
     HistoError naming the settings that differ, so results of two configurations are never mixed.
     """
-    from histo.errors import HistoError
-
     out = Path(out)
     settings = json.loads(json.dumps(settings, default=str))
     path = out / "settings.json"
