@@ -1,4 +1,4 @@
-"""YAML configuration shared by every command: defaults from `configs/<stage>.yaml`, a user file, flags.
+"""YAML configuration shared by every command: packaged defaults (`histo/configs/<stage>.yaml`), a user file, flags.
 
 The defaults file is the schema: a user file may only set keys that the defaults have, with values of a
 compatible type. Every error is one line naming the file and the key.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,9 @@ import yaml
 
 from histo.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The defaults ship inside the package (the top-level `configs/` is a link to this folder), so a
+# wheel installed without the source tree finds them.
+CONFIG_DIR = Path(str(resources.files("histo") / "configs"))
 
 
 def default_config_path(stage: str) -> Path:
