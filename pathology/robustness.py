@@ -1,9 +1,10 @@
 """KimiaNet features under H&E corruptions: leave-one-patient-out nearest-neighbour tile classification.
 
 The clean selected tiles of a tile store form the archive (features of the uncorrupted tiles); every
-tile, corrupted, queries it, its own patient excluded. Scores: tile accuracy, tile macro-F1 and slide
-accuracy (majority vote of the slide's tiles). The grid, the ImageNet-C metrics and the plots come from
-`histo.robustness`; α-BN (optional) calibrates the query forward passes per corruption.
+tile, corrupted, queries it, its own patient excluded. Scores (`histo.classification`): tile accuracy, tile
+macro-F1 and slide accuracy (majority vote of the slide's tiles; a tie goes to the first label by name).
+The grid, the ImageNet-C metrics and the plots come from `histo.robustness`; α-BN (optional) calibrates the
+query forward passes per corruption.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from histo.classification import DEFINITIONS, classification_report, vote
 from histo.errors import HistoError
 from histo.io import atomic_write_json
 from histo.robustness import ModelRun, parse_severities, plan_runs, run_study, select_corruptions
@@ -80,7 +82,7 @@ def knn_predict(
     i_groups: np.ndarray,
     k: int,
 ) -> np.ndarray:
-    """Majority label of the k Euclidean-nearest index vectors of another group (ties: the nearer wins)."""
+    """Majority label of the k Euclidean-nearest index vectors of another group (histo.classification.vote)."""
     q = query.astype(np.float64)
     x = index.astype(np.float64)
     dist = (q**2).sum(1)[:, None] - 2 * q @ x.T + (x**2).sum(1)[None]
@@ -89,29 +91,16 @@ def knn_predict(
     if k < 1:
         raise HistoError("a query has no index tile of another patient")
     order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-    return np.array([knn_vote(row) for row in i_labels[order]])
+    near = np.take_along_axis(dist, order, axis=1)
+    return np.array([vote(row, d) for row, d in zip(i_labels[order], near, strict=True)])
 
 
 def classification_scores(y_true: np.ndarray, y_pred: np.ndarray, slide: np.ndarray) -> dict[str, float]:
-    """Tile accuracy, tile macro-F1 (over the true classes) and slide accuracy (majority of tile votes)."""
-    from sklearn.metrics import f1_score
-
+    """Tile accuracy and macro-F1 (histo.classification.classification_report), slide accuracy (tile vote)."""
+    report = classification_report(y_true, y_pred)
     slides = np.unique(slide)
-    votes = [knn_vote(y_pred[slide == s]) == y_true[slide == s][0] for s in slides]
-    return {
-        "accuracy": float(np.mean(y_true == y_pred)),
-        "macro_f1": float(
-            f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0)
-        ),
-        "slide_accuracy": float(np.mean(votes)),
-    }
-
-
-def knn_vote(labels: np.ndarray) -> Any:
-    """The most frequent label (the first seen, i.e. the nearest, wins a tie)."""
-    values, first, counts = np.unique(labels, return_index=True, return_counts=True)
-    best = np.flatnonzero(counts == counts.max())
-    return values[best[np.argmin(first[best])]]
+    votes = [vote(y_pred[slide == s]) == y_true[slide == s][0] for s in slides]
+    return {"accuracy": report.accuracy, "macro_f1": report.macro_f1, "slide_accuracy": float(np.mean(votes))}
 
 
 def make_evaluate(extractor: Any, cohort: Cohort, index: list[np.ndarray], k: int, batch_size: int):
@@ -178,6 +167,7 @@ def evaluate_pathology(
         "alpha_bn": config["alpha_bn"],
         "pathology": {k: v for k, v in p.items() if k not in ("workers", "cache_mb")},  # not in the results
         "slides": cohort.slide_ids,
+        **DEFINITIONS,
     }
     summary = run_study(
         runs,

@@ -3,8 +3,8 @@
 AdamW, cosine schedule with warm-up (per optimizer step), gradient accumulation, bf16 autocast and
 channels_last on CUDA, torchrun DDP (gloo on CPU). `batch_size` is the global batch of one forward step
 (split evenly over processes). Each epoch: tile-level validation accuracy / macro-F1 and slide-level
-majority-vote accuracy, the best model at OUT, the full training state at OUT.last.pt (atomic), metrics
-CSV + curve PNG; rank 0 alone writes. `resume` continues from OUT.last.pt exactly.
+majority-vote accuracy (definitions: `histo.classification`), the best model at OUT, the full training
+state at OUT.last.pt (atomic), metrics CSV + curve PNG; rank 0 alone writes. `resume` continues from OUT.last.pt exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from histo.classification import DEFINITIONS, confusion_report, vote
 from histo.errors import ConfigError, HistoError
 from pathology.data import EpochSampler, TileDataset, TrainingData, balanced_weights, plan_training_data
 from pathology.densenet import FeatureClassifier
@@ -48,19 +49,6 @@ def output_paths(out: str | Path) -> dict[str, Path]:
 def log(message: str) -> None:
     """Human progress on stderr (stdout is kept for --json)."""
     print(message, file=sys.stderr, flush=True)
-
-
-def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 (over classes present in truth or prediction) of a confusion matrix [true, pred]."""
-    tp = np.diag(confusion).astype(float)
-    support, predicted = confusion.sum(1), confusion.sum(0)
-    present = (support + predicted) > 0
-    f1 = np.divide(2 * tp, support + predicted, out=np.zeros_like(tp), where=present)
-    total = confusion.sum()
-    return {
-        "acc": float(tp.sum() / total) if total else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-    }
 
 
 def _worker_init(_: int) -> None:
@@ -235,13 +223,15 @@ class Trainer:
         confusion, votes, loss_sum = (
             all_reduce_sum(t.to(self.device)).cpu() for t in (confusion, votes, loss_sum)
         )
-        metrics = classification_metrics(confusion.numpy())
-        truth = {s: label for s, _, label in self.data.val}
-        slide_correct = [int(votes[i].argmax()) == truth[s] for s, i in slide_index.items()]
+        classes = np.array(self.data.classes)
+        report = confusion_report(confusion.numpy(), self.data.classes)
+        truth = {s: classes[label] for s, _, label in self.data.val}
+        tile_votes = votes.long().numpy()
+        slide_correct = [vote(np.repeat(classes, tile_votes[i])) == truth[s] for s, i in slide_index.items()]
         return {
             "val_loss": float(loss_sum / max(confusion.sum(), 1)),
-            "val_acc": metrics["acc"],
-            "val_macro_f1": metrics["macro_f1"],
+            "val_acc": report.accuracy,
+            "val_macro_f1": report.macro_f1,
             "val_slide_acc": float(np.mean(slide_correct)) if slide_correct else 0.0,
         }
 
@@ -347,6 +337,7 @@ class Trainer:
             "device": str(self.device),
             "init": self.init_report,
             "data_hash": self.data.data_hash,
+            **DEFINITIONS,
         }
 
 

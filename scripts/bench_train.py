@@ -20,7 +20,6 @@ import hashlib
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +104,8 @@ def lopo_majority_accuracy(
     features: dict[str, np.ndarray], label: dict[str, str], patient: dict[str, str]
 ) -> float:
     """Each slide's tiles vote with the label of their nearest tile among other patients' slides."""
+    from histo.classification import vote
+
     ids = sorted(features)
     all_f = np.concatenate([features[s] for s in ids])
     owner = np.concatenate([[s] * len(features[s]) for s in ids])
@@ -112,8 +113,7 @@ def lopo_majority_accuracy(
     for s in ids:
         others = np.array([patient[o] != patient[s] for o in owner])
         d = ((features[s][:, None, :] - all_f[None, others, :]) ** 2).sum(-1)
-        votes = Counter(label[o] for o in owner[others][d.argmin(1)])
-        correct += votes.most_common(1)[0][0] == label[s]
+        correct += vote([label[o] for o in owner[others][d.argmin(1)]]) == label[s]
     return correct / len(ids)
 
 

@@ -7,13 +7,13 @@ use it directly and `SlideIndex` wraps it with storage, tiling and the feature e
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from histo.classification import vote
 from search.distance import best_matches, slide_distances
 
 MODES = ("barcode", "float")
@@ -66,14 +66,9 @@ class SearchResult:
         }
 
 
-def majority_vote(labels: Sequence[str | None]) -> str | None:
-    """Most frequent label; a tie goes to the tied label ranked first. None labels do not vote."""
-    votes = [x for x in labels if x is not None]
-    if not votes:
-        return None
-    counts = Counter(votes)
-    best = max(counts.values())
-    return next(x for x in votes if counts[x] == best)
+def vote_of(hits: Sequence[SlideHit]) -> str | None:
+    """The majority label of ranked hits (histo.classification.vote: a tie goes to the nearest hit's label)."""
+    return vote([h.label for h in hits], [h.distance for h in hits])
 
 
 @dataclass
@@ -209,7 +204,7 @@ class SearchEngine:
         """Full slide query: ranking, tile matches and the majority-vote label of the top k."""
         ranked, info = self.rank(query, mode, k, allowed, exhaustive)
         hits = self.hits(query, ranked, mode, query_xy)
-        return SearchResult(name, majority_vote([h.label for h in hits]), hits, info)
+        return SearchResult(name, vote_of(hits), hits, info)
 
 
 def default_tile_k(catalog: Catalog) -> int:

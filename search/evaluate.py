@@ -2,11 +2,12 @@
 
 Every labelled slide is a query (its stored tile codes/features); all slides of its patient are excluded
 from the search (a slide without a patient ID is its own patient). The prediction at k is the majority
-label of the top k slides (ties: the tied label ranked first). Reported per k: accuracy, macro-F1 (mean F1
-over the classes present in the truth or the predictions, as scikit-learn's default) and per-class
-precision/recall/F1/support; confusion matrices as PNG. Scopes: horizontal (all slides) and, when every
-slide has a site, vertical (only slides of the query's site). A query with no other patient in its scope
-is listed as unanswerable and left out of the metrics.
+label of the top k slides (`histo.classification.vote`: a tie goes to the label of the nearest slide).
+Reported per k (`histo.classification.classification_report`): accuracy, macro-F1 (mean F1 over the classes
+in the truth or the predictions; a query with no labelled neighbour abstains, "(none)", which is wrong and a
+miss of its class but not a class) and per-class precision/recall/F1/support; confusion matrices as PNG.
+Scopes: horizontal (all slides) and, when every slide has a site, vertical (only slides of the query's
+site). A query with no other patient in its scope is listed as unanswerable and left out of the metrics.
 """
 
 from __future__ import annotations
@@ -18,29 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from search.engine import SearchEngine, majority_vote
-
-NONE_LABEL = "(none)"  # prediction when no neighbour has a label
-
-
-@dataclass
-class ClassScores:
-    precision: float
-    recall: float
-    f1: float
-    support: int
-
-
-@dataclass
-class KScores:
-    """Scores of the majority vote of the top k."""
-
-    k: int
-    accuracy: float
-    macro_f1: float
-    per_class: dict[str, ClassScores]
-    labels: list[str]
-    confusion: list[list[int]]  # rows: true label, columns: predicted label (order of `labels`)
+from histo.classification import ABSTAIN, DEFINITIONS, ClassificationReport, classification_report, vote
+from search.engine import SearchEngine
 
 
 @dataclass
@@ -48,7 +28,7 @@ class ScopeResult:
     scope: str  # "horizontal" or "vertical"
     n_queries: int
     unanswerable: list[str]
-    scores: dict[int, KScores]
+    scores: dict[int, ClassificationReport]  # k -> scores of the majority vote of the top k
     predictions: dict[str, dict[int, str]] = field(default_factory=dict)  # slide_id -> k -> label
 
 
@@ -58,6 +38,7 @@ class EvaluationResult:
     ks: list[int]
     scopes: dict[str, ScopeResult]
     pngs: list[str] = field(default_factory=list)
+    definitions: dict[str, str] = field(default_factory=lambda: dict(DEFINITIONS))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,25 +50,6 @@ class EvaluationResult:
             for name, s in self.scopes.items()
             for k, ks in s.scores.items()
         ]
-
-
-def scores(truth: list[str], pred: list[str], k: int) -> KScores:
-    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix."""
-    labels = sorted(set(truth) | set(pred))
-    pos = {lab: i for i, lab in enumerate(labels)}
-    cm = np.zeros((len(labels), len(labels)), dtype=np.int64)
-    for t, p in zip(truth, pred, strict=True):
-        cm[pos[t], pos[p]] += 1
-    per_class = {}
-    for i, lab in enumerate(labels):
-        tp, predicted, actual = cm[i, i], cm[:, i].sum(), cm[i, :].sum()
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[lab] = ClassScores(float(precision), float(recall), float(f1), int(actual))
-    accuracy = float(np.trace(cm) / cm.sum()) if cm.sum() else 0.0
-    macro = float(np.mean([c.f1 for c in per_class.values()])) if per_class else 0.0
-    return KScores(k, accuracy, macro, per_class, labels, cm.tolist())
 
 
 def evaluate_engine(
@@ -123,14 +85,15 @@ def evaluate_engine(
                 continue
             ranked, _ = engine.rank(base[cat.rows(s)], mode, max(ks), allowed)
             labels = [cat.labels[i] for i, _ in ranked]
+            distances = [d for _, d in ranked]
             truth.append(cat.labels[s])
             sr.predictions[cat.slide_ids[s]] = {}
             for k in ks:
-                p = majority_vote(labels[:k]) or NONE_LABEL
+                p = vote(labels[:k], distances[:k]) or ABSTAIN
                 preds[k].append(p)
                 sr.predictions[cat.slide_ids[s]][k] = p
         sr.n_queries = len(truth)
-        sr.scores = {k: scores(truth, preds[k], k) for k in ks}
+        sr.scores = {k: classification_report(truth, preds[k]) for k in ks}
         result.scopes[scope] = sr
     if out_dir is not None:
         _write(result, Path(out_dir))
@@ -161,16 +124,18 @@ def plot_confusions(sr: ScopeResult, png: Path) -> None:
     size = max(3.5, 0.5 * max((len(s.labels) for s in sr.scores.values()), default=1) + 2)
     fig, axes = plt.subplots(1, n, figsize=(size * n, size), squeeze=False)
     for ax, (k, s) in zip(axes[0], sr.scores.items(), strict=True):
-        cm = np.array(s.confusion)
+        cm, columns = np.array(s.confusion), list(s.labels)
+        if any(s.abstained):  # abstentions are no class, but the reader should see them
+            cm, columns = np.column_stack([cm, s.abstained]), [*columns, ABSTAIN]
         ax.imshow(cm, cmap="Blues")
         for (i, j), v in np.ndenumerate(cm):
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-        ax.set_xticks(range(len(s.labels)), s.labels, rotation=45, ha="right")
+        ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
         ax.set_yticks(range(len(s.labels)), s.labels)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(
-            f"{sr.scope} {'top-1' if k == 1 else f'MV@{k}'}: acc {s.accuracy:.2f}, F1 {s.macro_f1:.2f}"
+            f"{sr.scope} {'top-1' if k == 1 else f'MV@{k}'}: acc {s.accuracy:.2f}, macro-F1 {s.macro_f1:.2f}"
         )
     fig.tight_layout()
     save_figure(fig, png)

@@ -31,7 +31,7 @@ from histo.errors import HistoError, InputFileError
 from histo.io import atomic_path, atomic_write_json, file_sha256
 from search import features as feats_io
 from search.barcodes import BITORDER, build_binary_index, code_bits, minmax_barcode, stored_codes
-from search.engine import MODES, Catalog, SearchEngine, SearchResult, SlideHit, TileMatch, majority_vote
+from search.engine import MODES, Catalog, SearchEngine, SearchResult, SlideHit, TileMatch, vote_of
 from search.index import DEFAULT_PARAMS, INDEX_TYPES, FloatIndex, build_float_index, load_float_index
 from search.manifest import MANIFEST, read_manifest, write_manifest
 
@@ -292,7 +292,7 @@ class SlideIndex:
             tile = int(row - cat.offsets[s])
             match = TileMatch(0, None, tile, [int(v) for v in cat.coords[row]], float(d))
             hits.append(SlideHit(cat.slide_ids[s], cat.labels[s], float(d), [match]))
-        return SearchResult("patch", majority_vote([h.label for h in hits]), hits, {"mode": mode})
+        return SearchResult("patch", vote_of(hits), hits, {"mode": mode})
 
     def evaluate(
         self, k: tuple[int, ...] = (1, 3, 5), mode: str = "barcode", out_dir: str | os.PathLike | None = None

@@ -12,8 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from skimage.color import hed2rgb, rgb2hed
-from sklearn.metrics import f1_score
 
+from histo.classification import MACRO_F1_DEFINITION, VOTE_DEFINITION
 from histo.cli import main
 from histo.config import load_config
 from histo.errors import HistoError, InputFileError
@@ -21,7 +21,7 @@ from pathology.augment import augment, hed_jitter, hed_to_rgb, normalize, resize
 from pathology.data import EpochSampler, TileDataset, split_patients
 from pathology.kimianet import FeatureExtractor, build_model, random_init_checkpoint
 from pathology.store import SlideRecord, TileStore
-from pathology.train import Trainer, classification_metrics, output_paths, train_kimianet
+from pathology.train import Trainer, output_paths, train_kimianet
 
 CMU = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
 PX = 32
@@ -197,16 +197,6 @@ def test_dataset_reads_slide_when_pixels_not_saved(tmp_path):
         torch.testing.assert_close(ds[j][0], want[j])
 
 
-def test_classification_metrics_match_sklearn():
-    rng = np.random.default_rng(0)
-    y, p = rng.integers(0, 4, 50), rng.integers(0, 3, 50)
-    cm = np.zeros((4, 4))
-    np.add.at(cm, (y, p), 1)
-    m = classification_metrics(cm)
-    assert m["acc"] == pytest.approx(np.mean(y == p))
-    assert m["macro_f1"] == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
-
-
 # ---- the loop ---------------------------------------------------------------------------------------------
 def test_training_writes_outputs_and_checkpoint_loads(tmp_path):
     store = make_store(tmp_path / "t.zarr", cohort())
@@ -214,6 +204,8 @@ def test_training_writes_outputs_and_checkpoint_loads(tmp_path):
     paths = output_paths(tmp_path / "m.pt")
     assert all(p.is_file() for p in paths.values())
     assert summary["epochs_run"] == 2 and summary["val_patients"] == 2 and summary["train_patients"] == 4
+    assert summary["macro_f1_definition"] == MACRO_F1_DEFINITION
+    assert summary["vote_definition"] == VOTE_DEFINITION
     rows = (tmp_path / "m.metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss,train_acc,val_loss,val_acc,val_macro_f1") and len(rows) == 3
     ckpt = torch.load(tmp_path / "m.pt", weights_only=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from histo.classification import MACRO_F1_DEFINITION
 from histo.errors import HistoError
 from histo.robustness import (
     CLEAN,
@@ -260,6 +261,7 @@ def test_cli_pathology_grid_alpha_bn_reference_and_resume(tile_store, tmp_path) 
     assert all(0 <= r["value"] <= 1 for r in rows)
     for name in ("curves_accuracy.png", "heatmap_macro_f1.png", "ce_accuracy.csv", "settings.json"):
         assert (out / name).exists()
+    assert json.loads((out / "settings.json").read_text())["macro_f1_definition"] == MACRO_F1_DEFINITION
     before = (out / "results.csv").read_text()
     again = CliRunner().invoke(main, args)  # resumes: nothing left to evaluate, same results
     assert again.exit_code == 0 and (out / "results.csv").read_text() == before
@@ -342,7 +344,7 @@ def test_knn_predict_matches_a_loop_and_excludes_the_patient() -> None:
     p = np.array(["a", "b", "b", "b", "a", "a"])
     slide = np.array([0, 0, 1, 1, 1, 2])
     scores = classification_scores(y, p, slide)
-    # per-class F1: a 2*1/(2+3)=0.4, b 2*2/(3+3)=2/3, c 0 -> macro 0.3556; slides: a/b tie -> a (first) ok, b ok, c wrong
+    # per-class F1: a 2*1/(2+3)=0.4, b 2*2/(3+3)=2/3, c 0 -> macro 0.3556; slides: a/b tie -> a (by name) ok, b ok, c wrong
     assert scores["accuracy"] == pytest.approx(3 / 6)
     assert scores["macro_f1"] == pytest.approx((0.4 + 2 / 3 + 0) / 3)
     assert scores["slide_accuracy"] == pytest.approx(2 / 3)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from histo.classification import MACRO_F1_DEFINITION
 from histo.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,6 +69,7 @@ def built(data: dict) -> Path:
         ("horizontal", 5),
     }
     assert all(Path(p).exists() for p in report["evaluation"]["pngs"])
+    assert report["evaluation"]["macro_f1_definition"] == MACRO_F1_DEFINITION
     return out
 
 

@@ -6,10 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from search.engine import Catalog, SearchEngine, majority_vote
-from search.evaluate import evaluate_engine, scores
+from search.engine import Catalog, SearchEngine
+from search.evaluate import evaluate_engine
 from search.index import exact_knn
 
 
@@ -35,13 +34,6 @@ SIX = line_engine(
     patients=["p0", "p1", "p2", "p3", "p4", "p5"],
     sites=["x", "x", "x", "y", "y", "y"],
 )
-
-
-def test_majority_vote_ties_go_to_the_best_ranked_label() -> None:
-    assert majority_vote(["A", "B", "B"]) == "B"
-    assert majority_vote(["B", "A"]) == "B"
-    assert majority_vote(["A", "B", "B", "A"]) == "A"
-    assert majority_vote([None, "B"]) == "B" and majority_vote([None]) is None
 
 
 def test_horizontal_numbers_by_hand(tmp_path) -> None:
@@ -88,19 +80,6 @@ def test_unanswerable_queries_are_listed_not_scored() -> None:
     eng = line_engine([0, 1, 2], ["A", "B", "A"], ["p0", "p1", "p2"], ["x", "y", "y"])
     v = evaluate_engine(eng, ks=(1,), mode="float", progress=False).scopes["vertical"]
     assert v.unanswerable == ["s0"] and v.n_queries == 2
-
-
-def test_scores_match_scikit_learn() -> None:
-    rng = np.random.default_rng(0)
-    truth = list(rng.choice(["a", "b", "c", "d"], 60))
-    pred = list(rng.choice(["a", "b", "c", "e"], 60))
-    s = scores(truth, pred, 1)
-    labels = sorted(set(truth) | set(pred))
-    p, r, f, n = precision_recall_fscore_support(truth, pred, labels=labels, zero_division=0)
-    assert s.macro_f1 == pytest.approx(f1_score(truth, pred, average="macro", zero_division=0))
-    for i, lab in enumerate(labels):
-        c = s.per_class[lab]
-        assert (c.precision, c.recall, c.f1, c.support) == pytest.approx((p[i], r[i], f[i], n[i]))
 
 
 def test_two_stage_matches_exhaustive_on_clustered_slides() -> None:

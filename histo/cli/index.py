@@ -71,7 +71,7 @@ def index(
     if evaluate:
         ev_dir = Path(out) / "evaluation"
         ev = built.evaluate(k=tuple(cfg["evaluate"]["k"]), mode=cfg["evaluate"]["mode"], out_dir=ev_dir)
-        report["evaluation"] = {"rows": ev.summary_rows(), "pngs": ev.pngs}
+        report["evaluation"] = {"rows": ev.summary_rows(), "pngs": ev.pngs, **ev.definitions}
         log(f"{'scope':<11} {'k':>2} {'n':>5} {'accuracy':>9} {'macro-F1':>9}")
         for r in ev.summary_rows():
             log(f"{r['scope']:<11} {r['k']:>2} {r['n']:>5} {r['accuracy']:>9.3f} {r['macro_f1']:>9.3f}")
