@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -10,6 +11,8 @@ import torch
 import torch.distributed as dist
 
 from histo.errors import HistoError
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -59,6 +62,7 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    logger.debug("process %d of %d (local rank %d) on %s", rank, world_size, local_rank, device)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

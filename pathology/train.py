@@ -9,8 +9,8 @@ state at OUT.last.pt (atomic), metrics CSV + curve PNG; rank 0 alone writes. `re
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +26,8 @@ from histo.errors import ConfigError, HistoError
 from pathology.data import EpochSampler, TileDataset, TrainingData, balanced_weights, plan_training_data
 from pathology.densenet import FeatureClassifier
 from pathology.kimianet import build_model, model_config, save_model
+
+logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "histo-kimianet-train-state"
 # Keys that may change between a run and its resumption (they do not change the computation).
@@ -46,9 +48,6 @@ def output_paths(out: str | Path) -> dict[str, Path]:
     }
 
 
-def log(message: str) -> None:
-    """Human progress on stderr (stdout is kept for --json)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def _worker_init(_: int) -> None:
@@ -69,7 +68,7 @@ class Trainer:
             store, config["data"]["val_fraction"], config["seed"], config["data"]["skip_missing"]
         )
         for s in self.data.skipped if dist.is_main else []:
-            log(f"skipping slide {s['slide_id']}: {s['reason']}")
+            logger.warning("skipping slide %s: %s", s["slide_id"], s["reason"])
         m = config["model"]
         self.run_config = {
             **config,
@@ -305,7 +304,7 @@ class Trainer:
                     save_model(self.paths["best"], self.model, self._model_config(epoch, row))
                 metrics.log(row)
                 save_checkpoint(self.paths["last"], self._state(epoch, stopper, best_epoch, finished))
-                log(
+                logger.info(
                     f"epoch {epoch}: train loss {row['train_loss']:.4f} | val acc {row['val_acc']:.3f} "
                     f"macro-F1 {row['val_macro_f1']:.3f} slide acc {row['val_slide_acc']:.3f}"
                     + (" (best)" if improved else "")

@@ -18,6 +18,7 @@ distance returned here is its square root (a monotonic map, so rankings are unch
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from histo.errors import HistoError, InputFileError
+
+logger = logging.getLogger(__name__)
 
 INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
 MIN_POINTS_PER_LIST = 39  # FAISS k-means warns below this many training points per centroid
@@ -333,7 +336,20 @@ def calibrate(index: FloatIndex, vectors: np.ndarray, queries: np.ndarray, index
             continue  # too few vectors to calibrate: the last (most exhaustive) value stays
         index.to_device("cpu")
         recall = recall_at_k(index.search(vectors[queries], k)[1], truth)
+        logger.debug(
+            "%s %s %d: recall@%d %.4f on %d held-out tiles", index.kind, name, value, k, recall, len(queries)
+        )
         if recall >= p["recall_target"]:
             break
     p[f"calibrated_recall_at_{k}"] = None if np.isnan(recall) else round(recall, 4)
     p["calibration_reached_target"] = bool(recall >= p["recall_target"])
+    if len(queries) and not p["calibration_reached_target"]:
+        logger.warning(
+            "%s index: recall@%d %.3f at %s %d is below recall_target %s",
+            index.kind,
+            k,
+            recall,
+            name,
+            p[name],
+            p["recall_target"],
+        )

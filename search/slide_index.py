@@ -19,6 +19,7 @@ so an updated index equals one built from scratch on the same slides.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from datetime import datetime, timezone
@@ -34,6 +35,8 @@ from search.barcodes import BITORDER, build_binary_index, code_bits, minmax_barc
 from search.engine import MODES, Catalog, SearchEngine, SearchResult, SlideHit, TileMatch, vote_of
 from search.index import DEFAULT_PARAMS, INDEX_TYPES, FloatIndex, build_float_index, load_float_index
 from search.manifest import MANIFEST, read_manifest, write_manifest
+
+logger = logging.getLogger(__name__)
 
 CATALOG, COORDS, BARCODES, FLOAT, MODEL = (
     "catalog.json",
@@ -324,6 +327,7 @@ def _assemble(out: Path, content: dict[str, Any]) -> None:
         coords.append(xy)
     matrix = np.concatenate(features)
     del features
+    logger.info("%s: indexing %d tiles of %d slides", out, len(matrix), len(records))
     with atomic_path(out / COORDS) as tmp, open(tmp, "wb") as fh:
         np.save(fh, np.concatenate(coords))
     atomic_write_json(out / CATALOG, {"slides": records})

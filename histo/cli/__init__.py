@@ -7,12 +7,18 @@ subcommand imports them inside its function so `histo --help` stays fast.
 from __future__ import annotations
 
 import importlib
+import logging
+import shlex
 import sys
+from pathlib import Path
 
 import click
 
 from histo import __version__
 from histo.errors import HistoError
+from histo.log import close_logging, setup_logging
+
+logger = logging.getLogger(__name__)
 
 # name -> "module:attribute" of the click command; imported on first use.
 COMMANDS = {
@@ -54,15 +60,31 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except HistoError as e:
-            click.echo(f"error: {e}", err=True)
+        except HistoError as e:  # a user mistake: one line on the terminal, the traceback in --log-file
+            logger.error("%s", e, exc_info=True)
             sys.exit(2)
+        except Exception:  # a bug: Python prints the traceback; --log-file keeps it too
+            logger.debug("uncaught exception", exc_info=True)
+            raise
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="histo")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Show debug messages (and tracebacks of failed items).")
+@click.option("-q", "--quiet", is_flag=True, help="Show only warnings and errors.")
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False),
+    help="Append every message, from debug up, with timestamps and tracebacks, to this file.",
+)
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, quiet: bool, log_file: str | None) -> None:
     """histo: slide retrieval (tile, train, index, search) and brain-tumour segmentation (segment)."""
+    if verbose and quiet:
+        raise click.UsageError("--verbose and --quiet exclude each other")
+    ctx.call_on_close(close_logging)
+    setup_logging(1 if verbose else -1 if quiet else 0, log_file)
+    logger.debug("histo %s in %s: %s", __version__, Path.cwd(), shlex.join(sys.argv))
 
 
 def not_built(name: str, issue: int) -> click.Command:
