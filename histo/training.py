@@ -1,6 +1,6 @@
-"""Pieces shared by the KimiaNet and U-Net trainers: schedule, RNG capture, checkpoints, metrics, stopping.
+"""Pieces shared by the KimiaNet and U-Net trainers: schedule, RNG capture, resume checks, metrics, stopping.
 
-Checkpoints are plain dicts of tensors and JSON-able values so they load with `weights_only=True`.
+Checkpoints are written and read by `histo.checkpoint`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from histo.errors import HistoError, InputFileError
-from histo.io import atomic_torch_save, atomic_write_text
+from histo.errors import HistoError
+from histo.io import atomic_write_text
 
 
 def seed_everything(seed: int) -> None:
@@ -78,27 +78,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
-    """Atomically save a checkpoint dict (a kill mid-save leaves the previous checkpoint intact)."""
-    atomic_torch_save(dict(state), path)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`; a missing or corrupt file is a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(path, "checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated/foreign files
-        raise InputFileError(
-            path, f"not a readable checkpoint ({type(e).__name__}: {str(e)[:120]})"
-        ) from None
-    if not isinstance(obj, dict):
-        raise InputFileError(path, f"expected a checkpoint dict, found {type(obj).__name__}")
-    return obj
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

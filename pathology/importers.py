@@ -3,7 +3,7 @@
 Layouts recognised after stripping DataParallel `module.` prefixes:
   KimiaNet (official PyTorch): backbone `model.0.*` (= densenet121.features), head `fc_4.*` (30 x 1024)
   torchvision: backbone `features.*`, head `classifier.*`; old-style keys `denselayer1.norm.1.weight`
-  histo: our own checkpoint (`format` = histo-kimianet); the architecture must match.
+  histo: our own `kimianet` checkpoint (histo.checkpoint); the architecture must match.
 Only the backbone is loaded (the head belongs to the old task). Every backbone tensor must be present
 with the right shape, else a one-line error lists the missing/unexpected keys. MONAI's private loader
 silently loads 24 of 606 tensors with current key names (ENVIRONMENT.md); this one checks every key.
@@ -19,15 +19,23 @@ import torch
 
 from histo.errors import InputFileError
 from pathology.densenet import FeatureClassifier
+from pathology.kimianet import KIND
 
 _OLD_STYLE = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
 _WRAPPERS = ("state_dict", "model_state_dict", "model")
 
 
-def _unwrap(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The tensor dict of a checkpoint (possibly nested under a common key) and a histo config if any."""
-    if obj.get("format") == "histo-kimianet":
-        return obj["state_dict"], obj["config"]
+def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The tensors of a weight file (a histo `kimianet` checkpoint, or a foreign state dict possibly
+    nested under a common key) and the histo config if any; every file is read with weights_only."""
+    from histo import checkpoint
+
+    obj = checkpoint.read(path)
+    if not isinstance(obj, dict):
+        raise InputFileError(path, f"not a weight file (it holds a {type(obj).__name__})")
+    if checkpoint.is_checkpoint(obj):
+        ckpt = checkpoint.parse(obj, path, KIND)
+        return ckpt.weights, ckpt.config
     for key in _WRAPPERS:
         inner = obj.get(key)
         if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
@@ -83,9 +91,7 @@ def check_keys(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) 
 
 def load_pretrained(model: FeatureClassifier, path: str | Path, arch: str = "densenet121") -> dict[str, Any]:
     """Load the backbone of checkpoint `path` into `model.features`; returns what was loaded."""
-    from histo.training import load_checkpoint
-
-    state, config = _unwrap(load_checkpoint(path))
+    state, config = _read(path)
     if config is not None and config.get("arch") != arch:
         raise InputFileError(path, f"checkpoint of arch {config.get('arch')!r}, cannot initialise {arch!r}")
     layout, backbone = split_backbone(state)
@@ -100,3 +106,16 @@ def load_pretrained(model: FeatureClassifier, path: str | Path, arch: str = "den
     model.features.load_state_dict({**expected, **backbone}, strict=True)
     layout = "histo" if config is not None else layout
     return {"init": str(path), "layout": layout, "tensors_loaded": len(backbone), "head": "not loaded"}
+
+
+def import_pretrained(
+    source: str | Path, out: str | Path, norm: str = "batch", input_px: int = 224, arch: str = "densenet121"
+) -> Path:
+    """Write the backbone of foreign weights (official KimiaNet, torchvision) as a `kimianet` checkpoint,
+    so `histo index` can use them as they are (no head: features only)."""
+    from pathology.kimianet import build_model, model_config, save_model
+
+    model = build_model(arch, norm, num_classes=0, variant="IV")
+    report = load_pretrained(model, source, arch)
+    save_model(out, model, model_config(arch, norm, "IV", [], input_px, init=report))
+    return Path(out)

@@ -27,8 +27,7 @@ from pathology.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, resize
 from pathology.cbr import CBR_SPECS, cbr
 from pathology.densenet import FeatureClassifier, densenet121
 
-CHECKPOINT_FORMAT = "histo-kimianet"
-CHECKPOINT_VERSION = 1
+KIND = "kimianet"  # histo.checkpoint kind of a trained (or imported) feature extractor
 ARCHS = ("densenet121", *sorted(CBR_SPECS))
 VARIANTS = ("I", "II", "III", "IV", "scratch")
 _FIRST_TRAINED_BLOCK = {"I": 4, "II": 3, "III": 2}
@@ -110,32 +109,25 @@ def model_config(
 
 
 def save_model(path: str | Path, model: FeatureClassifier, config: Mapping[str, Any]) -> None:
-    """Atomically write a model checkpoint: plain tensors + JSON-able config (loads with weights_only)."""
-    from histo.training import save_checkpoint
+    """Atomically write a `kimianet` checkpoint: the weights and the JSON-able config that rebuilds them."""
+    from histo import checkpoint
 
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_checkpoint(
-        path,
-        {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": CHECKPOINT_VERSION,
-            "config": dict(config),
-            "state_dict": state,
-        },
-    )
+    checkpoint.save(path, KIND, checkpoint.KINDS[KIND].version, model.state_dict(), config)
 
 
 def load_model(path: str | Path) -> tuple[FeatureClassifier, dict[str, Any]]:
-    """Rebuild the model of a histo checkpoint (InputFileError when it is not one)."""
-    from histo.training import load_checkpoint
+    """Rebuild the model of a `kimianet` checkpoint (InputFileError naming the file when it is not one)."""
+    from histo import checkpoint
 
-    ckpt = load_checkpoint(path)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputFileError(path, "not a histo KimiaNet checkpoint (use --init for foreign weights)")
-    cfg = ckpt["config"]
-    model = build_model(cfg["arch"], cfg["norm"], len(cfg["classes"]), cfg["variant"])
+    ckpt = checkpoint.load(path, KIND)
+    cfg = ckpt.config
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        model = build_model(cfg["arch"], cfg["norm"], len(cfg["classes"]), cfg["variant"])
+        model.load_state_dict(ckpt.weights)
+    except KeyError as e:
+        raise InputFileError(path, f"its config has no {e} entry") from None
+    except HistoError as e:
+        raise InputFileError(path, str(e)) from None
     except RuntimeError as e:
         raise InputFileError(path, f"weights do not match its config: {str(e).splitlines()[0]}") from None
     return model, cfg

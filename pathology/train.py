@@ -29,7 +29,7 @@ from pathology.kimianet import build_model, model_config, save_model
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = "histo-kimianet-train-state"
+STATE_KIND = "kimianet-train-state"  # histo.checkpoint kind of OUT.last.pt
 # Keys that may change between a run and its resumption (they do not change the computation).
 RESUME_IGNORE = ("device", "resume", "data.workers", "data.skip_missing")
 MONITORS = ("val_macro_f1", "val_acc", "val_slide_acc", "val_loss")
@@ -46,8 +46,6 @@ def output_paths(out: str | Path) -> dict[str, Path]:
         "csv": Path(f"{stem}.metrics.csv"),
         "png": Path(f"{stem}.curves.png"),
     }
-
-
 
 
 def _worker_init(_: int) -> None:
@@ -242,43 +240,39 @@ class Trainer:
             epoch=epoch, metrics=dict(metrics), init=self.init_report, train_config=self.run_config,
         )  # fmt: skip
 
-    def _state(self, epoch: int, stopper: Any, best_epoch: int, finished: bool) -> dict[str, Any]:
+    def _save_state(self, epoch: int, stopper: Any, best_epoch: int, finished: bool) -> None:
+        """Write OUT.last.pt: everything `_resume` needs to continue exactly (RNG states included)."""
+        from histo import checkpoint
         from histo.training import rng_state
 
-        return {
-            "format": STATE_FORMAT,
-            "config": self.run_config,
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
-            "epoch": epoch,
-            "early_stopping": stopper.state_dict(),
-            "best_epoch": best_epoch,
-            "finished": finished,
-        }
+        checkpoint.save(
+            self.paths["last"], STATE_KIND, checkpoint.KINDS[STATE_KIND].version,
+            self.model.state_dict(), self.run_config,
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), rng=rng_state(),
+            epoch=epoch, early_stopping=stopper.state_dict(), best_epoch=best_epoch, finished=finished,
+        )  # fmt: skip
 
     def _resume(self, stopper: Any) -> tuple[int, int, bool]:
-        from histo.training import check_same_config, load_checkpoint, set_rng_state
+        from histo import checkpoint
+        from histo.training import check_same_config, set_rng_state
 
         path = self.paths["last"]
         if not path.is_file():
             raise HistoError(f"{path}: no training state to resume (run without --resume to start)")
-        state = load_checkpoint(path)
-        if state.get("format") != STATE_FORMAT:
-            raise HistoError(f"{path}: not a histo training state")
-        check_same_config(state["config"], self.run_config, path, ignore=RESUME_IGNORE)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        stopper.load_state_dict(state["early_stopping"])
-        return int(state["epoch"]), int(state["best_epoch"]), bool(state["finished"])
+        state = checkpoint.load(path, STATE_KIND)
+        check_same_config(state.config, self.run_config, path, ignore=RESUME_IGNORE)
+        extra = state.extra
+        self.model.load_state_dict(state.weights)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        set_rng_state(extra["rng"])
+        stopper.load_state_dict(extra["early_stopping"])
+        return int(extra["epoch"]), int(extra["best_epoch"]), bool(extra["finished"])
 
     # ---- the run ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         from histo.devices import barrier
-        from histo.training import EarlyStopping, MetricsLog, save_checkpoint
+        from histo.training import EarlyStopping, MetricsLog
 
         o = self.cfg["optim"]
         monitor = o["monitor"]
@@ -303,7 +297,7 @@ class Trainer:
                 if improved:
                     save_model(self.paths["best"], self.model, self._model_config(epoch, row))
                 metrics.log(row)
-                save_checkpoint(self.paths["last"], self._state(epoch, stopper, best_epoch, finished))
+                self._save_state(epoch, stopper, best_epoch, finished)
                 logger.info(
                     f"epoch {epoch}: train loss {row['train_loss']:.4f} | val acc {row['val_acc']:.3f} "
                     f"macro-F1 {row['val_macro_f1']:.3f} slide acc {row['val_slide_acc']:.3f}"

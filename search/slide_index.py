@@ -59,10 +59,7 @@ def _load_extractor(model: Any, device: str) -> Any:
 
     if isinstance(model, FeatureExtractor):
         return model
-    path = Path(model)
-    if not path.is_file():
-        raise InputFileError(path, "model checkpoint not found")
-    return FeatureExtractor.from_checkpoint(path, device=device)
+    return FeatureExtractor.from_checkpoint(model, device=device)
 
 
 class SlideIndex:

@@ -17,23 +17,31 @@ from histo.errors import HistoError, InputFileError
 from segmentation.data import Case, from_ras, load_case, write_nifti
 from segmentation.labels import regions_to_labels
 
+KIND = "unet3d"  # histo.checkpoint kind of a trained segmentation model
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, train_config: dict, **extra) -> None:
+    """Atomically write a `unet3d` checkpoint: weights, the network's arguments and its training config."""
+    from histo import checkpoint
+
+    config = {"network": model.config, "train_config": train_config}
+    checkpoint.save(path, KIND, checkpoint.KINDS[KIND].version, model.state_dict(), config, **extra)
+
 
 def load_model(ckpt_path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the UNet3D stored in a training checkpoint; -> (model in eval mode on `device`, training config)."""
-    from histo.training import load_checkpoint
+    """Rebuild the UNet3D of a `unet3d` checkpoint; -> (model in eval mode on `device`, training config)."""
+    from histo import checkpoint
     from segmentation.unet import UNet3D
 
-    ckpt = load_checkpoint(ckpt_path)
-    if "model" not in ckpt or "model_config" not in ckpt:
-        raise InputFileError(ckpt_path, "not a segmentation checkpoint (no 'model'/'model_config' entries)")
+    ckpt = checkpoint.load(ckpt_path, KIND)
     try:
-        model = UNet3D(**ckpt["model_config"])
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
+        model = UNet3D(**ckpt.config["network"])
+        model.load_state_dict(ckpt.weights)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise InputFileError(
             ckpt_path, f"weights do not fit the stored model config: {str(e)[:160]}"
         ) from None
-    return model.to(device).eval(), dict(ckpt.get("config", {}))
+    return model.to(device).eval(), dict(ckpt.config.get("train_config", {}))
 
 
 def region_probabilities(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from segmentation.metrics import dice, hd95
 
 logger = logging.getLogger(__name__)
 
-FORMAT = {"format": "histo-segment-checkpoint", "version": 1}
+STATE_KIND = "unet3d-train-state"  # histo.checkpoint kind of <out>.last.pt
 # Keys that may change between a run and its --resume.
 RESUME_IGNORE = ("device", "data.workers")
 POSTFIX_EVERY = 20  # training steps between progress-bar loss updates (each one is a device sync)
@@ -169,15 +169,9 @@ def train_segmenter(
 def _train(
     data_dir: Path, paths: dict[str, Path], config: dict, dist, resume: bool, stop_after: int | None
 ) -> dict:
+    from histo import checkpoint
     from histo.devices import barrier
-    from histo.training import (
-        EarlyStopping,
-        MetricsLog,
-        check_same_config,
-        cosine_warmup,
-        load_checkpoint,
-        seed_everything,
-    )
+    from histo.training import EarlyStopping, MetricsLog, check_same_config, cosine_warmup, seed_everything
 
     tc, dc = config["train"], config["data"]
     device, seed = dist.device, int(config["seed"])
@@ -206,13 +200,13 @@ def _train(
     log = MetricsLog(paths["csv"], paths["png"], x="epoch") if dist.is_main else None
     start = 0
     if resume:
-        state = load_checkpoint(paths["last"])
-        check_same_config(state["config"], config, paths["last"], ignore=RESUME_IGNORE)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        early.load_state_dict(state["early_stopping"])
-        start = int(state["epoch"])
+        state = checkpoint.load(paths["last"], STATE_KIND)
+        check_same_config(state.config, config, paths["last"], ignore=RESUME_IGNORE)
+        model.load_state_dict(state.weights)
+        optimizer.load_state_dict(state.extra["optimizer"])
+        scheduler.load_state_dict(state.extra["scheduler"])
+        early.load_state_dict(state.extra["early_stopping"])
+        start = int(state.extra["epoch"])
         if log is not None:
             log.truncate(start + 1)
     elif log is not None:
@@ -320,22 +314,23 @@ def _train_epoch(
 
 
 def _save(paths, model, config, epoch, row, improved, optimizer, scheduler, early) -> None:
-    """Atomic checkpoints: the best weights (when improved) and the full resumable state (always)."""
-    from histo.training import save_checkpoint
+    """Atomic checkpoints: the best model (when improved) and the full resumable state (always)."""
+    from histo import checkpoint
+    from segmentation.infer import save_model
 
-    weights = {
-        **FORMAT,
-        "model": model.state_dict(),
-        "model_config": model.config,
-        "config": config,
-        "epoch": epoch,
-    }
     if improved:
-        save_checkpoint(
-            paths["best"], {**weights, "val": {k: v for k, v in row.items() if k.startswith("val_")}}
+        save_model(
+            paths["best"],
+            model,
+            config,
+            epoch=epoch,
+            val={k: v for k, v in row.items() if k.startswith("val_")},
         )
-    resumable = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-    save_checkpoint(paths["last"], {**weights, **resumable, "early_stopping": early.state_dict()})
+    checkpoint.save(
+        paths["last"], STATE_KIND, checkpoint.KINDS[STATE_KIND].version, model.state_dict(), config,
+        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), early_stopping=early.state_dict(),
+        epoch=epoch,
+    )  # fmt: skip
 
 
 def _epoch_line(row: dict, improved: bool) -> str:

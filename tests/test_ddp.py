@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from histo import checkpoint
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_kimianet_train import PX, cohort, make_store
 
@@ -55,8 +57,8 @@ def test_two_gloo_processes_match_one(tmp_path):
             assert r1[key] == r2[key], key
         for key in ("val_loss", "train_loss"):
             assert r1[key] == pytest.approx(r2[key], rel=1e-4), key
-    w1 = torch.load(tmp_path / "one.last.pt", weights_only=True)["model"]
-    w2 = torch.load(tmp_path / "two.last.pt", weights_only=True)["model"]
+    w1 = checkpoint.load(tmp_path / "one.last.pt", "kimianet-train-state").weights
+    w2 = checkpoint.load(tmp_path / "two.last.pt", "kimianet-train-state").weights
     for k, v in w1.items():
         torch.testing.assert_close(w2[k], v, atol=1e-4, rtol=1e-4)
 

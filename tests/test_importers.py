@@ -116,3 +116,36 @@ def test_histo_checkpoint_of_another_norm_names_its_norm(tmp_path):
     model = build_model("densenet121", "batch", 2, "IV")
     with pytest.raises(InputFileError, match=r"histo \(norm 'group'\) layout does not match .*missing"):
         load_pretrained(model, path)
+
+
+def test_a_unet_checkpoint_is_refused_by_kind(tmp_path):
+    from segmentation.infer import save_model
+    from segmentation.unet import UNet3D
+
+    save_model(tmp_path / "unet.pt", UNet3D(channels=(2, 4), blocks_per_level=1, expansion=1), {})
+    model = build_model("densenet121", "batch", 2, "IV")
+    with pytest.raises(InputFileError) as e:
+        load_pretrained(model, tmp_path / "unet.pt")
+    assert str(e.value) == (
+        f"{tmp_path / 'unet.pt'}: is a 3D U-Net segmentation model (histo segment train), "
+        "expected a KimiaNet feature extractor (histo train)"
+    )
+
+
+def test_import_pretrained_writes_a_kimianet_checkpoint_for_histo_index(tmp_path, source):
+    import numpy as np
+
+    from histo import checkpoint
+    from pathology.importers import import_pretrained
+    from pathology.kimianet import FeatureExtractor
+
+    state = {f"module.model.0.{k}": v for k, v in source.items()}
+    state["module.fc_4.weight"], state["module.fc_4.bias"] = torch.randn(30, 1024), torch.randn(30)
+    torch.save(state, tmp_path / "KimiaNetPyTorchWeights.pth")
+    out = import_pretrained(tmp_path / "KimiaNetPyTorchWeights.pth", tmp_path / "kimianet.pt", input_px=32)
+    ckpt = checkpoint.load(out, "kimianet")
+    assert ckpt.config["init"]["layout"] == "KimiaNet" and ckpt.config["classes"] == []
+    assert all(torch.equal(ckpt.weights[f"features.{k}"], v) for k, v in source.items())
+    fx = FeatureExtractor.from_checkpoint(out, device="cpu")
+    assert fx.input_px == 32 and fx.feature_definition["pooling"] == "avgpool(norm5) without ReLU"
+    assert fx.extract(np.zeros((1, 32, 32, 3), np.uint8)).shape == (1, 1024)

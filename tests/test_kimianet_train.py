@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from skimage.color import hed2rgb, rgb2hed
 
+from histo import checkpoint
 from histo.classification import MACRO_F1_DEFINITION, VOTE_DEFINITION
 from histo.cli import main
 from histo.config import load_config
@@ -220,7 +221,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     store = make_store(tmp_path / "t.zarr", cohort())
     cfg = config(**{"model.arch": "densenet121", "model.norm": "batch", "optim.epochs": 3})
     train_kimianet(store, tmp_path / "full.pt", cfg)
-    full = torch.load(tmp_path / "full.last.pt", weights_only=True)
+    full = checkpoint.load(tmp_path / "full.last.pt", "kimianet-train-state")
 
     original = Trainer.train_epoch
 
@@ -235,10 +236,10 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_epoch", original)
     torch.manual_seed(1234)  # a fresh process would not share the first run's RNG position
     summary = train_kimianet(store, tmp_path / "part.pt", {**cfg, "resume": True})
-    part = torch.load(tmp_path / "part.last.pt", weights_only=True)
-    assert summary["epochs_run"] == 3 and part["epoch"] == 3
-    for k, v in full["model"].items():
-        assert torch.equal(v, part["model"][k]), k
+    part = checkpoint.load(tmp_path / "part.last.pt", "kimianet-train-state")
+    assert summary["epochs_run"] == 3 and part.extra["epoch"] == 3
+    for k, v in full.weights.items():
+        assert torch.equal(v, part.weights[k]), k
     full_rows = (tmp_path / "full.metrics.csv").read_text().splitlines()
     part_rows = (tmp_path / "part.metrics.csv").read_text().splitlines()
     # the last column is wall time

@@ -277,16 +277,14 @@ def test_cli_segment_grid(tmp_path) -> None:
     from click.testing import CliRunner
 
     from histo.cli import main
-    from histo.training import save_checkpoint
+    from segmentation.infer import save_model
     from segmentation.synthetic import make_cases
     from segmentation.unet import UNet3D
 
     make_cases(tmp_path / "data", 1, shape=(32, 32, 32), seed=0)
     torch.manual_seed(0)
     net = UNet3D(channels=(4, 8), blocks_per_level=1, norm="batch")
-    save_checkpoint(
-        tmp_path / "unet.pt", {"model": net.state_dict(), "model_config": net.config, "config": {}}
-    )
+    save_model(tmp_path / "unet.pt", net, {})
     (tmp_path / "cfg.yaml").write_text("segment:\n  roi: [32, 32, 32]\n")
     out = tmp_path / "out"
     result = CliRunner().invoke(

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import SHARED_DATA
 
+from histo import checkpoint
 from histo.cli import main
-from histo.training import load_checkpoint
 from segmentation.synthetic import make_cases
 
 BRATS = SHARED_DATA / "brats"
@@ -49,9 +49,10 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 def test_train_writes_checkpoints_and_metrics(trained):
     summary = trained["summary"]
     assert summary["epochs_done"] == 1 and summary["n_train"] == 2 and summary["n_val"] == 1
-    ckpt = load_checkpoint(trained["model"])
-    assert ckpt["model_config"]["norm"] == "rn_b" and ckpt["model_config"]["reversible"] is False
-    assert ckpt["model_config"]["channels"] == [4, 8] and ckpt["config"]["data"]["roi"] == [16, 16, 16]
+    config = checkpoint.load(trained["model"], "unet3d").config
+    network, train_config = config["network"], config["train_config"]
+    assert network["norm"] == "rn_b" and network["reversible"] is False
+    assert network["channels"] == [4, 8] and train_config["data"]["roi"] == [16, 16, 16]
     assert Path(summary["last"]).is_file() and Path(summary["png"]).is_file()
     with open(summary["csv"]) as f:
         rows = list(csv.DictReader(f))

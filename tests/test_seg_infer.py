@@ -14,9 +14,15 @@ from conftest import SHARED_DATA
 from torch import nn
 
 from histo.errors import InputFileError
-from histo.training import save_checkpoint
 from segmentation.data import find_case
-from segmentation.infer import load_model, predict_case, predict_cases, predict_volume, region_probabilities
+from segmentation.infer import (
+    load_model,
+    predict_case,
+    predict_cases,
+    predict_volume,
+    region_probabilities,
+    save_model,
+)
 from segmentation.synthetic import make_cases
 from segmentation.unet import UNet3D
 
@@ -97,7 +103,7 @@ def test_brain_mask_reaches_rn_b_norms():
 
 
 def _checkpoint(path: Path, model: nn.Module) -> Path:
-    save_checkpoint(path, {"model": model.state_dict(), "model_config": model.config, "config": {}})
+    save_model(path, model, {})
     return path
 
 
@@ -153,8 +159,8 @@ def test_output_is_in_the_input_voxel_order_and_scheme(tmp_path, scheme, et):
 
 def test_load_model_rejects_other_files(tmp_path):
     bad = tmp_path / "x.pt"
-    save_checkpoint(bad, {"weights": torch.zeros(1)})
-    with pytest.raises(InputFileError, match="not a segmentation checkpoint"):
+    torch.save({"weights": torch.zeros(1)}, bad)
+    with pytest.raises(InputFileError, match=r"x\.pt: a bare state dict of 1 tensor, not a histo checkpoint"):
         load_model(bad)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputFileError, match=r"junk\.pt"):

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import segmentation.train as seg_train
+from histo import checkpoint
 from histo.config import load_config
 from histo.devices import DistInfo
 from histo.errors import HistoError
-from histo.training import load_checkpoint
 from segmentation.data import find_cases, load_case
 from segmentation.infer import load_model, predict_volume
 from segmentation.labels import labels_to_regions
@@ -177,23 +177,23 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_cases, tmp_path):
     resumed = train_segmenter(tiny_cases, tmp_path / "b" / "model.pt", config, resume=True)
     assert resumed["epochs_done"] == 2
     a, b = (
-        load_checkpoint(tmp_path / "a" / "model.last.pt"),
-        load_checkpoint(tmp_path / "b" / "model.last.pt"),
+        checkpoint.load(tmp_path / "a" / "model.last.pt", "unet3d-train-state"),
+        checkpoint.load(tmp_path / "b" / "model.last.pt", "unet3d-train-state"),
     )
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
-    assert a["scheduler"] == b["scheduler"] and a["epoch"] == b["epoch"] == 2
+    for key, value in a.weights.items():
+        assert torch.equal(value, b.weights[key]), key
+    assert a.extra["optimizer"]["state"].keys() == b.extra["optimizer"]["state"].keys()
+    assert a.extra["scheduler"] == b.extra["scheduler"] and a.extra["epoch"] == b.extra["epoch"] == 2
     rows_a, rows_b = _rows(tmp_path / "a" / "model.metrics.csv"), _rows(tmp_path / "b" / "model.metrics.csv")
     assert rows_a == rows_b and [r["epoch"] for r in rows_a] == ["1", "2"]
     # the second epoch really differs from the first (so equality above is not trivial)
     first = train_segmenter(tiny_cases, tmp_path / "c" / "model.pt", config, stop_after=1)
     assert first["epochs_done"] == 1
-    c = load_checkpoint(tmp_path / "c" / "model.last.pt")
-    assert any(not torch.equal(v, c["model"][k]) for k, v in a["model"].items())
+    c = checkpoint.load(tmp_path / "c" / "model.last.pt", "unet3d-train-state")
+    assert any(not torch.equal(v, c.weights[k]) for k, v in a.weights.items())
     assert (tmp_path / "a" / "model.metrics.png").stat().st_size > 1000
-    best = load_checkpoint(tmp_path / "a" / "model.pt")
-    assert set(best["val"]) == {"val_dice_TC", "val_dice_WT", "val_dice_ET", "val_dice_mean"}
+    best = checkpoint.load(tmp_path / "a" / "model.pt", "unet3d")
+    assert set(best.extra["val"]) == {"val_dice_TC", "val_dice_WT", "val_dice_ET", "val_dice_mean"}
 
 
 def test_refuses_to_clobber_or_resume_with_another_config(tiny_cases, tmp_path):
@@ -234,9 +234,9 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tiny_cases, tmp_p
         cwd=ROOT,
     )
     train_segmenter(tiny_cases, tmp_path / "one.pt", tiny_config(**common, **{"train.batch_size": 2}))
-    a, b = load_checkpoint(tmp_path / "ddp.pt"), load_checkpoint(tmp_path / "one.pt")
-    for key, value in a["model"].items():
-        torch.testing.assert_close(value, b["model"][key], rtol=1e-4, atol=1e-5)
+    a, b = checkpoint.load(tmp_path / "ddp.pt", "unet3d"), checkpoint.load(tmp_path / "one.pt", "unet3d")
+    for key, value in a.weights.items():
+        torch.testing.assert_close(value, b.weights[key], rtol=1e-4, atol=1e-5)
 
 
 def _flat(config: dict, prefix: str = "") -> dict:

@@ -1,4 +1,4 @@
-"""Shared trainer pieces: schedule shape, RNG round trip, checkpoints, resume config check, metrics log."""
+"""Shared trainer pieces: schedule shape, RNG round trip, resume config check, metrics log."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from histo import training
-from histo.errors import HistoError, InputFileError
+from histo import checkpoint, training
+from histo.errors import HistoError
 
 
 def test_cosine_warmup_factor_matches_formula():
@@ -42,20 +42,11 @@ def test_scheduler_drives_optimizer_lr():
 def test_rng_state_round_trip_through_weights_only_checkpoint(tmp_path):
     training.seed_everything(3)
     state = training.rng_state()
-    training.save_checkpoint(tmp_path / "c.pt", {"rng": state})
+    checkpoint.save(tmp_path / "c.pt", "kimianet-train-state", 1, {}, {}, rng=state)
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     training.seed_everything(99)
-    training.set_rng_state(training.load_checkpoint(tmp_path / "c.pt")["rng"])
+    training.set_rng_state(checkpoint.load(tmp_path / "c.pt", "kimianet-train-state").extra["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
-
-
-def test_load_checkpoint_errors(tmp_path):
-    with pytest.raises(InputFileError, match="checkpoint not found"):
-        training.load_checkpoint(tmp_path / "missing.pt")
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a zip")
-    with pytest.raises(InputFileError, match="not a readable checkpoint"):
-        training.load_checkpoint(bad)
 
 
 def test_check_same_config_lists_changed_keys():
