@@ -413,3 +413,13 @@ def test_robustness_json_with_a_failing_cell(cases: dict, tmp_path: Path, monkey
     assert failed[0]["id"] == "unet:bias_field:2" and "volume became unreadable" in failed[0]["reason"]
     code, stdout, _ = _invoke([*args, "--device", "cpu", "--json"])  # resumes: the failed cell runs again
     assert code == 1 and json.loads(stdout)["counts"] == {"done": 0, "skipped": 2, "failed": 1}
+
+
+def test_two_case_folders_with_one_id_do_not_share_an_output(cases: dict, tmp_path: Path) -> None:
+    other = tmp_path / "site_b" / "synth_000"
+    shutil.copytree(cases["data"] / "synth_000", other)
+    pred = tmp_path / "pred"
+    args = ["segment", "predict", "--model", cases["model"], cases["data"] / "synth_000", other]
+    code, stdout, _ = _invoke([*args, "--out", pred, "--roi", "16,16,16", "--device", "cpu", "--json"])
+    failed = assert_one_shape(json.loads(stdout), {"done": 1, "skipped": 0, "failed": 1})
+    assert code == 1 and failed[0]["path"] == str(other) and "duplicate case ID" in failed[0]["reason"]

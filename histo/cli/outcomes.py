@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from typing import Any
 
 import click
 
+from histo.batch import BatchSummary
 from histo.cli.options import emit_json
 
 
-def failure_lines(batch: Any) -> list[str]:
+def failure_lines(batch: BatchSummary) -> list[str]:
     """`failed: ID: reason` for each failed item."""
     return [f"failed: {o.id}: {o.reason}" for o in batch.failed()]
 
 
-def finish(batch: Any, as_json: bool, lines: Iterable[str] = ()) -> None:
+def finish(batch: BatchSummary, as_json: bool, lines: Iterable[str] = ()) -> None:
     """Print `lines` and the summary line, the JSON under --json, and exit 1 when an item failed."""
     for line in [*lines, batch.summary_line()]:
         click.echo(line, err=as_json)

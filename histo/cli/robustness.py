@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from histo.batch import BatchSummary
 from histo.cli.options import compose, config_option, device_option, json_option
 from histo.cli.outcomes import failure_lines, finish
 
@@ -48,7 +49,7 @@ def _config(config_path, corruptions, severities, alpha_bn, seed, device, **more
     )
 
 
-def _finish(batch, out_dir: str, as_json: bool) -> None:
+def _finish(batch: BatchSummary, out_dir: str, as_json: bool) -> None:
     """A short table of mean scores (and mCE when there is a reference), the failed cells and the
     summary line; the JSON under --json; exit code 1 when a cell failed."""
     lines = []

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import click
 
+from histo.batch import BatchSummary
 from histo.cli.options import config_option, json_option, parse_shard, shard_option
 from histo.cli.outcomes import finish
 
 
-def _table(batch) -> list[str]:
+def _table(batch: BatchSummary) -> list[str]:
     """One row per slide: status, mosaic and selected tile counts, scale and its source, reason."""
     lines = [f"{'slide':<40} {'status':<8} {'mosaic':>6} {'selected':>8} {'mpp':>7} {'mpp from':<16} reason"]
     for o in batch.outcomes:
