@@ -3,6 +3,8 @@
 Domain code (pathology, segmentation) supplies the corruption table and an `evaluate(corrupt)` callable;
 this module never imports a domain package. Results are tidy rows, one per
 (model, corruption, severity, metric): severity 0 is the clean evaluation (corruption "clean").
+Each cell is an item of `histo.batch.run_batch` (its outcome: done, skipped when complete in an earlier
+run, failed with a reason); a row's status is "done" (it holds a value) or "failed" (no metric).
 
 ImageNet-C metrics (Hendrycks & Dietterich, ICLR 2019), with E the error (1 - score for a score metric):
     CE_c  = sum_s E(s, c) / sum_s E_ref(s, c)
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from histo.batch import BatchSummary, Outcome, run_batch
 from histo.errors import HistoError
 from histo.io import atomic_write_json, atomic_write_text, check_run_settings
 
@@ -34,6 +37,7 @@ CorruptionFn = Callable[[Any, int, np.random.Generator], Any]
 #: corrupt(x, key) -> corrupted x, deterministic for (grid seed, corruption, severity, key).
 CorruptFn = Callable[[Any, int], Any]
 FIELDS = ("model", "corruption", "severity", "metric", "value", "alpha_bn", "status", "reason")
+LEGACY_STATUS = {"ok": "done"}  # results.csv of earlier releases called a cell's valid row "ok"
 
 
 def parse_severities(text: str) -> list[int]:
@@ -78,7 +82,28 @@ def _identity(x: Any, key: int = 0) -> Any:
     return x
 
 
-def run_grid(
+@dataclass(frozen=True)
+class Cell:
+    """One (model, corruption, severity) evaluation of a grid: an item of `histo.batch.run_batch`."""
+
+    model: str
+    corruption: str
+    severity: int
+    alpha_bn: float | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}:{self.corruption}:{self.severity}"
+
+    @property
+    def path(self) -> None:
+        return None
+
+    def key(self) -> tuple[str, str, int]:
+        return self.model, self.corruption, self.severity
+
+
+def run_cells(
     evaluate: Callable[[CorruptFn], Mapping[str, float]],
     corruptions: Mapping[str, CorruptionFn],
     severities: Sequence[int],
@@ -90,41 +115,84 @@ def run_grid(
     done: Sequence[Mapping[str, Any]] = (),
     on_cell: Callable[[list[dict]], None] | None = None,
     progress: bool = True,
-) -> list[dict]:
-    """Evaluate clean and every corruption x severity; return tidy rows (resuming past `done` rows).
+) -> list[tuple[Cell, Outcome]]:
+    """Evaluate clean and every corruption x severity: (cell, outcome) pairs, the cells complete in
+    `done` rows skipped. A cell's data fault fails it and the grid goes on (histo.batch's policy).
 
     `evaluate(corrupt)` runs the whole evaluation with inputs passed through `corrupt(x, key)` and
     returns {metric: value}. With `alpha_bn`, every evaluation runs inside
-    `histo.calibration.alpha_bn_mode(module, alpha_bn)`. A failing cell is recorded with status
-    "failed" and its reason, and the grid goes on. `on_cell(rows so far)` lets the caller save progress.
+    `histo.calibration.alpha_bn_mode(module, alpha_bn)`. `on_cell(rows so far)` lets the caller save
+    progress. A done outcome's detail: model, corruption, severity, alpha_bn, metrics.
     """
-    from tqdm import tqdm
-
     if alpha_bn is not None and module is None:
         raise HistoError("alpha_bn needs the module to calibrate")
-    finished = {(r["model"], r["corruption"], int(r["severity"])) for r in done if r.get("status") == "ok"}
-    rows = [dict(r) for r in done if (r["model"], r["corruption"], int(r["severity"])) in finished]
-    cells = [(CLEAN, 0)] + [(name, s) for name in corruptions for s in severities]
-    bar = tqdm(cells, desc=f"robustness {model}", unit="cell", disable=not progress)
-    for name, severity in bar:
-        if (model, name, severity) in finished:
-            continue
-        bar.set_postfix_str(f"{name} s{severity}")
+    finished: dict[tuple[str, str, int], dict[str, float]] = {}
+    for r in done:
+        if r.get("status") == "done":
+            key = (r["model"], r["corruption"], int(r["severity"]))
+            finished.setdefault(key, {})[r["metric"]] = float(r["value"])
+    cells = [Cell(model, CLEAN, 0, alpha_bn)]
+    cells += [Cell(model, name, s, alpha_bn) for name in corruptions for s in severities]
+
+    def run_cell(cell: Cell) -> Outcome:
+        name, severity = cell.corruption, cell.severity
         corrupt = _identity if name == CLEAN else _corrupter(corruptions[name], name, severity, seed)
-        base = {"model": model, "corruption": name, "severity": severity, "alpha_bn": alpha_bn}
-        try:
-            with _calibration(module, alpha_bn):
-                metrics = dict(evaluate(corrupt))
-            rows += [
-                {**base, "metric": k, "value": float(v), "status": "ok", "reason": ""}
-                for k, v in metrics.items()
-            ]
-        except Exception as e:  # one bad cell must not lose the grid
-            reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            rows.append({**base, "metric": "", "value": math.nan, "status": "failed", "reason": reason})
+        with _calibration(module, alpha_bn):
+            metrics = {k: float(v) for k, v in evaluate(corrupt).items()}
+        return Outcome.done(cell.id, None, **_cell_detail(cell), metrics=metrics)
+
+    def resumed(cell: Cell) -> dict | None:
+        metrics = finished.get(cell.key())
+        return None if metrics is None else {**_cell_detail(cell), "metrics": metrics}
+
+    pairs: list[tuple[Cell, Outcome]] = []
+
+    def saved(cell: Cell, outcome: Outcome) -> None:
+        pairs.append((cell, outcome))
         if on_cell is not None:
-            on_cell(rows)
+            on_cell(cell_rows(pairs))
+
+    outcomes = run_batch(
+        cells, run_cell, is_done=resumed, on_outcome=saved, desc=f"robustness {model}", unit="cell",
+        progress=progress,
+    )  # fmt: skip
+    return list(zip(cells, outcomes, strict=True))
+
+
+def _cell_detail(cell: Cell) -> dict[str, Any]:
+    return {
+        "model": cell.model,
+        "corruption": cell.corruption,
+        "severity": cell.severity,
+        "alpha_bn": cell.alpha_bn,
+    }
+
+
+def cell_rows(pairs: Sequence[tuple[Cell, Outcome]]) -> list[dict]:
+    """Tidy rows of evaluated cells: one per metric of a cell done or skipped (status "done"), one
+    without a metric for a failed cell (status "failed" and its reason)."""
+    rows: list[dict] = []
+    for cell, outcome in pairs:
+        base = {"model": cell.model, "corruption": cell.corruption, "severity": cell.severity}
+        if outcome.status == "failed":
+            rows.append({**base, "metric": "", "value": math.nan, "alpha_bn": cell.alpha_bn,
+                         "status": "failed", "reason": outcome.reason})  # fmt: skip
+            continue
+        rows += [
+            {**base, "metric": k, "value": v, "alpha_bn": cell.alpha_bn, "status": "done", "reason": ""}
+            for k, v in outcome.detail["metrics"].items()
+        ]
     return rows
+
+
+def run_grid(
+    evaluate: Callable[[CorruptFn], Mapping[str, float]],
+    corruptions: Mapping[str, CorruptionFn],
+    severities: Sequence[int],
+    **options: Any,
+) -> list[dict]:
+    """`run_cells` as tidy rows (see `cell_rows`); `options` are those of `run_cells`."""
+    return cell_rows(run_cells(evaluate, corruptions, severities, **options))
 
 
 def _calibration(module: Any, alpha: float | None):
@@ -175,11 +243,16 @@ class CorruptionErrors:
         return out
 
 
+def _usable(row: Mapping[str, Any], metric: str) -> bool:
+    """A row holding a value of `metric` (a failed cell's row holds none)."""
+    return row.get("status", "done") == "done" and row["metric"] == metric
+
+
 def error_table(rows: Sequence[Mapping[str, Any]], metric: str, higher_is_better: bool = True) -> dict:
     """{(model, corruption, severity): error} from tidy rows; error = 1 - value for a score metric."""
     table = {}
     for r in rows:
-        if r.get("status", "ok") == "ok" and r["metric"] == metric:
+        if _usable(r, metric):
             v = float(r["value"])
             table[(r["model"], r["corruption"], int(r["severity"]))] = 1.0 - v if higher_is_better else v
     return table
@@ -238,7 +311,7 @@ def mean_over_severities(rows: Sequence[Mapping[str, Any]], metric: str) -> dict
     """{model: {corruption: mean value over severities}} (clean included as its own column)."""
     acc: dict[tuple[str, str], list[float]] = {}
     for r in rows:
-        if r.get("status", "ok") == "ok" and r["metric"] == metric:
+        if _usable(r, metric):
             acc.setdefault((r["model"], r["corruption"]), []).append(float(r["value"]))
     out: dict[str, dict[str, float]] = {}
     for (model, c), values in acc.items():
@@ -291,14 +364,16 @@ def run_study(
     reference: str | None = None,
     seed: int = 0,
     progress: bool = True,
-) -> dict:
-    """`run_grid` for every model into `out` (results.csv saved after each cell; a re-run resumes), then
-    `report`. `settings` identify the run: a different run in the same `out` is refused."""
+) -> BatchSummary:
+    """`run_cells` for every model into `out` (results.csv saved after each cell; a re-run resumes),
+    then `report`. `settings` identify the run: a different run in the same `out` is refused.
+    Returns the BatchSummary of every cell, the report's summary as its extras."""
     out = Path(out)
     rows = resume_rows(out, settings)
+    outcomes: list[Outcome] = []
     for run in runs:
         others = [r for r in rows if r["model"] != run.label]
-        rows = others + run_grid(
+        pairs = run_cells(
             run.evaluate,
             corruptions,
             severities,
@@ -307,10 +382,12 @@ def run_study(
             alpha_bn=run.alpha_bn,
             module=run.module,
             done=[r for r in rows if r["model"] == run.label],
-            on_cell=lambda cell_rows, others=others: write_rows(out / "results.csv", others + cell_rows),
+            on_cell=lambda new, others=others: write_rows(out / "results.csv", others + new),
             progress=progress,
         )
-    return report(rows, out, metrics, reference=reference)
+        rows = others + cell_rows(pairs)
+        outcomes += [outcome for _, outcome in pairs]
+    return BatchSummary(tuple(outcomes), out=str(out), extra=report(rows, out, metrics, reference=reference))
 
 
 # ---------------------------------------------------------------- output
@@ -333,6 +410,7 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         return []
     rows = list(csv.DictReader(path.open()))
     for r in rows:
+        r["status"] = LEGACY_STATUS.get(r["status"], r["status"])
         r["severity"] = int(r["severity"])
         r["value"] = float(r["value"]) if r["value"] not in ("", "nan") else math.nan
         r["alpha_bn"] = float(r["alpha_bn"]) if r.get("alpha_bn") not in (None, "", "None") else None
@@ -348,7 +426,7 @@ def plot_severity_curves(rows: Sequence[Mapping[str, Any]], metric: str, png_pat
     """One panel per corruption: `metric` against severity (0 = clean) with a line per model."""
     from histo.plots import plt, save_figure
 
-    ok = [r for r in rows if r.get("status", "ok") == "ok" and r["metric"] == metric]
+    ok = [r for r in rows if _usable(r, metric)]
     corruptions = sorted({r["corruption"] for r in ok} - {CLEAN})
     models = sorted({r["model"] for r in ok})
     cols = min(4, max(1, len(corruptions)))
@@ -406,7 +484,6 @@ def report(
         "reference": reference,
         "metrics": {},
         "files": ["results.csv"],
-        "failed": [r for r in rows if r.get("status") == "failed"],
     }
     for metric, higher in metrics.items():
         if not any(r["metric"] == metric for r in rows):

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from histo.batch import BatchSummary
 from histo.classification import DEFINITIONS, classification_report, vote
 from histo.errors import HistoError
 from histo.io import atomic_write_json
@@ -128,10 +129,11 @@ def evaluate_pathology(
     config: dict,
     reference: str | os.PathLike | None = None,
     progress: bool = True,
-) -> dict:
+) -> BatchSummary:
     """Run the corruption grid for `model` (its α-BN variant, and `reference`) on a tile store's tiles.
 
-    Writes results.csv (resumable), CE tables, plots and summary.json into `out`; returns the summary.
+    Writes results.csv (resumable), CE tables, plots and summary.json into `out`; returns the
+    BatchSummary of the grid's cells (the report in its extras).
     """
     from pathology.corruptions import CORRUPTIONS, seeded
     from pathology.kimianet import FeatureExtractor
@@ -180,12 +182,12 @@ def evaluate_pathology(
         seed=config["seed"],
         progress=progress,
     )
-    summary.update(
+    summary = summary.with_extra(
         task="pathology",
         models=settings["models"],
         n_slides=len(cohort.slide_ids),
         n_tiles=int(sum(len(i) for i in cohort.indices)),
         skipped_slides=cohort.skipped,
     )
-    atomic_write_json(Path(out) / "summary.json", summary)
+    atomic_write_json(Path(out) / "summary.json", summary.to_dict())
     return summary

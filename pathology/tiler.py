@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from histo.batch import ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch, select_shard
 from histo.errors import ConfigError, HistoError, InputFileError
 from pathology.cellularity import cellularity_score, keep_most_cellular
 from pathology.labels import SlideMeta, resolve_meta
@@ -16,6 +18,8 @@ from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, ti
 from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_id_of
 from pathology.store import SlideRecord, read_tiles, slide_id_problem
 from pathology.tissue import brightfield_problem, tissue_mask
+
+log = logging.getLogger(__name__)
 
 MAX_MASK_PX = 8192  # long side of the tissue-mask image; coarser µm/px beyond (bounded memory)
 
@@ -225,77 +229,80 @@ def find_slides(paths: list[str | os.PathLike]) -> list[Path]:
 
 @dataclass(frozen=True)
 class _Job:
+    """One slide of a `tile_slides` run (an item of `histo.batch.run_batch`)."""
+
+    id: str
     path: Path
-    slide_id: str
     meta: SlideMeta | None
     duplicate_of: Path | None
 
 
-def _row(rec: SlideRecord, status: str, path: Path) -> dict:
+def _detail(rec: SlideRecord) -> dict:
+    """The command-specific fields of a slide's outcome."""
     return {
-        "slide_id": rec.slide_id, "path": str(path), "status": status, "n_mosaic": rec.n_mosaic,
-        "n_selected": rec.n_selected, "mpp": rec.mpp, "mpp_source": rec.mpp_source, "reason": rec.reason,
-        "label": rec.label,
+        "n_mosaic": rec.n_mosaic, "n_selected": rec.n_selected, "mpp": rec.mpp,
+        "mpp_source": rec.mpp_source, "label": rec.label,
     }  # fmt: skip
 
 
 def _failed(job: _Job, reason: str) -> SlideRecord:
-    return SlideRecord(job.slide_id, str(job.path.resolve()), status="failed", reason=reason)
+    return SlideRecord(job.id, str(job.path.resolve()), status="failed", reason=reason)
 
 
-def _process(
+def _tile_one(
     job: _Job, out: str, config: dict, save_pixels: bool, qc_dir: str | None, mpp: float | None
-) -> dict:
-    """Tile one slide into the store (or record its failure there); returns its summary row."""
-    import traceback
-
+) -> Outcome:
+    """Tile one slide into the store. A fault of the slide's data is written there as a failed record
+    before it goes on to the runner, which reports it (histo.batch's exception policy)."""
     from pathology.store import TileStore
 
+    if job.duplicate_of is not None:  # not written: the store's record belongs to the other file
+        return Outcome.failed(job.id, job.path, f"duplicate slide ID (also {job.duplicate_of})")
     store = TileStore.open(out)
-    tileset = None
-    if job.duplicate_of is not None:
-        rec = _failed(job, f"duplicate slide ID (also {job.duplicate_of})")
-        return _row(rec, "failed", job.path)  # not written: the store's record belongs to the other file
-    safe = slide_id_problem(job.slide_id) is None
+    safe = slide_id_problem(job.id) is None
     if safe:
-        store.clean_partial(job.slide_id)
+        store.clean_partial(job.id)
     try:
         tileset = tile_slide(job.path, config, mpp_override=mpp, meta=job.meta)
         pixels = tileset.read_tiles("selected") if save_pixels else None
-        store.write_slide(tileset.record, tileset.arrays(), pixels)
-        rec = tileset.record
     except EmptyMosaicError as e:
-        tileset, rec = e.tileset, e.tileset.record
-    except HistoError as e:
-        rec = _failed(job, e.reason if isinstance(e, InputFileError) else str(e))
-    except Exception as e:  # a bug or an unforeseen file problem: record it, show it, go on
-        traceback.print_exc()
-        rec = _failed(job, f"unexpected {type(e).__name__}: {e}")
-    if rec.status == "failed" and safe:
-        store.write_slide(rec)
+        tileset, pixels = e.tileset, None
+    except ITEM_ERRORS as e:
+        if safe:
+            store.write_slide(_failed(job, reason_of(e, job.path)))
+        raise
+    rec = tileset.record
+    done = rec.status == "done"
+    if safe:
+        store.write_slide(rec, tileset.arrays() if done else None, pixels)
     if qc_dir is not None and safe:
         from pathology.qc import has_picture, write_qc
 
         if has_picture(tileset):
-            write_qc(tileset, Path(qc_dir) / f"{job.slide_id}.png")
-    return _row(rec, rec.status, job.path)
+            write_qc(tileset, Path(qc_dir) / f"{job.id}.png")
+    if done:
+        return Outcome.done(job.id, job.path, **_detail(rec))
+    return Outcome.failed(job.id, job.path, rec.reason, **_detail(rec))
 
 
-def _in_pool(todo: list[int], workers: int, jobs: list[_Job], args: tuple, rows: list, bar) -> None:
-    """Run `_process` for jobs `todo` in a spawned process pool, filling `rows`; stops quietly when a
-    worker dies (the rows of the unfinished jobs stay None)."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
-    from multiprocessing import get_context
+def _jobs(paths: list[str | os.PathLike], labels: dict) -> list[_Job]:
+    """Every slide found, sorted by path; a slide ID seen before is a duplicate of its first file."""
+    from pathology.labels import find_meta
 
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(_process, jobs[k], *args): k for k in todo}
-        for future in as_completed(futures):
-            try:
-                rows[futures[future]] = future.result()
-            except BrokenProcessPool:
-                continue
-            bar.update()
+    everything = find_slides(paths)
+    if not everything:
+        shown = ", ".join(map(str, paths))
+        raise HistoError(
+            f"no slide files found in {shown} (extensions: {', '.join(sorted(SLIDE_EXTENSIONS))})"
+        )
+    first_of: dict[str, Path] = {}
+    jobs = []
+    for path in everything:
+        slide_id = slide_id_of(path)
+        first = first_of.setdefault(slide_id, path)
+        meta = find_meta(labels, path, slide_id) if labels else None
+        jobs.append(_Job(slide_id, path, meta, None if first == path else first))
+    return jobs
 
 
 def tile_slides(
@@ -309,70 +316,47 @@ def tile_slides(
     qc_dir: str | os.PathLike | None = None,
     mpp_override: float | None = None,
     progress: bool = True,
-) -> dict:
+) -> BatchSummary:
     """Tile the shard `shard` = (i, n) of the slides into the store `out` (created if absent).
 
-    Slides already done in the store are skipped; failures are recorded (store and summary) and the
-    rest goes on. `workers` > 1 tiles slides in parallel processes.
-    Returns {"store", "shard", "counts", "slides": [row per slide of this shard]}.
+    Slides done in the store from the same file are skipped; a bad slide is failed (in the store and
+    the summary) and the rest goes on. `workers` > 1 tiles slides in parallel processes. No slide
+    found is a HistoError, raised before the store is created.
+    Returns the BatchSummary: one Outcome per slide of this shard (detail: n_mosaic, n_selected, mpp,
+    mpp_source, label).
     """
-    from tqdm import tqdm
-
-    from pathology.labels import find_meta, read_labels
+    from pathology.labels import read_labels
     from pathology.store import TileStore
 
-    index, count = shard
     tile_geometry(config)  # config errors before any work
     labels = read_labels(labels_csv) if labels_csv is not None else {}
-    everything = find_slides(paths)
-    first_of: dict[str, Path] = {}
-    jobs = []
-    for k, path in enumerate(everything):
-        slide_id = slide_id_of(path)
-        dup = first_of.setdefault(slide_id, path)
-        if k % count == index:
-            meta = find_meta(labels, path, slide_id) if labels else None
-            jobs.append(_Job(path, slide_id, meta, None if dup == path else dup))
-    unlabelled = [job.slide_id for job in jobs if labels and job.meta is None]
+    jobs = _jobs(paths, labels)
+    unlabelled = [job.id for job in select_shard(jobs, shard) if labels and job.meta is None]
     if unlabelled:
         shown = ", ".join(unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
-        tqdm.write(
-            f"warning: {len(unlabelled)} slide(s) have no row in {labels_csv}: {shown}", file=sys.stderr
-        )
+        log.warning("%d slide(s) have no row in %s: %s", len(unlabelled), labels_csv, shown)
     store = TileStore.create_or_open(out, store_params(config))
-    rows: list[dict | None] = [None] * len(jobs)
-    todo = []
-    for k, job in enumerate(jobs):
+
+    def finished(job: _Job) -> dict | None:
+        """The stored detail of a slide already done from the same file, else None."""
         if (
-            job.duplicate_of is None
-            and slide_id_problem(job.slide_id) is None
-            and store.has_slide(job.slide_id)
+            job.duplicate_of is not None
+            or slide_id_problem(job.id) is not None
+            or not store.has_slide(job.id)
         ):
-            rec = store.record(job.slide_id)
-            if rec.status == "done" and rec.source_path == str(job.path.resolve()):
-                store.clean_partial(job.slide_id)
-                rows[k] = _row(rec, "skipped", job.path)
-                continue
-        todo.append(k)
-    args = (str(out), config, save_pixels, None if qc_dir is None else str(qc_dir), mpp_override)
-    bar = tqdm(total=len(todo), desc="tile", unit="slide", disable=not progress)
-    if workers <= 1 or len(todo) <= 1:
-        for k in todo:
-            rows[k] = _process(jobs[k], *args)
-            bar.update()
-    else:
-        _in_pool(todo, workers, jobs, args, rows, bar)
-        # A worker that died (crash, out of memory) breaks the pool: retry the rest one process per
-        # slide, so only the slide that kills its process is recorded as failed.
-        for k in [k for k in todo if rows[k] is None]:
-            _in_pool([k], 1, jobs, args, rows, bar)
-            if rows[k] is None:
-                rows[k] = _row(
-                    _failed(jobs[k], "the worker process died while tiling this slide"),
-                    "failed",
-                    jobs[k].path,
-                )
-                bar.update()
-    bar.close()
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
-    return {"store": str(out), "shard": [index, count], "counts": counts, "slides": rows}
+            return None
+        rec = store.record(job.id)
+        if rec.status != "done" or rec.source_path != str(job.path.resolve()):
+            return None
+        store.clean_partial(job.id)
+        return _detail(rec)
+
+    process = partial(
+        _tile_one, out=str(out), config=config, save_pixels=save_pixels,
+        qc_dir=None if qc_dir is None else str(qc_dir), mpp=mpp_override,
+    )  # fmt: skip
+    outcomes = run_batch(
+        jobs, process, shard=shard, is_done=finished, workers=workers, desc="tile", unit="slide",
+        progress=progress,
+    )  # fmt: skip
+    return BatchSummary(tuple(outcomes), out=str(out), shard=shard)

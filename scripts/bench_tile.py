@@ -103,7 +103,7 @@ def child_naive(slide_path: str, store_path: str, how: str) -> None:
     config["mosaic"]["colour_mpp"] = 2.0  # route through colour_features, replaced below
     tiler.colour_features = per_candidate
     summary = tiler.tile_slides([slide_path], store_path, config, progress=False)
-    print(json.dumps(summary["counts"]))
+    print(json.dumps(summary.counts))
 
 
 # ---- parent -------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def main() -> None:
             raise SystemExit(f"{name} failed with exit code {r['rc']}")
         results[name] = r
         print(f"{name:<14} {r['wall_s']:7.2f} s  {r['peak_rss_mb']:7.0f} MB", file=sys.stderr)
-    summary = json.loads(results["tile"]["stdout"])["slides"][0]
+    summary = json.loads(results["tile"]["stdout"])["outcomes"][0]["detail"]
 
     # Slides per minute with 1 and 2 worker processes.
     sw, sh = args.scaling_size

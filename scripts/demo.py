@@ -160,8 +160,9 @@ def report(
     """Print the final summary a user reads first."""
     print("\n" + "=" * 72 + "\nhisto demo report\n" + "=" * 72)
     print("Tiles per slide (mosaic -> high-cellularity):")
-    for s in tile["slides"]:
-        print(f"  {s['slide_id']:<28} {s['status']:<7} {s['n_mosaic']:>4} -> {s['n_selected']:>3}")
+    for s in tile["outcomes"]:
+        d = s["detail"]
+        print(f"  {s['id']:<28} {s['status']:<7} {d.get('n_mosaic', 0):>4} -> {d.get('n_selected', 0):>3}")
     print(f"KimiaNet training curve: {train['curve_png']}")
     print("Leave-one-patient-out search (majority vote of the top k; chance = 1 / number of classes):")
     print(f"  {'scope':<12} {'k':>3} {'queries':>8} {'accuracy':>9} {'macro-F1':>9}")

@@ -10,7 +10,7 @@ Layout::
     INDEX/features.zarr/.partial/        slides being written (renamed into slides/ when complete)
 
 Extraction is resumable per slide (a slide's group appears only when complete) and shardable
-(`shard=(i, n)` takes every n-th slide of the sorted list, starting at i).
+(`shard=(i, n)` takes every n-th slide of the sorted list, starting at i), through `histo.batch`.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
+from histo.batch import BatchSummary, Outcome, run_batch
 from histo.errors import HistoError, InputFileError
 
 FORMAT = "histo-features"
@@ -132,6 +134,14 @@ def remove_slides(root: Path, slide_ids: list[str]) -> list[str]:
     return missing
 
 
+@dataclass(frozen=True)
+class _Slide:
+    """One done slide of the tile store (an item of `histo.batch.run_batch`): its ID and source file."""
+
+    id: str
+    path: str
+
+
 def extract_features(
     store: Any,
     extractor: Any,
@@ -139,35 +149,27 @@ def extract_features(
     shard: tuple[int, int] = (0, 1),
     batch_size: int = 32,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> BatchSummary:
     """Extract the features of every done slide of `store` in this shard that is not extracted yet.
 
-    A slide that fails (tiles unreadable, no selected tile) is recorded with its reason; the rest goes on.
-    Returns {"extracted": [...], "already_done": n, "failed": [{"slide_id", "status", "reason"}]}.
+    Slides already extracted are skipped; a slide that fails (tiles unreadable, no selected tile) is
+    recorded with its reason and the rest goes on. A store without a done slide is a HistoError,
+    raised before anything is created. Returns the BatchSummary (done detail: n_tiles).
     """
-    from tqdm import tqdm
-
+    slide_ids = store.slide_ids()
+    if not slide_ids:
+        raise HistoError(f"{store.path}: no tiled slide (status done) in the store; nothing to index")
     root = open_features(index_dir, model_info(extractor), store.params)
     existing = set(done_slides(root))
-    i, n = shard
-    todo = [sid for k, sid in enumerate(store.slide_ids()) if k % n == i]
-    summary: dict[str, Any] = {"extracted": [], "already_done": 0, "failed": []}
-    for sid in tqdm(todo, desc="features", unit="slide", disable=not progress):
-        if sid in existing:
-            summary["already_done"] += 1
-            continue
-        rec = store.record(sid)
-        coords = store.coords(sid)[store.selected(sid)]
+
+    def extract(item: _Slide) -> Outcome:
+        rec = store.record(item.id)
+        coords = store.coords(item.id)[store.selected(item.id)]
         if len(coords) == 0:
-            summary["failed"].append({"slide_id": sid, "status": "failed", "reason": "no selected tiles"})
-            continue
-        try:
-            feats = extractor.extract_store(store, sid, batch_size=batch_size)
-        except InputFileError as e:
-            summary["failed"].append({"slide_id": sid, "status": "failed", "reason": str(e)})
-            continue
+            return Outcome.failed(item.id, item.path, "no selected tiles")
+        feats = extractor.extract_store(store, item.id, batch_size=batch_size)
         record = {
-            "slide_id": sid,
+            "slide_id": item.id,
             "label": rec.label,
             "patient": rec.patient,
             "site": rec.site,
@@ -175,5 +177,11 @@ def extract_features(
             "store": str(Path(store.path).resolve()),
         }
         write_slide(root, record, feats, coords)
-        summary["extracted"].append(sid)
-    return summary
+        return Outcome.done(item.id, item.path, n_tiles=len(coords))
+
+    items = [_Slide(sid, store.record(sid).source_path) for sid in slide_ids]
+    outcomes = run_batch(
+        items, extract, shard=shard, is_done=lambda item: {} if item.id in existing else None,
+        desc="features", unit="slide", progress=progress,
+    )  # fmt: skip
+    return BatchSummary(tuple(outcomes), out=str(index_dir), shard=shard)

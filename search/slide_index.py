@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from histo.batch import BatchSummary
 from histo.errors import HistoError, InputFileError
 from histo.io import atomic_path, atomic_write_json, file_sha256
 from search import features as feats_io
@@ -94,6 +95,7 @@ class SlideIndex:
         self.float_index.to_device(device)
         self._feature_array: np.ndarray | None = None
         self._extractor = None
+        self.extraction: BatchSummary | None = None  # the feature extraction of `build`, when built here
         if model is not None:
             self._extractor = self._check_model(_load_extractor(model, device))
         search_cfg = manifest.get("search", {})
@@ -124,7 +126,8 @@ class SlideIndex:
         """Extract features (resumable) and build the index in `out`; with shard (i, n > 1) only extract.
 
         `model` is a checkpoint path (copied into the index as model.pt) or a FeatureExtractor.
-        Returns the opened index, or None for a shard job (run once more without a shard to assemble).
+        Returns the opened index, its `extraction` the BatchSummary of the feature extraction, or None
+        for a shard job (run once more without a shard to assemble; `extract` returns the shard's summary).
         """
         if index_type not in INDEX_TYPES:
             raise HistoError(f"unknown index type {index_type!r} (choose from {', '.join(INDEX_TYPES)})")
@@ -132,10 +135,8 @@ class SlideIndex:
         if unknown:
             raise HistoError(f"unknown index parameters: {', '.join(sorted(unknown))}")
         out = Path(out)
-        store = _open_store(store)
         extractor = _load_extractor(model, device)
-        out.mkdir(parents=True, exist_ok=True)
-        summary = feats_io.extract_features(store, extractor, out, shard, batch_size, progress)
+        batch = feats_io.extract_features(_open_store(store), extractor, out, shard, batch_size, progress)
         if shard[1] > 1:
             return None
         if not isinstance(model, (str, os.PathLike)):
@@ -146,11 +147,30 @@ class SlideIndex:
         content = {
             "index": {"type": index_type, "params_requested": dict(params or {})},
             "search": {"tile_k": None, "stage1_tiles": 32, "n_matches": 5, **(search or {})},
-            "failed_slides": summary["failed"],
+            "failed_slides": _failed_slides(batch),
             "built_with": {"feature_device": str(extractor.device)},
         }
         _assemble(out, content)
-        return cls.open(out, device=device, model=extractor)
+        index = cls.open(out, device=device, model=extractor)
+        index.extraction = batch
+        return index
+
+    @classmethod
+    def extract(
+        cls,
+        store: Any,
+        model: Any,
+        out: str | os.PathLike,
+        device: str = "auto",
+        shard: tuple[int, int] = (0, 1),
+        batch_size: int = 32,
+        progress: bool = True,
+    ) -> BatchSummary:
+        """Extract the features of the shard's slides into `out` (resumable) without building the index."""
+        extractor = _load_extractor(model, device)
+        return feats_io.extract_features(
+            _open_store(store), extractor, Path(out), shard, batch_size, progress
+        )
 
     @classmethod
     def open(
@@ -160,15 +180,15 @@ class SlideIndex:
         path = Path(path)
         return cls(path, read_manifest(path, verify), device, model)
 
-    def add(self, store: Any, batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
+    def add(self, store: Any, batch_size: int = 32, progress: bool = True) -> BatchSummary:
         """Extract and index the slides of `store` not in the index yet; returns the extraction summary."""
         store = _open_store(store)
-        summary = feats_io.extract_features(store, self.extractor, self.path, (0, 1), batch_size, progress)
+        batch = feats_io.extract_features(store, self.extractor, self.path, (0, 1), batch_size, progress)
         failed = {f["slide_id"]: f for f in self.manifest.get("failed_slides", [])} | {
-            f["slide_id"]: f for f in summary["failed"]
+            f["slide_id"]: f for f in _failed_slides(batch)
         }
         self._reassemble({"failed_slides": sorted(failed.values(), key=lambda f: f["slide_id"])})
-        return summary
+        return batch
 
     def remove(self, slide_ids: list[str]) -> None:
         """Remove slides from the index (all IDs must be indexed; nothing changes otherwise)."""
@@ -304,6 +324,11 @@ class SlideIndex:
 
     def __len__(self) -> int:
         return len(self.catalog)
+
+
+def _failed_slides(batch: BatchSummary) -> list[dict[str, Any]]:
+    """The manifest's record of the slides whose features failed: slide_id, status, reason."""
+    return [{"slide_id": o.id, "status": o.status, "reason": o.reason} for o in batch.failed()]
 
 
 def _assemble(out: Path, content: dict[str, Any]) -> None:

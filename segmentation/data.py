@@ -6,7 +6,10 @@ the source affine and header travel along so `from_ras` can write outputs in the
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +20,8 @@ import torch
 from histo.errors import InputFileError
 from histo.io import atomic_path
 from segmentation.labels import labels_to_regions
+
+log = logging.getLogger(__name__)
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 # filename token -> modality; 2018-2021 (t1, t1ce, t2, flair), 2023 (t1n, t1c, t2w, t2f), variants (t1c, fla, t1gd).
@@ -89,21 +94,49 @@ def find_case(folder: str | Path) -> Case:
     return Case(folder.name, images, segs[0] if segs else None, "2023" if uses_2023 else "2021", folder)
 
 
+def case_folders(root: str | Path) -> list[Path]:
+    """`root` itself when it holds NIfTI files, else its sub-folders that do (sorted); [] when none."""
+    root = Path(root)
+    if any(NIFTI.search(p.name) for p in root.iterdir() if p.is_file()):
+        return [root]
+    return sorted(p for p in root.iterdir() if p.is_dir() and any(NIFTI.search(q.name) for q in p.iterdir()))
+
+
+@dataclass(frozen=True)
+class CaseFolder:
+    """A case folder to process (an item of `histo.batch.run_batch`); `duplicate_of` when its case ID
+    was already taken by an earlier folder (both would write one output)."""
+
+    id: str
+    path: Path
+    duplicate_of: Path | None = None
+
+
+def case_items(case_dirs: Sequence[str | os.PathLike]) -> list[CaseFolder]:
+    """The case folders named or found in `case_dirs`; a named path that is no folder stays an item (it
+    fails as one), a folder holding no case adds nothing (a warning says so)."""
+    folders: list[Path] = []
+    for d in map(Path, case_dirs):
+        found = case_folders(d) if d.is_dir() else [d]
+        if not found:
+            log.warning("%s: no case folders with NIfTI files", d)
+        folders += found
+    first: dict[str, Path] = {}
+    return [
+        CaseFolder(f.name, f, None if first.setdefault(f.name, f) == f else first[f.name]) for f in folders
+    ]
+
+
 def find_cases(root: str | Path, errors: list[dict] | None = None) -> list[Case]:
     """Cases under `root` (itself a case folder, or a folder of case folders), sorted by id.
 
     A bad case raises InputFileError, or, when `errors` is a list, is appended to it as
-    {"case_id", "status": "error", "reason"} and skipped.
+    {"case_id", "status": "failed", "reason"} and left out.
     """
     root = Path(root)
     if not root.is_dir():
         raise InputFileError(root, "data folder not found")
-    if any(NIFTI.search(p.name) for p in root.iterdir() if p.is_file()):
-        folders = [root]
-    else:
-        folders = sorted(
-            p for p in root.iterdir() if p.is_dir() and any(NIFTI.search(q.name) for q in p.iterdir())
-        )
+    folders = case_folders(root)
     if not folders:
         raise InputFileError(root, "no case folders with NIfTI files found")
     cases = []
@@ -113,7 +146,7 @@ def find_cases(root: str | Path, errors: list[dict] | None = None) -> list[Case]
         except InputFileError as e:
             if errors is None:
                 raise
-            errors.append({"case_id": folder.name, "status": "error", "reason": str(e)})
+            errors.append({"case_id": folder.name, "status": "failed", "reason": str(e)})
     return cases
 
 

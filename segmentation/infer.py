@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from histo.batch import BatchSummary, Outcome, run_batch
 from histo.errors import HistoError, InputFileError
 from segmentation.data import Case, from_ras, load_case, write_nifti
 from segmentation.labels import regions_to_labels
@@ -151,8 +152,8 @@ def overlay_png(path: Path, flair: np.ndarray, regions: np.ndarray, title: str, 
     return save_figure(fig, path)
 
 
-def predict_case(model: nn.Module, case: Case, out_dir: str | os.PathLike, settings: dict, device) -> dict:
-    """Segment one case: `<out>/<case_id>.nii.gz` (+ `_overlay.png`); -> record with counts per region."""
+def predict_case(model: nn.Module, case: Case, out_dir: str | os.PathLike, settings: dict, device) -> Outcome:
+    """Segment one case: `<out>/<case_id>.nii.gz` (+ `_overlay.png`); -> done, with voxels per region."""
     out_dir = Path(out_dir)
     image, brain, _, affine, header = load_case(case, with_labels=False)
     prob = predict_volume(
@@ -178,13 +179,7 @@ def predict_case(model: nn.Module, case: Case, out_dir: str | os.PathLike, setti
         )
     write_labels(out, labels, affine, header)  # last: its presence marks the case as done
     voxels = {name: int(regions[i].sum()) for i, name in enumerate(("TC", "WT", "ET"))}
-    return {
-        "case_id": case.case_id,
-        "status": "ok",
-        "output": str(out),
-        "scheme": case.scheme,
-        "voxels": voxels,
-    }
+    return Outcome.done(case.case_id, case.folder, output=str(out), scheme=case.scheme, voxels=voxels)
 
 
 LABEL_SETTINGS = ("roi", "overlap", "tta", "threshold")  # what a resumed run must share with the first
@@ -197,18 +192,17 @@ def predict_cases(
     settings: dict,
     device: str = "auto",
     overwrite: bool = False,
-) -> dict:
-    """Segment every case under `case_dirs` into `out_dir`; bad cases are recorded and skipped, finished
-    outputs are kept (a re-run resumes). Writes and returns `predictions.json`.
+) -> BatchSummary:
+    """Segment every case under `case_dirs` into `out_dir`; a bad case is failed and the rest goes on,
+    finished outputs are kept (a re-run resumes, skipping them). Writes `predictions.json` (the
+    summary's JSON) and returns the BatchSummary. No case found is a HistoError, before `out_dir` exists.
 
     `out_dir/settings.json` records the model's sha256 and the settings that change a label map; a re-run
     with others is refused unless `overwrite`, which recomputes every case.
     """
-    from tqdm import tqdm
-
     from histo.devices import resolve_device
     from histo.io import atomic_write_json, check_run_settings, file_sha256
-    from segmentation.data import find_cases
+    from segmentation.data import case_items, find_case
 
     dev = resolve_device(device)
     model, trained = load_model(model_path, dev)
@@ -217,39 +211,31 @@ def predict_cases(
     if not roi:
         raise HistoError(f"{model_path}: the checkpoint records no training crop; set infer.roi (--roi)")
     settings = {**settings, "roi": roi}
+    items = case_items(case_dirs)
+    if not items:
+        raise HistoError(f"no case folders with NIfTI files found in {', '.join(map(str, case_dirs))}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
         (out_dir / "settings.json").unlink(missing_ok=True)
     run = {"model_sha256": file_sha256(model_path), **{k: settings[k] for k in LABEL_SETTINGS}}
     check_run_settings(out_dir, run, remedy="use a new --out or --overwrite")
-    records: list[dict] = []
-    cases: list[Case] = []
-    for folder in case_dirs:
-        try:
-            cases += find_cases(folder, errors=records)
-        except InputFileError as e:
-            records.append({"case_id": Path(folder).name, "status": "error", "reason": str(e)})
-    for case in tqdm(cases, desc="segment", unit="case"):
-        if not overwrite and (out_dir / f"{case.case_id}.nii.gz").exists():
-            records.append(
-                {
-                    "case_id": case.case_id,
-                    "status": "exists",
-                    "output": str(out_dir / f"{case.case_id}.nii.gz"),
-                }
-            )
-            continue
-        try:
-            records.append(predict_case(model, case, out_dir, settings, dev))
-        except InputFileError as e:
-            records.append({"case_id": case.case_id, "status": "error", "reason": str(e)})
-    summary = {
-        "model": str(model_path),
-        "settings": dict(settings),
-        "n_ok": sum(r["status"] in ("ok", "exists") for r in records),
-        "n_failed": sum(r["status"] == "error" for r in records),
-        "cases": records,
-    }
-    atomic_write_json(out_dir / "predictions.json", summary)
-    return summary
+
+    def output(item) -> Path:
+        return out_dir / f"{item.id}.nii.gz"
+
+    def predict(item) -> Outcome:
+        if item.duplicate_of is not None:
+            return Outcome.failed(item.id, item.path, f"duplicate case ID (also {item.duplicate_of})")
+        return predict_case(model, find_case(item.path), out_dir, settings, dev)
+
+    def finished(item) -> dict | None:
+        done = not overwrite and item.duplicate_of is None and output(item).exists()
+        return {"output": str(output(item))} if done else None
+
+    outcomes = run_batch(items, predict, is_done=finished, desc="segment", unit="case")
+    batch = BatchSummary(
+        tuple(outcomes), out=str(out_dir), extra={"model": str(model_path), "settings": settings}
+    )
+    atomic_write_json(out_dir / "predictions.json", batch.to_dict())
+    return batch

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histo.batch import BatchSummary, Outcome, run_batch
 from histo.errors import InputFileError
 from histo.io import atomic_write_json, atomic_write_text
-from segmentation.data import Case, find_cases, read_nifti, spacing_of
+from segmentation.data import Case, read_nifti, spacing_of
 from segmentation.labels import REGIONS, labels_to_regions
 
 HD95_DEFINITION = (
@@ -90,12 +91,12 @@ def region_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) 
 METRIC_KEYS = [f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS]
 
 
-def summarize(rows: Sequence[dict]) -> dict:
-    """Mean, std, median, 25th/75th percentiles of every metric over the cases with status "ok"."""
-    ok = [r for r in rows if r.get("status") == "ok"]
+def summarize(outcomes: Sequence[Outcome]) -> dict[str, dict[str, float]]:
+    """Mean, std, median, 25th/75th percentiles of every metric over the cases done."""
+    done = [o.detail for o in outcomes if o.status == "done"]
     stats: dict[str, dict[str, float]] = {}
     for key in METRIC_KEYS:
-        values = np.array([r[key] for r in ok], dtype=np.float64)
+        values = np.array([d[key] for d in done], dtype=np.float64)
         if values.size == 0:
             stats[key] = {s: math.nan for s in ("mean", "std", "median", "q25", "q75")}
             continue
@@ -106,54 +107,68 @@ def summarize(rows: Sequence[dict]) -> dict:
             "q25": float(np.percentile(values, 25)),
             "q75": float(np.percentile(values, 75)),
         }
-    return {
-        "n_cases": len(rows),
-        "n_ok": len(ok),
-        "failed": [{"case_id": r["case_id"], "reason": r.get("reason", "")} for r in rows if r not in ok],
-        "metrics": stats,
-        "hd95_definition": HD95_DEFINITION,
-        "conventions": CONVENTIONS,
-    }
+    return stats
 
 
-def write_report(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict:
-    """Write per-case `metrics.csv` and `summary.json` (atomic) into `out_dir`; return the summary."""
+def write_report(outcomes: Sequence[Outcome], out_dir: str | os.PathLike) -> BatchSummary:
+    """Write per-case `metrics.csv` and `summary.json` (the summary's JSON, atomic) into `out_dir`."""
     out_dir = Path(out_dir)
     fields = ["case_id", "status", "reason", *METRIC_KEYS]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(
+        {"case_id": o.id, "status": o.status, "reason": o.reason or "", **o.detail} for o in outcomes
+    )
     atomic_write_text(out_dir / "metrics.csv", buffer.getvalue())
-    summary = summarize(rows)
-    atomic_write_json(out_dir / "summary.json", summary)
-    return summary
+    batch = BatchSummary(
+        tuple(outcomes),
+        out=str(out_dir),
+        extra={
+            "metrics": summarize(outcomes),
+            "hd95_definition": HD95_DEFINITION,
+            "conventions": CONVENTIONS,
+        },
+    )
+    atomic_write_json(out_dir / "summary.json", batch.to_dict())
+    return batch
 
 
-def evaluate_predictions(pred_dir: str | os.PathLike, data_dir: str | os.PathLike, out_dir=None) -> dict:
+NO_LABELS = "no label file (*_seg) to evaluate against"
+
+
+def evaluate_predictions(
+    pred_dir: str | os.PathLike, data_dir: str | os.PathLike, out_dir=None, progress: bool = True
+) -> BatchSummary:
     """Score `<pred_dir>/<case_id>.nii.gz` against each labelled case under `data_dir`; per-case CSV and
-    summary JSON go to `out_dir` (default `pred_dir`). Missing or mismatched predictions are recorded."""
-    from tqdm import tqdm
+    summary JSON go to `out_dir` (default `pred_dir`). A missing or mismatched prediction fails its case,
+    a case without a label map is skipped; no labelled case at all is an InputFileError (nothing written)."""
+    from segmentation.data import CaseFolder, case_folders, find_case
 
-    pred_dir = Path(pred_dir)
+    pred_dir, data_dir = Path(pred_dir), Path(data_dir)
     if not pred_dir.is_dir():
         raise InputFileError(pred_dir, "prediction folder not found")
-    rows: list[dict] = []
-    cases = [c for c in find_cases(data_dir, errors=rows) if c.seg is not None]
-    if not cases and not rows:
-        raise InputFileError(data_dir, "no cases with a label file (*_seg) to evaluate against")
-    for case in tqdm(cases, desc="evaluate", unit="case"):
-        found = [pred_dir / f"{case.case_id}{s}" for s in (".nii.gz", ".nii")]
-        found = [p for p in found if p.exists()]
+    if not data_dir.is_dir():
+        raise InputFileError(data_dir, "data folder not found")
+
+    def score(item: CaseFolder) -> Outcome:
+        case = find_case(item.path)
+        if case.seg is None:
+            return Outcome.skipped(case.case_id, item.path, NO_LABELS)
+        found = [p for p in (pred_dir / f"{case.case_id}{s}" for s in (".nii.gz", ".nii")) if p.exists()]
         if not found:
-            reason = f"no prediction {case.case_id}.nii.gz in {pred_dir}"
-            rows.append({"case_id": case.case_id, "status": "error", "reason": reason})
-            continue
-        try:
-            rows.append({"case_id": case.case_id, "status": "ok", **_score(found[0], case)})
-        except InputFileError as e:
-            rows.append({"case_id": case.case_id, "status": "error", "reason": str(e)})
-    return write_report(rows, out_dir if out_dir is not None else pred_dir)
+            return Outcome.failed(
+                case.case_id, item.path, f"no prediction {case.case_id}.nii.gz in {pred_dir}"
+            )
+        return Outcome.done(case.case_id, item.path, prediction=str(found[0]), **_score(found[0], case))
+
+    items = [CaseFolder(f.name, f) for f in case_folders(data_dir)]
+    if not items:
+        raise InputFileError(data_dir, "no case folders with NIfTI files found")
+    outcomes = run_batch(items, score, desc="evaluate", unit="case", progress=progress)
+    if all(o.status == "skipped" for o in outcomes):
+        raise InputFileError(data_dir, "no case with a label file (*_seg) to evaluate against")
+    return write_report(outcomes, out_dir if out_dir is not None else pred_dir)
 
 
 def _score(pred_path: Path, case: Case) -> dict[str, float]:

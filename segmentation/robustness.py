@@ -14,6 +14,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from histo.batch import BatchSummary
 from histo.errors import HistoError
 from histo.io import atomic_write_json, file_sha256
 from histo.robustness import (
@@ -105,10 +106,11 @@ def evaluate_segmentation(
     config: dict,
     reference: str | os.PathLike | None = None,
     progress: bool = True,
-) -> dict:
+) -> BatchSummary:
     """Run the MRI corruption grid for `model` (its α-BN variant, and `reference`) on BraTS cases in `data`.
 
-    Writes results.csv (resumable), CE tables (1 - Dice per region), plots and summary.json into `out`.
+    Writes results.csv (resumable), CE tables (1 - Dice per region), plots and summary.json into `out`;
+    returns the BatchSummary of the grid's cells (the report in its extras).
     """
     from histo.devices import resolve_device
     from segmentation.corruptions import CORRUPTIONS
@@ -147,6 +149,8 @@ def evaluate_segmentation(
         seed=config["seed"],
         progress=progress,
     )
-    summary.update(task="segment", models=settings["models"], n_cases=len(cases), skipped_cases=cases.skipped)
-    atomic_write_json(Path(out) / "summary.json", summary)
+    summary = summary.with_extra(
+        task="segment", models=settings["models"], n_cases=len(cases), skipped_cases=cases.skipped
+    )
+    atomic_write_json(Path(out) / "summary.json", summary.to_dict())
     return summary

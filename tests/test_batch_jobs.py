@@ -52,7 +52,7 @@ def test_two_shard_processes_into_one_store_equal_one_run(cohort, tmp_path):
     ]  # fmt: skip
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in outputs]
-    ids = [{s["slide_id"] for s in json.loads(out)["slides"]} for out, _ in outputs]
+    ids = [{s["id"] for s in json.loads(out)["outcomes"]} for out, _ in outputs]
     assert ids[0] and ids[1] and ids[0].isdisjoint(ids[1]), "each shard takes its own, non-empty share"
 
     single = tmp_path / "single.zarr"

@@ -25,11 +25,18 @@ from histo.robustness import (
 
 def _rows(model: str, clean: float, table: dict[str, list[float]]) -> list[dict]:
     rows = [
-        {"model": model, "corruption": CLEAN, "severity": 0, "metric": "acc", "value": clean, "status": "ok"}
+        {
+            "model": model,
+            "corruption": CLEAN,
+            "severity": 0,
+            "metric": "acc",
+            "value": clean,
+            "status": "done",
+        }
     ]
     for c, values in table.items():
         rows += [
-            {"model": model, "corruption": c, "severity": s, "metric": "acc", "value": v, "status": "ok"}
+            {"model": model, "corruption": c, "severity": s, "metric": "acc", "value": v, "status": "done"}
             for s, v in enumerate(values, start=1)
         ]
     return rows
@@ -73,7 +80,7 @@ def _table():
     return {
         "shift": lambda x, s, rng: x + s,
         "noise": lambda x, s, rng: x + s * rng.normal(size=x.shape),
-        "broken": lambda x, s, rng: (_ for _ in ()).throw(ValueError("bad corruption")),
+        "broken": lambda x, s, rng: (_ for _ in ()).throw(HistoError("bad corruption")),
     }
 
 
@@ -87,7 +94,7 @@ def test_run_grid_rows_determinism_failure_and_resume() -> None:
         return {"mean": float(out.mean()), "std": float(out.std())}
 
     rows = run_grid(evaluate, _table(), [1, 2], model="m", seed=3, progress=False)
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] == "done"]
     assert len(calls) == 1 + 3 * 2
     assert {(r["corruption"], r["severity"]) for r in ok} == {
         (CLEAN, 0),
@@ -102,7 +109,7 @@ def test_run_grid_rows_determinism_failure_and_resume() -> None:
     failed = [r for r in rows if r["status"] == "failed"]
     assert len(failed) == 2 and all("bad corruption" in r["reason"] for r in failed)
     again = run_grid(evaluate, _table(), [1, 2], model="m", seed=3, progress=False)
-    assert [r["value"] for r in again if r["status"] == "ok"] == [r["value"] for r in ok]
+    assert [r["value"] for r in again if r["status"] == "done"] == [r["value"] for r in ok]
     other = run_grid(evaluate, _table(), [1], model="m", seed=4, progress=False)
     assert {r["value"] for r in other if r["corruption"] == "noise"} != {
         value[("noise", 1, m)] for m in ("mean", "std")
@@ -110,7 +117,33 @@ def test_run_grid_rows_determinism_failure_and_resume() -> None:
     calls.clear()
     resumed = run_grid(evaluate, _table(), [1, 2], model="m", seed=3, done=ok, progress=False)
     assert len(calls) == 2  # only the failed cells run again
-    assert len([r for r in resumed if r["status"] == "ok"]) == len(ok)
+    assert len([r for r in resumed if r["status"] == "done"]) == len(ok)
+
+
+def test_a_bug_in_a_cell_surfaces_and_old_results_still_resume(tmp_path) -> None:
+    table = {"shift": lambda x, s, rng: x + s, "buggy": lambda x, s, rng: x[None].foo}  # AttributeError
+
+    def evaluate(corrupt):
+        return {"mean": float(np.mean(corrupt(np.zeros(3), key=0)))}
+
+    with pytest.raises(AttributeError):
+        run_grid(evaluate, table, [1], model="m", progress=False)
+    # results.csv written by the previous release called a valid cell "ok": it resumes as "done"
+    (tmp_path / "old.csv").write_text(
+        "model,corruption,severity,metric,value,alpha_bn,status,reason\n"
+        "m,clean,0,mean,0.0,,ok,\nm,shift,1,mean,1.0,,ok,\n"
+    )
+    old = read_rows(tmp_path / "old.csv")
+    assert [r["status"] for r in old] == ["done", "done"]
+    calls = []
+    rows = run_grid(
+        lambda corrupt: calls.append(1) or evaluate(corrupt), {"shift": table["shift"]}, [1], model="m",
+        done=old, progress=False,
+    )  # fmt: skip
+    assert calls == [] and [(r["corruption"], r["value"], r["status"]) for r in rows] == [
+        (CLEAN, 0.0, "done"),
+        ("shift", 1.0, "done"),
+    ]
 
 
 def _net(norm: str) -> nn.Module:
@@ -249,7 +282,8 @@ def test_cli_pathology_grid_alpha_bn_reference_and_resume(tile_store, tmp_path) 
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["n_slides"] == 4 and summary["n_tiles"] == 12 and not summary["failed"]
+    assert summary["n_slides"] == 4 and summary["n_tiles"] == 12 and summary["counts"]["failed"] == 0
+    assert summary["counts"]["done"] == 3 * (1 + 2 * 2) == len(summary["outcomes"])
     ce = summary["metrics"]["accuracy"]["ce"]
     assert set(ce) == {"gn", "gn+alphaBN0.1", "bn"}
     assert all(
@@ -265,6 +299,7 @@ def test_cli_pathology_grid_alpha_bn_reference_and_resume(tile_store, tmp_path) 
     before = (out / "results.csv").read_text()
     again = CliRunner().invoke(main, args)  # resumes: nothing left to evaluate, same results
     assert again.exit_code == 0 and (out / "results.csv").read_text() == before
+    assert json.loads(again.stdout)["counts"] == {"done": 0, "skipped": 15, "failed": 0}
     other = CliRunner().invoke(main, [*args[:-1], "--seed", "9"])
     assert other.exit_code == 2 and "other settings (seed)" in other.output
     bad = CliRunner().invoke(main, [*args[:9], "snow", *args[10:]])
@@ -313,7 +348,7 @@ def test_cli_segment_grid(tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["n_cases"] == 1 and not summary["failed"]
+    assert summary["n_cases"] == 1 and summary["counts"] == {"done": 6, "skipped": 0, "failed": 0}
     means = summary["metrics"]["dice_WT"]["mean"]
     assert set(means) == {"unet", "unet+alphaBN0.5"}
     assert means["unet"] != means["unet+alphaBN0.5"]  # a BN U-Net is changed by α-BN

@@ -62,8 +62,10 @@ def built(data: dict) -> Path:
     code, stdout, _ = run([*index_args(data, out), "--evaluate", "--json"])
     assert code == 0
     report = json.loads(stdout)
-    assert report["counts"]["slides"] == 6 and report["type"] == "flat" and report["failed_slides"] == []
-    assert report["device"] == {"device": "cpu"}
+    index = report["index"]
+    assert index["counts"]["slides"] == 6 and index["type"] == "flat" and index["failed_slides"] == []
+    assert report["counts"] == {"done": 6, "skipped": 0, "failed": 0}
+    assert index["device"] == {"device": "cpu"}
     assert {(r["scope"], r["k"]) for r in report["evaluation"]["rows"]} >= {
         ("horizontal", 1),
         ("horizontal", 5),
@@ -158,10 +160,16 @@ def test_kill_then_rerun_equals_uninterrupted(built: Path, data: dict, tmp_path:
 
 def test_shards_then_assembly_equal_one_run(built: Path, data: dict, tmp_path: Path) -> None:
     out = tmp_path / "sharded"
+    shares = []
     for shard in ("1/2", "0/2"):
         code, stdout, _ = run([*index_args(data, out), "--shard", shard, "--json"])
-        assert code == 0 and json.loads(stdout)["status"] == "features extracted"
-        assert not (out / "manifest.json").exists()
+        report = json.loads(stdout)
+        assert (
+            code == 0 and report["counts"] == {"done": 3, "skipped": 0, "failed": 0} and "index" not in report
+        )
+        assert not (out / "manifest.json").exists()  # features extracted, no index built
+        shares.append({o["id"] for o in report["outcomes"]})
+    assert shares[0].isdisjoint(shares[1]) and len(shares[0] | shares[1]) == 6
     assert len([d for d in (out / "features.zarr" / "slides").iterdir() if d.is_dir()]) == 6
     code, _, _ = run(index_args(data, out))
     assert code == 0 and file_hashes(out) == file_hashes(built)

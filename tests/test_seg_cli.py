@@ -67,19 +67,20 @@ def test_predict_then_eval(trained, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["settings"]["roi"] == [16, 16, 16]  # [] in the config: the training crop
-    assert [r["status"] for r in summary["cases"]] == ["ok"] * 3
+    assert [r["status"] for r in summary["outcomes"]] == ["done"] * 3
     for case in sorted(trained["data"].iterdir()):
         written, source = nib.load(out / f"{case.name}.nii.gz"), nib.load(next(case.glob("*_flair.nii.gz")))
         assert written.shape == source.shape and np.array_equal(written.affine, source.affine)
     again = runner.invoke(main, [*args, "--device", "cpu", "--json"])  # a re-run keeps finished outputs
-    assert [r["status"] for r in json.loads(again.stdout)["cases"]] == ["exists"] * 3
+    kept = json.loads(again.stdout)["outcomes"]
+    assert [(r["status"], r["reason"]) for r in kept] == [("skipped", "already done")] * 3
     other = runner.invoke(main, [*args, "--device", "cpu", "--overlap", "0.25"])  # would mix two settings
     assert (
         other.exit_code == 2
         and "holds results of other settings (overlap); use a new --out or --overwrite" in (other.output)
     )
     redone = runner.invoke(main, [*args, "--device", "cpu", "--overlap", "0.25", "--overwrite", "--json"])
-    assert [r["status"] for r in json.loads(redone.stdout)["cases"]] == ["ok"] * 3
+    assert [r["status"] for r in json.loads(redone.stdout)["outcomes"]] == ["done"] * 3
     assert json.loads((out / "settings.json").read_text())["overlap"] == 0.25
 
     result = runner.invoke(
@@ -87,14 +88,14 @@ def test_predict_then_eval(trained, tmp_path):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["n_ok"] == 3 and "MONAI" in summary["hd95_definition"]
+    assert summary["counts"]["done"] == 3 and "MONAI" in summary["hd95_definition"]
     assert 0.0 <= summary["metrics"]["dice_WT"]["mean"] <= 1.0
     with open(out / "metrics.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
 
     (out / "synth_001.nii.gz").unlink()
     result = runner.invoke(main, ["segment", "eval", "--pred", str(out), "--data", str(trained["data"])])
-    assert result.exit_code == 1 and "error: synth_001: no prediction synth_001.nii.gz" in result.output
+    assert result.exit_code == 1 and "failed: synth_001: no prediction synth_001.nii.gz" in result.output
 
 
 def test_predict_records_a_case_with_missing_modalities(trained, tmp_path):
@@ -103,8 +104,9 @@ def test_predict_records_a_case_with_missing_modalities(trained, tmp_path):
     args = ["segment", "predict", "--model", str(trained["model"]), str(deepmedic), str(case)]
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "p"), "--device", "cpu", "--json"])
     assert result.exit_code == 1
-    records = {r["case_id"]: r for r in json.loads(result.stdout)["cases"]}
-    assert records[case.name]["status"] == "ok"
+    records = {r["id"]: r for r in json.loads(result.stdout)["outcomes"]}
+    assert records[case.name]["status"] == "done"
+    assert records["deepmedic_brats2013_pat0005_1"]["status"] == "failed"
     assert "missing modality t1, t2" in records["deepmedic_brats2013_pat0005_1"]["reason"]
 
 

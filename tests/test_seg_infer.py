@@ -118,10 +118,10 @@ def test_predict_real_cases_keeps_geometry_and_records_bad_case(tmp_path):
         settings,
         "cpu",
     )
-    by_id = {r["case_id"]: r for r in summary["cases"]}
-    assert by_id["TCGA-DU-7294"]["status"] == "ok"
-    assert by_id["deepmedic_brats2013_pat0005_1"]["status"] == "error"
-    assert "missing modality t1, t2" in by_id["deepmedic_brats2013_pat0005_1"]["reason"]
+    by_id = {o.id: o for o in summary.outcomes}
+    assert by_id["TCGA-DU-7294"].status == "done"
+    assert by_id["deepmedic_brats2013_pat0005_1"].status == "failed"
+    assert "missing modality t1, t2" in by_id["deepmedic_brats2013_pat0005_1"].reason
     source = nib.load(BRATS / "TCGA-DU-7294" / "TCGA-DU-7294_fla_bet.nii.gz")
     out = nib.load(tmp_path / "out" / "TCGA-DU-7294.nii.gz")
     assert out.shape == source.shape == (240, 240, 155)
@@ -131,7 +131,7 @@ def test_predict_real_cases_keeps_geometry_and_records_bad_case(tmp_path):
     )
     assert out.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2, 4}
     assert (tmp_path / "out" / "TCGA-DU-7294_overlay.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "out" / "predictions.json").read_text())["n_failed"] == 1
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text())["counts"]["failed"] == 1
 
 
 @pytest.mark.parametrize("scheme,et", [("2021", 4), ("2023", 3)])
@@ -148,7 +148,7 @@ def test_output_is_in_the_input_voxel_order_and_scheme(tmp_path, scheme, et):
     nz = raw != 0
     z = np.where(nz, (raw - raw[nz].mean()) / raw[nz].std(), 0.0)
     record = predict_case(model.eval(), case, tmp_path / "out", {**SETTINGS, "roi": [8, 8, 8]}, "cpu")
-    assert record["status"] == "ok" and record["scheme"] == scheme
+    assert record.status == "done" and record.detail["scheme"] == scheme
     out = nib.load(tmp_path / "out" / f"{case.case_id}.nii.gz")
     labels = np.asarray(out.dataobj)
     np.testing.assert_array_equal(out.affine, t1ce.affine)

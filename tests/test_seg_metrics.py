@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from histo.batch import Outcome
 from segmentation.labels import labels_to_regions
 from segmentation.metrics import HD95_DEFINITION, HD95_ONE_EMPTY, dice, evaluate_case, hd95, write_report
 
@@ -90,25 +91,21 @@ def test_evaluate_case_per_region(scheme, et):
 
 
 def test_report_csv_and_summary(tmp_path):
-    rows = [
-        {
-            "case_id": "a",
-            "status": "ok",
-            **{f"{m}_{r}": v for m in ("dice", "hd95") for r in ("TC", "WT", "ET") for v in [1.0]},
-        },
-        {
-            "case_id": "b",
-            "status": "ok",
-            **{f"{m}_{r}": v for m in ("dice", "hd95") for r in ("TC", "WT", "ET") for v in [0.5]},
-        },
-        {"case_id": "c", "status": "error", "reason": "no prediction"},
+    metrics = [{f"{m}_{r}": v for m in ("dice", "hd95") for r in ("TC", "WT", "ET")} for v in (1.0, 0.5)]
+    outcomes = [
+        Outcome.done("a", "/d/a", **metrics[0]),
+        Outcome.done("b", "/d/b", **metrics[1]),
+        Outcome.failed("c", "/d/c", "no prediction"),
     ]
-    summary = write_report(rows, tmp_path)
-    assert summary["metrics"]["dice_WT"]["mean"] == pytest.approx(0.75)
-    assert summary["metrics"]["dice_WT"]["median"] == pytest.approx(0.75)
-    assert summary["n_ok"] == 2 and summary["failed"] == [{"case_id": "c", "reason": "no prediction"}]
-    assert summary["hd95_definition"] == HD95_DEFINITION and "MONAI" in HD95_DEFINITION
+    summary = write_report(outcomes, tmp_path)
+    assert summary.extra["metrics"]["dice_WT"]["mean"] == pytest.approx(0.75)
+    assert summary.extra["metrics"]["dice_WT"]["median"] == pytest.approx(0.75)
+    assert summary.counts["done"] == 2 and [(o.id, o.reason) for o in summary.failed()] == [
+        ("c", "no prediction")
+    ]
+    assert summary.extra["hd95_definition"] == HD95_DEFINITION and "MONAI" in HD95_DEFINITION
     with open(tmp_path / "metrics.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["case_id"] for r in table] == ["a", "b", "c"] and table[2]["reason"] == "no prediction"
-    assert json.loads((tmp_path / "summary.json").read_text())["n_cases"] == 3
+    assert [r["status"] for r in table] == ["done", "done", "failed"]
+    assert len(json.loads((tmp_path / "summary.json").read_text())["outcomes"]) == 3

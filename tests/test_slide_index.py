@@ -131,7 +131,9 @@ def test_add_and_remove_equal_a_fresh_build(flat: SlideIndex, cohort: dict, tmp_
     # add: the half index plus the full store == the full index
     grown = SlideIndex.open(tmp_path / "half")
     summary = grown.add(cohort["all"])
-    assert sorted(summary["extracted"]) == sorted(set(flat.catalog.slide_ids) - set(half_ids))
+    extracted = [o.id for o in summary.outcomes if o.status == "done"]
+    assert sorted(extracted) == sorted(set(flat.catalog.slide_ids) - set(half_ids))
+    assert sorted(o.id for o in summary.outcomes if o.status == "skipped") == sorted(half_ids)
     assert files_of(tmp_path / "half") == files_of(flat.path)
     q = cohort["slides"][1]
     assert grown.search_slide(q, k=4).to_dict() == flat.search_slide(q, k=4).to_dict()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -83,19 +84,21 @@ def _dump(path: Path) -> dict:
     return out
 
 
-def test_cli_records_every_bad_input_and_goes_on(cohort, tmp_path):
+def test_cli_records_every_bad_input_and_goes_on(cohort, tmp_path, caplog):
     out, qc = tmp_path / "s.zarr", tmp_path / "qc"
     args = ["tile", *_inputs(cohort), "--out", str(out), "--tile-px", TILE_PX, "--qc-dir", str(qc), "--json"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, result.output
     summary = json.loads(result.stdout)
-    rows = {r["slide_id"]: r for r in summary["slides"]}
+    rows = {r["id"]: r for r in summary["outcomes"]}
     assert set(rows) == GOOD | set(FAILED)
     for sid in GOOD:
-        assert rows[sid]["status"] == "done" and rows[sid]["n_mosaic"] >= rows[sid]["n_selected"] >= 1
+        detail = rows[sid]["detail"]
+        assert rows[sid]["status"] == "done" and detail["n_mosaic"] >= detail["n_selected"] >= 1
     for sid, reason in FAILED.items():
         assert rows[sid]["status"] == "failed" and reason in rows[sid]["reason"], rows[sid]
-    assert rows["syn1"]["mpp_source"] == "tiff-resolution" and rows["syn0"]["mpp_source"] == "metadata"
+    assert rows["syn1"]["detail"]["mpp_source"] == "tiff-resolution"
+    assert rows["syn0"]["detail"]["mpp_source"] == "metadata"
     assert "failed" in result.stderr and "no usable physical scale" in result.stderr  # the human table
     store = TileStore.open(out)
     assert set(store.slide_ids()) == GOOD
@@ -109,14 +112,16 @@ def test_cli_records_every_bad_input_and_goes_on(cohort, tmp_path):
     # Re-running skips finished slides and retries the failed ones.
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 1
-    status = {r["slide_id"]: r["status"] for r in json.loads(again.stdout)["slides"]}
-    assert {s for s, v in status.items() if v == "skipped"} == GOOD
+    again_rows = json.loads(again.stdout)["outcomes"]
+    assert {r["id"] for r in again_rows if r["status"] == "skipped"} == GOOD
+    assert {r["reason"] for r in again_rows if r["status"] == "skipped"} == {"already done"}
     # Labels supply the missing scale: the TCGA slide is then done with an "override" scale.
     csv = tmp_path / "labels.csv"
     csv.write_text("slide,label,mpp\ntcga-cr-7395-01a-01-ts1.svs,HNSC,0.5\nsyn0,A,\n")
-    third = CliRunner().invoke(main, [*args, "--labels", str(csv)])
-    assert "slide(s) have no row in" in third.stderr  # unlabelled slides are named, not silent
-    rows = {r["slide_id"]: r for r in json.loads(third.stdout)["slides"]}
+    with caplog.at_level(logging.WARNING, logger="pathology.tiler"):
+        third = CliRunner().invoke(main, [*args, "--labels", str(csv)])
+    assert "slide(s) have no row in" in caplog.text  # unlabelled slides are named, not silent
+    rows = {r["id"]: r for r in json.loads(third.stdout)["outcomes"]}
     assert rows["tcga-cr-7395-01a-01-ts1"]["status"] == "done"
     rec = TileStore.open(out).record("tcga-cr-7395-01a-01-ts1")
     assert (rec.mpp_source, rec.label, rec.patient, rec.project) == (
@@ -141,13 +146,9 @@ def test_read_error_mid_slide_is_recorded(cohort, config, tmp_path, monkeypatch)
     monkeypatch.setattr(openslide.OpenSlide, "read_region", flaky)
     out = tmp_path / "s.zarr"
     summary = tile_slides([cohort / "syn2.svs", cohort / "syn0.svs"], out, config, progress=False)
-    rows = {r["slide_id"]: r for r in summary["slides"]}
-    assert (
-        calls["n"] > 3
-        and rows["syn2"]["status"] == "failed"
-        and "JPEG decode error" in rows["syn2"]["reason"]
-    )
-    assert rows["syn0"]["status"] == "done"
+    rows = {o.id: o for o in summary.outcomes}
+    assert calls["n"] > 3 and rows["syn2"].status == "failed" and "JPEG decode error" in rows["syn2"].reason
+    assert rows["syn0"].status == "done" and summary.exit_code() == 1
     store = TileStore.open(out)
     assert store.slide_ids() == ["syn0"] and store.record("syn2").status == "failed"
     assert not any((out / PARTIAL).iterdir())
@@ -194,7 +195,7 @@ def test_kill_and_resume_equals_uninterrupted_run(cohort, reference, tmp_path):
         main, ["tile", *_inputs(cohort), "--out", str(out), "--tile-px", TILE_PX, "--json"]
     )
     assert resumed.exit_code == 1  # the bad inputs still fail
-    statuses = [r["status"] for r in json.loads(resumed.stdout)["slides"]]
+    statuses = [r["status"] for r in json.loads(resumed.stdout)["outcomes"]]
     assert statuses.count("skipped") >= 1
     assert not any((out / PARTIAL).iterdir())
     assert _dump(out) == _dump(reference[0])
@@ -204,12 +205,12 @@ def test_shard_union_with_workers_equals_unsharded(cohort, config, reference, tm
     out = tmp_path / "sh.zarr"
     a = tile_slides(_inputs(cohort), out, config, shard=(0, 2), workers=2, progress=False)
     b = tile_slides(_inputs(cohort), out, config, shard=(1, 2), progress=False)
-    ids_a = {r["slide_id"] for r in a["slides"]}
-    ids_b = {r["slide_id"] for r in b["slides"]}
+    ids_a = {o.id for o in a.outcomes}
+    ids_b = {o.id for o in b.outcomes}
     assert ids_a.isdisjoint(ids_b) and ids_a | ids_b == GOOD | set(FAILED)
     assert _dump(out) == _dump(reference[0])
-    ref_rows = sorted(reference[1]["slides"], key=lambda r: r["slide_id"])
-    got_rows = sorted(a["slides"] + b["slides"], key=lambda r: r["slide_id"])
+    ref_rows = sorted(reference[1].outcomes, key=lambda o: o.id)
+    got_rows = sorted(a.outcomes + b.outcomes, key=lambda o: o.id)
     assert got_rows == ref_rows
 
 

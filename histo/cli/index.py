@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from histo.cli.options import config_option, device_option, emit_json, json_option, parse_shard, shard_option
+from histo.cli.options import config_option, device_option, json_option, parse_shard, shard_option
+from histo.cli.outcomes import failure_lines, finish
 
 INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")  # = search.index.INDEX_TYPES (kept here so --help is light)
 
@@ -39,46 +40,47 @@ def index(
     as_json: bool,
 ) -> None:
     """Extract features of every selected tile (resumable per slide; --shard I/N extracts only that share,
-    a final run without --shard builds the index) and build barcode + float FAISS indexes in OUT."""
+    a final run without --shard builds the index) and build barcode + float FAISS indexes in OUT.
+
+    Exit code 0 when every slide is done or skipped, 1 when any failed, 2 for a store without a tiled
+    slide or a wrong option (nothing is created then)."""
     from histo.config import load_config
     from search.slide_index import SlideIndex
 
     cfg = load_config("index", config_path, {"type": index_type, "device": device, "batch_size": batch_size})
     shard_pair = parse_shard(shard)
-    log = _echo(as_json)
+    if shard_pair[1] > 1:
+        batch = SlideIndex.extract(
+            tiles, model, out, device=cfg["device"], shard=shard_pair, batch_size=cfg["batch_size"]
+        )
+        note = f"shard {shard_pair[0]}/{shard_pair[1]}: features in {out}; run without --shard to build the index"
+        finish(batch, as_json, [*failure_lines(batch), note])
+        return
     built = SlideIndex.build(
-        tiles, model, out, index_type=cfg["type"], device=cfg["device"], shard=shard_pair,
+        tiles, model, out, index_type=cfg["type"], device=cfg["device"],
         params=cfg["params"], batch_size=cfg["batch_size"], search=cfg["search"],
     )  # fmt: skip
-    if built is None:
-        report = {"out": out, "shard": f"{shard_pair[0]}/{shard_pair[1]}", "status": "features extracted"}
-        log(f"shard {report['shard']}: features extracted in {out}; run without --shard to build the index")
-        if as_json:
-            emit_json(report)
-        return
     m = built.manifest
-    report = {
-        "out": out,
-        "type": m["index"]["type"],
-        "params": m["index"]["params"],
-        "counts": m["counts"],
-        "failed_slides": m["failed_slides"],
-        "device": built.float_index.device_info(),
-    }
-    log(f"{out}: {m['counts']['slides']} slides, {m['counts']['tiles']} tiles, {m['index']['type']} index")
-    for f in m["failed_slides"]:
-        log(f"  skipped {f['slide_id']}: {f['reason']}")
+    batch = built.extraction.with_extra(
+        index={
+            "type": m["index"]["type"],
+            "params": m["index"]["params"],
+            "counts": m["counts"],
+            "failed_slides": m["failed_slides"],
+            "device": built.float_index.device_info(),
+        }
+    )
+    lines = [
+        f"{out}: {m['counts']['slides']} slides, {m['counts']['tiles']} tiles, {m['index']['type']} index"
+    ]
+    lines += failure_lines(batch)
     if evaluate:
         ev_dir = Path(out) / "evaluation"
         ev = built.evaluate(k=tuple(cfg["evaluate"]["k"]), mode=cfg["evaluate"]["mode"], out_dir=ev_dir)
-        report["evaluation"] = {"rows": ev.summary_rows(), "pngs": ev.pngs, **ev.definitions}
-        log(f"{'scope':<11} {'k':>2} {'n':>5} {'accuracy':>9} {'macro-F1':>9}")
+        batch = batch.with_extra(evaluation={"rows": ev.summary_rows(), "pngs": ev.pngs, **ev.definitions})
+        lines.append(f"{'scope':<11} {'k':>2} {'n':>5} {'accuracy':>9} {'macro-F1':>9}")
         for r in ev.summary_rows():
-            log(f"{r['scope']:<11} {r['k']:>2} {r['n']:>5} {r['accuracy']:>9.3f} {r['macro_f1']:>9.3f}")
-    if as_json:
-        emit_json(report)
-
-
-def _echo(as_json: bool):
-    """Human output: stdout normally, stderr with --json."""
-    return lambda msg: click.echo(msg, err=as_json)
+            lines.append(
+                f"{r['scope']:<11} {r['k']:>2} {r['n']:>5} {r['accuracy']:>9.3f} {r['macro_f1']:>9.3f}"
+            )
+    finish(batch, as_json, lines)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from histo.cli.options import compose, config_option, device_option, emit_json, json_option
+from histo.batch import BatchSummary
+from histo.cli.options import compose, config_option, device_option, json_option
+from histo.cli.outcomes import failure_lines, finish
 
 common_options = compose(
     click.option("--model", required=True, type=click.Path(exists=True, dir_okay=False), help="Checkpoint."),
@@ -47,25 +49,22 @@ def _config(config_path, corruptions, severities, alpha_bn, seed, device, **more
     )
 
 
-def _finish(summary: dict, out_dir: str, as_json: bool) -> None:
-    """Print a short table of mean scores (and mCE when there is a reference), or the JSON summary."""
-    if as_json:
-        emit_json(summary)
-        return
-    for metric, entry in summary["metrics"].items():
-        click.echo(f"{metric}:")
+def _finish(batch: BatchSummary, out_dir: str, as_json: bool) -> None:
+    """A short table of mean scores (and mCE when there is a reference), the failed cells and the
+    summary line; the JSON under --json; exit code 1 when a cell failed."""
+    lines = []
+    for metric, entry in batch.extra["metrics"].items():
+        lines.append(f"{metric}:")
         for model, per in sorted(entry["mean"].items()):
             corrupted = [v for c, v in per.items() if c != "clean"]
             line = f"  {model:32s} clean {per.get('clean', float('nan')):.4f}"
             line += f"  corrupted mean {sum(corrupted) / max(len(corrupted), 1):.4f}"
             if "mce" in entry:
                 line += f"  mCE {entry['mce'][model]:.3f}  rel. mCE {entry['rmce'][model]:.3f}"
-            click.echo(line)
-    for failure in summary["failed"]:
-        click.echo(
-            f"failed: {failure['model']} {failure['corruption']} s{failure['severity']}: {failure['reason']}"
-        )
-    click.echo(f"results in {out_dir}: {', '.join(summary['files'])}")
+            lines.append(line)
+    lines += failure_lines(batch)
+    lines.append(f"results in {out_dir}: {', '.join(batch.extra['files'])}")
+    finish(batch, as_json, lines)
 
 
 @click.group(name="robustness")

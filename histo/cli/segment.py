@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from histo.cli.options import config_option, device_option, emit_json, json_option
+from histo.cli.outcomes import failure_lines, finish
 
 
 def _int_list(count: int | None = None):
@@ -25,10 +24,6 @@ def _int_list(count: int | None = None):
         return values
 
     return parse
-
-
-def _say(as_json: bool, text: str) -> None:
-    click.echo(text, err=as_json)
 
 
 @click.group(name="segment")
@@ -96,21 +91,18 @@ def train(data_dir, out_path, norm, reversible, roi, channels, epochs, device, r
 @config_option
 @json_option
 def predict(model_path, case_dirs, out_dir, roi, overlap, tta, overwrite, device, config_path, as_json):
-    """Segment case folders (or folders of cases) into <out>/<case_id>.nii.gz label maps + overlay PNGs."""
+    """Segment case folders (or folders of cases) into <out>/<case_id>.nii.gz label maps + overlay PNGs.
+
+    Exit code 0 when every case is done or skipped (already segmented), 1 when any failed, 2 when no
+    case is found or an option is wrong (nothing is created then)."""
     from histo.config import load_config
     from segmentation.infer import predict_cases
 
     overrides = {"infer.roi": roi, "infer.overlap": overlap, "infer.tta": tta, "device": device}
     config = load_config("segment", config_path, overrides)
-    summary = predict_cases(model_path, case_dirs, out_dir, config["infer"], config["device"], overwrite)
-    if as_json:
-        emit_json(summary)
-    for record in summary["cases"]:
-        detail = record.get("output") if record["status"] != "error" else record["reason"]
-        _say(as_json, f"{record['case_id']}: {record['status']} {detail}")
-    if summary["n_failed"]:
-        _say(as_json, f"error: {summary['n_failed']} case(s) failed (see {out_dir}/predictions.json)")
-        sys.exit(1)
+    batch = predict_cases(model_path, case_dirs, out_dir, config["infer"], config["device"], overwrite)
+    lines = [f"{o.id}: {o.status} {o.detail.get('output', o.reason)}" for o in batch.outcomes]
+    finish(batch, as_json, lines)
 
 
 @segment.command("eval")
@@ -123,19 +115,16 @@ def predict(model_path, case_dirs, out_dir, roi, overlap, tta, overwrite, device
 )
 @json_option
 def evaluate(pred_dir, data_dir, out_dir, as_json):
-    """Dice and HD95 per region (TC, WT, ET) with BraTS conventions: metrics.csv + summary.json."""
+    """Dice and HD95 per region (TC, WT, ET) with BraTS conventions: metrics.csv + summary.json.
+
+    Exit code 0 when every labelled case is scored (a case without *_seg is skipped), 1 when a
+    prediction is missing or does not fit, 2 when no labelled case is found (nothing is written)."""
     from segmentation.metrics import evaluate_predictions
 
-    summary = evaluate_predictions(pred_dir, data_dir, out_dir)
-    if as_json:
-        emit_json(summary)
-    _say(as_json, f"{summary['n_ok']}/{summary['n_cases']} cases scored; HD95 = {summary['hd95_definition']}")
-    for key, stats in summary["metrics"].items():
-        _say(
-            as_json,
-            f"  {key:9s} mean {stats['mean']:.4f}  median {stats['median']:.4f}  std {stats['std']:.4f}",
-        )
-    for failed in summary["failed"]:
-        _say(as_json, f"error: {failed['case_id']}: {failed['reason']}")
-    if summary["failed"]:
-        sys.exit(1)
+    batch = evaluate_predictions(pred_dir, data_dir, out_dir)
+    lines = [f"{batch.counts['done']} cases scored; HD95 = {batch.extra['hd95_definition']}"]
+    lines += [
+        f"  {key:9s} mean {stats['mean']:.4f}  median {stats['median']:.4f}  std {stats['std']:.4f}"
+        for key, stats in batch.extra["metrics"].items()
+    ]
+    finish(batch, as_json, [*lines, *failure_lines(batch)])

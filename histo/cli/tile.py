@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from histo.cli.options import config_option, emit_json, json_option, parse_shard, shard_option
+from histo.batch import BatchSummary
+from histo.cli.options import config_option, json_option, parse_shard, shard_option
+from histo.cli.outcomes import finish
 
 
-def _table(summary: dict) -> str:
+def _table(batch: BatchSummary) -> list[str]:
+    """One row per slide: status, mosaic and selected tile counts, scale and its source, reason."""
     lines = [f"{'slide':<40} {'status':<8} {'mosaic':>6} {'selected':>8} {'mpp':>7} {'mpp from':<16} reason"]
-    for r in summary["slides"]:
-        mpp = f"{r['mpp']:.4g}" if r["mpp"] else "-"
+    for o in batch.outcomes:
+        d = o.detail
+        mpp = f"{d['mpp']:.4g}" if d.get("mpp") else "-"
         lines.append(
-            f"{r['slide_id'][:40]:<40} {r['status']:<8} {r['n_mosaic']:>6} {r['n_selected']:>8} {mpp:>7} "
-            f"{r['mpp_source'] or '-':<16} {r['reason'] or ''}"
+            f"{o.id[:40]:<40} {o.status:<8} {d.get('n_mosaic', 0):>6} {d.get('n_selected', 0):>8} {mpp:>7} "
+            f"{d.get('mpp_source') or '-':<16} {o.reason or ''}"
         )
-    c = summary["counts"]
-    lines.append(f"{c['done']} done, {c['skipped']} skipped, {c['failed']} failed -> {summary['store']}")
-    return "\n".join(lines)
+    return lines
 
 
 @click.command(name="tile")
@@ -71,7 +71,8 @@ def tile(
 ) -> None:
     """Tile SLIDES (files or folders searched for slide files) into the tile store OUT.
 
-    Exit code 0 when every slide is done or skipped, 1 when any failed (after all the others).
+    Exit code 0 when every slide is done or skipped, 1 when any failed (after all the others), 2 when
+    no slide is found or an option is wrong (nothing is created then).
     """
     from histo.config import load_config
     from pathology.tiler import tile_slides
@@ -79,12 +80,8 @@ def tile(
     config = load_config(
         "tile", config_path, {"tile.px": tile_px, "tile.magnification": magnification, "seed": seed}
     )
-    summary = tile_slides(
+    batch = tile_slides(
         list(slides), out, config, labels_csv=labels_csv, shard=parse_shard(shard), workers=workers,
         save_pixels=save_pixels, qc_dir=qc_dir, mpp_override=mpp_override,
     )  # fmt: skip
-    click.echo(_table(summary), err=as_json)
-    if as_json:
-        emit_json(summary)
-    if summary["counts"]["failed"]:
-        sys.exit(1)
+    finish(batch, as_json, _table(batch))
