@@ -268,7 +268,13 @@ def _in_pool(
     from concurrent.futures.process import BrokenProcessPool
     from multiprocessing import get_context
 
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    from histo.log import init_worker, worker_settings
+
+    # Workers log like the parent (terminal level and --log-file), so their records are not lost.
+    context = get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=init_worker, initargs=(worker_settings(),)
+    ) as pool:
         futures = {pool.submit(_attempt, process, items[k]): k for k in todo}
         try:
             for future in as_completed(futures):

@@ -114,13 +114,13 @@ class CaseFolder:
 
 def case_items(case_dirs: Sequence[str | os.PathLike]) -> list[CaseFolder]:
     """The case folders named or found in `case_dirs`; a named path that is no folder stays an item (it
-    fails as one), a folder holding no case adds nothing (a warning says so)."""
-    folders: list[Path] = []
-    for d in map(Path, case_dirs):
-        found = case_folders(d) if d.is_dir() else [d]
-        if not found:
+    fails as one), a folder holding no case adds nothing (a warning says so when others do add cases;
+    when none does, the caller's one-line error says it)."""
+    found = {d: case_folders(d) if d.is_dir() else [d] for d in map(Path, case_dirs)}
+    folders = [f for fs in found.values() for f in fs]
+    for d, fs in found.items():
+        if folders and not fs:
             log.warning("%s: no case folders with NIfTI files", d)
-        folders += found
     first: dict[str, Path] = {}
     return [
         CaseFolder(f.name, f, None if first.setdefault(f.name, f) == f else first[f.name]) for f in folders

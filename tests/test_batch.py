@@ -342,12 +342,12 @@ def test_index_json_with_a_slide_that_cannot_be_read(slides: dict, tmp_path: Pat
 def _unet(path: Path) -> Path:
     import torch
 
-    from histo.training import save_checkpoint
+    from segmentation.infer import save_model
     from segmentation.unet import UNet3D
 
     torch.manual_seed(0)
     net = UNet3D(channels=(4, 8), blocks_per_level=1, expansion=1, norm="batch")
-    save_checkpoint(path, {"model": net.state_dict(), "model_config": net.config, "config": {}})
+    save_model(path, net, {})
     return path
 
 
