@@ -17,8 +17,8 @@ from torch import nn
 from histo.norms import NormArg, NormChoice, conv_for, make_norm_act, resolve_norm
 from pathology.densenet import FeatureClassifier, Trunk, init_weights, inplace_relu
 
-# name -> (widths, kernel size, max pooling after the last layer)
 FAMILY = "cbr"  # the family name norms' `unsupported` trait refers to
+# name -> (widths, kernel size, max pooling after the last layer)
 CBR_SPECS: dict[str, tuple[tuple[int, ...], int, bool]] = {
     "cbr-large-t": ((32, 64, 128, 256, 512), 7, False),
     "cbr-large-w": ((64, 128, 256, 512), 7, True),
@@ -30,13 +30,13 @@ CBR_SPECS: dict[str, tuple[tuple[int, ...], int, bool]] = {
 def cbr_trunk(name: str, norm: NormArg | NormChoice = "batch") -> Trunk:
     """The conv-norm-ReLU(-maxpool) stack of CBR model `name` (no ReLU after a norm with its own)."""
     widths, kernel, last_pool = CBR_SPECS[name]
-    norm = resolve_norm(norm)
-    conv = conv_for(norm, 2)
+    choice = resolve_norm(norm)
+    conv = conv_for(choice, 2)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     in_channels = 3
     for i, width in enumerate(widths):
         layers[f"conv{i}"] = conv(in_channels, width, kernel_size=kernel, padding=kernel // 2, bias=False)
-        layers[f"norm{i}"], layers[f"relu{i}"] = make_norm_act(norm, width, 2, act=inplace_relu)
+        layers[f"norm{i}"], layers[f"relu{i}"] = make_norm_act(choice, width, 2, act=inplace_relu)
         if i < len(widths) - 1 or last_pool:
             layers[f"pool{i}"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         in_channels = width

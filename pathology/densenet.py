@@ -134,19 +134,19 @@ class Transition(nn.Sequential):
 
 def densenet121_trunk(norm: NormArg | NormChoice = "batch") -> Trunk:
     """The DenseNet-121 `features` trunk ending in `norm5` (no final ReLU): 1024 channels."""
-    norm = resolve_norm(norm)
+    choice, stem = resolve_norm(norm), NUM_INIT_FEATURES
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    layers["conv0"] = conv_for(norm, 2)(3, NUM_INIT_FEATURES, kernel_size=7, stride=2, padding=3, bias=False)
-    layers["norm0"], layers["relu0"] = make_norm_act(site_norm(norm), NUM_INIT_FEATURES, 2, act=inplace_relu)
+    layers["conv0"] = conv_for(choice, 2)(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+    layers["norm0"], layers["relu0"] = make_norm_act(site_norm(choice), stem, 2, act=inplace_relu)
     layers["pool0"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
     channels = NUM_INIT_FEATURES
     for i, num_layers in enumerate(BLOCK_CONFIG):
-        layers[f"denseblock{i + 1}"] = DenseBlock(num_layers, channels, norm, ibn=i < 3)
+        layers[f"denseblock{i + 1}"] = DenseBlock(num_layers, channels, choice, ibn=i < 3)
         channels += num_layers * GROWTH_RATE
         if i < len(BLOCK_CONFIG) - 1:
-            layers[f"transition{i + 1}"] = Transition(channels, channels // 2, norm)
+            layers[f"transition{i + 1}"] = Transition(channels, channels // 2, choice)
             channels //= 2
-    layers["norm5"] = site_norm(norm)(channels, 2)
+    layers["norm5"] = site_norm(choice)(channels, 2)
     return Trunk(layers)
 
 
