@@ -3,7 +3,9 @@
 In eval mode a converted BN-family layer normalises with mixed statistics
     mu = (1 - α) mu_source + α mu_batch,   var = (1 - α) var_source + α var_batch   (biased batch variance).
 BN-family layers: every torch BatchNorm1d/2d/3d (also the BN inside IBN-a and BCN) that tracks running
-statistics, and EvoNorm-B0 (its running variance; B0 has no mean). Training-mode forwards are unchanged.
+statistics, and every module implementing `histo.norms.CalibratableNorm` (EvoNorm-B0: its running variance;
+B0 has no mean). Training-mode forwards are unchanged. The registry's `calibratable` trait says which norms
+have such layers.
 GN/IN/LN/FRN/EvoNorm-S0/RN models have nothing to calibrate: `alpha_bn` then returns 0.
 """
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from histo.norms.evonorm import EvoNormB0
+from histo.norms.protocols import CalibratableNorm
 
 _ALPHA = "_histo_alpha"
 
@@ -51,56 +53,63 @@ def _alpha_class(cls: type) -> type:
     return _ALPHA_CLASSES[cls]
 
 
-def _calibratable(module: nn.Module) -> bool:
-    if isinstance(module, EvoNormB0):
-        return True
-    return isinstance(module, _BatchNorm) and module.track_running_stats and module.running_mean is not None
+class _TorchBatchNorm:
+    """`CalibratableNorm` for a torch BatchNorm layer (not ours to extend): swaps the α-BN class in and out."""
+
+    def __init__(self, bn: _BatchNorm) -> None:
+        self.bn = bn
+
+    @property
+    def calibration_alpha(self) -> float | None:
+        return getattr(self.bn, _ALPHA, None)
+
+    def calibrate(self, alpha: float | None) -> None:
+        if alpha is None:
+            if isinstance(self.bn, _AlphaBatchNorm):
+                self.bn.__class__ = self.bn._histo_base
+            if hasattr(self.bn, _ALPHA):
+                delattr(self.bn, _ALPHA)
+            return
+        if not isinstance(self.bn, _AlphaBatchNorm):
+            self.bn.__class__ = _alpha_class(type(self.bn))
+        setattr(self.bn, _ALPHA, float(alpha))
 
 
-def _current_alpha(module: nn.Module) -> float | None:
-    if isinstance(module, EvoNormB0):
-        return module.calibration_alpha
-    return getattr(module, _ALPHA, None)
-
-
-def _set_alpha(module: nn.Module, alpha: float | None) -> None:
-    if isinstance(module, EvoNormB0):
-        module.calibration_alpha = alpha
-    elif alpha is None:
-        if isinstance(module, _AlphaBatchNorm):
-            module.__class__ = module._histo_base
-        if hasattr(module, _ALPHA):
-            delattr(module, _ALPHA)
-    else:
-        if not isinstance(module, _AlphaBatchNorm):
-            module.__class__ = _alpha_class(type(module))
-        setattr(module, _ALPHA, float(alpha))
+def calibratable_layers(model: nn.Module) -> list[CalibratableNorm]:
+    """The layers α-BN calibrates: `CalibratableNorm` modules and torch BatchNorms tracking statistics."""
+    layers: list[CalibratableNorm] = []
+    for m in model.modules():
+        if isinstance(m, CalibratableNorm):
+            layers.append(m)
+        elif isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None:
+            layers.append(_TorchBatchNorm(m))
+    return layers
 
 
 def alpha_bn(model: nn.Module, alpha: float = 0.1) -> int:
     """Convert every BN-family layer of `model` in place to α-BN; returns how many were converted."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    layers = [m for m in model.modules() if _calibratable(m)]
-    for m in layers:
-        _set_alpha(m, alpha)
+    layers = calibratable_layers(model)
+    for layer in layers:
+        layer.calibrate(alpha)
     return len(layers)
 
 
 def revert_alpha_bn(model: nn.Module) -> int:
     """Undo `alpha_bn`: layers use their source running statistics again; returns how many were reverted."""
-    layers = [m for m in model.modules() if _current_alpha(m) is not None]
-    for m in layers:
-        _set_alpha(m, None)
+    layers = [layer for layer in calibratable_layers(model) if layer.calibration_alpha is not None]
+    for layer in layers:
+        layer.calibrate(None)
     return len(layers)
 
 
 @contextlib.contextmanager
 def alpha_bn_mode(model: nn.Module, alpha: float = 0.1) -> Iterator[int]:
     """Context: α-BN inside (yields the converted-layer count); each layer's previous state is restored."""
-    previous = [(m, _current_alpha(m)) for m in model.modules() if _calibratable(m)]
+    previous = [(layer, layer.calibration_alpha) for layer in calibratable_layers(model)]
     try:
         yield alpha_bn(model, alpha)
     finally:
-        for m, a in previous:
-            _set_alpha(m, a)
+        for layer, a in previous:
+            layer.calibrate(a)

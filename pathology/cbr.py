@@ -4,7 +4,8 @@ Specs (appendix of the paper): stride-1 convolutions, each conv-norm-ReLU follow
 (CBR-LargeT has none after its last layer), then global average pooling and a linear head.
   cbr-large-t: 7x7 conv 32, 64, 128, 256, 512      cbr-large-w: 7x7 conv 64, 128, 256, 512
   cbr-small:   7x7 conv 32, 64, 128, 256           cbr-tiny:    5x5 conv 64, 128, 256, 512
-Every norm comes from the shared registry, so CBR and DenseNet are compared with the same norm.
+Every norm comes from the shared registry with its traits (paired convolution, own activation), so CBR and
+DenseNet are compared with the same norm.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections import OrderedDict
 
 from torch import nn
 
-from histo.norms import make_norm
-from pathology.densenet import FeatureClassifier, Trunk, activation, conv_class, init_weights
+from histo.norms import NormArg, NormChoice, conv_for, make_norm_act, resolve_norm
+from pathology.densenet import FeatureClassifier, Trunk, init_weights, inplace_relu
 
+FAMILY = "cbr"  # the family name norms' `unsupported` trait refers to
 # name -> (widths, kernel size, max pooling after the last layer)
 CBR_SPECS: dict[str, tuple[tuple[int, ...], int, bool]] = {
     "cbr-large-t": ((32, 64, 128, 256, 512), 7, False),
@@ -25,24 +27,24 @@ CBR_SPECS: dict[str, tuple[tuple[int, ...], int, bool]] = {
 }
 
 
-def cbr_trunk(name: str, norm: str = "batch") -> Trunk:
-    """The conv-norm-ReLU(-maxpool) stack of CBR model `name`."""
+def cbr_trunk(name: str, norm: NormArg | NormChoice = "batch") -> Trunk:
+    """The conv-norm-ReLU(-maxpool) stack of CBR model `name` (no ReLU after a norm with its own)."""
     widths, kernel, last_pool = CBR_SPECS[name]
-    conv = conv_class(norm)
+    choice = resolve_norm(norm)
+    conv = conv_for(choice, 2)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     in_channels = 3
     for i, width in enumerate(widths):
         layers[f"conv{i}"] = conv(in_channels, width, kernel_size=kernel, padding=kernel // 2, bias=False)
-        layers[f"norm{i}"] = make_norm(norm, width, spatial_dims=2)
-        layers[f"relu{i}"] = activation(norm)
+        layers[f"norm{i}"], layers[f"relu{i}"] = make_norm_act(choice, width, 2, act=inplace_relu)
         if i < len(widths) - 1 or last_pool:
             layers[f"pool{i}"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         in_channels = width
     return Trunk(layers)
 
 
-def cbr(name: str, norm: str = "batch", num_classes: int = 0) -> FeatureClassifier:
-    """CBR model `name` (see CBR_SPECS) with a linear head on its pooled last map."""
+def cbr(name: str, norm: NormArg | NormChoice = "batch", num_classes: int = 0) -> FeatureClassifier:
+    """CBR model `name` (see CBR_SPECS) with a linear head on its pooled last map; `norm` in any form."""
     if name not in CBR_SPECS:
         raise ValueError(f"unknown CBR model {name!r}; known: {', '.join(sorted(CBR_SPECS))}")
     model = FeatureClassifier(cbr_trunk(name, norm), CBR_SPECS[name][0][-1], num_classes)

@@ -9,8 +9,9 @@ IBN-a placement follows the IBN-Net authors' `densenet_ibn_a.py`: in dense block
 (`norm1`) of every third dense layer (denselayer1, 4, 7, ...) is IBN with an instance-norm ratio of 0.4;
 every other norm stays BatchNorm (the shared IBN block puts IN on the first int(0.4 C) channels; the
 authors' DenseNet code puts it on the last C - int(0.6 C), equivalent up to channel order and rounding).
-`bcn` (batch-channel norm) pairs with weight-standardised convolutions; EvoNorm/FRN carry their own
-nonlinearity, so the ReLU after them is dropped.
+Norms come with their traits (`histo.norms`): the convolutions are the norm's paired ones (`conv_for`: bcn's
+weight-standardised convolutions); norms with their own nonlinearity (EvoNorm, FRN) get no ReLU after them
+(`make_norm_act`); a norm with the IBN-a placement trait (ibn_a) goes to the sites above only.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from histo.norms import ACTIVATING_NORMS, make_norm
+from histo.norms import IBN_A, NormArg, NormChoice, conv_for, make_norm_act, resolve_norm
 
 GROWTH_RATE = 32
 BLOCK_CONFIG = (6, 12, 24, 16)
 NUM_INIT_FEATURES = 64
 BN_SIZE = 4
 IBN_RATIO = 0.4
-# Norms that already contain their nonlinearity (EvoNorm, FRN+TLU) replace "norm + ReLU" as a pair.
+FAMILY = "densenet"  # the family name norms' `unsupported` trait refers to
 
 
 class Trunk(nn.Sequential):
@@ -73,53 +74,39 @@ class FeatureClassifier(nn.Module):
         return self
 
 
-def conv_class(norm: str) -> type[nn.Conv2d]:
-    """Weight-standardised convolutions for batch-channel norm (Qiao et al.), plain ones otherwise."""
-    if norm == "bcn":
-        from histo.norms import WSConv2d
-
-        return WSConv2d
-    return nn.Conv2d
+def inplace_relu() -> nn.Module:
+    """torchvision's in-place ReLU after a norm."""
+    return nn.ReLU(inplace=True)
 
 
-def activation(norm: str) -> nn.Module:
-    """ReLU after a norm, or nothing when the norm carries its own nonlinearity."""
-    return nn.Identity() if norm in ACTIVATING_NORMS else nn.ReLU(inplace=True)
-
-
-def densenet_norm(norm: str, channels: int, ibn_site: bool = False) -> nn.Module:
-    """The norm at one site: for `ibn_a`, IBN at the IBN-Net sites and BatchNorm elsewhere."""
-    if norm == "ibn_a":
-        return (
-            make_norm("ibn_a", channels, spatial_dims=2, ratio=IBN_RATIO)
-            if ibn_site
-            else make_norm("batch", channels, spatial_dims=2)
-        )
-    return make_norm(norm, channels, spatial_dims=2)
+def site_norm(norm: NormChoice, ibn_site: bool = False) -> NormChoice:
+    """The norm at one site: an IBN-a-placed norm (ibn_a) at IBN-Net's sites with ratio 0.4, BN elsewhere."""
+    if norm.traits.placement != IBN_A:
+        return norm
+    if ibn_site:
+        return resolve_norm(norm, {"ratio": IBN_RATIO, **norm.kwargs})
+    return resolve_norm("batch", {k: v for k, v in norm.kwargs.items() if k != "ratio"})
 
 
 class DenseLayer(nn.Sequential):
     """Bottleneck layer norm1-relu1-conv1(1x1)-norm2-relu2-conv2(3x3) producing `growth_rate` new maps."""
 
-    def __init__(self, in_channels: int, norm: str, ibn_site: bool) -> None:
-        conv = conv_class(norm)
+    def __init__(self, in_channels: int, norm: NormChoice, ibn_site: bool) -> None:
+        conv = conv_for(norm, 2)
         width = BN_SIZE * GROWTH_RATE
+        norm1, relu1 = make_norm_act(site_norm(norm, ibn_site), in_channels, 2, act=inplace_relu)
+        conv1 = conv(in_channels, width, kernel_size=1, bias=False)
+        norm2, relu2 = make_norm_act(site_norm(norm), width, 2, act=inplace_relu)
+        conv2 = conv(width, GROWTH_RATE, kernel_size=3, padding=1, bias=False)
         super().__init__(
-            OrderedDict(
-                norm1=densenet_norm(norm, in_channels, ibn_site),
-                relu1=activation(norm),
-                conv1=conv(in_channels, width, kernel_size=1, bias=False),
-                norm2=densenet_norm(norm, width),
-                relu2=activation(norm),
-                conv2=conv(width, GROWTH_RATE, kernel_size=3, padding=1, bias=False),
-            )
+            OrderedDict(norm1=norm1, relu1=relu1, conv1=conv1, norm2=norm2, relu2=relu2, conv2=conv2)
         )
 
 
 class DenseBlock(nn.ModuleDict):
     """Dense connectivity: each layer sees the concatenation of the block input and all earlier outputs."""
 
-    def __init__(self, num_layers: int, in_channels: int, norm: str, ibn: bool) -> None:
+    def __init__(self, num_layers: int, in_channels: int, norm: NormChoice, ibn: bool) -> None:
         super().__init__(
             {
                 f"denselayer{i + 1}": DenseLayer(in_channels + i * GROWTH_RATE, norm, ibn and i % 3 == 0)
@@ -137,34 +124,29 @@ class DenseBlock(nn.ModuleDict):
 class Transition(nn.Sequential):
     """norm-relu-conv(1x1) halving the channels, then 2x2 average pooling."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: NormChoice) -> None:
+        layer, relu = make_norm_act(site_norm(norm), in_channels, 2, act=inplace_relu)
+        conv = conv_for(norm, 2)(in_channels, out_channels, kernel_size=1, bias=False)
         super().__init__(
-            OrderedDict(
-                norm=densenet_norm(norm, in_channels),
-                relu=activation(norm),
-                conv=conv_class(norm)(in_channels, out_channels, kernel_size=1, bias=False),
-                pool=nn.AvgPool2d(kernel_size=2, stride=2),
-            )
+            OrderedDict(norm=layer, relu=relu, conv=conv, pool=nn.AvgPool2d(kernel_size=2, stride=2))
         )
 
 
-def densenet121_trunk(norm: str = "batch") -> Trunk:
+def densenet121_trunk(norm: NormArg | NormChoice = "batch") -> Trunk:
     """The DenseNet-121 `features` trunk ending in `norm5` (no final ReLU): 1024 channels."""
-    conv = conv_class(norm)
-    layers: OrderedDict[str, nn.Module] = OrderedDict(
-        conv0=conv(3, NUM_INIT_FEATURES, kernel_size=7, stride=2, padding=3, bias=False),
-        norm0=densenet_norm(norm, NUM_INIT_FEATURES),
-        relu0=activation(norm),
-        pool0=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-    )
+    choice, stem = resolve_norm(norm), NUM_INIT_FEATURES
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    layers["conv0"] = conv_for(choice, 2)(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+    layers["norm0"], layers["relu0"] = make_norm_act(site_norm(choice), stem, 2, act=inplace_relu)
+    layers["pool0"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
     channels = NUM_INIT_FEATURES
     for i, num_layers in enumerate(BLOCK_CONFIG):
-        layers[f"denseblock{i + 1}"] = DenseBlock(num_layers, channels, norm, ibn=i < 3)
+        layers[f"denseblock{i + 1}"] = DenseBlock(num_layers, channels, choice, ibn=i < 3)
         channels += num_layers * GROWTH_RATE
         if i < len(BLOCK_CONFIG) - 1:
-            layers[f"transition{i + 1}"] = Transition(channels, channels // 2, norm)
+            layers[f"transition{i + 1}"] = Transition(channels, channels // 2, choice)
             channels //= 2
-    layers["norm5"] = densenet_norm(norm, channels)
+    layers["norm5"] = site_norm(choice)(channels, 2)
     return Trunk(layers)
 
 
@@ -177,8 +159,11 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def densenet121(norm: str = "batch", num_classes: int = 0) -> FeatureClassifier:
-    """DenseNet-121 with every norm from the registry and a linear head on the 1024-d KimiaNet feature."""
+def densenet121(norm: NormArg | NormChoice = "batch", num_classes: int = 0) -> FeatureClassifier:
+    """DenseNet-121 with every norm from the registry and a linear head on the 1024-d KimiaNet feature.
+
+    `norm`: a registered name, a `(name, kwargs)` pair or a callable (`histo.norms.resolve_norm`).
+    """
     model = FeatureClassifier(densenet121_trunk(norm), 1024, num_classes)
     init_weights(model)
     return model

@@ -23,19 +23,18 @@ import torch
 from histo.errors import HistoError, InputFileError
 from histo.io import file_sha256
 from histo.norms import names as norm_names
+from histo.norms import norm_traits
 from pathology.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, resize
 from pathology.cbr import CBR_SPECS, cbr
+from pathology.cbr import FAMILY as CBR_FAMILY
+from pathology.densenet import FAMILY as DENSENET_FAMILY
 from pathology.densenet import FeatureClassifier, densenet121
 
 KIND = "kimianet"  # histo.checkpoint kind of a trained (or imported) feature extractor
 ARCHS = ("densenet121", *sorted(CBR_SPECS))
 VARIANTS = ("I", "II", "III", "IV", "scratch")
 _FIRST_TRAINED_BLOCK = {"I": 4, "II": 3, "III": 2}
-# Registry norms this trainer refuses, and why.
-UNSUPPORTED_NORMS = {
-    "rn_b": "it needs a region mask per image and tiles come without one",
-    "ibn_b": "IBN-b placement is defined for ResNets only (use ibn_a, placed as IBN-Net places it in DenseNet)",
-}
+NO_MASK = "tiles come without one"  # why this trainer gives region-masked norms (rn_b) no mask
 
 
 def build_model(
@@ -46,15 +45,25 @@ def build_model(
         raise HistoError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
     if variant not in VARIANTS:
         raise HistoError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    if norm in UNSUPPORTED_NORMS:
-        raise HistoError(f"norm {norm!r} cannot be used here: {UNSUPPORTED_NORMS[norm]}")
-    if norm not in norm_names():
-        raise HistoError(
-            f"unknown norm {norm!r}; known: {', '.join(n for n in norm_names() if n not in UNSUPPORTED_NORMS)}"
-        )
+    _check_norm(norm, arch)
     model = densenet121(norm, num_classes) if arch == "densenet121" else cbr(arch, norm, num_classes)
     model.freeze(frozen_modules(model, arch, variant))
     return model
+
+
+def _check_norm(norm: str, arch: str) -> None:
+    """Refuse an unknown norm, or one whose traits this trainer cannot serve (rn_b, ibn_b), in one line."""
+    family = DENSENET_FAMILY if arch == "densenet121" else CBR_FAMILY
+
+    def refusal(name: str) -> str | None:
+        return norm_traits(name).refusal(family, no_mask=NO_MASK)
+
+    if norm not in norm_names():
+        usable = [n for n in norm_names() if refusal(n) is None]
+        raise HistoError(f"unknown norm {norm!r}; known: {', '.join(usable)}")
+    reason = refusal(norm)
+    if reason is not None:
+        raise HistoError(f"norm {norm!r} cannot be used here: {reason}")
 
 
 def frozen_modules(model: FeatureClassifier, arch: str, variant: str) -> list[str]:

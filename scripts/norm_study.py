@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from histo.io import atomic_write_text
-from histo.norms import WSConv2d, make_norm, set_region_mask
+from histo.norms import conv_for, make_norm_act, resolve_norm, set_region_mask
 from histo.robustness import CLEAN, corruption_errors, report, run_grid
 
 NORMS = ["batch", "ibn_a", "group", "instance", "rn_b", "rn_l", "bcn", "evonorm_s0"]
@@ -34,28 +34,29 @@ SHIFT = {"he": {"brightness", "contrast", "saturation", "hue", "stain"}, "mri": 
 INSTANCE_LIKE = {"group", "instance", "evonorm_s0", "ibn_a"}
 
 
-def _norm(name: str, channels: int, dims: int) -> nn.Module:
-    return make_norm(name, channels, dims, **({"num_groups": 8} if name in GROUPED else {}))
-
-
 class SmallCNN(nn.Module):
-    """conv-norm-ReLU x 3 stages (32, 64, 128 channels), global average pool, linear head."""
+    """conv-norm-ReLU x 3 stages (32, 64, 128 channels), global average pool, linear head.
+
+    The norm's traits pick the convolution (bcn: weight-standardised) and drop the ReLU after a norm with its
+    own nonlinearity (evonorm_s0), as in the DenseNet and U-Net of the pipeline.
+    """
 
     def __init__(self, norm: str, classes: int) -> None:
         super().__init__()
-        conv = WSConv2d if norm == "bcn" else nn.Conv2d
+        choice = resolve_norm(norm, {"num_groups": 8} if norm in GROUPED else None)
+        conv = conv_for(choice, 2)
         layers, cin = [], 3
         for i, cout in enumerate((32, 64, 128)):
-            layers += [conv(cin, cout, 3, padding=1, bias=False), _norm(norm, cout, 2), nn.ReLU()]
+            layers += [conv(cin, cout, 3, padding=1, bias=False), *make_norm_act(choice, cout, 2)]
             if i < 2:
                 layers.append(nn.MaxPool2d(2))
             cin = cout
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(cin, classes)
-        self.norm = norm
+        self.needs_mask = choice.traits.region_mask
 
     def forward(self, rgb01: torch.Tensor) -> torch.Tensor:
-        if self.norm == "rn_b":  # region = tissue (not white background or lumen)
+        if self.needs_mask:  # region = tissue (not white background or lumen)
             set_region_mask(self, rgb01.mean(1, keepdim=True) < 0.85)
         return self.head(self.body((rgb01 - 0.5) / 0.25).mean((2, 3)))
 

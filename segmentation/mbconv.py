@@ -1,7 +1,8 @@
 """MBConv body for 3D volumes: 1x1x1 expand -> depthwise kxkxk -> squeeze-excitation -> 1x1x1 project.
 
 The body has no residual of its own: the reversible coupling (or the plain twin) adds it. Every norm comes
-from the shared registry (`histo.norms.make_norm`), so any registered name works here.
+from the shared registry (`histo.norms.resolve_norm`), so any registered name, `(name, kwargs)` pair or
+callable works here, and its traits choose the convolution and whether SiLU follows it.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from histo.norms import ACTIVATING_NORMS, WSConv3d, make_norm
+from histo.norms import NormArg, NormChoice, conv_for, make_norm_act, resolve_norm
 
 
 class SqueezeExcite(nn.Module):
@@ -30,10 +31,10 @@ class MBConv(nn.Module):
     """Inverted bottleneck without residual: expand x`expansion`, depthwise conv, optional SE, linear project.
 
     Layout: conv1x1 -> norm -> SiLU -> depthwise conv -> norm -> SiLU -> [SE] -> conv1x1 -> norm -> [dropout]
-    (no SiLU after norms that carry their own nonlinearity: evonorm_*, frn).
+    (no SiLU after norms that carry their own nonlinearity: the `activating` trait, e.g. evonorm_*, frn).
     The squeeze width is `se_ratio` x the body's input channels (EfficientNet convention); `dropout` is
-    element-wise dropout on the branch output, before the caller's residual sum. With norm="bcn" the
-    convolutions are weight-standardised (WS + BCN, Qiao et al.).
+    element-wise dropout on the branch output, before the caller's residual sum. The convolutions are the
+    norm's paired ones (`conv_for`: weight-standardised for bcn, WS + BCN as in Qiao et al.).
     """
 
     def __init__(
@@ -41,7 +42,7 @@ class MBConv(nn.Module):
         channels: int,
         out_channels: int | None = None,
         expansion: int = 4,
-        norm: str = "instance",
+        norm: NormArg | NormChoice = "instance",
         norm_kwargs: dict | None = None,
         se_ratio: float = 0.25,
         dropout: float = 0.0,
@@ -50,18 +51,18 @@ class MBConv(nn.Module):
         super().__init__()
         out_channels = channels if out_channels is None else out_channels
         hidden = channels * expansion
-        kw = dict(norm_kwargs or {})
-        conv = WSConv3d if norm == "bcn" else nn.Conv3d
+        choice = resolve_norm(norm, norm_kwargs)
+        conv = conv_for(choice, 3)
         self.expand = conv(channels, hidden, 1, bias=False)
-        self.norm1 = make_norm(norm, hidden, spatial_dims=3, **kw)
+        self.norm1, act = make_norm_act(choice, hidden, 3, act=nn.SiLU)
         self.depthwise = conv(
             hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=False
         )
-        self.norm2 = make_norm(norm, hidden, spatial_dims=3, **kw)
+        self.norm2 = choice(hidden, 3)
         self.se = SqueezeExcite(hidden, max(1, int(channels * se_ratio))) if se_ratio > 0 else nn.Identity()
         self.project = conv(hidden, out_channels, 1, bias=False)
-        self.norm3 = make_norm(norm, out_channels, spatial_dims=3, **kw)
-        self.act = nn.Identity() if norm in ACTIVATING_NORMS else nn.SiLU()  # no second nonlinearity
+        self.norm3 = choice(out_channels, 3)
+        self.act = act  # shared by norm1 and norm2 (SiLU has no state)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,10 @@ x2 = y2 - G(y1), x1 = y1 - F(x2). `ReversibleSequence` runs its blocks inside on
 saves the final output only and, in backward, recomputes each block's input from its output block by block,
 so activation memory does not grow with depth. Recomputation runs under `frozen_running_stats` (running
 statistics move once per step), replays the CPU/CUDA RNG state of the forward pass (dropout masks match),
-re-enters the forward's autocast state, uses the rn_b region masks the forward saw (the caller may clear or
-replace them before backward, as with the plain twin), and keeps the coupling sums in fp32 or wider. The
-input tensor is never freed or modified in place, so a skip connection may read it (or the output) safely.
+re-enters the forward's autocast state, gives every `RecomputeState` module (rn_b: its region mask) the
+state the forward found, so the caller may clear or replace it before backward as with the plain twin, and
+keeps the coupling sums in fp32 or wider. The input tensor is never freed or modified in place, so a skip
+connection may read it (or the output) safely.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from histo.norms import RegionMask, RegionNormB, frozen_running_stats
+from histo.norms import RecomputeState, frozen_running_stats
 
 
 @dataclass(frozen=True)
@@ -79,17 +80,22 @@ def _branch(fn: nn.Module, x: torch.Tensor, rng_log: list[RngState] | None) -> t
     return fn(x).to(x.dtype)
 
 
+def _saved_states(blocks: nn.Module) -> list[tuple[RecomputeState, object]]:
+    """Each `RecomputeState` module of `blocks` with the state it has now (taken as the forward starts)."""
+    return [(m, m.save_state()) for m in blocks.modules() if isinstance(m, RecomputeState)]
+
+
 @contextlib.contextmanager
-def _forward_masks(saved: list[tuple[RegionNormB, RegionMask | None]]) -> Iterator[None]:
-    """Give each rn_b block the mask it had in the forward pass; the current masks are restored afterwards."""
-    current = [block.region for block, _ in saved]
+def _forward_states(saved: list[tuple[RecomputeState, object]]) -> Iterator[None]:
+    """Give each module the state it had in the forward pass; their current states are restored afterwards."""
+    current = [(module, module.save_state()) for module, _ in saved]
     try:
-        for block, region in saved:
-            block.region = region
+        for module, state in saved:
+            module.restore_state(state)
         yield
     finally:
-        for (block, _), region in zip(saved, current, strict=True):
-            block.region = region
+        for module, state in current:
+            module.restore_state(state)
 
 
 def _autocast_state(device_type: str) -> dict:
@@ -144,7 +150,7 @@ class _ReversibleFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, blocks: nn.ModuleList, *params: torch.Tensor) -> torch.Tensor:
         ctx.blocks = blocks
         ctx.autocast = _autocast_state(x.device.type)
-        ctx.masks = [(m, m.region) for m in blocks.modules() if isinstance(m, RegionNormB)]
+        ctx.states = _saved_states(blocks)
         ctx.rng = []
         for block in blocks:
             log: list[RngState] = []
@@ -158,7 +164,7 @@ class _ReversibleFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (y,) = ctx.saved_tensors
         grads: dict[nn.Parameter, torch.Tensor] = {}
-        with torch.autocast(**ctx.autocast), _forward_masks(ctx.masks):
+        with torch.autocast(**ctx.autocast), _forward_states(ctx.states):
             for block, rng in zip(reversed(ctx.blocks), reversed(ctx.rng), strict=True):
                 y, dy, block_grads = _block_backward(block, y, dy, rng)
                 _accumulate(grads, block_grads)

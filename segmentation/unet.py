@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from histo.norms import NormArg, NormChoice, resolve_norm
 from segmentation.mbconv import MBConv
 from segmentation.reversible import ReversibleBlock, ReversibleSequence
 
@@ -25,7 +26,10 @@ class UNet3D(nn.Module):
     """Reversible MBConv 3D U-Net returning logits (N, out_channels, D, H, W).
 
     head="regions": 3 independent sigmoid channels TC, WT, ET; head="labels": softmax over out_channels
-    classes. Spatial sizes must be divisible by 2 ** (len(channels) - 1). `.config` rebuilds the network.
+    classes. Spatial sizes must be divisible by 2 ** (len(channels) - 1). `norm` is a registered name, a
+    `(name, kwargs)` pair or a callable (`histo.norms.resolve_norm`); `norm_kwargs` add to its kwargs.
+    `.config` rebuilds the network: a registered norm is stored as its name and kwargs (so the three forms
+    give one config), an unregistered callable as itself (such a config is not JSON-able).
     """
 
     def __init__(
@@ -35,7 +39,7 @@ class UNet3D(nn.Module):
         channels: Sequence[int] = (16, 32, 64, 128),
         blocks_per_level: int = 2,
         expansion: int = 4,
-        norm: str = "instance",
+        norm: NormArg | NormChoice = "instance",
         norm_kwargs: dict | None = None,
         se_ratio: float = 0.25,
         dropout: float = 0.0,
@@ -45,21 +49,21 @@ class UNet3D(nn.Module):
         super().__init__()
         channels = [int(c) for c in channels]
         _check_args(out_channels, channels, blocks_per_level, head)
+        choice = resolve_norm(norm, norm_kwargs)
         self.config = {
             "in_channels": in_channels,
             "out_channels": out_channels,
             "channels": channels,
             "blocks_per_level": blocks_per_level,
             "expansion": expansion,
-            "norm": norm,
-            "norm_kwargs": None if norm_kwargs is None else dict(norm_kwargs),
+            "norm": choice.builder if choice.name is None else choice.name,
+            "norm_kwargs": dict(choice.kwargs) or None,
             "se_ratio": se_ratio,
             "dropout": dropout,
             "reversible": reversible,
             "head": head,
         }
-        body = {"expansion": expansion, "norm": norm, "norm_kwargs": norm_kwargs, "se_ratio": se_ratio}
-        body["dropout"] = dropout
+        body = {"expansion": expansion, "norm": choice, "se_ratio": se_ratio, "dropout": dropout}
 
         def sequence(c: int) -> ReversibleSequence:
             blocks = [

@@ -2,7 +2,11 @@
 
 Names: batch, instance, group, layer, ibn_a, ibn_b, rn_b, rn_l, bcn, evonorm_b0, evonorm_s0, frn (one
 module per family; formulas in ../shared/REFERENCE.md §6 and each module's docstring). Keyword arguments use
-PyTorch's names (num_groups, eps, momentum, affine). Every name is also in MONAI's `Norm` factory under
+PyTorch's names (num_groups, eps, momentum, affine). Each name is registered with its `NormTraits`
+(`norm_traits(name)`), which networks read through `resolve_norm` (a name, a `(name, kwargs)` pair or a
+callable), `make_norm_act` (no activation after a norm that has its own) and `conv_for` (bcn's
+weight-standardised convolution). Calibration, the reversible recompute and `set_region_mask` find modules
+by the protocols in `histo.norms.protocols`. Every name is also in MONAI's `Norm` factory under
 `monai_name(name)` (the name itself, or `histo_<name>` where MONAI already defines it: batch, instance,
 group, layer). Blocks with running statistics (BN parts, evonorm_b0) update them only when
 `updates_stats(self)`, so `frozen_running_stats(model)` covers them.
@@ -10,40 +14,58 @@ group, layer). Blocks with running statistics (BN parts, evonorm_b0) update them
 
 from histo.norms import bcn, evonorm, frn, ibn, region, standard  # noqa: F401  (registers the names)
 from histo.norms.bcn import WS_CONV, BatchChannelNorm, WSConv1d, WSConv2d, WSConv3d, standardize_weight
+from histo.norms.choice import NormArg, NormChoice, resolve_norm
 from histo.norms.common import resolve_groups
 from histo.norms.evonorm import EvoNormB0, EvoNormS0
 from histo.norms.frn import FilterResponseNorm
 from histo.norms.ibn import IBN
 from histo.norms.monai_factory import monai_name
+from histo.norms.norm_act import NormAct, conv_for, make_norm_act
+from histo.norms.protocols import CalibratableNorm, RecomputeState, RegionMaskedNorm
 from histo.norms.region import RegionMask, RegionNormB, RegionNormL, region_mask, set_region_mask
-from histo.norms.registry import ACTIVATING_NORMS, make_norm, names, register
+from histo.norms.registry import NormSpec, get_norm, make_norm, names, norm_traits, register, unregister
 from histo.norms.standard import GroupNorm, SpatialLayerNorm
 from histo.norms.stats import frozen_running_stats, updates_stats
+from histo.norms.traits import IBN_A, NormTraits
 
 __all__ = [
-    "ACTIVATING_NORMS",
     "IBN",
+    "IBN_A",
     "WS_CONV",
     "BatchChannelNorm",
+    "CalibratableNorm",
     "EvoNormB0",
     "EvoNormS0",
     "FilterResponseNorm",
     "GroupNorm",
+    "NormAct",
+    "NormArg",
+    "NormChoice",
+    "NormSpec",
+    "NormTraits",
+    "RecomputeState",
     "RegionMask",
+    "RegionMaskedNorm",
     "RegionNormB",
     "RegionNormL",
     "SpatialLayerNorm",
     "WSConv1d",
     "WSConv2d",
     "WSConv3d",
+    "conv_for",
     "frozen_running_stats",
+    "get_norm",
     "make_norm",
+    "make_norm_act",
     "monai_name",
     "names",
+    "norm_traits",
     "region_mask",
     "register",
     "resolve_groups",
+    "resolve_norm",
     "set_region_mask",
     "standardize_weight",
+    "unregister",
     "updates_stats",
 ]

@@ -5,7 +5,8 @@ BCN(x) = GN_G(BN(x)) * w_g + b_g: a BatchNorm (torch layer, affine), then a grou
 (G = 32 by `resolve_groups`) followed by one scale/shift per group, as in the authors' BCNorm
 (`weight`/`bias` of shape (1, G, 1)). WS: W_hat = (W - mean(W)) / sqrt(var(W) + eps) per output filter,
 biased variance, eps = 1e-5 inside the root (the paper's equation; the authors' code divides by the unbiased
-std + 1e-5, a negligible difference). Pair bcn with `WSConv{1,2,3}d` for the convolution before it.
+std + 1e-5, a negligible difference). bcn is registered with `WSConv{1,2,3}d` as its paired convolution
+(`histo.norms.conv_for("bcn", dims)`), the convolution networks put before it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from histo.norms.common import BATCH_NORM, check_input, resolve_groups
 from histo.norms.registry import register
+from histo.norms.traits import NormTraits
 
 
 def standardize_weight(weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -79,6 +81,6 @@ class BatchChannelNorm(nn.Module):
         return F.group_norm(self.bn(x), self.num_groups, w, b, self.eps)
 
 
-@register("bcn")
+@register("bcn", traits=NormTraits(conv=WS_CONV, calibratable=True))
 def _bcn(channels: int, spatial_dims: int, **kwargs) -> nn.Module:
     return BatchChannelNorm(channels, spatial_dims, **kwargs)

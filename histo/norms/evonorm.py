@@ -3,7 +3,8 @@
 B0: y = x / max(sqrt(var_batch + eps), v*x + sqrt(var_instance + eps)) * gamma + beta, eps = 1e-3.
     var_batch: biased variance per channel over (N, spatial) in training; in eval the running variance
     (updated like BatchNorm: unbiased batch variance, momentum 0.1, only when `updates_stats(self)`).
-    With `calibration_alpha` = a (set by `histo.calibration.alpha_bn`) eval uses (1-a) running + a batch.
+    With `calibration_alpha` = a (`calibrate(a)`, as `histo.calibration.alpha_bn` does) eval uses
+    (1-a) running + a batch.
 S0: y = x * sigmoid(v*x) / sqrt(var_group + eps) * gamma + beta, var_group biased per sample over each group
     of C/G channels and space, G = 32 by `resolve_groups`, eps = 1e-5. v, gamma initialised to 1, beta to 0.
 """
@@ -16,6 +17,7 @@ from torch import nn
 from histo.norms.common import channel_view, check_input, resolve_groups, spatial_axes
 from histo.norms.registry import register
 from histo.norms.stats import updates_stats
+from histo.norms.traits import NormTraits
 
 
 class _EvoNorm(nn.Module):
@@ -49,6 +51,10 @@ class EvoNormB0(_EvoNorm):
         self.momentum = momentum
         self.calibration_alpha: float | None = None
         self.register_buffer("running_var", torch.ones(num_features))
+
+    def calibrate(self, alpha: float | None) -> None:
+        """`CalibratableNorm`: eval forwards mix running and batch variance with weight `alpha` (None: off)."""
+        self.calibration_alpha = None if alpha is None else float(alpha)
 
     def batch_var(self, x: torch.Tensor) -> torch.Tensor:
         """Biased variance per channel over (N, spatial), shape (C,)."""
@@ -105,11 +111,11 @@ class EvoNormS0(_EvoNorm):
         return self._affine(y)
 
 
-@register("evonorm_b0")
+@register("evonorm_b0", traits=NormTraits(activating=True, calibratable=True))
 def _evonorm_b0(channels: int, spatial_dims: int, **kwargs) -> nn.Module:
     return EvoNormB0(channels, spatial_dims, **kwargs)
 
 
-@register("evonorm_s0")
+@register("evonorm_s0", traits=NormTraits(activating=True))
 def _evonorm_s0(channels: int, spatial_dims: int, **kwargs) -> nn.Module:
     return EvoNormS0(channels, spatial_dims, **kwargs)

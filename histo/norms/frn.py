@@ -11,6 +11,7 @@ from torch import nn
 
 from histo.norms.common import channel_view, check_input, spatial_axes
 from histo.norms.registry import register
+from histo.norms.traits import NormTraits
 
 
 class FilterResponseNorm(nn.Module):
@@ -31,6 +32,6 @@ class FilterResponseNorm(nn.Module):
         return torch.maximum(y, channel_view(self.tau, x.ndim))
 
 
-@register("frn")
+@register("frn", traits=NormTraits(activating=True))
 def _frn(channels: int, spatial_dims: int, **kwargs) -> nn.Module:
     return FilterResponseNorm(channels, spatial_dims, **kwargs)

@@ -7,6 +7,7 @@ from torch import nn
 
 from histo.norms.common import BATCH_NORM, INSTANCE_NORM
 from histo.norms.registry import register
+from histo.norms.traits import IBN_A, NormTraits
 
 
 class IBN(nn.Module):
@@ -48,6 +49,6 @@ class IBN(nn.Module):
         return torch.cat([self.IN(a.contiguous()), self.BN(b.contiguous())], dim=1)
 
 
-@register("ibn_a")
+@register("ibn_a", traits=NormTraits(calibratable=True, placement=IBN_A))
 def _ibn_a(channels: int, spatial_dims: int, **kwargs) -> nn.Module:
     return IBN(channels, spatial_dims, **kwargs)

@@ -34,3 +34,8 @@ def add_to_monai(name: str, make: Callable[..., nn.Module]) -> None:
 
     factory.__doc__ = f"histo norm {name!r} (histo.norms.make_norm)"
     Norm.add_factory_callable(monai_name(name), factory)
+
+
+def remove_from_monai(name: str) -> None:
+    """Take histo's norm `name` out of MONAI's Norm factory again (MONAI's own entries are never touched)."""
+    Norm.components.pop(monai_name(name).upper(), None)

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from histo.norms.common import CONV, check_input
+from histo.norms.protocols import RegionMaskedNorm
 from histo.norms.registry import register
+from histo.norms.traits import NormTraits
 
 
 def region_normalize(
@@ -115,6 +117,14 @@ class RegionNormB(nn.Module):
             )
         self.region = region
 
+    def save_state(self) -> RegionMask | None:
+        """`RecomputeState`: the mask the forward used, for a reversible recompute in backward."""
+        return self.region
+
+    def restore_state(self, state: RegionMask | None) -> None:
+        """`RecomputeState`: use the mask `save_state` returned (the caller may have changed it since)."""
+        self.region = state
+
     def _resized_mask(self, x: torch.Tensor) -> torch.Tensor:
         if self.region is None:
             raise RuntimeError(
@@ -165,11 +175,11 @@ class RegionNormL(nn.Module):
 
 
 def set_region_mask(model: nn.Module, mask: torch.Tensor | None) -> int:
-    """Give `mask` (N x 1 x *spatial, any resolution) to every rn_b block in `model`; None clears it.
+    """Give `mask` (N x 1 x *spatial, any resolution) to every region-masked block (rn_b) in `model`.
 
-    Returns the number of rn_b blocks reached.
+    None clears it. Returns the number of blocks reached (those implementing `RegionMaskedNorm`).
     """
-    blocks = [m for m in model.modules() if isinstance(m, RegionNormB)]
+    blocks = [m for m in model.modules() if isinstance(m, RegionMaskedNorm)]
     shared = None if mask is None else RegionMask(mask)  # one resizing cache for all blocks
     for block in blocks:
         block.set_mask(shared)
@@ -185,7 +195,7 @@ def region_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[int]:
         set_region_mask(model, None)
 
 
-@register("rn_b")
+@register("rn_b", traits=NormTraits(region_mask=True, recompute_state=True))
 def _rn_b(channels: int, spatial_dims: int, **kwargs) -> nn.Module:
     return RegionNormB(channels, spatial_dims, **kwargs)
 

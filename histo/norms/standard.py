@@ -10,6 +10,11 @@ from torch import nn
 
 from histo.norms.common import BATCH_NORM, INSTANCE_NORM, resolve_groups
 from histo.norms.registry import register
+from histo.norms.traits import NormTraits
+
+IBN_B_RESNET_ONLY = (
+    "IBN-b placement is defined for ResNets only (use ibn_a, placed as IBN-Net places it in DenseNet)"
+)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -26,7 +31,7 @@ class SpatialLayerNorm(nn.GroupNorm):
         super().__init__(1, num_features, eps=eps, affine=affine)
 
 
-@register("batch")
+@register("batch", traits=NormTraits(calibratable=True))
 def _batch(channels: int, spatial_dims: int, **kwargs) -> nn.Module:
     return BATCH_NORM[spatial_dims](channels, **kwargs)
 
@@ -36,7 +41,7 @@ def _instance(channels: int, spatial_dims: int, affine: bool = True, **kwargs) -
     return INSTANCE_NORM[spatial_dims](channels, affine=affine, **kwargs)
 
 
-@register("ibn_b")
+@register("ibn_b", traits=NormTraits(unsupported={"densenet": IBN_B_RESNET_ONLY, "cbr": IBN_B_RESNET_ONLY}))
 def _ibn_b(channels: int, spatial_dims: int, affine: bool = True, **kwargs) -> nn.Module:
     """IBN-b adds an affine IN after the stem and after the residual sums of stages 1-2."""
     return INSTANCE_NORM[spatial_dims](channels, affine=affine, **kwargs)
