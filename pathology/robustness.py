@@ -3,7 +3,8 @@
 The clean selected tiles of a tile store form the archive (features of the uncorrupted tiles); every
 tile, corrupted, queries it, its own patient excluded. Scores: tile accuracy, tile macro-F1 and slide
 accuracy (majority vote of the slide's tiles). The grid, the ImageNet-C metrics and the plots come from
-`histo.robustness`; α-BN (optional) calibrates the query forward passes per corruption.
+`histo.robustness`; α-BN (optional) calibrates the query forward passes per corruption. Spatial
+corruptions act at the store's target µm/px (`pathology.corruptions.spatial_scale`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ def load_cohort(store: Any, max_tiles_per_slide: int = 16, cache_mb: float = 204
             f"leave-one-patient-out classification (found {len(cohort.slide_ids)} usable slides)"
         )
     return cohort
+
+
+def tile_mpp(store: Any) -> float:
+    """The µm/px of the store's tiles (its resolved target resolution), which sizes the spatial corruptions."""
+    mpp = store.params.get("resolved", {}).get("target_mpp")
+    if not isinstance(mpp, (int, float)) or not mpp > 0:
+        raise HistoError(f"{store.path}: the store records no tile resolution (params.resolved.target_mpp)")
+    return float(mpp)
 
 
 def knn_predict(
@@ -144,7 +153,7 @@ def evaluate_pathology(
 
     Writes results.csv (resumable), CE tables, plots and summary.json into `out`; returns the summary.
     """
-    from pathology.corruptions import CORRUPTIONS, seeded
+    from pathology.corruptions import CORRUPTIONS, seeded, study_record
     from pathology.kimianet import FeatureExtractor
     from pathology.store import TileStore
 
@@ -152,6 +161,8 @@ def evaluate_pathology(
     names = select_corruptions(config["corruptions"], CORRUPTIONS)
     severities = parse_severities(str(config["severities"]))
     store = TileStore.open(tiles)
+    mpp = tile_mpp(store)
+    record = study_record(names, mpp)  # severity table and spatial scaling, in settings and summary
     cohort = load_cohort(store, p["max_tiles_per_slide"], p["cache_mb"])
     plan, ref_label = plan_runs(model, reference, config["alpha_bn"])
     extractors = {str(path): FeatureExtractor.from_checkpoint(path, config["device"]) for _, path, _ in plan}
@@ -178,10 +189,11 @@ def evaluate_pathology(
         "alpha_bn": config["alpha_bn"],
         "pathology": {k: v for k, v in p.items() if k not in ("workers", "cache_mb")},  # not in the results
         "slides": cohort.slide_ids,
+        **record,
     }
     summary = run_study(
         runs,
-        {n: seeded(n, p["batch_size"], p["workers"]) for n in names},
+        {n: seeded(n, p["batch_size"], p["workers"], mpp) for n in names},
         severities,
         out,
         settings,
@@ -196,6 +208,7 @@ def evaluate_pathology(
         n_slides=len(cohort.slide_ids),
         n_tiles=int(sum(len(i) for i in cohort.indices)),
         skipped_slides=cohort.skipped,
+        **record,
     )
     atomic_write_json(Path(out) / "summary.json", summary)
     return summary

@@ -180,38 +180,6 @@ def test_parsers() -> None:
 # ---------------------------------------------------------------- end to end through the CLI
 
 
-def _he_like(label: int, seed: int, n: int = 3, size: int = 32) -> np.ndarray:
-    """Tiles whose colour and nuclear density depend on the label (so nearest neighbours can classify)."""
-    rng = np.random.default_rng(seed)
-    base = np.array([[235, 170, 205], [150, 90, 170]])[label]
-    tiles = base + rng.normal(0, 8, size=(n, size, size, 3))
-    dots = rng.random((n, size, size)) < (0.05 if label == 0 else 0.3)
-    tiles[dots] = [70, 40, 130]
-    return np.clip(tiles, 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def tile_store(tmp_path_factory):
-    from pathology.store import SlideRecord, TileStore
-
-    path = tmp_path_factory.mktemp("store") / "tiles.zarr"
-    store = TileStore.create_or_open(path, {"seed": 0, "tile": {"px": 32}})
-    for i in range(4):
-        label = i % 2
-        pixels = _he_like(label, seed=i)
-        arrays = {
-            "coords": np.zeros((3, 2), np.int64),
-            "cluster": np.zeros(3, np.int32),
-            "cellularity": np.ones(3, np.float32),
-            "selected": np.ones(3, bool),
-        }
-        rec = SlideRecord(
-            f"s{i}", f"/x/s{i}.svs", label=f"class{label}", patient=f"P{i}", tile_px=32, n_selected=3
-        )
-        store.write_slide(rec, arrays, pixels)
-    return path
-
-
 def test_cli_pathology_grid_alpha_bn_reference_and_resume(tile_store, tmp_path) -> None:
     import json
     import shutil
