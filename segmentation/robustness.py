@@ -1,8 +1,9 @@
 """3D U-Nets under MRI corruptions: Dice and HD95 per region (TC, WT, ET) on labelled BraTS cases.
 
-Each case is loaded as the model sees it (`segmentation.data.load_case`), corrupted, segmented by
-sliding-window inference and scored with the BraTS conventions of `segmentation.metrics`. For the
-ImageNet-C metrics the error of a region is 1 - Dice (HD95 is reported, lower is better).
+Each case is loaded as acquired (`segmentation.data.load_raw`), corrupted, preprocessed exactly as in
+training (`segmentation.data.preprocess`), segmented by sliding-window inference and scored with the BraTS
+conventions of `segmentation.metrics`. For the ImageNet-C metrics the error of a region is 1 - Dice (HD95
+is reported, lower is better).
 """
 
 from __future__ import annotations
@@ -60,11 +61,11 @@ class Cases:
             raise HistoError(f"{data}: no labelled BraTS case found")
         self._cache = {i: self._load(i) for i in range(min(cache, len(self.cases)))}
 
-    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
-        from segmentation.data import load_case
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+        from segmentation.data import load_raw
 
-        image, brain, regions, affine, _ = load_case(self.cases[i])
-        return image, brain, regions.astype(bool), ras_spacing(affine)
+        raw, regions, affine, _ = load_raw(self.cases[i])
+        return raw, regions.astype(bool), ras_spacing(affine)
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -75,16 +76,18 @@ class Cases:
 
 def make_evaluate(model: Any, cases: Cases, settings: dict, device: Any):
     """evaluate(corrupt) for `histo.robustness.run_grid`: mean Dice / HD95 per region over the cases."""
+    from segmentation.data import preprocess
     from segmentation.infer import predict_volume
     from segmentation.metrics import region_metrics
 
     def evaluate(corrupt) -> dict[str, float]:
         per_case = []
         for i in range(len(cases)):
-            image, brain, regions, spacing = cases[i]
+            raw, regions, spacing = cases[i]
+            image, brain = preprocess(corrupt(raw, i))  # the acquisition is corrupted, then preprocessed
             prob = predict_volume(
                 model,
-                corrupt(image, i),
+                image,
                 roi=settings["roi"],
                 overlap=settings["overlap"],
                 device=device,
@@ -111,7 +114,7 @@ def evaluate_segmentation(
     Writes results.csv (resumable), CE tables (1 - Dice per region), plots and summary.json into `out`.
     """
     from histo.devices import resolve_device
-    from segmentation.corruptions import CORRUPTIONS
+    from segmentation.corruptions import CORRUPTIONS, study_record
     from segmentation.infer import load_model
 
     s = config["segment"]
@@ -135,6 +138,7 @@ def evaluate_segmentation(
         "alpha_bn": config["alpha_bn"],
         "segment": {k: v for k, v in s.items() if k != "cache_cases"},  # caching does not change results
         "cases": [c.case_id for c in cases.cases],
+        **study_record(names),  # corruption space, preprocessing and severity table
     }
     summary = run_study(
         runs,
@@ -147,6 +151,12 @@ def evaluate_segmentation(
         seed=config["seed"],
         progress=progress,
     )
-    summary.update(task="segment", models=settings["models"], n_cases=len(cases), skipped_cases=cases.skipped)
+    summary.update(
+        task="segment",
+        models=settings["models"],
+        n_cases=len(cases),
+        skipped_cases=cases.skipped,
+        **study_record(names),
+    )
     atomic_write_json(Path(out) / "summary.json", summary)
     return summary
