@@ -59,3 +59,21 @@ def tile_store(tmp_path_factory) -> Path:
         )
         store.write_slide(rec, arrays, pixels)
     return path
+
+
+@pytest.fixture
+def tiny_segment_study(tmp_path) -> dict[str, Path]:
+    """Inputs of `histo robustness segment` on tiny data: one synthetic 32^3 BraTS case folder ("data"),
+    an untrained BN UNet3D checkpoint ("model") and a config with a 32^3 window ("config")."""
+    from histo.training import save_checkpoint
+    from segmentation.synthetic import make_cases
+    from segmentation.unet import UNet3D
+
+    make_cases(tmp_path / "data", 1, shape=(32, 32, 32), seed=0)
+    torch.manual_seed(0)
+    net = UNet3D(channels=(4, 8), blocks_per_level=1, norm="batch")
+    save_checkpoint(
+        tmp_path / "unet.pt", {"model": net.state_dict(), "model_config": net.config, "config": {}}
+    )
+    (tmp_path / "cfg.yaml").write_text("segment:\n  roi: [32, 32, 32]\n")
+    return {"data": tmp_path / "data", "model": tmp_path / "unet.pt", "config": tmp_path / "cfg.yaml"}

@@ -8,7 +8,6 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage, special, stats
 
 from segmentation import corruptions as mri
@@ -234,7 +233,9 @@ def test_register_checks_the_table_the_range_and_the_name(monkeypatch) -> None:
     assert mri.CORRUPTIONS["blur"] is CORRUPTIONS["blur"]
 
 
-def test_a_registered_corruption_runs_through_histo_robustness(tmp_path, monkeypatch) -> None:
+def test_a_registered_corruption_runs_through_histo_robustness(
+    tiny_segment_study, tmp_path, monkeypatch
+) -> None:
     """One function plus its registration: `corruptions: all` lists it, it receives the raw acquisition,
     the model input of every cell is z-scored, and the outputs record the space and the severity table."""
     import json
@@ -244,10 +245,7 @@ def test_a_registered_corruption_runs_through_histo_robustness(tmp_path, monkeyp
     import segmentation.infer
     from histo.cli import main
     from histo.robustness import read_rows, select_corruptions
-    from histo.training import save_checkpoint
     from segmentation.data import find_cases, load_raw
-    from segmentation.synthetic import make_cases
-    from segmentation.unet import UNet3D
 
     monkeypatch.setattr(mri, "CORRUPTIONS", dict(CORRUPTIONS))  # registrations vanish after the test
     received = []
@@ -266,22 +264,16 @@ def test_a_registered_corruption_runs_through_histo_robustness(tmp_path, monkeyp
         lambda model, image, **kw: inputs.append(image) or predict(model, image, **kw),
     )
     assert select_corruptions("all", mri.CORRUPTIONS) == [*CORRUPTIONS, "throwaway_gain"]
-    make_cases(tmp_path / "data", 1, shape=(32, 32, 32), seed=0)
-    torch.manual_seed(0)
-    net = UNet3D(channels=(4, 8), blocks_per_level=1, norm="batch")
-    save_checkpoint(
-        tmp_path / "unet.pt", {"model": net.state_dict(), "model_config": net.config, "config": {}}
-    )
-    (tmp_path / "cfg.yaml").write_text("segment:\n  roi: [32, 32, 32]\n")
     out = tmp_path / "out"
-    args = ["robustness", "segment", "--model", str(tmp_path / "unet.pt"), "--data", str(tmp_path / "data")]
+    study = {k: str(v) for k, v in tiny_segment_study.items()}
+    args = ["robustness", "segment", "--model", study["model"], "--data", study["data"]]
     args += ["--out", str(out), "--corruptions", "throwaway_gain,gamma", "--severities", "5"]
-    args += ["--config", str(tmp_path / "cfg.yaml"), "--device", "cpu", "--json"]
+    args += ["--config", study["config"], "--device", "cpu", "--json"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert not summary["failed"]
-    raw = load_raw(find_cases(tmp_path / "data")[0])[0]
+    raw = load_raw(find_cases(tiny_segment_study["data"])[0])[0]
     assert [g for g, _ in received] == [32.0] and np.array_equal(received[0][1], raw)  # the acquisition
     assert len(inputs) == 3  # clean, throwaway_gain s5, gamma s5
     for image in inputs:  # what the pipeline always produces

@@ -237,23 +237,13 @@ def test_cli_pathology_grid_alpha_bn_reference_and_resume(tile_store, tmp_path) 
     assert bad.exit_code == 2 and "unknown corruption(s) snow" in bad.output
 
 
-def test_cli_segment_grid(tmp_path) -> None:
+def test_cli_segment_grid(tiny_segment_study, tmp_path) -> None:
     import json
 
     from click.testing import CliRunner
 
     from histo.cli import main
-    from histo.training import save_checkpoint
-    from segmentation.synthetic import make_cases
-    from segmentation.unet import UNet3D
 
-    make_cases(tmp_path / "data", 1, shape=(32, 32, 32), seed=0)
-    torch.manual_seed(0)
-    net = UNet3D(channels=(4, 8), blocks_per_level=1, norm="batch")
-    save_checkpoint(
-        tmp_path / "unet.pt", {"model": net.state_dict(), "model_config": net.config, "config": {}}
-    )
-    (tmp_path / "cfg.yaml").write_text("segment:\n  roi: [32, 32, 32]\n")
     out = tmp_path / "out"
     result = CliRunner().invoke(
         main,
@@ -261,9 +251,9 @@ def test_cli_segment_grid(tmp_path) -> None:
             "robustness",
             "segment",
             "--model",
-            str(tmp_path / "unet.pt"),
+            str(tiny_segment_study["model"]),
             "--data",
-            str(tmp_path / "data"),
+            str(tiny_segment_study["data"]),
             "--out",
             str(out),
             "--corruptions",
@@ -273,7 +263,7 @@ def test_cli_segment_grid(tmp_path) -> None:
             "--alpha-bn",
             "0.5",
             "--config",
-            str(tmp_path / "cfg.yaml"),
+            str(tiny_segment_study["config"]),
             "--device",
             "cpu",
             "--json",
