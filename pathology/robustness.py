@@ -4,7 +4,8 @@ The clean selected tiles of a tile store form the archive (features of the uncor
 tile, corrupted, queries it, its own patient excluded. Scores (`histo.classification`): tile accuracy, tile
 macro-F1 and slide accuracy (majority vote of the slide's tiles; a tie goes to the first label by name).
 The grid, the ImageNet-C metrics and the plots come from `histo.robustness`; α-BN (optional) calibrates the
-query forward passes per corruption.
+query forward passes per corruption. Spatial
+corruptions act at the store's target µm/px (`pathology.corruptions.spatial_scale`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,14 @@ def load_cohort(store: Any, max_tiles_per_slide: int = 16, cache_mb: float = 204
     return cohort
 
 
+def tile_mpp(store: Any) -> float:
+    """The µm/px of the store's tiles (its resolved target resolution), which sizes the spatial corruptions."""
+    mpp = store.params.get("resolved", {}).get("target_mpp")
+    if not isinstance(mpp, (int, float)) or not mpp > 0:
+        raise HistoError(f"{store.path}: the store records no tile resolution (params.resolved.target_mpp)")
+    return float(mpp)
+
+
 def knn_predict(
     query: np.ndarray,
     q_groups: np.ndarray,
@@ -135,7 +144,7 @@ def evaluate_pathology(
     Writes results.csv (resumable), CE tables, plots and summary.json into `out`; returns the
     BatchSummary of the grid's cells (the report in its extras).
     """
-    from pathology.corruptions import CORRUPTIONS, seeded
+    from pathology.corruptions import CORRUPTIONS, seeded, study_record
     from pathology.kimianet import FeatureExtractor
     from pathology.store import TileStore
 
@@ -143,6 +152,8 @@ def evaluate_pathology(
     names = select_corruptions(config["corruptions"], CORRUPTIONS)
     severities = parse_severities(str(config["severities"]))
     store = TileStore.open(tiles)
+    mpp = tile_mpp(store)
+    record = study_record(names, mpp)  # severity table and spatial scaling, in settings and summary
     cohort = load_cohort(store, p["max_tiles_per_slide"], p["cache_mb"])
     plan, ref_label = plan_runs(model, reference, config["alpha_bn"])
     extractors = {str(path): FeatureExtractor.from_checkpoint(path, config["device"]) for _, path, _ in plan}
@@ -170,10 +181,11 @@ def evaluate_pathology(
         "pathology": {k: v for k, v in p.items() if k not in ("workers", "cache_mb")},  # not in the results
         "slides": cohort.slide_ids,
         **DEFINITIONS,
+        **record,
     }
     summary = run_study(
         runs,
-        {n: seeded(n, p["batch_size"], p["workers"]) for n in names},
+        {n: seeded(n, p["batch_size"], p["workers"], mpp) for n in names},
         severities,
         out,
         settings,
@@ -188,6 +200,7 @@ def evaluate_pathology(
         n_slides=len(cohort.slide_ids),
         n_tiles=int(sum(len(i) for i in cohort.indices)),
         skipped_slides=cohort.skipped,
+        **record,
     )
     atomic_write_json(Path(out) / "summary.json", summary.to_dict())
     return summary

@@ -1,8 +1,9 @@
 """3D U-Nets under MRI corruptions: Dice and HD95 per region (TC, WT, ET) on labelled BraTS cases.
 
-Each case is loaded as the model sees it (`segmentation.data.load_case`), corrupted, segmented by
-sliding-window inference and scored with the BraTS conventions of `segmentation.metrics`. For the
-ImageNet-C metrics the error of a region is 1 - Dice (HD95 is reported, lower is better).
+Each case is loaded as acquired (`segmentation.data.load_raw`), corrupted, preprocessed exactly as in
+training (`segmentation.data.preprocess`), segmented by sliding-window inference and scored with the BraTS
+conventions of `segmentation.metrics`. For the ImageNet-C metrics the error of a region is 1 - Dice (HD95
+is reported, lower is better).
 """
 
 from __future__ import annotations
@@ -61,11 +62,11 @@ class Cases:
             raise HistoError(f"{data}: no labelled BraTS case found")
         self._cache = {i: self._load(i) for i in range(min(cache, len(self.cases)))}
 
-    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
-        from segmentation.data import load_case
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+        from segmentation.data import load_raw
 
-        image, brain, regions, affine, _ = load_case(self.cases[i])
-        return image, brain, regions.astype(bool), ras_spacing(affine)
+        raw, regions, affine, _ = load_raw(self.cases[i])
+        return raw, regions.astype(bool), ras_spacing(affine)
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -76,16 +77,18 @@ class Cases:
 
 def make_evaluate(model: Any, cases: Cases, settings: dict, device: Any):
     """evaluate(corrupt) for `histo.robustness.run_grid`: mean Dice / HD95 per region over the cases."""
+    from segmentation.data import preprocess
     from segmentation.infer import predict_volume
     from segmentation.metrics import region_metrics
 
     def evaluate(corrupt) -> dict[str, float]:
         per_case = []
         for i in range(len(cases)):
-            image, brain, regions, spacing = cases[i]
+            raw, regions, spacing = cases[i]
+            image, brain = preprocess(corrupt(raw, i))  # the acquisition is corrupted, then preprocessed
             prob = predict_volume(
                 model,
-                corrupt(image, i),
+                image,
                 roi=settings["roi"],
                 overlap=settings["overlap"],
                 device=device,
@@ -113,7 +116,7 @@ def evaluate_segmentation(
     returns the BatchSummary of the grid's cells (the report in its extras).
     """
     from histo.devices import resolve_device
-    from segmentation.corruptions import CORRUPTIONS
+    from segmentation.corruptions import CORRUPTIONS, study_record
     from segmentation.infer import load_model
 
     s = config["segment"]
@@ -137,6 +140,7 @@ def evaluate_segmentation(
         "alpha_bn": config["alpha_bn"],
         "segment": {k: v for k, v in s.items() if k != "cache_cases"},  # caching does not change results
         "cases": [c.case_id for c in cases.cases],
+        **study_record(names),  # corruption space, preprocessing and severity table
     }
     summary = run_study(
         runs,
@@ -150,7 +154,11 @@ def evaluate_segmentation(
         progress=progress,
     )
     summary = summary.with_extra(
-        task="segment", models=settings["models"], n_cases=len(cases), skipped_cases=cases.skipped
+        task="segment",
+        models=settings["models"],
+        n_cases=len(cases),
+        skipped_cases=cases.skipped,
+        **study_record(names),
     )
     atomic_write_json(Path(out) / "summary.json", summary.to_dict())
     return summary
