@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -25,12 +25,13 @@ from histo.io import file_sha256
 from histo.norms import names as norm_names
 from pathology.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, resize
 from pathology.cbr import CBR_SPECS, cbr
+from pathology.config import Variant
 from pathology.densenet import FeatureClassifier, densenet121
 
 CHECKPOINT_FORMAT = "histo-kimianet"
 CHECKPOINT_VERSION = 1
 ARCHS = ("densenet121", *sorted(CBR_SPECS))
-VARIANTS = ("I", "II", "III", "IV", "scratch")
+VARIANTS = get_args(Variant)
 _FIRST_TRAINED_BLOCK = {"I": 4, "II": 3, "III": 2}
 # Registry norms this trainer refuses, and why.
 UNSUPPORTED_NORMS = {

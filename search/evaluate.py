@@ -92,8 +92,8 @@ def scores(truth: list[str], pred: list[str], k: int) -> KScores:
 
 def evaluate_engine(
     engine: SearchEngine,
-    ks: tuple[int, ...] = (1, 3, 5),
-    mode: str = "barcode",
+    ks: tuple[int, ...],
+    mode: str,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> EvaluationResult:

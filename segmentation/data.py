@@ -16,6 +16,7 @@ import torch
 
 from histo.errors import InputFileError
 from histo.io import atomic_path
+from segmentation.config import CropAugment
 from segmentation.labels import labels_to_regions
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -235,7 +236,9 @@ class CropDataset(torch.utils.data.Dataset):
     """Random training crops indexed by (case index, seed): the seed fixes the crop, flips and intensity
     change, so any worker layout and any resumed epoch draws exactly the same samples."""
 
-    def __init__(self, cases: list[Case], roi: tuple[int, int, int], aug: dict, cache: bool = True) -> None:
+    def __init__(
+        self, cases: list[Case], roi: tuple[int, int, int], aug: CropAugment, cache: bool = True
+    ) -> None:
         from monai.transforms import (
             Compose,
             RandCropByPosNegLabeld,
@@ -246,22 +249,22 @@ class CropDataset(torch.utils.data.Dataset):
 
         self.cases, self.roi, self.cache = cases, tuple(roi), cache
         self._store: dict[int, dict] = {}
-        flips = [RandFlipd(KEYS, prob=aug["flip_prob"], spatial_axis=axis) for axis in range(3)]
+        flips = [RandFlipd(KEYS, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3)]
         self.random = Compose(
             [
                 RandCropByPosNegLabeld(
                     KEYS,
                     label_key="label",
                     spatial_size=self.roi,
-                    pos=aug["pos"],
-                    neg=aug["neg"],
+                    pos=aug.pos,
+                    neg=aug.neg,
                     num_samples=1,
                     fg_indices_key="fg",
                     bg_indices_key="bg",
                 ),
                 *flips,
-                RandScaleIntensityd("image", factors=aug["intensity_scale"], prob=1.0),
-                RandShiftIntensityd("image", offsets=aug["intensity_shift"], prob=1.0),
+                RandScaleIntensityd("image", factors=aug.intensity_scale, prob=1.0),
+                RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=1.0),
             ]
         )
 

@@ -12,14 +12,16 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from histo.errors import InputFileError
 from histo.io import atomic_write_json, atomic_write_text
+from segmentation.config import SegmentConfig
 from segmentation.data import Case, find_cases, read_nifti, spacing_of
 from segmentation.labels import REGIONS, labels_to_regions
 
@@ -78,12 +80,15 @@ def evaluate_case(
     )
 
 
-def region_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
-    """Dice and HD95 per channel of (3, …) [TC, WT, ET] masks."""
+def region_metrics(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], with_hd95: bool = True
+) -> dict[str, float]:
+    """Dice and (unless `with_hd95` is False) HD95 per channel of (3, …) [TC, WT, ET] masks."""
     out: dict[str, float] = {}
     for i, name in enumerate(REGIONS):
         out[f"dice_{name}"] = dice(pred[i], ref[i])
-        out[f"hd95_{name}"] = hd95(pred[i], ref[i], spacing)
+        if with_hd95:
+            out[f"hd95_{name}"] = hd95(pred[i], ref[i], spacing)
     return out
 
 
@@ -94,7 +99,7 @@ def summarize(rows: Sequence[dict]) -> dict:
     """Mean, std, median, 25th/75th percentiles of every metric over the cases with status "ok"."""
     ok = [r for r in rows if r.get("status") == "ok"]
     stats: dict[str, dict[str, float]] = {}
-    for key in METRIC_KEYS:
+    for key in [k for k in METRIC_KEYS if not ok or k in ok[0]]:  # HD95 may be off (eval.hd95)
         values = np.array([r[key] for r in ok], dtype=np.float64)
         if values.size == 0:
             stats[key] = {s: math.nan for s in ("mean", "std", "median", "q25", "q75")}
@@ -119,21 +124,29 @@ def summarize(rows: Sequence[dict]) -> dict:
 def write_report(rows: Sequence[dict], out_dir: str | os.PathLike) -> dict:
     """Write per-case `metrics.csv` and `summary.json` (atomic) into `out_dir`; return the summary."""
     out_dir = Path(out_dir)
-    fields = ["case_id", "status", "reason", *METRIC_KEYS]
+    summary = summarize(rows)
+    fields = ["case_id", "status", "reason", *summary["metrics"]]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out_dir / "metrics.csv", buffer.getvalue())
-    summary = summarize(rows)
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
 
-def evaluate_predictions(pred_dir: str | os.PathLike, data_dir: str | os.PathLike, out_dir=None) -> dict:
+def evaluate_predictions(
+    pred_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    out_dir=None,
+    config: SegmentConfig | Mapping[str, Any] | None = None,
+) -> dict:
     """Score `<pred_dir>/<case_id>.nii.gz` against each labelled case under `data_dir`; per-case CSV and
-    summary JSON go to `out_dir` (default `pred_dir`). Missing or mismatched predictions are recorded."""
+    summary JSON go to `out_dir` (default `pred_dir`). Missing or mismatched predictions are recorded.
+    `config`: a SegmentConfig, None (the defaults) or a mapping over the defaults (its `eval` applies)."""
     from tqdm import tqdm
+
+    settings = SegmentConfig.coerce(config).eval
 
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
@@ -150,13 +163,13 @@ def evaluate_predictions(pred_dir: str | os.PathLike, data_dir: str | os.PathLik
             rows.append({"case_id": case.case_id, "status": "error", "reason": reason})
             continue
         try:
-            rows.append({"case_id": case.case_id, "status": "ok", **_score(found[0], case)})
+            rows.append({"case_id": case.case_id, "status": "ok", **_score(found[0], case, settings.hd95)})
         except InputFileError as e:
             rows.append({"case_id": case.case_id, "status": "error", "reason": str(e)})
     return write_report(rows, out_dir if out_dir is not None else pred_dir)
 
 
-def _score(pred_path: Path, case: Case) -> dict[str, float]:
+def _score(pred_path: Path, case: Case, with_hd95: bool) -> dict[str, float]:
     """Metrics of one prediction file against the case's label file (same grid required)."""
     pred_img, ref_img = read_nifti(pred_path), read_nifti(case.seg)
     if pred_img.shape != ref_img.shape:
@@ -169,4 +182,4 @@ def _score(pred_path: Path, case: Case) -> dict[str, float]:
             regions.append(labels_to_regions(np.asarray(img.dataobj), case.scheme))
         except ValueError as e:
             raise InputFileError(path, str(e)) from None
-    return region_metrics(regions[0], regions[1], spacing_of(ref_img.header))
+    return region_metrics(regions[0], regions[1], spacing_of(ref_img.header), with_hd95)

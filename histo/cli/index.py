@@ -6,9 +6,19 @@ from pathlib import Path
 
 import click
 
-from histo.cli.options import config_option, device_option, emit_json, json_option, parse_shard, shard_option
+from histo.cli.options import (
+    choices,
+    config_option,
+    device_option,
+    emit_json,
+    json_option,
+    parse_shard,
+    shard_option,
+    stage_config,
+)
+from search.config import IndexType
 
-INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")  # = search.index.INDEX_TYPES (kept here so --help is light)
+KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.device"}
 
 
 @click.command("index")
@@ -19,7 +29,7 @@ INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")  # = search.index.INDEX_TYPES (ke
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Index directory (created/resumed)."
 )
-@click.option("--type", "index_type", type=click.Choice(INDEX_TYPES), default=None, help="Float index type.")
+@click.option("--type", "index_type", default=None, help=f"Float index type: {choices(IndexType)}.")
 @click.option("--batch-size", type=int, default=None, help="Tiles per forward pass.")
 @click.option("--evaluate", "evaluate", is_flag=True, help="Leave-one-patient-out evaluation after building.")
 @device_option
@@ -40,16 +50,13 @@ def index(
 ) -> None:
     """Extract features of every selected tile (resumable per slide; --shard I/N extracts only that share,
     a final run without --shard builds the index) and build barcode + float FAISS indexes in OUT."""
-    from histo.config import load_config
+    from search.config import IndexConfig
     from search.slide_index import SlideIndex
 
-    cfg = load_config("index", config_path, {"type": index_type, "device": device, "batch_size": batch_size})
+    cfg = stage_config(IndexConfig, config_path, KEYS)
     shard_pair = parse_shard(shard)
     log = _echo(as_json)
-    built = SlideIndex.build(
-        tiles, model, out, index_type=cfg["type"], device=cfg["device"], shard=shard_pair,
-        params=cfg["params"], batch_size=cfg["batch_size"], search=cfg["search"],
-    )  # fmt: skip
+    built = SlideIndex.build(tiles, model, out, cfg, shard=shard_pair)
     if built is None:
         report = {"out": out, "shard": f"{shard_pair[0]}/{shard_pair[1]}", "status": "features extracted"}
         log(f"shard {report['shard']}: features extracted in {out}; run without --shard to build the index")
@@ -70,7 +77,7 @@ def index(
         log(f"  skipped {f['slide_id']}: {f['reason']}")
     if evaluate:
         ev_dir = Path(out) / "evaluation"
-        ev = built.evaluate(k=tuple(cfg["evaluate"]["k"]), mode=cfg["evaluate"]["mode"], out_dir=ev_dir)
+        ev = built.evaluate(k=cfg.evaluate.k, mode=cfg.evaluate.mode, out_dir=ev_dir)
         report["evaluation"] = {"rows": ev.summary_rows(), "pngs": ev.pngs}
         log(f"{'scope':<11} {'k':>2} {'n':>5} {'accuracy':>9} {'macro-F1':>9}")
         for r in ev.summary_rows():
