@@ -197,6 +197,10 @@ def load_config(
 ) -> C:
     """Defaults of the stage `schema`, then the user's YAML file, then overrides (dotted keys; None = not
     given), validated as a whole. `names` maps an override's key to the flag that set it, for errors."""
+    if not (isinstance(schema, type) and issubclass(schema, StageConfig)):
+        raise TypeError(
+            f"load_config takes a stage's config class (e.g. pathology.config.TileConfig), got {schema!r}"
+        )
     layers = [_defaults_layer(schema)]
     if path is not None:
         layers.append(Layer(str(path), read_yaml(path)))
@@ -278,8 +282,12 @@ def describe(schema: type[BaseModel], error: Mapping[str, Any]) -> tuple[list[An
     if kind == "extra_forbidden":
         known = ", ".join(_fields_at(schema, keys[:-1]))
         return keys, f"unknown key (known here: {known})"
+    if kind == "missing" and keys and isinstance(keys[-1], int):  # a fixed-length list that is too short
+        return keys[:-1], f"too few values, got {list(got)}"
     if kind == "missing":
         return keys, "missing (every key needs a value; the defaults file gives them all)"
+    if kind == "tuple_type":
+        return keys, f"must be a list, got {got!r}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return keys, f"must be a mapping of keys to values, got {got!r}"
     message = error["msg"]

@@ -168,7 +168,9 @@ def segmentation_rows(norms, args) -> list[dict]:
         def evaluate(corrupt, model=model):
             scores = []
             for i, (image, brain, regions) in enumerate(test):
-                prob = predict_volume(model, corrupt(image, i), roi=(32, 32, 32), brain_mask=brain)
+                prob = predict_volume(
+                    model, corrupt(image, i), roi=(32, 32, 32), overlap=0.5, brain_mask=brain
+                )
                 scores.append(np.mean([dice(prob[r] >= 0.5, regions[r]) for r in range(3)]))
             return {"dice_mean": float(np.mean(scores))}
 

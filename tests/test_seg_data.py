@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA
 
+from histo.config import load_config
 from histo.errors import InputFileError
+from segmentation.config import SegmentConfig
 from segmentation.data import CropDataset, epoch_plan, find_case, find_cases, from_ras, load_case, to_ras
 from segmentation.labels import labels_to_regions, regions_to_labels
 from segmentation.synthetic import make_cases
@@ -19,6 +21,13 @@ BRATS = SHARED_DATA / "brats"
 TCGA = BRATS / "TCGA-DU-7294"
 DEEPMEDIC = BRATS / "deepmedic_brats2013_pat0005_1"
 AUG = {"pos": 1.0, "neg": 1.0, "flip_prob": 0.5, "intensity_scale": 0.1, "intensity_shift": 0.1}
+
+
+def augment(**keys):
+    """The crop augmentation config from AUG with `keys` changed (validated like a config file)."""
+    return load_config(
+        SegmentConfig, overrides={f"data.augment.{k}": v for k, v in {**AUG, **keys}.items()}
+    ).data.augment
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +206,7 @@ def test_load_case_rejects_labels_outside_scheme(synth, tmp_path):
 
 def test_crops_are_seeded_and_tumour_biased(synth):
     cases = find_cases(synth)
-    ds = CropDataset(cases, (16, 16, 16), {**AUG, "neg": 0.0})
+    ds = CropDataset(cases, (16, 16, 16), augment(neg=0.0))
     plan = epoch_plan(len(cases), 6, seed=0, epoch=0)
     items = [ds[item] for item in plan]
     for item in items:
@@ -212,9 +221,9 @@ def test_crops_are_seeded_and_tumour_biased(synth):
 
 def test_crops_pad_small_volumes_and_negatives_sit_in_the_brain(synth):
     cases = find_cases(synth)
-    big = CropDataset(cases, (32, 32, 32), AUG)
+    big = CropDataset(cases, (32, 32, 32), augment())
     assert big[(0, 0)]["image"].shape == (4, 32, 32, 32)  # padded up from (24, 28, 20)
-    ds = CropDataset(cases, (8, 8, 8), {**AUG, "pos": 0.0, "flip_prob": 0.0})
+    ds = CropDataset(cases, (8, 8, 8), augment(pos=0.0, flip_prob=0.0))
     for seed in range(12):
         item = ds[(0, seed)]
         assert item["mask"][0, 4, 4, 4] == 1 and item["label"][1, 4, 4, 4] == 0  # centred on non-tumour brain
