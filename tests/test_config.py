@@ -317,6 +317,13 @@ def test_stage_ranges_and_choices(schema, overrides, needle):
     assert "\n" not in str(e.value)
 
 
+def test_null_where_a_value_is_needed_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("tile:\n  px: null\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: tile\.px: input should be a valid integer, got None$"):
+        load_config(TileConfig, path)
+
+
 def test_good_values_pass_and_parse():
     assert load_config(RobustnessConfig, overrides={"severities": "3,1-2"}).severities == (1, 2, 3)
     assert load_config(RobustnessConfig, overrides={"severities": 4}).severities == (4,)

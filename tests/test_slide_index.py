@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histo.errors import HistoError, InputFileError
+from histo.errors import ConfigError, HistoError, InputFileError
 from search import SlideIndex
 from search.barcodes import minmax_barcode
 
@@ -88,6 +88,19 @@ def test_query_slide_finds_itself_and_honours_patient_exclusion(flat: SlideIndex
         assert r2.results[:2] == r.results[1:]  # one slide per patient here
     by_path = flat.search_slide(query, k=3)
     assert by_path.query == str(query) and by_path.results[0].slide_id == query.stem
+
+
+def test_search_arguments_meet_the_config_rules(flat: SlideIndex, cohort: dict) -> None:
+    """`k=-1` once returned n-1 results; API arguments are validated like `histo search --k`."""
+    for k in (0, -1):
+        with pytest.raises(
+            ConfigError, match=rf"^search_slide: k: input should be greater than or equal to 1, got {k}$"
+        ):
+            flat.search_slide(cohort["slides"][0], k=k)
+    with pytest.raises(ConfigError, match=r"^search_patch: patch_mode: input should be 'barcode' or 'float'"):
+        flat.search_patch(np.zeros((32, 32, 3), np.uint8), mode="cosine")
+    with pytest.raises(ConfigError, match=r"^evaluate: evaluate\.k\[0\]: "):
+        flat.evaluate(k=(0,))
 
 
 def test_two_stage_equals_exhaustive(flat: SlideIndex) -> None:
