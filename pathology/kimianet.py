@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -27,12 +27,13 @@ from histo.norms import norm_traits
 from pathology.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, resize
 from pathology.cbr import CBR_SPECS, cbr
 from pathology.cbr import FAMILY as CBR_FAMILY
+from pathology.config import Variant
 from pathology.densenet import FAMILY as DENSENET_FAMILY
 from pathology.densenet import FeatureClassifier, densenet121
 
 KIND = "kimianet"  # histo.checkpoint kind of a trained (or imported) feature extractor
 ARCHS = ("densenet121", *sorted(CBR_SPECS))
-VARIANTS = ("I", "II", "III", "IV", "scratch")
+VARIANTS = get_args(Variant)
 _FIRST_TRAINED_BLOCK = {"I": 4, "II": 3, "III": 2}
 NO_MASK = "tiles come without one"  # why this trainer gives region-masked norms (rn_b) no mask
 

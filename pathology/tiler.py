@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from histo.batch import ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch, select_shard
-from histo.errors import ConfigError, HistoError, InputFileError
+from histo.errors import HistoError, InputFileError
 from pathology.cellularity import cellularity_score, keep_most_cellular
+from pathology.config import TileConfig
 from pathology.labels import SlideMeta, resolve_meta
 from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, tissue_fractions
 from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_id_of
@@ -33,29 +36,27 @@ class Geometry:
     um: float
 
 
-def tile_geometry(cfg: dict) -> Geometry:
+def tile_geometry(cfg: TileConfig) -> Geometry:
     """Resolve the tile config: px at a magnification, px at an µm/px, or a physical size as px."""
-    t = cfg["tile"]
-    px = int(t["px"])
-    if px < 8:
-        raise ConfigError(f"tile.px must be >= 8, got {px}")
-    if t["um"] is not None and t["mpp"] is not None:
-        raise ConfigError(f"set tile.um or tile.mpp, not both (got um={t['um']}, mpp={t['mpp']})")
-    if t["um"] is not None:
-        mpp = float(t["um"]) / px
-    elif t["mpp"] is not None:
-        mpp = float(t["mpp"])
+    t = cfg.tile
+    if t.um is not None:
+        mpp = t.um / t.px
+    elif t.mpp is not None:
+        mpp = t.mpp
     else:
-        mpp = 10.0 / float(t["magnification"])
-    if not mpp > 0:
-        raise ConfigError(f"tile target resolution must be positive, got {mpp} µm/px")
-    return Geometry(px, mpp, px * mpp)
+        mpp = 10.0 / t.magnification
+    return Geometry(t.px, mpp, t.px * mpp)
 
 
-def store_params(cfg: dict) -> dict:
-    """The parameters recorded in a store: the config plus the resolved tile geometry."""
+def store_params(cfg: TileConfig) -> dict:
+    """The parameters recorded in a store: the recorded config plus the resolved tile geometry."""
     g = tile_geometry(cfg)
-    return {**cfg, "resolved": {"tile_px": g.px, "target_mpp": g.mpp, "tile_um": g.um}}
+    return {**cfg.recorded(), "resolved": {"tile_px": g.px, "target_mpp": g.mpp, "tile_um": g.um}}
+
+
+def tiling_config(params: Mapping[str, Any], source: str) -> TileConfig:
+    """The TileConfig recorded in a store (or an index manifest's `tiling`), validated; `source` names it."""
+    return TileConfig.coerce({k: v for k, v in params.items() if k != "resolved"}, source)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def _empty(record: SlideRecord, thumb: np.ndarray | None, mask: np.ndarray | Non
     )  # fmt: skip
 
 
-def tile_open_slide(slide: Slide, cfg: dict, meta: SlideMeta | None = None) -> TileSet:
+def tile_open_slide(slide: Slide, cfg: TileConfig, meta: SlideMeta | None = None) -> TileSet:
     """Compute the high-cellularity mosaic of an open slide; EmptyMosaicError when there is none."""
     geometry = tile_geometry(cfg)
     record = _base_record(slide, geometry, resolve_meta(meta, slide.slide_id))
@@ -130,17 +131,17 @@ def tile_open_slide(slide: Slide, cfg: dict, meta: SlideMeta | None = None) -> T
     if problem:
         raise InputFileError(slide.path, problem)
     size0 = record.tile_size_level0
-    mask_mpp = max(cfg["tissue"]["mpp"], max(slide.width, slide.height) * slide.mpp / MAX_MASK_PX)
+    mask_mpp = max(cfg.tissue.mpp, max(slide.width, slide.height) * slide.mpp / MAX_MASK_PX)
     thumb = slide.read_at_mpp(mask_mpp)
 
     def fail(reason: str, mask: np.ndarray | None = None) -> EmptyMosaicError:
         record.status, record.reason = "failed", reason
         return EmptyMosaicError(slide.path, reason, _empty(record, thumb, mask))
 
-    dark = brightfield_problem(thumb, cfg["tissue"]["min_brightness"])
+    dark = brightfield_problem(thumb, cfg.tissue.min_brightness)
     if dark:
         raise fail(dark)
-    mask = tissue_mask(thumb, cfg["tissue"], mask_mpp)
+    mask = tissue_mask(thumb, cfg.tissue, mask_mpp)
     grid = Grid.of(slide.width, slide.height, size0)
     if grid.n_cols * grid.n_rows == 0:
         raise fail(
@@ -148,7 +149,7 @@ def tile_open_slide(slide: Slide, cfg: dict, meta: SlideMeta | None = None) -> T
         )
     origins = grid.origins()
     fractions = tissue_fractions(mask, grid, slide.width, slide.height)
-    threshold = cfg["mosaic"]["min_tissue_fraction"]
+    threshold = cfg.mosaic.min_tissue_fraction
     candidates = np.flatnonzero(fractions >= threshold)
     if len(candidates) == 0:
         raise fail(
@@ -157,21 +158,21 @@ def tile_open_slide(slide: Slide, cfg: dict, meta: SlideMeta | None = None) -> T
             mask,
         )
     cand = origins[candidates]
-    colour_mpp = cfg["mosaic"]["colour_mpp"]
+    colour_mpp = cfg.mosaic.colour_mpp
     if colour_mpp is None:
         features = box_means(thumb, grid, slide.width, slide.height)[candidates]
     else:
         features = colour_features(slide, cand, grid, colour_mpp)
     pick, cluster = select_mosaic(
-        features, cand[:, ::-1], cfg["mosaic"]["n_clusters"], cfg["mosaic"]["percent"], cfg["seed"]
+        features, cand[:, ::-1], cfg.mosaic.n_clusters, cfg.mosaic.percent, cfg.seed
     )
     coords = cand[pick]
-    cell = cfg["cellularity"]
-    cell_px = max(8, round(geometry.um / cell["mpp"]))
-    radius_px = max(1, round(cell["nucleus_radius_um"] / (geometry.um / cell_px)))
+    cell = cfg.cellularity
+    cell_px = max(8, round(geometry.um / cell.mpp))
+    radius_px = max(1, round(cell.nucleus_radius_um / (geometry.um / cell_px)))
     scores = np.array(
         [
-            cellularity_score(slide.read_tile(x, y, size0, cell_px), cell["h_threshold"], radius_px)
+            cellularity_score(slide.read_tile(x, y, size0, cell_px), cell.h_threshold, radius_px)
             for x, y in coords
         ],
         np.float32,
@@ -183,20 +184,25 @@ def tile_open_slide(slide: Slide, cfg: dict, meta: SlideMeta | None = None) -> T
         record.status = "failed"
         record.reason = (
             f"no high-cellularity tile: none of {len(coords)} mosaic tiles reaches cellularity.min_score "
-            f"{cell['min_score']} (best {scores.max():.3g})"
+            f"{cell.min_score} (best {scores.max():.3g})"
         )
         raise EmptyMosaicError(slide.path, record.reason, tileset)
     return tileset
 
 
 def tile_slide(
-    path: str | os.PathLike, config: dict, mpp_override: float | None = None, meta: SlideMeta | None = None
+    path: str | os.PathLike,
+    config: TileConfig | Mapping[str, Any] | None = None,
+    mpp_override: float | None = None,
+    meta: SlideMeta | None = None,
 ) -> TileSet:
     """Open a slide and tile it (API used by `histo tile` and by `histo search` for query slides).
 
+    `config`: a TileConfig, None (the defaults) or a mapping of keys over the defaults (validated).
     The scale override (argument, else the labels' mpp) is used only when the slide has no scale.
     Raises InputFileError (EmptyMosaicError for an empty mosaic) naming the file and the reason.
     """
+    config = TileConfig.coerce(config)
     if mpp_override is None and meta is not None:
         mpp_override = meta.mpp
     with open_slide(path, mpp_override) as slide:
@@ -250,7 +256,7 @@ def _failed(job: _Job, reason: str) -> SlideRecord:
 
 
 def _tile_one(
-    job: _Job, out: str, config: dict, save_pixels: bool, qc_dir: str | None, mpp: float | None
+    job: _Job, out: str, config: TileConfig, save_pixels: bool, qc_dir: str | None, mpp: float | None
 ) -> Outcome:
     """Tile one slide into the store. A fault of the slide's data is written there as a failed record
     before it goes on to the runner, which reports it (histo.batch's exception policy)."""
@@ -308,10 +314,9 @@ def _jobs(paths: list[str | os.PathLike], labels: dict) -> list[_Job]:
 def tile_slides(
     paths: list[str | os.PathLike],
     out: str | os.PathLike,
-    config: dict,
+    config: TileConfig | Mapping[str, Any] | None = None,
     labels_csv: str | os.PathLike | None = None,
     shard: tuple[int, int] = (0, 1),
-    workers: int = 1,
     save_pixels: bool = False,
     qc_dir: str | os.PathLike | None = None,
     mpp_override: float | None = None,
@@ -319,16 +324,17 @@ def tile_slides(
 ) -> BatchSummary:
     """Tile the shard `shard` = (i, n) of the slides into the store `out` (created if absent).
 
-    Slides done in the store from the same file are skipped; a bad slide is failed (in the store and
-    the summary) and the rest goes on. `workers` > 1 tiles slides in parallel processes. No slide
-    found is a HistoError, raised before the store is created.
+    `config` as for `tile_slide`. Slides done in the store from the same file are skipped; a bad slide
+    is failed (in the store and the summary) and the rest goes on. `config.run.workers` > 1 tiles slides
+    in parallel processes. No slide found is a HistoError, raised before the store is created.
     Returns the BatchSummary: one Outcome per slide of this shard (detail: n_mosaic, n_selected, mpp,
     mpp_source, label).
     """
     from pathology.labels import read_labels
     from pathology.store import TileStore
 
-    tile_geometry(config)  # config errors before any work
+    config = TileConfig.coerce(config)  # config errors before any work
+    workers = config.run.workers
     labels = read_labels(labels_csv) if labels_csv is not None else {}
     jobs = _jobs(paths, labels)
     unlabelled = [job.id for job in select_shard(jobs, shard) if labels and job.meta is None]

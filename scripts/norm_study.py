@@ -171,7 +171,7 @@ def segmentation_rows(norms, args) -> list[dict]:
             scores = []
             for i, (raw, regions) in enumerate(test):
                 image, brain = preprocess(corrupt(raw, i))  # corrupt the acquisition, then preprocess
-                prob = predict_volume(model, image, roi=(32, 32, 32), brain_mask=brain)
+                prob = predict_volume(model, image, roi=(32, 32, 32), overlap=0.5, brain_mask=brain)
                 scores.append(np.mean([dice(prob[r] >= 0.5, regions[r]) for r in range(3)]))
             return {"dice_mean": float(np.mean(scores))}
 

@@ -18,8 +18,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from histo.errors import ConfigError, InputFileError
+from histo.errors import InputFileError
 from histo.io import atomic_path
+from segmentation.config import CropAugment
 from segmentation.labels import labels_to_regions
 
 log = logging.getLogger(__name__)
@@ -283,12 +284,14 @@ class CropDataset(torch.utils.data.Dataset):
     """Random training crops indexed by (case index, seed): the seed fixes the crop, flips, intensity change
     and acquisition corruptions, so any worker layout and any resumed epoch draws exactly the same samples.
 
-    With `aug["corruption_prob"]` > 0 each sample's raw volume first goes through
+    With `aug.corruption_prob` > 0 each sample's raw volume first goes through
     `segmentation.corruptions.augment` (every corruption with a training range, with that probability)
     and is then preprocessed as at inference, so the model trains on inputs the pipeline produces.
     """
 
-    def __init__(self, cases: list[Case], roi: tuple[int, int, int], aug: dict, cache: bool = True) -> None:
+    def __init__(
+        self, cases: list[Case], roi: tuple[int, int, int], aug: CropAugment, cache: bool = True
+    ) -> None:
         from monai.transforms import (
             Compose,
             RandCropByPosNegLabeld,
@@ -298,26 +301,24 @@ class CropDataset(torch.utils.data.Dataset):
         )
 
         self.cases, self.roi, self.cache = cases, tuple(roi), cache
-        self.corruption_prob = float(aug["corruption_prob"])
-        if not 0.0 <= self.corruption_prob <= 1.0:
-            raise ConfigError(f"data.augment.corruption_prob must be in [0, 1], got {aug['corruption_prob']}")
+        self.corruption_prob = aug.corruption_prob
         self._store: dict[int, dict] = {}
-        flips = [RandFlipd(KEYS, prob=aug["flip_prob"], spatial_axis=axis) for axis in range(3)]
+        flips = [RandFlipd(KEYS, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3)]
         self.random = Compose(
             [
                 RandCropByPosNegLabeld(
                     KEYS,
                     label_key="label",
                     spatial_size=self.roi,
-                    pos=aug["pos"],
-                    neg=aug["neg"],
+                    pos=aug.pos,
+                    neg=aug.neg,
                     num_samples=1,
                     fg_indices_key="fg",
                     bg_indices_key="bg",
                 ),
                 *flips,
-                RandScaleIntensityd("image", factors=aug["intensity_scale"], prob=1.0),
-                RandShiftIntensityd("image", offsets=aug["intensity_shift"], prob=1.0),
+                RandScaleIntensityd("image", factors=aug.intensity_scale, prob=1.0),
+                RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=1.0),
             ]
         )
 

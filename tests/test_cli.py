@@ -49,6 +49,8 @@ def test_bad_config_file_is_a_one_line_error(tmp_path):
     )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") and "unknown key 'no_such_key'" in lines[-1]
+    assert lines[-1].startswith(
+        f"error: {bad}: no_such_key: unknown key (known here: cellularity, mosaic, run,"
+    )
     assert str(bad) in lines[-1]
     assert "Traceback" not in result.output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from histo.batch import BatchSummary
-from histo.cli.options import config_option, json_option, parse_shard, shard_option
+from histo.cli.options import config_option, json_option, parse_shard, shard_option, stage_config
 from histo.cli.outcomes import finish
 
 
@@ -35,9 +35,7 @@ def _table(batch: BatchSummary) -> list[str]:
     help="CSV: slide,label[,patient,site,project,mpp].",
 )
 @shard_option
-@click.option(
-    "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes over slides."
-)
+@click.option("--workers", type=int, default=None, help="Processes over slides (run.workers).")
 @click.option("--save-pixels", is_flag=True, help="Store the selected tiles' RGB at the target resolution.")
 @click.option("--qc-dir", type=click.Path(file_okay=False), help="Write a QC PNG per slide here.")
 @click.option(
@@ -46,12 +44,8 @@ def _table(batch: BatchSummary) -> list[str]:
     type=click.FloatRange(min=0, min_open=True),
     help="µm/px for slides without a scale.",
 )
-@click.option(
-    "--tile-px", type=click.IntRange(min=8), help="Override tile.px (pixels at the target resolution)."
-)
-@click.option(
-    "--magnification", type=click.FloatRange(min=0, min_open=True), help="Override tile.magnification."
-)
+@click.option("--tile-px", type=int, help="Override tile.px (pixels at the target resolution).")
+@click.option("--magnification", type=float, help="Override tile.magnification.")
 @click.option("--seed", type=int, help="Override seed.")
 @json_option
 def tile(
@@ -60,7 +54,7 @@ def tile(
     config_path: str | None,
     labels_csv: str | None,
     shard: str | None,
-    workers: int,
+    workers: int | None,
     save_pixels: bool,
     qc_dir: str | None,
     mpp_override: float | None,
@@ -74,14 +68,18 @@ def tile(
     Exit code 0 when every slide is done or skipped, 1 when any failed (after all the others), 2 when
     no slide is found or an option is wrong (nothing is created then).
     """
-    from histo.config import load_config
+    from pathology.config import TileConfig
     from pathology.tiler import tile_slides
 
-    config = load_config(
-        "tile", config_path, {"tile.px": tile_px, "tile.magnification": magnification, "seed": seed}
-    )
+    keys = {
+        "tile_px": "tile.px",
+        "magnification": "tile.magnification",
+        "seed": "seed",
+        "workers": "run.workers",
+    }
+    config = stage_config(TileConfig, config_path, keys)
     batch = tile_slides(
-        list(slides), out, config, labels_csv=labels_csv, shard=parse_shard(shard), workers=workers,
-        save_pixels=save_pixels, qc_dir=qc_dir, mpp_override=mpp_override,
+        list(slides), out, config, labels_csv=labels_csv, shard=parse_shard(shard), save_pixels=save_pixels,
+        qc_dir=qc_dir, mpp_override=mpp_override,
     )  # fmt: skip
     finish(batch, as_json, _table(batch))
