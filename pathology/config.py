@@ -111,12 +111,11 @@ class NetworkConfig(Section):
 
     @model_validator(mode="after")
     def _fits(self) -> NetworkConfig:
-        from pathology.kimianet import UNSUPPORTED_NORMS
+        from pathology.kimianet import norm_refusal
 
-        if self.norm in UNSUPPORTED_NORMS:
-            raise KeyedError(
-                "norm", f"norm {self.norm!r} cannot be used here: {UNSUPPORTED_NORMS[self.norm]}"
-            )
+        reason = norm_refusal(self.norm, self.arch)
+        if reason is not None:
+            raise KeyedError("norm", f"norm {self.norm!r} cannot be used here: {reason}")
         if self.variant in ("I", "II", "III") and self.arch != "densenet121":
             raise KeyedError("variant", f"variant {self.variant} freezes dense blocks; {self.arch} has none")
         return self

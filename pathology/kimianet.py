@@ -52,17 +52,18 @@ def build_model(
     return model
 
 
+def norm_refusal(norm: str, arch: str) -> str | None:
+    """Why this trainer cannot serve a registered norm on `arch` (its traits: rn_b, ibn_b), or None."""
+    family = DENSENET_FAMILY if arch == "densenet121" else CBR_FAMILY
+    return norm_traits(norm).refusal(family, no_mask=NO_MASK)
+
+
 def _check_norm(norm: str, arch: str) -> None:
     """Refuse an unknown norm, or one whose traits this trainer cannot serve (rn_b, ibn_b), in one line."""
-    family = DENSENET_FAMILY if arch == "densenet121" else CBR_FAMILY
-
-    def refusal(name: str) -> str | None:
-        return norm_traits(name).refusal(family, no_mask=NO_MASK)
-
     if norm not in norm_names():
-        usable = [n for n in norm_names() if refusal(n) is None]
+        usable = [n for n in norm_names() if norm_refusal(n, arch) is None]
         raise HistoError(f"unknown norm {norm!r}; known: {', '.join(usable)}")
-    reason = refusal(norm)
+    reason = norm_refusal(norm, arch)
     if reason is not None:
         raise HistoError(f"norm {norm!r} cannot be used here: {reason}")
 

@@ -261,6 +261,7 @@ def test_a_registered_corruption_runs_through_histo_robustness(tile_store, tmp_p
     from histo.cli import main
     from histo.config import load_config
     from histo.robustness import read_rows, select_corruptions
+    from histo.robustness_config import RobustnessConfig
     from pathology.kimianet import random_init_checkpoint
 
     monkeypatch.setattr(he, "CORRUPTIONS", dict(CORRUPTIONS))  # registrations vanish after the test
@@ -271,7 +272,7 @@ def test_a_registered_corruption_runs_through_histo_robustness(tile_store, tmp_p
         seen.append((level, scale, x.shape))
         return np.full_like(x, level)
 
-    assert load_config("robustness")["corruptions"] == "all"
+    assert load_config(RobustnessConfig).corruptions == "all"
     assert select_corruptions("all", he.CORRUPTIONS) == [*CORRUPTIONS, "throwaway"]
     model = random_init_checkpoint(tmp_path / "m.pt", norm="batch", input_px=32, seed=1)
     out = tmp_path / "out"
