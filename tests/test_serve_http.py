@@ -172,6 +172,50 @@ def test_patch_upload_finds_its_tile(client: TestClient, demo: dict) -> None:
     assert client.get(f"/jobs/{job_id}/tiles/0.png").status_code == 404  # a patch has no query tiles
 
 
+def test_a_large_patch_is_kept_only_as_a_display_copy(client: TestClient, service: Service) -> None:
+    ramp = np.linspace(0, 255, 1500, dtype=np.uint8)
+    big = np.stack([np.tile(ramp, (1200, 1))] * 3, axis=-1)
+    job_id, page = run_page_query(
+        client, {"source": "patch", "k": "2"}, files={"image": ("big.png", png(big))}
+    )
+    assert "uploaded patch, 1500 × 1200 px" in page
+    shown = Image.open(io.BytesIO(client.get(f"/jobs/{job_id}/query.png").content))
+    assert shown.size == (1024, 819)
+    assert service.job(job_id).source.rgb is None  # the full image is not kept after the search
+
+
+def test_a_moved_store_or_slide_is_found_under_slides_root_or_said_missing(
+    demo: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from search.web import archive
+
+    monkeypatch.setattr(archive, "_store_records", lambda rows: {})  # as if the tile store had moved
+    found = Service(
+        ServeConfig(index_dir=demo["index"], slides_root=demo["slides"], cache_dir=demo["root"] / "c2")
+    )
+    try:
+        c = TestClient(create_app(found.config, found))
+        entry = found.archive.slide("SYN-C0-P00-S0")
+        assert (
+            entry.path == (demo["slides"] / "SYN-C0-P00-S0.svs").resolve() and entry.tile_size_level0 is None
+        )
+        crop = Image.open(io.BytesIO(c.get("/slides/SYN-C0-P00-S0/tiles/2.png").content))
+        assert np.array_equal(np.array(crop), stored_tile(demo, "SYN-C0-P00-S0", 2))  # side from the scale
+        assert viewer_data(c.get("/slides/SYN-C0-P00-S0").text)["mosaic"] == []  # no store: no mosaic
+    finally:
+        found.close()
+    lost = Service(ServeConfig(index_dir=demo["index"], cache_dir=demo["root"] / "c3"))
+    try:
+        c = TestClient(create_app(lost.config, lost))
+        assert "no file" in c.get("/").text and "/slides/SYN-C0-P00-S0/thumbnail.jpg" not in c.get("/").text
+        r = c.get("/slides/SYN-C0-P00-S0/thumbnail.jpg", headers={"accept": "application/json"})
+        assert r.status_code == 404 and r.json()["error"].startswith("slide file of 'SYN-C0-P00-S0' not found")
+        assert c.post("/api/search", json={"slide_id": "SYN-C0-P00-S0"}).status_code == 404
+        assert c.get("/api/slides").json()["slides"][0]["has_file"] is False
+    finally:
+        lost.close()
+
+
 def test_slides_root_file_query(client: TestClient) -> None:
     job_id, page = run_page_query(client, {"source": "file", "file": "SYN-C1-P01-S0.tiff", "k": "2"})
     assert re.findall(r'data-rank="1" data-slide="([^"]+)"', page) == ["SYN-C1-P01-S0"]

@@ -72,7 +72,10 @@ def archive_page(request: Request) -> Response:
         e
         for e in entries
         if _matches(e, chosen)
-        and (not text or text in " ".join(str(v) for v in e.as_json().values()).lower())
+        and (
+            not text
+            or text in " ".join(str(v) for v in (e.slide_id, e.label, e.patient, e.site, e.project)).lower()
+        )
     ]
     shown.sort(
         key=lambda e: (getattr(e, sort) is None, getattr(e, sort) or 0, e.slide_id), reverse=descending

@@ -36,6 +36,17 @@ def encode(rgb: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def display_copy(rgb: np.ndarray, max_px: int) -> np.ndarray:
+    """The image with its long side at most `max_px` (aspect kept; smaller images unchanged)."""
+    from PIL import Image
+
+    if max(rgb.shape[:2]) <= max_px:
+        return rgb
+    im = Image.fromarray(rgb)
+    im.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+    return np.asarray(im)
+
+
 class DiskCache:
     """Bytes by key in a folder (sha256-named files, written atomically; concurrent makers are harmless)."""
 
@@ -63,9 +74,10 @@ def _file_key(path: Path) -> str:
 
 
 class _Handles:
-    """A small thread-safe LRU of open objects by key, closed when evicted."""
+    """A small thread-safe LRU of open slide handles by file. An evicted handle is only dropped, never
+    closed: a request may still be reading it, and OpenSlide closes it when the last reference goes."""
 
-    def __init__(self, size: int, opener: Callable[[Path], Any]) -> None:
+    def __init__(self, size: int, opener: Callable[..., Any]) -> None:
         self.size, self.opener = size, opener
         self.items: OrderedDict[str, Any] = OrderedDict()
         self.lock = threading.Lock()
@@ -81,13 +93,11 @@ class _Handles:
         with self.lock:
             self.items[key] = handle
             while len(self.items) > self.size:
-                self.items.popitem(last=False)[1].close()
+                self.items.popitem(last=False)
         return handle
 
-    def close(self) -> None:
+    def clear(self) -> None:
         with self.lock:
-            for handle in self.items.values():
-                handle.close()
             self.items.clear()
 
 
@@ -99,15 +109,12 @@ class _DeepZoom:
         from openslide.deepzoom import DeepZoomGenerator
 
         try:
-            self.osr = openslide.OpenSlide(str(path))
+            osr = openslide.OpenSlide(str(path))
         except (openslide.OpenSlideError, OSError) as e:
             raise InputFileError(path, f"unreadable slide ({type(e).__name__})") from None
-        props = self.osr.properties
+        props = osr.properties
         self.offset = (int(props.get("openslide.bounds-x", 0)), int(props.get("openslide.bounds-y", 0)))
-        self.generator = DeepZoomGenerator(self.osr, DZ_TILE, DZ_OVERLAP, limit_bounds=True)
-
-    def close(self) -> None:
-        self.osr.close()
+        self.generator = DeepZoomGenerator(osr, DZ_TILE, DZ_OVERLAP, limit_bounds=True)
 
 
 class SlideImages:
@@ -122,8 +129,8 @@ class SlideImages:
         self._deepzoom = _Handles(OPEN_SLIDES, _DeepZoom)
 
     def close(self) -> None:
-        self._slides.close()
-        self._deepzoom.close()
+        self._slides.clear()
+        self._deepzoom.clear()
 
     # ---- thumbnails and crops (disk cache) ----------------------------------------------------------
     def thumbnail(self, path: Path, mpp: float | None = None) -> bytes:

@@ -33,8 +33,9 @@ class QuerySource:
     name: str  # slide ID, file key, or the upload's file name
     path: Path | None = None  # the slide file (slide, file)
     mpp: float | None = None  # the scale an indexed slide was tiled with (used when its file has none)
-    rgb: np.ndarray | None = None  # the patch (patch)
-    png: bytes | None = None  # the patch as the page shows it
+    rgb: np.ndarray | None = None  # the patch (patch), dropped once searched
+    png: bytes | None = None  # the patch as the page shows it (long side at most DISPLAY_PX)
+    size: tuple[int, int] | None = None  # the patch's width, height as uploaded
 
 
 @dataclass

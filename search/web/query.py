@@ -28,8 +28,10 @@ class TileGeometry:
 
 
 def open_index(index_dir: Path, search_cfg: dict[str, Any]) -> SlideIndex:
-    """Open (and verify, as `search_cfg["verify"]` says) an index with the `histo search` settings."""
+    """Open (and verify, as `search_cfg["verify"]` says) an index with the `histo search` settings, and
+    load its model now: a wrong or missing model is an error at start, not at the first query."""
     index = SlideIndex.open(index_dir, device=search_cfg["device"], verify=search_cfg["verify"])
+    index.extractor  # noqa: B018 (loads and checks the model)
     if search_cfg.get("tile_k") is not None:
         index.engine.tile_k = int(search_cfg["tile_k"])
     if search_cfg.get("stage1_tiles") is not None:

@@ -22,12 +22,12 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 TOKEN_ENV = "HISTO_SERVE_TOKEN"
-COOKIE = "histo_token"
+COOKIE = "histo_token"  # + "_PORT": browsers share cookies across ports, servers do not share tokens
 HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
-    (b"cache-control", b"private"),
+    (b"cache-control", b"no-cache"),  # pictures set their own max-age
     (
         b"content-security-policy",
         b"default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
@@ -51,9 +51,10 @@ class TokenGate:
         if scope["type"] != "http" or not self.token:
             return await self.app(scope, receive, send)
         request = Request(scope)
+        cookie = f"{COOKIE}_{(scope.get('server') or ('', 0))[1]}"
         auth = request.headers.get("authorization", "")
         bearer = auth[7:] if auth.lower().startswith("bearer ") else None
-        if _same(bearer, self.token) or _same(request.cookies.get(COOKIE), self.token):
+        if _same(bearer, self.token) or _same(request.cookies.get(cookie), self.token):
             return await self.app(scope, receive, send)
         if _same(request.query_params.get("token"), self.token):
             if request.method != "GET":
@@ -61,7 +62,7 @@ class TokenGate:
             rest = [(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode()) if k != "token"]
             target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
             response = RedirectResponse(target, status_code=303)
-            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+            response.set_cookie(cookie, self.token, httponly=True, samesite="strict")
             return await response(scope, receive, send)
         return await self.denied(request)(scope, receive, send)
 

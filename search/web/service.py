@@ -15,7 +15,7 @@ from typing import Any
 from histo.errors import HistoError
 from search.web import query
 from search.web.archive import Archive, NotFound
-from search.web.images import SlideImages, encode
+from search.web.images import SlideImages, display_copy, encode
 from search.web.jobs import Job, JobQueue, QuerySource, QueryTiles
 from search.web.render import label_hues
 from search.web.uploads import UploadRejected, decode_patch
@@ -26,6 +26,7 @@ CACHE_DIR = ".serve-cache"  # under the index dir by default: hidden, so never o
 MAX_K = 100
 MODES = ("barcode", "float")
 SOURCES = ("slide", "file", "patch")
+DISPLAY_PX = 1024  # long side of the copy of an uploaded patch that the page shows
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,10 @@ class Service:
         data, name, content_type = upload
         name = Path(name or "upload").name[:200]
         rgb = decode_patch(data, name, content_type, self.config.max_pixels)
-        return QuerySource("patch", name, rgb=rgb, png=encode(rgb, "PNG"))
+        size = (rgb.shape[1], rgb.shape[0])
+        return QuerySource(
+            "patch", name, rgb=rgb, png=encode(display_copy(rgb, DISPLAY_PX), "PNG"), size=size
+        )
 
     def run(self, job: Job) -> None:
         """Run one query (on the job thread): tile, featurise and search, then read the crops it shows."""
@@ -113,6 +117,7 @@ class Service:
         job.progress("featurising and searching")
         if src.kind == "patch":
             job.result = query.search_rgb(index, src.rgb, src.name, job.k, job.mode)
+            src.rgb = None  # kept jobs hold only the display copy
         else:
             job.progress("tiling the query slide")
             tileset = query.tile_query_slide(index, src.path, src.mpp)
@@ -135,7 +140,7 @@ class Service:
                 self.images.tile_crop(self.archive.slide(hit["slide_id"]), match["tile"])
                 if job.tiles is not None:
                     self.query_crop(job, match["query_tile"])
-            except HistoError as e:
+            except (HistoError, OSError) as e:
                 if hit["slide_id"] not in failed:
                     failed.add(hit["slide_id"])
                     job.warnings.append(self.public(str(e)))
