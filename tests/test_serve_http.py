@@ -209,7 +209,9 @@ def test_a_moved_store_or_slide_is_found_under_slides_root_or_said_missing(
         c = TestClient(create_app(lost.config, lost))
         assert "no file" in c.get("/").text and "/slides/SYN-C0-P00-S0/thumbnail.jpg" not in c.get("/").text
         r = c.get("/slides/SYN-C0-P00-S0/thumbnail.jpg", headers={"accept": "application/json"})
-        assert r.status_code == 404 and r.json()["error"].startswith("slide file of 'SYN-C0-P00-S0' not found")
+        assert r.status_code == 404 and r.json()["error"].startswith(
+            "slide file of 'SYN-C0-P00-S0' not found"
+        )
         assert c.post("/api/search", json={"slide_id": "SYN-C0-P00-S0"}).status_code == 404
         assert c.get("/api/slides").json()["slides"][0]["has_file"] is False
     finally:
@@ -245,9 +247,10 @@ def test_viewer_and_deep_zoom(client: TestClient, demo: dict) -> None:
     second = job.json()["results"][1]
     view = viewer_data(client.get(f"/slides/{second['slide_id']}", params={"job": job_id, "hit": 2}).text)
     assert [m["xy"] for m in view["matches"]] == [m["xy"] for m in second["matches"]]
-    on_query = viewer_data(
-        client.get("/slides/SYN-C0-P01-S0", params={"job": job_id, "hit": 2, "side": "query"}).text
-    )
+    results = client.get(f"/jobs/{job_id}").text
+    link = f"/slides/SYN-C0-P01-S0?job={job_id}&amp;hit=2&amp;side=query"
+    assert link in results  # the results page links each hit to the query tiles on the query slide
+    on_query = viewer_data(client.get(link.replace("&amp;", "&")).text)
     assert [m["xy"] for m in on_query["matches"]] == [m["query_xy"] for m in second["matches"]]
     assert client.get(f"/slides/{sid}", params={"job": job_id, "hit": 2}).status_code == 404  # not hit 2
     assert client.get(f"/slides/{second['slide_id']}", params={"job": job_id, "hit": 9}).status_code == 404

@@ -9,9 +9,7 @@ import click
 
 from histo.cli.options import config_option, device_option
 
-TOKEN_ENV = (
-    "HISTO_SERVE_TOKEN"  # the same name as search.web.security.TOKEN_ENV (not imported: no web deps here)
-)
+TOKEN_ENV = "HISTO_SERVE_TOKEN"
 
 
 def _is_loopback(host: str) -> bool:

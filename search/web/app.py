@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -152,11 +153,10 @@ def viewer_page(request: Request) -> Response:
     """Deep Zoom view of an indexed slide with its mosaic, its indexed tiles and a hit's matched tiles."""
     service = svc(request)
     entry = service.archive.slide(request.path_params["slide_id"])
-    service.archive.slide_file(entry)
     side = service.images.tile_side(entry)
     mosaic = service.archive.mosaic_coords(entry)
     data: dict[str, Any] = {
-        "dzi": f"/dz/{render.TEMPLATES.env.filters['q'](entry.slide_id)}.dzi",
+        "dzi": f"/dz/{quote(entry.slide_id, safe='')}.dzi",
         "offset": list(service.images.dzi(entry)[1]),
         "tile": side,
         "mosaic": [] if mosaic is None else mosaic.tolist(),

@@ -21,7 +21,6 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-TOKEN_ENV = "HISTO_SERVE_TOKEN"
 COOKIE = "histo_token"  # + "_PORT": browsers share cookies across ports, servers do not share tokens
 HEADERS = [
     (b"x-content-type-options", b"nosniff"),
