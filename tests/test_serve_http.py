@@ -45,7 +45,7 @@ def untouched(demo: dict[str, Path]):
     before = index_files(demo["index"])
     yield before
     assert index_files(demo["index"]) == before, "the server wrote into the index"
-    SlideIndex.open(demo["index"], verify="full")
+    SlideIndex.open(demo["index"], {"run": {"verify": "full"}})
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from search.config import SearchConfig
 from search.features import FEATURES_DIR, SLIDES
 from search.slide_index import SlideIndex
 
@@ -27,15 +28,11 @@ class TileGeometry:
     um: float
 
 
-def open_index(index_dir: Path, search_cfg: dict[str, Any]) -> SlideIndex:
-    """Open (and verify, as `search_cfg["verify"]` says) an index with the `histo search` settings, and
+def open_index(index_dir: Path, search_cfg: SearchConfig) -> SlideIndex:
+    """Open (and verify, as `search_cfg.run.verify` says) an index with the `histo search` settings, and
     load its model now: a wrong or missing model is an error at start, not at the first query."""
-    index = SlideIndex.open(index_dir, device=search_cfg["device"], verify=search_cfg["verify"])
+    index = SlideIndex.open(index_dir, search_cfg)
     index.extractor  # noqa: B018 (loads and checks the model)
-    if search_cfg.get("tile_k") is not None:
-        index.engine.tile_k = int(search_cfg["tile_k"])
-    if search_cfg.get("stage1_tiles") is not None:
-        index.engine.stage1_tiles = int(search_cfg["stage1_tiles"])
     return index
 
 
@@ -82,9 +79,10 @@ def tile_geometry(index: SlideIndex) -> TileGeometry:
 def tile_query_slide(index: SlideIndex, path: Path, mpp: float | None = None) -> Any:
     """A query slide's TileSet, tiled with the index's tiling config (as `histo search` does); `mpp` is
     used only when the file has no scale of its own."""
-    from pathology.tiler import tile_slide
+    from pathology.tiler import tile_slide, tiling_config
 
-    return tile_slide(path, index.manifest["tiling"], mpp_override=mpp)
+    config = tiling_config(index.manifest["tiling"], str(index.path / "manifest.json"))
+    return tile_slide(path, config, mpp_override=mpp)
 
 
 def search_tiles(
