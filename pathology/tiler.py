@@ -14,7 +14,15 @@ from histo.batch import ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch
 from histo.errors import ConfigError, HistoError, InputFileError
 from pathology.cellularity import cellularity_score, keep_most_cellular
 from pathology.labels import SlideMeta, resolve_meta
-from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, tissue_fractions
+from pathology.mosaic import (
+    box_means,
+    check_grid_options,
+    colour_features,
+    grid_hint,
+    select_mosaic,
+    tile_grid,
+    tissue_fractions,
+)
 from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_id_of
 from pathology.store import SlideRecord, read_tiles, slide_id_problem
 from pathology.tissue import brightfield_problem, tissue_mask
@@ -141,10 +149,12 @@ def tile_open_slide(slide: Slide, cfg: dict, meta: SlideMeta | None = None) -> T
     if dark:
         raise fail(dark)
     mask = tissue_mask(thumb, cfg["tissue"], mask_mpp)
-    grid = Grid.of(slide.width, slide.height, size0)
-    if grid.n_cols * grid.n_rows == 0:
+    grid = tile_grid(slide.width, slide.height, size0, mask, cfg["mosaic"])
+    hint = grid_hint(cfg["mosaic"])
+    if grid.n_cols * grid.n_rows == 0 and mask.any():
         raise fail(
-            f"slide {slide.width}x{slide.height} px is smaller than one tile ({size0:.0f} px at level 0)"
+            f"slide {slide.width}x{slide.height} px has no whole tile of {size0:.0f} px (level 0); {hint}",
+            mask,
         )
     origins = grid.origins()
     fractions = tissue_fractions(mask, grid, slide.width, slide.height)
@@ -153,7 +163,7 @@ def tile_open_slide(slide: Slide, cfg: dict, meta: SlideMeta | None = None) -> T
     if len(candidates) == 0:
         raise fail(
             f"no tissue: none of {len(origins)} grid tiles is >= {threshold:.0%} tissue "
-            f"(mask covers {mask.mean():.1%} of the slide)",
+            f"(mask covers {mask.mean():.1%} of the slide); {hint}",
             mask,
         )
     cand = origins[candidates]
@@ -329,6 +339,7 @@ def tile_slides(
     from pathology.store import TileStore
 
     tile_geometry(config)  # config errors before any work
+    check_grid_options(config["mosaic"])
     labels = read_labels(labels_csv) if labels_csv is not None else {}
     jobs = _jobs(paths, labels)
     unlabelled = [job.id for job in select_shard(jobs, shard) if labels and job.meta is None]

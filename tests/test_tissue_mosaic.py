@@ -13,7 +13,15 @@ from conftest import SHARED_DATA
 from histo.config import load_config
 from pathology import slide as slide_mod
 from pathology import tissue as tissue_mod
-from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, spatial_pick, tissue_fractions
+from pathology.mosaic import (
+    Grid,
+    box_means,
+    colour_features,
+    select_mosaic,
+    spatial_pick,
+    tile_grid,
+    tissue_fractions,
+)
 from pathology.slide import open_slide
 from pathology.synthetic import write_synthetic_slide
 from pathology.tiler import EmptyMosaicError, tile_slide
@@ -124,6 +132,83 @@ def test_grid_origins_are_whole_tiles_inside():
     o = grid.origins()
     assert (grid.n_cols, grid.n_rows) == (2, 2)
     assert o.tolist() == [[0, 0], [1002, 0], [0, 1002], [1002, 1002]]
+
+
+def _supersampled(mask: np.ndarray, grid: Grid, width: int, height: int, n: int = 300) -> np.ndarray:
+    """Per tile (tissue fraction of its part inside the slide, mean with white outside), midpoint rule."""
+    sx, sy = width / mask.shape[1], height / mask.shape[0]
+    fractions, means = [], []
+    for x0, y0 in grid.origins().tolist():
+        xs = x0 + (np.arange(n) + 0.5) * grid.size / n
+        ys = y0 + (np.arange(n) + 0.5) * grid.size / n
+        inside = (ys < height)[:, None] & (xs < width)[None, :]
+        cols = np.minimum(np.floor(xs / sx).astype(int), mask.shape[1] - 1)
+        rows = np.minimum(np.floor(ys / sy).astype(int), mask.shape[0] - 1)
+        values = mask[rows][:, cols].astype(float)
+        fractions.append(values[inside].mean())
+        means.append(np.where(inside, values, 255.0).mean())
+    return np.array(fractions), np.array(means)
+
+
+def test_grid_options_partial_edges_and_tissue_anchor_against_a_loop():
+    rng = np.random.default_rng(8)
+    width, height, size = 1000, 780, 230.0
+    mask = np.zeros((13, 17), bool)
+    mask[3:11, 4:15] = rng.random((8, 11)) > 0.3  # tissue box: level-0 x 235..882, y 180..660
+    opts = {"edge_tiles": "whole", "grid_anchor": "slide"}
+    assert tile_grid(width, height, size, mask, opts) == Grid.of(width, height, size)
+    partial = tile_grid(width, height, size, mask, {**opts, "edge_tiles": "partial"})
+    assert (partial.x0, partial.y0, partial.n_cols, partial.n_rows) == (0, 0, 5, 4)  # ceil(1000 / 230) ...
+    anchored = tile_grid(width, height, size, mask, {"edge_tiles": "partial", "grid_anchor": "tissue"})
+    x0, y0 = math.floor(4 * width / 17), math.floor(3 * height / 13)
+    assert (anchored.x0, anchored.y0) == (x0, y0) and anchored.origins()[0].tolist() == [x0, y0]
+    assert (anchored.n_cols, anchored.n_rows) == (
+        math.ceil((math.ceil(15 * width / 17) - x0) / size),
+        math.ceil((math.ceil(11 * height / 13) - y0) / size),
+    )
+    whole_anchored = tile_grid(width, height, size, mask, {"edge_tiles": "whole", "grid_anchor": "tissue"})
+    assert (whole_anchored.n_cols, whole_anchored.n_rows) == ((width - x0) // 230, (height - y0) // 230)
+    for grid in (partial, anchored):
+        fractions, means = _supersampled(mask, grid, width, height)
+        np.testing.assert_allclose(tissue_fractions(mask, grid, width, height), fractions, atol=0.01)
+        np.testing.assert_allclose(box_means(mask.astype(float), grid, width, height), means, atol=2.0)
+    assert tile_grid(width, height, size, np.zeros_like(mask), {**opts, "grid_anchor": "tissue"}).n_cols == 0
+
+
+def test_unknown_grid_option_is_a_config_error():
+    from histo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"mosaic\.edge_tiles must be one of whole, partial, got 'pad'"):
+        tile_grid(100, 100, 10.0, np.ones((4, 4), bool), {"edge_tiles": "pad", "grid_anchor": "slide"})
+    with pytest.raises(ConfigError, match=r"mosaic\.grid_anchor must be one of slide, tissue"):
+        tile_grid(100, 100, 10.0, np.ones((4, 4), bool), {"edge_tiles": "whole", "grid_anchor": "mask"})
+
+
+def test_small_real_specimen_fails_naming_the_options_and_tiles_with_partial_edges(tmp_path):
+    """CMU-1-Small-Region (2220 x 2967 px at 0.499 µm/px): no whole 1000 px tile at 20x is 70 % tissue."""
+    from pathology.store import TileStore
+    from pathology.tiler import tile_slides
+
+    base = load_config("tile")
+    with pytest.raises(EmptyMosaicError) as e:
+        tile_slide(CMU, base)
+    message = str(e.value)
+    assert "none of 4 grid tiles is >= 70% tissue" in message and "\n" not in message
+    assert "mosaic.edge_tiles: partial" in message and "mosaic.grid_anchor: tissue" in message
+    partial = load_config("tile", overrides={"mosaic.edge_tiles": "partial"})
+    summary = tile_slides([CMU], tmp_path / "t.zarr", partial, save_pixels=True, progress=False)
+    assert [o.status for o in summary.outcomes] == ["done"]
+    store = TileStore.open(tmp_path / "t.zarr")
+    assert (
+        store.params["mosaic"]["edge_tiles"] == "partial" and store.params["mosaic"]["grid_anchor"] == "slide"
+    )
+    slide_id = store.slide_ids()[0]
+    assert store.coords(slide_id).tolist() == [[1002, 2004]]  # the bottom edge tile: 963 of its 1002 px rows
+    tile = store.read_selected(slide_id)[0]
+    inside_rows = round((2967 - 2004) / 1002.004 * 1000)
+    assert (tile[inside_rows + 2 :] == 255).all()  # read padded with background (white)
+    assert tile[: inside_rows - 2].mean() < 240  # the part on the slide is tissue
+    assert store.cellularity(slide_id)[0] > 0
 
 
 def test_selection_rule_counts_and_determinism():
