@@ -12,7 +12,7 @@ import numpy as np
 
 from histo.batch import ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch, select_shard
 from histo.errors import ConfigError, HistoError, InputFileError
-from pathology.cellularity import cellularity_score, keep_most_cellular
+from pathology.cellularity import check_score, keep_most_cellular, tile_scorer
 from pathology.labels import SlideMeta, resolve_meta
 from pathology.mosaic import (
     box_means,
@@ -178,14 +178,8 @@ def tile_open_slide(slide: Slide, cfg: dict, meta: SlideMeta | None = None) -> T
     coords = cand[pick]
     cell = cfg["cellularity"]
     cell_px = max(8, round(geometry.um / cell["mpp"]))
-    radius_px = max(1, round(cell["nucleus_radius_um"] / (geometry.um / cell_px)))
-    scores = np.array(
-        [
-            cellularity_score(slide.read_tile(x, y, size0, cell_px), cell["h_threshold"], radius_px)
-            for x, y in coords
-        ],
-        np.float32,
-    )
+    score = tile_scorer(cell, geometry.um / cell_px)
+    scores = np.array([score(slide.read_tile(x, y, size0, cell_px)) for x, y in coords], np.float32)
     selected = keep_most_cellular(scores, cell)
     record.n_mosaic, record.n_selected = len(coords), int(selected.sum())
     tileset = TileSet(record, coords, cluster, scores, selected, thumb, mask)
@@ -340,6 +334,7 @@ def tile_slides(
 
     tile_geometry(config)  # config errors before any work
     check_grid_options(config["mosaic"])
+    check_score(config["cellularity"])
     labels = read_labels(labels_csv) if labels_csv is not None else {}
     jobs = _jobs(paths, labels)
     unlabelled = [job.id for job in select_shard(jobs, shard) if labels and job.meta is None]

@@ -285,6 +285,14 @@ def test_min_score_rule_keeping_nothing_is_a_failure_with_reason(synthetic, cfg)
     assert not ts.selected.any()
 
 
+def test_nuclei_density_option_scores_the_mosaic_in_nuclei_per_mm2(synthetic, cfg):
+    dense = {**cfg, "cellularity": {**cfg["cellularity"], "score": "nuclei_density"}}
+    a, b = tile_slide(synthetic, cfg), tile_slide(synthetic, dense)
+    np.testing.assert_array_equal(a.coords, b.coords)  # the mosaic does not depend on the score
+    assert a.cellularity.max() <= 1.0 < b.cellularity.max()  # a fraction vs nuclei per mm²
+    assert b.cellularity[b.selected].min() >= b.cellularity[~b.selected].max()
+
+
 def test_otsu_option_and_real_slide(cfg):
     ts = tile_slide(CMU, cfg)
     assert ts.record.n_mosaic > 0 and ts.record.mpp_source == "metadata"
