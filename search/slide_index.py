@@ -315,12 +315,17 @@ class SlideIndex:
         return SearchResult("patch", vote_of(hits), hits, {"mode": mode})
 
     def evaluate(
-        self, k: tuple[int, ...] = (1, 3, 5), mode: str = "barcode", out_dir: str | os.PathLike | None = None
+        self,
+        k: tuple[int, ...] = (1, 3, 5),
+        mode: str = "barcode",
+        out_dir: str | os.PathLike | None = None,
+        strategy: str = "exhaustive",
     ) -> Any:
-        """Leave-one-patient-out evaluation (search/evaluate.py); PNGs and JSON written to `out_dir`."""
+        """Leave-one-patient-out evaluation (search/evaluate.py: every slide ranked unless `strategy` is
+        two-stage; an exhaustive run counts where the two-stage differs); PNGs and JSON in `out_dir`."""
         from search.evaluate import evaluate_engine
 
-        return evaluate_engine(self.engine, ks=tuple(k), mode=mode, out_dir=out_dir)
+        return evaluate_engine(self.engine, ks=tuple(k), mode=mode, out_dir=out_dir, strategy=strategy)
 
     def __len__(self) -> int:
         return len(self.catalog)
