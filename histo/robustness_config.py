@@ -52,6 +52,7 @@ class PathologyRobustness(Section):
     k: PositiveInt
     batch_size: PositiveInt  # also the α-BN calibration batch, so it changes results
     max_tiles_per_slide: Count
+    alpha_bn_archive: bool  # α-BN also on the archive's features (its own clean batches); false: queries only
 
 
 class SegmentRobustness(Section):

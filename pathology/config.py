@@ -60,6 +60,11 @@ class MosaicConfig(Section):
     colour_mpp: Positive | None
     n_clusters: PositiveInt
     percent: Annotated[float, Field(gt=0, le=100)]
+    edge_tiles: Literal["whole", "partial"]  # partial: edge tiles scored on their tissue, read padded
+    grid_anchor: Literal["slide", "tissue"]  # tissue: the grid starts at the tissue's bounding box
+
+
+CellularityScore = Literal["pixel_fraction", "nuclei_density"]
 
 
 class CellularityConfig(Section):
@@ -69,7 +74,14 @@ class CellularityConfig(Section):
     rule: Literal["top_fraction", "top_k", "min_score"]
     top_fraction: Annotated[float, Field(gt=0, le=1)]
     top_k: PositiveInt
-    min_score: Fraction
+    score: CellularityScore
+    min_score: NonNegative  # in the unit of `score`: a fraction, or nuclei per mm²
+
+    @model_validator(mode="after")
+    def _min_score_in_unit(self) -> CellularityConfig:
+        if self.score == "pixel_fraction" and self.min_score > 1:
+            raise KeyedError("min_score", f"a pixel fraction is at most 1, got {self.min_score}")
+        return self
 
 
 class TileRun(RunOptions):

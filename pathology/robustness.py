@@ -3,13 +3,17 @@
 The clean selected tiles of a tile store form the archive (features of the uncorrupted tiles); every
 tile, corrupted, queries it, its own patient excluded. Scores (`histo.classification`): tile accuracy, tile
 macro-F1 and slide accuracy (majority vote of the slide's tiles; a tie goes to the first label by name).
-The grid, the ImageNet-C metrics and the plots come from `histo.robustness`; α-BN (optional) calibrates the
-query forward passes per corruption. Spatial
-corruptions act at the store's target µm/px (`pathology.corruptions.spatial_scale`).
+The grid, the ImageNet-C metrics and the plots come from `histo.robustness`. Spatial corruptions act at the
+store's target µm/px (`pathology.corruptions.spatial_scale`). α-BN (optional, `alpha_bn`) calibrates the
+query forward passes per corruption (each batch: `batch_size` tiles of one slide); by default the archive
+stays featurised without it, so calibrated queries meet uncalibrated archive features.
+`pathology.alpha_bn_archive: true` also featurises the archive under α-BN, with its own (clean) batches.
+Which of the two was done is recorded (`alpha_bn_calibrates` in settings.json and the summary).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from histo.batch import BatchSummary
+from histo.calibration import alpha_bn_mode
 from histo.classification import DEFINITIONS, classification_report, vote
 from histo.errors import HistoError
 from histo.io import atomic_write_json
@@ -133,6 +138,22 @@ def make_evaluate(extractor: Any, cohort: Cohort, index: list[np.ndarray], k: in
     return evaluate
 
 
+def alpha_bn_calibrates(alpha: float | None, archive: bool) -> str | None:
+    """What α-BN calibrates in the study: None (off), "queries" or "queries and archive"."""
+    if alpha is None:
+        return None
+    return "queries and archive" if archive else "queries"
+
+
+def archive_features(
+    extractor: Any, cohort: Cohort, batch_size: int, alpha: float | None
+) -> list[np.ndarray]:
+    """Features of each slide's clean tiles; under α-BN `alpha` (each batch calibrates itself) when set."""
+    context = contextlib.nullcontext() if alpha is None else alpha_bn_mode(extractor.model, alpha)
+    with context:
+        return [extractor.extract(cohort.tiles(i), batch_size) for i in range(len(cohort.slide_ids))]
+
+
 def evaluate_pathology(
     model: str | os.PathLike,
     tiles: str | os.PathLike,
@@ -162,19 +183,16 @@ def evaluate_pathology(
     cohort = load_cohort(store, p.max_tiles_per_slide, run.cache_mb)
     plan, ref_label = plan_runs(model, reference, config.alpha_bn)
     extractors = {str(path): FeatureExtractor.from_checkpoint(path, run.device) for _, path, _ in plan}
-    archives = {
-        key: [ex.extract(cohort.tiles(i), p.batch_size) for i in range(len(cohort.slide_ids))]
-        for key, ex in extractors.items()
-    }
-    runs = [
-        ModelRun(
-            label,
-            make_evaluate(extractors[str(path)], cohort, archives[str(path)], p.k, p.batch_size),
-            alpha,
-            extractors[str(path)].model,
-        )
-        for label, path, alpha in plan
-    ]
+    calibrates = alpha_bn_calibrates(config.alpha_bn, p.alpha_bn_archive)
+    archives: dict[tuple[str, float | None], list[np.ndarray]] = {}
+    runs = []
+    for label, path, alpha in plan:
+        extractor = extractors[str(path)]
+        key = (str(path), alpha if p.alpha_bn_archive else None)
+        if key not in archives:
+            archives[key] = archive_features(extractor, cohort, p.batch_size, key[1])
+        evaluate = make_evaluate(extractor, cohort, archives[key], p.k, p.batch_size)
+        runs.append(ModelRun(label, evaluate, alpha, extractor.model))
     settings = {
         "task": "pathology",
         "tiles": str(Path(tiles).resolve()),
@@ -183,6 +201,7 @@ def evaluate_pathology(
         "severities": severities,
         "seed": config.seed,
         "alpha_bn": config.alpha_bn,
+        "alpha_bn_calibrates": calibrates,
         "pathology": p.model_dump(mode="json"),
         "slides": cohort.slide_ids,
         **DEFINITIONS,
@@ -206,6 +225,7 @@ def evaluate_pathology(
         n_tiles=int(sum(len(i) for i in cohort.indices)),
         skipped_slides=cohort.skipped,
         **record,
+        alpha_bn_calibrates=calibrates,
     )
     atomic_write_json(Path(out) / "summary.json", summary.to_dict())
     return summary

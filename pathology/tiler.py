@@ -14,10 +14,17 @@ import numpy as np
 
 from histo.batch import ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch, select_shard
 from histo.errors import HistoError, InputFileError
-from pathology.cellularity import cellularity_score, keep_most_cellular
+from pathology.cellularity import keep_most_cellular, tile_scorer
 from pathology.config import TileConfig
 from pathology.labels import SlideMeta, resolve_meta
-from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, tissue_fractions
+from pathology.mosaic import (
+    box_means,
+    colour_features,
+    grid_hint,
+    select_mosaic,
+    tile_grid,
+    tissue_fractions,
+)
 from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_id_of
 from pathology.store import SlideRecord, read_tiles, slide_id_problem
 from pathology.tissue import brightfield_problem, tissue_mask
@@ -142,10 +149,12 @@ def tile_open_slide(slide: Slide, cfg: TileConfig, meta: SlideMeta | None = None
     if dark:
         raise fail(dark)
     mask = tissue_mask(thumb, cfg.tissue, mask_mpp)
-    grid = Grid.of(slide.width, slide.height, size0)
-    if grid.n_cols * grid.n_rows == 0:
+    grid = tile_grid(slide.width, slide.height, size0, mask, cfg.mosaic)
+    hint = grid_hint(cfg.mosaic)
+    if grid.n_cols * grid.n_rows == 0 and mask.any():
         raise fail(
-            f"slide {slide.width}x{slide.height} px is smaller than one tile ({size0:.0f} px at level 0)"
+            f"slide {slide.width}x{slide.height} px has no whole tile of {size0:.0f} px (level 0); {hint}",
+            mask,
         )
     origins = grid.origins()
     fractions = tissue_fractions(mask, grid, slide.width, slide.height)
@@ -154,7 +163,7 @@ def tile_open_slide(slide: Slide, cfg: TileConfig, meta: SlideMeta | None = None
     if len(candidates) == 0:
         raise fail(
             f"no tissue: none of {len(origins)} grid tiles is >= {threshold:.0%} tissue "
-            f"(mask covers {mask.mean():.1%} of the slide)",
+            f"(mask covers {mask.mean():.1%} of the slide); {hint}",
             mask,
         )
     cand = origins[candidates]
@@ -169,14 +178,8 @@ def tile_open_slide(slide: Slide, cfg: TileConfig, meta: SlideMeta | None = None
     coords = cand[pick]
     cell = cfg.cellularity
     cell_px = max(8, round(geometry.um / cell.mpp))
-    radius_px = max(1, round(cell.nucleus_radius_um / (geometry.um / cell_px)))
-    scores = np.array(
-        [
-            cellularity_score(slide.read_tile(x, y, size0, cell_px), cell.h_threshold, radius_px)
-            for x, y in coords
-        ],
-        np.float32,
-    )
+    score = tile_scorer(cell, geometry.um / cell_px)
+    scores = np.array([score(slide.read_tile(x, y, size0, cell_px)) for x, y in coords], np.float32)
     selected = keep_most_cellular(scores, cell)
     record.n_mosaic, record.n_selected = len(coords), int(selected.sum())
     tileset = TileSet(record, coords, cluster, scores, selected, thumb, mask)

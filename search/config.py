@@ -58,6 +58,7 @@ class IndexSearch(Section):
 class EvaluateConfig(Section):
     k: Annotated[tuple[PositiveInt, ...], AsTuple, Field(min_length=1)]
     mode: Mode
+    strategy: Literal["exhaustive", "two-stage"]  # every slide ranked (published protocol) | the search's
 
 
 class IndexRun(RunOptions):

@@ -339,14 +339,16 @@ class SlideIndex:
         k: tuple[int, ...] | None = None,
         mode: str | None = None,
         out_dir: str | os.PathLike | None = None,
+        strategy: str | None = None,
     ) -> Any:
-        """Leave-one-patient-out evaluation (search/evaluate.py); PNGs and JSON written to `out_dir`.
-        `k`, `mode` None: the index config's `evaluate` section."""
+        """Leave-one-patient-out evaluation (search/evaluate.py: every slide ranked unless `strategy` is
+        two-stage; an exhaustive run counts where the two-stage differs); PNGs and JSON in `out_dir`.
+        `k`, `mode`, `strategy` None: the index config's `evaluate` section."""
         from search.evaluate import evaluate_engine
 
-        overrides = {"evaluate.k": k, "evaluate.mode": mode}
+        overrides = {"evaluate.k": k, "evaluate.mode": mode, "evaluate.strategy": strategy}
         ev = IndexConfig.coerce().updated(overrides, source="evaluate").evaluate
-        return evaluate_engine(self.engine, ks=ev.k, mode=ev.mode, out_dir=out_dir)
+        return evaluate_engine(self.engine, ks=ev.k, mode=ev.mode, out_dir=out_dir, strategy=ev.strategy)
 
     def __len__(self) -> int:
         return len(self.catalog)

@@ -16,6 +16,7 @@ from torch import nn
 
 from histo.batch import BatchSummary, Outcome, run_batch
 from histo.errors import ConfigError, HistoError, InputFileError
+from histo.norms.placement import stale_placement_hint
 from segmentation.config import SegmentConfig, roi_problem
 from segmentation.data import Case, from_ras, load_case, write_nifti
 from segmentation.labels import regions_to_labels
@@ -41,8 +42,9 @@ def load_model(ckpt_path: str | os.PathLike, device: torch.device | str = "cpu")
         model = UNet3D(**ckpt.config["network"])
         model.load_state_dict(ckpt.weights)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        hint = stale_placement_hint(ckpt.config.get("network", {}).get("norm"))
         raise InputFileError(
-            ckpt_path, f"weights do not fit the stored model config: {str(e)[:160]}"
+            ckpt_path, f"weights do not fit the stored model config: {' '.join(str(e).split())[:160]}{hint}"
         ) from None
     return model.to(device).eval(), dict(ckpt.config.get("train_config", {}))
 

@@ -274,6 +274,56 @@ def test_cli_pathology_grid_alpha_bn_reference_and_resume(tile_store, tmp_path) 
     assert bad.exit_code == 2 and "unknown corruption(s) snow" in bad.output
 
 
+def test_alpha_bn_calibrates_the_queries_only_unless_the_archive_is_asked_for(tile_store, tmp_path) -> None:
+    import json
+
+    from histo.config import load_config
+    from histo.robustness_config import RobustnessConfig
+    from pathology.kimianet import random_init_checkpoint
+    from pathology.robustness import evaluate_pathology
+
+    model = random_init_checkpoint(tmp_path / "bn.pt", norm="batch", input_px=32, seed=1)
+    base = {"corruptions": "brightness", "severities": "3", "alpha_bn": 0.5, "run.device": "cpu"}
+    rows, settings = {}, {}
+    for archive in (False, True):
+        config = load_config(RobustnessConfig, overrides={**base, "pathology.alpha_bn_archive": archive})
+        out = tmp_path / f"archive-{archive}"
+        summary = evaluate_pathology(model, tile_store, out, config, progress=False)
+        assert summary.extra["alpha_bn_calibrates"] == ("queries and archive" if archive else "queries")
+        settings[archive] = json.loads((out / "settings.json").read_text())
+        rows[archive] = {
+            (r["model"], r["corruption"], r["metric"]): r["value"] for r in read_rows(out / "results.csv")
+        }
+    assert settings[False]["alpha_bn_calibrates"] == "queries"
+    assert settings[True]["alpha_bn_calibrates"] == "queries and archive"
+    plain = {k: v for k, v in rows[False].items() if k[0] == "bn"}
+    assert plain == {k: v for k, v in rows[True].items() if k[0] == "bn"}  # the uncalibrated run is untouched
+
+
+def test_archive_features_under_alpha_bn_use_the_archives_own_batches(tile_store) -> None:
+    from histo.calibration import alpha_bn_mode
+    from pathology.kimianet import FeatureExtractor, build_model, model_config
+    from pathology.robustness import archive_features, load_cohort
+    from pathology.store import TileStore
+
+    torch.manual_seed(0)
+    model = build_model("cbr-tiny", "batch", num_classes=0, variant="scratch")
+    for m in model.modules():  # source statistics far from any batch's, so calibration shows
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.fill_(-1.0)
+            m.running_var.fill_(9.0)
+    extractor = FeatureExtractor(model, model_config("cbr-tiny", "batch", "scratch", [], 32), "cpu")
+    cohort = load_cohort(TileStore.open(tile_store))
+    plain = archive_features(extractor, cohort, 2, None)
+    calibrated = archive_features(extractor, cohort, 2, 0.5)
+    with alpha_bn_mode(extractor.model, 0.5):
+        by_hand = [extractor.extract(cohort.tiles(i), 2) for i in range(len(cohort.slide_ids))]
+    assert all(np.array_equal(a, b) for a, b in zip(calibrated, by_hand, strict=True))
+    assert not np.allclose(np.concatenate(plain), np.concatenate(calibrated))
+    again = archive_features(extractor, cohort, 2, None)  # the model is left as it was
+    assert all(np.array_equal(a, b) for a, b in zip(plain, again, strict=True))
+
+
 def test_cli_segment_grid(tiny_segment_study, tmp_path) -> None:
     import json
 

@@ -73,6 +73,9 @@ def built(data: dict) -> Path:
     }
     assert all(Path(p).exists() for p in report["evaluation"]["pngs"])
     assert report["evaluation"]["macro_f1_definition"] == MACRO_F1_DEFINITION
+    assert report["evaluation"]["strategy"] == "exhaustive"  # the published protocol ranks every slide
+    agreement = report["evaluation"]["agreement"]["horizontal"]
+    assert agreement["other"] == "two-stage" and agreement["n_queries"] == 6
     return out
 
 

@@ -80,8 +80,15 @@ def index(
     lines += failure_lines(batch)
     if evaluate:
         ev_dir = Path(out) / "evaluation"
-        ev = built.evaluate(k=cfg.evaluate.k, mode=cfg.evaluate.mode, out_dir=ev_dir)
-        batch = batch.with_extra(evaluation={"rows": ev.summary_rows(), "pngs": ev.pngs, **ev.definitions})
+        ev_cfg = cfg.evaluate
+        ev = built.evaluate(ev_cfg.k, ev_cfg.mode, ev_dir, strategy=ev_cfg.strategy)
+        batch = batch.with_extra(
+            evaluation={
+                "rows": ev.summary_rows(), "pngs": ev.pngs, "strategy": ev.strategy, "agreement": ev.agreements(),
+                **ev.definitions,
+            }
+        )  # fmt: skip
+        lines += ev.strategy_lines()
         lines.append(f"{'scope':<11} {'k':>2} {'n':>5} {'accuracy':>9} {'macro-F1':>9}")
         for r in ev.summary_rows():
             lines.append(
