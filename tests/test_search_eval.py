@@ -145,7 +145,7 @@ def test_first_stage_uses_an_evenly_spread_subset_of_query_tiles() -> None:
     assert calls[-1][:, 0].tolist() == list(range(7))
 
 
-def tiles_engine(slides: list[list[list[float]]], labels, **engine_kwargs) -> SearchEngine:
+def tiles_engine(slides: list[list[list[float]]], labels, **search_keys) -> SearchEngine:
     """Slides of 2-D float tiles, one patient each; exact kNN over all tiles."""
     feats = np.array([t for s in slides for t in s], dtype=np.float32)
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in slides])])
@@ -153,7 +153,7 @@ def tiles_engine(slides: list[list[list[float]]], labels, **engine_kwargs) -> Se
     cat = Catalog([f"s{i}" for i in range(n)], labels, [f"p{i}" for i in range(n)], [None] * n, offsets,
                   np.zeros((len(feats), 2), np.int64))  # fmt: skip
     knn = {"float": lambda q, k: exact_knn(q, feats, k)}
-    return SearchEngine(cat, knn=knn, tiles={"float": lambda: feats}, **engine_kwargs)
+    return SearchEngine(cat, knn=knn, tiles={"float": lambda: feats}, settings=settings(**search_keys))
 
 
 # s0's first tile (the only one the first stage searches) is nearest the tiles of s1, but by the median of

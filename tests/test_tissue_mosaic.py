@@ -299,7 +299,7 @@ def test_min_score_rule_keeping_nothing_is_a_failure_with_reason(synthetic, cfg)
 
 
 def test_nuclei_density_option_scores_the_mosaic_in_nuclei_per_mm2(synthetic, cfg):
-    dense = {**cfg, "cellularity": {**cfg["cellularity"], "score": "nuclei_density"}}
+    dense = cfg.updated({"cellularity.score": "nuclei_density"})
     a, b = tile_slide(synthetic, cfg), tile_slide(synthetic, dense)
     np.testing.assert_array_equal(a.coords, b.coords)  # the mosaic does not depend on the score
     assert a.cellularity.max() <= 1.0 < b.cellularity.max()  # a fraction vs nuclei per mm²
