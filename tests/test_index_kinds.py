@@ -21,7 +21,7 @@ from search.index import (
     resolve_faiss_device,
     sample_rows,
 )
-from search.kinds import FLOAT_KINDS, IndexKind, float_kind, kind_names, register
+from search.kinds import FLOAT_KINDS, IndexKind, float_kind, kind_names, register, unregister
 
 
 def serialized(index) -> bytes:
@@ -51,6 +51,14 @@ def test_config_and_cli_choices_are_the_table() -> None:
         float_kind("x")
     with pytest.raises(ValueError, match="already registered"):
         register(IndexKind("ivf", "IVF{nlist},Flat", "again"))
+    typo = register(IndexKind("typo_test", "IVF{nlists},Flat", "a row with a misspelt parameter"))
+    try:
+        with pytest.raises(
+            HistoError, match="index kind 'typo_test': factory parameter 'nlists' is not an index"
+        ):
+            build_float_index(clustered(100), "typo_test")
+    finally:
+        unregister(typo.name)
 
 
 def test_factory_built_indexes_equal_the_faiss_classes_they_replace() -> None:
