@@ -9,14 +9,16 @@ value 1 << (i % 8)).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from search.config import IndexParams, index_params
+from search.filters import row_selector, scaled
 from search.index import (
     Calibration,
-    held_out_rows,
+    calibration_rows,
     new_faiss_index,
     resolve_build_params,
     set_search_parameter,
@@ -91,9 +93,7 @@ def build_binary_index(
     if row.tunes is None:
         index.add(codes)
         return index, {"kind": row.name, **chosen}
-    held = held_out_rows(
-        len(codes), groups, min(int(p["calibration_queries"]), len(codes) // 10), int(p["seed"])
-    )
+    held = calibration_rows(len(codes), groups, p)
     rest = np.flatnonzero(~held)
     index.add_with_ids(codes[rest], rest.astype(np.int64))
     calibration = _calibrate(index, row, codes, np.flatnonzero(held), rest, p)
@@ -140,3 +140,90 @@ def stored_codes(index: Any) -> np.ndarray:
     if index.direct_map.type == 0:
         index.make_direct_map()
     return index.reconstruct_n(0, index.ntotal)
+
+
+def empty_copy(index: Any) -> Any:
+    """The trained, empty copy of a binary index (its quantizer without any code): new rows join as a part
+    made from it."""
+    import faiss
+
+    empty = faiss.clone_binary_index(index)
+    empty.reset()
+    if isinstance(empty, faiss.IndexBinaryIVF):
+        empty.set_direct_map_type(faiss.DirectMap.NoMap)
+    return empty
+
+
+HAMMING_NONE = np.iinfo(np.int32).max  # the distance of a missing neighbour (id -1)
+
+
+@dataclass
+class BarcodeIndex:
+    """A FAISS binary index with the codes of its rows (row order), searched with an optional row filter.
+
+    Filtered search: IndexBinaryFlat takes the filter as a FAISS id selector (exact within it); FAISS's
+    IndexBinaryIVF takes none, so a filtered IVF search probes the lists nearest each query itself, nprobe
+    divided by the allowed fraction, and computes the Hamming distances of the allowed rows in them.
+    """
+
+    kind: IndexKind
+    index: Any
+    codes: np.ndarray
+    _lists: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    def search(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest rows by Hamming distance among the allowed `rows` (boolean mask; None: all):
+        (distances int32 (Q, k), ids (Q, k), -1 = none)."""
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.uint8)
+        k = min(k, len(self.codes))
+        if rows is None:
+            return self.index.search(queries, k)
+        if isinstance(self.index, faiss.IndexBinaryIVF):
+            return self._filtered_ivf(queries, k, rows)
+        selector, bits = row_selector(rows)
+        params = faiss.SearchParameters()
+        params.sel = selector
+        found = self.index.search(queries, k, params=params)
+        del bits  # the selector reads it until here
+        return found
+
+    def _filtered_ivf(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ivf = self.index
+        nprobe = scaled(ivf.nprobe, np.count_nonzero(rows) / max(1, len(rows)), ivf.nlist)
+        _, probed = ivf.quantizer.search(queries, nprobe)
+        starts, members = self._list_rows()
+        sizes = np.diff(starts)
+        dist = np.full((len(queries), k), HAMMING_NONE, dtype=np.int32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        for q, lists in enumerate(probed):
+            lists = lists[lists >= 0]
+            lens = sizes[lists]
+            within = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+            cand = members[np.repeat(starts[lists], lens) + within]
+            cand = cand[rows[cand]]
+            if len(cand) == 0:
+                continue
+            d = hamming_matrix(queries[q : q + 1], self.codes[cand])[0]
+            take = min(k, len(cand))
+            part = np.argpartition(d, take - 1)[:take]
+            order = part[np.lexsort((cand[part], d[part]))]
+            dist[q, :take], ids[q, :take] = d[order], cand[order]
+        return dist, ids
+
+    def _list_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The IVF lists as CSR: (starts (nlist + 1,), rows of every list, list after list); read once."""
+        import faiss
+
+        if self._lists is None:
+            inv = self.index.invlists
+            sizes = np.array([inv.list_size(i) for i in range(inv.nlist)], dtype=np.int64)
+            members = np.empty(int(sizes.sum()), dtype=np.int64)
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            for i in np.flatnonzero(sizes):
+                members[starts[i] : starts[i + 1]] = faiss.rev_swig_ptr(inv.get_ids(int(i)), int(sizes[i]))
+            self._lists = (starts, members)
+        return self._lists

@@ -173,6 +173,7 @@ def extract_features(
             "label": rec.label,
             "patient": rec.patient,
             "site": rec.site,
+            "project": rec.project,
             "n_tiles": len(coords),
             "store": str(Path(store.path).resolve()),
         }

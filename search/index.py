@@ -29,7 +29,7 @@ import math
 import string
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -175,25 +175,35 @@ def resolve_faiss_device(device: str, kind: str | IndexKind) -> str:
 
 
 def exact_knn(
-    queries: np.ndarray, base: np.ndarray, k: int, base_sqnorms: np.ndarray | None = None
+    queries: np.ndarray,
+    base: np.ndarray,
+    k: int,
+    base_sqnorms: np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest rows of `base` by L2 (blocked GEMM); returns (Euclidean distances, row ids)."""
+    """Exact k nearest rows of `base` by L2 (blocked GEMM), among the `allowed` rows (a boolean mask; None:
+    all); returns (Euclidean distances, row ids), -1 where fewer than k rows are allowed."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    k = min(k, len(base))
+    n_allowed = len(base) if allowed is None else int(np.count_nonzero(allowed))
+    k_all, k = k, min(k, n_allowed)
     if base_sqnorms is None:
         base_sqnorms = np.einsum("ij,ij->i", base, base)
     neg2q = -2.0 * queries
     best_d = np.full((len(queries), 0), np.inf, dtype=np.float32)
     best_i = np.zeros((len(queries), 0), dtype=np.int64)
     step = max(k, KNN_BLOCK_ELEMENTS // max(1, len(queries)))
-    for start in range(0, len(base), step):
-        block = base[start : start + step]
+    for start in range(0, len(base) if k else 0, step):
+        rows, block = _allowed_block(base, start, step, allowed)
+        if len(rows) == 0:
+            continue
         d2 = neg2q @ block.T  # |x|^2 - 2 q.x: the -2 folded into the queries, the norms added in place
-        d2 += base_sqnorms[start : start + step][None, :]
+        d2 += base_sqnorms[rows][None, :]
+        if allowed is not None and len(rows) == len(block) and not allowed[rows].all():
+            d2[:, ~allowed[rows]] = np.inf  # a mostly allowed block is searched whole, the rest masked
         take = min(k, d2.shape[1])
         part = np.argpartition(d2, take - 1, axis=1)[:, :take]
         best_d = np.concatenate([best_d, np.take_along_axis(d2, part, 1)], axis=1)
-        best_i = np.concatenate([best_i, part + start], axis=1)
+        best_i = np.concatenate([best_i, rows[part]], axis=1)
         if best_d.shape[1] > k:
             keep = np.argpartition(best_d, k - 1, axis=1)[:, :k]
             best_d, best_i = np.take_along_axis(best_d, keep, 1), np.take_along_axis(best_i, keep, 1)
@@ -201,24 +211,49 @@ def exact_knn(
     diff = base[best_i] - queries[:, None, :]
     best_d = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff)).astype(np.float32)
     order = np.lexsort((best_i, best_d), axis=1) if best_d.size else np.zeros_like(best_i)
-    return np.take_along_axis(best_d, order, 1), np.take_along_axis(best_i, order, 1)
+    dist, ids = np.take_along_axis(best_d, order, 1), np.take_along_axis(best_i, order, 1)
+    if k < k_all:  # fewer allowed rows than asked for: pad as FAISS does
+        pad = ((0, 0), (0, min(k_all, len(base)) - k))
+        dist, ids = np.pad(dist, pad, constant_values=np.inf), np.pad(ids, pad, constant_values=-1)
+    return dist, ids
+
+
+def _allowed_block(
+    base: np.ndarray, start: int, step: int, allowed: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, rows) of one block of `base`: all of it when at least half is allowed (the excluded rows
+    are masked after the product), else only its allowed rows, gathered."""
+    rows = np.arange(start, min(start + step, len(base)))
+    if allowed is None or np.count_nonzero(allowed[rows]) * 2 >= len(rows):
+        return rows, base[start : start + step]
+    rows = rows[allowed[rows]]
+    return rows, base[rows]
 
 
 @dataclass
 class FloatIndex:
-    """A FAISS float index plus what its search needs: its kind, parameters, device and the stored vectors."""
+    """A FAISS float index plus what its search needs: its kind, parameters, device and the stored vectors.
+
+    `tombstones`: rows of a kind that cannot delete (search/kinds.py `removes`) left in the index with id
+    -1; every search filters them out. `trained`: the trained, empty index a build started from (new rows
+    join as a part made from it; None for untrained kinds). `held_out`: the rows a build calibrated with.
+    """
 
     kind: IndexKind
     index: Any  # the CPU faiss index (what is saved)
     parameters: IndexParameters
     device: str = "cpu"  # "cpu" or "gpu"; set by to_device
     vectors: Callable[[np.ndarray], np.ndarray] | None = None  # rows -> float32 features (re-ranking)
+    tombstones: int = 0
+    trained: Any = field(default=None, repr=False)
+    held_out: np.ndarray | None = field(default=None, repr=False)
     _search_index: Any = field(default=None, repr=False)
     _flat_cache: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        """The rows a search can return (tombstones excluded)."""
+        return int(self.index.ntotal) - self.tombstones
 
     @property
     def params(self) -> Mapping[str, Any]:
@@ -250,25 +285,80 @@ class FloatIndex:
             info["multi_gpu"] = "shards" if self.params["gpu_shard"] else "replicas"
         return info
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest indexed vectors of each query: (Euclidean distances (Q, k), ids (Q, k), -1 = none)."""
+    def search(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest indexed vectors of each query among the `rows` allowed (a boolean mask over the rows;
+        None: all): (Euclidean distances (Q, k), ids (Q, k), -1 = none).
+
+        A filtered search is exact within the filter for the flat kind; approximate kinds get the filter
+        as a FAISS id selector and their calibrated nprobe / efSearch divided by the allowed fraction (so
+        about as many allowed vectors are visited as without a filter). Filtered searches run on the CPU
+        index (FAISS GPU indexes take no selector)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, self.ntotal)
         if self._search_index is None:
             self.to_device("cpu")
         if self.kind.exact and self.device == "cpu":
             base, norms = self._flat_arrays()
-            return exact_knn(queries, base, k, norms)
+            return exact_knn(queries, base, k, norms, rows)
+        if rows is None and not self.tombstones:
+            search = self._search_index.search
+        else:
+            search = partial(self._filtered_search, rows=rows)
         if self.kind.rerank:
-            return self._search_reranked(queries, k)
-        d2, ids = self._search_index.search(queries, k)
+            return self._search_reranked(queries, k, search)
+        d2, ids = search(queries, k)
         return np.sqrt(np.maximum(d2, 0.0)), ids
+
+    def _filtered_search(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search of the CPU index through an id selector of the allowed rows (tombstones never pass)."""
+        import faiss
+
+        from search.filters import row_selector, scaled
+
+        allowed = np.ones(self.ntotal, dtype=bool) if rows is None else rows
+        selector, bits = row_selector(allowed)
+        tuned = self.kind.tunes
+        params = getattr(faiss, tuned.params_class)() if tuned is not None else faiss.SearchParameters()
+        params.sel = selector
+        if tuned is not None and self.params.get(tuned.key):
+            fraction = np.count_nonzero(allowed) / max(1, int(self.index.ntotal))
+            value = scaled(int(self.params[tuned.key]), fraction, tuned.limit(self.params))
+            setattr(params, tuned.faiss_name, value)
+        d2, ids = self.index.search(queries, k, params=params)
+        del bits  # the selector reads it until here
+        return d2, ids
 
     def stored_vectors(self) -> np.ndarray:
         """The vectors held by an exact (flat) index (a zero-copy view of FAISS's storage), row order = ids."""
         if not self.kind.exact:
             raise HistoError(f"a {self.kind.name} index does not hold its float vectors")
         return self._flat_arrays()[0]
+
+    def row_vectors(self) -> np.ndarray | None:
+        """Every row's float vector read back from the index, in row order, when the index stores them
+        unchanged (flat, IVF-Flat, HNSW-Flat); None for kinds that store lossy codes (PQ, SQ)."""
+        import faiss
+
+        if self.kind.exact:
+            return self.stored_vectors()
+        parts = list(index_parts(self.index))
+        ivf = next((p for p in parts if isinstance(p, faiss.IndexIVF)), None)
+        if isinstance(ivf, faiss.IndexIVFFlat):
+            ivf.make_direct_map()
+            return ivf.reconstruct_n(0, ivf.ntotal)
+        hnsw = next((p for p in parts if isinstance(p, faiss.IndexHNSW)), None)
+        storage = None if hnsw is None else faiss.downcast_index(hnsw.storage)
+        if not isinstance(parts[0], faiss.IndexIDMap) or not isinstance(storage, faiss.IndexFlat):
+            return None
+        stored = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d).reshape(-1, storage.d)
+        ids = faiss.vector_to_array(parts[0].id_map)
+        out = np.empty((self.ntotal, storage.d), dtype=np.float32)
+        out[ids[ids >= 0]] = stored[ids >= 0]
+        return out
 
     def _flat_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         import faiss
@@ -279,11 +369,13 @@ class FloatIndex:
             self._flat_cache = (base, np.einsum("ij,ij->i", base, base))
         return self._flat_cache
 
-    def _search_reranked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_reranked(
+        self, queries: np.ndarray, k: int, search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+    ) -> tuple[np.ndarray, np.ndarray]:
         if self.vectors is None:
             raise HistoError(f"{self.kind.name} search needs the stored float features for exact re-ranking")
         shortlist = min(self.ntotal, int(self.params["rerank"]) * k)
-        _, cand = self._search_index.search(queries, shortlist)
+        _, cand = search(queries, shortlist)
         dists = np.full(cand.shape, np.inf, dtype=np.float32)
         for qi in range(len(queries)):
             valid = cand[qi] >= 0
@@ -333,8 +425,11 @@ def build_float_index(
 
     Calibrated kinds get their vectors in two steps: all but some held-out rows, then (after calibrating
     with the held-out rows as unseen queries) the held-out rows. With `groups` (the slide of each row)
-    whole slides are held out, as a query slide is never in the index; FAISS ids = row numbers.
+    whole slides are held out, as a query slide is never in the index; FAISS ids = row numbers. The
+    returned index keeps the trained, empty index (`trained`) and the held-out rows (`held_out`).
     """
+    import faiss
+
     kind = float_kind(kind)
     requested = index_params(params)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -348,10 +443,12 @@ def build_float_index(
     built = FloatIndex(kind, index, IndexParameters(requested, chosen), vectors=lambda rows: vectors[rows])
     if kind.trainable:
         index.train(training_sample(vectors, p))
+        built.trained = faiss.clone_index(index)  # still empty: the start of every part added later
     if kind.tunes is None:
         index.add(vectors)
         return built
-    held_out = held_out_rows(n, groups, min(int(p["calibration_queries"]), n // 10), int(p["seed"]))
+    held_out = calibration_rows(n, groups, p)
+    built.held_out = np.flatnonzero(held_out)
     rest = np.flatnonzero(~held_out)
     index.add_with_ids(vectors[rest], rest.astype(np.int64))
     calibration = calibrate(built, vectors, np.flatnonzero(held_out), rest)
@@ -365,6 +462,13 @@ def training_sample(x: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
     """The seeded training rows of a trainable index: `train_points_per_list` per list (all rows if fewer)."""
     n_lists = int(params.get("nlist") or 1)
     return sample_rows(x, n_lists * int(params["train_points_per_list"]), int(params["seed"]))
+
+
+def calibration_rows(n: int, groups: np.ndarray | None, params: Mapping[str, Any]) -> np.ndarray:
+    """The rows a build holds out to calibrate on (whole slides with `groups`): about
+    `calibration_queries` rows, at most a tenth of the index; the float and barcode builds hold out the same."""
+    n_rows = min(int(params["calibration_queries"]), n // 10)
+    return held_out_rows(n, groups, n_rows, int(params["seed"]))
 
 
 def held_out_rows(n: int, groups: np.ndarray | None, n_rows: int, seed: int) -> np.ndarray:

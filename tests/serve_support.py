@@ -32,7 +32,8 @@ def build_demo(root: Path) -> dict[str, Path]:
 
 
 def catalog(index: Path) -> list[dict[str, Any]]:
-    return json.loads((index / "catalog.json").read_text())["slides"]
+    manifest = json.loads((index / "manifest.json").read_text())
+    return json.loads((index / manifest["catalog"]).read_text())["slides"]
 
 
 def index_files(index: Path) -> dict[str, bytes]:

@@ -136,11 +136,11 @@ def test_bad_query_is_reported_and_the_rest_goes_on(built: Path, data: dict) -> 
 def test_corrupted_index_is_one_line_error(built: Path, data: dict, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(built, bad)
-    coords = bad / "coords.npy"
+    coords = bad / json.loads((bad / "manifest.json").read_text())["parts"]["coords"][0]["file"]
     coords.write_bytes(coords.read_bytes()[:-3] + b"\x00\x01\x02")
     code, _, stderr = run(["search", "--index", bad, data["slide"]])
     assert code == 2 and stderr.strip().count("\n") == 0
-    assert stderr.startswith("error: ") and "coords.npy: index file corrupted" in stderr
+    assert stderr.startswith("error: ") and f"{coords.name}: index file corrupted" in stderr
 
 
 def test_kill_then_rerun_equals_uninterrupted(built: Path, data: dict, tmp_path: Path) -> None:
