@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from search.config import IndexParams, index_params
-from search.filters import row_selector, scaled
+from search.filters import ListPlan, row_selector
 from search.index import (
     Calibration,
     calibration_rows,
@@ -162,14 +162,14 @@ class BarcodeIndex:
     """A FAISS binary index with the codes of its rows (row order), searched with an optional row filter.
 
     Filtered search: IndexBinaryFlat takes the filter as a FAISS id selector (exact within it); FAISS's
-    IndexBinaryIVF takes none, so a filtered IVF search probes the lists nearest each query itself, nprobe
-    divided by the allowed fraction, and computes the Hamming distances of the allowed rows in them.
+    IndexBinaryIVF takes none, so a filtered IVF search picks each query's lists as search/filters.py's
+    `ListPlan` says and computes the Hamming distances of the allowed rows in them.
     """
 
     kind: IndexKind
     index: Any
     codes: np.ndarray
-    _lists: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _lists: ListPlan | None = field(default=None, repr=False)
 
     def search(
         self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
@@ -192,18 +192,15 @@ class BarcodeIndex:
         return found
 
     def _filtered_ivf(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ivf = self.index
-        nprobe = scaled(ivf.nprobe, np.count_nonzero(rows) / max(1, len(rows)), ivf.nlist)
-        _, probed = ivf.quantizer.search(queries, nprobe)
-        starts, members = self._list_rows()
-        sizes = np.diff(starts)
+        """The IVF search within the allowed rows (search/filters.py `ListPlan`), Hamming distances of the
+        allowed rows of the scanned lists computed here (FAISS's IndexBinaryIVF takes no id selector)."""
+        if self._lists is None:
+            self._lists = ListPlan.of(self.index.invlists)
+        scanned, _ = self._lists.probes(self.index.quantizer, queries, rows, int(self.index.nprobe))
         dist = np.full((len(queries), k), HAMMING_NONE, dtype=np.int32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
-        for q, lists in enumerate(probed):
-            lists = lists[lists >= 0]
-            lens = sizes[lists]
-            within = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-            cand = members[np.repeat(starts[lists], lens) + within]
+        for q, lists in enumerate(scanned):
+            cand = self._lists.rows(lists)
             cand = cand[rows[cand]]
             if len(cand) == 0:
                 continue
@@ -213,17 +210,3 @@ class BarcodeIndex:
             order = part[np.lexsort((cand[part], d[part]))]
             dist[q, :take], ids[q, :take] = d[order], cand[order]
         return dist, ids
-
-    def _list_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """The IVF lists as CSR: (starts (nlist + 1,), rows of every list, list after list); read once."""
-        import faiss
-
-        if self._lists is None:
-            inv = self.index.invlists
-            sizes = np.array([inv.list_size(i) for i in range(inv.nlist)], dtype=np.int64)
-            members = np.empty(int(sizes.sum()), dtype=np.int64)
-            starts = np.concatenate([[0], np.cumsum(sizes)])
-            for i in np.flatnonzero(sizes):
-                members[starts[i] : starts[i + 1]] = faiss.rev_swig_ptr(inv.get_ids(int(i)), int(sizes[i]))
-            self._lists = (starts, members)
-        return self._lists

@@ -9,11 +9,18 @@ A slide without a value for a key never passes a filter on that key. On the comm
 The first stage of the two-stage search then runs its tile kNN over the allowed slides' rows only (FAISS id
 selectors, or the exact kernel restricted to them; search/index.py, search/barcodes.py), so the search stays
 exact within the filter instead of post-filtering a kNN that the excluded slides may fill.
+
+An IVF index probes, per query, its lists nearest first until it has met as many allowed vectors as an
+unfiltered search meets in its `nprobe` nearest lists (`ListPlan`): a filter that excludes the query's own
+neighbourhood (a label the query does not have) sends it on to farther lists instead of returning fewer,
+worse neighbours, and excluded vectors cost an id check, not a distance.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -99,3 +106,48 @@ def scaled(value: int, allowed_fraction: float, limit: int) -> int:
     """A calibrated search breadth (nprobe, efSearch) for a filtered search: divided by the allowed fraction
     so as many allowed vectors are visited as without a filter, at most `limit`."""
     return int(min(limit, max(value, round(value / max(allowed_fraction, 1e-12)))))
+
+
+@dataclass(frozen=True)
+class ListPlan:
+    """The membership of an IVF index's lists (read once) and which lists a filtered search scans."""
+
+    starts: np.ndarray  # (nlist + 1,) list i holds members[starts[i]:starts[i + 1]]
+    members: np.ndarray  # the ids of every list, list after list
+    list_of: np.ndarray  # the list of each entry of `members`
+
+    @classmethod
+    def of(cls, invlists: Any) -> ListPlan:
+        import faiss
+
+        sizes = np.array([invlists.list_size(i) for i in range(invlists.nlist)], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        members = np.empty(int(starts[-1]), dtype=np.int64)
+        for i in np.flatnonzero(sizes):
+            members[starts[i] : starts[i + 1]] = faiss.rev_swig_ptr(invlists.get_ids(int(i)), int(sizes[i]))
+        return cls(starts, members, np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
+
+    def probes(
+        self, quantizer: Any, queries: np.ndarray, allowed: np.ndarray, nprobe: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(lists (Q, L), their coarse distances) each query scans within the `allowed` rows: its nearest
+        lists until they hold as many allowed vectors as its `nprobe` nearest hold vectors (at least
+        `nprobe` lists); -1 marks a list not scanned."""
+        sizes = np.diff(self.starts)
+        allowed_sizes = np.bincount(self.list_of, weights=allowed[self.members], minlength=len(sizes))
+        fraction = max(np.count_nonzero(allowed) / max(1, len(allowed)), 1e-9)
+        width = int(min(len(sizes), max(4 * nprobe, math.ceil(4 * nprobe / fraction))))
+        distances, lists = quantizer.search(queries, width)
+        safe = np.maximum(lists, 0)
+        met = np.where(lists >= 0, allowed_sizes[safe], 0).cumsum(axis=1)
+        target = np.where(lists[:, :nprobe] >= 0, sizes[safe[:, :nprobe]], 0).sum(axis=1)
+        needed = np.maximum(nprobe, (met < target[:, None]).sum(axis=1) + 1)
+        scanned = np.where(np.arange(width)[None, :] < needed[:, None], lists, -1)
+        return np.ascontiguousarray(scanned), np.ascontiguousarray(distances)
+
+    def rows(self, lists: np.ndarray) -> np.ndarray:
+        """The ids held by `lists` (-1 entries skipped), list after list."""
+        lists = lists[lists >= 0]
+        lens = np.diff(self.starts)[lists]
+        within = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+        return self.members[np.repeat(self.starts[lists], lens) + within]

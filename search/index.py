@@ -248,6 +248,7 @@ class FloatIndex:
     trained: Any = field(default=None, repr=False)
     held_out: np.ndarray | None = field(default=None, repr=False)
     _search_index: Any = field(default=None, repr=False)
+    _lists: Any = field(default=None, repr=False)  # search/filters.py ListPlan of an IVF, read once
     _flat_cache: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @property
@@ -292,9 +293,9 @@ class FloatIndex:
         None: all): (Euclidean distances (Q, k), ids (Q, k), -1 = none).
 
         A filtered search is exact within the filter for the flat kind; approximate kinds get the filter
-        as a FAISS id selector and their calibrated nprobe / efSearch divided by the allowed fraction (so
-        about as many allowed vectors are visited as without a filter). Filtered searches run on the CPU
-        index (FAISS GPU indexes take no selector)."""
+        as a FAISS id selector and visit about as many allowed vectors as an unfiltered search visits
+        (see `_filtered_search`). Filtered searches run on the CPU index (FAISS GPU indexes take no
+        selector)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, self.ntotal)
         if self._search_index is None:
@@ -314,21 +315,36 @@ class FloatIndex:
     def _filtered_search(
         self, queries: np.ndarray, k: int, rows: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS search of the CPU index through an id selector of the allowed rows (tombstones never pass)."""
+        """FAISS search of the CPU index through an id selector of the allowed rows (tombstones never pass):
+        an IVF scans each query's lists as search/filters.py's `ListPlan` says; a graph gets its calibrated
+        efSearch divided by the allowed fraction."""
         import faiss
 
-        from search.filters import row_selector, scaled
+        from search.filters import ListPlan, row_selector, scaled
 
         allowed = np.ones(self.ntotal, dtype=bool) if rows is None else rows
         selector, bits = row_selector(allowed)
         tuned = self.kind.tunes
         params = getattr(faiss, tuned.params_class)() if tuned is not None else faiss.SearchParameters()
         params.sel = selector
-        if tuned is not None and self.params.get(tuned.key):
-            fraction = np.count_nonzero(allowed) / max(1, int(self.index.ntotal))
-            value = scaled(int(self.params[tuned.key]), fraction, tuned.limit(self.params))
-            setattr(params, tuned.faiss_name, value)
-        d2, ids = self.index.search(queries, k, params=params)
+        ivf = next((p for p in index_parts(self.index) if isinstance(p, faiss.IndexIVF)), None)
+        if ivf is not None:
+            if self._lists is None:
+                self._lists = ListPlan.of(ivf.invlists)
+            lists, coarse = self._lists.probes(ivf.quantizer, queries, allowed, int(ivf.nprobe))
+            params.nprobe = lists.shape[1]
+            d2 = np.empty((len(queries), k), dtype=np.float32)
+            ids = np.empty((len(queries), k), dtype=np.int64)
+            ptr = faiss.swig_ptr
+            ivf.search_preassigned_c(
+                len(queries), ptr(queries), k, ptr(lists), ptr(coarse), ptr(d2), ptr(ids), False, params
+            )
+        else:
+            if tuned is not None and self.params.get(tuned.key):
+                fraction = np.count_nonzero(allowed) / max(1, int(self.index.ntotal))
+                value = scaled(int(self.params[tuned.key]), fraction, tuned.limit(self.params))
+                setattr(params, tuned.faiss_name, value)
+            d2, ids = self.index.search(queries, k, params=params)
         del bits  # the selector reads it until here
         return d2, ids
 

@@ -210,11 +210,11 @@ class SlideIndex:
             return None
         with writer_lock(out, "histo index"):
             if (out / MANIFEST).exists():
-                check_request(out, read_manifest(out, "none"), config)
-            batch = feats_io.extract_features(store, extractor, out, shard, config.run.batch_size, progress)
-            if (out / MANIFEST).exists():
-                update = add_extracted(out, config.update, _failed_slides(batch))
+                batch, update = grow(store, extractor, out, config, progress)
             else:
+                batch = feats_io.extract_features(
+                    store, extractor, out, shard, config.run.batch_size, progress
+                )
                 _copy_model(model, extractor, out)
                 content = {
                     "index": {"type": config.type, "params_requested": config.params.model_dump(mode="json")},
@@ -222,10 +222,10 @@ class SlideIndex:
                     "failed_slides": _failed_slides(batch),
                     "built_with": {"feature_device": str(extractor.device)},
                 }
-                root = out / feats_io.FEATURES_DIR
-                if not feats_io.done_slides(root):
+                slides = feats_io.done_slides(out / feats_io.FEATURES_DIR)
+                if not slides:
                     raise HistoError(f"{out}: no slide has features; nothing to index")
-                update = last_update(build_version(out, content, feats_io.done_slides(root), None))
+                update = last_update(build_version(out, content, slides, None))
         index = cls.open(out, {"run": {"device": config.run.device}}, model=extractor)
         index.extraction, index.update = batch, update
         return index
@@ -264,9 +264,11 @@ class SlideIndex:
             version = _current_version(path)
             try:
                 return cls(path, read_manifest(path, config.run.verify), config, model)
-            except InputFileError:
+            except (InputFileError, FileNotFoundError) as e:
                 if attempt + 1 == OPEN_ATTEMPTS or _current_version(path) in (None, version):
-                    raise  # not an update under way: the index itself is broken
+                    if isinstance(e, FileNotFoundError):  # not an update under way: the index is broken
+                        raise InputFileError(e.filename, "index file missing") from None
+                    raise
                 logger.info("%s: updated while opening; reading the new version", path)
         raise AssertionError("unreachable")
 
@@ -490,6 +492,28 @@ class SlideIndex:
 
     def __len__(self) -> int:
         return len(self.catalog)
+
+
+def grow(
+    store: Any,
+    model: Any,
+    out: str | os.PathLike,
+    config: IndexConfig | Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> tuple[BatchSummary, Update | None]:
+    """Add the slides of `store` that the index in `out` lacks: extract their features, then add them to
+    the trained structures (search/growth.py) without opening the index. `model`: a checkpoint path or a
+    FeatureExtractor (its hash must be the index's); a `config` asking for another index type or other
+    parameters than `out` was built with is refused. Returns (extraction summary, the update or None)."""
+    config = IndexConfig.coerce(config)
+    out = Path(out)
+    extractor = _load_extractor(model, config.run.device)
+    with writer_lock(out, "histo index"):
+        check_request(out, read_manifest(out, "none"), config)
+        batch = feats_io.extract_features(
+            _open_store(store), extractor, out, (0, 1), config.run.batch_size, progress
+        )
+        return batch, add_extracted(out, config.update, _failed_slides(batch))
 
 
 def _failed_slides(batch: BatchSummary) -> list[dict[str, Any]]:

@@ -21,6 +21,13 @@ from search.config import Mode
 @click.option(
     "--exhaustive", is_flag=True, default=None, help="Compare every indexed slide (exact; no first stage)."
 )
+@click.option(
+    "--where",
+    "where",
+    multiple=True,
+    metavar="KEY=V1,V2",
+    help="Only slides whose KEY (label, site, project, patient) is one of the values; repeat to AND keys.",
+)
 @device_option
 @config_option
 @json_option
@@ -31,6 +38,7 @@ def search(
     mode: str | None,
     exclude_same_patient: bool | None,
     exhaustive: bool | None,
+    where: tuple[str, ...],
     device: str | None,
     config_path: str | None,
     as_json: bool,
@@ -38,11 +46,13 @@ def search(
     """Search INDEX with QUERY slide files (tiled and featurised like the index) or image patches
     (PNG, JPEG, a plain TIFF: their nearest indexed tiles).
 
-    A query that fails is reported (and in --json carries an "error") and the others go on; the exit
-    status is then 1.
+    With --where the results come only from the slides passing the filter (e.g. --where site=A,B --where
+    label=LUAD), exact within it. A query that fails is reported (and in --json carries an "error") and
+    the others go on; the exit status is then 1.
     """
     from histo.errors import HistoError
     from search.config import SearchConfig
+    from search.filters import parse_where
     from search.slide_index import SlideIndex
 
     keys = {
@@ -52,11 +62,13 @@ def search(
         "exhaustive": "exhaustive",
     }
     cfg = stage_config(SearchConfig, config_path, {**keys, "device": "run.device"})
+    filter_ = parse_where(where)
     idx = SlideIndex.open(index_dir, cfg)
+    idx.catalog.allowed(None, filter_)  # a filter no slide passes is an error before any query
     out, failed = [], 0
     for q in queries:
         try:
-            result = idx.search(q)  # a slide or an image patch; every setting from the config
+            result = idx.search(q, where=filter_)  # a slide or an image patch; the rest from the config
             out.append(result.to_dict())
             _print_result(result.to_dict(), err=as_json)
         except HistoError as e:
