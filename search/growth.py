@@ -20,9 +20,10 @@ far the index has grown since (`growth`) and every change (`history`); search/dr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +40,7 @@ from search.drift import imbalance
 from search.index import build_float_index, new_faiss_index
 from search.kinds import IndexKind, barcode_kind, float_kind
 from search.lock import writer_lock
-from search.manifest import collect_garbage, read_manifest, write_manifest
+from search.manifest import MANIFEST, collect_garbage, read_manifest, write_manifest
 from search.storage import (
     BARCODES,
     COORDS,
@@ -137,10 +138,11 @@ def _commit(
     """Write the version's catalog and manifest (the switch), then delete what no version names."""
     atomic_write_json(index_dir / content["catalog"], {"slides": list(slides)})
     history = [*content.get("history", []), {**update.record(), "at": now()}]
+    retired = content.get("retired_features", []) if update.op == "remove" else []  # deleted after a removal
     tiles = sum(s["n_tiles"] for s in slides)
     counts = {"slides": len(slides), "tiles": tiles, "failed_slides": len(content.get("failed_slides", []))}
     content = {**content, "version": update.version, "updated": now(), "history": history, "counts": counts,
-               "growth": _growth(history, content["training"], tiles)}  # fmt: skip
+               "growth": _growth(history, content["training"], tiles), "retired_features": retired}  # fmt: skip
     entries = _entries([s["slide_id"] for s in slides], _version_files(content))
     manifest = write_manifest(index_dir, content, entries, known)
     collect_garbage(index_dir, manifest)
@@ -209,7 +211,6 @@ def build_version(
             "imbalance": {"float": imbalance(float_index.index), "barcodes": imbalance(barcodes)},
             "files": trained,
         },
-        "retired_features": [],
     }
     content["index"] = {**content["index"], "params": dict(float_index.params), "metric": METRIC}
     op = "build" if previous is None else "retrain"
@@ -257,8 +258,8 @@ def add_extracted(
     (no retraining); None when there is none. `failed`: slides whose extraction failed (recorded with the
     index's failed slides). Compacts when the parts exceed `update.max_parts`."""
     index_dir = Path(index_dir)
-    with writer_lock(index_dir, "add slides"):
-        manifest = _start(index_dir)
+    with writing(index_dir, "add slides"):
+        manifest = read_manifest(index_dir, "size")
         new_ids = pending_slides(index_dir, manifest)
         if not new_ids:
             return None
@@ -332,8 +333,8 @@ def remove_slides(
     """Remove slides (every ID must be indexed; nothing changes otherwise): a new version without them,
     then their features are deleted. Compacts when removed rows exceed `update.max_removed_fraction`."""
     index_dir = Path(index_dir)
-    with writer_lock(index_dir, "remove slides"):
-        manifest = _start(index_dir)
+    with writing(index_dir, "remove slides"):
+        manifest = read_manifest(index_dir, "size")
         slides = read_catalog(index_dir, manifest)
         unknown = sorted(set(slide_ids) - {s["slide_id"] for s in slides})
         if unknown:
@@ -364,13 +365,17 @@ def _retire_features(index_dir: Path, manifest: Mapping[str, Any]) -> None:
     feats_io.remove_slides(root, [sid for sid in retired if (root / feats_io.SLIDES / sid).exists()])
 
 
-def _start(index_dir: Path) -> dict[str, Any]:
-    """The current manifest, after deleting what a killed writer left (files no version names, features of
-    removed slides). Called under the writer lock."""
-    manifest = read_manifest(index_dir, "size")
-    collect_garbage(index_dir, manifest)
-    _retire_features(index_dir, manifest)
-    return manifest
+@contextlib.contextmanager
+def writing(index_dir: str | Path, command: str) -> Iterator[None]:
+    """Hold the index's writer lock; the outermost holder first deletes what a killed writer left (files no
+    version names, features of removed slides), before anything new (features included) is written."""
+    index_dir = Path(index_dir)
+    with writer_lock(index_dir, command) as outermost:
+        if outermost and (index_dir / MANIFEST).exists():
+            manifest = read_manifest(index_dir, "size")
+            collect_garbage(index_dir, manifest)
+            _retire_features(index_dir, manifest)
+        yield
 
 
 def _defaults() -> UpdateConfig:
@@ -386,8 +391,8 @@ def compact(index_dir: Path) -> Update:
     """Merge each structure's parts into one file in row order, dropping removed slides' rows (an HNSW
     graph keeps them as tombstones); results are unchanged."""
     index_dir = Path(index_dir)
-    with writer_lock(index_dir, "compact"):
-        manifest = _start(index_dir)
+    with writing(index_dir, "compact"):
+        manifest = read_manifest(index_dir, "size")
         slides = read_catalog(index_dir, manifest)
         rows = row_map(slides, manifest["storage_rows"])
         version = manifest["version"] + 1
@@ -427,8 +432,8 @@ def retrain(index_dir: Path) -> Update:
     """Rebuild every structure from the stored features of the indexed slides (IVF training, nprobe
     calibration) as a new version: the index becomes what a fresh build on the same slides makes."""
     index_dir = Path(index_dir)
-    with writer_lock(index_dir, "retrain"):
-        manifest = _start(index_dir)
+    with writing(index_dir, "retrain"):
+        manifest = read_manifest(index_dir, "size")
         ids = [s["slide_id"] for s in read_catalog(index_dir, manifest)]
         keep = ("index", "search", "failed_slides", "built_with")
         content = {k: manifest[k] for k in keep if k in manifest}

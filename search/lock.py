@@ -32,13 +32,14 @@ class IndexLockedError(HistoError):
 
 
 @contextlib.contextmanager
-def writer_lock(index_dir: str | os.PathLike, command: str) -> Iterator[None]:
-    """Hold the index's writer lock while the block runs; IndexLockedError if another process holds it."""
+def writer_lock(index_dir: str | os.PathLike, command: str) -> Iterator[bool]:
+    """Hold the index's writer lock while the block runs; IndexLockedError if another process holds it.
+    Yields True for the outermost holder in this process (False when nested in another write)."""
     folder = Path(index_dir).resolve()
     if folder in _held:
         _held[folder] += 1
         try:
-            yield
+            yield False
         finally:
             _held[folder] -= 1
         return
@@ -57,7 +58,7 @@ def writer_lock(index_dir: str | os.PathLike, command: str) -> Iterator[None]:
         os.pwrite(fd, json.dumps(record).encode(), 0)
         _held[folder] = 1
         try:
-            yield
+            yield True
         finally:
             del _held[folder]
             os.ftruncate(fd, 0)

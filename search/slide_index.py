@@ -54,9 +54,9 @@ from search.growth import (
     remove_slides,
     retrain,
     structure_kind,
+    writing,
 )
 from search.index import FloatIndex, IndexParameters, new_faiss_index, set_search_parameter
-from search.lock import writer_lock
 from search.manifest import MANIFEST, read_manifest
 from search.queries import PatchQuery, SlideQuery, as_query, patch_query, slide_query
 from search.storage import BARCODES, COORDS, FLOAT, assemble, parts_of, read_coords, row_map
@@ -208,7 +208,7 @@ class SlideIndex:
         if shard[1] > 1:
             feats_io.extract_features(store, extractor, out, shard, config.run.batch_size, progress)
             return None
-        with writer_lock(out, "histo index"):
+        with writing(out, "histo index"):
             if (out / MANIFEST).exists():
                 batch, update = grow(store, extractor, out, config, progress)
             else:
@@ -278,7 +278,7 @@ class SlideIndex:
         summary, and `update` says what changed. This object then searches the new version."""
         store = _open_store(store)
         run = IndexConfig.coerce().updated({"run.batch_size": batch_size}, source="batch_size").run
-        with writer_lock(self.path, "SlideIndex.add"):
+        with writing(self.path, "SlideIndex.add"):
             batch = feats_io.extract_features(
                 store, self.extractor, self.path, (0, 1), run.batch_size, progress
             )
@@ -508,7 +508,7 @@ def grow(
     config = IndexConfig.coerce(config)
     out = Path(out)
     extractor = _load_extractor(model, config.run.device)
-    with writer_lock(out, "histo index"):
+    with writing(out, "histo index"):
         check_request(out, read_manifest(out, "none"), config)
         batch = feats_io.extract_features(
             _open_store(store), extractor, out, (0, 1), config.run.batch_size, progress

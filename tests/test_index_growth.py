@@ -407,3 +407,14 @@ def test_history_and_catalog_records(source: Path, tmp_path: Path) -> None:
     )
     slides = json.loads((root / read_manifest(root)["catalog"]).read_text())["slides"]
     assert [s["project"] for s in slides[:6]] == ["CPTAC", "TCGA", "TCGA", "TCGA", "TCGA", "CPTAC"]
+
+
+def test_a_removed_slide_can_come_back(source: Path, tmp_path: Path) -> None:
+    """Its old features are deleted once; features extracted again later are indexed, not deleted."""
+    root = grown(source, tmp_path / "g", IDS[:20], [])
+    remove_slides(root, IDS[3:5], NO_COMPACTION)
+    assert read_manifest(root)["retired_features"] == IDS[3:5]
+    copy_features(source, root, IDS[3:5])  # extracted again (from a rescan, say)
+    assert add_extracted(root, NO_COMPACTION).slide_ids == tuple(IDS[3:5])
+    assert read_manifest(root)["retired_features"] == []
+    same_index(SlideIndex.open(root), fresh(source, tmp_path / "fresh", IDS[:20]))
