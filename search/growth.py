@@ -358,11 +358,17 @@ def remove_slides(
 
 
 def _retire_features(index_dir: Path, manifest: Mapping[str, Any]) -> None:
-    """Delete the features of the slides the manifest's version removed (unless indexed again since)."""
+    """Delete the features of the slides the manifest's version removed (unless indexed again since), then
+    record that they are gone (the same version, the manifest rewritten), so features extracted for them
+    later are never deleted."""
+    if not manifest.get("retired_features"):
+        return
     indexed = {s["slide_id"] for s in read_catalog(index_dir, manifest)}
-    retired = [sid for sid in manifest.get("retired_features", []) if sid not in indexed]
+    retired = [sid for sid in manifest["retired_features"] if sid not in indexed]
     root = index_dir / feats_io.FEATURES_DIR
     feats_io.remove_slides(root, [sid for sid in retired if (root / feats_io.SLIDES / sid).exists()])
+    content = {**_recorded(manifest), "retired_features": []}
+    write_manifest(index_dir, content, list(manifest["files"]), manifest["files"])
 
 
 @contextlib.contextmanager

@@ -262,6 +262,7 @@ def test_a_kill_after_the_switch_leaves_the_new_version(source: Path, tmp_path: 
     assert index.manifest["version"] == 2 and index.catalog.slide_ids == IDS[5:40]
     assert (root / "catalog.000001.json").exists()  # the killed writer did not clean up
     assert all((root / "features.zarr" / "slides" / s).exists() for s in IDS[:5])
+    assert index.manifest["retired_features"] == IDS[:5]  # still to delete
     copy_features(source, root, IDS[40:42])
     add_extracted(root, NO_COMPACTION)  # the next writer deletes what it left first
     assert not (root / "catalog.000001.json").exists()
@@ -413,7 +414,8 @@ def test_a_removed_slide_can_come_back(source: Path, tmp_path: Path) -> None:
     """Its old features are deleted once; features extracted again later are indexed, not deleted."""
     root = grown(source, tmp_path / "g", IDS[:20], [])
     remove_slides(root, IDS[3:5], NO_COMPACTION)
-    assert read_manifest(root)["retired_features"] == IDS[3:5]
+    assert read_manifest(root)["retired_features"] == []  # deleted, and recorded as deleted
+    assert not any((root / "features.zarr" / "slides" / s).exists() for s in IDS[3:5])
     copy_features(source, root, IDS[3:5])  # extracted again (from a rescan, say)
     assert add_extracted(root, NO_COMPACTION).slide_ids == tuple(IDS[3:5])
     assert read_manifest(root)["retired_features"] == []
