@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from search.config import IndexParams, index_params
-from search.filters import ListPlan, row_selector
+from search.filters import CACHED_FILTERS, ListPlan, digest, row_selector, widened
 from search.index import (
     Calibration,
     calibration_rows,
@@ -161,15 +161,17 @@ HAMMING_NONE = np.iinfo(np.int32).max  # the distance of a missing neighbour (id
 class BarcodeIndex:
     """A FAISS binary index with the codes of its rows (row order), searched with an optional row filter.
 
-    Filtered search: IndexBinaryFlat takes the filter as a FAISS id selector (exact within it); FAISS's
-    IndexBinaryIVF takes none, so a filtered IVF search picks each query's lists as search/filters.py's
-    `ListPlan` says and computes the Hamming distances of the allowed rows in them.
+    Filtered search (search/filters.py): IndexBinaryFlat takes the filter as a FAISS id selector (exact
+    within it); FAISS's IndexBinaryIVF takes none, so a filtered IVF search widens when few rows are
+    excluded, and otherwise searches a view of the index holding only the allowed rows.
     """
 
     kind: IndexKind
     index: Any
     codes: np.ndarray
     _lists: ListPlan | None = field(default=None, repr=False)
+    _centroid_codes: np.ndarray | None = field(default=None, repr=False)
+    _views: dict[bytes, Any] = field(default_factory=dict, repr=False)
 
     def search(
         self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
@@ -183,7 +185,8 @@ class BarcodeIndex:
         if rows is None:
             return self.index.search(queries, k)
         if isinstance(self.index, faiss.IndexBinaryIVF):
-            return self._filtered_ivf(queries, k, rows)
+            found = widened(lambda q, n: self.index.search(q, n), queries, k, rows)
+            return found if found is not None else self._filtered_ivf(queries, k, rows)
         selector, bits = row_selector(rows)
         params = faiss.SearchParameters()
         params.sel = selector
@@ -192,21 +195,60 @@ class BarcodeIndex:
         return found
 
     def _filtered_ivf(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The IVF search within the allowed rows (search/filters.py `ListPlan`), Hamming distances of the
-        allowed rows of the scanned lists computed here (FAISS's IndexBinaryIVF takes no id selector)."""
+        """The IVF search within the allowed rows: FAISS's IndexBinaryIVF takes no id selector, so it runs on
+        a view of the index holding only the allowed rows (made once per filter), each query's lists
+        chosen as search/filters.py's `ListPlan` says."""
+        import faiss
+
+        ivf = self.index
         if self._lists is None:
-            self._lists = ListPlan.of(self.index.invlists)
-        scanned, _ = self._lists.probes(self.index.quantizer, queries, rows, int(self.index.nprobe))
-        dist = np.full((len(queries), k), HAMMING_NONE, dtype=np.int32)
-        ids = np.full((len(queries), k), -1, dtype=np.int64)
-        for q, lists in enumerate(scanned):
-            cand = self._lists.rows(lists)
-            cand = cand[rows[cand]]
-            if len(cand) == 0:
-                continue
-            d = hamming_matrix(queries[q : q + 1], self.codes[cand])[0]
-            take = min(k, len(cand))
-            part = np.argpartition(d, take - 1)[:take]
-            order = part[np.lexsort((cand[part], d[part]))]
-            dist[q, :take], ids[q, :take] = d[order], cand[order]
+            self._lists = ListPlan.of(ivf.invlists)
+        key = digest(rows)
+        view = self._view(rows, key)
+        plan, nprobe = self._lists, int(ivf.nprobe)
+        nearest = np.argsort(hamming_matrix(queries, self._centroids()), axis=1, kind="stable")
+        lists = plan.probes(nearest[:, : plan.width(rows, nprobe)], plan.allowed_sizes(rows, key), nprobe)
+        coarse = np.zeros(lists.shape, dtype=np.int32)  # unused by a binary IVF scan
+        dist = np.empty((len(queries), k), dtype=np.int32)
+        ids = np.empty((len(queries), k), dtype=np.int64)
+        ptr = faiss.swig_ptr
+        view.nprobe = lists.shape[1]
+        view.search_preassigned_c(
+            len(queries), ptr(queries), k, ptr(lists), ptr(coarse), ptr(dist), ptr(ids), False
+        )
         return dist, ids
+
+    def _centroids(self) -> np.ndarray:
+        import faiss
+
+        if self._centroid_codes is None:
+            quantizer = faiss.downcast_IndexBinary(self.index.quantizer)
+            self._centroid_codes = faiss.vector_to_array(quantizer.xb).reshape(-1, self.index.code_size)
+        return self._centroid_codes
+
+    def _view(self, rows: np.ndarray, key: bytes) -> Any:
+        """An IndexBinaryIVF on the same quantizer whose lists hold only the allowed rows (cached per filter)."""
+        import faiss
+
+        if key in self._views:
+            return self._views[key]
+        ivf = self.index
+        view = faiss.IndexBinaryIVF(faiss.clone_binary_index(ivf.quantizer), ivf.d, ivf.nlist)
+        view.is_trained = True
+        size = ivf.code_size
+        for i in np.flatnonzero(self._lists.sizes):
+            n = int(self._lists.sizes[i])
+            ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(int(i)), n)
+            codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(int(i)), n * size).reshape(n, size)
+            keep = rows[ids]
+            if keep.any():
+                kept_ids = np.ascontiguousarray(ids[keep])
+                kept = np.ascontiguousarray(codes[keep])
+                view.invlists.add_entries(
+                    int(i), len(kept_ids), faiss.swig_ptr(kept_ids), faiss.swig_ptr(kept)
+                )
+        view.ntotal = int(np.count_nonzero(rows))
+        if len(self._views) >= CACHED_FILTERS // 2:
+            self._views.pop(next(iter(self._views)))
+        self._views[key] = view
+        return view

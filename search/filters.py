@@ -10,17 +10,20 @@ The first stage of the two-stage search then runs its tile kNN over the allowed 
 selectors, or the exact kernel restricted to them; search/index.py, search/barcodes.py), so the search stays
 exact within the filter instead of post-filtering a kNN that the excluded slides may fill.
 
-An IVF index probes, per query, its lists nearest first until it has met as many allowed vectors as an
-unfiltered search meets in its `nprobe` nearest lists (`ListPlan`): a filter that excludes the query's own
-neighbourhood (a label the query does not have) sends it on to farther lists instead of returning fewer,
-worse neighbours, and excluded vectors cost an id check, not a distance.
+How each index kind takes a filter: a filter that excludes few rows (a patient's slides) widens the kNN
+by the excluded rows and drops them (`widened`). Otherwise the flat kinds search the allowed rows exactly
+(FAISS id selectors, the exact kernel restricted to them); an IVF index scans, per query, its lists nearest
+first until it has met as many allowed vectors as an unfiltered search meets in its `nprobe` nearest lists
+(`ListPlan`), so a filter that excludes the query's own neighbourhood (a label the query does not have)
+sends it on to farther lists instead of returning fewer, worse neighbours; an HNSW graph gets efSearch
+divided by the allowed fraction.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -108,13 +111,47 @@ def scaled(value: int, allowed_fraction: float, limit: int) -> int:
     return int(min(limit, max(value, round(value / max(allowed_fraction, 1e-12)))))
 
 
-@dataclass(frozen=True)
+FEW_EXCLUDED = 4  # a kNN with at most this many times k rows excluded widens instead (`widened`)
+CACHED_FILTERS = 8  # filters whose per-list counts (and binary views) an index keeps
+
+
+def widened(
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    queries: np.ndarray,
+    k: int,
+    rows: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """When few rows are excluded (a patient's slides), the unfiltered kNN of k + the excluded rows with the
+    excluded ones dropped, which holds k allowed neighbours (exact for an exact search); else None."""
+    excluded = len(rows) - int(np.count_nonzero(rows))
+    if excluded > FEW_EXCLUDED * k:
+        return None
+    dist, ids = search(queries, min(len(rows), k + excluded))
+    keep = (ids >= 0) & rows[np.maximum(ids, 0)]
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the kept neighbours first, in their order
+    dist, ids, keep = (np.take_along_axis(a, order, 1) for a in (dist, ids, keep))
+    return np.where(keep, dist, np.inf if dist.dtype.kind == "f" else np.iinfo(dist.dtype).max), np.where(
+        keep, ids, -1
+    )
+
+
+def digest(rows: np.ndarray) -> bytes:
+    """A short key of a row filter (for the caches of filtered searches)."""
+    import hashlib
+
+    return hashlib.blake2b(np.packbits(rows).tobytes(), digest_size=16).digest()
+
+
+@dataclass
 class ListPlan:
-    """The membership of an IVF index's lists (read once) and which lists a filtered search scans."""
+    """The membership of an IVF index's lists (read once) and which lists a filtered search scans: per
+    query its nearest lists until they hold as many allowed vectors as its `nprobe` nearest lists hold
+    vectors (at least `nprobe` lists)."""
 
     starts: np.ndarray  # (nlist + 1,) list i holds members[starts[i]:starts[i + 1]]
     members: np.ndarray  # the ids of every list, list after list
     list_of: np.ndarray  # the list of each entry of `members`
+    _allowed: dict[bytes, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, invlists: Any) -> ListPlan:
@@ -127,27 +164,28 @@ class ListPlan:
             members[starts[i] : starts[i + 1]] = faiss.rev_swig_ptr(invlists.get_ids(int(i)), int(sizes[i]))
         return cls(starts, members, np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
 
-    def probes(
-        self, quantizer: Any, queries: np.ndarray, allowed: np.ndarray, nprobe: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(lists (Q, L), their coarse distances) each query scans within the `allowed` rows: its nearest
-        lists until they hold as many allowed vectors as its `nprobe` nearest hold vectors (at least
-        `nprobe` lists); -1 marks a list not scanned."""
-        sizes = np.diff(self.starts)
-        allowed_sizes = np.bincount(self.list_of, weights=allowed[self.members], minlength=len(sizes))
-        fraction = max(np.count_nonzero(allowed) / max(1, len(allowed)), 1e-9)
-        width = int(min(len(sizes), max(4 * nprobe, math.ceil(4 * nprobe / fraction))))
-        distances, lists = quantizer.search(queries, width)
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+    def allowed_sizes(self, rows: np.ndarray, key: bytes) -> np.ndarray:
+        """Allowed vectors per list (cached per filter)."""
+        if key not in self._allowed:
+            if len(self._allowed) >= CACHED_FILTERS:
+                self._allowed.pop(next(iter(self._allowed)))
+            counts = np.bincount(self.list_of, weights=rows[self.members], minlength=len(self.sizes))
+            self._allowed[key] = counts.astype(np.int64)
+        return self._allowed[key]
+
+    def width(self, rows: np.ndarray, nprobe: int) -> int:
+        """How many nearest lists to rank per query: enough for the allowed fraction, at most all."""
+        fraction = max(np.count_nonzero(rows) / max(1, len(rows)), 1e-9)
+        return int(min(len(self.sizes), max(4 * nprobe, math.ceil(4 * nprobe / fraction))))
+
+    def probes(self, lists: np.ndarray, allowed_sizes: np.ndarray, nprobe: int) -> np.ndarray:
+        """The lists each query scans, from its `lists` nearest first (Q, width); -1 marks one not scanned."""
         safe = np.maximum(lists, 0)
         met = np.where(lists >= 0, allowed_sizes[safe], 0).cumsum(axis=1)
-        target = np.where(lists[:, :nprobe] >= 0, sizes[safe[:, :nprobe]], 0).sum(axis=1)
+        target = np.where(lists[:, :nprobe] >= 0, self.sizes[safe[:, :nprobe]], 0).sum(axis=1)
         needed = np.maximum(nprobe, (met < target[:, None]).sum(axis=1) + 1)
-        scanned = np.where(np.arange(width)[None, :] < needed[:, None], lists, -1)
-        return np.ascontiguousarray(scanned), np.ascontiguousarray(distances)
-
-    def rows(self, lists: np.ndarray) -> np.ndarray:
-        """The ids held by `lists` (-1 entries skipped), list after list."""
-        lists = lists[lists >= 0]
-        lens = np.diff(self.starts)[lists]
-        within = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-        return self.members[np.repeat(self.starts[lists], lens) + within]
+        return np.ascontiguousarray(np.where(np.arange(lists.shape[1])[None, :] < needed[:, None], lists, -1))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -173,8 +174,11 @@ def build_version(
     counts = [r["n_tiles"] for r in records]
     groups = np.repeat(np.arange(len(records)), counts)
     kind_name = requested.barcode_index or float_kind(index_type).barcodes
+    started = time.perf_counter()
     barcodes, barcode_params = build_binary_index(minmax_barcode(matrix), kind_name, requested, groups)
+    seconds = {"barcodes": round(time.perf_counter() - started, 2)}
     float_index = build_float_index(matrix, index_type, requested, groups)
+    seconds["float"] = round(time.perf_counter() - started - seconds["barcodes"], 2)
     n = len(matrix)
     files = {role: versioned(role, version) for role in (COORDS, BARCODES, FLOAT)}
     write_coords(index_dir / files[COORDS], coords)
@@ -210,6 +214,7 @@ def build_version(
             "held_out_slides": [records[i]["slide_id"] for i in held],
             "imbalance": {"float": imbalance(float_index.index), "barcodes": imbalance(barcodes)},
             "files": trained,
+            "seconds": seconds,  # to build (train, add, calibrate) each structure
         },
     }
     content["index"] = {**content["index"], "params": dict(float_index.params), "metric": METRIC}
@@ -259,7 +264,7 @@ def add_extracted(
     index's failed slides). Compacts when the parts exceed `update.max_parts`."""
     index_dir = Path(index_dir)
     with writing(index_dir, "add slides"):
-        manifest = read_manifest(index_dir, "size")
+        manifest = read_manifest(index_dir, "none")  # trusted: readers verify
         new_ids = pending_slides(index_dir, manifest)
         if not new_ids:
             return None
@@ -334,7 +339,7 @@ def remove_slides(
     then their features are deleted. Compacts when removed rows exceed `update.max_removed_fraction`."""
     index_dir = Path(index_dir)
     with writing(index_dir, "remove slides"):
-        manifest = read_manifest(index_dir, "size")
+        manifest = read_manifest(index_dir, "none")  # trusted: readers verify
         slides = read_catalog(index_dir, manifest)
         unknown = sorted(set(slide_ids) - {s["slide_id"] for s in slides})
         if unknown:
@@ -378,7 +383,7 @@ def writing(index_dir: str | Path, command: str) -> Iterator[None]:
     index_dir = Path(index_dir)
     with writer_lock(index_dir, command) as outermost:
         if outermost and (index_dir / MANIFEST).exists():
-            manifest = read_manifest(index_dir, "size")
+            manifest = read_manifest(index_dir, "none")
             collect_garbage(index_dir, manifest)
             _retire_features(index_dir, manifest)
         yield
@@ -398,7 +403,7 @@ def compact(index_dir: Path) -> Update:
     graph keeps them as tombstones); results are unchanged."""
     index_dir = Path(index_dir)
     with writing(index_dir, "compact"):
-        manifest = read_manifest(index_dir, "size")
+        manifest = read_manifest(index_dir, "none")  # trusted: readers verify
         slides = read_catalog(index_dir, manifest)
         rows = row_map(slides, manifest["storage_rows"])
         version = manifest["version"] + 1
@@ -439,7 +444,7 @@ def retrain(index_dir: Path) -> Update:
     calibration) as a new version: the index becomes what a fresh build on the same slides makes."""
     index_dir = Path(index_dir)
     with writing(index_dir, "retrain"):
-        manifest = read_manifest(index_dir, "size")
+        manifest = read_manifest(index_dir, "none")  # trusted: readers verify
         ids = [s["slide_id"] for s in read_catalog(index_dir, manifest)]
         keep = ("index", "search", "failed_slides", "built_with")
         content = {k: manifest[k] for k in keep if k in manifest}

@@ -38,6 +38,7 @@ import numpy as np
 
 from histo.errors import HistoError, InputFileError
 from search.config import MIN_POINTS_PER_LIST, IndexParams, index_params
+from search.filters import widened
 from search.kinds import IndexKind, SearchParameter, float_kind
 
 logger = logging.getLogger(__name__)
@@ -303,6 +304,10 @@ class FloatIndex:
         if self.kind.exact and self.device == "cpu":
             base, norms = self._flat_arrays()
             return exact_knn(queries, base, k, norms, rows)
+        if rows is not None and not self.tombstones:
+            found = widened(lambda q, n: self.search(q, n), queries, k, rows)
+            if found is not None:
+                return found
         if rows is None and not self.tombstones:
             search = self._search_index.search
         else:
@@ -320,7 +325,7 @@ class FloatIndex:
         efSearch divided by the allowed fraction."""
         import faiss
 
-        from search.filters import ListPlan, row_selector, scaled
+        from search.filters import ListPlan, digest, row_selector, scaled
 
         allowed = np.ones(self.ntotal, dtype=bool) if rows is None else rows
         selector, bits = row_selector(allowed)
@@ -331,7 +336,9 @@ class FloatIndex:
         if ivf is not None:
             if self._lists is None:
                 self._lists = ListPlan.of(ivf.invlists)
-            lists, coarse = self._lists.probes(ivf.quantizer, queries, allowed, int(ivf.nprobe))
+            plan, nprobe = self._lists, int(ivf.nprobe)
+            coarse, nearest = ivf.quantizer.search(queries, plan.width(allowed, nprobe))
+            lists = plan.probes(nearest, plan.allowed_sizes(allowed, digest(allowed)), nprobe)
             params.nprobe = lists.shape[1]
             d2 = np.empty((len(queries), k), dtype=np.float32)
             ids = np.empty((len(queries), k), dtype=np.int64)

@@ -44,14 +44,22 @@ def list_files(index_dir: Path, entries: list[str]) -> list[str]:
 def checksums(
     index_dir: Path, entries: list[str], known: Mapping[str, dict[str, Any]] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """{relative path: {"bytes", "sha256"}} of every index file; a file in `known` (the previous version's
-    checksums: its files are never rewritten) keeps its recorded values when its size is unchanged."""
-    known = known or {}
+    """{relative path: {"bytes", "sha256"}} of every index file under `entries`. An entry with files in
+    `known` (the previous version's checksums; its files and folders are never rewritten, a slide's
+    features included) keeps their records without reading the disk, so an update hashes only new files."""
+    under: dict[str, list[str]] = {}
+    for rel in known or {}:
+        parent = rel
+        while parent:
+            under.setdefault(parent, []).append(rel)
+            parent = parent.rpartition("/")[0]
     out = {}
-    for rel in list_files(index_dir, entries):
-        size = (index_dir / rel).stat().st_size
-        same = rel in known and known[rel]["bytes"] == size
-        out[rel] = known[rel] if same else {"bytes": size, "sha256": file_sha256(index_dir / rel)}
+    for entry in entries:
+        if entry in under:
+            out.update({rel: known[rel] for rel in under[entry]})
+            continue
+        for rel in list_files(index_dir, [entry]):
+            out[rel] = {"bytes": (index_dir / rel).stat().st_size, "sha256": file_sha256(index_dir / rel)}
     return out
 
 

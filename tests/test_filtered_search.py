@@ -213,3 +213,19 @@ def test_cli_search_where(tmp_path: Path) -> None:
 
     result = CliRunner().invoke(main, ["search", "--index", str(tmp_path), "q.svs", "--where", "organ=lung"])
     assert result.exit_code == 2 and "unknown key 'organ'" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_few_excluded_rows_widen_the_unfiltered_knn() -> None:
+    """A patient's slides excluded: the kNN of k + their rows without them is the filtered kNN."""
+    from search.filters import widened
+
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((3000, 8)).astype(np.float32)
+    queries = base[:5] + 0.01
+    rows = np.ones(3000, dtype=bool)
+    rows[:40] = False  # the queries' own rows and their neighbours' first rows
+    d, i = widened(lambda q, k: exact_knn(q, base, k), queries, 10, rows)
+    np.testing.assert_array_equal(i, exact_knn(queries, base, 10, allowed=rows)[1])
+    assert rows[i].all()
+    rows[:200] = False  # more than 4 x k excluded: no widening
+    assert widened(lambda q, k: exact_knn(q, base, k), queries, 10, rows) is None
