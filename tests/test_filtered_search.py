@@ -225,6 +225,7 @@ def test_few_excluded_rows_widen_the_unfiltered_knn() -> None:
     rows = np.ones(3000, dtype=bool)
     rows[:40] = False  # the queries' own rows and their neighbours' first rows
     d, i = widened(lambda q, k: exact_knn(q, base, k), queries, 10, rows)
+    assert np.isfinite(d).all()
     np.testing.assert_array_equal(i, exact_knn(queries, base, 10, allowed=rows)[1])
     assert rows[i].all()
     rows[:200] = False  # more than 4 x k excluded: no widening
