@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=20)
     ap.add_argument("--add", type=int, default=100, help="slides added to the built index")
     ap.add_argument("--queries", type=int, default=50)
+    ap.add_argument("--filter-queries", type=int, default=20, help="query slides per filter, side and mode")
     ap.add_argument("--growth-kinds", default="flat,ivf", help="kinds built and grown by --add slides")
     ap.add_argument("--no-fifty", action="store_true", help="skip the IVF grown by 50 %%")
     ap.add_argument("--no-hnsw-table", action="store_true", help="skip the IVF-HNSW vs IVF-Flat table")
@@ -185,7 +186,7 @@ def growth(args, report, cohort, work, shared, queries, qtiles, params) -> None:
             "results_equal_fresh_build": same,
             "arrays_equal_fresh_build": same_arrays,
         }
-        report["filtered"]["flat"] = filtered(fresh, cohort, args.queries, args.tiles)
+        report["filtered"]["flat"] = filtered(fresh, cohort, args.filter_queries, args.tiles)
         del fresh
         gc.collect()
         shutil.rmtree(work / "flat_fresh")
@@ -199,7 +200,7 @@ def growth(args, report, cohort, work, shared, queries, qtiles, params) -> None:
         report["growth"]["ivf"]["recall_at_10_after_add"] = recall_at_k(
             index.float_index.search(qtiles, 10)[1], truth
         )
-        report["filtered"]["ivf"] = filtered(index, cohort, args.queries, args.tiles)
+        report["filtered"]["ivf"] = filtered(index, cohort, args.filter_queries, args.tiles)
         report["ivf_flat_1m"] = float_row(
             index.float_index, qtiles, truth, report["growth"]["ivf"]["structures_s"]["float"]
         )
