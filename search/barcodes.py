@@ -43,12 +43,20 @@ def code_bits(feature_dim: int) -> int:
     return -(-(feature_dim - 1) // 8) * 8
 
 
-def minmax_barcode(features: np.ndarray) -> np.ndarray:
-    """Packed MinMax barcodes uint8 (N, code_bits(D) / 8); 1024-d features give 128 bytes per tile."""
-    bits = minmax_bits(features)
-    padded = np.zeros((bits.shape[0], code_bits(bits.shape[1] + 1)), dtype=bool)
-    padded[:, : bits.shape[1]] = bits
-    return np.packbits(padded, axis=1, bitorder=BITORDER)
+def minmax_barcode(features: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """Packed MinMax barcodes uint8 (N, code_bits(D) / 8); 1024-d features give 128 bytes per tile.
+    Computed `block` rows at a time, so the unpacked bits never take more than block x D bytes."""
+    features = np.asarray(features)
+    d = features.shape[1] if features.ndim == 2 else 0
+    out = np.empty((len(features), code_bits(d) // 8), dtype=np.uint8)
+    for start in range(0, len(features), block):
+        bits = minmax_bits(features[start : start + block])
+        padded = np.zeros((bits.shape[0], code_bits(d)), dtype=bool)
+        padded[:, : bits.shape[1]] = bits
+        out[start : start + block] = np.packbits(padded, axis=1, bitorder=BITORDER)
+    if len(features) == 0:
+        minmax_bits(features)  # the shape check
+    return out
 
 
 def hamming_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:

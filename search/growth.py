@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from histo.errors import HistoError
+from histo.errors import HistoError, InputFileError
 from histo.io import atomic_write_json
 from search import features as feats_io
 from search.barcodes import BITORDER, build_binary_index, code_bits, empty_copy, minmax_barcode
@@ -90,14 +90,30 @@ def read_catalog(index_dir: Path, manifest: Mapping[str, Any]) -> list[dict[str,
 
 
 def _read_slides(root: Path, slide_ids: Sequence[str]) -> tuple[list[dict], np.ndarray, np.ndarray]:
-    """(catalog records, features, coords) of stored slides, rows of each slide contiguous in that order."""
-    records, features, coords = [], [], []
+    """(catalog records, features, coords) of stored slides, rows of each slide contiguous in that order,
+    read into arrays sized from the slides' records (one slide at a time in memory besides them)."""
+    stored = [_stored_record(root, sid) for sid in slide_ids]
+    n, dim = sum(int(r["n_tiles"]) for r in stored), int(feats_io.read_attrs(root)["model"]["feature_dim"])
+    features, coords = np.empty((n, dim), dtype=np.float32), np.empty((n, 2), dtype=np.int64)
+    row, records = 0, []
     for sid in slide_ids:
         rec, f, xy = feats_io.read_slide(root, sid)
-        records.append({key: rec.get(key) for key in CATALOG_KEYS})
-        features.append(f)
-        coords.append(xy)
-    return records, np.concatenate(features), np.concatenate(coords)
+        features[row : row + len(f)], coords[row : row + len(f)] = f, xy
+        records.append({key: rec.get(key) for key in CATALOG_KEYS} | {"n_tiles": len(f)})
+        row += len(f)
+    if row != n:
+        raise HistoError(f"{root}: slide records give {n} tiles, their features {row}")
+    return records, features, coords
+
+
+def _stored_record(root: Path, slide_id: str) -> dict[str, Any]:
+    """A stored slide's record (its group's attributes), without reading its arrays."""
+    try:
+        return json.loads((root / feats_io.SLIDES / slide_id / "zarr.json").read_text())["attributes"][
+            "record"
+        ]
+    except (OSError, ValueError, KeyError):
+        raise InputFileError(root / feats_io.SLIDES / slide_id, "unreadable features record") from None
 
 
 def _entries(slide_ids: Sequence[str], files: Sequence[str]) -> list[str]:

@@ -596,7 +596,9 @@ def calibrate(
         index.to_device("cpu")
         return recall_at_k(index.search(vectors[queries], k)[1], truth)
 
-    truth = indexed[exact_knn(vectors[queries], vectors[indexed], k)[1]] if len(queries) else None
+    indexed_rows = np.zeros(len(vectors), dtype=bool)
+    indexed_rows[indexed] = True  # a mask, not a copy of the indexed vectors
+    truth = exact_knn(vectors[queries], vectors, k, allowed=indexed_rows)[1] if len(queries) else None
     calibration = tune(tuned, base.effective, recall_of if len(queries) else None, index.kind.name)
     index.parameters = base
     return calibration
