@@ -18,6 +18,7 @@ from search.config import IndexParams, index_params
 from search.filters import CACHED_FILTERS, ListPlan, digest, row_selector, widened
 from search.index import (
     Calibration,
+    add_rows,
     calibration_rows,
     new_faiss_index,
     resolve_build_params,
@@ -103,9 +104,9 @@ def build_binary_index(
         return index, {"kind": row.name, **chosen}
     held = calibration_rows(len(codes), groups, p)
     rest = np.flatnonzero(~held)
-    index.add_with_ids(codes[rest], rest.astype(np.int64))
+    add_rows(index, codes, rest)
     calibration = _calibrate(index, row, codes, np.flatnonzero(held), rest, p)
-    index.add_with_ids(codes[held], np.flatnonzero(held).astype(np.int64))
+    add_rows(index, codes, np.flatnonzero(held))
     if isinstance(index, faiss.IndexBinaryIVF):
         index.make_direct_map()
     return index, {"kind": row.name, **chosen, **calibration.record()}

@@ -473,12 +473,19 @@ def build_float_index(
     held_out = calibration_rows(n, groups, p)
     built.held_out = np.flatnonzero(held_out)
     rest = np.flatnonzero(~held_out)
-    index.add_with_ids(vectors[rest], rest.astype(np.int64))
+    add_rows(index, vectors, rest)
     calibration = calibrate(built, vectors, np.flatnonzero(held_out), rest)
     built.parameters = built.parameters.with_resolved(calibration.record())
-    index.add_with_ids(vectors[held_out], np.flatnonzero(held_out).astype(np.int64))
+    add_rows(index, vectors, np.flatnonzero(held_out))
     built.to_device("cpu")
     return built
+
+
+def add_rows(index: Any, x: np.ndarray, rows: np.ndarray, block: int = 1 << 16) -> None:
+    """`index.add_with_ids(x[rows], rows)`, `block` rows at a time (never a copy of most of `x`)."""
+    for start in range(0, len(rows), block):
+        ids = np.ascontiguousarray(rows[start : start + block], dtype=np.int64)
+        index.add_with_ids(x[ids], ids)
 
 
 def training_sample(x: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
