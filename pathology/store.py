@@ -58,6 +58,7 @@ class SlideRecord:
     reason: str | None = None
     n_mosaic: int = 0
     n_selected: int = 0
+    given_coords: str | None = None  # the CLAM/TRIDENT coordinate file its tiles came from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

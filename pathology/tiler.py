@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -14,7 +15,7 @@ from histo.batch import ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch
 from histo.errors import ConfigError, HistoError, InputFileError
 from pathology.cellularity import cellularity_score, keep_most_cellular
 from pathology.labels import SlideMeta, resolve_meta
-from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, tissue_fractions
+from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, tile_means, tissue_fractions
 from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_id_of
 from pathology.store import SlideRecord, read_tiles, slide_id_problem
 from pathology.tissue import brightfield_problem, tissue_mask
@@ -22,6 +23,7 @@ from pathology.tissue import brightfield_problem, tissue_mask
 log = logging.getLogger(__name__)
 
 MAX_MASK_PX = 8192  # long side of the tissue-mask image; coarser µm/px beyond (bounded memory)
+NO_CLUSTER = -1  # cluster of a given patch kept without the colour mosaic
 
 
 @dataclass(frozen=True)
@@ -122,13 +124,25 @@ def _empty(record: SlideRecord, thumb: np.ndarray | None, mask: np.ndarray | Non
     )  # fmt: skip
 
 
-def tile_open_slide(slide: Slide, cfg: dict, meta: SlideMeta | None = None) -> TileSet:
-    """Compute the high-cellularity mosaic of an open slide; EmptyMosaicError when there is none."""
+def tile_open_slide(
+    slide: Slide, cfg: dict, meta: SlideMeta | None = None, given: Path | None = None
+) -> TileSet:
+    """Compute the high-cellularity mosaic of an open slide; EmptyMosaicError when there is none.
+
+    With `given` (a CLAM/TRIDENT coordinate file) its patches are the candidate tiles instead of the
+    tissue grid, and `cfg["from_coords"]["select"]` says what is applied on top (none, cellularity,
+    mosaic: the Yottixel mosaic, then the cellularity selection)."""
     geometry = tile_geometry(cfg)
     record = _base_record(slide, geometry, resolve_meta(meta, slide.slide_id))
     problem = slide_id_problem(slide.slide_id)
     if problem:
         raise InputFileError(slide.path, problem)
+    patches = None
+    if given is not None:
+        from pathology.interop.tiles import read_given_tiles
+
+        patches = read_given_tiles(given, slide, geometry)
+        record.tile_size_level0, record.given_coords = patches.size_level0, str(patches.path)
     size0 = record.tile_size_level0
     mask_mpp = max(cfg["tissue"]["mpp"], max(slide.width, slide.height) * slide.mpp / MAX_MASK_PX)
     thumb = slide.read_at_mpp(mask_mpp)
@@ -141,6 +155,48 @@ def tile_open_slide(slide: Slide, cfg: dict, meta: SlideMeta | None = None) -> T
     if dark:
         raise fail(dark)
     mask = tissue_mask(thumb, cfg["tissue"], mask_mpp)
+    if patches is None:
+        cand, features = _grid_candidates(slide, thumb, mask, size0, cfg, fail)
+        select = "mosaic"
+    else:
+        if len(patches.coords) == 0:
+            raise fail(f"no patches in {patches.path}")
+        cand, select = patches.coords, cfg["from_coords"]["select"]
+        features = tile_means(thumb, cand, size0, slide.width, slide.height)
+    if select == "mosaic":
+        pick, cluster = select_mosaic(
+            features, cand[:, ::-1], cfg["mosaic"]["n_clusters"], cfg["mosaic"]["percent"], cfg["seed"]
+        )
+        coords = cand[pick]
+    else:  # every given patch is a mosaic tile; no colour clusters
+        coords, cluster = cand, np.full(len(cand), NO_CLUSTER, np.int32)
+    cell = cfg["cellularity"]
+    cell_px = max(8, round(geometry.um / cell["mpp"]))
+    radius_px = max(1, round(cell["nucleus_radius_um"] / (geometry.um / cell_px)))
+    scores = np.array(
+        [
+            cellularity_score(slide.read_tile(x, y, size0, cell_px), cell["h_threshold"], radius_px)
+            for x, y in coords
+        ],
+        np.float32,
+    )
+    selected = np.ones(len(coords), bool) if select == "none" else keep_most_cellular(scores, cell)
+    record.n_mosaic, record.n_selected = len(coords), int(selected.sum())
+    tileset = TileSet(record, coords, cluster, scores, selected, thumb, mask)
+    if not selected.any():  # only the min_score rule can keep nothing: a visible outcome, not a success
+        record.status = "failed"
+        record.reason = (
+            f"no high-cellularity tile: none of {len(coords)} mosaic tiles reaches cellularity.min_score "
+            f"{cell['min_score']} (best {scores.max():.3g})"
+        )
+        raise EmptyMosaicError(slide.path, record.reason, tileset)
+    return tileset
+
+
+def _grid_candidates(
+    slide: Slide, thumb: np.ndarray, mask: np.ndarray, size0: float, cfg: dict, fail: Callable
+) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 corners of the grid tiles with enough tissue, and their colour features."""
     grid = Grid.of(slide.width, slide.height, size0)
     if grid.n_cols * grid.n_rows == 0:
         raise fail(
@@ -162,45 +218,26 @@ def tile_open_slide(slide: Slide, cfg: dict, meta: SlideMeta | None = None) -> T
         features = box_means(thumb, grid, slide.width, slide.height)[candidates]
     else:
         features = colour_features(slide, cand, grid, colour_mpp)
-    pick, cluster = select_mosaic(
-        features, cand[:, ::-1], cfg["mosaic"]["n_clusters"], cfg["mosaic"]["percent"], cfg["seed"]
-    )
-    coords = cand[pick]
-    cell = cfg["cellularity"]
-    cell_px = max(8, round(geometry.um / cell["mpp"]))
-    radius_px = max(1, round(cell["nucleus_radius_um"] / (geometry.um / cell_px)))
-    scores = np.array(
-        [
-            cellularity_score(slide.read_tile(x, y, size0, cell_px), cell["h_threshold"], radius_px)
-            for x, y in coords
-        ],
-        np.float32,
-    )
-    selected = keep_most_cellular(scores, cell)
-    record.n_mosaic, record.n_selected = len(coords), int(selected.sum())
-    tileset = TileSet(record, coords, cluster, scores, selected, thumb, mask)
-    if not selected.any():  # only the min_score rule can keep nothing: a visible outcome, not a success
-        record.status = "failed"
-        record.reason = (
-            f"no high-cellularity tile: none of {len(coords)} mosaic tiles reaches cellularity.min_score "
-            f"{cell['min_score']} (best {scores.max():.3g})"
-        )
-        raise EmptyMosaicError(slide.path, record.reason, tileset)
-    return tileset
+    return cand, features
 
 
 def tile_slide(
-    path: str | os.PathLike, config: dict, mpp_override: float | None = None, meta: SlideMeta | None = None
+    path: str | os.PathLike,
+    config: dict,
+    mpp_override: float | None = None,
+    meta: SlideMeta | None = None,
+    given: str | os.PathLike | None = None,
 ) -> TileSet:
     """Open a slide and tile it (API used by `histo tile` and by `histo search` for query slides).
 
     The scale override (argument, else the labels' mpp) is used only when the slide has no scale.
+    `given`: a CLAM/TRIDENT coordinate file whose patches are the candidate tiles.
     Raises InputFileError (EmptyMosaicError for an empty mosaic) naming the file and the reason.
     """
     if mpp_override is None and meta is not None:
         mpp_override = meta.mpp
     with open_slide(path, mpp_override) as slide:
-        return tile_open_slide(slide, config, meta)
+        return tile_open_slide(slide, config, meta, None if given is None else Path(given))
 
 
 # ---- many slides -> tile store -------------------------------------------------------------------
@@ -235,6 +272,7 @@ class _Job:
     path: Path
     meta: SlideMeta | None
     duplicate_of: Path | None
+    given: Path | None = None  # its CLAM/TRIDENT coordinate file (`--from-coords`)
 
 
 def _detail(rec: SlideRecord) -> dict:
@@ -250,7 +288,8 @@ def _failed(job: _Job, reason: str) -> SlideRecord:
 
 
 def _tile_one(
-    job: _Job, out: str, config: dict, save_pixels: bool, qc_dir: str | None, mpp: float | None
+    job: _Job, out: str, config: dict, save_pixels: bool, qc_dir: str | None, mpp: float | None,
+    from_coords: str | None = None,
 ) -> Outcome:
     """Tile one slide into the store. A fault of the slide's data is written there as a failed record
     before it goes on to the runner, which reports it (histo.batch's exception policy)."""
@@ -263,7 +302,9 @@ def _tile_one(
     if safe:
         store.clean_partial(job.id)
     try:
-        tileset = tile_slide(job.path, config, mpp_override=mpp, meta=job.meta)
+        if from_coords is not None and job.given is None:
+            raise InputFileError(job.path, f"no coordinate file for this slide in {from_coords}")
+        tileset = tile_slide(job.path, config, mpp_override=mpp, meta=job.meta, given=job.given)
         pixels = tileset.read_tiles("selected") if save_pixels else None
     except EmptyMosaicError as e:
         tileset, pixels = e.tileset, None
@@ -285,8 +326,9 @@ def _tile_one(
     return Outcome.failed(job.id, job.path, rec.reason, **_detail(rec))
 
 
-def _jobs(paths: list[str | os.PathLike], labels: dict) -> list[_Job]:
-    """Every slide found, sorted by path; a slide ID seen before is a duplicate of its first file."""
+def _jobs(paths: list[str | os.PathLike], labels: dict, given: dict[str, Path]) -> list[_Job]:
+    """Every slide found, sorted by path; a slide ID seen before is a duplicate of its first file;
+    `given`: slide ID -> its coordinate file."""
     from pathology.labels import find_meta
 
     everything = find_slides(paths)
@@ -301,7 +343,7 @@ def _jobs(paths: list[str | os.PathLike], labels: dict) -> list[_Job]:
         slide_id = slide_id_of(path)
         first = first_of.setdefault(slide_id, path)
         meta = find_meta(labels, path, slide_id) if labels else None
-        jobs.append(_Job(slide_id, path, meta, None if first == path else first))
+        jobs.append(_Job(slide_id, path, meta, None if first == path else first, given.get(slide_id)))
     return jobs
 
 
@@ -316,8 +358,12 @@ def tile_slides(
     qc_dir: str | os.PathLike | None = None,
     mpp_override: float | None = None,
     progress: bool = True,
+    from_coords: str | os.PathLike | None = None,
 ) -> BatchSummary:
     """Tile the shard `shard` = (i, n) of the slides into the store `out` (created if absent).
+
+    `from_coords`: a folder of CLAM/TRIDENT coordinate files (pathology/interop/coords.py) whose patches
+    are the tiles (`from_coords.select` says what selection runs on top); a slide without one fails.
 
     Slides done in the store from the same file are skipped; a bad slide is failed (in the store and
     the summary) and the rest goes on. `workers` > 1 tiles slides in parallel processes. No slide
@@ -329,8 +375,15 @@ def tile_slides(
     from pathology.store import TileStore
 
     tile_geometry(config)  # config errors before any work
+    given: dict[str, Path] = {}
+    if from_coords is not None:
+        from pathology.interop.coords import find_coords_files
+        from pathology.interop.tiles import check_select
+
+        check_select(config)
+        given = find_coords_files(from_coords)
     labels = read_labels(labels_csv) if labels_csv is not None else {}
-    jobs = _jobs(paths, labels)
+    jobs = _jobs(paths, labels, given)
     unlabelled = [job.id for job in select_shard(jobs, shard) if labels and job.meta is None]
     if unlabelled:
         shown = ", ".join(unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
@@ -348,12 +401,15 @@ def tile_slides(
         rec = store.record(job.id)
         if rec.status != "done" or rec.source_path != str(job.path.resolve()):
             return None
+        if rec.given_coords != (None if job.given is None else str(job.given)):
+            return None
         store.clean_partial(job.id)
         return _detail(rec)
 
     process = partial(
         _tile_one, out=str(out), config=config, save_pixels=save_pixels,
         qc_dir=None if qc_dir is None else str(qc_dir), mpp=mpp_override,
+        from_coords=None if from_coords is None else str(from_coords),
     )  # fmt: skip
     outcomes = run_batch(
         jobs, process, shard=shard, is_done=finished, workers=workers, desc="tile", unit="slide",

@@ -53,6 +53,11 @@ def _table(batch: BatchSummary) -> list[str]:
     "--magnification", type=click.FloatRange(min=0, min_open=True), help="Override tile.magnification."
 )
 @click.option("--seed", type=int, help="Override seed.")
+@click.option(
+    "--from-coords",
+    type=click.Path(file_okay=False),
+    help="Folder of CLAM/TRIDENT coordinate .h5 files: their patches are the tiles (see from_coords.select).",
+)
 @json_option
 def tile(
     slides: tuple[str, ...],
@@ -67,6 +72,7 @@ def tile(
     tile_px: int | None,
     magnification: float | None,
     seed: int | None,
+    from_coords: str | None,
     as_json: bool,
 ) -> None:
     """Tile SLIDES (files or folders searched for slide files) into the tile store OUT.
@@ -82,6 +88,6 @@ def tile(
     )
     batch = tile_slides(
         list(slides), out, config, labels_csv=labels_csv, shard=parse_shard(shard), workers=workers,
-        save_pixels=save_pixels, qc_dir=qc_dir, mpp_override=mpp_override,
+        save_pixels=save_pixels, qc_dir=qc_dir, mpp_override=mpp_override, from_coords=from_coords,
     )  # fmt: skip
     finish(batch, as_json, _table(batch))
