@@ -288,7 +288,12 @@ def _failed(job: _Job, reason: str) -> SlideRecord:
 
 
 def _tile_one(
-    job: _Job, out: str, config: dict, save_pixels: bool, qc_dir: str | None, mpp: float | None,
+    job: _Job,
+    out: str,
+    config: dict,
+    save_pixels: bool,
+    qc_dir: str | None,
+    mpp: float | None,
     from_coords: str | None = None,
 ) -> Outcome:
     """Tile one slide into the store. A fault of the slide's data is written there as a failed record

@@ -132,7 +132,9 @@ def _size_level0(attrs: dict, path: Path, level_downsamples: tuple | None) -> tu
     elif level_downsamples is not None and isinstance(level, int) and 0 <= level < len(level_downsamples):
         ds = float(level_downsamples[level])
     else:
-        raise InputFileError(path, f"coords has no downsample attribute and level {level!r} is not in the slide")
+        raise InputFileError(
+            path, f"coords has no downsample attribute and level {level!r} is not in the slide"
+        )
     custom = _positive(attrs, "custom_downsample", path) if "custom_downsample" in attrs else 1.0
     return "clam", size * ds * custom
 
@@ -149,9 +151,11 @@ def read_coords(
     coords, a = data["coords"], attrs["coords"]
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise InputFileError(path, f"coords must be (N, 2) level-0 x, y, got shape {coords.shape}")
-    if not np.issubdtype(coords.dtype, np.integer):
-        if not (np.isfinite(coords).all() and np.array_equal(coords, np.round(coords))):
-            raise InputFileError(path, "coords must be whole level-0 pixel positions")
+    whole = np.issubdtype(coords.dtype, np.integer) or (
+        np.isfinite(coords).all() and np.array_equal(coords, np.round(coords))
+    )
+    if not whole:
+        raise InputFileError(path, "coords must be whole level-0 pixel positions")
     coords = coords.astype(np.int64)
     fmt, size = _size_level0(a, path, level_downsamples)
     if bounds is not None and len(coords):
@@ -183,7 +187,9 @@ def find_coords_files(folder: str | os.PathLike) -> dict[str, Path]:
         for f in sorted(d.glob("*.h5")) if d.is_dir() else []:
             slide_id = _stem_id(f)
             if slide_id in found:
-                raise InputFileError(f, f"a second coordinate file for slide {slide_id!r} ({found[slide_id]})")
+                raise InputFileError(
+                    f, f"a second coordinate file for slide {slide_id!r} ({found[slide_id]})"
+                )
             found[slide_id] = f
     if not found:
         raise InputFileError(folder, "no .h5 coordinate files here or in patches/")

@@ -36,7 +36,9 @@ def _open_source(store: Any, slide_id: str) -> Any:
 
     rec = store.record(slide_id)
     if not Path(rec.source_path).exists():
-        raise InputFileError(rec.source_path, f"slide file of {slide_id!r} in {store.path} has moved or is missing")
+        raise InputFileError(
+            rec.source_path, f"slide file of {slide_id!r} in {store.path} has moved or is missing"
+        )
     return open_slide(rec.source_path, mpp_override=rec.mpp)
 
 

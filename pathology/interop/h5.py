@@ -34,14 +34,13 @@ def write_h5(path: str | os.PathLike, datasets: dict[str, np.ndarray], attrs: di
     import h5py
 
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for name, data in datasets.items():
-                data = np.ascontiguousarray(data)
-                chunks = (max(1, min(CHUNK_ROWS, len(data))), *data.shape[1:])
-                dset = f.create_dataset(name, data=data, maxshape=(None, *data.shape[1:]), chunks=chunks)
-                for key, value in attrs.get(name, {}).items():
-                    dset.attrs[key] = _attr_value(value)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for name, data in datasets.items():
+            data = np.ascontiguousarray(data)
+            chunks = (max(1, min(CHUNK_ROWS, len(data))), *data.shape[1:])
+            dset = f.create_dataset(name, data=data, maxshape=(None, *data.shape[1:]), chunks=chunks)
+            for key, value in attrs.get(name, {}).items():
+                dset.attrs[key] = _attr_value(value)
     return path
 
 
