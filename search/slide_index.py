@@ -55,7 +55,8 @@ def _open_store(store: Any) -> Any:
     return store if isinstance(store, TileStore) else TileStore.open(store)
 
 
-def _load_extractor(model: Any, device: str) -> Any:
+def load_extractor(model: Any, device: str) -> Any:
+    """The feature extractor of a checkpoint path (or an extractor as given): the one place that builds it."""
     from pathology.kimianet import FeatureExtractor
 
     if isinstance(model, FeatureExtractor):
@@ -97,7 +98,7 @@ class SlideIndex:
         self._extractor = None
         self.extraction: BatchSummary | None = None  # the feature extraction of `build`, when built here
         if model is not None:
-            self._extractor = self._check_model(_load_extractor(model, device))
+            self._extractor = self._check_model(load_extractor(model, device))
         search_cfg = manifest.get("search", {})
         self.engine = SearchEngine(
             self.catalog,
@@ -129,16 +130,64 @@ class SlideIndex:
         Returns the opened index, its `extraction` the BatchSummary of the feature extraction, or None
         for a shard job (run once more without a shard to assemble; `extract` returns the shard's summary).
         """
-        if index_type not in INDEX_TYPES:
-            raise HistoError(f"unknown index type {index_type!r} (choose from {', '.join(INDEX_TYPES)})")
-        unknown = set(params or {}) - set(DEFAULT_PARAMS)
-        if unknown:
-            raise HistoError(f"unknown index parameters: {', '.join(sorted(unknown))}")
+        _check_index_request(index_type, params)
         out = Path(out)
-        extractor = _load_extractor(model, device)
+        extractor = load_extractor(model, device)
         batch = feats_io.extract_features(_open_store(store), extractor, out, shard, batch_size, progress)
         if shard[1] > 1:
             return None
+        built_with = {"feature_device": str(extractor.device)}
+        return cls._finish(out, model, extractor, batch, index_type, params, search, built_with, device)
+
+    @classmethod
+    def build_from_features(
+        cls,
+        folder: str | os.PathLike,
+        out: str | os.PathLike,
+        labels_csv: str | os.PathLike | None = None,
+        encoder: str | None = None,
+        model: Any = None,
+        index_type: str = "flat",
+        device: str = "auto",
+        params: dict[str, Any] | None = None,
+        search: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> SlideIndex:
+        """Build the index from per-slide CLAM/TRIDENT feature files (search/feature_files.py).
+
+        `encoder`: the name the files must carry (needed when they carry none); `model`: the checkpoint
+        that made histo's files (its hash must match theirs), so the index can featurise new queries.
+        """
+        from search.feature_files import import_feature_files
+
+        _check_index_request(index_type, params)
+        out = Path(out)
+        batch, info = import_feature_files(folder, out, labels_csv, encoder, progress)
+        extractor = None
+        if model is not None:
+            extractor = load_extractor(model, device)
+            if extractor.model_hash != info["hash"]:
+                raise HistoError(
+                    f"{folder}: features were made by model {info['hash'][:12]}, "
+                    f"not by {model} ({extractor.model_hash[:12]})"
+                )
+        built_with = {"features_from": str(Path(folder).resolve())}
+        return cls._finish(out, model, extractor, batch, index_type, params, search, built_with, device)
+
+    @classmethod
+    def _finish(
+        cls,
+        out: Path,
+        model: Any,
+        extractor: Any,
+        batch: BatchSummary,
+        index_type: str,
+        params: dict[str, Any] | None,
+        search: dict[str, Any] | None,
+        built_with: dict[str, Any],
+        device: str,
+    ) -> SlideIndex:
+        """Copy the model file into the index (when one is a file), assemble it and open it."""
         if not isinstance(model, (str, os.PathLike)):
             (out / MODEL).unlink(missing_ok=True)
         elif not (out / MODEL).exists() or feats_io.model_info(extractor)["hash"] != file_sha256(out / MODEL):
@@ -148,7 +197,7 @@ class SlideIndex:
             "index": {"type": index_type, "params_requested": dict(params or {})},
             "search": {"tile_k": None, "stage1_tiles": 32, "n_matches": 5, **(search or {})},
             "failed_slides": _failed_slides(batch),
-            "built_with": {"feature_device": str(extractor.device)},
+            "built_with": built_with,
         }
         _assemble(out, content)
         index = cls.open(out, device=device, model=extractor)
@@ -167,7 +216,7 @@ class SlideIndex:
         progress: bool = True,
     ) -> BatchSummary:
         """Extract the features of the shard's slides into `out` (resumable) without building the index."""
-        extractor = _load_extractor(model, device)
+        extractor = load_extractor(model, device)
         return feats_io.extract_features(
             _open_store(store), extractor, Path(out), shard, batch_size, progress
         )
@@ -218,7 +267,7 @@ class SlideIndex:
                     f"{self.path}: built with an in-memory model (hash {self.model_hash[:12]}); "
                     "pass the same model to SlideIndex.open(..., model=...)"
                 )
-            self._extractor = self._check_model(_load_extractor(self.path / MODEL, self.device))
+            self._extractor = self._check_model(load_extractor(self.path / MODEL, self.device))
         return self._extractor
 
     @property
@@ -324,6 +373,15 @@ class SlideIndex:
 
     def __len__(self) -> int:
         return len(self.catalog)
+
+
+def _check_index_request(index_type: str, params: dict[str, Any] | None) -> None:
+    """A known index type and known index parameters, before any work."""
+    if index_type not in INDEX_TYPES:
+        raise HistoError(f"unknown index type {index_type!r} (choose from {', '.join(INDEX_TYPES)})")
+    unknown = set(params or {}) - set(DEFAULT_PARAMS)
+    if unknown:
+        raise HistoError(f"unknown index parameters: {', '.join(sorted(unknown))}")
 
 
 def _failed_slides(batch: BatchSummary) -> list[dict[str, Any]]:

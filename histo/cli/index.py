@@ -13,9 +13,24 @@ INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")  # = search.index.INDEX_TYPES (ke
 
 
 @click.command("index")
-@click.option("--tiles", "tiles", required=True, type=click.Path(), help="Tile store (from `histo tile`).")
+@click.option("--tiles", "tiles", type=click.Path(), help="Tile store (from `histo tile`).")
 @click.option(
-    "--model", required=True, type=click.Path(), help="Feature extractor checkpoint (`histo train`)."
+    "--features",
+    "features_dir",
+    type=click.Path(file_okay=False),
+    help="Instead of --tiles: a folder of per-slide CLAM/TRIDENT feature .h5 files (`histo features`).",
+)
+@click.option(
+    "--model", type=click.Path(), help="Feature extractor checkpoint (`histo train`); needed with --tiles."
+)
+@click.option(
+    "--labels",
+    "labels_csv",
+    type=click.Path(dir_okay=False),
+    help="--features: CSV slide,label[,patient,site].",
+)
+@click.option(
+    "--encoder", help="--features: the encoder name the files must carry (needed if they carry none)."
 )
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Index directory (created/resumed)."
@@ -28,8 +43,11 @@ INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")  # = search.index.INDEX_TYPES (ke
 @config_option
 @json_option
 def index(
-    tiles: str,
-    model: str,
+    tiles: str | None,
+    features_dir: str | None,
+    model: str | None,
+    labels_csv: str | None,
+    encoder: str | None,
     out: str,
     index_type: str | None,
     batch_size: int | None,
@@ -49,6 +67,12 @@ def index(
 
     cfg = load_config("index", config_path, {"type": index_type, "device": device, "batch_size": batch_size})
     shard_pair = parse_shard(shard)
+    if (tiles is None) == (features_dir is None):
+        raise click.UsageError("give exactly one of --tiles STORE or --features DIR")
+    if tiles is not None and model is None:
+        raise click.UsageError("--tiles needs --model CKPT")
+    if features_dir is not None and shard_pair[1] > 1:
+        raise click.UsageError("--shard applies to --tiles (feature files are imported in one run)")
     if shard_pair[1] > 1:
         batch = SlideIndex.extract(
             tiles, model, out, device=cfg["device"], shard=shard_pair, batch_size=cfg["batch_size"]
@@ -56,10 +80,16 @@ def index(
         note = f"shard {shard_pair[0]}/{shard_pair[1]}: features in {out}; run without --shard to build the index"
         finish(batch, as_json, [*failure_lines(batch), note])
         return
-    built = SlideIndex.build(
-        tiles, model, out, index_type=cfg["type"], device=cfg["device"],
-        params=cfg["params"], batch_size=cfg["batch_size"], search=cfg["search"],
-    )  # fmt: skip
+    if features_dir is not None:
+        built = SlideIndex.build_from_features(
+            features_dir, out, labels_csv=labels_csv, encoder=encoder, model=model, index_type=cfg["type"],
+            device=cfg["device"], params=cfg["params"], search=cfg["search"],
+        )  # fmt: skip
+    else:
+        built = SlideIndex.build(
+            tiles, model, out, index_type=cfg["type"], device=cfg["device"],
+            params=cfg["params"], batch_size=cfg["batch_size"], search=cfg["search"],
+        )  # fmt: skip
     m = built.manifest
     batch = built.extraction.with_extra(
         index={

@@ -68,3 +68,14 @@ def read_h5(path: str | os.PathLike, names: tuple[str, ...]) -> tuple[dict[str, 
     except OSError as e:
         raise InputFileError(path, f"not a readable HDF5 file ({str(e).splitlines()[0]})") from None
     return data, attrs
+
+
+def h5_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Shape of every top-level dataset, without reading the data."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return {n: tuple(f[n].shape) for n in f if isinstance(f[n], h5py.Dataset)}
+    except OSError as e:
+        raise InputFileError(path, f"not a readable HDF5 file ({str(e).splitlines()[0]})") from None
