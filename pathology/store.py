@@ -59,6 +59,7 @@ class SlideRecord:
     n_mosaic: int = 0
     n_selected: int = 0
     given_coords: str | None = None  # the CLAM/TRIDENT coordinate file its tiles came from
+    roi: str | None = None  # the QuPath GeoJSON file whose regions restricted its tissue mask
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -124,14 +124,28 @@ def _empty(record: SlideRecord, thumb: np.ndarray | None, mask: np.ndarray | Non
     )  # fmt: skip
 
 
+def slide_tissue(slide: Slide, cfg: dict, roi: Path | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """(RGB image, tissue mask, their µm/px) of the whole slide at the tissue resolution; with `roi` (a
+    QuPath GeoJSON file) the mask is restricted or replaced by its regions."""
+    mask_mpp = max(cfg["tissue"]["mpp"], max(slide.width, slide.height) * slide.mpp / MAX_MASK_PX)
+    thumb = slide.read_at_mpp(mask_mpp)
+    mask = tissue_mask(thumb, cfg["tissue"], mask_mpp)
+    if roi is not None:
+        from pathology.interop.roi import apply_roi
+
+        mask = apply_roi(mask, roi, slide.width, slide.height, cfg)
+    return thumb, mask, mask_mpp
+
+
 def tile_open_slide(
-    slide: Slide, cfg: dict, meta: SlideMeta | None = None, given: Path | None = None
+    slide: Slide, cfg: dict, meta: SlideMeta | None = None, given: Path | None = None, roi: Path | None = None
 ) -> TileSet:
     """Compute the high-cellularity mosaic of an open slide; EmptyMosaicError when there is none.
 
     With `given` (a CLAM/TRIDENT coordinate file) its patches are the candidate tiles instead of the
     tissue grid, and `cfg["from_coords"]["select"]` says what is applied on top (none, cellularity,
-    mosaic: the Yottixel mosaic, then the cellularity selection)."""
+    mosaic: the Yottixel mosaic, then the cellularity selection). With `roi` (a QuPath GeoJSON file) its
+    regions restrict or replace the tissue mask (pathology/interop/roi.py)."""
     geometry = tile_geometry(cfg)
     record = _base_record(slide, geometry, resolve_meta(meta, slide.slide_id))
     problem = slide_id_problem(slide.slide_id)
@@ -144,8 +158,8 @@ def tile_open_slide(
         patches = read_given_tiles(given, slide, geometry)
         record.tile_size_level0, record.given_coords = patches.size_level0, str(patches.path)
     size0 = record.tile_size_level0
-    mask_mpp = max(cfg["tissue"]["mpp"], max(slide.width, slide.height) * slide.mpp / MAX_MASK_PX)
-    thumb = slide.read_at_mpp(mask_mpp)
+    record.roi = None if roi is None else str(roi)
+    thumb, mask, _ = slide_tissue(slide, cfg, roi)
 
     def fail(reason: str, mask: np.ndarray | None = None) -> EmptyMosaicError:
         record.status, record.reason = "failed", reason
@@ -154,7 +168,6 @@ def tile_open_slide(
     dark = brightfield_problem(thumb, cfg["tissue"]["min_brightness"])
     if dark:
         raise fail(dark)
-    mask = tissue_mask(thumb, cfg["tissue"], mask_mpp)
     if patches is None:
         cand, features = _grid_candidates(slide, thumb, mask, size0, cfg, fail)
         select = "mosaic"
@@ -227,17 +240,21 @@ def tile_slide(
     mpp_override: float | None = None,
     meta: SlideMeta | None = None,
     given: str | os.PathLike | None = None,
+    roi: str | os.PathLike | None = None,
 ) -> TileSet:
     """Open a slide and tile it (API used by `histo tile` and by `histo search` for query slides).
 
     The scale override (argument, else the labels' mpp) is used only when the slide has no scale.
-    `given`: a CLAM/TRIDENT coordinate file whose patches are the candidate tiles.
+    `given`: a CLAM/TRIDENT coordinate file whose patches are the candidate tiles; `roi`: a QuPath
+    GeoJSON file whose regions restrict or replace the tissue mask.
     Raises InputFileError (EmptyMosaicError for an empty mosaic) naming the file and the reason.
     """
     if mpp_override is None and meta is not None:
         mpp_override = meta.mpp
     with open_slide(path, mpp_override) as slide:
-        return tile_open_slide(slide, config, meta, None if given is None else Path(given))
+        return tile_open_slide(
+            slide, config, meta, None if given is None else Path(given), None if roi is None else Path(roi)
+        )
 
 
 # ---- many slides -> tile store -------------------------------------------------------------------
@@ -273,6 +290,7 @@ class _Job:
     meta: SlideMeta | None
     duplicate_of: Path | None
     given: Path | None = None  # its CLAM/TRIDENT coordinate file (`--from-coords`)
+    roi: Path | None = None  # its QuPath GeoJSON regions (`--roi`)
 
 
 def _detail(rec: SlideRecord) -> dict:
@@ -295,6 +313,7 @@ def _tile_one(
     qc_dir: str | None,
     mpp: float | None,
     from_coords: str | None = None,
+    roi: str | None = None,
 ) -> Outcome:
     """Tile one slide into the store. A fault of the slide's data is written there as a failed record
     before it goes on to the runner, which reports it (histo.batch's exception policy)."""
@@ -309,7 +328,9 @@ def _tile_one(
     try:
         if from_coords is not None and job.given is None:
             raise InputFileError(job.path, f"no coordinate file for this slide in {from_coords}")
-        tileset = tile_slide(job.path, config, mpp_override=mpp, meta=job.meta, given=job.given)
+        if roi is not None and job.roi is None:
+            raise InputFileError(job.path, f"no GeoJSON file <slide id>.geojson for this slide in {roi}")
+        tileset = tile_slide(job.path, config, mpp_override=mpp, meta=job.meta, given=job.given, roi=job.roi)
         pixels = tileset.read_tiles("selected") if save_pixels else None
     except EmptyMosaicError as e:
         tileset, pixels = e.tileset, None
@@ -331,9 +352,11 @@ def _tile_one(
     return Outcome.failed(job.id, job.path, rec.reason, **_detail(rec))
 
 
-def _jobs(paths: list[str | os.PathLike], labels: dict, given: dict[str, Path]) -> list[_Job]:
+def _jobs(
+    paths: list[str | os.PathLike], labels: dict, given: dict[str, Path], roi: Path | dict[str, Path] | None
+) -> list[_Job]:
     """Every slide found, sorted by path; a slide ID seen before is a duplicate of its first file;
-    `given`: slide ID -> its coordinate file."""
+    `given`: slide ID -> its coordinate file; `roi`: one GeoJSON file for all, or slide ID -> file."""
     from pathology.labels import find_meta
 
     everything = find_slides(paths)
@@ -348,7 +371,10 @@ def _jobs(paths: list[str | os.PathLike], labels: dict, given: dict[str, Path]) 
         slide_id = slide_id_of(path)
         first = first_of.setdefault(slide_id, path)
         meta = find_meta(labels, path, slide_id) if labels else None
-        jobs.append(_Job(slide_id, path, meta, None if first == path else first, given.get(slide_id)))
+        regions = roi.get(slide_id) if isinstance(roi, dict) else roi
+        jobs.append(
+            _Job(slide_id, path, meta, None if first == path else first, given.get(slide_id), regions)
+        )
     return jobs
 
 
@@ -364,11 +390,14 @@ def tile_slides(
     mpp_override: float | None = None,
     progress: bool = True,
     from_coords: str | os.PathLike | None = None,
+    roi: str | os.PathLike | None = None,
 ) -> BatchSummary:
     """Tile the shard `shard` = (i, n) of the slides into the store `out` (created if absent).
 
     `from_coords`: a folder of CLAM/TRIDENT coordinate files (pathology/interop/coords.py) whose patches
     are the tiles (`from_coords.select` says what selection runs on top); a slide without one fails.
+    `roi`: a QuPath GeoJSON file, or a folder of `<slide id>.geojson`, whose annotations restrict or
+    replace the tissue mask (`roi.*` settings); a slide without its file fails.
 
     Slides done in the store from the same file are skipped; a bad slide is failed (in the store and
     the summary) and the rest goes on. `workers` > 1 tiles slides in parallel processes. No slide
@@ -387,8 +416,16 @@ def tile_slides(
 
         check_select(config)
         given = find_coords_files(from_coords)
+    regions = None
+    if roi is not None:
+        from pathology.interop.roi import check_roi, roi_files
+
+        if from_coords is not None:
+            raise HistoError("--roi and --from-coords exclude each other (given patches are not masked)")
+        check_roi(config)
+        regions = roi_files(roi)
     labels = read_labels(labels_csv) if labels_csv is not None else {}
-    jobs = _jobs(paths, labels, given)
+    jobs = _jobs(paths, labels, given, regions)
     unlabelled = [job.id for job in select_shard(jobs, shard) if labels and job.meta is None]
     if unlabelled:
         shown = ", ".join(unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
@@ -408,6 +445,8 @@ def tile_slides(
             return None
         if rec.given_coords != (None if job.given is None else str(job.given)):
             return None
+        if rec.roi != (None if job.roi is None else str(job.roi)):
+            return None
         store.clean_partial(job.id)
         return _detail(rec)
 
@@ -415,6 +454,7 @@ def tile_slides(
         _tile_one, out=str(out), config=config, save_pixels=save_pixels,
         qc_dir=None if qc_dir is None else str(qc_dir), mpp=mpp_override,
         from_coords=None if from_coords is None else str(from_coords),
+        roi=None if roi is None else str(roi),
     )  # fmt: skip
     outcomes = run_batch(
         jobs, process, shard=shard, is_done=finished, workers=workers, desc="tile", unit="slide",

@@ -58,6 +58,11 @@ def _table(batch: BatchSummary) -> list[str]:
     type=click.Path(file_okay=False),
     help="Folder of CLAM/TRIDENT coordinate .h5 files: their patches are the tiles (see from_coords.select).",
 )
+@click.option(
+    "--roi",
+    type=click.Path(),
+    help="QuPath GeoJSON (a file, or a folder of <slide id>.geojson): regions restrict or replace the tissue mask.",
+)
 @json_option
 def tile(
     slides: tuple[str, ...],
@@ -73,6 +78,7 @@ def tile(
     magnification: float | None,
     seed: int | None,
     from_coords: str | None,
+    roi: str | None,
     as_json: bool,
 ) -> None:
     """Tile SLIDES (files or folders searched for slide files) into the tile store OUT.
@@ -88,6 +94,6 @@ def tile(
     )
     batch = tile_slides(
         list(slides), out, config, labels_csv=labels_csv, shard=parse_shard(shard), workers=workers,
-        save_pixels=save_pixels, qc_dir=qc_dir, mpp_override=mpp_override, from_coords=from_coords,
+        save_pixels=save_pixels, qc_dir=qc_dir, mpp_override=mpp_override, from_coords=from_coords, roi=roi,
     )  # fmt: skip
     finish(batch, as_json, _table(batch))
