@@ -60,6 +60,7 @@ class SlideRecord:
     n_selected: int = 0
     given_coords: str | None = None  # the CLAM/TRIDENT coordinate file its tiles came from
     roi: str | None = None  # the QuPath GeoJSON file whose regions restricted its tissue mask
+    reader: str | None = None  # the slide reader backend and its version ("openslide 4.0.1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -205,13 +206,13 @@ class TileStore:
         coords = self.coords(slide_id)[self.selected(slide_id)]
         if indices is not None:
             coords = coords[np.asarray(indices, np.int64)]
-        from pathology.slide import open_slide
+        from pathology.slide import open_slide, recorded_reader
 
         if not Path(rec.source_path).exists():
             raise InputFileError(
                 rec.source_path, f"slide file of {slide_id!r} in {self.path} has moved or is missing"
             )
-        with open_slide(rec.source_path, mpp_override=rec.mpp) as slide:
+        with open_slide(rec.source_path, mpp_override=rec.mpp, reader=recorded_reader(rec.reader)) as slide:
             return read_tiles(slide, coords, rec.tile_size_level0, rec.tile_px)
 
     # ---- writing (tiler) -------------------------------------------------------------------------

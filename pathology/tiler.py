@@ -16,7 +16,7 @@ from histo.errors import ConfigError, HistoError, InputFileError
 from pathology.cellularity import cellularity_score, keep_most_cellular
 from pathology.labels import SlideMeta, resolve_meta
 from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, tile_means, tissue_fractions
-from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_id_of
+from pathology.slide import READERS, SLIDE_EXTENSIONS, Slide, open_slide, recorded_reader, slide_id_of
 from pathology.store import SlideRecord, read_tiles, slide_id_problem
 from pathology.tissue import brightfield_problem, tissue_mask
 
@@ -86,7 +86,7 @@ class TileSet:
             raise ValueError(f"which must be 'selected' or 'mosaic', got {which!r}")
         coords = self.coords[self.selected] if which == "selected" else self.coords
         rec = self.record
-        with open_slide(rec.source_path, mpp_override=rec.mpp) as slide:
+        with open_slide(rec.source_path, mpp_override=rec.mpp, reader=recorded_reader(rec.reader)) as slide:
             return read_tiles(slide, coords, rec.tile_size_level0, rec.tile_px)
 
 
@@ -112,6 +112,7 @@ def _base_record(slide: Slide, geometry: Geometry, meta: SlideMeta) -> SlideReco
         mpp=slide.mpp,
         mpp_source=slide.mpp_source,
         objective_power=slide.objective_power,
+        reader=slide.reader,
         tile_size_level0=geometry.um / slide.mpp,
         tile_px=geometry.px,
     )
@@ -241,17 +242,18 @@ def tile_slide(
     meta: SlideMeta | None = None,
     given: str | os.PathLike | None = None,
     roi: str | os.PathLike | None = None,
+    reader: str = "auto",
 ) -> TileSet:
     """Open a slide and tile it (API used by `histo tile` and by `histo search` for query slides).
 
     The scale override (argument, else the labels' mpp) is used only when the slide has no scale.
     `given`: a CLAM/TRIDENT coordinate file whose patches are the candidate tiles; `roi`: a QuPath
-    GeoJSON file whose regions restrict or replace the tissue mask.
+    GeoJSON file whose regions restrict or replace the tissue mask; `reader`: auto | openslide | tiatoolbox.
     Raises InputFileError (EmptyMosaicError for an empty mosaic) naming the file and the reason.
     """
     if mpp_override is None and meta is not None:
         mpp_override = meta.mpp
-    with open_slide(path, mpp_override) as slide:
+    with open_slide(path, mpp_override, reader) as slide:
         return tile_open_slide(
             slide, config, meta, None if given is None else Path(given), None if roi is None else Path(roi)
         )
@@ -314,6 +316,7 @@ def _tile_one(
     mpp: float | None,
     from_coords: str | None = None,
     roi: str | None = None,
+    reader: str = "auto",
 ) -> Outcome:
     """Tile one slide into the store. A fault of the slide's data is written there as a failed record
     before it goes on to the runner, which reports it (histo.batch's exception policy)."""
@@ -330,7 +333,9 @@ def _tile_one(
             raise InputFileError(job.path, f"no coordinate file for this slide in {from_coords}")
         if roi is not None and job.roi is None:
             raise InputFileError(job.path, f"no GeoJSON file <slide id>.geojson for this slide in {roi}")
-        tileset = tile_slide(job.path, config, mpp_override=mpp, meta=job.meta, given=job.given, roi=job.roi)
+        tileset = tile_slide(
+            job.path, config, mpp_override=mpp, meta=job.meta, given=job.given, roi=job.roi, reader=reader
+        )
         pixels = tileset.read_tiles("selected") if save_pixels else None
     except EmptyMosaicError as e:
         tileset, pixels = e.tileset, None
@@ -391,13 +396,15 @@ def tile_slides(
     progress: bool = True,
     from_coords: str | os.PathLike | None = None,
     roi: str | os.PathLike | None = None,
+    reader: str = "auto",
 ) -> BatchSummary:
     """Tile the shard `shard` = (i, n) of the slides into the store `out` (created if absent).
 
     `from_coords`: a folder of CLAM/TRIDENT coordinate files (pathology/interop/coords.py) whose patches
     are the tiles (`from_coords.select` says what selection runs on top); a slide without one fails.
     `roi`: a QuPath GeoJSON file, or a folder of `<slide id>.geojson`, whose annotations restrict or
-    replace the tissue mask (`roi.*` settings); a slide without its file fails.
+    replace the tissue mask (`roi.*` settings); a slide without its file fails. `reader`: the slide reader
+    (auto: OpenSlide, then tiatoolbox for formats OpenSlide does not read), recorded per slide.
 
     Slides done in the store from the same file are skipped; a bad slide is failed (in the store and
     the summary) and the rest goes on. `workers` > 1 tiles slides in parallel processes. No slide
@@ -409,6 +416,8 @@ def tile_slides(
     from pathology.store import TileStore
 
     tile_geometry(config)  # config errors before any work
+    if reader not in READERS:
+        raise HistoError(f"unknown reader {reader!r} (choose from {', '.join(READERS)})")
     given: dict[str, Path] = {}
     if from_coords is not None:
         from pathology.interop.coords import find_coords_files
@@ -454,7 +463,7 @@ def tile_slides(
         _tile_one, out=str(out), config=config, save_pixels=save_pixels,
         qc_dir=None if qc_dir is None else str(qc_dir), mpp=mpp_override,
         from_coords=None if from_coords is None else str(from_coords),
-        roi=None if roi is None else str(roi),
+        roi=None if roi is None else str(roi), reader=reader,
     )  # fmt: skip
     outcomes = run_batch(
         jobs, process, shard=shard, is_done=finished, workers=workers, desc="tile", unit="slide",

@@ -63,6 +63,13 @@ def _table(batch: BatchSummary) -> list[str]:
     type=click.Path(),
     help="QuPath GeoJSON (a file, or a folder of <slide id>.geojson): regions restrict or replace the tissue mask.",
 )
+@click.option(
+    "--reader",
+    type=click.Choice(["auto", "openslide", "tiatoolbox"]),
+    default="auto",
+    show_default=True,
+    help="Slide reader (auto: OpenSlide, then tiatoolbox for OME-TIFF/NGFF/JP2/... when installed).",
+)
 @json_option
 def tile(
     slides: tuple[str, ...],
@@ -79,6 +86,7 @@ def tile(
     seed: int | None,
     from_coords: str | None,
     roi: str | None,
+    reader: str,
     as_json: bool,
 ) -> None:
     """Tile SLIDES (files or folders searched for slide files) into the tile store OUT.
@@ -94,6 +102,6 @@ def tile(
     )
     batch = tile_slides(
         list(slides), out, config, labels_csv=labels_csv, shard=parse_shard(shard), workers=workers,
-        save_pixels=save_pixels, qc_dir=qc_dir, mpp_override=mpp_override, from_coords=from_coords, roi=roi,
+        save_pixels=save_pixels, qc_dir=qc_dir, mpp_override=mpp_override, from_coords=from_coords, roi=roi, reader=reader,
     )  # fmt: skip
     finish(batch, as_json, _table(batch))

@@ -32,14 +32,14 @@ class _Slide:
 
 def _open_source(store: Any, slide_id: str) -> Any:
     """The slide a store record came from, opened with the scale the store used."""
-    from pathology.slide import open_slide
+    from pathology.slide import open_slide, recorded_reader
 
     rec = store.record(slide_id)
     if not Path(rec.source_path).exists():
         raise InputFileError(
             rec.source_path, f"slide file of {slide_id!r} in {store.path} has moved or is missing"
         )
-    return open_slide(rec.source_path, mpp_override=rec.mpp)
+    return open_slide(rec.source_path, mpp_override=rec.mpp, reader=recorded_reader(rec.reader))
 
 
 def tile_coords(store: Any, slide_id: str, which: str) -> np.ndarray:
