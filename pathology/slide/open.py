@@ -25,10 +25,13 @@ def _backend(path: Path, reader: str) -> Backend:
         from pathology.slide.tiatoolbox_backend import TiatoolboxBackend
 
         return TiatoolboxBackend(path)
+    from pathology.slide.tiatoolbox_backend import EXTENSIONS
+
     try:
         return OpenSlideBackend(path)
     except InputFileError as e:
-        if "not a slide format OpenSlide can read" not in e.reason:
+        theirs = path.is_dir() or path.name.lower().endswith(EXTENSIONS)
+        if "not a slide format OpenSlide can read" not in e.reason or not theirs:
             raise
         try:
             import tiatoolbox  # noqa: F401
