@@ -48,9 +48,9 @@ def parse_severities(text: str) -> list[int]:
             lo, _, hi = part.strip().partition("-")
             values.extend(range(int(lo), int(hi or lo) + 1))
     except ValueError:
-        raise HistoError(f"--severities: expected e.g. 1-5 or 1,3,5, got {text!r}") from None
+        raise HistoError(f"expected e.g. 1-5 or 1,3,5, got {text!r}") from None
     if not values or any(not 1 <= v <= 5 for v in values):
-        raise HistoError(f"--severities: every severity must be in 1..5, got {text!r}")
+        raise HistoError(f"every severity must be in 1..5, got {text!r}")
     return sorted(set(values))
 
 

@@ -9,13 +9,13 @@ choice comes from the `torch.Generator` passed in, so a sample's augmentation de
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from skimage.color import hed_from_rgb, rgb_from_hed
+
+from pathology.config import AugmentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,18 +80,18 @@ def random_resized_crop(
     return resize(x[:, top : top + side, left : left + side], size)
 
 
-def augment(x: torch.Tensor, size: int, cfg: Mapping[str, Any], g: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, size: int, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     """Training augmentation of one (3, H, W) tile in [0, 1]: crop, flips, 90° turns, stain, brightness."""
-    scale = tuple(cfg["crop_scale"])
+    scale = cfg.crop_scale
     x = random_resized_crop(x, size, scale, g) if scale[0] < 1.0 else resize(x, size)
-    if cfg["flip"] and torch.rand(1, generator=g) < 0.5:
+    if cfg.flip and torch.rand(1, generator=g) < 0.5:
         x = x.flip(-1)
-    if cfg["rot90"]:
+    if cfg.rot90:
         x = torch.rot90(x, int(torch.randint(0, 4, (1,), generator=g)), dims=(-2, -1))
-    sigma = cfg["hed_sigma"]
+    sigma = cfg.hed_sigma
     if sigma > 0:
         x = hed_jitter(x, _uniform(g, 1 - sigma, 1 + sigma, 3), _uniform(g, -sigma, sigma, 3))
-    b, c = cfg["brightness"], cfg["contrast"]
+    b, c = cfg.brightness, cfg.contrast
     if b > 0:
         x = x * float(_uniform(g, 1 - b, 1 + b))
     if c > 0:

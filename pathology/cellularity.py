@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from histo.errors import ConfigError
+from pathology.config import CellularityConfig
 
 H_THRESHOLD = 0.01  # haematoxylin OD above the local background
 RADIUS_PX = 6  # half-width of the background window, about one nucleus radius at 1 µm/px
@@ -50,7 +50,7 @@ def cellularity_score(
     return float(nuclei_mask(rgb, h_threshold, radius_px, sigma).mean())
 
 
-def keep_most_cellular(scores: np.ndarray, cfg: dict) -> np.ndarray:
+def keep_most_cellular(scores: np.ndarray, cfg: CellularityConfig) -> np.ndarray:
     """Boolean keep mask over tiles by the configured rule (ties broken by tile order).
 
     top_fraction: the max(1, round(f * n)) highest scores; top_k: the k highest; min_score: every tile
@@ -60,14 +60,8 @@ def keep_most_cellular(scores: np.ndarray, cfg: dict) -> np.ndarray:
     keep = np.zeros(n, bool)
     if n == 0:
         return keep
-    rule = cfg["rule"]
-    if rule == "min_score":
-        return scores >= cfg["min_score"]
-    if rule == "top_fraction":
-        count = max(1, round(cfg["top_fraction"] * n))
-    elif rule == "top_k":
-        count = min(n, cfg["top_k"])
-    else:
-        raise ConfigError(f"cellularity.rule must be top_fraction, top_k or min_score, got {rule!r}")
+    if cfg.rule == "min_score":
+        return scores >= cfg.min_score
+    count = max(1, round(cfg.top_fraction * n)) if cfg.rule == "top_fraction" else min(n, cfg.top_k)
     keep[np.argsort(-scores, kind="stable")[:count]] = True
     return keep

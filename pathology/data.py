@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Sampler
 
 from histo.errors import HistoError, InputFileError
 from pathology.augment import augment, normalize, resize, to_tensor
+from pathology.config import AugmentConfig
 
 
 @dataclass
@@ -126,12 +127,12 @@ class TileDataset(Dataset):
         store_path: str | Path,
         items: list[tuple[str, int, int]],
         input_px: int,
-        augment_cfg: Mapping[str, Any] | None = None,
+        augment_cfg: AugmentConfig | None = None,
     ) -> None:
         self.store_path = str(store_path)
         self.items = items
         self.input_px = input_px
-        self.augment_cfg = dict(augment_cfg) if augment_cfg is not None else None
+        self.augment_cfg = augment_cfg
         self._store: Any = None
         self._slides: dict[str, Any] = {}
         self._coords: dict[str, np.ndarray] = {}

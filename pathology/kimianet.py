@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -27,12 +27,13 @@ from histo.norms import norm_traits
 from pathology.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, resize
 from pathology.cbr import CBR_SPECS, cbr
 from pathology.cbr import FAMILY as CBR_FAMILY
+from pathology.config import Variant
 from pathology.densenet import FAMILY as DENSENET_FAMILY
 from pathology.densenet import FeatureClassifier, densenet121
 
 KIND = "kimianet"  # histo.checkpoint kind of a trained (or imported) feature extractor
 ARCHS = ("densenet121", *sorted(CBR_SPECS))
-VARIANTS = ("I", "II", "III", "IV", "scratch")
+VARIANTS = get_args(Variant)
 _FIRST_TRAINED_BLOCK = {"I": 4, "II": 3, "III": 2}
 NO_MASK = "tiles come without one"  # why this trainer gives region-masked norms (rn_b) no mask
 
@@ -51,17 +52,18 @@ def build_model(
     return model
 
 
+def norm_refusal(norm: str, arch: str) -> str | None:
+    """Why this trainer cannot serve a registered norm on `arch` (its traits: rn_b, ibn_b), or None."""
+    family = DENSENET_FAMILY if arch == "densenet121" else CBR_FAMILY
+    return norm_traits(norm).refusal(family, no_mask=NO_MASK)
+
+
 def _check_norm(norm: str, arch: str) -> None:
     """Refuse an unknown norm, or one whose traits this trainer cannot serve (rn_b, ibn_b), in one line."""
-    family = DENSENET_FAMILY if arch == "densenet121" else CBR_FAMILY
-
-    def refusal(name: str) -> str | None:
-        return norm_traits(name).refusal(family, no_mask=NO_MASK)
-
     if norm not in norm_names():
-        usable = [n for n in norm_names() if refusal(n) is None]
+        usable = [n for n in norm_names() if norm_refusal(n, arch) is None]
         raise HistoError(f"unknown norm {norm!r}; known: {', '.join(usable)}")
-    reason = refusal(norm)
+    reason = norm_refusal(norm, arch)
     if reason is not None:
         raise HistoError(f"norm {norm!r} cannot be used here: {reason}")
 

@@ -4,12 +4,14 @@ The clean selected tiles of a tile store form the archive (features of the uncor
 tile, corrupted, queries it, its own patient excluded. Scores (`histo.classification`): tile accuracy, tile
 macro-F1 and slide accuracy (majority vote of the slide's tiles; a tie goes to the first label by name).
 The grid, the ImageNet-C metrics and the plots come from `histo.robustness`; α-BN (optional) calibrates the
-query forward passes per corruption.
+query forward passes per corruption. Spatial
+corruptions act at the store's target µm/px (`pathology.corruptions.spatial_scale`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ from histo.batch import BatchSummary
 from histo.classification import DEFINITIONS, classification_report, vote
 from histo.errors import HistoError
 from histo.io import atomic_write_json
-from histo.robustness import ModelRun, parse_severities, plan_runs, run_study, select_corruptions
+from histo.robustness import ModelRun, plan_runs, run_study, select_corruptions
+from histo.robustness_config import RobustnessConfig
 
 METRICS = {"accuracy": True, "macro_f1": True, "slide_accuracy": True}
 
@@ -75,6 +78,14 @@ def load_cohort(store: Any, max_tiles_per_slide: int = 16, cache_mb: float = 204
     return cohort
 
 
+def tile_mpp(store: Any) -> float:
+    """The µm/px of the store's tiles (its resolved target resolution), which sizes the spatial corruptions."""
+    mpp = store.params.get("resolved", {}).get("target_mpp")
+    if not isinstance(mpp, (int, float)) or not mpp > 0:
+        raise HistoError(f"{store.path}: the store records no tile resolution (params.resolved.target_mpp)")
+    return float(mpp)
+
+
 def knn_predict(
     query: np.ndarray,
     q_groups: np.ndarray,
@@ -126,34 +137,39 @@ def evaluate_pathology(
     model: str | os.PathLike,
     tiles: str | os.PathLike,
     out: str | os.PathLike,
-    config: dict,
+    config: RobustnessConfig | Mapping[str, Any] | None = None,
     reference: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> BatchSummary:
     """Run the corruption grid for `model` (its α-BN variant, and `reference`) on a tile store's tiles.
 
+    `config`: a RobustnessConfig, None (the defaults) or a mapping over the defaults (validated).
+
     Writes results.csv (resumable), CE tables, plots and summary.json into `out`; returns the
     BatchSummary of the grid's cells (the report in its extras).
     """
-    from pathology.corruptions import CORRUPTIONS, seeded
+    from pathology.corruptions import CORRUPTIONS, seeded, study_record
     from pathology.kimianet import FeatureExtractor
     from pathology.store import TileStore
 
-    p = config["pathology"]
-    names = select_corruptions(config["corruptions"], CORRUPTIONS)
-    severities = parse_severities(str(config["severities"]))
+    config = RobustnessConfig.coerce(config)
+    p, run = config.pathology, config.run
+    names = select_corruptions(config.corruptions, CORRUPTIONS)
+    severities = list(config.severities)
     store = TileStore.open(tiles)
-    cohort = load_cohort(store, p["max_tiles_per_slide"], p["cache_mb"])
-    plan, ref_label = plan_runs(model, reference, config["alpha_bn"])
-    extractors = {str(path): FeatureExtractor.from_checkpoint(path, config["device"]) for _, path, _ in plan}
+    mpp = tile_mpp(store)
+    record = study_record(names, mpp)  # severity table and spatial scaling, in settings and summary
+    cohort = load_cohort(store, p.max_tiles_per_slide, run.cache_mb)
+    plan, ref_label = plan_runs(model, reference, config.alpha_bn)
+    extractors = {str(path): FeatureExtractor.from_checkpoint(path, run.device) for _, path, _ in plan}
     archives = {
-        key: [ex.extract(cohort.tiles(i), p["batch_size"]) for i in range(len(cohort.slide_ids))]
+        key: [ex.extract(cohort.tiles(i), p.batch_size) for i in range(len(cohort.slide_ids))]
         for key, ex in extractors.items()
     }
     runs = [
         ModelRun(
             label,
-            make_evaluate(extractors[str(path)], cohort, archives[str(path)], p["k"], p["batch_size"]),
+            make_evaluate(extractors[str(path)], cohort, archives[str(path)], p.k, p.batch_size),
             alpha,
             extractors[str(path)].model,
         )
@@ -165,21 +181,22 @@ def evaluate_pathology(
         "models": {label: extractors[str(path)].model_hash for label, path, _ in plan},
         "corruptions": names,
         "severities": severities,
-        "seed": config["seed"],
-        "alpha_bn": config["alpha_bn"],
-        "pathology": {k: v for k, v in p.items() if k not in ("workers", "cache_mb")},  # not in the results
+        "seed": config.seed,
+        "alpha_bn": config.alpha_bn,
+        "pathology": p.model_dump(mode="json"),
         "slides": cohort.slide_ids,
         **DEFINITIONS,
+        **record,
     }
     summary = run_study(
         runs,
-        {n: seeded(n, p["batch_size"], p["workers"]) for n in names},
+        {n: seeded(n, p.batch_size, run.workers, mpp) for n in names},
         severities,
         out,
         settings,
         METRICS,
         reference=ref_label,
-        seed=config["seed"],
+        seed=config.seed,
         progress=progress,
     )
     summary = summary.with_extra(
@@ -188,6 +205,7 @@ def evaluate_pathology(
         n_slides=len(cohort.slide_ids),
         n_tiles=int(sum(len(i) for i in cohort.indices)),
         skipped_slides=cohort.skipped,
+        **record,
     )
     atomic_write_json(Path(out) / "summary.json", summary.to_dict())
     return summary

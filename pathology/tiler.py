@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from histo.batch import ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch, select_shard
-from histo.errors import ConfigError, HistoError, InputFileError
+from histo.errors import HistoError, InputFileError
 from pathology.cellularity import cellularity_score, keep_most_cellular
+from pathology.config import TileConfig
 from pathology.labels import SlideMeta, resolve_meta
 from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, tile_means, tissue_fractions
-from pathology.slide import READERS, SLIDE_EXTENSIONS, Slide, open_slide, recorded_reader, slide_id_of
+from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, recorded_reader, slide_id_of
 from pathology.store import SlideRecord, read_tiles, slide_id_problem
 from pathology.tissue import brightfield_problem, tissue_mask
 
@@ -35,29 +37,27 @@ class Geometry:
     um: float
 
 
-def tile_geometry(cfg: dict) -> Geometry:
+def tile_geometry(cfg: TileConfig) -> Geometry:
     """Resolve the tile config: px at a magnification, px at an µm/px, or a physical size as px."""
-    t = cfg["tile"]
-    px = int(t["px"])
-    if px < 8:
-        raise ConfigError(f"tile.px must be >= 8, got {px}")
-    if t["um"] is not None and t["mpp"] is not None:
-        raise ConfigError(f"set tile.um or tile.mpp, not both (got um={t['um']}, mpp={t['mpp']})")
-    if t["um"] is not None:
-        mpp = float(t["um"]) / px
-    elif t["mpp"] is not None:
-        mpp = float(t["mpp"])
+    t = cfg.tile
+    if t.um is not None:
+        mpp = t.um / t.px
+    elif t.mpp is not None:
+        mpp = t.mpp
     else:
-        mpp = 10.0 / float(t["magnification"])
-    if not mpp > 0:
-        raise ConfigError(f"tile target resolution must be positive, got {mpp} µm/px")
-    return Geometry(px, mpp, px * mpp)
+        mpp = 10.0 / t.magnification
+    return Geometry(t.px, mpp, t.px * mpp)
 
 
-def store_params(cfg: dict) -> dict:
-    """The parameters recorded in a store: the config plus the resolved tile geometry."""
+def store_params(cfg: TileConfig) -> dict:
+    """The parameters recorded in a store: the recorded config plus the resolved tile geometry."""
     g = tile_geometry(cfg)
-    return {**cfg, "resolved": {"tile_px": g.px, "target_mpp": g.mpp, "tile_um": g.um}}
+    return {**cfg.recorded(), "resolved": {"tile_px": g.px, "target_mpp": g.mpp, "tile_um": g.um}}
+
+
+def tiling_config(params: Mapping[str, Any], source: str) -> TileConfig:
+    """The TileConfig recorded in a store (or an index manifest's `tiling`), validated; `source` names it."""
+    return TileConfig.coerce({k: v for k, v in params.items() if k != "resolved"}, source)
 
 
 @dataclass
@@ -125,26 +125,32 @@ def _empty(record: SlideRecord, thumb: np.ndarray | None, mask: np.ndarray | Non
     )  # fmt: skip
 
 
-def slide_tissue(slide: Slide, cfg: dict, roi: Path | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+def slide_tissue(
+    slide: Slide, cfg: TileConfig, roi: Path | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
     """(RGB image, tissue mask, their µm/px) of the whole slide at the tissue resolution; with `roi` (a
     QuPath GeoJSON file) the mask is restricted or replaced by its regions."""
-    mask_mpp = max(cfg["tissue"]["mpp"], max(slide.width, slide.height) * slide.mpp / MAX_MASK_PX)
+    mask_mpp = max(cfg.tissue.mpp, max(slide.width, slide.height) * slide.mpp / MAX_MASK_PX)
     thumb = slide.read_at_mpp(mask_mpp)
-    mask = tissue_mask(thumb, cfg["tissue"], mask_mpp)
+    mask = tissue_mask(thumb, cfg.tissue, mask_mpp)
     if roi is not None:
         from pathology.interop.roi import apply_roi
 
-        mask = apply_roi(mask, roi, slide.width, slide.height, cfg)
+        mask = apply_roi(mask, roi, slide.width, slide.height, cfg.roi)
     return thumb, mask, mask_mpp
 
 
 def tile_open_slide(
-    slide: Slide, cfg: dict, meta: SlideMeta | None = None, given: Path | None = None, roi: Path | None = None
+    slide: Slide,
+    cfg: TileConfig,
+    meta: SlideMeta | None = None,
+    given: Path | None = None,
+    roi: Path | None = None,
 ) -> TileSet:
     """Compute the high-cellularity mosaic of an open slide; EmptyMosaicError when there is none.
 
     With `given` (a CLAM/TRIDENT coordinate file) its patches are the candidate tiles instead of the
-    tissue grid, and `cfg["from_coords"]["select"]` says what is applied on top (none, cellularity,
+    tissue grid, and `cfg.from_coords.select` says what is applied on top (none, cellularity,
     mosaic: the Yottixel mosaic, then the cellularity selection). With `roi` (a QuPath GeoJSON file) its
     regions restrict or replace the tissue mask (pathology/interop/roi.py)."""
     geometry = tile_geometry(cfg)
@@ -166,7 +172,7 @@ def tile_open_slide(
         record.status, record.reason = "failed", reason
         return EmptyMosaicError(slide.path, reason, _empty(record, thumb, mask))
 
-    dark = brightfield_problem(thumb, cfg["tissue"]["min_brightness"])
+    dark = brightfield_problem(thumb, cfg.tissue.min_brightness)
     if dark:
         raise fail(dark)
     if patches is None:
@@ -175,21 +181,21 @@ def tile_open_slide(
     else:
         if len(patches.coords) == 0:
             raise fail(f"no patches in {patches.path}")
-        cand, select = patches.coords, cfg["from_coords"]["select"]
+        cand, select = patches.coords, cfg.from_coords.select
         features = tile_means(thumb, cand, size0, slide.width, slide.height)
     if select == "mosaic":
         pick, cluster = select_mosaic(
-            features, cand[:, ::-1], cfg["mosaic"]["n_clusters"], cfg["mosaic"]["percent"], cfg["seed"]
+            features, cand[:, ::-1], cfg.mosaic.n_clusters, cfg.mosaic.percent, cfg.seed
         )
         coords = cand[pick]
     else:  # every given patch is a mosaic tile; no colour clusters
         coords, cluster = cand, np.full(len(cand), NO_CLUSTER, np.int32)
-    cell = cfg["cellularity"]
-    cell_px = max(8, round(geometry.um / cell["mpp"]))
-    radius_px = max(1, round(cell["nucleus_radius_um"] / (geometry.um / cell_px)))
+    cell = cfg.cellularity
+    cell_px = max(8, round(geometry.um / cell.mpp))
+    radius_px = max(1, round(cell.nucleus_radius_um / (geometry.um / cell_px)))
     scores = np.array(
         [
-            cellularity_score(slide.read_tile(x, y, size0, cell_px), cell["h_threshold"], radius_px)
+            cellularity_score(slide.read_tile(x, y, size0, cell_px), cell.h_threshold, radius_px)
             for x, y in coords
         ],
         np.float32,
@@ -201,14 +207,14 @@ def tile_open_slide(
         record.status = "failed"
         record.reason = (
             f"no high-cellularity tile: none of {len(coords)} mosaic tiles reaches cellularity.min_score "
-            f"{cell['min_score']} (best {scores.max():.3g})"
+            f"{cell.min_score} (best {scores.max():.3g})"
         )
         raise EmptyMosaicError(slide.path, record.reason, tileset)
     return tileset
 
 
 def _grid_candidates(
-    slide: Slide, thumb: np.ndarray, mask: np.ndarray, size0: float, cfg: dict, fail: Callable
+    slide: Slide, thumb: np.ndarray, mask: np.ndarray, size0: float, cfg: TileConfig, fail: Callable
 ) -> tuple[np.ndarray, np.ndarray]:
     """Level-0 corners of the grid tiles with enough tissue, and their colour features."""
     grid = Grid.of(slide.width, slide.height, size0)
@@ -218,7 +224,7 @@ def _grid_candidates(
         )
     origins = grid.origins()
     fractions = tissue_fractions(mask, grid, slide.width, slide.height)
-    threshold = cfg["mosaic"]["min_tissue_fraction"]
+    threshold = cfg.mosaic.min_tissue_fraction
     candidates = np.flatnonzero(fractions >= threshold)
     if len(candidates) == 0:
         raise fail(
@@ -227,7 +233,7 @@ def _grid_candidates(
             mask,
         )
     cand = origins[candidates]
-    colour_mpp = cfg["mosaic"]["colour_mpp"]
+    colour_mpp = cfg.mosaic.colour_mpp
     if colour_mpp is None:
         features = box_means(thumb, grid, slide.width, slide.height)[candidates]
     else:
@@ -237,23 +243,24 @@ def _grid_candidates(
 
 def tile_slide(
     path: str | os.PathLike,
-    config: dict,
+    config: TileConfig | Mapping[str, Any] | None = None,
     mpp_override: float | None = None,
     meta: SlideMeta | None = None,
     given: str | os.PathLike | None = None,
     roi: str | os.PathLike | None = None,
-    reader: str = "auto",
 ) -> TileSet:
     """Open a slide and tile it (API used by `histo tile` and by `histo search` for query slides).
 
-    The scale override (argument, else the labels' mpp) is used only when the slide has no scale.
+    `config`: a TileConfig, None (the defaults) or a mapping of keys over the defaults (validated);
+    its `run.reader` opens the slide. The scale override (argument, else the labels' mpp) is used only when the slide has no scale.
     `given`: a CLAM/TRIDENT coordinate file whose patches are the candidate tiles; `roi`: a QuPath
-    GeoJSON file whose regions restrict or replace the tissue mask; `reader`: auto | openslide | tiatoolbox.
+    GeoJSON file whose regions restrict or replace the tissue mask.
     Raises InputFileError (EmptyMosaicError for an empty mosaic) naming the file and the reason.
     """
+    config = TileConfig.coerce(config)
     if mpp_override is None and meta is not None:
         mpp_override = meta.mpp
-    with open_slide(path, mpp_override, reader) as slide:
+    with open_slide(path, mpp_override, config.run.reader) as slide:
         return tile_open_slide(
             slide, config, meta, None if given is None else Path(given), None if roi is None else Path(roi)
         )
@@ -310,13 +317,12 @@ def _failed(job: _Job, reason: str) -> SlideRecord:
 def _tile_one(
     job: _Job,
     out: str,
-    config: dict,
+    config: TileConfig,
     save_pixels: bool,
     qc_dir: str | None,
     mpp: float | None,
     from_coords: str | None = None,
     roi: str | None = None,
-    reader: str = "auto",
 ) -> Outcome:
     """Tile one slide into the store. A fault of the slide's data is written there as a failed record
     before it goes on to the runner, which reports it (histo.batch's exception policy)."""
@@ -333,9 +339,7 @@ def _tile_one(
             raise InputFileError(job.path, f"no coordinate file for this slide in {from_coords}")
         if roi is not None and job.roi is None:
             raise InputFileError(job.path, f"no GeoJSON file <slide id>.geojson for this slide in {roi}")
-        tileset = tile_slide(
-            job.path, config, mpp_override=mpp, meta=job.meta, given=job.given, roi=job.roi, reader=reader
-        )
+        tileset = tile_slide(job.path, config, mpp_override=mpp, meta=job.meta, given=job.given, roi=job.roi)
         pixels = tileset.read_tiles("selected") if save_pixels else None
     except EmptyMosaicError as e:
         tileset, pixels = e.tileset, None
@@ -386,52 +390,45 @@ def _jobs(
 def tile_slides(
     paths: list[str | os.PathLike],
     out: str | os.PathLike,
-    config: dict,
+    config: TileConfig | Mapping[str, Any] | None = None,
     labels_csv: str | os.PathLike | None = None,
     shard: tuple[int, int] = (0, 1),
-    workers: int = 1,
     save_pixels: bool = False,
     qc_dir: str | os.PathLike | None = None,
     mpp_override: float | None = None,
     progress: bool = True,
     from_coords: str | os.PathLike | None = None,
     roi: str | os.PathLike | None = None,
-    reader: str = "auto",
 ) -> BatchSummary:
     """Tile the shard `shard` = (i, n) of the slides into the store `out` (created if absent).
 
-    `from_coords`: a folder of CLAM/TRIDENT coordinate files (pathology/interop/coords.py) whose patches
+    `config` as for `tile_slide`. `from_coords`: a folder of CLAM/TRIDENT coordinate files (pathology/interop/coords.py) whose patches
     are the tiles (`from_coords.select` says what selection runs on top); a slide without one fails.
     `roi`: a QuPath GeoJSON file, or a folder of `<slide id>.geojson`, whose annotations restrict or
-    replace the tissue mask (`roi.*` settings); a slide without its file fails. `reader`: the slide reader
-    (auto: OpenSlide, then tiatoolbox for formats OpenSlide does not read), recorded per slide.
+    replace the tissue mask (`roi.*` settings); a slide without its file fails. `config.run.reader`: the
+    slide reader (auto: OpenSlide, then tiatoolbox for formats OpenSlide does not read), recorded per slide.
 
     Slides done in the store from the same file are skipped; a bad slide is failed (in the store and
-    the summary) and the rest goes on. `workers` > 1 tiles slides in parallel processes. No slide
-    found is a HistoError, raised before the store is created.
+    the summary) and the rest goes on. `config.run.workers` > 1 tiles slides in parallel processes. No
+    slide found is a HistoError, raised before the store is created.
     Returns the BatchSummary: one Outcome per slide of this shard (detail: n_mosaic, n_selected, mpp,
     mpp_source, label).
     """
     from pathology.labels import read_labels
     from pathology.store import TileStore
 
-    tile_geometry(config)  # config errors before any work
-    if reader not in READERS:
-        raise HistoError(f"unknown reader {reader!r} (choose from {', '.join(READERS)})")
+    config = TileConfig.coerce(config)  # config errors before any work
     given: dict[str, Path] = {}
     if from_coords is not None:
         from pathology.interop.coords import find_coords_files
-        from pathology.interop.tiles import check_select
 
-        check_select(config)
         given = find_coords_files(from_coords)
     regions = None
     if roi is not None:
-        from pathology.interop.roi import check_roi, roi_files
+        from pathology.interop.roi import roi_files
 
         if from_coords is not None:
             raise HistoError("--roi and --from-coords exclude each other (given patches are not masked)")
-        check_roi(config)
         regions = roi_files(roi)
     labels = read_labels(labels_csv) if labels_csv is not None else {}
     jobs = _jobs(paths, labels, given, regions)
@@ -463,10 +460,10 @@ def tile_slides(
         _tile_one, out=str(out), config=config, save_pixels=save_pixels,
         qc_dir=None if qc_dir is None else str(qc_dir), mpp=mpp_override,
         from_coords=None if from_coords is None else str(from_coords),
-        roi=None if roi is None else str(roi), reader=reader,
+        roi=None if roi is None else str(roi),
     )  # fmt: skip
     outcomes = run_batch(
-        jobs, process, shard=shard, is_done=finished, workers=workers, desc="tile", unit="slide",
+        jobs, process, shard=shard, is_done=finished, workers=config.run.workers, desc="tile", unit="slide",
         progress=progress,
     )  # fmt: skip
     return BatchSummary(tuple(outcomes), out=str(out), shard=shard)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from histo.errors import ConfigError
+from pathology.config import TissueConfig
 
 ROW_BLOCK = 256  # image rows per block of float64 per-pixel work (bounds memory)
 
@@ -50,15 +50,11 @@ def otsu_saturation_mask(rgb: np.ndarray, min_saturation: float) -> np.ndarray:
     return sat > max(threshold, min_saturation)
 
 
-def tissue_mask(rgb: np.ndarray, cfg: dict, mpp: float) -> np.ndarray:
+def tissue_mask(rgb: np.ndarray, cfg: TissueConfig, mpp: float) -> np.ndarray:
     """The configured tissue mask of an RGB image taken at `mpp` µm/px (bool, same height/width)."""
-    method = cfg["method"]
-    if method == "hsd":
-        filter_px = round(cfg["filter_um"] / mpp)
-        return hsd_mask(rgb, cfg["std_threshold"], cfg["density_threshold"], filter_px)
-    if method == "otsu":
-        return otsu_saturation_mask(rgb, cfg["otsu_min_saturation"])
-    raise ConfigError(f"tissue.method must be 'hsd' or 'otsu', got {method!r}")
+    if cfg.method == "otsu":
+        return otsu_saturation_mask(rgb, cfg.otsu_min_saturation)
+    return hsd_mask(rgb, cfg.std_threshold, cfg.density_threshold, round(cfg.filter_um / mpp))
 
 
 def brightfield_problem(rgb: np.ndarray, min_brightness: float) -> str | None:

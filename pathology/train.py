@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from histo.classification import DEFINITIONS, confusion_report, vote
-from histo.errors import ConfigError, HistoError
+from histo.errors import HistoError
+from pathology.config import NetworkConfig, TrainConfig
 from pathology.data import EpochSampler, TileDataset, TrainingData, balanced_weights, plan_training_data
 from pathology.densenet import FeatureClassifier
 from pathology.kimianet import build_model, model_config, save_model
@@ -30,9 +31,9 @@ from pathology.kimianet import build_model, model_config, save_model
 logger = logging.getLogger(__name__)
 
 STATE_KIND = "kimianet-train-state"  # histo.checkpoint kind of OUT.last.pt
-# Keys that may change between a run and its resumption (they do not change the computation).
-RESUME_IGNORE = ("device", "resume", "data.workers", "data.skip_missing")
-MONITORS = ("val_macro_f1", "val_acc", "val_slide_acc", "val_loss")
+# Recorded keys that may change between a run and its resumption (the data hash checks the data); the
+# last three are where releases before the `run:` section recorded run options.
+RESUME_IGNORE = ("data.skip_missing", "device", "resume", "data.workers")
 POSTFIX_EVERY = 20  # training steps between progress-bar loss updates (each one is a device sync)
 
 
@@ -55,7 +56,7 @@ def _worker_init(_: int) -> None:
 class Trainer:
     """One training run (one process of a possibly distributed job)."""
 
-    def __init__(self, store_path: str | Path, out_path: str | Path, config: Mapping[str, Any], dist: Any):
+    def __init__(self, store_path: str | Path, out_path: str | Path, config: TrainConfig, dist: Any):
         from pathology.store import TileStore
 
         self.cfg, self.dist, self.paths = config, dist, output_paths(out_path)
@@ -63,25 +64,24 @@ class Trainer:
         store = TileStore.open(store_path)
         self.store_path = store.path
         self.data: TrainingData = plan_training_data(
-            store, config["data"]["val_fraction"], config["seed"], config["data"]["skip_missing"]
+            store, config.data.val_fraction, config.seed, config.data.skip_missing
         )
         for s in self.data.skipped if dist.is_main else []:
             logger.warning("skipping slide %s: %s", s["slide_id"], s["reason"])
-        m = config["model"]
         self.run_config = {
-            **config,
+            **config.recorded(),
             "classes": self.data.classes,
             "data_hash": self.data.data_hash,
             "world_size": dist.world_size,
         }
-        self.model = self._build_model(m)
+        self.model = self._build_model(config.model)
         self._build_loaders()
         self._build_optimizer()
 
     # ---- setup ------------------------------------------------------------------------------------
-    def _build_model(self, m: Mapping[str, Any]) -> FeatureClassifier:
-        torch.manual_seed(self.cfg["seed"])
-        variant, init = m["variant"], m["init"]
+    def _build_model(self, m: NetworkConfig) -> FeatureClassifier:
+        torch.manual_seed(self.cfg.seed)
+        variant, init = m.variant, m.init
         if variant == "scratch" and init:
             raise HistoError("--variant scratch trains from random weights; drop --init or use --variant IV")
         if variant != "scratch" and not init:
@@ -89,43 +89,43 @@ class Trainer:
                 f"variant {variant} fine-tunes pretrained weights: give --init PATH "
                 "(KimiaNet or torchvision DenseNet-121 weights) or use --variant scratch"
             )
-        model = build_model(m["arch"], m["norm"], len(self.data.classes), variant)
+        model = build_model(m.arch, m.norm, len(self.data.classes), variant)
         self.init_report = None
         if init:
             from pathology.importers import load_pretrained
 
-            self.init_report = load_pretrained(model, init, m["arch"])
+            self.init_report = load_pretrained(model, init, m.arch)
         model.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-            if self.cfg["optim"]["channels_last"]:
+            if self.cfg.optim.channels_last:
                 model.to(memory_format=torch.channels_last)
         return model
 
     def _build_loaders(self) -> None:
-        d, o, w = self.cfg["data"], self.cfg["optim"], self.dist.world_size
-        if o["batch_size"] % w:
-            raise HistoError(f"batch size {o['batch_size']} is not divisible by {w} processes")
-        px = self.cfg["model"]["input_px"]
-        train_set = TileDataset(self.store_path, self.data.train, px, self.cfg["augment"])
+        d, o, w = self.cfg.data, self.cfg.optim, self.dist.world_size
+        if o.batch_size % w:
+            raise HistoError(f"batch size {o.batch_size} is not divisible by {w} processes")
+        px = self.cfg.model.input_px
+        train_set = TileDataset(self.store_path, self.data.train, px, self.cfg.augment)
         val_set = TileDataset(self.store_path, self.data.val, px, None)
         labels = [label for _, _, label in self.data.train]
         self.train_sampler = EpochSampler(
             len(train_set),
-            weights=balanced_weights(labels) if d["balanced"] else None,
-            num_samples=d["samples_per_epoch"] or len(train_set),
-            global_batch=o["batch_size"],
+            weights=balanced_weights(labels) if d.balanced else None,
+            num_samples=d.samples_per_epoch or len(train_set),
+            global_batch=o.batch_size,
             rank=self.dist.rank,
             world_size=w,
-            seed=self.cfg["seed"],
+            seed=self.cfg.seed,
         )
         val_sampler = EpochSampler(len(val_set), shuffle=False, rank=self.dist.rank, world_size=w)
         common = {
-            "batch_size": o["batch_size"] // w,
-            "num_workers": d["workers"],
+            "batch_size": o.batch_size // w,
+            "num_workers": self.cfg.run.workers,
             "pin_memory": self.device.type == "cuda",
             "worker_init_fn": _worker_init,
-            "persistent_workers": d["workers"] > 0,
+            "persistent_workers": self.cfg.run.workers > 0,
         }
         self.train_loader = DataLoader(train_set, sampler=self.train_sampler, drop_last=True, **common)
         self.val_loader = DataLoader(val_set, sampler=val_sampler, **common)
@@ -133,15 +133,15 @@ class Trainer:
     def _build_optimizer(self) -> None:
         from histo.training import cosine_warmup
 
-        o = self.cfg["optim"]
+        o = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / o["accumulate"])
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / o.accumulate)
         self.scheduler = cosine_warmup(
             self.optimizer,
-            warmup_steps=round(o["warmup_epochs"] * self.steps_per_epoch),
-            total_steps=o["epochs"] * self.steps_per_epoch,
-            min_lr_ratio=o["min_lr_ratio"],
+            warmup_steps=round(o.warmup_epochs * self.steps_per_epoch),
+            total_steps=o.epochs * self.steps_per_epoch,
+            min_lr_ratio=o.min_lr_ratio,
         )
         self.net: torch.nn.Module = self.model
         if self.dist.distributed:
@@ -151,7 +151,7 @@ class Trainer:
     # ---- one epoch --------------------------------------------------------------------------------
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=True)
-        if self.device.type == "cuda" and self.cfg["optim"]["channels_last"]:
+        if self.device.type == "cuda" and self.cfg.optim.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
 
@@ -161,21 +161,21 @@ class Trainer:
         from histo.devices import all_reduce_sum, autocast, average_buffers
         from histo.training import accumulation_group, gradient_sync
 
-        o = self.cfg["optim"]
-        accumulate, n_steps = o["accumulate"], len(self.train_loader)
+        o = self.cfg.optim
+        accumulate, n_steps = o.accumulate, len(self.train_loader)
         self.train_sampler.set_epoch(epoch)
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
         # loss * n, correct, n: summed on the device, read once per epoch (no CPU sync per step)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{o['epochs']}", disable=not self.dist.is_main)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{o.epochs}", disable=not self.dist.is_main)
         for step, (x, y) in enumerate(bar):
             x, y = self._to_device(x, y)
             group, sync = accumulation_group(step, n_steps, accumulate)
             with gradient_sync(self.net, sync):
-                with autocast(self.device, o["amp"]):
+                with autocast(self.device, o.amp):
                     logits = self.net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=o["label_smoothing"])
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=o.label_smoothing)
                 (loss / group).backward()
             if sync:
                 self.optimizer.step()
@@ -206,7 +206,7 @@ class Trainer:
         position = 0
         for x, y in self.val_loader:
             x, yd = self._to_device(x, y)
-            with autocast(self.device, self.cfg["optim"]["amp"]):
+            with autocast(self.device, self.cfg.optim.amp):
                 logits = self.model(x)
             loss_sum += F.cross_entropy(logits.float(), yd, reduction="sum")
             pred = logits.argmax(1).cpu()
@@ -234,9 +234,9 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def _model_config(self, epoch: int, metrics: Mapping[str, float]) -> dict[str, Any]:
-        m = self.cfg["model"]
+        m = self.cfg.model
         return model_config(
-            m["arch"], m["norm"], m["variant"], self.data.classes, m["input_px"], self.data.data_hash,
+            m.arch, m.norm, m.variant, self.data.classes, m.input_px, self.data.data_hash,
             epoch=epoch, metrics=dict(metrics), init=self.init_report, train_config=self.run_config,
         )  # fmt: skip
 
@@ -274,17 +274,17 @@ class Trainer:
         from histo.devices import barrier
         from histo.training import EarlyStopping, MetricsLog
 
-        o = self.cfg["optim"]
-        monitor = o["monitor"]
-        stopper = EarlyStopping(o["patience"], mode="min" if monitor == "val_loss" else "max")
+        o = self.cfg.optim
+        monitor = o.monitor
+        stopper = EarlyStopping(o.patience, mode="min" if monitor == "val_loss" else "max")
         start, best_epoch, finished = 0, -1, False
-        if self.cfg["resume"]:
+        if self.cfg.run.resume:
             start, best_epoch, finished = self._resume(stopper)
         metrics = MetricsLog(self.paths["csv"], self.paths["png"]) if self.dist.is_main else None
         if metrics is not None:
             metrics.truncate(start + 1)
         epoch = start
-        while not finished and epoch < o["epochs"]:
+        while not finished and epoch < o.epochs:
             started = time.perf_counter()
             row = {"epoch": epoch + 1, **self.train_epoch(epoch), **self.validate()}
             row["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -292,7 +292,7 @@ class Trainer:
             improved = stopper.step(row[monitor])
             epoch += 1
             best_epoch = epoch if improved else best_epoch
-            finished = stopper.should_stop or epoch >= o["epochs"]
+            finished = stopper.should_stop or epoch >= o.epochs
             if self.dist.is_main:
                 if improved:
                     save_model(self.paths["best"], self.model, self._model_config(epoch, row))
@@ -334,33 +334,18 @@ class Trainer:
         }
 
 
-def check_config(config: Mapping[str, Any]) -> None:
-    """Refuse values the schema's types cannot: ranges and choices (one line naming the key)."""
-    o, m = config["optim"], config["model"]
-    problems = [
-        (
-            o["monitor"] not in MONITORS,
-            f"optim.monitor must be one of {', '.join(MONITORS)}, got {o['monitor']!r}",
-        ),
-        (m["input_px"] < 32, f"model.input_px must be >= 32, got {m['input_px']}"),
-        (o["batch_size"] < 1 or o["accumulate"] < 1, "optim.batch_size and optim.accumulate must be >= 1"),
-        (o["epochs"] < 1, f"optim.epochs must be >= 1, got {o['epochs']}"),
-        (not 0 < config["data"]["val_fraction"] < 1, "data.val_fraction must be in (0, 1)"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise ConfigError(message)
-
-
-def train_kimianet(store_path: str | Path, out_path: str | Path, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Train per `config` (configs/train.yaml schema); works alone or as one process under torchrun."""
+def train_kimianet(
+    store_path: str | Path, out_path: str | Path, config: TrainConfig | Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Train per `config` (a TrainConfig, None for the defaults, or a mapping over them); works alone or
+    as one process under torchrun."""
     from histo.devices import cleanup_distributed, init_distributed
     from histo.training import seed_everything
 
-    check_config(config)
-    dist = init_distributed(config["device"])
+    config = TrainConfig.coerce(config)
+    dist = init_distributed(config.run.device)
     try:
-        seed_everything(config["seed"])
+        seed_everything(config.seed)
         return Trainer(store_path, out_path, config, dist).run()
     finally:
         if dist.distributed:

@@ -41,12 +41,12 @@ def he_tiles(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def mri_volume(size: int, seed: int = 0) -> np.ndarray:
-    """A (4, size^3) z-scored 'brain' ellipsoid with a zero background."""
+    """A (4, size^3) raw 'brain' ellipsoid (positive magnitudes, as acquired) with a zero background."""
     rng = np.random.default_rng(seed)
     g = np.linspace(-1, 1, size)
     mask = (g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2) < 0.8
-    vol = rng.normal(size=(4, size, size, size)).astype(np.float32)
-    return np.where(mask, vol, 0).astype(np.float32)
+    vol = 500.0 + 100.0 * rng.normal(size=(4, size, size, size))
+    return np.where(mask, np.clip(vol, 1.0, None), 0).astype(np.float32)
 
 
 def bench_he(sizes: dict[int, int], repeats: int, severity: int) -> list[dict]:

@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from search.barcodes import build_binary_index, minmax_barcode
+from search.config import IndexConfig
 from search.distance import slide_distance, slide_distances
 from search.engine import Catalog, SearchEngine
 from search.index import build_float_index, exact_knn, recall_at_k
@@ -177,8 +178,9 @@ def slide_search(args, report, feats, queries, cat, offsets) -> None:
         report["barcodes"][kind] = {"build_s": t_codes + t_add, "bytes_per_slide": b_bytes / args.slides,
                                     "params": params}  # fmt: skip
         for m in (int(v) for v in args.stage1_tiles.split(",")):
+            settings = IndexConfig.section("search", {"tile_k": args.tile_k, "stage1_tiles": m})
             engines[f"{kind}/{m}"] = SearchEngine(cat, knn={"barcode": binary.search}, tiles={"barcode": lambda: codes},
-                                                  tile_k=args.tile_k, stage1_tiles=m)  # fmt: skip
+                                                  settings=settings)  # fmt: skip
     base_q = [minmax_barcode(q) for q in queries]
     loop_t = []  # the Yottixel way: one slide-distance call per database slide (a few queries only)
     for q in base_q[: args.loop_queries]:
@@ -209,7 +211,7 @@ def slide_search(args, report, feats, queries, cat, offsets) -> None:
             "same_top5_set_fraction": run["same_set"] / len(base_q),
             "candidates_median": float(np.median(run["cands"])),
             "tile_k": run["tile_k"],
-            "stage1_tiles": engines[kind].stage1_tiles,
+            "stage1_tiles": engines[kind].settings.stage1_tiles,
         }
         print(f"barcode/{kind}: {row}", flush=True)
 

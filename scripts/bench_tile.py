@@ -89,6 +89,7 @@ def child_naive(slide_path: str, store_path: str, how: str) -> None:
 
     from histo.config import load_config
     from pathology import tiler
+    from pathology.config import TileConfig
 
     def per_candidate(slide, origins, grid, mpp):
         size = round(grid.size)
@@ -99,8 +100,7 @@ def child_naive(slide_path: str, store_path: str, how: str) -> None:
             [slide.read_region(level, x, y, side, side).reshape(-1, 3).mean(0) for x, y in origins]
         )
 
-    config = load_config("tile")
-    config["mosaic"]["colour_mpp"] = 2.0  # route through colour_features, replaced below
+    config = load_config(TileConfig, overrides={"mosaic.colour_mpp": 2.0})  # through colour_features
     tiler.colour_features = per_candidate
     summary = tiler.tile_slides([slide_path], store_path, config, progress=False)
     print(json.dumps(summary.counts))

@@ -58,6 +58,7 @@ def make_store(work: Path, name: str, seed: int, px: int, patients: int, save_pi
     """A synthetic cohort (4 classes) tiled into a store with `px`-pixel tiles at 20x."""
     from histo.config import load_config
     from pathology import tile_slides
+    from pathology.config import TileConfig
     from pathology.synthetic import make_cohort
 
     slides = work / f"cohort_{name}"
@@ -65,9 +66,9 @@ def make_store(work: Path, name: str, seed: int, px: int, patients: int, save_pi
     if not labels.is_file():
         labels = make_cohort(slides, n_classes=4, patients_per_class=patients, size=(3072, 2048), seed=seed)
     cfg = load_config(
-        "tile", overrides={"tile.px": px, "mosaic.percent": 40.0, "cellularity.top_fraction": 0.5}
+        TileConfig, overrides={"tile.px": px, "mosaic.percent": 40.0, "cellularity.top_fraction": 0.5}
     )
-    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[
+    digest = hashlib.sha256(json.dumps(cfg.recorded(), sort_keys=True).encode()).hexdigest()[
         :8
     ]  # tiling defaults may change
     store = work / f"{name}_{px}px{'_pixels' if save_pixels else ''}_{digest}.zarr"
@@ -75,10 +76,11 @@ def make_store(work: Path, name: str, seed: int, px: int, patients: int, save_pi
     return store
 
 
-def train_config(**overrides) -> dict:
+def train_config(**overrides):
     from histo.config import load_config
+    from pathology.config import TrainConfig
 
-    return load_config("train", overrides={"device": "cpu", "model.variant": "scratch", **overrides})
+    return load_config(TrainConfig, overrides={"run.device": "cpu", "model.variant": "scratch", **overrides})
 
 
 def end_to_end(store: Path, work: Path, px: int, batch: int, steps: int, workers: int) -> dict:
@@ -88,7 +90,7 @@ def end_to_end(store: Path, work: Path, px: int, batch: int, steps: int, workers
 
     cfg = train_config(**{
         "model.input_px": px, "optim.batch_size": batch, "data.samples_per_epoch": batch * steps,
-        "data.workers": workers, "data.val_fraction": 0.34, "optim.epochs": 2,
+        "run.workers": workers, "data.val_fraction": 0.34, "optim.epochs": 2,
     })  # fmt: skip
     trainer = Trainer(store, work / "e2e.pt", cfg, DistInfo(0, 1, 0, torch.device("cpu")))
     trainer.train_epoch(0)  # starts the persistent workers, warms up
@@ -157,7 +159,7 @@ def learning(work: Path, px: int, epochs: int, patients: int, stain_sigma: float
     b = make_store(work, "B", seed=1, px=px, patients=patients, save_pixels=True)
     cfg = train_config(**{
         "seed": 0, "model.input_px": px, "optim.epochs": epochs, "optim.batch_size": 16, "optim.lr": 1e-3,
-        "data.workers": 1, "data.val_fraction": 0.34, "optim.patience": 0, "optim.warmup_epochs": 1.0,
+        "run.workers": 1, "data.val_fraction": 0.34, "optim.patience": 0, "optim.warmup_epochs": 1.0,
     })  # fmt: skip
     start = time.perf_counter()
     summary = train_kimianet(a, work / "learned.pt", cfg)

@@ -183,6 +183,9 @@ def report(
     for p in pictures[:20]:
         print(f"  {p}")
     print(f"Total time: {seconds / 60:.1f} min")
+    print(
+        f"Search page: {shlex.join(['histo', 'serve', '--index', str(out / 'index'), '--slides-root', str(out / 'queries')])}"
+    )
 
 
 if __name__ == "__main__":

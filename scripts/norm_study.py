@@ -153,23 +153,25 @@ def train_unet(norm: str, cases: list, steps: int, seed: int):
 
 def segmentation_rows(norms, args) -> list[dict]:
     from segmentation.corruptions import CORRUPTIONS
-    from segmentation.data import find_cases, load_case
+    from segmentation.data import find_cases, load_raw, preprocess
     from segmentation.infer import predict_volume
     from segmentation.metrics import dice
     from segmentation.synthetic import make_cases
 
     with tempfile.TemporaryDirectory() as tmp:
         make_cases(tmp, args.mri_train + args.mri_test, shape=(32, 32, 32), seed=args.seed)
-        loaded = [load_case(c)[:3] for c in find_cases(tmp)]
-    train, test = loaded[: args.mri_train], loaded[args.mri_train :]
+        raws = [load_raw(c)[:2] for c in find_cases(tmp)]  # (acquisition, regions)
+    train = [(*preprocess(raw), regions) for raw, regions in raws[: args.mri_train]]
+    test = raws[args.mri_train :]
     rows = []
     for norm in norms:
         model = train_unet(norm, train, args.mri_steps, args.seed)
 
         def evaluate(corrupt, model=model):
             scores = []
-            for i, (image, brain, regions) in enumerate(test):
-                prob = predict_volume(model, corrupt(image, i), roi=(32, 32, 32), brain_mask=brain)
+            for i, (raw, regions) in enumerate(test):
+                image, brain = preprocess(corrupt(raw, i))  # corrupt the acquisition, then preprocess
+                prob = predict_volume(model, image, roi=(32, 32, 32), overlap=0.5, brain_mask=brain)
                 scores.append(np.mean([dice(prob[r] >= 0.5, regions[r]) for r in range(3)]))
             return {"dice_mean": float(np.mean(scores))}
 

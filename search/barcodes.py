@@ -8,9 +8,12 @@ value 1 << (i % 8)).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, get_args
 
 import numpy as np
+
+from search.config import BarcodeKind, IndexParams, index_params
 
 BITORDER = "little"
 
@@ -51,24 +54,25 @@ def hamming_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-BINARY_KINDS = ("flat", "ivf")
+BINARY_KINDS = get_args(BarcodeKind)
 
 
 def build_binary_index(
     codes: np.ndarray,
-    kind: str = "flat",
-    params: dict[str, Any] | None = None,
+    kind: str,
+    params: IndexParams | Mapping[str, Any] | None = None,
     groups: np.ndarray | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """A FAISS binary (Hamming) index over packed codes and its effective parameters.
 
     `flat`: IndexBinaryFlat (exact). `ivf`: IndexBinaryIVF with nlist = 4*sqrt(N) (as the float IVF), a
     direct map so codes can be read back for the exact stage, and nprobe calibrated on held-out slides
-    (`groups`) to reach `recall_target` (tie-aware Hamming recall@k, see `hamming_recall`).
+    (`groups`) to reach `recall_target` (tie-aware Hamming recall@k, see `hamming_recall`). `params`:
+    IndexParams, None (the defaults) or a mapping over the defaults (as `build_float_index`).
     """
     import faiss
 
-    from search.index import DEFAULT_PARAMS, default_nlist, held_out_rows, sample_rows, training_points
+    from search.index import default_nlist, held_out_rows, sample_rows
 
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     bits = codes.shape[1] * 8
@@ -78,11 +82,11 @@ def build_binary_index(
         return index, {"kind": "flat"}
     if kind != "ivf":
         raise ValueError(f"unknown binary index kind {kind!r} ({', '.join(BINARY_KINDS)})")
-    p = {**DEFAULT_PARAMS, **(params or {})}
+    p = index_params(params).model_dump()
     nlist = int(p["nlist"] or default_nlist(len(codes)))
     index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(bits), bits, nlist)
     index.cp.seed = int(p["seed"])
-    index.train(sample_rows(codes, nlist * training_points(p), int(p["seed"])))
+    index.train(sample_rows(codes, nlist * p["train_points_per_list"], int(p["seed"])))
     held = held_out_rows(
         len(codes), groups, min(int(p["calibration_queries"]), len(codes) // 10), int(p["seed"])
     )

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from histo.classification import vote
+from search.config import IndexSearch, Mode
 from search.distance import best_matches, slide_distances
 
-MODES = ("barcode", "float")
+MODES = get_args(Mode)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class Catalog:
 class SearchEngine:
     """Two-stage search over a catalog; `knn[mode](queries, k) -> (distances, rows)`, `tiles[mode]` arrays.
 
+    `settings` (the index's `search` config, see search/config.py) set the first stage and the matches.
     First stage: `stage1_tiles` evenly spread query tiles each fetch their `tile_k` nearest tiles, and every
     slide hit becomes a candidate (tile_k grows 4x while fewer than k slides are hit). Second stage: the
     exact slide distance, over all query tiles, on the candidates. tile_k must exceed the tiles of a slide
@@ -118,15 +120,13 @@ class SearchEngine:
     catalog: Catalog
     knn: dict[str, Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]]
     tiles: dict[str, Callable[[], np.ndarray]]  # mode -> all rows' codes (uint8) or features (float32)
-    tile_k: int | None = None  # neighbours per query tile; None: default_tile_k(catalog)
-    stage1_tiles: int = 32  # query tiles that run the kNN (an evenly spaced subset; all when fewer)
-    n_matches: int = 5
+    settings: IndexSearch
 
     def rank(
         self,
         query: np.ndarray,
-        mode: str = "barcode",
-        k: int = 5,
+        mode: str,
+        k: int,
         allowed: np.ndarray | None = None,
         exhaustive: bool = False,
     ) -> tuple[list[tuple[int, float]], dict[str, Any]]:
@@ -140,7 +140,7 @@ class SearchEngine:
         candidates = everything
         if not exhaustive and excluded_rows * 2 < len(cat.row_slide) and len(everything) > k:
             hit, info["tile_k"] = self._first_stage(query, mode, allowed, excluded_rows, k)
-            info["stage1_tiles"] = min(len(query), self.stage1_tiles)
+            info["stage1_tiles"] = min(len(query), self.settings.stage1_tiles)
             if len(hit) >= k:
                 candidates, info["strategy"] = hit, "two-stage"
             else:  # fewer distinct slides than asked for even with every row: search all allowed ones
@@ -156,9 +156,11 @@ class SearchEngine:
         """Allowed slides hit by the kNN of the stage-1 query tiles, widening tile_k until `wanted` are hit."""
         cat = self.catalog
         n_rows = len(cat.row_slide)
-        picked = np.unique(np.linspace(0, len(query) - 1, min(len(query), self.stage1_tiles)).round())
+        picked = np.unique(
+            np.linspace(0, len(query) - 1, min(len(query), self.settings.stage1_tiles)).round()
+        )
         tiles = query[picked.astype(np.int64)]
-        tile_k = self.tile_k or default_tile_k(cat)
+        tile_k = self.settings.tile_k or default_tile_k(cat)
         while True:
             # Asking for tile_k + excluded rows neighbours guarantees tile_k allowed ones per query tile.
             _, rows = self.knn[mode](tiles, min(n_rows, tile_k + excluded_rows))
@@ -186,7 +188,7 @@ class SearchEngine:
                     xy=[int(v) for v in cat.coords[rows][ti]],
                     distance=d,
                 )
-                for qi, ti, d in best_matches(query, base[rows], self.n_matches)
+                for qi, ti, d in best_matches(query, base[rows], self.settings.n_matches)
             ]
             out.append(SlideHit(cat.slide_ids[slide], cat.labels[slide], distance, matches))
         return out
@@ -195,8 +197,8 @@ class SearchEngine:
         self,
         name: str,
         query: np.ndarray,
-        mode: str = "barcode",
-        k: int = 5,
+        mode: str,
+        k: int,
         allowed: np.ndarray | None = None,
         query_xy: np.ndarray | None = None,
         exhaustive: bool = False,

@@ -54,8 +54,8 @@ class EvaluationResult:
 
 def evaluate_engine(
     engine: SearchEngine,
-    ks: tuple[int, ...] = (1, 3, 5),
-    mode: str = "barcode",
+    ks: tuple[int, ...],
+    mode: str,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> EvaluationResult:

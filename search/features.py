@@ -146,8 +146,8 @@ def extract_features(
     store: Any,
     extractor: Any,
     index_dir: str | Path,
-    shard: tuple[int, int] = (0, 1),
-    batch_size: int = 32,
+    shard: tuple[int, int],
+    batch_size: int,
     progress: bool = True,
 ) -> BatchSummary:
     """Extract the features of every done slide of `store` in this shard that is not extracted yet.

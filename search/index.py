@@ -20,38 +20,20 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from histo.errors import HistoError, InputFileError
+from search.config import MIN_POINTS_PER_LIST, IndexParams, IndexType, index_params
 
 logger = logging.getLogger(__name__)
 
-INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
-MIN_POINTS_PER_LIST = 39  # FAISS k-means warns below this many training points per centroid
+INDEX_TYPES = get_args(IndexType)
 KNN_BLOCK_ELEMENTS = 1 << 25  # exact search: query x base distances held at once (128 MB of float32)
-
-DEFAULT_PARAMS: dict[str, Any] = {
-    "nlist": None,  # None: 4 * sqrt(N), see default_nlist
-    "nprobe": None,  # None: calibrated to recall_target
-    "pq_m": None,  # None: D / 16 sub-quantizers
-    "pq_nbits": 8,
-    "rerank": 10,  # ivfpq: exact re-ranking of rerank * k candidates
-    "hnsw_m": 32,
-    "ef_construction": 40,
-    "ef_search": None,  # None: calibrated to recall_target
-    "recall_target": 0.95,
-    "calibration_queries": 256,
-    "calibration_k": 10,
-    "train_points_per_list": 64,  # IVF k-means sample per list (FAISS: 39..256); 1M barcodes: 3.6x faster than 256
-    "barcode_index": None,  # None: "flat" for a flat float index, else "ivf" (search/barcodes.py)
-    "gpu_shard": False,  # multi-GPU: False = replicas (throughput), True = shards (capacity)
-    "seed": 0,
-}
 
 
 def default_nlist(n: int) -> int:
@@ -219,11 +201,14 @@ def load_float_index(path: str | Path, kind: str, params: dict[str, Any]) -> Flo
 
 def build_float_index(
     vectors: np.ndarray,
-    kind: str = "flat",
-    params: dict[str, Any] | None = None,
+    kind: str,
+    params: IndexParams | Mapping[str, Any] | None = None,
     groups: np.ndarray | None = None,
 ) -> FloatIndex:
     """Build (train + add) a CPU index of `kind` over float32 (N, D) vectors; calibrates nprobe/efSearch.
+
+    `params`: IndexParams, None (the defaults) or a mapping over the defaults. The effective parameters
+    (chosen and calibrated values included) are the returned index's `params` dict.
 
     Approximate indexes get their vectors in two steps: all but some held-out rows, then (after
     calibrating with the held-out rows as unseen queries) the held-out rows. With `groups` (the slide of
@@ -233,7 +218,7 @@ def build_float_index(
 
     if kind not in INDEX_TYPES:
         raise HistoError(f"unknown index type {kind!r} (choose from {', '.join(INDEX_TYPES)})")
-    params = {**DEFAULT_PARAMS, **(params or {})}
+    params = index_params(params).model_dump()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
     if n == 0:
@@ -255,7 +240,9 @@ def build_float_index(
             params["pq_nbits"] = int(min(params["pq_nbits"], max(1, int(math.log2(n / MIN_POINTS_PER_LIST)))))
             index = faiss.IndexIVFPQ(quantizer, d, params["nlist"], params["pq_m"], params["pq_nbits"])
         index.cp.seed = int(params["seed"])
-        index.train(sample_rows(vectors, params["nlist"] * training_points(params), int(params["seed"])))
+        index.train(
+            sample_rows(vectors, params["nlist"] * params["train_points_per_list"], int(params["seed"]))
+        )
     else:
         hnsw = faiss.IndexHNSWFlat(d, int(params["hnsw_m"]))
         hnsw.hnsw.efConstruction = int(params["ef_construction"])
@@ -283,16 +270,6 @@ def held_out_rows(n: int, groups: np.ndarray | None, n_rows: int, seed: int) -> 
     count = min(len(ids) // 2, int(np.searchsorted(taken, n_rows)) + 1)
     mask[np.isin(groups, ids[order[:count]])] = True
     return mask
-
-
-def training_points(params: dict[str, Any]) -> int:
-    """IVF k-means training points per list; below 39 FAISS k-means is unreliable, so that is refused."""
-    per_list = int(params["train_points_per_list"])
-    if per_list < MIN_POINTS_PER_LIST:
-        raise HistoError(
-            f"train_points_per_list={per_list} must be at least {MIN_POINTS_PER_LIST} (FAISS k-means)"
-        )
-    return per_list
 
 
 def sample_rows(x: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,9 @@ from histo.errors import HistoError, InputFileError
 from histo.io import atomic_path, atomic_write_json, file_sha256
 from search import features as feats_io
 from search.barcodes import BITORDER, build_binary_index, code_bits, minmax_barcode, stored_codes
-from search.engine import MODES, Catalog, SearchEngine, SearchResult, SlideHit, TileMatch, vote_of
-from search.index import DEFAULT_PARAMS, INDEX_TYPES, FloatIndex, build_float_index, load_float_index
+from search.config import IndexConfig, SearchConfig, index_params
+from search.engine import Catalog, SearchEngine, SearchResult, SlideHit, TileMatch, vote_of
+from search.index import FloatIndex, build_float_index, load_float_index
 from search.manifest import MANIFEST, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -64,15 +66,27 @@ def load_extractor(model: Any, device: str) -> Any:
     return FeatureExtractor.from_checkpoint(model, device=device)
 
 
+def recorded_config(path: Path, manifest: Mapping[str, Any]) -> IndexConfig:
+    """The IndexConfig an index was built with (type, requested params, search defaults), validated."""
+    index = manifest["index"]
+    recorded = {
+        "type": index["type"],
+        "params": index["params_requested"],
+        "search": manifest.get("search", {}),
+    }
+    return IndexConfig.coerce(recorded, source=str(path / MANIFEST))
+
+
 class SlideIndex:
     """A searchable slide index directory (see the module docstring for its files)."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], device: str = "auto", model: Any = None) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], config: SearchConfig, model: Any = None) -> None:
         import faiss
 
         self.path = path
         self.manifest = manifest
-        self.device = device
+        self.config = config
+        device = config.run.device
         self.index_type = manifest["index"]["type"]
         slides = json.loads((path / CATALOG).read_text())["slides"]
         offsets = np.concatenate([[0], np.cumsum([s["n_tiles"] for s in slides])])
@@ -99,14 +113,13 @@ class SlideIndex:
         self.extraction: BatchSummary | None = None  # the feature extraction of `build`, when built here
         if model is not None:
             self._extractor = self._check_model(load_extractor(model, device))
-        search_cfg = manifest.get("search", {})
+        # The index's search defaults, unless the search config sets tile_k / stage1_tiles.
+        first_stage = {f"search.{k}": getattr(config, k) for k in ("tile_k", "stage1_tiles")}
         self.engine = SearchEngine(
             self.catalog,
             knn={"barcode": self.barcode_index.search, "float": self.float_index.search},
             tiles={"barcode": lambda: self.codes, "float": self._features},
-            tile_k=search_cfg.get("tile_k"),
-            stage1_tiles=int(search_cfg.get("stage1_tiles", 32)),
-            n_matches=int(search_cfg.get("n_matches", 5)),
+            settings=recorded_config(path, manifest).updated(first_stage, source="search config").search,
         )
 
     # ---- construction -------------------------------------------------------------------------------
@@ -116,63 +129,61 @@ class SlideIndex:
         store: Any,
         model: Any,
         out: str | os.PathLike,
-        index_type: str = "flat",
-        device: str = "auto",
+        config: IndexConfig | Mapping[str, Any] | None = None,
         shard: tuple[int, int] = (0, 1),
-        params: dict[str, Any] | None = None,
-        batch_size: int = 32,
-        search: dict[str, Any] | None = None,
         progress: bool = True,
     ) -> SlideIndex | None:
         """Extract features (resumable) and build the index in `out`; with shard (i, n > 1) only extract.
 
-        `model` is a checkpoint path (copied into the index as model.pt) or a FeatureExtractor.
-        Returns the opened index, its `extraction` the BatchSummary of the feature extraction, or None
-        for a shard job (run once more without a shard to assemble; `extract` returns the shard's summary).
+        `model` is a checkpoint path (copied into the index as model.pt) or a FeatureExtractor. `config`:
+        an IndexConfig, None (the defaults) or a mapping over the defaults, e.g. {"type": "ivf"}; its
+        type, params and search go into the manifest. Returns the opened index, its `extraction` the
+        BatchSummary of the feature extraction, or None for a shard job (run once more without a shard to
+        assemble; `extract` returns the shard's summary).
         """
-        _check_index_request(index_type, params)
+        config = IndexConfig.coerce(config)
         out = Path(out)
-        extractor = load_extractor(model, device)
-        batch = feats_io.extract_features(_open_store(store), extractor, out, shard, batch_size, progress)
+        extractor = load_extractor(model, config.run.device)
+        batch = feats_io.extract_features(
+            _open_store(store), extractor, out, shard, config.run.batch_size, progress
+        )
         if shard[1] > 1:
             return None
         built_with = {"feature_device": str(extractor.device)}
-        return cls._finish(out, model, extractor, batch, index_type, params, search, built_with, device)
+        return cls._finish(out, model, extractor, batch, config, built_with)
 
     @classmethod
     def build_from_features(
         cls,
         folder: str | os.PathLike,
         out: str | os.PathLike,
+        config: IndexConfig | Mapping[str, Any] | None = None,
         labels_csv: str | os.PathLike | None = None,
         encoder: str | None = None,
         model: Any = None,
-        index_type: str = "flat",
-        device: str = "auto",
-        params: dict[str, Any] | None = None,
-        search: dict[str, Any] | None = None,
         progress: bool = True,
     ) -> SlideIndex:
         """Build the index from per-slide CLAM/TRIDENT feature files (search/feature_files.py).
 
-        `encoder`: the name the files must carry (needed when they carry none); `model`: the checkpoint
-        that made histo's files (its hash must match theirs), so the index can featurise new queries.
+        `config` as for `build`; `encoder`: the name the files must carry (needed when they carry none);
+        `model`: the checkpoint that made histo's files (its hash must match theirs), so the index can
+        featurise new queries.
         """
         from search.feature_files import import_feature_files
 
-        _check_index_request(index_type, params)
+        config = IndexConfig.coerce(config)
         out = Path(out)
         batch, info = import_feature_files(folder, out, labels_csv, encoder, progress)
         extractor = None
         if model is not None:
-            extractor = load_extractor(model, device)
+            extractor = load_extractor(model, config.run.device)
             if extractor.model_hash != info["hash"]:
                 raise HistoError(
                     f"{folder}: features were made by model {info['hash'][:12]}, "
                     f"not by {model} ({extractor.model_hash[:12]})"
                 )
         built_with = {"features_from": str(Path(folder).resolve())}
-        return cls._finish(out, model, extractor, batch, index_type, params, search, built_with, device)
+        return cls._finish(out, model, extractor, batch, config, built_with)
 
     @classmethod
     def _finish(
@@ -181,11 +192,8 @@ class SlideIndex:
         model: Any,
         extractor: Any,
         batch: BatchSummary,
-        index_type: str,
-        params: dict[str, Any] | None,
-        search: dict[str, Any] | None,
+        config: IndexConfig,
         built_with: dict[str, Any],
-        device: str,
     ) -> SlideIndex:
         """Copy the model file into the index (when one is a file), assemble it and open it."""
         if not isinstance(model, (str, os.PathLike)):
@@ -194,13 +202,13 @@ class SlideIndex:
             with atomic_path(out / MODEL) as tmp:
                 shutil.copyfile(model, tmp)
         content = {
-            "index": {"type": index_type, "params_requested": dict(params or {})},
-            "search": {"tile_k": None, "stage1_tiles": 32, "n_matches": 5, **(search or {})},
+            "index": {"type": config.type, "params_requested": config.params.model_dump(mode="json")},
+            "search": config.search.model_dump(mode="json"),
             "failed_slides": _failed_slides(batch),
             "built_with": built_with,
         }
         _assemble(out, content)
-        index = cls.open(out, device=device, model=extractor)
+        index = cls.open(out, {"run": {"device": config.run.device}}, model=extractor)
         index.extraction = batch
         return index
 
@@ -210,29 +218,36 @@ class SlideIndex:
         store: Any,
         model: Any,
         out: str | os.PathLike,
-        device: str = "auto",
+        config: IndexConfig | Mapping[str, Any] | None = None,
         shard: tuple[int, int] = (0, 1),
-        batch_size: int = 32,
         progress: bool = True,
     ) -> BatchSummary:
         """Extract the features of the shard's slides into `out` (resumable) without building the index."""
-        extractor = load_extractor(model, device)
+        config = IndexConfig.coerce(config)
+        extractor = load_extractor(model, config.run.device)
         return feats_io.extract_features(
-            _open_store(store), extractor, Path(out), shard, batch_size, progress
+            _open_store(store), extractor, Path(out), shard, config.run.batch_size, progress
         )
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike, device: str = "auto", model: Any = None, verify: str = "full"
+        cls,
+        path: str | os.PathLike,
+        config: SearchConfig | Mapping[str, Any] | None = None,
+        model: Any = None,
     ) -> SlideIndex:
-        """Open an index dir, verifying its manifest and the checksums of its files (`verify`)."""
+        """Open an index dir for searching per `config` (a SearchConfig, None for the defaults, or a mapping
+        over them), verifying its manifest and the checksums of its files (`config.run.verify`)."""
         path = Path(path)
-        return cls(path, read_manifest(path, verify), device, model)
+        config = SearchConfig.coerce(config)
+        return cls(path, read_manifest(path, config.run.verify), config, model)
 
-    def add(self, store: Any, batch_size: int = 32, progress: bool = True) -> BatchSummary:
-        """Extract and index the slides of `store` not in the index yet; returns the extraction summary."""
+    def add(self, store: Any, batch_size: int | None = None, progress: bool = True) -> BatchSummary:
+        """Extract and index the slides of `store` not in the index yet (`batch_size` None: the index
+        config's `run.batch_size`); returns the extraction summary."""
         store = _open_store(store)
-        batch = feats_io.extract_features(store, self.extractor, self.path, (0, 1), batch_size, progress)
+        run = IndexConfig.coerce().updated({"run.batch_size": batch_size}, source="batch_size").run
+        batch = feats_io.extract_features(store, self.extractor, self.path, (0, 1), run.batch_size, progress)
         failed = {f["slide_id"]: f for f in self.manifest.get("failed_slides", [])} | {
             f["slide_id"]: f for f in _failed_slides(batch)
         }
@@ -254,7 +269,7 @@ class SlideIndex:
         content["index"] = {k: content["index"][k] for k in ("type", "params_requested")}
         _assemble(self.path, content)
         extractor = self._extractor
-        self.__init__(self.path, read_manifest(self.path, "full"), self.device, None)
+        self.__init__(self.path, read_manifest(self.path, "full"), self.config, None)
         self._extractor = extractor
 
     # ---- model --------------------------------------------------------------------------------------
@@ -267,7 +282,7 @@ class SlideIndex:
                     f"{self.path}: built with an in-memory model (hash {self.model_hash[:12]}); "
                     "pass the same model to SlideIndex.open(..., model=...)"
                 )
-            self._extractor = self._check_model(load_extractor(self.path / MODEL, self.device))
+            self._extractor = self._check_model(load_extractor(self.path / MODEL, self.config.run.device))
         return self._extractor
 
     @property
@@ -296,11 +311,11 @@ class SlideIndex:
     # ---- search -------------------------------------------------------------------------------------
     def query_features(self, query: Any) -> tuple[str, np.ndarray, np.ndarray, Any]:
         """(name, features, level-0 coords, slide record) of a query slide path or a TileSet."""
-        from pathology.tiler import tile_slide
+        from pathology.tiler import tile_slide, tiling_config
 
         if isinstance(query, (str, os.PathLike)):
             name = str(query)
-            query = tile_slide(query, self.manifest["tiling"])
+            query = tile_slide(query, tiling_config(self.manifest["tiling"], str(self.path / MANIFEST)))
         else:
             name = query.record.slide_id
         tiles = query.read_tiles("selected")
@@ -319,33 +334,37 @@ class SlideIndex:
     def search_slide(
         self,
         query: Any,
-        k: int = 5,
-        mode: str = "barcode",
+        k: int | None = None,
+        mode: str | None = None,
         exclude_patient: str | bool | None = None,
-        exhaustive: bool = False,
+        exhaustive: bool | None = None,
     ) -> SearchResult:
         """Rank indexed slides for a query slide (file path or TileSet) by the two-stage search.
 
-        `exclude_patient`: a patient ID, or True for the query's own patient (TCGA: first 12 characters).
-        `exhaustive`: skip the first stage and compare every indexed slide (exact, slower).
+        Arguments left None take the search config's value (`k`, `mode`, `exclude_same_patient`,
+        `exhaustive`), and given ones are validated like it. `exclude_patient`: a patient ID, or True for
+        the query's own patient (TCGA: first 12 characters). `exhaustive`: skip the first stage and compare
+        every indexed slide (exact, slower).
         """
-        if mode not in MODES:
-            raise HistoError(f"unknown search mode {mode!r} (barcode, float)")
+        s = self.config.updated({"k": k, "mode": mode, "exhaustive": exhaustive}, source="search_slide")
+        if exclude_patient is None:
+            exclude_patient = s.exclude_same_patient or None
         name, f, xy, record = self.query_features(query)
         if exclude_patient is True:
             exclude_patient = self.query_patient(record)
             if exclude_patient is None:
                 raise HistoError(f"{name}: patient of the query is unknown; cannot exclude it")
         allowed = self.catalog.allowed(exclude_patient or None)
-        q = minmax_barcode(f) if mode == "barcode" else f
-        result = self.engine.search(name, q, mode, k, allowed, xy, exhaustive)
-        result.info.update(self.float_index.device_info() if mode == "float" else {"device": "cpu"})
+        q = minmax_barcode(f) if s.mode == "barcode" else f
+        result = self.engine.search(name, q, s.mode, s.k, allowed, xy, s.exhaustive)
+        result.info.update(self.float_index.device_info() if s.mode == "float" else {"device": "cpu"})
         return result
 
-    def search_patch(self, rgb: np.ndarray, k: int = 10, mode: str = "float") -> SearchResult:
-        """Top-k indexed tiles for one RGB patch (H, W, 3) uint8 at the index's tile resolution."""
-        if mode not in MODES:
-            raise HistoError(f"unknown search mode {mode!r} (barcode, float)")
+    def search_patch(self, rgb: np.ndarray, k: int | None = None, mode: str | None = None) -> SearchResult:
+        """Top-k indexed tiles for one RGB patch (H, W, 3) uint8 at the index's tile resolution (`k`,
+        `mode` None: the search config's `patch_k`, `patch_mode`)."""
+        s = self.config.updated({"patch_k": k, "patch_mode": mode}, source="search_patch")
+        k, mode = s.patch_k, s.patch_mode
         rgb = np.asarray(rgb)
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise HistoError(f"a patch must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
@@ -364,24 +383,21 @@ class SlideIndex:
         return SearchResult("patch", vote_of(hits), hits, {"mode": mode})
 
     def evaluate(
-        self, k: tuple[int, ...] = (1, 3, 5), mode: str = "barcode", out_dir: str | os.PathLike | None = None
+        self,
+        k: tuple[int, ...] | None = None,
+        mode: str | None = None,
+        out_dir: str | os.PathLike | None = None,
     ) -> Any:
-        """Leave-one-patient-out evaluation (search/evaluate.py); PNGs and JSON written to `out_dir`."""
+        """Leave-one-patient-out evaluation (search/evaluate.py); PNGs and JSON written to `out_dir`.
+        `k`, `mode` None: the index config's `evaluate` section."""
         from search.evaluate import evaluate_engine
 
-        return evaluate_engine(self.engine, ks=tuple(k), mode=mode, out_dir=out_dir)
+        overrides = {"evaluate.k": k, "evaluate.mode": mode}
+        ev = IndexConfig.coerce().updated(overrides, source="evaluate").evaluate
+        return evaluate_engine(self.engine, ks=ev.k, mode=ev.mode, out_dir=out_dir)
 
     def __len__(self) -> int:
         return len(self.catalog)
-
-
-def _check_index_request(index_type: str, params: dict[str, Any] | None) -> None:
-    """A known index type and known index parameters, before any work."""
-    if index_type not in INDEX_TYPES:
-        raise HistoError(f"unknown index type {index_type!r} (choose from {', '.join(INDEX_TYPES)})")
-    unknown = set(params or {}) - set(DEFAULT_PARAMS)
-    if unknown:
-        raise HistoError(f"unknown index parameters: {', '.join(sorted(unknown))}")
 
 
 def _failed_slides(batch: BatchSummary) -> list[dict[str, Any]]:
@@ -412,9 +428,9 @@ def _assemble(out: Path, content: dict[str, Any]) -> None:
         np.save(fh, np.concatenate(coords))
     atomic_write_json(out / CATALOG, {"slides": records})
     index_type = content["index"]["type"]
-    requested = content["index"]["params_requested"]
+    requested = index_params(content["index"]["params_requested"], source=str(out / MANIFEST))
     groups = np.repeat(np.arange(len(records)), [r["n_tiles"] for r in records])
-    barcode_kind = requested.get("barcode_index") or ("flat" if index_type == "flat" else "ivf")
+    barcode_kind = requested.barcode_index or ("flat" if index_type == "flat" else "ivf")
     barcodes, barcode_params = build_binary_index(minmax_barcode(matrix), barcode_kind, requested, groups)
     with atomic_path(out / BARCODES) as tmp:
         faiss.write_index_binary(barcodes, str(tmp))

@@ -1,96 +1,122 @@
-"""MRI corruptions of 4-channel BraTS volumes (4, D, H, W) float32, 5 severities each, deterministic.
+"""MRI corruptions of 4-channel BraTS acquisitions (4, D, H, W) float32: a registry of 5-severity corruptions.
 
-Volumes are the pipeline's model input: channel-wise z-scored brain, background 0, RAS order (the last
-axis is inferior-superior, the axial slice axis). Acquisition artefacts act on the non-negative
-magnitude image, so every intensity corruption works on a per-channel proxy of it: brain voxels
-rescaled to [0, 1] (min -> 0, max -> 1) with a dark (0) background; the result is mapped back with the
-same affine map and the background is zeroed again (the skull-stripped convention).
+Corruptions act on the acquisition, before any preprocessing, as ImageNet-C corrupts images before the
+network's preprocessing: the input is the raw intensities of the skull-stripped volumes in RAS order
+(`segmentation.data.load_raw`; the last axis is inferior-superior, the axial slice axis), and the model
+then sees `segmentation.data.preprocess` of the result, the same channel-wise z-score as in training.
 
-Benchmark magnitudes (`BENCHMARK_PARAMS`, one value per severity) and augmentation ranges
-(`AUGMENT_PARAMS`) are separate tables; every augmentation range lies strictly below the weakest
-benchmark level, so a benchmark never tests what a model was trained on. Definitions follow MONAI
-(GibbsNoise, KSpaceSpikeNoise, GaussianSmooth, RandBiasField's Legendre field, RandRicianNoise) and
-TorchIO (RandomGhosting, RandomMotion, translations only); random geometry is drawn from the seed
-independently of the severity, so a higher severity distorts the same volume more.
+A corruption is one function plus its registration with its severity table row::
+
+    @register("name", severities=(m1, m2, m3, m4, m5), augment=(low, high))
+    def _name(u, m, rng):       # u: the magnitude proxy (C, D, H, W); m: the magnitude -> like u
+        ...
+
+With `proxy=True` (the default) the function sees the non-negative magnitude image as a per-channel proxy:
+raw intensities divided by the channel's brain maximum (so 1 is the brightest brain voxel, 0 no signal,
+background 0); its result is scaled back and skull-stripped again with the clean brain mask (background
+exactly 0, the BraTS convention). With `proxy=False` it gets the raw volume itself (modality-level faults).
+
+Benchmark magnitudes (`severities`, one per severity) and augmentation ranges (`augment`, training-time
+corruption through `augment`) are separate; registration refuses a range reaching the weakest benchmark
+level, so a benchmark never tests what a model was trained on. Definitions follow MONAI (GibbsNoise,
+KSpaceSpikeNoise, GaussianSmooth, RandBiasField's Legendre field, RandRicianNoise) and TorchIO
+(RandomGhosting, RandomMotion, translations only); random geometry is drawn from the seed independently
+of the severity, so a higher severity distorts the same volume more.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from numpy.polynomial import legendre
 from scipy import fft
 
-Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
-
-SLICE_AXIS = -1  # RAS: the last spatial axis runs inferior-superior (axial slices)
-BIAS_DEGREE = 3
-
-#: One magnitude per severity 1..5 (units in each function's docstring).
-BENCHMARK_PARAMS: dict[str, list[float]] = {
-    "bias_field": [0.1, 0.2, 0.3, 0.45, 0.6],
-    "ghosting": [0.4, 0.55, 0.7, 0.85, 1.0],
-    "motion": [0.3, 0.4, 0.5, 0.6, 0.7],
-    "spike": [0.2, 0.4, 0.7, 1.0, 1.5],
-    "gaussian_noise": [0.02, 0.04, 0.06, 0.09, 0.12],
-    "rician_noise": [0.02, 0.04, 0.06, 0.09, 0.12],
-    "blur": [0.5, 0.75, 1.0, 1.5, 2.0],
-    "gibbs": [0.45, 0.55, 0.65, 0.75, 0.85],
-    "gamma": [0.15, 0.3, 0.45, 0.6, 0.8],
-    "downsample": [2.0, 3.0, 4.0, 5.0, 6.0],
-    "missing_modality": [0.2, 0.4, 0.6, 0.8, 1.0],
-    "swapped_modalities": [0.2, 0.4, 0.6, 0.8, 1.0],
-}
-
-#: (low, high) magnitude ranges for training-time augmentation; benchmark-only corruptions are absent.
-AUGMENT_PARAMS: dict[str, tuple[float, float]] = {
-    "bias_field": (0.0, 0.08),
-    "ghosting": (0.0, 0.3),
-    "motion": (0.0, 0.2),
-    "spike": (0.0, 0.15),
-    "gaussian_noise": (0.0, 0.015),
-    "rician_noise": (0.0, 0.015),
-    "blur": (0.0, 0.4),
-    "gibbs": (0.0, 0.35),
-    "gamma": (0.0, 0.1),
-    "downsample": (1.0, 1.5),
-}
+MagnitudeFn = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
 
 SEVERITIES = (1, 2, 3, 4, 5)
+SLICE_AXIS = -1  # RAS: the last spatial axis runs inferior-superior (axial slices)
+BIAS_DEGREE = 3
+#: Where the corruptions act (recorded in robustness outputs): on the raw acquisition, before the z-score.
+CORRUPTION_SPACE = "acquisition"
 
 
-# ---------------------------------------------------------------- intensity proxy
+def _check(volume: np.ndarray, name: str) -> np.ndarray:
+    volume = np.asarray(volume)
+    if volume.ndim != 4 or volume.dtype != np.float32:
+        raise ValueError(f"{name}: expected a float32 (C, D, H, W) volume, got {volume.dtype} {volume.shape}")
+    return volume
 
 
-def _proxy(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-channel [0, 1] magnitude proxy of the brain (background 0), the brain mask, and the map back."""
-    mask = np.any(volume != 0, axis=0)
-    if not mask.any():
-        mask = np.ones(volume.shape[1:], bool)
-    brain = volume[:, mask]
-    lo, hi = brain.min(axis=1), brain.max(axis=1)
-    span = np.where(hi > lo, hi - lo, 1.0)
-    u = (volume - lo[:, None, None, None]) / span[:, None, None, None]
-    return np.where(mask, u, 0.0).astype(np.float32), mask, lo, span
+@dataclass(frozen=True)
+class Corruption:
+    """A registered corruption of raw volumes: fn(volume, magnitude, rng), its magnitude per severity
+    1..5 and its training-time magnitude range (None: benchmark only)."""
+
+    name: str
+    fn: MagnitudeFn
+    severities: tuple[float, ...]
+    augment: tuple[float, float] | None = None
+
+    def at(self, volume: np.ndarray, magnitude: float, rng: np.random.Generator) -> np.ndarray:
+        """Corrupt a raw float32 (C, D, H, W) volume at `magnitude` (units in the function's docstring)."""
+        return self.fn(_check(volume, self.name), magnitude, rng).astype(np.float32)
+
+    def __call__(self, volume: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+        """Corrupt a raw volume at a benchmark severity; severity 0 is the identity."""
+        if severity not in (0, *SEVERITIES):
+            raise ValueError(f"{self.name}: severity must be 0..5, got {severity}")
+        if severity == 0:
+            return _check(volume, self.name).copy()
+        return self.at(volume, self.severities[severity - 1], rng)
 
 
-def _unproxy(u: np.ndarray, volume: np.ndarray, mask: np.ndarray, lo: np.ndarray, span: np.ndarray):
-    out = u * span[:, None, None, None] + lo[:, None, None, None]
-    out = np.where(mask, out, 0.0).astype(np.float32)
-    flat = np.ptp(volume[:, mask], axis=1) == 0  # constant (e.g. already missing) channels stay as they were
-    out[flat] = volume[flat]
-    return out
+#: The registry, in registration order (the order `corruptions: all` runs them).
+CORRUPTIONS: dict[str, Corruption] = {}
 
 
-def _on_proxy(fn: Callable[[np.ndarray, float, np.random.Generator], np.ndarray]):
-    """Lift a corruption of the [0, 1] magnitude proxy to one of the z-scored volume."""
+def register(
+    name: str,
+    severities: tuple[float, ...],
+    augment: tuple[float, float] | None = None,
+    proxy: bool = True,
+) -> Callable[[MagnitudeFn], MagnitudeFn]:
+    """Decorator adding fn(u or volume, magnitude, rng) as corruption `name` with its magnitude per
+    severity 1..5 and, optionally, a training range (low, high) below the weakest benchmark magnitude."""
+    if len(severities) != len(SEVERITIES):
+        raise ValueError(f"corruption {name!r}: need one magnitude per severity {SEVERITIES}")
+    if augment is not None and not augment[0] < augment[1] < min(severities):
+        raise ValueError(f"corruption {name!r}: augment range {augment} must lie below {min(severities)}")
+
+    def add(fn: MagnitudeFn) -> MagnitudeFn:
+        if name in CORRUPTIONS:
+            raise ValueError(f"corruption {name!r} is already registered")
+        lifted = _on_magnitude(fn) if proxy else fn
+        CORRUPTIONS[name] = Corruption(name, lifted, tuple(severities), augment)
+        return fn
+
+    return add
+
+
+# ---------------------------------------------------------------- the magnitude proxy
+
+
+def _on_magnitude(fn: MagnitudeFn) -> MagnitudeFn:
+    """Lift a corruption of the per-channel [0, 1] magnitude proxy to one of the raw volume."""
 
     def apply(volume: np.ndarray, magnitude: float, rng: np.random.Generator) -> np.ndarray:
-        u, mask, lo, span = _proxy(volume)
-        return _unproxy(fn(u, magnitude, rng), volume, mask, lo, span)
+        brain = np.any(volume != 0, axis=0)
+        peak = np.array([volume[c][brain].max() if brain.any() else 0.0 for c in range(len(volume))])
+        live = peak > 0  # a channel without signal (e.g. a missing series) stays as it is
+        scale = np.where(live, peak, 1.0).astype(np.float32)[:, None, None, None]
+        u = np.where(brain, volume / scale, 0.0).astype(np.float32)
+        out = np.where(brain, fn(u, magnitude, rng) * scale, 0.0).astype(np.float32)
+        out[~live] = volume[~live]
+        return out
 
     apply.__doc__ = fn.__doc__
     return apply
@@ -105,7 +131,7 @@ def _image(k: np.ndarray) -> np.ndarray:
     return np.abs(fft.ifftn(fft.ifftshift(k, axes=(1, 2, 3)), axes=(1, 2, 3), workers=2)).astype(np.float32)
 
 
-# ---------------------------------------------------------------- corruptions of the proxy
+# ---------------------------------------------------------------- corruptions of the magnitude proxy
 
 
 def legendre_terms(degree: int = BIAS_DEGREE) -> list[tuple[int, int, int]]:
@@ -113,15 +139,21 @@ def legendre_terms(degree: int = BIAS_DEGREE) -> list[tuple[int, int, int]]:
     return [t for t in itertools.product(range(degree + 1), repeat=3) if sum(t) <= degree]
 
 
+def _log_bias_field(shape: tuple[int, int, int], coeffs: np.ndarray, degree: int) -> np.ndarray:
+    """sum_t c_t P_i(x) P_j(y) P_k(z) on a grid spanning [-1, 1] along each axis (separable contraction)."""
+    axes = [legendre.legvander(np.linspace(-1, 1, n), degree) for n in shape]  # (n, degree + 1)
+    table = np.zeros((degree + 1,) * 3)
+    for c, (i, j, k) in zip(coeffs, legendre_terms(degree), strict=True):
+        table[i, j, k] = c
+    return np.einsum("ai,bj,ck,ijk->abc", *axes, table, optimize=True)
+
+
 def bias_field(shape: tuple[int, int, int], coeffs: np.ndarray, degree: int = BIAS_DEGREE) -> np.ndarray:
     """exp(sum_t c_t P_i(x) P_j(y) P_k(z)) on a grid spanning [-1, 1] along each axis."""
-    axes = [legendre.legvander(np.linspace(-1, 1, n), degree) for n in shape]  # (n, degree + 1)
-    log_field = np.zeros(shape)
-    for c, (i, j, k) in zip(coeffs, legendre_terms(degree), strict=False):
-        log_field += c * np.einsum("a,b,c->abc", axes[0][:, i], axes[1][:, j], axes[2][:, k])
-    return np.exp(log_field)
+    return np.exp(_log_bias_field(shape, coeffs, degree))
 
 
+@register("bias_field", severities=(0.1, 0.2, 0.3, 0.45, 0.6), augment=(0.0, 0.08))
 def _bias_field(u: np.ndarray, magnitude: float, rng: np.random.Generator) -> np.ndarray:
     """Multiply each channel by its own smooth field exp(poly) of degree 3, max |poly| over the brain = m.
 
@@ -131,11 +163,12 @@ def _bias_field(u: np.ndarray, magnitude: float, rng: np.random.Generator) -> np
     brain = np.any(u > 0, axis=0)
     out = np.empty_like(u)
     for c, k in enumerate(coeffs):
-        log_field = np.log(bias_field(u.shape[1:], k))
+        log_field = _log_bias_field(u.shape[1:], k, BIAS_DEGREE)
         out[c] = u[c] * np.exp(log_field * (magnitude / np.abs(log_field[brain]).max()))
     return out
 
 
+@register("ghosting", severities=(0.4, 0.55, 0.7, 0.85, 1.0), augment=(0.0, 0.3))
 def _ghosting(u: np.ndarray, intensity: float, rng: np.random.Generator) -> np.ndarray:
     """TorchIO ghosting: every n-th k-space plane along a random axis scaled by (1 - intensity).
 
@@ -149,10 +182,11 @@ def _ghosting(u: np.ndarray, intensity: float, rng: np.random.Generator) -> np.n
     hit = (lines % every == 0) & (np.abs(lines - size // 2) > round(0.02 * size))
     shape = [1, 1, 1, 1]
     shape[axis] = size
-    k = k * np.where(hit, 1.0 - intensity, 1.0).reshape(shape)
+    k = k * np.where(hit, 1.0 - intensity, 1.0).astype(np.float32).reshape(shape)
     return _image(k)
 
 
+@register("motion", severities=(0.3, 0.4, 0.5, 0.6, 0.7), augment=(0.0, 0.2))
 def _motion(u: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Rigid translations during acquisition (TorchIO RandomMotion, translations only).
 
@@ -178,9 +212,10 @@ def _motion(u: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndar
         f_shape = [1, 1, 1]
         f_shape[a] = len(f)
         phase = phase + f.reshape(f_shape) * displacement[:, a].reshape(line_shape)
-    return _image(_kspace(u) * np.exp(-2j * np.pi * phase)[None])
+    return _image(_kspace(u) * np.exp(-2j * np.pi * phase).astype(np.complex64)[None])
 
 
+@register("spike", severities=(0.2, 0.4, 0.7, 1.0, 1.5), augment=(0.0, 0.15))
 def _spike(u: np.ndarray, amplitude: float, rng: np.random.Generator) -> np.ndarray:
     """MONAI KSpaceSpikeNoise: one k-space point set to `amplitude` x the DC magnitude (herringbone).
 
@@ -199,11 +234,13 @@ def _spike(u: np.ndarray, amplitude: float, rng: np.random.Generator) -> np.ndar
     return out
 
 
+@register("gaussian_noise", severities=(0.02, 0.04, 0.06, 0.09, 0.12), augment=(0.0, 0.015))
 def _gaussian_noise(u: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """Additive N(0, sigma^2) noise, sigma a fraction of the channel's brain intensity range."""
+    """Additive N(0, sigma^2) noise, sigma a fraction of the channel's brain maximum."""
     return u + sigma * rng.standard_normal(u.shape, dtype=np.float32)
 
 
+@register("rician_noise", severities=(0.02, 0.04, 0.06, 0.09, 0.12), augment=(0.0, 0.015))
 def _rician_noise(u: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Rician magnitude noise |u + n_re + i n_im|, n ~ N(0, sigma^2) (MONAI RandRicianNoise, absolute)."""
     real = u + sigma * rng.standard_normal(u.shape, dtype=np.float32)
@@ -211,6 +248,7 @@ def _rician_noise(u: np.ndarray, sigma: float, rng: np.random.Generator) -> np.n
     return np.sqrt(real**2 + imag**2)
 
 
+@register("blur", severities=(0.5, 0.75, 1.0, 1.5, 2.0), augment=(0.0, 0.4))
 def _blur(u: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Isotropic Gaussian blur, sigma in voxels (MONAI GaussianSmooth)."""
     from monai.transforms import GaussianSmooth
@@ -218,6 +256,7 @@ def _blur(u: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(GaussianSmooth(sigma=sigma)(torch.from_numpy(u)), dtype=np.float32)
 
 
+@register("gibbs", severities=(0.45, 0.55, 0.65, 0.75, 0.85), augment=(0.0, 0.35))
 def _gibbs(u: np.ndarray, alpha: float, rng: np.random.Generator) -> np.ndarray:
     """MONAI GibbsNoise: k-space truncated to a sphere of radius (1 - alpha) * max(shape) / sqrt 2."""
     from monai.transforms import GibbsNoise
@@ -225,6 +264,7 @@ def _gibbs(u: np.ndarray, alpha: float, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(GibbsNoise(alpha=alpha)(torch.from_numpy(u)), dtype=np.float32)
 
 
+@register("gamma", severities=(0.15, 0.3, 0.45, 0.6, 0.8), augment=(0.0, 0.1))
 def _gamma(u: np.ndarray, log_gamma: float, rng: np.random.Generator) -> np.ndarray:
     """Contrast change u^gamma with gamma = exp(±m), the sign drawn per channel."""
     signs = rng.choice([-1.0, 1.0], size=len(u))
@@ -232,6 +272,7 @@ def _gamma(u: np.ndarray, log_gamma: float, rng: np.random.Generator) -> np.ndar
     return np.clip(u, 0.0, None) ** gamma[:, None, None, None]
 
 
+@register("downsample", severities=(2.0, 3.0, 4.0, 5.0, 6.0), augment=(1.0, 1.5))
 def _downsample(u: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
     """Thick slices: average-pool the slice axis by `factor`, then linear interpolation back."""
     x = torch.from_numpy(np.moveaxis(u, SLICE_AXIS, -1).copy())  # (C, D, H, S)
@@ -243,7 +284,7 @@ def _downsample(u: np.ndarray, factor: float, rng: np.random.Generator) -> np.nd
     return np.moveaxis(back.reshape(c, d, h, s).numpy(), -1, SLICE_AXIS)
 
 
-# ---------------------------------------------------------------- modality corruptions (model input as is)
+# ---------------------------------------------------------------- modality corruptions (the raw volume)
 
 
 def _slab(n: int, fraction: float, rng: np.random.Generator) -> slice:
@@ -252,6 +293,7 @@ def _slab(n: int, fraction: float, rng: np.random.Generator) -> slice:
     return slice(0, count) if rng.integers(2) == 0 else slice(n - count, n)
 
 
+@register("missing_modality", severities=(0.2, 0.4, 0.6, 0.8, 1.0), proxy=False)
 def missing_modality(volume: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Zero one modality (chosen by the seed) over a slab of `fraction` of the axial slices; 1.0 = all."""
     channel = int(rng.integers(volume.shape[0]))
@@ -261,8 +303,9 @@ def missing_modality(volume: np.ndarray, fraction: float, rng: np.random.Generat
     return out
 
 
+@register("swapped_modalities", severities=(0.2, 0.4, 0.6, 0.8, 1.0), proxy=False)
 def swapped_modalities(volume: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Swap two modalities (chosen by the seed) over a slab of `fraction` of the slices; 1.0 = whole volumes."""
+    """Swap two modalities (chosen by the seed) over a slab of `fraction` of the slices; 1.0 = all."""
     a, b = (int(i) for i in rng.choice(volume.shape[0], size=2, replace=False))
     where = _slab(volume.shape[SLICE_AXIS], fraction, rng)
     out = volume.copy()
@@ -272,61 +315,34 @@ def swapped_modalities(volume: np.ndarray, fraction: float, rng: np.random.Gener
     return out
 
 
-#: name -> fn(volume (4, D, H, W) float32, magnitude, rng) -> corrupted volume.
-MAGNITUDE_FUNCTIONS: dict[str, Callable[[np.ndarray, float, np.random.Generator], np.ndarray]] = {
-    "bias_field": _on_proxy(_bias_field),
-    "ghosting": _on_proxy(_ghosting),
-    "motion": _on_proxy(_motion),
-    "spike": _on_proxy(_spike),
-    "gaussian_noise": _on_proxy(_gaussian_noise),
-    "rician_noise": _on_proxy(_rician_noise),
-    "blur": _on_proxy(_blur),
-    "gibbs": _on_proxy(_gibbs),
-    "gamma": _on_proxy(_gamma),
-    "downsample": _on_proxy(_downsample),
-    "missing_modality": missing_modality,
-    "swapped_modalities": swapped_modalities,
-}
+# ---------------------------------------------------------------- use
 
 
-def _check(volume: np.ndarray, name: str) -> np.ndarray:
-    volume = np.asarray(volume)
-    if volume.ndim != 4 or volume.dtype != np.float32:
-        raise ValueError(f"{name}: expected a float32 (C, D, H, W) volume, got {volume.dtype} {volume.shape}")
-    return volume
-
-
-def _by_severity(name: str) -> Corruption:
-    fn = MAGNITUDE_FUNCTIONS[name]
-
-    def apply(volume: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-        volume = _check(volume, name)
-        if severity not in (0, *SEVERITIES):
-            raise ValueError(f"{name}: severity must be 0..5, got {severity}")
-        if severity == 0:
-            return volume.copy()
-        return fn(volume, BENCHMARK_PARAMS[name][severity - 1], rng).astype(np.float32)
-
-    apply.__name__ = name
-    apply.__doc__ = fn.__doc__
-    return apply
-
-
-#: name -> fn(volume float32 (4, D, H, W), severity 0..5, rng) -> float32; severity 0 is the identity.
-CORRUPTIONS: dict[str, Corruption] = {name: _by_severity(name) for name in MAGNITUDE_FUNCTIONS}
+def _known(name: str) -> Corruption:
+    if name not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {name!r}; known: {', '.join(CORRUPTIONS)}")
+    return CORRUPTIONS[name]
 
 
 def corrupt_volume(volume: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
-    """Apply one benchmark corruption deterministically for `seed`."""
-    if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; known: {', '.join(CORRUPTIONS)}")
-    return CORRUPTIONS[name](volume, severity, np.random.default_rng(seed))
+    """Apply one benchmark corruption to a raw volume, deterministically for `seed`."""
+    return _known(name)(volume, severity, np.random.default_rng(seed))
 
 
 def augment(volume: np.ndarray, rng: np.random.Generator, p: float = 0.25) -> np.ndarray:
-    """Training-time augmentation: each AUGMENT_PARAMS corruption with probability p, magnitude U(low, high)."""
+    """Training-time corruption of a raw volume: each corruption with an `augment` range, in registry
+    order, with probability p at a magnitude drawn uniformly from its range."""
     volume = _check(volume, "augment")
-    for name, (low, high) in AUGMENT_PARAMS.items():
-        if rng.random() < p:
-            volume = MAGNITUDE_FUNCTIONS[name](volume, float(rng.uniform(low, high)), rng).astype(np.float32)
+    for c in CORRUPTIONS.values():
+        if c.augment is not None and rng.random() < p:
+            volume = c.at(volume, float(rng.uniform(*c.augment)), rng)
     return volume
+
+
+def study_record(names: list[str]) -> dict[str, Any]:
+    """What a robustness output records about the corruptions: where they act and the severity table."""
+    return {
+        "corruption_space": CORRUPTION_SPACE,
+        "preprocessing": "segmentation.data.preprocess after the corruption: the z-score of training",
+        "severity_table": {n: list(_known(n).severities) for n in names},
+    }

@@ -1,6 +1,7 @@
 """BraTS case folders: discovery under all common naming schemes, loading, and training crops.
 
-Arrays are returned in RAS voxel order (MONAI `Orientation`), channel-wise z-scored over non-zero voxels;
+Arrays are returned in RAS voxel order (MONAI `Orientation`): raw as acquired (`load_raw`, what corruptions
+act on) or channel-wise z-scored over non-zero voxels (`preprocess`, the model input; `load_case` does both);
 the source affine and header travel along so `from_ras` can write outputs in the input's own voxel order.
 """
 
@@ -19,6 +20,7 @@ import torch
 
 from histo.errors import InputFileError
 from histo.io import atomic_path
+from segmentation.config import CropAugment
 from segmentation.labels import labels_to_regions
 
 log = logging.getLogger(__name__)
@@ -192,13 +194,12 @@ def from_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.stack(out))
 
 
-def load_case(case: Case, with_labels: bool = True):
-    """-> (image float32 (4,D,H,W) z-scored, brain_mask bool (D,H,W), regions uint8 (3,D,H,W) | None, affine, header).
+def load_raw(case: Case, with_labels: bool = True):
+    """-> (raw float32 (4,D,H,W) as acquired, regions uint8 (3,D,H,W) | None, affine, header), in RAS order.
 
-    Arrays are in RAS order; `affine` and `header` are the source's (FLAIR), for writing outputs with `from_ras`.
+    The raw intensities are what corruptions act on (`segmentation.corruptions`); `preprocess` makes the
+    model input. `affine` and `header` are the source's (FLAIR), for writing outputs with `from_ras`.
     """
-    from monai.transforms import NormalizeIntensity
-
     ref_img = read_nifti(case.images["flair"])
     channels = []
     for modality in MODALITIES:
@@ -206,10 +207,6 @@ def load_case(case: Case, with_labels: bool = True):
         img = ref_img if modality == "flair" else read_nifti(path)
         _check_grid(img, ref_img, path, case.images["flair"])
         channels.append(_data(img, path))
-    raw = np.stack(channels)
-    brain = np.any(raw != 0, axis=0)
-    image = NormalizeIntensity(nonzero=True, channel_wise=True)(raw)
-    image = np.asarray(image, dtype=np.float32)
     affine, header = ref_img.affine.copy(), ref_img.header.copy()
     regions = None
     if with_labels and case.seg is not None:
@@ -220,8 +217,27 @@ def load_case(case: Case, with_labels: bool = True):
         except ValueError as e:
             raise InputFileError(case.seg, str(e)) from None
         regions = to_ras(regions, affine)
-    image = to_ras(image, affine)
-    brain = to_ras(brain[None], affine)[0]
+    return to_ras(np.stack(channels), affine), regions, affine, header
+
+
+def preprocess(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """-> (model input float32: each channel z-scored over its own non-zero voxels, brain mask bool: any
+    channel non-zero), from a raw (C, D, H, W) volume; the one preprocessing of training and inference."""
+    from monai.transforms import NormalizeIntensity
+
+    brain = np.any(raw != 0, axis=0)
+    # NormalizeIntensity writes into a float32 numpy input: normalise a copy, never the caller's volume
+    image = NormalizeIntensity(nonzero=True, channel_wise=True)(np.array(raw, dtype=np.float32))
+    return np.asarray(image, dtype=np.float32), brain
+
+
+def load_case(case: Case, with_labels: bool = True):
+    """-> (image float32 (4,D,H,W) z-scored, brain_mask bool (D,H,W), regions uint8 (3,D,H,W) | None, affine, header).
+
+    `preprocess` of `load_raw`: arrays in RAS order; `affine` and `header` are the source's (FLAIR).
+    """
+    raw, regions, affine, header = load_raw(case, with_labels)
+    image, brain = preprocess(raw)
     return image, brain, regions, affine, header
 
 
@@ -265,10 +281,17 @@ KEYS = ("image", "label", "mask")
 
 
 class CropDataset(torch.utils.data.Dataset):
-    """Random training crops indexed by (case index, seed): the seed fixes the crop, flips and intensity
-    change, so any worker layout and any resumed epoch draws exactly the same samples."""
+    """Random training crops indexed by (case index, seed): the seed fixes the crop, flips, intensity change
+    and acquisition corruptions, so any worker layout and any resumed epoch draws exactly the same samples.
 
-    def __init__(self, cases: list[Case], roi: tuple[int, int, int], aug: dict, cache: bool = True) -> None:
+    With `aug.corruption_prob` > 0 each sample's raw volume first goes through
+    `segmentation.corruptions.augment` (every corruption with a training range, with that probability)
+    and is then preprocessed as at inference, so the model trains on inputs the pipeline produces.
+    """
+
+    def __init__(
+        self, cases: list[Case], roi: tuple[int, int, int], aug: CropAugment, cache: bool = True
+    ) -> None:
         from monai.transforms import (
             Compose,
             RandCropByPosNegLabeld,
@@ -278,23 +301,24 @@ class CropDataset(torch.utils.data.Dataset):
         )
 
         self.cases, self.roi, self.cache = cases, tuple(roi), cache
+        self.corruption_prob = aug.corruption_prob
         self._store: dict[int, dict] = {}
-        flips = [RandFlipd(KEYS, prob=aug["flip_prob"], spatial_axis=axis) for axis in range(3)]
+        flips = [RandFlipd(KEYS, prob=aug.flip_prob, spatial_axis=axis) for axis in range(3)]
         self.random = Compose(
             [
                 RandCropByPosNegLabeld(
                     KEYS,
                     label_key="label",
                     spatial_size=self.roi,
-                    pos=aug["pos"],
-                    neg=aug["neg"],
+                    pos=aug.pos,
+                    neg=aug.neg,
                     num_samples=1,
                     fg_indices_key="fg",
                     bg_indices_key="bg",
                 ),
                 *flips,
-                RandScaleIntensityd("image", factors=aug["intensity_scale"], prob=1.0),
-                RandShiftIntensityd("image", offsets=aug["intensity_shift"], prob=1.0),
+                RandScaleIntensityd("image", factors=aug.intensity_scale, prob=1.0),
+                RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=1.0),
             ]
         )
 
@@ -305,15 +329,18 @@ class CropDataset(torch.utils.data.Dataset):
         from monai.transforms import FgBgToIndicesd, SpatialPadd
 
         case = self.cases[index]
-        image, brain, regions, _, _ = load_case(case)
+        raw, regions, _, _ = load_raw(case)
         if regions is None:
             raise InputFileError(case.folder, f"case {case.case_id} has no label file (*_seg) for training")
+        image, brain = preprocess(raw)
         data = {"image": image, "label": regions, "mask": brain[None].astype(np.uint8)}
         data = SpatialPadd(KEYS, spatial_size=self.roi)(data)
         # Background crops are centred in the brain (mask), foreground crops on any tumour region.
         data = FgBgToIndicesd("label", image_key="mask", image_threshold=0.0)(data)
         data = {k: (v.as_tensor() if hasattr(v, "as_tensor") else v) for k, v in data.items()}
         data["fg"], data["bg"] = data.pop("label_fg_indices"), data.pop("label_bg_indices")
+        if self.corruption_prob > 0:
+            data["raw"] = raw  # corrupted per sample in `__getitem__`
         if self.cache:
             self._store[index] = data
         return data
@@ -323,10 +350,22 @@ class CropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, seed = item
+        data = dict(self._prepared(index))
+        if self.corruption_prob > 0:
+            data["image"] = self._corrupted_input(data.pop("raw"), seed)
         self.random.set_random_state(seed=seed)
-        out = self.random(dict(self._prepared(index)))
+        out = self.random(data)
         out = out[0] if isinstance(out, list) else out
         return {key: torch.as_tensor(np.asarray(out[key]), dtype=torch.float32) for key in KEYS}
+
+    def _corrupted_input(self, raw: np.ndarray, seed: int) -> torch.Tensor:
+        """The model input of a corrupted acquisition: `augment` (seeded), `preprocess`, padded like the rest."""
+        from monai.transforms import SpatialPad
+
+        from segmentation.corruptions import augment
+
+        image, _ = preprocess(augment(raw, np.random.default_rng(seed), self.corruption_prob))
+        return torch.as_tensor(np.asarray(SpatialPad(self.roi)(image)))
 
 
 class PlanSampler(torch.utils.data.Sampler):

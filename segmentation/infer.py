@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -14,7 +15,8 @@ import torch
 from torch import nn
 
 from histo.batch import BatchSummary, Outcome, run_batch
-from histo.errors import HistoError, InputFileError
+from histo.errors import ConfigError, HistoError, InputFileError
+from segmentation.config import SegmentConfig, roi_problem
 from segmentation.data import Case, from_ras, load_case, write_nifti
 from segmentation.labels import regions_to_labels
 
@@ -71,8 +73,8 @@ def _window_predictor(model: nn.Module, device: torch.device):
 def predict_volume(
     model: nn.Module,
     image: np.ndarray,
-    roi: Sequence[int] = (128, 128, 128),
-    overlap: float = 0.5,
+    roi: Sequence[int],
+    overlap: float,
     tta: bool = False,
     device: torch.device | str = "cpu",
     brain_mask: np.ndarray | None = None,
@@ -87,9 +89,9 @@ def predict_volume(
     from monai.inferers import sliding_window_inference
 
     device = torch.device(device)
-    divisor = 2 ** (len(model.config["channels"]) - 1)
-    if any(int(r) % divisor for r in roi):
-        raise ValueError(f"roi {tuple(roi)} must be divisible by {divisor} for this model")
+    problem = roi_problem(tuple(int(r) for r in roi), len(model.config["channels"]))
+    if problem:
+        raise ValueError(f"roi {problem}")
     if brain_mask is None:
         brain_mask = np.any(image != 0, axis=0)
     x = torch.from_numpy(np.concatenate([image, brain_mask[None].astype(np.float32)]))[None].to(device)
@@ -152,30 +154,37 @@ def overlay_png(path: Path, flair: np.ndarray, regions: np.ndarray, title: str, 
     return save_figure(fig, path)
 
 
-def predict_case(model: nn.Module, case: Case, out_dir: str | os.PathLike, settings: dict, device) -> Outcome:
-    """Segment one case: `<out>/<case_id>.nii.gz` (+ `_overlay.png`); -> done, with voxels per region."""
+def check_roi(model: nn.Module, roi: Sequence[int], key: str, model_path: str | os.PathLike) -> None:
+    """Refuse a sliding window the U-Net cannot take, before anything is written (`key` names the setting)."""
+    problem = roi_problem(tuple(roi), len(model.config["channels"]))
+    if problem:
+        raise ConfigError(f"{key}: {problem} (the U-Net in {model_path})")
+
+
+def predict_case(
+    model: nn.Module, case: Case, out_dir: str | os.PathLike, config: SegmentConfig, device
+) -> Outcome:
+    """Segment one case per `config.infer` (roi resolved): `<out>/<case_id>.nii.gz` (+ `_overlay.png`);
+    -> done, with voxels per region."""
     out_dir = Path(out_dir)
+    settings = config.infer
     image, brain, _, affine, header = load_case(case, with_labels=False)
     prob = predict_volume(
         model,
         image,
-        roi=settings["roi"],
-        overlap=settings["overlap"],
-        tta=settings["tta"],
+        roi=settings.roi,
+        overlap=settings.overlap,
+        tta=settings.tta,
         device=device,
         brain_mask=brain,
-        sw_batch_size=settings["sw_batch_size"],
+        sw_batch_size=config.run.sw_batch_size,
     )
-    regions = prob >= settings["threshold"]
+    regions = prob >= settings.threshold
     labels = regions_to_labels(regions, case.scheme)
     out = out_dir / f"{case.case_id}.nii.gz"
-    if settings["overlay_slices"] > 0:
+    if settings.overlay_slices > 0:
         overlay_png(
-            out_dir / f"{case.case_id}_overlay.png",
-            image[3],
-            regions,
-            case.case_id,
-            settings["overlay_slices"],
+            out_dir / f"{case.case_id}_overlay.png", image[3], regions, case.case_id, settings.overlay_slices
         )
     write_labels(out, labels, affine, header)  # last: its presence marks the case as done
     voxels = {name: int(regions[i].sum()) for i, name in enumerate(("TC", "WT", "ET"))}
@@ -189,28 +198,32 @@ def predict_cases(
     model_path: str | os.PathLike,
     case_dirs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
-    settings: dict,
-    device: str = "auto",
+    config: SegmentConfig | Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> BatchSummary:
     """Segment every case under `case_dirs` into `out_dir`; a bad case is failed and the rest goes on,
     finished outputs are kept (a re-run resumes, skipping them). Writes `predictions.json` (the
     summary's JSON) and returns the BatchSummary. No case found is a HistoError, before `out_dir` exists.
 
-    `out_dir/settings.json` records the model's sha256 and the settings that change a label map; a re-run
-    with others is refused unless `overwrite`, which recomputes every case.
+    `config`: a SegmentConfig, None (the defaults) or a mapping over the defaults (its `infer` and `run`
+    sections apply). `out_dir/settings.json` records the model's sha256 and the settings that change a
+    label map; a re-run with others is refused unless `overwrite`, which recomputes every case.
     """
     from histo.devices import resolve_device
     from histo.io import atomic_write_json, check_run_settings, file_sha256
     from segmentation.data import case_items, find_case
 
-    dev = resolve_device(device)
+    config = SegmentConfig.coerce(config)
+    dev = resolve_device(config.run.device)
     model, trained = load_model(model_path, dev)
     # An empty roi means the training crop: instance-norm statistics then match those seen in training.
-    roi = list(settings["roi"] or trained.get("data", {}).get("roi", []))
-    if not roi:
-        raise HistoError(f"{model_path}: the checkpoint records no training crop; set infer.roi (--roi)")
-    settings = {**settings, "roi": roi}
+    if not config.infer.roi:
+        crop = trained.get("data", {}).get("roi", [])
+        if not crop:
+            raise HistoError(f"{model_path}: the checkpoint records no training crop; set infer.roi (--roi)")
+        config = config.updated({"infer.roi": crop}, source=f"{model_path} (data.roi)")
+    check_roi(model, config.infer.roi, "infer.roi", model_path)
+    settings = config.infer.model_dump(mode="json")
     items = case_items(case_dirs)
     if not items:
         raise HistoError(f"no case folders with NIfTI files found in {', '.join(map(str, case_dirs))}")
@@ -227,7 +240,7 @@ def predict_cases(
     def predict(item) -> Outcome:
         if item.duplicate_of is not None:
             return Outcome.failed(item.id, item.path, f"duplicate case ID (also {item.duplicate_of})")
-        return predict_case(model, find_case(item.path), out_dir, settings, dev)
+        return predict_case(model, find_case(item.path), out_dir, config, dev)
 
     def finished(item) -> dict | None:
         done = not overwrite and item.duplicate_of is None and output(item).exists()

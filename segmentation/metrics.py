@@ -12,8 +12,9 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import torch
 from histo.batch import BatchSummary, Outcome, run_batch
 from histo.errors import InputFileError
 from histo.io import atomic_write_json, atomic_write_text
+from segmentation.config import SegmentConfig
 from segmentation.data import Case, read_nifti, spacing_of
 from segmentation.labels import REGIONS, labels_to_regions
 
@@ -79,12 +81,15 @@ def evaluate_case(
     )
 
 
-def region_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
-    """Dice and HD95 per channel of (3, …) [TC, WT, ET] masks."""
+def region_metrics(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], with_hd95: bool = True
+) -> dict[str, float]:
+    """Dice and (unless `with_hd95` is False) HD95 per channel of (3, …) [TC, WT, ET] masks."""
     out: dict[str, float] = {}
     for i, name in enumerate(REGIONS):
         out[f"dice_{name}"] = dice(pred[i], ref[i])
-        out[f"hd95_{name}"] = hd95(pred[i], ref[i], spacing)
+        if with_hd95:
+            out[f"hd95_{name}"] = hd95(pred[i], ref[i], spacing)
     return out
 
 
@@ -95,7 +100,7 @@ def summarize(outcomes: Sequence[Outcome]) -> dict[str, dict[str, float]]:
     """Mean, std, median, 25th/75th percentiles of every metric over the cases done."""
     done = [o.detail for o in outcomes if o.status == "done"]
     stats: dict[str, dict[str, float]] = {}
-    for key in METRIC_KEYS:
+    for key in [k for k in METRIC_KEYS if not done or k in done[0]]:  # HD95 may be off (eval.hd95)
         values = np.array([d[key] for d in done], dtype=np.float64)
         if values.size == 0:
             stats[key] = {s: math.nan for s in ("mean", "std", "median", "q25", "q75")}
@@ -113,7 +118,8 @@ def summarize(outcomes: Sequence[Outcome]) -> dict[str, dict[str, float]]:
 def write_report(outcomes: Sequence[Outcome], out_dir: str | os.PathLike) -> BatchSummary:
     """Write per-case `metrics.csv` and `summary.json` (the summary's JSON, atomic) into `out_dir`."""
     out_dir = Path(out_dir)
-    fields = ["case_id", "status", "reason", *METRIC_KEYS]
+    metrics = summarize(outcomes)
+    fields = ["case_id", "status", "reason", *metrics]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
@@ -124,11 +130,7 @@ def write_report(outcomes: Sequence[Outcome], out_dir: str | os.PathLike) -> Bat
     batch = BatchSummary(
         tuple(outcomes),
         out=str(out_dir),
-        extra={
-            "metrics": summarize(outcomes),
-            "hd95_definition": HD95_DEFINITION,
-            "conventions": CONVENTIONS,
-        },
+        extra={"metrics": metrics, "hd95_definition": HD95_DEFINITION, "conventions": CONVENTIONS},
     )
     atomic_write_json(out_dir / "summary.json", batch.to_dict())
     return batch
@@ -138,13 +140,19 @@ NO_LABELS = "no label file (*_seg) to evaluate against"
 
 
 def evaluate_predictions(
-    pred_dir: str | os.PathLike, data_dir: str | os.PathLike, out_dir=None, progress: bool = True
+    pred_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    out_dir=None,
+    config: SegmentConfig | Mapping[str, Any] | None = None,
+    progress: bool = True,
 ) -> BatchSummary:
     """Score `<pred_dir>/<case_id>.nii.gz` against each labelled case under `data_dir`; per-case CSV and
     summary JSON go to `out_dir` (default `pred_dir`). A missing or mismatched prediction fails its case,
-    a case without a label map is skipped; no labelled case at all is an InputFileError (nothing written)."""
+    a case without a label map is skipped; no labelled case at all is an InputFileError (nothing written).
+    `config`: a SegmentConfig, None (the defaults) or a mapping over the defaults (its `eval` applies)."""
     from segmentation.data import CaseFolder, case_folders, find_case
 
+    settings = SegmentConfig.coerce(config).eval
     pred_dir, data_dir = Path(pred_dir), Path(data_dir)
     if not pred_dir.is_dir():
         raise InputFileError(pred_dir, "prediction folder not found")
@@ -160,7 +168,8 @@ def evaluate_predictions(
             return Outcome.failed(
                 case.case_id, item.path, f"no prediction {case.case_id}.nii.gz in {pred_dir}"
             )
-        return Outcome.done(case.case_id, item.path, prediction=str(found[0]), **_score(found[0], case))
+        scores = _score(found[0], case, settings.hd95)
+        return Outcome.done(case.case_id, item.path, prediction=str(found[0]), **scores)
 
     items = [CaseFolder(f.name, f) for f in case_folders(data_dir)]
     if not items:
@@ -171,7 +180,7 @@ def evaluate_predictions(
     return write_report(outcomes, out_dir if out_dir is not None else pred_dir)
 
 
-def _score(pred_path: Path, case: Case) -> dict[str, float]:
+def _score(pred_path: Path, case: Case, with_hd95: bool) -> dict[str, float]:
     """Metrics of one prediction file against the case's label file (same grid required)."""
     pred_img, ref_img = read_nifti(pred_path), read_nifti(case.seg)
     if pred_img.shape != ref_img.shape:
@@ -184,4 +193,4 @@ def _score(pred_path: Path, case: Case) -> dict[str, float]:
             regions.append(labels_to_regions(np.asarray(img.dataobj), case.scheme))
         except ValueError as e:
             raise InputFileError(path, str(e)) from None
-    return region_metrics(regions[0], regions[1], spacing_of(ref_img.header))
+    return region_metrics(regions[0], regions[1], spacing_of(ref_img.header), with_hd95)

@@ -1,13 +1,15 @@
 """3D U-Nets under MRI corruptions: Dice and HD95 per region (TC, WT, ET) on labelled BraTS cases.
 
-Each case is loaded as the model sees it (`segmentation.data.load_case`), corrupted, segmented by
-sliding-window inference and scored with the BraTS conventions of `segmentation.metrics`. For the
-ImageNet-C metrics the error of a region is 1 - Dice (HD95 is reported, lower is better).
+Each case is loaded as acquired (`segmentation.data.load_raw`), corrupted, preprocessed exactly as in
+training (`segmentation.data.preprocess`), segmented by sliding-window inference and scored with the BraTS
+conventions of `segmentation.metrics`. For the ImageNet-C metrics the error of a region is 1 - Dice (HD95
+is reported, lower is better).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,8 @@ import numpy as np
 from histo.batch import BatchSummary
 from histo.errors import HistoError
 from histo.io import atomic_write_json, file_sha256
-from histo.robustness import (
-    ModelRun,
-    parse_severities,
-    plan_runs,
-    run_study,
-    select_corruptions,
-)
+from histo.robustness import ModelRun, plan_runs, run_study, select_corruptions
+from histo.robustness_config import RobustnessConfig, SegmentRobustness
 
 REGIONS = ("TC", "WT", "ET")
 METRICS = {
@@ -61,11 +58,11 @@ class Cases:
             raise HistoError(f"{data}: no labelled BraTS case found")
         self._cache = {i: self._load(i) for i in range(min(cache, len(self.cases)))}
 
-    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
-        from segmentation.data import load_case
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+        from segmentation.data import load_raw
 
-        image, brain, regions, affine, _ = load_case(self.cases[i])
-        return image, brain, regions.astype(bool), ras_spacing(affine)
+        raw, regions, affine, _ = load_raw(self.cases[i])
+        return raw, regions.astype(bool), ras_spacing(affine)
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -74,24 +71,26 @@ class Cases:
         return self._cache[i] if i in self._cache else self._load(i)
 
 
-def make_evaluate(model: Any, cases: Cases, settings: dict, device: Any):
+def make_evaluate(model: Any, cases: Cases, settings: SegmentRobustness, device: Any):
     """evaluate(corrupt) for `histo.robustness.run_grid`: mean Dice / HD95 per region over the cases."""
+    from segmentation.data import preprocess
     from segmentation.infer import predict_volume
     from segmentation.metrics import region_metrics
 
     def evaluate(corrupt) -> dict[str, float]:
         per_case = []
         for i in range(len(cases)):
-            image, brain, regions, spacing = cases[i]
+            raw, regions, spacing = cases[i]
+            image, brain = preprocess(corrupt(raw, i))  # the acquisition is corrupted, then preprocessed
             prob = predict_volume(
                 model,
-                corrupt(image, i),
-                roi=settings["roi"],
-                overlap=settings["overlap"],
+                image,
+                roi=settings.roi,
+                overlap=settings.overlap,
                 device=device,
                 brain_mask=brain,
             )
-            per_case.append(region_metrics(prob >= settings["threshold"], regions, spacing))
+            per_case.append(region_metrics(prob >= settings.threshold, regions, spacing))
         out = {k: float(np.mean([m[k] for m in per_case])) for k in per_case[0]}
         out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGIONS]))
         return out
@@ -103,26 +102,31 @@ def evaluate_segmentation(
     model: str | os.PathLike,
     data: str | os.PathLike,
     out: str | os.PathLike,
-    config: dict,
+    config: RobustnessConfig | Mapping[str, Any] | None = None,
     reference: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> BatchSummary:
     """Run the MRI corruption grid for `model` (its α-BN variant, and `reference`) on BraTS cases in `data`.
 
+    `config`: a RobustnessConfig, None (the defaults) or a mapping over the defaults (validated).
+
     Writes results.csv (resumable), CE tables (1 - Dice per region), plots and summary.json into `out`;
     returns the BatchSummary of the grid's cells (the report in its extras).
     """
     from histo.devices import resolve_device
-    from segmentation.corruptions import CORRUPTIONS
-    from segmentation.infer import load_model
+    from segmentation.corruptions import CORRUPTIONS, study_record
+    from segmentation.infer import check_roi, load_model
 
-    s = config["segment"]
-    names = select_corruptions(config["corruptions"], CORRUPTIONS)
-    severities = parse_severities(str(config["severities"]))
-    device = resolve_device(config["device"])
-    cases = Cases(data, s["max_cases"], s["cache_cases"])
-    plan, ref_label = plan_runs(model, reference, config["alpha_bn"])
+    config = RobustnessConfig.coerce(config)
+    s = config.segment
+    names = select_corruptions(config.corruptions, CORRUPTIONS)
+    severities = list(config.severities)
+    device = resolve_device(config.run.device)
+    cases = Cases(data, s.max_cases, config.run.cache_cases)
+    plan, ref_label = plan_runs(model, reference, config.alpha_bn)
     models = {str(path): load_model(path, device)[0] for _, path, _ in plan}
+    for path, net in models.items():
+        check_roi(net, s.roi, "segment.roi", path)
     runs = [
         ModelRun(label, make_evaluate(models[str(path)], cases, s, device), alpha, models[str(path)])
         for label, path, alpha in plan
@@ -133,10 +137,11 @@ def evaluate_segmentation(
         "models": {label: file_sha256(path) for label, path, _ in plan},
         "corruptions": names,
         "severities": severities,
-        "seed": config["seed"],
-        "alpha_bn": config["alpha_bn"],
-        "segment": {k: v for k, v in s.items() if k != "cache_cases"},  # caching does not change results
+        "seed": config.seed,
+        "alpha_bn": config.alpha_bn,
+        "segment": s.model_dump(mode="json"),
         "cases": [c.case_id for c in cases.cases],
+        **study_record(names),  # corruption space, preprocessing and severity table
     }
     summary = run_study(
         runs,
@@ -146,11 +151,15 @@ def evaluate_segmentation(
         settings,
         METRICS,
         reference=ref_label,
-        seed=config["seed"],
+        seed=config.seed,
         progress=progress,
     )
     summary = summary.with_extra(
-        task="segment", models=settings["models"], n_cases=len(cases), skipped_cases=cases.skipped
+        task="segment",
+        models=settings["models"],
+        n_cases=len(cases),
+        skipped_cases=cases.skipped,
+        **study_record(names),
     )
     atomic_write_json(Path(out) / "summary.json", summary.to_dict())
     return summary

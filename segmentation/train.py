@@ -11,14 +11,17 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from histo.errors import ConfigError, HistoError
+from histo.errors import HistoError
+from segmentation.config import SegmentConfig
 from segmentation.data import Case, CropDataset, PlanSampler, epoch_plan, find_cases, load_case
 from segmentation.labels import REGIONS
 from segmentation.metrics import dice, hd95
@@ -26,8 +29,8 @@ from segmentation.metrics import dice, hd95
 logger = logging.getLogger(__name__)
 
 STATE_KIND = "unet3d-train-state"  # histo.checkpoint kind of <out>.last.pt
-# Keys that may change between a run and its --resume.
-RESUME_IGNORE = ("device", "data.workers")
+# Where releases before the `run:` section recorded run options (they may change on --resume).
+RESUME_IGNORE = ("device", "data.workers", "data.cache", "infer.sw_batch_size")
 POSTFIX_EVERY = 20  # training steps between progress-bar loss updates (each one is a device sync)
 
 
@@ -43,23 +46,22 @@ def output_paths(out_path: str | Path) -> dict[str, Path]:
     }
 
 
-def build_model(config: dict) -> nn.Module:
+def build_model(config: SegmentConfig) -> nn.Module:
     """The UNet3D described by the `model` section (4 input modalities)."""
     from segmentation.unet import UNet3D
 
-    m = config["model"]
-    out_channels = 3 if m["head"] == "regions" else 4
+    m = config.model
     return UNet3D(
         in_channels=4,
-        out_channels=out_channels,
-        channels=tuple(m["channels"]),
-        blocks_per_level=m["blocks_per_level"],
-        expansion=m["expansion"],
-        norm=m["norm"],
-        se_ratio=m["se_ratio"],
-        dropout=m["dropout"],
-        reversible=m["reversible"],
-        head=m["head"],
+        out_channels=3 if m.head == "regions" else 4,
+        channels=m.channels,
+        blocks_per_level=m.blocks_per_level,
+        expansion=m.expansion,
+        norm=m.norm,
+        se_ratio=m.se_ratio,
+        dropout=m.dropout,
+        reversible=m.reversible,
+        head=m.head,
     )
 
 
@@ -93,8 +95,6 @@ def regions_to_classes(regions: torch.Tensor) -> torch.Tensor:
 
 def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
     """Deterministic train/validation split by case (at least one of each when there are >= 2 cases)."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     order = np.random.default_rng(seed).permutation(len(cases))
     n_val = min(max(round(val_fraction * len(cases)), 1 if val_fraction > 0 else 0), len(cases) - 1)
     val = sorted(order[:n_val].tolist())
@@ -102,7 +102,7 @@ def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list
 
 
 def _validate(
-    model: nn.Module, cases: list[Case], config: dict, device, dist, cache: dict
+    model: nn.Module, cases: list[Case], config: SegmentConfig, device, dist, cache: dict
 ) -> dict[str, float]:
     """Mean Dice (and with train.val_hd95, HD95 in mm) per region over the validation cases, sharded over
     ranks and summed with all_reduce."""
@@ -110,24 +110,24 @@ def _validate(
     from segmentation.data import ras_spacing
     from segmentation.infer import predict_volume
 
-    with_hd95 = config["train"]["val_hd95"]
+    with_hd95 = config.train.val_hd95
     sums = torch.zeros(7, dtype=torch.float64)  # Dice TC/WT/ET, HD95 TC/WT/ET, cases
     model.eval()
     for case in cases[dist.rank :: dist.world_size]:
         item = cache.get(case.case_id) or load_case(case)
-        if config["data"]["cache"]:
+        if config.run.cache:
             cache[case.case_id] = item
         image, brain, regions, affine, _ = item
         prob = predict_volume(
             model,
             image,
-            roi=config["data"]["roi"],
-            overlap=config["infer"]["overlap"],
+            roi=config.data.roi,
+            overlap=config.infer.overlap,
             device=device,
             brain_mask=brain,
-            sw_batch_size=config["infer"]["sw_batch_size"],
+            sw_batch_size=config.run.sw_batch_size,
         )
-        pred = prob >= config["infer"]["threshold"]
+        pred = prob >= config.infer.threshold
         sums[:3] += torch.tensor([dice(pred[i], regions[i]) for i in range(3)], dtype=torch.float64)
         if with_hd95:
             spacing = ras_spacing(affine)
@@ -148,60 +148,56 @@ def _validate(
 def train_segmenter(
     data_dir: str | Path,
     out_path: str | Path,
-    config: dict,
-    resume: bool = False,
+    config: SegmentConfig | Mapping[str, Any] | None = None,
     stop_after: int | None = None,
 ) -> dict:
     """Train on the case folders under `data_dir`; best checkpoint -> `out_path` (see `output_paths`).
 
-    `resume` continues from `<out>.last.pt` (same config required); `stop_after` ends this run after that many
-    epochs (for time-limited jobs; `resume` continues). Returns a summary dict.
+    `config`: a SegmentConfig, None (the defaults) or a mapping over the defaults (validated). With
+    `run.resume` it continues from `<out>.last.pt` (same recorded config required); `stop_after` ends this
+    run after that many epochs (for time-limited jobs; `run.resume` continues). Returns a summary dict.
     """
     from histo.devices import cleanup_distributed, init_distributed
 
-    dist = init_distributed(config["device"])
+    config = SegmentConfig.coerce(config)
+    dist = init_distributed(config.run.device)
     try:
-        return _train(Path(data_dir), output_paths(out_path), config, dist, resume, stop_after)
+        return _train(Path(data_dir), output_paths(out_path), config, dist, stop_after)
     finally:
         cleanup_distributed()
 
 
 def _train(
-    data_dir: Path, paths: dict[str, Path], config: dict, dist, resume: bool, stop_after: int | None
+    data_dir: Path, paths: dict[str, Path], config: SegmentConfig, dist, stop_after: int | None
 ) -> dict:
     from histo import checkpoint
     from histo.devices import barrier
     from histo.training import EarlyStopping, MetricsLog, check_same_config, cosine_warmup, seed_everything
 
-    tc, dc = config["train"], config["data"]
-    device, seed = dist.device, int(config["seed"])
-    cases = _check_inputs(data_dir, paths, config, resume)
-    train_cases, val_cases = split_cases(cases, dc["val_fraction"], seed)
+    tc, dc, resume = config.train, config.data, config.run.resume
+    device, seed = dist.device, config.seed
+    cases = _check_inputs(data_dir, paths, resume)
+    train_cases, val_cases = split_cases(cases, dc.val_fraction, seed)
 
     seed_everything(seed)
     model = build_model(config).to(device)
-    divisor = model.divisor
-    if any(r % divisor for r in dc["roi"]):
-        raise ConfigError(
-            f"data.roi {dc['roi']} must be divisible by {divisor} for {len(model.config['channels'])} levels"
-        )
     net = nn.parallel.DistributedDataParallel(model) if dist.distributed else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
-    samples = tc["samples_per_epoch"] or len(train_cases)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    samples = tc.samples_per_epoch or len(train_cases)
     per_rank = -(-samples // dist.world_size)
-    batches = -(-per_rank // tc["batch_size"])
-    steps_per_epoch = -(-batches // tc["accumulate"])
-    total_steps = steps_per_epoch * tc["epochs"]
+    batches = -(-per_rank // tc.batch_size)
+    steps_per_epoch = -(-batches // tc.accumulate)
+    total_steps = steps_per_epoch * tc.epochs
     scheduler = cosine_warmup(
-        optimizer, round(tc["warmup_epochs"] * steps_per_epoch), total_steps, tc["min_lr_ratio"]
+        optimizer, round(tc.warmup_epochs * steps_per_epoch), total_steps, tc.min_lr_ratio
     )
-    loss_fn = SegLoss(config["model"]["head"])
-    early = EarlyStopping(patience=tc["patience"], mode="max")
+    loss_fn = SegLoss(config.model.head)
+    early = EarlyStopping(patience=tc.patience, mode="max")
     log = MetricsLog(paths["csv"], paths["png"], x="epoch") if dist.is_main else None
     start = 0
     if resume:
         state = checkpoint.load(paths["last"], STATE_KIND)
-        check_same_config(state.config, config, paths["last"], ignore=RESUME_IGNORE)
+        check_same_config(state.config, config.recorded(), paths["last"], ignore=RESUME_IGNORE)
         model.load_state_dict(state.weights)
         optimizer.load_state_dict(state.extra["optimizer"])
         scheduler.load_state_dict(state.extra["scheduler"])
@@ -212,18 +208,18 @@ def _train(
     elif log is not None:
         log.truncate(0)
 
-    dataset = CropDataset(train_cases, tuple(dc["roi"]), dc["augment"], cache=dc["cache"])
+    dataset = CropDataset(train_cases, dc.roi, dc.augment, cache=config.run.cache)
     sampler = PlanSampler()
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=tc["batch_size"],
+        batch_size=tc.batch_size,
         sampler=sampler,
-        num_workers=dc["workers"],
-        persistent_workers=dc["workers"] > 0,
+        num_workers=config.run.workers,
+        persistent_workers=config.run.workers > 0,
     )
     val_cache: dict = {}
     epoch, run = start, 0
-    while epoch < tc["epochs"] and not early.should_stop and (stop_after is None or run < stop_after):
+    while epoch < tc.epochs and not early.should_stop and (stop_after is None or run < stop_after):
         t0 = time.time()
         seed_everything(seed + 7919 * (epoch + 1) + 104729 * dist.rank)
         plan = epoch_plan(len(train_cases), per_rank * dist.world_size, seed, epoch)
@@ -238,7 +234,7 @@ def _train(
             "train_loss": _mean_over_ranks(loss_sums),
             "lr": optimizer.param_groups[0]["lr"],
         }
-        if val_cases and (epoch % tc["val_every"] == 0 or epoch == tc["epochs"]):
+        if val_cases and (epoch % tc.val_every == 0 or epoch == tc.epochs):
             row.update(_validate(model, val_cases, config, device, dist, val_cache))
         improved = early.step(row["val_dice_mean"]) if "val_dice_mean" in row else not val_cases
         row["time_s"] = round(time.time() - t0, 2)
@@ -249,7 +245,7 @@ def _train(
         barrier()
     return {
         "epochs_done": epoch,
-        "epochs": tc["epochs"],
+        "epochs": tc.epochs,
         "stopped_early": early.should_stop,
         "best_val_dice_mean": early.best,
         "n_train": len(train_cases),
@@ -261,10 +257,8 @@ def _train(
     }
 
 
-def _check_inputs(data_dir: Path, paths: dict[str, Path], config: dict, resume: bool) -> list[Case]:
-    """Refuse a bad head, clobbering a run or resuming nothing; -> the labelled cases under `data_dir`."""
-    if config["model"]["head"] not in ("regions", "labels"):
-        raise ConfigError(f"model.head must be 'regions' or 'labels', got {config['model']['head']!r}")
+def _check_inputs(data_dir: Path, paths: dict[str, Path], resume: bool) -> list[Case]:
+    """Refuse clobbering a run or resuming nothing; -> the labelled cases under `data_dir`."""
     if paths["last"].exists() and not resume:
         raise HistoError(
             f"{paths['last']}: a training run exists here; pass --resume or choose another --out"
@@ -287,23 +281,23 @@ def _train_epoch(
     from histo.norms import set_region_mask
     from histo.training import accumulation_group, gradient_sync
 
-    tc, device = config["train"], dist.device
+    tc, device = config.train, dist.device
     model.train()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc['epochs']}", disable=not dist.is_main, leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not dist.is_main, leave=False)
     for i, batch in enumerate(bar):
-        group, step_now = accumulation_group(i, batches, tc["accumulate"])
+        group, step_now = accumulation_group(i, batches, tc.accumulate)
         image, regions = batch["image"].to(device), batch["label"].to(device)
         set_region_mask(model, batch["mask"].to(device) > 0.5)
         with gradient_sync(net, step_now):
-            with autocast(device, enabled=tc["amp"]):
+            with autocast(device, enabled=tc.amp):
                 logits = net(image)
             loss = loss_fn(logits.float(), regions)
             (loss / group).backward()
         sums += torch.stack([loss.detach().double(), sums.new_ones(())])
         if step_now:
-            if tc["grad_clip"] > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
+            if tc.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -318,16 +312,17 @@ def _save(paths, model, config, epoch, row, improved, optimizer, scheduler, earl
     from histo import checkpoint
     from segmentation.infer import save_model
 
+    recorded = config.recorded()  # the stage config without its run options, as JSON
     if improved:
         save_model(
             paths["best"],
             model,
-            config,
+            recorded,
             epoch=epoch,
             val={k: v for k, v in row.items() if k.startswith("val_")},
         )
     checkpoint.save(
-        paths["last"], STATE_KIND, checkpoint.KINDS[STATE_KIND].version, model.state_dict(), config,
+        paths["last"], STATE_KIND, checkpoint.KINDS[STATE_KIND].version, model.state_dict(), recorded,
         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), early_stopping=early.state_dict(),
         epoch=epoch,
     )  # fmt: skip

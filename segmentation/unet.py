@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from histo.norms import NormArg, NormChoice, resolve_norm
+from segmentation.config import roi_divisor
 from segmentation.mbconv import MBConv
 from segmentation.reversible import ReversibleBlock, ReversibleSequence
 
@@ -84,7 +85,7 @@ class UNet3D(nn.Module):
     @property
     def divisor(self) -> int:
         """Every spatial size of the input must be a multiple of this."""
-        return 2 ** (len(self.encoder) - 1)
+        return roi_divisor(len(self.encoder))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real data folder beside the clone, and quiet, reproducible torch threads."""
+"""Shared fixtures: the real data folder beside the clone, quiet, reproducible torch threads, a tiny tile store."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 # subprocess a test starts: results then do not depend on test order or on which process computed them,
 # and DDP tests with two processes do not oversubscribe the two cores CI has.
 os.environ["OMP_NUM_THREADS"] = "1"
+import numpy as np
 import torch
 
 torch.set_num_threads(1)
@@ -24,3 +25,53 @@ def shared_data() -> Path:
     """../shared/data (CI has it beside the clone); its absence is a failure, not a skip."""
     assert SHARED_DATA.is_dir(), f"real test data not found at {SHARED_DATA} (set HISTO_SHARED_DATA)"
     return SHARED_DATA
+
+
+def _he_like(label: int, seed: int, n: int = 3, size: int = 32) -> np.ndarray:
+    """Tiles whose colour and nuclear density depend on the label (so nearest neighbours can classify)."""
+    rng = np.random.default_rng(seed)
+    base = np.array([[235, 170, 205], [150, 90, 170]])[label]
+    tiles = base + rng.normal(0, 8, size=(n, size, size, 3))
+    dots = rng.random((n, size, size)) < (0.05 if label == 0 else 0.3)
+    tiles[dots] = [70, 40, 130]
+    return np.clip(tiles, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tile_store(tmp_path_factory) -> Path:
+    """A tile store of 4 labelled slides (2 classes, 4 patients) x 3 selected 32 px tiles at 0.25 µm/px (40x)."""
+    from pathology.store import SlideRecord, TileStore
+
+    path = tmp_path_factory.mktemp("store") / "tiles.zarr"
+    params = {"seed": 0, "tile": {"px": 32}, "resolved": {"tile_px": 32, "target_mpp": 0.25, "tile_um": 8.0}}
+    store = TileStore.create_or_open(path, params)
+    for i in range(4):
+        label = i % 2
+        pixels = _he_like(label, seed=i)
+        arrays = {
+            "coords": np.zeros((3, 2), np.int64),
+            "cluster": np.zeros(3, np.int32),
+            "cellularity": np.ones(3, np.float32),
+            "selected": np.ones(3, bool),
+        }
+        rec = SlideRecord(
+            f"s{i}", f"/x/s{i}.svs", label=f"class{label}", patient=f"P{i}", tile_px=32, n_selected=3
+        )
+        store.write_slide(rec, arrays, pixels)
+    return path
+
+
+@pytest.fixture
+def tiny_segment_study(tmp_path) -> dict[str, Path]:
+    """Inputs of `histo robustness segment` on tiny data: one synthetic 32^3 BraTS case folder ("data"),
+    an untrained BN UNet3D checkpoint ("model") and a config with a 32^3 window ("config")."""
+    from segmentation.infer import save_model
+    from segmentation.synthetic import make_cases
+    from segmentation.unet import UNet3D
+
+    make_cases(tmp_path / "data", 1, shape=(32, 32, 32), seed=0)
+    torch.manual_seed(0)
+    net = UNet3D(channels=(4, 8), blocks_per_level=1, norm="batch")
+    save_model(tmp_path / "unet.pt", net, {})
+    (tmp_path / "cfg.yaml").write_text("segment:\n  roi: [32, 32, 32]\n")
+    return {"data": tmp_path / "data", "model": tmp_path / "unet.pt", "config": tmp_path / "cfg.yaml"}

@@ -392,16 +392,18 @@ def test_segment_predict_and_eval_json_with_a_bad_case(cases: dict, tmp_path: Pa
 
 
 def test_robustness_json_with_a_failing_cell(cases: dict, tmp_path: Path, monkeypatch) -> None:
+    import dataclasses
+
     from segmentation.corruptions import CORRUPTIONS
 
     bias = CORRUPTIONS["bias_field"]
 
-    def flaky(x, severity, rng):
-        if severity == 2:
+    def flaky(x, magnitude, rng):
+        if magnitude == bias.severities[1]:  # severity 2
             raise InputFileError("case.nii.gz", "volume became unreadable")
-        return bias(x, severity, rng)
+        return bias.fn(x, magnitude, rng)
 
-    monkeypatch.setitem(CORRUPTIONS, "bias_field", flaky)
+    monkeypatch.setitem(CORRUPTIONS, "bias_field", dataclasses.replace(bias, fn=flaky))
     good = tmp_path / "data"
     shutil.copytree(cases["data"] / "synth_000", good / "synth_000")
     (tmp_path / "cfg.yaml").write_text("segment:\n  roi: [16, 16, 16]\n")

@@ -11,6 +11,7 @@ from PIL import Image
 
 from histo.errors import ConfigError
 from pathology.cellularity import cellularity_score, haematoxylin, keep_most_cellular, nuclei_mask
+from pathology.config import TileConfig
 
 PATCHES = SHARED_DATA / "histology_patches"
 TISSUE = [
@@ -86,20 +87,25 @@ def test_flat_colour_has_no_nuclei():
     assert 0.005 < cellularity_score(dots) < 0.02
 
 
+def _cellularity(**keys):
+    """The cellularity section of the tile config with `keys` over the packaged defaults."""
+    return TileConfig.section("cellularity", keys)
+
+
 def test_keep_rules():
     scores = np.array([0.1, 0.5, 0.5, 0.0, 0.3, 0.9, 0.2, 0.4, 0.6, 0.7])
-    frac = {"rule": "top_fraction", "top_fraction": 0.2, "top_k": 0, "min_score": 0.0}
+    frac = _cellularity(rule="top_fraction", top_fraction=0.2)
     assert np.flatnonzero(keep_most_cellular(scores, frac)).tolist() == [5, 9]
     assert keep_most_cellular(scores[:2], frac).sum() == 1  # at least one
-    topk = {**frac, "rule": "top_k", "top_k": 4}
+    topk = _cellularity(rule="top_k", top_k=4)
     assert np.flatnonzero(keep_most_cellular(scores, topk)).tolist() == [1, 5, 8, 9]
-    tie = {**frac, "rule": "top_k", "top_k": 1}
+    tie = _cellularity(rule="top_k", top_k=1)
     assert np.flatnonzero(keep_most_cellular(np.array([0.5, 0.5]), tie)).tolist() == [0]  # ties by order
-    thr = {**frac, "rule": "min_score", "min_score": 0.5}
+    thr = _cellularity(rule="min_score", min_score=0.5)
     assert np.flatnonzero(keep_most_cellular(scores, thr)).tolist() == [1, 2, 5, 8, 9]
     assert keep_most_cellular(np.zeros(0), frac).shape == (0,)
-    with pytest.raises(ConfigError, match=r"cellularity\.rule"):
-        keep_most_cellular(scores, {**frac, "rule": "best"})
+    with pytest.raises(ConfigError, match=r"cellularity\.rule"):  # refused when the config is made
+        keep_most_cellular(scores, _cellularity(rule="best"))
 
 
 def test_haematoxylin_equals_skimage_rgb2hed():

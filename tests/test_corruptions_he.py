@@ -1,4 +1,5 @@
-"""H&E tile corruptions: identity, monotone severity, range/dtype, determinism, and the formulas."""
+"""H&E tile corruptions: identity, monotone severity, range/dtype, determinism, the formulas, the physical
+scale of the spatial ones, and the registry (a throwaway corruption run through `histo robustness`)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import numpy as np
 import pytest
 from skimage import color
 
+from pathology import corruptions as he
 from pathology.corruptions import (
     CORRUPTIONS,
-    PARAMS,
+    REFERENCE_MPP,
     corrupt_tiles,
     disk_kernel,
     hsv_to_rgb,
     motion_kernel,
+    register,
     rgb_to_hsv,
+    spatial_scale,
 )
 
 RANDOM = ("motion_blur", "gaussian_noise", "stain", "pen_marking", "bubble", "out_of_focus_patch")
@@ -82,13 +86,13 @@ def test_bad_input_is_refused(tile: np.ndarray) -> None:
 def test_gaussian_noise_std_matches_sigma() -> None:
     grey = np.full((128, 128, 3), 128, np.uint8)
     out = CORRUPTIONS["gaussian_noise"](grey, 1, np.random.default_rng(0)).astype(np.float64)
-    sigma = PARAMS["gaussian_noise"][0] * 255
+    sigma = CORRUPTIONS["gaussian_noise"].severities[0] * 255
     assert abs((out - 128).mean()) < 0.5
     assert abs((out - 128).std() / sigma - 1) < 0.02
 
 
 def test_contrast_matches_float64_definition(tile: np.ndarray) -> None:
-    c = PARAMS["contrast"][2]
+    c = CORRUPTIONS["contrast"].severities[2]
     x = tile / 255.0
     mean = x.mean(axis=(0, 1))
     expected = np.clip(np.rint(((x - mean) * c + mean) * 255), 0, 255)
@@ -98,7 +102,7 @@ def test_contrast_matches_float64_definition(tile: np.ndarray) -> None:
 
 @pytest.mark.parametrize(("name", "channel"), [("brightness", 2), ("saturation", 1), ("hue", 0)])
 def test_hsv_shifts_match_colorsys(name: str, channel: int, tile: np.ndarray) -> None:
-    shift = PARAMS[name][1]
+    shift = CORRUPTIONS[name].severities[1]
     out = CORRUPTIONS[name](tile, 2, np.random.default_rng(0))
     for y, x in [(3, 5), (40, 41), (77, 12), (90, 90)]:
         hsv = list(colorsys.rgb_to_hsv(*(tile[y, x] / 255.0)))
@@ -151,7 +155,7 @@ def test_motion_kernel_is_one_sided_half_gaussian() -> None:
 
 
 def test_stain_is_affine_in_h_and_e(tile: np.ndarray) -> None:
-    sigma = PARAMS["stain"][1]
+    sigma = CORRUPTIONS["stain"].severities[1]
     out = CORRUPTIONS["stain"](tile, 2, np.random.default_rng(3))
 
     def concentrations(rgb: np.ndarray) -> np.ndarray:
@@ -162,3 +166,133 @@ def test_stain_is_affine_in_h_and_e(tile: np.ndarray) -> None:
     for c in (0, 1):
         slope = np.polyfit(before[:, c], after[:, c], 1)[0]
         assert min(abs(slope - (1 - sigma)), abs(slope - (1 + sigma))) < 0.03, (c, slope)
+
+
+# ---------------------------------------------------------------- physical scale (µm/px)
+
+
+def _rise_um(out: np.ndarray, mpp: float) -> float:
+    """10-90 % rise distance (µm) of a blurred vertical step edge, along the middle row."""
+    row = out[out.shape[0] // 2, :, 1].astype(np.float64)
+    lo, hi = row[:8].mean(), row[-8:].mean()
+    frac = (row - lo) / (hi - lo)
+    x = np.arange(len(row), dtype=np.float64)
+    rising = np.maximum.accumulate(frac)  # monotone envelope for interpolation
+    return float(np.interp(0.9, rising, x) - np.interp(0.1, rising, x)) * mpp
+
+
+def test_spatial_scale_is_reference_mpp_over_tile_mpp() -> None:
+    assert REFERENCE_MPP == 0.5
+    assert spatial_scale(0.5) == 1.0 and spatial_scale(0.25) == 2.0 and spatial_scale(1.0) == 0.5
+    for bad in (0, -0.5, float("nan"), None, "x"):
+        with pytest.raises(ValueError, match="µm/px"):
+            spatial_scale(bad)
+
+
+@pytest.mark.parametrize("name", ["defocus_blur", "motion_blur"])
+def test_blur_is_the_same_in_um_for_1000_and_224_px_tiles(name: str) -> None:
+    big = he_tile(1000, seed=3)
+    lo = (1000 - 224) // 2
+    small = big[lo : lo + 224, lo : lo + 224].copy()
+    out_big = CORRUPTIONS[name](big, 5, np.random.default_rng(1), mpp=0.5)[lo : lo + 224, lo : lo + 224]
+    out_small = CORRUPTIONS[name](small, 5, np.random.default_rng(1), mpp=0.5)
+    m = 48  # beyond the kernel (20 reference px at severity 5), the border handling cannot reach
+    inner = (slice(m, -m), slice(m, -m))
+    assert np.abs(out_big[inner].astype(int) - out_small[inner]).max() <= 1
+    assert not np.array_equal(out_small, small)
+
+
+@pytest.mark.parametrize("name", ["defocus_blur", "motion_blur"])
+def test_half_the_mpp_gives_twice_the_blur_in_px(name: str) -> None:
+    edge = np.full((224, 224, 3), 40, np.uint8)
+    edge[:, 112:] = 220
+    rise = {}
+    for mpp in (0.5, 0.25):
+        out = CORRUPTIONS[name](edge, 4, np.random.default_rng(2), mpp=mpp)
+        rise[mpp] = _rise_um(out, mpp)
+    # the same rise in µm is twice as many pixels at 0.25 µm/px
+    assert rise[0.5] > 2.0
+    assert rise[0.25] == pytest.approx(rise[0.5], rel=0.1)
+
+
+def test_pixelate_has_a_fixed_pitch_in_um() -> None:
+    img = np.random.default_rng(0).integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
+    out = CORRUPTIONS["pixelate"](img, 2, np.random.default_rng(0), mpp=0.25).astype(int)
+    blocks = img.reshape(56, 4, 56, 4, 3).mean(axis=(1, 3))  # 1 µm pitch = 4 px at 0.25 µm/px
+    assert np.abs(out[::4, ::4] - blocks).max() <= 1
+    assert np.array_equal(out[::4, ::4], out[3::4, 3::4])
+    coarse = CORRUPTIONS["pixelate"](img, 2, np.random.default_rng(0), mpp=1.0)
+    assert np.array_equal(coarse, img)  # already coarser than the 1 µm pitch
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_exactly_the_spatial_corruptions_depend_on_mpp(name: str, tile: np.ndarray) -> None:
+    at = {mpp: CORRUPTIONS[name](tile, 3, np.random.default_rng(4), mpp=mpp) for mpp in (0.5, 0.25)}
+    assert np.array_equal(at[0.5], at[0.25]) != CORRUPTIONS[name].spatial
+    assert np.array_equal(at[0.5], CORRUPTIONS[name](tile, 3, np.random.default_rng(4)))  # default: reference
+    assert np.array_equal(at[0.25], corrupt_tiles(tile, name, 3, seed=4, mpp=0.25))
+    batch = np.stack([tile, tile])
+    seed = int(np.random.default_rng(5).integers(2**63))  # what `seeded` draws from its generator
+    assert np.array_equal(
+        he.seeded(name, chunk=1, mpp=0.25)(batch, 3, np.random.default_rng(5)),
+        corrupt_tiles(batch, name, 3, seed=seed, chunk=1, mpp=0.25),
+    )
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_register_checks_the_table_and_the_name(monkeypatch) -> None:
+    monkeypatch.setattr(he, "CORRUPTIONS", dict(CORRUPTIONS))
+    with pytest.raises(ValueError, match="one parameter per severity"):
+        register("short", severities=(1, 2, 3))
+    with pytest.raises(ValueError, match="already registered"):
+        register("jpeg", severities=(1, 2, 3, 4, 5))(lambda x, p, rng: x)
+    assert he.CORRUPTIONS["jpeg"].fn is CORRUPTIONS["jpeg"].fn
+
+
+def test_a_registered_corruption_runs_through_histo_robustness(tile_store, tmp_path, monkeypatch) -> None:
+    """One function plus its registration: `corruptions: all` lists it, the run uses its severity row at
+    the store's µm/px, and the outputs record its table and scaling."""
+    import json
+
+    from click.testing import CliRunner
+
+    from histo.cli import main
+    from histo.config import load_config
+    from histo.robustness import read_rows, select_corruptions
+    from histo.robustness_config import RobustnessConfig
+    from pathology.kimianet import random_init_checkpoint
+
+    monkeypatch.setattr(he, "CORRUPTIONS", dict(CORRUPTIONS))  # registrations vanish after the test
+    seen = []
+
+    @register("throwaway", severities=(10, 20, 30, 40, 50), spatial=True)
+    def throwaway(x: np.ndarray, level: int, rng: np.random.Generator, scale: float) -> np.ndarray:
+        seen.append((level, scale, x.shape))
+        return np.full_like(x, level)
+
+    assert load_config(RobustnessConfig).corruptions == "all"
+    assert select_corruptions("all", he.CORRUPTIONS) == [*CORRUPTIONS, "throwaway"]
+    model = random_init_checkpoint(tmp_path / "m.pt", norm="batch", input_px=32, seed=1)
+    out = tmp_path / "out"
+    args = ["robustness", "pathology", "--model", str(model), "--tiles", str(tile_store), "--out", str(out)]
+    args += ["--corruptions", "throwaway", "--severities", "2,5", "--device", "cpu", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["counts"]["failed"] == 0 and result.exit_code == 0
+    assert {(level, scale) for level, scale, _ in seen} == {(20, 2.0), (50, 2.0)}  # store at 0.25 µm/px
+    assert sum(shape[0] for level, _, shape in seen if level == 20) == 12  # every tile of the cohort
+    rows = read_rows(out / "results.csv")
+    assert {(r["corruption"], r["severity"]) for r in rows} == {
+        ("clean", 0),
+        ("throwaway", 2),
+        ("throwaway", 5),
+    }
+    settings = json.loads((out / "settings.json").read_text())
+    for record in (summary, settings):
+        assert record["severity_table"] == {"throwaway": [10, 20, 30, 40, 50]}
+        scaling = record["spatial_scaling"]
+        assert scaling["reference_mpp"] == 0.5 and scaling["tile_mpp"] == 0.25 and scaling["scale"] == 2.0
+        assert scaling["scaled"] == ["throwaway"]

@@ -15,10 +15,12 @@ from click.testing import CliRunner
 
 from histo.cli import main
 from histo.errors import HistoError
+from pathology.config import TileConfig
 from search import features as feats_io
 from search.feature_files import write_feature_files
 from search.slide_index import SlideIndex, load_extractor
 
+CPU = {"run": {"device": "cpu"}}  # the index config of these tests: defaults, features on the CPU
 TILE_OVERRIDES = {"tile.px": 32, "tile.um": 64.0, "mosaic.percent": 50.0, "cellularity.top_fraction": 1.0}
 
 
@@ -31,10 +33,10 @@ def cohort(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("cohort")
     csv = make_cohort(root / "slides", n_classes=2, patients_per_class=2, size=(1536, 1024), seed=0)
-    cfg = load_config("tile", overrides=TILE_OVERRIDES)
+    cfg = load_config(TileConfig, overrides=TILE_OVERRIDES)
     tile_slides([root / "slides"], root / "all.zarr", cfg, labels_csv=csv, progress=False)
     model = random_init_checkpoint(root / "model.pt", input_px=32, seed=0)
-    flat = SlideIndex.build(root / "all.zarr", model, root / "flat", device="cpu", progress=False)
+    flat = SlideIndex.build(root / "all.zarr", model, root / "flat", config=CPU, progress=False)
     return {"root": root, "store": root / "all.zarr", "model": model, "flat": flat, "csv": csv}
 
 
@@ -75,7 +77,7 @@ def test_index_from_histo_files_equals_index_from_the_store(cohort, tmp_path):
     extractor = load_extractor(cohort["model"], "cpu")
     write_feature_files(cohort["store"], extractor, tmp_path / "f", layout="clam", progress=False)
     built = SlideIndex.build_from_features(
-        tmp_path / "f", tmp_path / "idx", model=cohort["model"], device="cpu", progress=False
+        tmp_path / "f", tmp_path / "idx", model=cohort["model"], config=CPU, progress=False
     )
     flat = cohort["flat"]
     for name in ("catalog.json", "coords.npy"):
@@ -89,7 +91,7 @@ def test_index_from_histo_files_equals_index_from_the_store(cohort, tmp_path):
     other = random_init_checkpoint(tmp_path / "other.pt", input_px=32, seed=1)
     with pytest.raises(HistoError, match="features were made by model"):
         SlideIndex.build_from_features(
-            tmp_path / "f", tmp_path / "x", model=other, device="cpu", progress=False
+            tmp_path / "f", tmp_path / "x", model=other, config=CPU, progress=False
         )
 
 
@@ -122,7 +124,7 @@ def test_trident_and_clam_files_index_with_encoder_checks(tmp_path):
     csv = tmp_path / "labels.csv"
     csv.write_text("slide,label,patient\nS0,A,P0\nS1,A,P1\nS2,B,P2\nS3,B,P3\n")
     idx = SlideIndex.build_from_features(
-        folder, tmp_path / "i", labels_csv=csv, encoder="uni_v1", device="cpu", progress=False
+        folder, tmp_path / "i", labels_csv=csv, encoder="uni_v1", config=CPU, progress=False
     )
     assert idx.catalog.labels == ["A", "A", "B", "B"] and idx.catalog.patients == ["P0", "P1", "P2", "P3"]
     assert (
@@ -132,13 +134,13 @@ def test_trident_and_clam_files_index_with_encoder_checks(tmp_path):
     assert idx.evaluate(k=(1,), mode="float").summary_rows()
     with pytest.raises(HistoError, match=r"made by encoder 'uni_v1', not 'conch_v15'"):
         SlideIndex.build_from_features(
-            folder, tmp_path / "j", encoder="conch_v15", device="cpu", progress=False
+            folder, tmp_path / "j", encoder="conch_v15", config=CPU, progress=False
         )
     _trident_file(folder / "S9.h5", "S9", rng.normal(size=(3, 8)).astype(np.float32))
     with pytest.raises(
         HistoError, match=r"mix encoders or models .*dim 16.*dim 8|mix encoders or models .*dim 8.*dim 16"
     ):
-        SlideIndex.build_from_features(folder, tmp_path / "k", device="cpu", progress=False)
+        SlideIndex.build_from_features(folder, tmp_path / "k", config=CPU, progress=False)
     # CLAM: h5_files/<id>.h5 with features and int32 coords, no attributes at all: --encoder names it
     for i in range(2):
         (tmp_path / "clam" / "h5_files").mkdir(parents=True, exist_ok=True)
@@ -151,9 +153,9 @@ def test_trident_and_clam_files_index_with_encoder_checks(tmp_path):
             )
             f.create_dataset("coords", data=np.zeros((4, 2), np.int32), maxshape=(None, 2), chunks=(32, 2))
     with pytest.raises(HistoError, match="do not name their encoder; pass --encoder"):
-        SlideIndex.build_from_features(tmp_path / "clam", tmp_path / "l", device="cpu", progress=False)
+        SlideIndex.build_from_features(tmp_path / "clam", tmp_path / "l", config=CPU, progress=False)
     clam = SlideIndex.build_from_features(
-        tmp_path / "clam", tmp_path / "m", encoder="resnet50_trunc", device="cpu", progress=False
+        tmp_path / "clam", tmp_path / "m", encoder="resnet50_trunc", config=CPU, progress=False
     )
     assert clam.manifest["model"]["hash"] == "external:resnet50_trunc:1024" and clam.catalog.slide_ids == [
         "C0",
@@ -170,9 +172,7 @@ def test_a_bad_file_fails_alone(tmp_path):
     with h5py.File(folder / "nan.h5", "w") as f:
         f.create_dataset("features", data=np.full((2, 8), np.nan, np.float32)).attrs["encoder"] = "uni_v1"
         f.create_dataset("coords", data=np.zeros((2, 2), np.int64))
-    idx = SlideIndex.build_from_features(
-        folder, tmp_path / "i", encoder="uni_v1", device="cpu", progress=False
-    )
+    idx = SlideIndex.build_from_features(folder, tmp_path / "i", encoder="uni_v1", config=CPU, progress=False)
     failed = {o.id: o.reason for o in idx.extraction.failed()}
     assert set(failed) == {"broken", "nan"} and "not a readable HDF5 file" in failed["broken"]
     assert "NaN or inf" in failed["nan"] and idx.catalog.slide_ids == ["S0", "S1"]

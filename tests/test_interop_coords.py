@@ -15,6 +15,7 @@ from conftest import SHARED_DATA
 from histo.cli import main
 from histo.config import load_config
 from histo.errors import ConfigError, InputFileError
+from pathology.config import TileConfig
 from pathology.interop.coords import clam_attrs, find_coords_files, read_coords
 from pathology.interop.export import export_store
 from pathology.slide import open_slide
@@ -33,8 +34,8 @@ def cohort(tmp_path_factory) -> Path:
     return d
 
 
-def _cfg(**over) -> dict:
-    return load_config("tile", overrides={"tile.px": PX, "tile.magnification": 5.0, **over})
+def _cfg(**over) -> TileConfig:
+    return load_config(TileConfig, overrides={"tile.px": PX, "tile.magnification": 5.0, **over})
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +161,11 @@ def test_selection_on_top_of_given_patches(store, cohort, tmp_path):
                 assert kept == given and back.selected(sid).sum() == max(1, round(0.2 * len(given)))
             else:
                 assert len(kept) < len(given) and (back.cluster(sid) >= 0).all()
-    with pytest.raises(ConfigError, match=r"from_coords.select must be one of"):
+    with pytest.raises(ConfigError, match=r"from_coords\.select: input should be 'none', 'cellularity' or"):
         tile_slides(
-            [cohort], tmp_path / "x.zarr", _cfg(**{"from_coords.select": "all"}), from_coords=tmp_path / "m"
+            [cohort], tmp_path / "x.zarr", {"from_coords": {"select": "all"}}, from_coords=tmp_path / "m"
         )
+    assert not (tmp_path / "x.zarr").exists()
 
 
 def _one_file(tmp_path: Path, name: str, xy, **attrs) -> Path:

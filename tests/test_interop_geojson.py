@@ -13,7 +13,8 @@ from scipy import ndimage
 
 from histo.cli import main
 from histo.config import load_config
-from histo.errors import InputFileError
+from histo.errors import ConfigError, InputFileError
+from pathology.config import TileConfig
 from pathology.interop.export import export_store
 from pathology.interop.geojson import Region, mask_outline, rasterize, read_regions
 from pathology.slide import open_slide
@@ -24,8 +25,8 @@ from pathology.tiler import slide_tissue, tile_slides
 W, H = 6000, 4000
 
 
-def _cfg(**over) -> dict:
-    return load_config("tile", overrides={"tile.px": 112, "tile.magnification": 5.0, **over})
+def _cfg(**over) -> TileConfig:
+    return load_config(TileConfig, overrides={"tile.px": 112, "tile.magnification": 5.0, **over})
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,20 @@ def test_include_and_exclude_classes_restrict_the_tiles(store, slides, tmp_path)
         [slides / "s0.svs"], tmp_path / "t.zarr", _cfg(**{"roi.include": ["Tumor"]}), progress=False, roi=only
     )
     assert "no include annotation of class Tumor" in batch.outcomes[0].reason
+
+
+@pytest.mark.parametrize(
+    ("roi", "message"),
+    [
+        ({"mode": "cut"}, r"roi\.mode: input should be 'restrict' or 'replace', got 'cut'"),
+        ({"include": "Tumor"}, r"roi\.include: must be a list, got 'Tumor'"),
+        ({"exclude": [""]}, r"roi\.exclude\[0\]: string should have at least 1 character"),
+    ],
+)
+def test_bad_roi_settings_are_refused_before_any_store(slides, tmp_path, roi, message):
+    with pytest.raises(ConfigError, match=message):
+        tile_slides([slides], tmp_path / "x.zarr", {"roi": roi}, roi=tmp_path / "nowhere.geojson")
+    assert not (tmp_path / "x.zarr").exists()
 
 
 def test_qupath_02_layout_and_bad_geometry(tmp_path):

@@ -19,6 +19,7 @@ from histo.cli import main
 from histo.config import load_config
 from histo.errors import HistoError, InputFileError
 from pathology.augment import augment, hed_jitter, hed_to_rgb, normalize, resize, rgb_to_hed, to_tensor
+from pathology.config import TrainConfig
 from pathology.data import EpochSampler, TileDataset, split_patients
 from pathology.kimianet import FeatureExtractor, build_model, random_init_checkpoint
 from pathology.store import SlideRecord, TileStore
@@ -63,13 +64,13 @@ def cohort(n_classes: int = 2, patients: int = 3, tiles: int = 6) -> list[tuple[
     return [(f"s{c}{p}", f"class{c}", f"p{c}{p}", tiles) for c in range(n_classes) for p in range(patients)]
 
 
-def config(**overrides) -> dict:
+def config(**overrides) -> TrainConfig:
     base = {
-        "device": "cpu", "model.arch": "cbr-tiny", "model.variant": "scratch", "model.input_px": PX,
-        "data.workers": 0, "data.val_fraction": 0.34, "optim.epochs": 2, "optim.batch_size": 4,
+        "run.device": "cpu", "model.arch": "cbr-tiny", "model.variant": "scratch", "model.input_px": PX,
+        "run.workers": 0, "data.val_fraction": 0.34, "optim.epochs": 2, "optim.batch_size": 4,
         "optim.warmup_epochs": 0.5, "data.samples_per_epoch": 8,
     }  # fmt: skip
-    return load_config("train", overrides={**base, **overrides})
+    return load_config(TrainConfig, overrides={**base, **overrides})
 
 
 # ---- feature extractor -----------------------------------------------------------------------------
@@ -149,15 +150,15 @@ def test_hed_conversions_match_scikit_image():
 
 
 def test_augment_is_deterministic_per_seed_and_shapes():
-    cfg = load_config("train")["augment"]
+    cfg = load_config(TrainConfig).augment
     x = to_tensor(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
     a = augment(x, 24, cfg, torch.Generator().manual_seed(5))
     b = augment(x, 24, cfg, torch.Generator().manual_seed(5))
     c = augment(x, 24, cfg, torch.Generator().manual_seed(6))
     assert a.shape == (3, 24, 24) and torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() <= 1
-    plain = {**cfg, "flip": False, "rot90": False, "hed_sigma": 0.0, "brightness": 0.0, "contrast": 0.0,
-             "crop_scale": [1.0, 1.0]}  # fmt: skip
+    plain = TrainConfig.section("augment", {"flip": False, "rot90": False, "hed_sigma": 0.0, "brightness": 0.0,
+                                            "contrast": 0.0, "crop_scale": [1.0, 1.0]})  # fmt: skip
     torch.testing.assert_close(augment(x, 24, plain, torch.Generator()), resize(x, 24))
     n = normalize(torch.ones(3, 2, 2))
     torch.testing.assert_close(
@@ -235,7 +236,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
         train_kimianet(store, tmp_path / "part.pt", cfg)
     monkeypatch.setattr(Trainer, "train_epoch", original)
     torch.manual_seed(1234)  # a fresh process would not share the first run's RNG position
-    summary = train_kimianet(store, tmp_path / "part.pt", {**cfg, "resume": True})
+    summary = train_kimianet(store, tmp_path / "part.pt", cfg.updated({"run.resume": True}))
     part = checkpoint.load(tmp_path / "part.last.pt", "kimianet-train-state")
     assert summary["epochs_run"] == 3 and part.extra["epoch"] == 3
     for k, v in full.weights.items():
@@ -251,7 +252,7 @@ def test_resume_refuses_changed_config(tmp_path):
     train_kimianet(store, tmp_path / "m.pt", config(**{"optim.epochs": 1}))
     with pytest.raises(HistoError, match=r"changed config: optim\.lr"):
         train_kimianet(
-            store, tmp_path / "m.pt", {**config(**{"optim.epochs": 1, "optim.lr": 0.5}), "resume": True}
+            store, tmp_path / "m.pt", config(**{"optim.epochs": 1, "optim.lr": 0.5, "run.resume": True})
         )
 
 

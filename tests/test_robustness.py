@@ -214,38 +214,6 @@ def test_parsers() -> None:
 # ---------------------------------------------------------------- end to end through the CLI
 
 
-def _he_like(label: int, seed: int, n: int = 3, size: int = 32) -> np.ndarray:
-    """Tiles whose colour and nuclear density depend on the label (so nearest neighbours can classify)."""
-    rng = np.random.default_rng(seed)
-    base = np.array([[235, 170, 205], [150, 90, 170]])[label]
-    tiles = base + rng.normal(0, 8, size=(n, size, size, 3))
-    dots = rng.random((n, size, size)) < (0.05 if label == 0 else 0.3)
-    tiles[dots] = [70, 40, 130]
-    return np.clip(tiles, 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def tile_store(tmp_path_factory):
-    from pathology.store import SlideRecord, TileStore
-
-    path = tmp_path_factory.mktemp("store") / "tiles.zarr"
-    store = TileStore.create_or_open(path, {"seed": 0, "tile": {"px": 32}})
-    for i in range(4):
-        label = i % 2
-        pixels = _he_like(label, seed=i)
-        arrays = {
-            "coords": np.zeros((3, 2), np.int64),
-            "cluster": np.zeros(3, np.int32),
-            "cellularity": np.ones(3, np.float32),
-            "selected": np.ones(3, bool),
-        }
-        rec = SlideRecord(
-            f"s{i}", f"/x/s{i}.svs", label=f"class{label}", patient=f"P{i}", tile_px=32, n_selected=3
-        )
-        store.write_slide(rec, arrays, pixels)
-    return path
-
-
 def test_cli_pathology_grid_alpha_bn_reference_and_resume(tile_store, tmp_path) -> None:
     import json
     import shutil
@@ -306,21 +274,13 @@ def test_cli_pathology_grid_alpha_bn_reference_and_resume(tile_store, tmp_path) 
     assert bad.exit_code == 2 and "unknown corruption(s) snow" in bad.output
 
 
-def test_cli_segment_grid(tmp_path) -> None:
+def test_cli_segment_grid(tiny_segment_study, tmp_path) -> None:
     import json
 
     from click.testing import CliRunner
 
     from histo.cli import main
-    from segmentation.infer import save_model
-    from segmentation.synthetic import make_cases
-    from segmentation.unet import UNet3D
 
-    make_cases(tmp_path / "data", 1, shape=(32, 32, 32), seed=0)
-    torch.manual_seed(0)
-    net = UNet3D(channels=(4, 8), blocks_per_level=1, norm="batch")
-    save_model(tmp_path / "unet.pt", net, {})
-    (tmp_path / "cfg.yaml").write_text("segment:\n  roi: [32, 32, 32]\n")
     out = tmp_path / "out"
     result = CliRunner().invoke(
         main,
@@ -328,9 +288,9 @@ def test_cli_segment_grid(tmp_path) -> None:
             "robustness",
             "segment",
             "--model",
-            str(tmp_path / "unet.pt"),
+            str(tiny_segment_study["model"]),
             "--data",
-            str(tmp_path / "data"),
+            str(tiny_segment_study["data"]),
             "--out",
             str(out),
             "--corruptions",
@@ -340,7 +300,7 @@ def test_cli_segment_grid(tmp_path) -> None:
             "--alpha-bn",
             "0.5",
             "--config",
-            str(tmp_path / "cfg.yaml"),
+            str(tiny_segment_study["config"]),
             "--device",
             "cpu",
             "--json",

@@ -26,12 +26,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """6 synthetic slides (3 classes x 2 patients) tiled into a store, and a random-init model."""
     from histo.config import load_config
     from pathology import tile_slides
+    from pathology.config import TileConfig
     from pathology.kimianet import random_init_checkpoint
     from pathology.synthetic import make_cohort
 
     root = tmp_path_factory.mktemp("cli")
     csv = make_cohort(root / "slides", n_classes=3, patients_per_class=2, size=(1280, 1024), seed=1)
-    tile_slides([root / "slides"], root / "tiles.zarr", load_config("tile", overrides=TILE_OVERRIDES),
+    tile_slides([root / "slides"], root / "tiles.zarr", load_config(TileConfig, overrides=TILE_OVERRIDES),
                 labels_csv=csv, progress=False)  # fmt: skip
     return {
         "root": root,
@@ -179,6 +180,7 @@ def test_unknown_config_key_and_bad_store(data: dict, tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("params:\n  nprobes: 3\n")
     code, _, stderr = run([*index_args(data, tmp_path / "x"), "--config", cfg])
-    assert code == 2 and "unknown key 'params.nprobes'" in stderr
+    assert code == 2 and f"error: {cfg}: params.nprobes: unknown key" in stderr
+    assert not (tmp_path / "x").exists()
     code, _, stderr = run(["index", "--tiles", tmp_path, "--model", data["model"], "--out", tmp_path / "y"])
     assert code == 2 and "not a tile store" in stderr

@@ -7,9 +7,15 @@ import json
 import numpy as np
 import pytest
 
+from search.config import IndexConfig
 from search.engine import Catalog, SearchEngine
 from search.evaluate import evaluate_engine
 from search.index import exact_knn
+
+
+def settings(**keys):
+    """The index's search settings (first stage, matches) with `keys` over the packaged defaults."""
+    return IndexConfig.section("search", keys)
 
 
 def line_engine(xs, labels, patients, sites) -> SearchEngine:
@@ -24,7 +30,10 @@ def line_engine(xs, labels, patients, sites) -> SearchEngine:
         coords=np.zeros((len(xs), 2), np.int64),
     )
     return SearchEngine(
-        cat, knn={"float": lambda q, k: exact_knn(q, feats, k)}, tiles={"float": lambda: feats}
+        cat,
+        knn={"float": lambda q, k: exact_knn(q, feats, k)},
+        tiles={"float": lambda: feats},
+        settings=settings(),
     )
 
 
@@ -93,14 +102,20 @@ def test_two_stage_matches_exhaustive_on_clustered_slides() -> None:
     index, _ = build_binary_index(codes, "flat")
     cat = Catalog([f"s{i:02d}" for i in range(n_slides)], [None] * n_slides, [None] * n_slides,
                   [None] * n_slides, np.arange(n_slides + 1) * n_tiles, np.zeros((len(codes), 2), np.int64))  # fmt: skip
-    eng = SearchEngine(cat, knn={"barcode": index.search}, tiles={"barcode": lambda: codes}, stage1_tiles=8)
+    eng = SearchEngine(
+        cat,
+        knn={"barcode": index.search},
+        tiles={"barcode": lambda: codes},
+        settings=settings(stage1_tiles=8),
+    )
     for parent in range(0, n_slides, 6):
         query = minmax_barcode(centres[parent] + 0.6 * rng.standard_normal((n_tiles, 128)))
         fast, info = eng.rank(query, "barcode", k=5)
         slow, _ = eng.rank(query, "barcode", k=5, exhaustive=True)
         assert fast == slow and fast[0][0] == parent
         assert info["strategy"] == "two-stage" and info["tile_k"] == 30 and 5 <= info["candidates"] < n_slides
-    eng.tile_k = 1  # one neighbour per tile hits only the parent: widened 4x until 5 slides are hit
+    eng.settings = settings(stage1_tiles=8, tile_k=1)  # one neighbour per tile hits only the parent:
+    # widened 4x until 5 slides are hit
     fast, info = eng.rank(query, "barcode", k=5)
     assert info["strategy"] == "two-stage" and info["tile_k"] > 1 and info["candidates"] >= 5 and fast == slow
 
@@ -116,10 +131,15 @@ def test_first_stage_uses_an_evenly_spread_subset_of_query_tiles() -> None:
     cat = Catalog([str(i) for i in range(n)], [None] * n, [None] * n, [None] * n, np.arange(n + 1) * 2,
                   np.zeros((2 * n, 2), np.int64))  # fmt: skip
     codes = np.arange(2 * n, dtype=np.uint8)[:, None].repeat(4, 1)
-    eng = SearchEngine(cat, knn={"barcode": knn}, tiles={"barcode": lambda: codes}, stage1_tiles=3, tile_k=4)
+    eng = SearchEngine(
+        cat,
+        knn={"barcode": knn},
+        tiles={"barcode": lambda: codes},
+        settings=settings(stage1_tiles=3, tile_k=4),
+    )
     query = np.arange(7, dtype=np.uint8)[:, None].repeat(4, 1)
     eng.rank(query, "barcode", k=2)
     assert [c[:, 0].tolist() for c in calls] == [[0, 3, 6]]
-    eng.stage1_tiles = 50  # more than the query has: every tile
+    eng.settings = settings(stage1_tiles=50, tile_k=4)  # more than the query has: every tile
     eng.rank(query, "barcode", k=2)
     assert calls[-1][:, 0].tolist() == list(range(7))

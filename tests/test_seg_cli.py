@@ -130,7 +130,7 @@ def test_one_line_errors(trained, tmp_path):
     result = runner.invoke(
         main, ["segment", "train", "--data", str(trained["data"]), "--out", "x.pt", "--roi", "16,16"]
     )
-    assert result.exit_code == 2 and "expected 3 positive integers" in result.output
+    assert result.exit_code == 2 and "error: --roi: data.roi: too few values, got [16, 16]" in result.output
 
     result = runner.invoke(
         main, ["segment", "predict", "--model", str(tmp_path / "none.pt"), str(bad), "--out", str(tmp_path)]
@@ -142,5 +142,60 @@ def test_overlap_outside_its_range_is_a_usage_error(trained, tmp_path):
     case = sorted(trained["data"].iterdir())[0]
     args = ["segment", "predict", "--model", str(trained["model"]), str(case), "--out", str(tmp_path / "p")]
     result = CliRunner().invoke(main, [*args, "--overlap", "1.0", "--device", "cpu"])
-    assert result.exit_code == 2 and "Invalid value for '--overlap'" in result.output
+    assert (
+        result.exit_code == 2
+        and "error: --overlap: infer.overlap: input should be less than 1" in result.output
+    )
     assert not (tmp_path / "p").exists()
+
+
+def test_a_window_the_model_cannot_take_is_refused_before_settings_are_written(trained, tmp_path):
+    """An invalid --roi once went into settings.json and then blocked the corrected re-run."""
+    case = sorted(trained["data"].iterdir())[0]
+    out = tmp_path / "p"
+    args = [
+        "segment",
+        "predict",
+        "--model",
+        str(trained["model"]),
+        str(case),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    result = CliRunner().invoke(main, [*args, "--roi", "8,8,7"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith("error: infer.roi: [8, 8, 7] must be divisible by 2 on every side")
+    assert str(trained["model"]) in result.output and not out.exists()
+    result = CliRunner().invoke(main, [*args, "--roi", "8,8,8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "settings.json").read_text())["roi"] == [8, 8, 8]
+
+
+def test_eval_config_can_turn_hd95_off(trained, tmp_path):
+    case = sorted(trained["data"].iterdir())[0]
+    pred = tmp_path / "pred"
+    args = [
+        "segment",
+        "predict",
+        "--model",
+        str(trained["model"]),
+        str(case),
+        "--out",
+        str(pred),
+        "--device",
+        "cpu",
+    ]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    config = tmp_path / "eval.yaml"
+    config.write_text("eval:\n  hd95: false\n")
+    evaluate = ["segment", "eval", "--pred", str(pred), "--data", str(case.parent), "--json"]
+    result = CliRunner().invoke(main, [*evaluate, "--out", str(tmp_path / "a"), "--config", str(config)])
+    dice_only = json.loads(result.stdout)
+    assert set(dice_only["metrics"]) == {"dice_TC", "dice_WT", "dice_ET"}
+    assert "hd95" not in (tmp_path / "a" / "metrics.csv").read_text().splitlines()[0]
+    result = CliRunner().invoke(main, [*evaluate, "--out", str(tmp_path / "b")])  # default: HD95 too
+    full = json.loads(result.stdout)
+    assert {"hd95_TC", "hd95_WT", "hd95_ET"} < set(full["metrics"])
+    assert all(full["metrics"][k] == v for k, v in dice_only["metrics"].items())

@@ -1,4 +1,5 @@
-"""BraTS case discovery (all naming schemes), label conversion, loading (RAS, z-score, mask) and crops."""
+"""BraTS case discovery (all naming schemes), label conversion, loading (raw in RAS, then z-score and mask)
+and crops (with optional acquisition corruptions)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,42 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA
 
-from histo.errors import InputFileError
-from segmentation.data import CropDataset, epoch_plan, find_case, find_cases, from_ras, load_case, to_ras
+from histo.config import load_config
+from histo.errors import ConfigError, InputFileError
+from segmentation.config import SegmentConfig
+from segmentation.corruptions import augment as corrupt_augment
+from segmentation.data import (
+    CropDataset,
+    epoch_plan,
+    find_case,
+    find_cases,
+    from_ras,
+    load_case,
+    load_raw,
+    preprocess,
+    to_ras,
+)
 from segmentation.labels import labels_to_regions, regions_to_labels
 from segmentation.synthetic import make_cases
 
 BRATS = SHARED_DATA / "brats"
 TCGA = BRATS / "TCGA-DU-7294"
 DEEPMEDIC = BRATS / "deepmedic_brats2013_pat0005_1"
-AUG = {"pos": 1.0, "neg": 1.0, "flip_prob": 0.5, "intensity_scale": 0.1, "intensity_shift": 0.1}
+AUG = {
+    "pos": 1.0,
+    "neg": 1.0,
+    "flip_prob": 0.5,
+    "intensity_scale": 0.1,
+    "intensity_shift": 0.1,
+    "corruption_prob": 0.0,
+}
+
+
+def augment(**keys):
+    """The crop augmentation config from AUG with `keys` changed (validated like a config file)."""
+    return load_config(
+        SegmentConfig, overrides={f"data.augment.{k}": v for k, v in {**AUG, **keys}.items()}
+    ).data.augment
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +187,20 @@ def test_load_case_ras_zscore_and_mask(synth):
     assert np.array_equal(affine, imgs[3].affine) and header["dim"][1] == imgs[3].shape[0]
 
 
+def test_load_raw_is_the_acquisition_and_load_case_its_preprocessing(synth):
+    case = find_cases(synth)[0]
+    raw, regions, affine, header = load_raw(case)
+    canonical = [nib.as_closest_canonical(nib.load(case.images[m])) for m in ("t1", "t1ce", "t2", "flair")]
+    assert raw.dtype == np.float32
+    np.testing.assert_array_equal(raw, np.stack([np.asarray(c.dataobj, dtype=np.float32) for c in canonical]))
+    image, brain, regions2, affine2, _ = load_case(case)
+    expected_image, expected_brain = preprocess(raw)
+    assert np.array_equal(image, expected_image) and np.array_equal(brain, expected_brain)
+    assert np.array_equal(regions, regions2) and np.array_equal(affine, affine2)
+    flair = nib.load(case.images["flair"])
+    assert np.array_equal(affine, flair.affine) and np.array_equal(header.get_best_affine(), flair.affine)
+
+
 def test_to_ras_and_back_round_trip():
     rng = np.random.default_rng(0)
     volume = rng.random((2, 5, 6, 7))
@@ -197,7 +239,7 @@ def test_load_case_rejects_labels_outside_scheme(synth, tmp_path):
 
 def test_crops_are_seeded_and_tumour_biased(synth):
     cases = find_cases(synth)
-    ds = CropDataset(cases, (16, 16, 16), {**AUG, "neg": 0.0})
+    ds = CropDataset(cases, (16, 16, 16), augment(neg=0.0))
     plan = epoch_plan(len(cases), 6, seed=0, epoch=0)
     items = [ds[item] for item in plan]
     for item in items:
@@ -212,12 +254,34 @@ def test_crops_are_seeded_and_tumour_biased(synth):
 
 def test_crops_pad_small_volumes_and_negatives_sit_in_the_brain(synth):
     cases = find_cases(synth)
-    big = CropDataset(cases, (32, 32, 32), AUG)
+    big = CropDataset(cases, (32, 32, 32), augment())
     assert big[(0, 0)]["image"].shape == (4, 32, 32, 32)  # padded up from (24, 28, 20)
-    ds = CropDataset(cases, (8, 8, 8), {**AUG, "pos": 0.0, "flip_prob": 0.0})
+    ds = CropDataset(cases, (8, 8, 8), augment(pos=0.0, flip_prob=0.0))
     for seed in range(12):
         item = ds[(0, seed)]
         assert item["mask"][0, 4, 4, 4] == 1 and item["label"][1, 4, 4, 4] == 0  # centred on non-tumour brain
+
+
+def test_crops_can_carry_seeded_acquisition_corruptions(synth):
+    """corruption_prob > 0: the raw volume is corrupted (seeded by the item) and then preprocessed."""
+    cases = find_cases(synth)
+    whole = {"flip_prob": 0.0, "intensity_scale": 0.0, "intensity_shift": 0.0}
+    roi = (24, 28, 20)  # the whole volume: the crop is the model input itself
+    plain = CropDataset(cases, roi, augment(**whole))
+    corrupted = CropDataset(cases, roi, augment(**whole, corruption_prob=0.5))
+    raw = load_raw(cases[0])[0]
+    changed = 0
+    for seed in range(4):
+        item, clean = corrupted[(0, seed)], plain[(0, seed)]
+        expected, _ = preprocess(corrupt_augment(raw, np.random.default_rng(seed), 0.5))
+        np.testing.assert_array_equal(item["image"].numpy(), expected)
+        assert np.array_equal(item["label"], clean["label"]) and np.array_equal(item["mask"], clean["mask"])
+        assert np.array_equal(corrupted[(0, seed)]["image"], item["image"])  # seeded: the same sample again
+        changed += not np.array_equal(item["image"], clean["image"])
+    assert changed >= 3
+    np.testing.assert_array_equal(plain[(0, 0)]["image"].numpy(), load_case(cases[0])[0])  # 0 = today's input
+    with pytest.raises(ConfigError, match=r"data\.augment\.corruption_prob: .*less than or equal to 1"):
+        augment(corruption_prob=1.5)
 
 
 def test_epoch_plan_is_deterministic_and_balanced():

@@ -13,7 +13,9 @@ import torch
 from conftest import SHARED_DATA
 from torch import nn
 
+from histo.config import load_config
 from histo.errors import InputFileError
+from segmentation.config import SegmentConfig
 from segmentation.data import find_case
 from segmentation.infer import (
     load_model,
@@ -27,14 +29,14 @@ from segmentation.synthetic import make_cases
 from segmentation.unet import UNet3D
 
 BRATS = SHARED_DATA / "brats"
-SETTINGS = {
-    "roi": [16, 16, 16],
-    "overlap": 0.25,
-    "tta": False,
-    "threshold": 0.5,
-    "sw_batch_size": 1,
-    "overlay_slices": 2,
-}
+
+
+def config(**infer) -> SegmentConfig:
+    """The segment config on CPU with `infer` keys over a 16^3 window, overlap 0.25 and 2 overlay panels."""
+    keys = {"roi": [16, 16, 16], "overlap": 0.25, "overlay_slices": 2, **infer}
+    return load_config(
+        SegmentConfig, overrides={"run.device": "cpu", **{f"infer.{k}": v for k, v in keys.items()}}
+    )
 
 
 class ConvNet(nn.Module):
@@ -73,9 +75,9 @@ def test_tta_averages_the_eight_flips():
             out = torch.sigmoid(conv(torch.flip(x, axes) if axes else x))
             expected += (torch.flip(out, axes) if axes else out)[0].numpy() / 8
     model.float()
-    got = predict_volume(model, image, roi=(8, 12, 16), tta=True)
+    got = predict_volume(model, image, roi=(8, 12, 16), overlap=0.5, tta=True)
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    assert np.abs(predict_volume(model, image, roi=(8, 12, 16)) - expected).max() > 1e-3
+    assert np.abs(predict_volume(model, image, roi=(8, 12, 16), overlap=0.5) - expected).max() > 1e-3
 
 
 def test_labels_head_gives_nested_region_probabilities():
@@ -95,10 +97,10 @@ def test_brain_mask_reaches_rn_b_norms():
     image = np.random.default_rng(2).standard_normal((4, 16, 16, 16)).astype(np.float32)
     inner = np.zeros((16, 16, 16), bool)
     inner[4:12, 4:12, 4:12] = True
-    a = predict_volume(model, image, roi=(16, 16, 16), brain_mask=inner)
+    a = predict_volume(model, image, roi=(16, 16, 16), overlap=0.5, brain_mask=inner)
     half = np.zeros((16, 16, 16), bool)
     half[:8] = True  # (the complement of `inner` would give the same output: RN-B is symmetric at init)
-    b = predict_volume(model, image, roi=(16, 16, 16), brain_mask=half)
+    b = predict_volume(model, image, roi=(16, 16, 16), overlap=0.5, brain_mask=half)
     assert np.isfinite(a).all() and np.abs(a - b).max() > 1e-4
 
 
@@ -110,13 +112,11 @@ def _checkpoint(path: Path, model: nn.Module) -> Path:
 def test_predict_real_cases_keeps_geometry_and_records_bad_case(tmp_path):
     torch.manual_seed(0)
     ckpt = _checkpoint(tmp_path / "m.pt", UNet3D(channels=(2, 4), blocks_per_level=1, expansion=1))
-    settings = {**SETTINGS, "roi": [240, 240, 160], "overlap": 0.0}
     summary = predict_cases(
         ckpt,
         [BRATS / "TCGA-DU-7294", BRATS / "deepmedic_brats2013_pat0005_1"],
         tmp_path / "out",
-        settings,
-        "cpu",
+        config(roi=[240, 240, 160], overlap=0.0),
     )
     by_id = {o.id: o for o in summary.outcomes}
     assert by_id["TCGA-DU-7294"].status == "done"
@@ -147,7 +147,7 @@ def test_output_is_in_the_input_voxel_order_and_scheme(tmp_path, scheme, et):
     raw = np.asarray(t1ce.dataobj, dtype=np.float64)
     nz = raw != 0
     z = np.where(nz, (raw - raw[nz].mean()) / raw[nz].std(), 0.0)
-    record = predict_case(model.eval(), case, tmp_path / "out", {**SETTINGS, "roi": [8, 8, 8]}, "cpu")
+    record = predict_case(model.eval(), case, tmp_path / "out", config(roi=[8, 8, 8]), "cpu")
     assert record.status == "done" and record.detail["scheme"] == scheme
     out = nib.load(tmp_path / "out" / f"{case.case_id}.nii.gz")
     labels = np.asarray(out.dataobj)

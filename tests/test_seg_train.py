@@ -19,6 +19,7 @@ from histo import checkpoint
 from histo.config import load_config
 from histo.devices import DistInfo
 from histo.errors import HistoError
+from segmentation.config import SegmentConfig
 from segmentation.data import find_cases, load_case
 from segmentation.infer import load_model, predict_volume
 from segmentation.labels import labels_to_regions
@@ -29,15 +30,15 @@ from segmentation.train import SegLoss, build_model, regions_to_classes, split_c
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(**overrides) -> dict:
+def tiny_config(**overrides) -> SegmentConfig:
     base = {
-        "device": "cpu",
+        "run.device": "cpu",
         "model.channels": [4, 8],
         "model.blocks_per_level": 1,
         "model.expansion": 1,
         "model.dropout": 0.2,
         "data.roi": [16, 16, 16],
-        "data.cache": True,
+        "run.cache": True,
         "data.val_fraction": 0.34,
         "train.epochs": 2,
         "train.samples_per_epoch": 4,
@@ -46,7 +47,7 @@ def tiny_config(**overrides) -> dict:
         "train.warmup_epochs": 0.5,
         "infer.overlap": 0.0,
     }
-    return load_config("segment", overrides={**base, **overrides})
+    return load_config(SegmentConfig, overrides={**base, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def test_validation_loads_each_case_once_without_cache(tiny_cases, monkeypatch):
-    config = tiny_config(**{"data.cache": False})
+    config = tiny_config(**{"run.cache": False})
     cases = find_cases(tiny_cases)[:2]
     loads: list[str] = []
     monkeypatch.setattr(seg_train, "load_case", lambda case: loads.append(case.case_id) or load_case(case))
@@ -174,7 +175,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_cases, tmp_path):
     assert full["epochs_done"] == 2 and full["n_val"] == 1
     part = train_segmenter(tiny_cases, tmp_path / "b" / "model.pt", config, stop_after=1)
     assert part["epochs_done"] == 1
-    resumed = train_segmenter(tiny_cases, tmp_path / "b" / "model.pt", config, resume=True)
+    resumed = train_segmenter(tiny_cases, tmp_path / "b" / "model.pt", config.updated({"run.resume": True}))
     assert resumed["epochs_done"] == 2
     a, b = (
         checkpoint.load(tmp_path / "a" / "model.last.pt", "unet3d-train-state"),
@@ -203,17 +204,18 @@ def test_refuses_to_clobber_or_resume_with_another_config(tiny_cases, tmp_path):
         train_segmenter(tiny_cases, tmp_path / "model.pt", config)
     changed = tiny_config(**{"train.epochs": 1, "train.samples_per_epoch": 2, "train.lr": 0.5})
     with pytest.raises(HistoError, match=r"train\.lr"):
-        train_segmenter(tiny_cases, tmp_path / "model.pt", changed, resume=True)
+        train_segmenter(tiny_cases, tmp_path / "model.pt", changed.updated({"run.resume": True}))
     with pytest.raises(HistoError, match="nothing to resume"):
-        train_segmenter(tiny_cases, tmp_path / "other.pt", config, resume=True)
+        train_segmenter(tiny_cases, tmp_path / "other.pt", config.updated({"run.resume": True}))
 
 
 DDP_SCRIPT = """
 import sys, torch
 from histo.config import load_config
+from segmentation.config import SegmentConfig
 from segmentation.train import train_segmenter
 overrides = dict(arg.split("=", 1) for arg in sys.argv[3:])
-config = load_config("segment", overrides={k: eval(v) for k, v in overrides.items()})
+config = load_config(SegmentConfig, overrides={k: eval(v) for k, v in overrides.items()})
 train_segmenter(sys.argv[1], sys.argv[2], config)
 """
 
@@ -224,7 +226,9 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tiny_cases, tmp_p
     common = {"model.dropout": 0.0, "data.val_fraction": 0.0, "train.epochs": 1, "train.accumulate": 1}
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    args = [f"{k}={v!r}" for k, v in {**_flat(tiny_config(**common)), "train.batch_size": 1}.items()]
+    args = [
+        f"{k}={v!r}" for k, v in {**_flat(tiny_config(**common).model_dump()), "train.batch_size": 1}.items()
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     subprocess.run(
@@ -255,9 +259,9 @@ def test_short_training_segments_held_out_synthetic_cases(tmp_path):
     make_cases(tmp_path / "train", 12, shape=(48, 48, 48), seed=1)
     make_cases(tmp_path / "test", 4, shape=(48, 48, 48), seed=99)
     config = load_config(
-        "segment",
+        SegmentConfig,
         overrides={
-            "device": "cpu",
+            "run.device": "cpu",
             "model.channels": [8, 16, 32],
             "model.blocks_per_level": 1,
             "model.expansion": 2,

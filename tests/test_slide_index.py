@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histo.errors import HistoError, InputFileError
+from histo.errors import ConfigError, HistoError, InputFileError
 from search import SlideIndex
 from search.barcodes import minmax_barcode
 
 TILE_OVERRIDES = {"tile.px": 32, "tile.um": 64.0, "mosaic.percent": 50.0, "cellularity.top_fraction": 1.0}
 STRUCTURE_FILES = ("catalog.json", "coords.npy", "barcodes.faissb", "float.faiss")
+CPU = {"run": {"device": "cpu"}}  # index config over the defaults
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +22,13 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """4 synthetic slides (2 classes x 2 patients), a full and a 2-slide tile store, two random models."""
     from histo.config import load_config
     from pathology import tile_slides
+    from pathology.config import TileConfig
     from pathology.kimianet import random_init_checkpoint
     from pathology.synthetic import make_cohort
 
     root = tmp_path_factory.mktemp("cohort")
     csv = make_cohort(root / "slides", n_classes=2, patients_per_class=2, size=(1536, 1024), seed=0)
-    cfg = load_config("tile", overrides=TILE_OVERRIDES)
+    cfg = load_config(TileConfig, overrides=TILE_OVERRIDES)
     slides = sorted(p for p in (root / "slides").iterdir() if p.suffix in (".svs", ".tiff"))
     tile_slides(slides, root / "all.zarr", cfg, labels_csv=csv, progress=False)
     tile_slides(slides[::2], root / "half.zarr", cfg, labels_csv=csv, progress=False)
@@ -42,9 +44,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def flat(cohort: dict) -> SlideIndex:
-    return SlideIndex.build(
-        cohort["all"], cohort["model"], cohort["root"] / "flat", device="cpu", progress=False
-    )
+    return SlideIndex.build(cohort["all"], cohort["model"], cohort["root"] / "flat", CPU, progress=False)
 
 
 def files_of(path: Path) -> dict[str, bytes]:
@@ -69,9 +69,11 @@ def test_build_records_everything(flat: SlideIndex, cohort: dict) -> None:
 
 def test_query_slide_finds_itself_and_honours_patient_exclusion(flat: SlideIndex, cohort: dict) -> None:
     from pathology import tile_slide
+    from pathology.tiler import tiling_config
 
     query = cohort["slides"][0]
-    tiles = tile_slide(query, flat.manifest["tiling"])  # a TileSet query: tiled once for both modes
+    tiling = tiling_config(flat.manifest["tiling"], "manifest")
+    tiles = tile_slide(query, tiling)  # a TileSet query: tiled once for both modes
     for mode in ("barcode", "float"):
         r = flat.search_slide(tiles, k=3, mode=mode)
         assert r.results[0].slide_id == query.stem and r.results[0].distance == pytest.approx(0.0, abs=1e-3)
@@ -88,9 +90,22 @@ def test_query_slide_finds_itself_and_honours_patient_exclusion(flat: SlideIndex
     assert by_path.query == str(query) and by_path.results[0].slide_id == query.stem
 
 
+def test_search_arguments_meet_the_config_rules(flat: SlideIndex, cohort: dict) -> None:
+    """`k=-1` once returned n-1 results; API arguments are validated like `histo search --k`."""
+    for k in (0, -1):
+        with pytest.raises(
+            ConfigError, match=rf"^search_slide: k: input should be greater than or equal to 1, got {k}$"
+        ):
+            flat.search_slide(cohort["slides"][0], k=k)
+    with pytest.raises(ConfigError, match=r"^search_patch: patch_mode: input should be 'barcode' or 'float'"):
+        flat.search_patch(np.zeros((32, 32, 3), np.uint8), mode="cosine")
+    with pytest.raises(ConfigError, match=r"^evaluate: evaluate\.k\[0\]: "):
+        flat.evaluate(k=(0,))
+
+
 def test_two_stage_equals_exhaustive(flat: SlideIndex) -> None:
     assert flat.manifest["search"]["tile_k"] is None and flat.manifest["search"]["stage1_tiles"] == 32
-    assert flat.engine.tile_k is None and flat.engine.stage1_tiles == 32  # the manifest's search defaults
+    assert flat.engine.settings.tile_k is None and flat.engine.settings.stage1_tiles == 32  # the manifest's
     for mode in ("barcode", "float"):
         base = flat.engine.tiles[mode]()
         for s in range(len(flat)):
@@ -117,9 +132,7 @@ def test_search_patch_returns_the_stored_tile(flat: SlideIndex, cohort: dict) ->
 
 def test_add_and_remove_equal_a_fresh_build(flat: SlideIndex, cohort: dict, tmp_path: Path) -> None:
     half_ids = [p.stem for p in cohort["slides"][::2]]
-    fresh_half = SlideIndex.build(
-        cohort["half"], cohort["model"], tmp_path / "half", device="cpu", progress=False
-    )
+    fresh_half = SlideIndex.build(cohort["half"], cohort["model"], tmp_path / "half", CPU, progress=False)
     # remove: full index minus two slides == index built from the store of the other two
     shrunk_dir = tmp_path / "shrunk"
     shutil.copytree(flat.path, shrunk_dir)
@@ -145,7 +158,7 @@ def test_ivf_index_reuses_extracted_features(flat: SlideIndex, cohort: dict, tmp
     (tmp_path / "ivf").mkdir()
     shutil.copytree(flat.path / "features.zarr", tmp_path / "ivf" / "features.zarr")  # as if resumed
     idx = SlideIndex.build(
-        cohort["all"], cohort["model"], tmp_path / "ivf", "ivf", device="cpu", progress=False
+        cohort["all"], cohort["model"], tmp_path / "ivf", {**CPU, "type": "ivf"}, progress=False
     )
     np.testing.assert_array_equal(idx._features(), flat._features())
     p = idx.manifest["index"]["params"]
@@ -165,7 +178,7 @@ def test_corrupted_truncated_and_incomplete_index_refused(flat: SlideIndex, tmp_
         SlideIndex.open(bad)
     (bad / "barcodes.faissb").write_bytes((bad / "barcodes.faissb").read_bytes()[:-10])
     with pytest.raises(InputFileError, match=r"barcodes\.faissb: index file truncated"):
-        SlideIndex.open(bad, verify="size")
+        SlideIndex.open(bad, {"run": {"verify": "size"}})
     (bad / "manifest.json").write_text('{"format": "histo-slide-in')
     with pytest.raises(InputFileError, match="truncated manifest"):
         SlideIndex.open(bad)
@@ -178,5 +191,5 @@ def test_a_different_model_is_refused(flat: SlideIndex, cohort: dict) -> None:
     with pytest.raises(HistoError, match="refusing to search with a different model"):
         SlideIndex.open(flat.path, model=cohort["other_model"])
     with pytest.raises(HistoError, match="features were extracted with model"):
-        SlideIndex.build(cohort["all"], cohort["other_model"], flat.path, device="cpu", progress=False)
+        SlideIndex.build(cohort["all"], cohort["other_model"], flat.path, CPU, progress=False)
     assert SlideIndex.open(flat.path, model=cohort["model"]).extractor.model_hash == flat.model_hash

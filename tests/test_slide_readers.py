@@ -11,7 +11,8 @@ import openslide
 import pytest
 
 from histo.config import load_config
-from histo.errors import HistoError, InputFileError
+from histo.errors import ConfigError, HistoError, InputFileError
+from pathology.config import TileConfig
 from pathology.slide import open_array, open_slide
 from pathology.slide.openslide_backend import composite_white
 from pathology.store import TileStore
@@ -49,8 +50,12 @@ def test_reader_is_explicit_and_recorded(tmp_path, monkeypatch, shared_data):
         open_slide(shared_data / "histology_patches" / "stardist_histo.jpg")
     with pytest.raises(HistoError, match=r"needs the extra: pip install 'histo\[tiatoolbox\]'"):
         open_slide(png, reader="tiatoolbox", mpp_override=0.5)
-    cfg = load_config("tile", overrides={"tile.px": 224})
-    tile_slides([tmp_path / "s"], tmp_path / "st.zarr", cfg, progress=False, reader="openslide")
+    with pytest.raises(
+        ConfigError, match=r"run\.reader: input should be 'auto', 'openslide' or 'tiatoolbox'"
+    ):
+        load_config(TileConfig, overrides={"run.reader": "bioformats"})
+    cfg = load_config(TileConfig, overrides={"tile.px": 224, "run.reader": "openslide"})
+    tile_slides([tmp_path / "s"], tmp_path / "st.zarr", cfg, progress=False)
     assert TileStore.open(tmp_path / "st.zarr").record("a").reader.startswith("openslide ")
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from histo.config import load_config
 from histo.errors import HistoError, InputFileError
+from pathology.config import TileConfig
 from pathology.store import PARTIAL, SlideRecord, TileStore, slide_id_problem
 from pathology.synthetic import write_synthetic_slide
 from pathology.tiler import store_params, tile_slide
@@ -140,7 +141,7 @@ def test_store_created_by_another_shard_meanwhile_is_opened(tmp_path, monkeypatc
 
 def test_read_selected_from_source_and_moved_source(tmp_path):
     slide = write_synthetic_slide(tmp_path / "m.svs", 2400, 1800, 1, seed=2)
-    cfg = load_config("tile", overrides={"tile.px": 64})
+    cfg = load_config(TileConfig, overrides={"tile.px": 64})
     ts = tile_slide(slide, cfg)
     store = TileStore.create_or_open(tmp_path / "s.zarr", store_params(cfg))
     store.write_slide(ts.record, ts.arrays())

@@ -17,6 +17,7 @@ from conftest import SHARED_DATA
 
 from histo.cli import main
 from histo.config import load_config
+from pathology.config import TileConfig
 from pathology.store import PARTIAL, TileStore
 from pathology.synthetic import write_synthetic_slide
 from pathology.tiler import tile_slides
@@ -60,8 +61,8 @@ def _inputs(cohort: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def config() -> dict:
-    return load_config("tile", overrides={"tile.px": int(TILE_PX)})
+def config() -> TileConfig:
+    return load_config(TileConfig, overrides={"tile.px": int(TILE_PX)})
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,7 @@ def test_kill_and_resume_equals_uninterrupted_run(cohort, reference, tmp_path):
 
 def test_shard_union_with_workers_equals_unsharded(cohort, config, reference, tmp_path):
     out = tmp_path / "sh.zarr"
-    a = tile_slides(_inputs(cohort), out, config, shard=(0, 2), workers=2, progress=False)
+    a = tile_slides(_inputs(cohort), out, config.updated({"run.workers": 2}), shard=(0, 2), progress=False)
     b = tile_slides(_inputs(cohort), out, config, shard=(1, 2), progress=False)
     ids_a = {o.id for o in a.outcomes}
     ids_b = {o.id for o in b.outcomes}
@@ -235,4 +236,5 @@ def test_cli_config_errors_exit_2(tmp_path):
     result = CliRunner().invoke(
         main, ["tile", str(tmp_path), "--out", str(tmp_path / "s.zarr"), "--config", str(bad)]
     )
-    assert result.exit_code == 2 and "unknown key 'mosaic.k'" in result.stderr
+    assert result.exit_code == 2 and f"error: {bad}: mosaic.k: unknown key" in result.stderr
+    assert not (tmp_path / "s.zarr").exists()

@@ -13,6 +13,7 @@ from conftest import SHARED_DATA
 from histo.config import load_config
 from pathology import slide as slide_mod
 from pathology import tissue as tissue_mod
+from pathology.config import TileConfig
 from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, spatial_pick, tissue_fractions
 from pathology.slide import open_slide
 from pathology.synthetic import write_synthetic_slide
@@ -29,8 +30,8 @@ def synthetic(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cfg() -> dict:
-    return load_config("tile", overrides={"tile.px": 224})  # 112 µm tiles: 448 level-0 px at 0.25 µm/px
+def cfg() -> TileConfig:
+    return load_config(TileConfig, overrides={"tile.px": 224})  # 112 µm tiles: 448 level-0 px at 0.25 µm/px
 
 
 def test_hsd_density_matches_definition():
@@ -164,9 +165,9 @@ def test_colour_features_match_per_tile_reads_and_level0(synthetic):
 
 def test_mask_does_not_depend_on_pyramid(synthetic, cfg, monkeypatch):
     s = open_slide(synthetic)
-    with_pyramid = tissue_mask(s.read_at_mpp(8.0), cfg["tissue"], 8.0)
+    with_pyramid = tissue_mask(s.read_at_mpp(8.0), cfg.tissue, 8.0)
     monkeypatch.setattr(slide_mod.Slide, "best_level", lambda self, ds: 0)  # as if level 0 were all there is
-    level0_only = tissue_mask(s.read_at_mpp(8.0), cfg["tissue"], 8.0)
+    level0_only = tissue_mask(s.read_at_mpp(8.0), cfg.tissue, 8.0)
     assert with_pyramid.shape == level0_only.shape
     assert (with_pyramid != level0_only).mean() < 0.01
 
@@ -192,8 +193,8 @@ def test_tile_slide_is_deterministic_inside_and_on_tissue(synthetic, cfg):
 
 
 def test_min_score_rule_keeping_nothing_is_a_failure_with_reason(synthetic, cfg):
-    strict = {**cfg, "cellularity": {**cfg["cellularity"], "rule": "min_score", "min_score": 2.0}}
-    with pytest.raises(EmptyMosaicError, match=r"s\.svs: no high-cellularity tile.*min_score 2\.0") as e:
+    strict = cfg.updated({"cellularity.rule": "min_score", "cellularity.min_score": 1.0})  # all nuclei
+    with pytest.raises(EmptyMosaicError, match=r"s\.svs: no high-cellularity tile.*min_score 1\.0") as e:
         tile_slide(synthetic, strict)
     ts = e.value.tileset
     assert ts.record.status == "failed" and ts.record.n_mosaic == len(ts.coords) > 0  # mosaic kept for QC
@@ -203,7 +204,7 @@ def test_min_score_rule_keeping_nothing_is_a_failure_with_reason(synthetic, cfg)
 def test_otsu_option_and_real_slide(cfg):
     ts = tile_slide(CMU, cfg)
     assert ts.record.n_mosaic > 0 and ts.record.mpp_source == "metadata"
-    otsu = {**cfg, "tissue": {**cfg["tissue"], "method": "otsu"}}
+    otsu = cfg.updated({"tissue.method": "otsu"})
     ts2 = tile_slide(CMU, otsu)
     assert ts2.record.n_mosaic > 0
     overlap = (ts.mask & ts2.mask).sum() / max(1, (ts.mask | ts2.mask).sum())
@@ -234,16 +235,16 @@ def test_tile_geometry_options():
     from histo.errors import ConfigError
     from pathology.tiler import tile_geometry
 
-    base = load_config("tile")
+    base = load_config(TileConfig)
     g = tile_geometry(base)
     assert (g.px, g.mpp, g.um) == (1000, 0.5, 500.0)
-    as_um = {**base, "tile": {**base["tile"], "px": 224, "um": 500.0}}
+    as_um = base.updated({"tile.px": 224, "tile.um": 500.0})
     assert tile_geometry(as_um).mpp == pytest.approx(500 / 224)
-    at_mpp = {**base, "tile": {**base["tile"], "px": 256, "mpp": 0.25}}
+    at_mpp = base.updated({"tile.px": 256, "tile.mpp": 0.25})
     assert tile_geometry(at_mpp).um == 64.0
-    at_10x = {**base, "tile": {**base["tile"], "px": 224, "magnification": 10.0}}
+    at_10x = base.updated({"tile.px": 224, "tile.magnification": 10.0})
     assert tile_geometry(at_10x).mpp == 1.0
     with pytest.raises(ConfigError, match=r"tile\.px"):
-        tile_geometry({**base, "tile": {**base["tile"], "px": 4}})
+        base.updated({"tile.px": 4})
     with pytest.raises(ConfigError, match=r"tile\.um or tile\.mpp, not both"):
-        tile_geometry({**base, "tile": {**base["tile"], "um": 500.0, "mpp": 0.5}})
+        base.updated({"tile.um": 500.0, "tile.mpp": 0.5})

@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from histo.batch import BatchSummary
-from histo.cli.options import config_option, device_option, json_option, parse_shard, shard_option
+from histo.cli.options import (
+    config_option,
+    device_option,
+    json_option,
+    parse_shard,
+    shard_option,
+    stage_config,
+)
 from histo.cli.outcomes import failure_lines, finish
 
 
@@ -36,7 +43,12 @@ def _lines(batch: BatchSummary) -> list[str]:
 @click.option(
     "--pt", is_flag=True, help="Also write the features as a torch tensor <id>.pt (CLAM's MIL input)."
 )
-@click.option("--batch-size", type=int, default=None, help="Tiles per forward pass.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Tiles per forward pass (run.batch_size of the index config).",
+)
 @device_option
 @shard_option
 @config_option
@@ -53,18 +65,19 @@ def features(
     config_path: str | None,
     as_json: bool,
 ) -> None:
-    """Write one .h5 per tiled slide of the store (datasets features and coords, with the attributes
+    """Write one .h5 per tiled slide of the store (--config: an index config, for run.device and
+    run.batch_size) (datasets features and coords, with the attributes
     CLAM, TRIDENT and their MIL code read). Resumable: a slide whose file exists with the same model is
     skipped. `histo index --features OUT` builds an index from the folder.
 
     Exit code 0 when every slide is done or skipped, 1 when any failed, 2 for a wrong option."""
-    from histo.config import load_config
+    from search.config import IndexConfig
     from search.feature_files import write_feature_files
     from search.slide_index import load_extractor
 
-    cfg = load_config("index", config_path, {"device": device, "batch_size": batch_size})
-    extractor = load_extractor(model, cfg["device"])
+    run = stage_config(IndexConfig, config_path, {"batch_size": "run.batch_size", "device": "run.device"}).run
+    extractor = load_extractor(model, run.device)
     batch = write_feature_files(
-        tiles, extractor, out, layout=layout, pt=pt, shard=parse_shard(shard), batch_size=cfg["batch_size"]
+        tiles, extractor, out, layout=layout, pt=pt, shard=parse_shard(shard), batch_size=run.batch_size
     )
     finish(batch, as_json, _lines(batch))

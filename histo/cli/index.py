@@ -6,10 +6,19 @@ from pathlib import Path
 
 import click
 
-from histo.cli.options import config_option, device_option, json_option, parse_shard, shard_option
+from histo.cli.options import (
+    choices,
+    config_option,
+    device_option,
+    json_option,
+    parse_shard,
+    shard_option,
+    stage_config,
+)
 from histo.cli.outcomes import failure_lines, finish
+from search.config import IndexType
 
-INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")  # = search.index.INDEX_TYPES (kept here so --help is light)
+KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.device"}
 
 
 @click.command("index")
@@ -35,7 +44,7 @@ INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")  # = search.index.INDEX_TYPES (ke
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Index directory (created/resumed)."
 )
-@click.option("--type", "index_type", type=click.Choice(INDEX_TYPES), default=None, help="Float index type.")
+@click.option("--type", "index_type", default=None, help=f"Float index type: {choices(IndexType)}.")
 @click.option("--batch-size", type=int, default=None, help="Tiles per forward pass.")
 @click.option("--evaluate", "evaluate", is_flag=True, help="Leave-one-patient-out evaluation after building.")
 @device_option
@@ -62,10 +71,10 @@ def index(
 
     Exit code 0 when every slide is done or skipped, 1 when any failed, 2 for a store without a tiled
     slide or a wrong option (nothing is created then)."""
-    from histo.config import load_config
+    from search.config import IndexConfig
     from search.slide_index import SlideIndex
 
-    cfg = load_config("index", config_path, {"type": index_type, "device": device, "batch_size": batch_size})
+    cfg = stage_config(IndexConfig, config_path, KEYS)
     shard_pair = parse_shard(shard)
     if (tiles is None) == (features_dir is None):
         raise click.UsageError("give exactly one of --tiles STORE or --features DIR")
@@ -74,22 +83,16 @@ def index(
     if features_dir is not None and shard_pair[1] > 1:
         raise click.UsageError("--shard applies to --tiles (feature files are imported in one run)")
     if shard_pair[1] > 1:
-        batch = SlideIndex.extract(
-            tiles, model, out, device=cfg["device"], shard=shard_pair, batch_size=cfg["batch_size"]
-        )
+        batch = SlideIndex.extract(tiles, model, out, cfg, shard=shard_pair)
         note = f"shard {shard_pair[0]}/{shard_pair[1]}: features in {out}; run without --shard to build the index"
         finish(batch, as_json, [*failure_lines(batch), note])
         return
     if features_dir is not None:
         built = SlideIndex.build_from_features(
-            features_dir, out, labels_csv=labels_csv, encoder=encoder, model=model, index_type=cfg["type"],
-            device=cfg["device"], params=cfg["params"], search=cfg["search"],
-        )  # fmt: skip
+            features_dir, out, cfg, labels_csv=labels_csv, encoder=encoder, model=model
+        )
     else:
-        built = SlideIndex.build(
-            tiles, model, out, index_type=cfg["type"], device=cfg["device"],
-            params=cfg["params"], batch_size=cfg["batch_size"], search=cfg["search"],
-        )  # fmt: skip
+        built = SlideIndex.build(tiles, model, out, cfg)
     m = built.manifest
     batch = built.extraction.with_extra(
         index={
@@ -106,7 +109,7 @@ def index(
     lines += failure_lines(batch)
     if evaluate:
         ev_dir = Path(out) / "evaluation"
-        ev = built.evaluate(k=tuple(cfg["evaluate"]["k"]), mode=cfg["evaluate"]["mode"], out_dir=ev_dir)
+        ev = built.evaluate(k=cfg.evaluate.k, mode=cfg.evaluate.mode, out_dir=ev_dir)
         batch = batch.with_extra(evaluation={"rows": ev.summary_rows(), "pngs": ev.pngs, **ev.definitions})
         lines.append(f"{'scope':<11} {'k':>2} {'n':>5} {'accuracy':>9} {'macro-F1':>9}")
         for r in ev.summary_rows():

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, get_args
 
 import click
+
+from histo.config import Device, StageConfig, load_config
+
+C = TypeVar("C", bound=StageConfig)
+
+
+def choices(literal: Any) -> str:
+    """The values of a Literal type for a help text, e.g. 'auto | cpu | cuda'."""
+    return " | ".join(get_args(literal))
+
 
 config_option = click.option(
     "--config",
@@ -16,12 +26,21 @@ config_option = click.option(
     help="YAML file overriding the defaults in configs/ (flags override both).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON object on stdout.")
+# Choices and ranges of every config flag are checked by the stage's config model, so a bad value reads the
+# same from a flag, a file or the Python API: `error: --device: run.device: input should be ...`.
 device_option = click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default=None,
-    help="Where to compute (auto: CUDA when present).",
+    "--device", default=None, help=f"Where to compute: {choices(Device)} (auto: CUDA when present)."
 )
+
+
+def stage_config(schema: type[C], config_path: str | None, keys: Mapping[str, str]) -> C:
+    """The validated config of the running command: defaults, then --config, then the flags in `keys`
+    (click parameter name -> dotted config key; a flag left out is None and changes nothing)."""
+    ctx = click.get_current_context()
+    params = {p.name: p for p in ctx.command.params}
+    overrides = {key: ctx.params[name] for name, key in keys.items()}
+    names = {key: "/".join([*params[name].opts, *params[name].secondary_opts]) for name, key in keys.items()}
+    return load_config(schema, config_path, overrides, names)
 
 
 def parse_shard(value: str | None) -> tuple[int, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from histo.batch import BatchSummary
-from histo.cli.options import compose, config_option, device_option, json_option
+from histo.cli.options import compose, config_option, device_option, json_option, stage_config
 from histo.cli.outcomes import failure_lines, finish
 
 common_options = compose(
@@ -29,24 +29,20 @@ common_options = compose(
 )
 
 
-def _config(config_path, corruptions, severities, alpha_bn, seed, device, **more) -> dict:
-    from histo.config import load_config
-    from histo.errors import HistoError
+COMMON_KEYS = {
+    "corruptions": "corruptions",
+    "severities": "severities",
+    "alpha_bn": "alpha_bn",
+    "seed": "seed",
+    "device": "run.device",
+}
 
-    if alpha_bn is not None and not 0.0 <= alpha_bn <= 1.0:
-        raise HistoError(f"--alpha-bn must be in [0, 1], got {alpha_bn}")
-    return load_config(
-        "robustness",
-        config_path,
-        overrides={
-            "corruptions": corruptions,
-            "severities": severities,
-            "alpha_bn": alpha_bn,
-            "seed": seed,
-            "device": device,
-            **more,
-        },
-    )
+
+def _config(config_path: str | None, **keys: str):
+    """The validated RobustnessConfig: defaults, --config, the common flags and the command's own `keys`."""
+    from histo.robustness_config import RobustnessConfig
+
+    return stage_config(RobustnessConfig, config_path, {**COMMON_KEYS, **keys})
 
 
 def _finish(batch: BatchSummary, out_dir: str, as_json: bool) -> None:
@@ -82,7 +78,7 @@ def pathology_command(
     """Leave-one-patient-out nearest-neighbour tile classification under H&E corruptions."""
     from pathology.robustness import evaluate_pathology
 
-    config = _config(config_path, corruptions, severities, alpha_bn, seed, device, **{"pathology.k": k})
+    config = _config(config_path, k="pathology.k")
     summary = evaluate_pathology(model, tiles, out_dir, config, reference=reference)
     _finish(summary, out_dir, as_json)
 
@@ -110,8 +106,6 @@ def segment_command(
     """Dice and HD95 per region (TC, WT, ET) of a 3D U-Net under MRI corruptions."""
     from segmentation.robustness import evaluate_segmentation
 
-    config = _config(
-        config_path, corruptions, severities, alpha_bn, seed, device, **{"segment.max_cases": max_cases}
-    )
+    config = _config(config_path, max_cases="segment.max_cases")
     summary = evaluate_segmentation(model, data, out_dir, config, reference=reference)
     _finish(summary, out_dir, as_json)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from histo.cli.options import config_option, device_option, emit_json, json_option
+from histo.cli.options import choices, config_option, device_option, emit_json, json_option, stage_config
+from search.config import Mode
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -48,9 +49,7 @@ def read_patch(path: Path):
 )
 @click.argument("queries", nargs=-1, required=True, type=click.Path())
 @click.option("--k", type=int, default=None, help="Result slides per query slide.")
-@click.option(
-    "--mode", type=click.Choice(["barcode", "float"]), default=None, help="Distance for slide queries."
-)
+@click.option("--mode", default=None, help=f"Distance for slide queries: {choices(Mode)}.")
 @click.option("--exclude-same-patient", is_flag=True, default=None, help="Drop the query's own patient.")
 @click.option(
     "--exhaustive", is_flag=True, default=None, help="Compare every indexed slide (exact; no first stage)."
@@ -74,41 +73,27 @@ def search(
     A query that fails is reported (and in --json carries an "error") and the others go on; the exit
     status is then 1.
     """
-    from histo.config import load_config
     from histo.errors import HistoError
+    from search.config import SearchConfig
     from search.slide_index import SlideIndex
 
-    cfg = load_config(
-        "search",
-        config_path,
-        {
-            "k": k,
-            "mode": mode,
-            "exclude_same_patient": exclude_same_patient or None,
-            "exhaustive": exhaustive or None,
-            "device": device,
-        },
-    )
-    idx = SlideIndex.open(index_dir, device=cfg["device"], verify=cfg["verify"])
-    if cfg["tile_k"] is not None:
-        idx.engine.tile_k = int(cfg["tile_k"])
-    if cfg["stage1_tiles"] is not None:
-        idx.engine.stage1_tiles = int(cfg["stage1_tiles"])
+    keys = {
+        "k": "k",
+        "mode": "mode",
+        "exclude_same_patient": "exclude_same_patient",
+        "exhaustive": "exhaustive",
+    }
+    cfg = stage_config(SearchConfig, config_path, {**keys, "device": "run.device"})
+    idx = SlideIndex.open(index_dir, cfg)
     out, failed = [], 0
     for q in queries:
         path = Path(q)
         try:
             if is_patch_file(path):
-                result = idx.search_patch(read_patch(path), k=cfg["patch_k"], mode=cfg["patch_mode"])
+                result = idx.search_patch(read_patch(path))  # patch_k, patch_mode of the config
                 result.query = q
             else:
-                result = idx.search_slide(
-                    q,
-                    k=cfg["k"],
-                    mode=cfg["mode"],
-                    exclude_patient=cfg["exclude_same_patient"] or None,
-                    exhaustive=cfg["exhaustive"],
-                )
+                result = idx.search_slide(q)  # k, mode, exclude_same_patient, exhaustive of the config
             out.append(result.to_dict())
             _print_result(result.to_dict(), err=as_json)
         except HistoError as e:

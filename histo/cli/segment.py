@@ -4,26 +4,18 @@ from __future__ import annotations
 
 import click
 
-from histo.cli.options import config_option, device_option, emit_json, json_option
+from histo.cli.options import config_option, device_option, emit_json, json_option, stage_config
 from histo.cli.outcomes import failure_lines, finish
 
 
-def _int_list(count: int | None = None):
-    """A click callback parsing `16,32,64` into [16, 32, 64] (exactly `count` values when given)."""
-
-    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-        if value is None:
-            return None
-        try:
-            values = [int(v) for v in value.split(",") if v.strip()]
-        except ValueError:
-            raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-        if not values or (count is not None and len(values) != count) or min(values) < 1:
-            want = f"{count} positive integers" if count else "positive integers"
-            raise click.BadParameter(f"expected {want}, got {value!r}")
-        return values
-
-    return parse
+def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    """A click callback parsing `16,32,64` into [16, 32, 64] (the config model checks count and range)."""
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
 @click.group(name="segment")
@@ -40,28 +32,31 @@ def segment() -> None:
 )
 @click.option("--norm", default=None, help="Norm name from histo.norms (e.g. instance, group, rn_b).")
 @click.option("--reversible/--no-reversible", default=None, help="Reversible blocks or the plain twin.")
-@click.option("--roi", default=None, callback=_int_list(3), help="Training crop, e.g. 128,128,128.")
-@click.option("--channels", default=None, callback=_int_list(), help="Channels per level, e.g. 16,32,64,128.")
+@click.option("--roi", default=None, callback=_int_list, help="Training crop, e.g. 128,128,128.")
+@click.option("--channels", default=None, callback=_int_list, help="Channels per level, e.g. 16,32,64,128.")
 @click.option("--epochs", type=int, default=None, help="Number of epochs.")
 @device_option
-@click.option("--resume", is_flag=True, help="Continue the run whose <out>.last.pt exists (same config).")
+@click.option(
+    "--resume", is_flag=True, default=None, help="Continue the run whose <out>.last.pt exists (same config)."
+)
 @config_option
 @json_option
 def train(data_dir, out_path, norm, reversible, roi, channels, epochs, device, resume, config_path, as_json):
     """Train a UNet3D on BraTS case folders (runs under torchrun for DDP)."""
-    from histo.config import load_config
+    from segmentation.config import SegmentConfig
     from segmentation.train import train_segmenter
 
-    overrides = {
-        "model.norm": norm,
-        "model.reversible": reversible,
-        "data.roi": roi,
-        "model.channels": channels,
-        "train.epochs": epochs,
-        "device": device,
+    keys = {
+        "norm": "model.norm",
+        "reversible": "model.reversible",
+        "roi": "data.roi",
+        "channels": "model.channels",
+        "epochs": "train.epochs",
+        "device": "run.device",
+        "resume": "run.resume",
     }
-    config = load_config("segment", config_path, overrides)
-    summary = train_segmenter(data_dir, out_path, config, resume=resume)
+    config = stage_config(SegmentConfig, config_path, keys)
+    summary = train_segmenter(data_dir, out_path, config)
     if summary["rank"] != 0:  # under torchrun only the main process reports
         return
     if as_json:
@@ -79,10 +74,8 @@ def train(data_dir, out_path, norm, reversible, roi, channels, epochs, device, r
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="Checkpoint.")
 @click.argument("case_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--roi", default=None, callback=_int_list(3), help="Sliding-window size, e.g. 128,128,128.")
-@click.option(
-    "--overlap", type=click.FloatRange(0, 1, max_open=True), default=None, help="Window overlap in [0, 1)."
-)
+@click.option("--roi", default=None, callback=_int_list, help="Sliding-window size, e.g. 128,128,128.")
+@click.option("--overlap", type=float, default=None, help="Window overlap in [0, 1).")
 @click.option("--tta/--no-tta", default=None, help="Average the 8 flips (test-time augmentation).")
 @click.option(
     "--overwrite", is_flag=True, help="Recompute every case, even in an --out made with other settings."
@@ -95,12 +88,12 @@ def predict(model_path, case_dirs, out_dir, roi, overlap, tta, overwrite, device
 
     Exit code 0 when every case is done or skipped (already segmented), 1 when any failed, 2 when no
     case is found or an option is wrong (nothing is created then)."""
-    from histo.config import load_config
+    from segmentation.config import SegmentConfig
     from segmentation.infer import predict_cases
 
-    overrides = {"infer.roi": roi, "infer.overlap": overlap, "infer.tta": tta, "device": device}
-    config = load_config("segment", config_path, overrides)
-    batch = predict_cases(model_path, case_dirs, out_dir, config["infer"], config["device"], overwrite)
+    keys = {"roi": "infer.roi", "overlap": "infer.overlap", "tta": "infer.tta", "device": "run.device"}
+    config = stage_config(SegmentConfig, config_path, keys)
+    batch = predict_cases(model_path, case_dirs, out_dir, config, overwrite)
     lines = [f"{o.id}: {o.status} {o.detail.get('output', o.reason)}" for o in batch.outcomes]
     finish(batch, as_json, lines)
 
@@ -113,15 +106,19 @@ def predict(model_path, case_dirs, out_dir, roi, overlap, tta, overwrite, device
 @click.option(
     "--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Report folder (default --pred)."
 )
+@click.option("--hd95/--no-hd95", default=None, help="Also HD95 per region (eval.hd95), or Dice only.")
+@config_option
 @json_option
-def evaluate(pred_dir, data_dir, out_dir, as_json):
+def evaluate(pred_dir, data_dir, out_dir, hd95, config_path, as_json):
     """Dice and HD95 per region (TC, WT, ET) with BraTS conventions: metrics.csv + summary.json.
 
     Exit code 0 when every labelled case is scored (a case without *_seg is skipped), 1 when a
     prediction is missing or does not fit, 2 when no labelled case is found (nothing is written)."""
+    from segmentation.config import SegmentConfig
     from segmentation.metrics import evaluate_predictions
 
-    batch = evaluate_predictions(pred_dir, data_dir, out_dir)
+    config = stage_config(SegmentConfig, config_path, {"hd95": "eval.hd95"})
+    batch = evaluate_predictions(pred_dir, data_dir, out_dir, config)
     lines = [f"{batch.counts['done']} cases scored; HD95 = {batch.extra['hd95_definition']}"]
     lines += [
         f"  {key:9s} mean {stats['mean']:.4f}  median {stats['median']:.4f}  std {stats['std']:.4f}"

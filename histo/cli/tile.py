@@ -5,8 +5,9 @@ from __future__ import annotations
 import click
 
 from histo.batch import BatchSummary
-from histo.cli.options import config_option, json_option, parse_shard, shard_option
+from histo.cli.options import choices, config_option, json_option, parse_shard, shard_option, stage_config
 from histo.cli.outcomes import finish
+from pathology.config import Reader
 
 
 def _table(batch: BatchSummary) -> list[str]:
@@ -35,9 +36,7 @@ def _table(batch: BatchSummary) -> list[str]:
     help="CSV: slide,label[,patient,site,project,mpp].",
 )
 @shard_option
-@click.option(
-    "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes over slides."
-)
+@click.option("--workers", type=int, default=None, help="Processes over slides (run.workers).")
 @click.option("--save-pixels", is_flag=True, help="Store the selected tiles' RGB at the target resolution.")
 @click.option("--qc-dir", type=click.Path(file_okay=False), help="Write a QC PNG per slide here.")
 @click.option(
@@ -46,12 +45,8 @@ def _table(batch: BatchSummary) -> list[str]:
     type=click.FloatRange(min=0, min_open=True),
     help="µm/px for slides without a scale.",
 )
-@click.option(
-    "--tile-px", type=click.IntRange(min=8), help="Override tile.px (pixels at the target resolution)."
-)
-@click.option(
-    "--magnification", type=click.FloatRange(min=0, min_open=True), help="Override tile.magnification."
-)
+@click.option("--tile-px", type=int, help="Override tile.px (pixels at the target resolution).")
+@click.option("--magnification", type=float, help="Override tile.magnification.")
 @click.option("--seed", type=int, help="Override seed.")
 @click.option(
     "--from-coords",
@@ -65,10 +60,9 @@ def _table(batch: BatchSummary) -> list[str]:
 )
 @click.option(
     "--reader",
-    type=click.Choice(["auto", "openslide", "tiatoolbox"]),
-    default="auto",
-    show_default=True,
-    help="Slide reader (auto: OpenSlide, then tiatoolbox for OME-TIFF/NGFF/JP2/... when installed).",
+    default=None,
+    help=f"Slide reader (run.reader): {choices(Reader)} (auto: OpenSlide, then tiatoolbox for "
+    "OME-TIFF/NGFF/JP2/... when installed).",
 )
 @json_option
 def tile(
@@ -77,7 +71,7 @@ def tile(
     config_path: str | None,
     labels_csv: str | None,
     shard: str | None,
-    workers: int,
+    workers: int | None,
     save_pixels: bool,
     qc_dir: str | None,
     mpp_override: float | None,
@@ -86,7 +80,7 @@ def tile(
     seed: int | None,
     from_coords: str | None,
     roi: str | None,
-    reader: str,
+    reader: str | None,
     as_json: bool,
 ) -> None:
     """Tile SLIDES (files or folders searched for slide files) into the tile store OUT.
@@ -94,14 +88,19 @@ def tile(
     Exit code 0 when every slide is done or skipped, 1 when any failed (after all the others), 2 when
     no slide is found or an option is wrong (nothing is created then).
     """
-    from histo.config import load_config
+    from pathology.config import TileConfig
     from pathology.tiler import tile_slides
 
-    config = load_config(
-        "tile", config_path, {"tile.px": tile_px, "tile.magnification": magnification, "seed": seed}
-    )
+    keys = {
+        "tile_px": "tile.px",
+        "magnification": "tile.magnification",
+        "seed": "seed",
+        "workers": "run.workers",
+        "reader": "run.reader",
+    }
+    config = stage_config(TileConfig, config_path, keys)
     batch = tile_slides(
-        list(slides), out, config, labels_csv=labels_csv, shard=parse_shard(shard), workers=workers,
-        save_pixels=save_pixels, qc_dir=qc_dir, mpp_override=mpp_override, from_coords=from_coords, roi=roi, reader=reader,
+        list(slides), out, config, labels_csv=labels_csv, shard=parse_shard(shard), save_pixels=save_pixels,
+        qc_dir=qc_dir, mpp_override=mpp_override, from_coords=from_coords, roi=roi,
     )  # fmt: skip
     finish(batch, as_json, _table(batch))

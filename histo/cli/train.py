@@ -4,13 +4,39 @@ from __future__ import annotations
 
 import click
 
-from histo.cli.options import compose, config_option, device_option, emit_json, json_option
+from histo.cli.options import (
+    choices,
+    compose,
+    config_option,
+    device_option,
+    emit_json,
+    json_option,
+    stage_config,
+)
+from pathology.config import Variant
+
+# click parameter -> config key (flags override the --config file, which overrides the defaults)
+KEYS = {
+    "variant": "model.variant",
+    "arch": "model.arch",
+    "norm": "model.norm",
+    "init": "model.init",
+    "input_px": "model.input_px",
+    "epochs": "optim.epochs",
+    "batch_size": "optim.batch_size",
+    "lr": "optim.lr",
+    "workers": "run.workers",
+    "skip_missing": "data.skip_missing",
+    "seed": "seed",
+    "resume": "run.resume",
+    "device": "run.device",
+}
 
 _options = compose(
     click.option("--tiles", "tiles", required=True, type=click.Path(), help="Tile store (from `histo tile`)."),
     click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Model checkpoint to write."),
-    click.option("--variant", type=click.Choice(["I", "II", "III", "IV", "scratch"]), default=None,
-                 help="Train the last 1/2/3 dense blocks (I-III), all layers (IV), or from random init (scratch)."),
+    click.option("--variant", default=None,
+                 help=f"{choices(Variant)}: train the last 1/2/3 dense blocks (I-III), all layers (IV), or from random init (scratch)."),
     click.option("--arch", default=None, help="densenet121 | cbr-tiny | cbr-small | cbr-large-t | cbr-large-w."),
     click.option("--norm", default=None, help="Normalization block (histo.norms name: batch, ibn_a, group, ...)."),
     click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
@@ -37,25 +63,10 @@ def train(tiles, out, config_path, as_json, **flags) -> None:
     Writes OUT (best model), OUT.last.pt (training state for --resume), metrics CSV and a curve PNG.
     Under torchrun (scripts/torchrun_local.sh) it runs DistributedDataParallel.
     """
-    from histo.config import load_config
+    from pathology.config import TrainConfig
     from pathology.train import train_kimianet
 
-    overrides = {
-        "model.variant": flags["variant"],
-        "model.arch": flags["arch"],
-        "model.norm": flags["norm"],
-        "model.init": flags["init"],
-        "model.input_px": flags["input_px"],
-        "optim.epochs": flags["epochs"],
-        "optim.batch_size": flags["batch_size"],
-        "optim.lr": flags["lr"],
-        "data.workers": flags["workers"],
-        "data.skip_missing": flags["skip_missing"],
-        "seed": flags["seed"],
-        "resume": flags["resume"],
-        "device": flags["device"],
-    }
-    config = load_config("train", config_path, overrides)
+    config = stage_config(TrainConfig, config_path, KEYS)
     summary = train_kimianet(tiles, out, config)
     if summary.get("world_size", 1) > 1 and summary.get("rank", 0) != 0:
         return

@@ -93,13 +93,14 @@ def tile_features(coords: np.ndarray, size: float, cluster: np.ndarray, cellular
 
 def store_slide_features(store: Any, slide_id: str, slide: Any) -> list[dict]:
     """A store slide as QuPath features: tissue outline (recomputed from the slide with the store's tissue
-    settings) and every mosaic tile."""
+    settings, and the regions it was tiled with, if any) and every mosaic tile."""
     import shapely
 
-    from pathology.tiler import slide_tissue
+    from pathology.tiler import slide_tissue, tiling_config
 
     rec = store.record(slide_id)
-    _, mask, _ = slide_tissue(slide, store.params)
+    cfg = tiling_config(store.params, str(store.path))
+    _, mask, _ = slide_tissue(slide, cfg, None if rec.roi is None else Path(rec.roi))
     outline = mask_outline(mask, slide.width, slide.height)
     features = []
     if not outline.is_empty:

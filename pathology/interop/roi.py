@@ -14,21 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from histo.errors import ConfigError, InputFileError
+from histo.errors import InputFileError
+from pathology.config import RoiConfig
 from pathology.interop.geojson import rasterize, read_regions
 
-ROI_MODES = ("restrict", "replace")
 SUFFIXES = (".geojson", ".json")
-
-
-def check_roi(cfg: dict) -> None:
-    """ConfigError naming the key when the roi settings are wrong."""
-    roi = cfg["roi"]
-    if roi["mode"] not in ROI_MODES:
-        raise ConfigError(f"roi.mode must be one of {', '.join(ROI_MODES)}, got {roi['mode']!r}")
-    for key in ("include", "exclude"):
-        if not all(isinstance(n, str) for n in roi[key]):
-            raise ConfigError(f"roi.{key} must be a list of class names, got {roi[key]!r}")
 
 
 def roi_files(path: str | os.PathLike) -> Path | dict[str, Path]:
@@ -44,20 +34,15 @@ def roi_files(path: str | os.PathLike) -> Path | dict[str, Path]:
     return found
 
 
-def apply_roi(mask: np.ndarray, path: Path, width: int, height: int, cfg: dict) -> np.ndarray:
+def apply_roi(mask: np.ndarray, path: Path, width: int, height: int, roi: RoiConfig) -> np.ndarray:
     """The tissue mask (spanning a width x height slide) restricted or replaced by the file's regions."""
-    roi = cfg["roi"]
     regions, _ = read_regions(path, width, height)
-    exclude = [r for r in regions if r.name in roi["exclude"]]
-    include = [
-        r
-        for r in regions
-        if r.name not in roi["exclude"] and (not roi["include"] or r.name in roi["include"])
-    ]
-    if not include and (roi["include"] or roi["mode"] == "replace"):
-        wanted = f" of class {', '.join(roi['include'])}" if roi["include"] else ""
-        raise InputFileError(path, f"no include annotation{wanted} (roi.mode {roi['mode']})")
-    out = mask.copy() if roi["mode"] == "restrict" else np.ones_like(mask)
+    exclude = [r for r in regions if r.name in roi.exclude]
+    include = [r for r in regions if r.name not in roi.exclude and (not roi.include or r.name in roi.include)]
+    if not include and (roi.include or roi.mode == "replace"):
+        wanted = f" of class {', '.join(roi.include)}" if roi.include else ""
+        raise InputFileError(path, f"no include annotation{wanted} (roi.mode {roi.mode})")
+    out = mask.copy() if roi.mode == "restrict" else np.ones_like(mask)
     if include:
         out &= rasterize(include, mask.shape, width, height)
     if exclude:

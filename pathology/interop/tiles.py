@@ -13,19 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from histo.errors import ConfigError, InputFileError
+from histo.errors import InputFileError
 from pathology.interop.coords import CoordsFile, read_coords
 
-SELECT_MODES = ("none", "cellularity", "mosaic")
 SIZE_TOLERANCE = 0.05  # relative difference allowed between a patch's and the store's physical side
-
-
-def check_select(cfg: dict) -> str:
-    """The configured `from_coords.select` mode, or a ConfigError naming the key."""
-    mode = cfg["from_coords"]["select"]
-    if mode not in SELECT_MODES:
-        raise ConfigError(f"from_coords.select must be one of {', '.join(SELECT_MODES)}, got {mode!r}")
-    return mode
 
 
 def read_given_tiles(path: str | os.PathLike, slide: Any, geometry: Any) -> CoordsFile:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
 from histo.errors import HistoError, InputFileError
+from pathology.config import Reader
 from pathology.slide.base import Backend, Slide, resolve_scale, slide_id_of
 
-READERS = ("auto", "openslide", "tiatoolbox")
+READERS = get_args(Reader)
 
 
 def _backend(path: Path, reader: str) -> Backend:

@@ -1,0 +1,200 @@
+"""Typed configs of `histo tile` (TileConfig) and `histo train` (TrainConfig); defaults in histo/configs/.
+
+The models hold the types and the valid ranges; the values come from `histo/configs/tile.yaml` and
+`train.yaml` (see `histo.config`). A consumer reads `cfg.tile.px`, `cfg.cellularity.rule`, `cfg.optim.lr`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, model_validator
+
+from histo.config import (
+    AsTuple,
+    Count,
+    Device,
+    Fraction,
+    KeyedError,
+    NonNegative,
+    NormName,
+    PathStr,
+    Positive,
+    PositiveInt,
+    RunOptions,
+    Section,
+    Seed,
+    StageConfig,
+)
+
+# ---- histo tile ---------------------------------------------------------------------------------
+
+
+class TileSize(Section):
+    """The stored tile: `px` pixels at the target resolution (from magnification, mpp or um)."""
+
+    px: Annotated[int, Field(ge=8)]
+    magnification: Positive
+    mpp: Positive | None
+    um: Positive | None
+
+    @model_validator(mode="after")
+    def _one_scale(self) -> TileSize:
+        if self.um is not None and self.mpp is not None:
+            raise KeyedError("um", f"set tile.um or tile.mpp, not both (got um={self.um}, mpp={self.mpp})")
+        return self
+
+
+class TissueConfig(Section):
+    method: Literal["hsd", "otsu"]
+    mpp: Positive
+    std_threshold: Annotated[float, Field(ge=0, le=255)]
+    density_threshold: NonNegative
+    filter_um: Positive
+    otsu_min_saturation: Fraction
+    min_brightness: Annotated[float, Field(ge=0, le=255)]
+
+
+class MosaicConfig(Section):
+    min_tissue_fraction: Fraction
+    colour_mpp: Positive | None
+    n_clusters: PositiveInt
+    percent: Annotated[float, Field(gt=0, le=100)]
+
+
+class CellularityConfig(Section):
+    mpp: Positive
+    h_threshold: NonNegative
+    nucleus_radius_um: Positive
+    rule: Literal["top_fraction", "top_k", "min_score"]
+    top_fraction: Annotated[float, Field(gt=0, le=1)]
+    top_k: PositiveInt
+    min_score: Fraction
+
+
+class FromCoordsConfig(Section):
+    """`histo tile --from-coords DIR`: what runs on top of a lab's CLAM/TRIDENT patches."""
+
+    select: Literal["none", "cellularity", "mosaic"]
+
+
+ClassName = Annotated[str, Field(min_length=1)]
+
+
+class RoiConfig(Section):
+    """`histo tile --roi PATH`: how QuPath annotations restrict or replace the tissue mask."""
+
+    mode: Literal["restrict", "replace"]
+    include: Annotated[tuple[ClassName, ...], AsTuple]
+    exclude: Annotated[tuple[ClassName, ...], AsTuple]
+
+
+Reader = Literal["auto", "openslide", "tiatoolbox"]
+
+
+class TileRun(RunOptions):
+    workers: PositiveInt
+    reader: Reader  # not recorded as a parameter: the backend that read each slide is in its record
+
+
+class TileConfig(StageConfig):
+    """`histo tile`: everything but `run` is recorded in the tile store (root attribute `params`)."""
+
+    stage = "tile"
+    seed: Seed
+    tile: TileSize
+    tissue: TissueConfig
+    mosaic: MosaicConfig
+    cellularity: CellularityConfig
+    from_coords: FromCoordsConfig
+    roi: RoiConfig
+    run: TileRun
+
+
+# ---- histo train --------------------------------------------------------------------------------
+
+Variant = Literal["I", "II", "III", "IV", "scratch"]
+Monitor = Literal["val_macro_f1", "val_acc", "val_slide_acc", "val_loss"]
+
+
+def _known_arch(name: str) -> str:
+    from pathology.kimianet import ARCHS
+
+    if name not in ARCHS:
+        raise ValueError(f"unknown arch {name!r} (known: {', '.join(ARCHS)})")
+    return name
+
+
+class NetworkConfig(Section):
+    arch: Annotated[str, AfterValidator(_known_arch)]
+    norm: NormName
+    variant: Variant
+    init: PathStr | None
+    input_px: Annotated[int, Field(ge=32)]
+
+    @model_validator(mode="after")
+    def _fits(self) -> NetworkConfig:
+        from pathology.kimianet import norm_refusal
+
+        reason = norm_refusal(self.norm, self.arch)
+        if reason is not None:
+            raise KeyedError("norm", f"norm {self.norm!r} cannot be used here: {reason}")
+        if self.variant in ("I", "II", "III") and self.arch != "densenet121":
+            raise KeyedError("variant", f"variant {self.variant} freezes dense blocks; {self.arch} has none")
+        return self
+
+
+class TrainDataConfig(Section):
+    val_fraction: Annotated[float, Field(gt=0, lt=1)]
+    balanced: bool
+    samples_per_epoch: Count
+    skip_missing: bool
+
+
+class AugmentConfig(Section):
+    flip: bool
+    rot90: bool
+    crop_scale: Annotated[tuple[Fraction, Fraction], AsTuple]
+    hed_sigma: Annotated[float, Field(ge=0, lt=1)]
+    brightness: Annotated[float, Field(ge=0, lt=1)]
+    contrast: Annotated[float, Field(ge=0, lt=1)]
+
+    @model_validator(mode="after")
+    def _crop_range(self) -> AugmentConfig:
+        low, high = self.crop_scale
+        if not 0 < low <= high:
+            raise KeyedError("crop_scale", f"needs 0 < low <= high <= 1, got {list(self.crop_scale)}")
+        return self
+
+
+class OptimConfig(Section):
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    accumulate: PositiveInt
+    lr: Positive
+    weight_decay: NonNegative
+    warmup_epochs: NonNegative
+    min_lr_ratio: Fraction
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    patience: Count
+    monitor: Monitor
+    amp: bool
+    channels_last: bool
+
+
+class TrainRun(RunOptions):
+    device: Device
+    resume: bool
+    workers: Count
+
+
+class TrainConfig(StageConfig):
+    """`histo train`: everything but `run` is recorded in the checkpoint (and checked on --resume)."""
+
+    stage = "train"
+    seed: Seed
+    model: NetworkConfig
+    data: TrainDataConfig
+    augment: AugmentConfig
+    optim: OptimConfig
+    run: TrainRun
