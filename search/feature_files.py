@@ -64,6 +64,7 @@ def _write_slide(
         "histo_model_hash": extractor.model_hash,
         "histo_feature_definition": extractor.feature_definition,
         "histo_tiling": store.params,
+        "histo_tile_size_level0": rec.tile_size_level0,
         "label": rec.label,
         "patient": rec.patient,
         "site": rec.site,
@@ -185,6 +186,20 @@ def inspect_feature_file(path: str | os.PathLike) -> FeatureFile:
     return FeatureFile(slide_id, path, fs[0], fs[1], fa, attrs.get("coords", {}))
 
 
+def tile_side(f: FeatureFile) -> float | None:
+    """The patches' side in level-0 px: histo's exact value, else from the coords attributes (CLAM's or
+    TRIDENT's); None when they do not tell it (CLAM without `downsample` needs the slide, not at hand)."""
+    from pathology.interop.coords import patch_side_level0
+
+    exact = f.attrs.get("histo_tile_size_level0")
+    if isinstance(exact, float):
+        return exact
+    try:
+        return patch_side_level0(f.coords_attrs, f.path, None)[1]
+    except InputFileError:
+        return None
+
+
 def read_features(f: FeatureFile) -> tuple[np.ndarray, np.ndarray]:
     """(features float32, coords int64) of a file, checked finite and whole."""
     data, _ = read_h5(f.path, ("features", "coords"))
@@ -268,7 +283,7 @@ def import_feature_files(
         meta = resolve_meta(find_meta(labels, f.path, f.id) or stored, f.id)
         record = {
             "slide_id": f.id, "label": meta.label, "patient": meta.patient, "site": meta.site,
-            "n_tiles": len(feats), "store": str(f.path.resolve()),
+            "n_tiles": len(feats), "tile_size_level0": tile_side(f), "store": str(f.path.resolve()),
         }  # fmt: skip
         feats_io.write_slide(root, record, feats, coords)
         return Outcome.done(f.id, f.path, n_tiles=len(feats))

@@ -5,7 +5,8 @@ Index dir (DESIGN.md "Index dir")::
     manifest.json      format version, model (hash, feature definition, dim), tiling config, index type and
                        parameters (requested and effective), counts, skipped slides, sha256 of every file
     features.zarr/     per-slide tile features and coordinates (search/features.py)
-    catalog.json       slides in row order: slide_id, label, patient, site, n_tiles
+    catalog.json       slides in row order: slide_id, label, patient, site, n_tiles, tile_size_level0 (the
+                       tiles' side in level-0 px, to draw hits on the slide; null in older indexes)
     coords.npy         (N, 2) int64 level-0 x, y of every row (rows of a slide are contiguous)
     barcodes.faissb    FAISS binary index over the packed MinMax barcodes (Hamming): IndexBinaryFlat for a
                        flat index, IndexBinaryIVF (+ direct map) otherwise (search/barcodes.py)
@@ -48,6 +49,7 @@ CATALOG, COORDS, BARCODES, FLOAT, MODEL = (
     "float.faiss",
     "model.pt",
 )
+CATALOG_KEYS = ("slide_id", "label", "patient", "site", "n_tiles", "tile_size_level0")
 BARCODE_DEFINITION = "MinMax: bit i = f[i+1] < f[i] for i < D-1, zero-padded to a multiple of 8 bits"
 
 
@@ -97,6 +99,7 @@ class SlideIndex:
             sites=[s["site"] for s in slides],
             offsets=offsets,
             coords=np.load(path / COORDS, allow_pickle=False),
+            tile_sides=[s.get("tile_size_level0") for s in slides],
         )
         try:
             self.barcode_index = faiss.read_index_binary(str(path / BARCODES))
@@ -357,6 +360,7 @@ class SlideIndex:
         allowed = self.catalog.allowed(exclude_patient or None)
         q = minmax_barcode(f) if s.mode == "barcode" else f
         result = self.engine.search(name, q, s.mode, s.k, allowed, xy, s.exhaustive)
+        result.query_slide_id, result.query_tile_size_level0 = record.slide_id, record.tile_size_level0
         result.info.update(self.float_index.device_info() if s.mode == "float" else {"device": "cpu"})
         return result
 
@@ -379,7 +383,7 @@ class SlideIndex:
             s = int(cat.row_slide[row])
             tile = int(row - cat.offsets[s])
             match = TileMatch(0, None, tile, [int(v) for v in cat.coords[row]], float(d))
-            hits.append(SlideHit(cat.slide_ids[s], cat.labels[s], float(d), [match]))
+            hits.append(SlideHit(cat.slide_ids[s], cat.labels[s], float(d), [match], cat.tile_sides[s]))
         return SearchResult("patch", vote_of(hits), hits, {"mode": mode})
 
     def evaluate(
@@ -418,7 +422,7 @@ def _assemble(out: Path, content: dict[str, Any]) -> None:
     records, features, coords = [], [], []
     for sid in slide_ids:
         rec, f, xy = feats_io.read_slide(root, sid)
-        records.append({key: rec.get(key) for key in ("slide_id", "label", "patient", "site", "n_tiles")})
+        records.append({key: rec.get(key) for key in CATALOG_KEYS})
         features.append(f)
         coords.append(xy)
     matrix = np.concatenate(features)

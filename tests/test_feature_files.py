@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from histo.cli import main
 from histo.errors import HistoError
 from pathology.config import TileConfig
+from pathology.store import TileStore
 from search import features as feats_io
 from search.feature_files import write_feature_files
 from search.slide_index import SlideIndex, load_extractor
@@ -82,6 +83,8 @@ def test_index_from_histo_files_equals_index_from_the_store(cohort, tmp_path):
     flat = cohort["flat"]
     for name in ("catalog.json", "coords.npy"):
         assert (built.path / name).read_bytes() == (flat.path / name).read_bytes()
+    store = TileStore.open(cohort["store"])
+    assert flat.catalog.tile_sides == [store.record(s).tile_size_level0 for s in flat.catalog.slide_ids]
     assert built.model_hash == flat.model_hash and built.manifest["tiling"] == flat.manifest["tiling"]
     query = next(iter((cohort["root"] / "slides").glob("*.svs")))
     a, b = built.search_slide(query, k=3), flat.search_slide(query, k=3)
@@ -127,6 +130,7 @@ def test_trident_and_clam_files_index_with_encoder_checks(tmp_path):
         folder, tmp_path / "i", labels_csv=csv, encoder="uni_v1", config=CPU, progress=False
     )
     assert idx.catalog.labels == ["A", "A", "B", "B"] and idx.catalog.patients == ["P0", "P1", "P2", "P3"]
+    assert idx.catalog.tile_sides == [512.0] * 4  # TRIDENT's patch_size_level0: hits can be drawn
     assert (
         idx.manifest["model"]["hash"] == "external:uni_v1:16"
         and idx.manifest["counts"]["tiles"] == 5 + 6 + 7 + 8
@@ -161,6 +165,7 @@ def test_trident_and_clam_files_index_with_encoder_checks(tmp_path):
         "C0",
         "C1",
     ]
+    assert clam.catalog.tile_sides == [None, None]  # no attributes: the side is unknown, not guessed
 
 
 def test_a_bad_file_fails_alone(tmp_path):

@@ -113,7 +113,7 @@ def _positive(attrs: dict, key: str, path: Path) -> float:
     return float(value)
 
 
-def _size_level0(attrs: dict, path: Path, level_downsamples: tuple | None) -> tuple[str, float]:
+def patch_side_level0(attrs: dict, path: Path, level_downsamples: tuple | None) -> tuple[str, float]:
     """(format, level-0 patch side) from the attributes; CLAM files without `downsample` need the slide's."""
     if "patch_size_level0" in attrs:
         return "trident", _positive(attrs, "patch_size_level0", path)
@@ -157,7 +157,7 @@ def read_coords(
     if not whole:
         raise InputFileError(path, "coords must be whole level-0 pixel positions")
     coords = coords.astype(np.int64)
-    fmt, size = _size_level0(a, path, level_downsamples)
+    fmt, size = patch_side_level0(a, path, level_downsamples)
     if bounds is not None and len(coords):
         w, h = bounds
         bad = (coords[:, 0] < 0) | (coords[:, 1] < 0) | (coords[:, 0] >= w) | (coords[:, 1] >= h)

@@ -33,10 +33,17 @@ SELECTED = ("High-cellularity tile", [220, 40, 40])
 BOUNDS_TOLERANCE = 1.0  # level-0 px a region may overshoot the slide edge (QuPath's float rounding)
 
 
-def _feature(
-    geometry: dict, object_type: str, cls: tuple[str, list[int]], measurements: dict | None = None
+def feature(
+    geometry: dict,
+    object_type: str,
+    cls: tuple[str, list[int]],
+    measurements: dict | None = None,
+    name: str | None = None,
 ) -> dict:
+    """A QuPath object: its type, class (name, colour), numeric measurements and an optional name."""
     props: dict[str, Any] = {"objectType": object_type, "classification": {"name": cls[0], "color": cls[1]}}
+    if name is not None:
+        props["name"] = name
     if measurements:
         props["measurements"] = measurements
     return {"type": "Feature", "id": str(uuid.uuid4()), "geometry": geometry, "properties": props}
@@ -81,7 +88,7 @@ def tile_features(coords: np.ndarray, size: float, cluster: np.ndarray, cellular
                   selected: np.ndarray) -> list[dict]:  # fmt: skip
     """Every mosaic tile as a QuPath detection with its cluster, cellularity and index."""
     return [
-        _feature(
+        feature(
             square(int(x), int(y), size),
             "detection",
             SELECTED if sel else MOSAIC,
@@ -104,7 +111,7 @@ def store_slide_features(store: Any, slide_id: str, slide: Any) -> list[dict]:
     outline = mask_outline(mask, slide.width, slide.height)
     features = []
     if not outline.is_empty:
-        features.append(_feature(json.loads(shapely.to_geojson(outline)), "annotation", TISSUE))
+        features.append(feature(json.loads(shapely.to_geojson(outline)), "annotation", TISSUE))
     features += tile_features(
         store.coords(slide_id), rec.tile_size_level0, store.cluster(slide_id),
         store.cellularity(slide_id), store.selected(slide_id),
