@@ -93,14 +93,25 @@ def test_tiatoolbox_reads_ome_tiff_like_the_array(tmp_path):
 
 
 @pytest.mark.full
-def test_tiatoolbox_matches_openslide_on_generic_tiff_and_dicom(shared_data):
-    for name in ("boxes.tiff", "boxes_0.dcm"):
-        path = shared_data / "wsi_synthetic" / name
+def test_tiatoolbox_matches_openslide_on_generic_tiff_and_dicom(shared_data, tmp_path):
+    import tifffile
+
+    rgb = np.random.default_rng(2).integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "tiled.tif", rgb, tile=(256, 256), photometric="rgb")  # one tiled page
+    for path in (tmp_path / "tiled.tif", shared_data / "wsi_synthetic" / "boxes_0.dcm"):
         a = open_slide(path, reader="openslide", mpp_override=0.5)
         b = open_slide(path, reader="tiatoolbox", mpp_override=0.5)
         assert a.level_dimensions[0] == b.level_dimensions[0]
         w, h = a.width, a.height
         np.testing.assert_array_equal(a.read_region(0, 0, 0, w, h), b.read_region(0, 0, 0, w, h))
+    a = open_slide(tmp_path / "tiled.tif", reader="tiatoolbox", mpp_override=0.5)
+    np.testing.assert_array_equal(a.read_region(0, 100, 50, 300, 200), rgb[50:250, 100:400])
+    # a multi-page generic TIFF pyramid is OpenSlide's alone (tiatoolbox 2.1 reads one tiled page)
+    with pytest.raises(InputFileError, match="unreadable by tiatoolbox TIFFWSIReader: Unsupported TIFF"):
+        open_slide(shared_data / "wsi_synthetic" / "boxes.tiff", reader="tiatoolbox", mpp_override=0.5)
+    assert open_slide(shared_data / "wsi_synthetic" / "boxes.tiff", mpp_override=0.5).reader.startswith(
+        "openslide"
+    )
 
 
 @pytest.mark.full

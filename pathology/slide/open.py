@@ -16,18 +16,25 @@ from pathology.slide.base import Backend, Slide, resolve_scale, slide_id_of
 READERS = get_args(Reader)
 
 
+def _has_tiatoolbox() -> bool:
+    try:
+        import tiatoolbox  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _backend(path: Path, reader: str) -> Backend:
-    """The backend that opens `path`; `auto` falls to tiatoolbox only when OpenSlide says the format is
-    not its own (a damaged slide of a format OpenSlide knows stays OpenSlide's error)."""
+    """The backend that opens `path`; `auto` takes tiatoolbox for OME-TIFF when it is installed (OpenSlide
+    reads OME-TIFF as a generic TIFF, without the OME-XML scale) and otherwise only when OpenSlide says the
+    format is not its own (a damaged slide of a format OpenSlide knows stays OpenSlide's error)."""
     from pathology.slide.openslide_backend import OpenSlideBackend
+    from pathology.slide.tiatoolbox_backend import EXTENSIONS, OME_EXTENSIONS, TiatoolboxBackend
 
     if reader == "openslide":
         return OpenSlideBackend(path)
-    if reader == "tiatoolbox":
-        from pathology.slide.tiatoolbox_backend import TiatoolboxBackend
-
+    if reader == "tiatoolbox" or (path.name.lower().endswith(OME_EXTENSIONS) and _has_tiatoolbox()):
         return TiatoolboxBackend(path)
-    from pathology.slide.tiatoolbox_backend import EXTENSIONS
 
     try:
         return OpenSlideBackend(path)
@@ -35,15 +42,11 @@ def _backend(path: Path, reader: str) -> Backend:
         theirs = path.is_dir() or path.name.lower().endswith(EXTENSIONS)
         if "not a slide format OpenSlide can read" not in e.reason or not theirs:
             raise
-        try:
-            import tiatoolbox  # noqa: F401
-        except ImportError:
+        if not _has_tiatoolbox():
             raise InputFileError(
                 path,
                 f"{e.reason} (install the extra histo[tiatoolbox] for OME-TIFF, NGFF, JP2, plain images)",
             ) from None
-        from pathology.slide.tiatoolbox_backend import TiatoolboxBackend
-
         return TiatoolboxBackend(path)
 
 

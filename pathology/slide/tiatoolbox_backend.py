@@ -17,7 +17,8 @@ import numpy as np
 from histo.errors import HistoError, InputFileError
 
 PLAIN_IMAGES = (".png", ".jpg", ".jpeg", ".bmp")
-EXTENSIONS = (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".jp2", ".dcm", ".zarr", ".ngff", *PLAIN_IMAGES)
+OME_EXTENSIONS = (".ome.tif", ".ome.tiff")
+EXTENSIONS = (*OME_EXTENSIONS, ".tif", ".tiff", ".jp2", ".dcm", ".zarr", ".ngff", *PLAIN_IMAGES)
 
 
 def reader_class(path: Path) -> type:
