@@ -20,6 +20,7 @@ import re
 import shutil
 import uuid
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 import zarr
 
 from histo.errors import HistoError, InputFileError
+from pathology.config import StainConfig, TileConfig
 
 FORMAT = "histo-tile-store"
 VERSION = 1
@@ -196,7 +198,8 @@ class TileStore:
 
     def read_selected(self, slide_id: str, indices: np.ndarray | list[int] | None = None) -> np.ndarray:
         """The selected tiles (M, tile_px, tile_px, 3) uint8 in order, or those at `indices` among them;
-        from the stored pixels when saved, otherwise read from the source slide."""
+        from the stored pixels when saved, otherwise read from the source slide; stain-normalized when the
+        tiling says so (saved pixels were normalized when they were saved)."""
         rec = self.record(slide_id)
         if self.has_pixels(slide_id):
             pixels = zarr.open_group(self._group_dir(slide_id), mode="r")["pixels"]
@@ -213,7 +216,20 @@ class TileStore:
                 rec.source_path, f"slide file of {slide_id!r} in {self.path} has moved or is missing"
             )
         with open_slide(rec.source_path, mpp_override=rec.mpp, reader=recorded_reader(rec.reader)) as slide:
-            return read_tiles(slide, coords, rec.tile_size_level0, rec.tile_px)
+            return self.normalize(
+                read_tiles(slide, coords, rec.tile_size_level0, rec.tile_px), rec.source_path
+            )
+
+    @cached_property
+    def stain(self) -> StainConfig:
+        """The stain normalization the store's tiles get (`stain` of its tiling; none in older stores)."""
+        return TileConfig.section("stain", self.params.get("stain"), source=str(self.path))
+
+    def normalize(self, tiles: np.ndarray, where: object) -> np.ndarray:
+        """Tiles read from a slide, normalized as the store's tiling says (saved pixels already are)."""
+        from pathology.stain import normalize_tiles
+
+        return normalize_tiles(tiles, self.stain, where)
 
     # ---- writing (tiler) -------------------------------------------------------------------------
     def clean_partial(self, slide_id: str) -> int:

@@ -15,10 +15,11 @@ import numpy as np
 from histo.batch import ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch, select_shard
 from histo.errors import HistoError, InputFileError
 from pathology.cellularity import cellularity_score, keep_most_cellular
-from pathology.config import TileConfig
+from pathology.config import StainConfig, TileConfig
 from pathology.labels import SlideMeta, resolve_meta
 from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, tile_means, tissue_fractions
 from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, recorded_reader, slide_id_of
+from pathology.stain import fit_config, normalize_tiles
 from pathology.store import SlideRecord, read_tiles, slide_id_problem
 from pathology.tissue import brightfield_problem, tissue_mask
 
@@ -71,6 +72,7 @@ class TileSet:
     selected: np.ndarray
     thumbnail: np.ndarray | None = None  # the tissue-mask image (for QC pictures)
     mask: np.ndarray | None = None
+    stain: StainConfig | None = None  # the normalization of the tiles read for the encoder
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -81,13 +83,15 @@ class TileSet:
         }
 
     def read_tiles(self, which: str = "selected") -> np.ndarray:
-        """Tiles (M, tile_px, tile_px, 3) uint8 at the target resolution: "selected" or "mosaic" (all)."""
+        """Tiles (M, tile_px, tile_px, 3) uint8 at the target resolution: "selected" or "mosaic" (all),
+        stain-normalized when the tiling says so."""
         if which not in ("selected", "mosaic"):
             raise ValueError(f"which must be 'selected' or 'mosaic', got {which!r}")
         coords = self.coords[self.selected] if which == "selected" else self.coords
         rec = self.record
         with open_slide(rec.source_path, mpp_override=rec.mpp, reader=recorded_reader(rec.reader)) as slide:
-            return read_tiles(slide, coords, rec.tile_size_level0, rec.tile_px)
+            tiles = read_tiles(slide, coords, rec.tile_size_level0, rec.tile_px)
+        return tiles if self.stain is None else normalize_tiles(tiles, self.stain, rec.source_path)
 
 
 class EmptyMosaicError(InputFileError):
@@ -202,7 +206,7 @@ def tile_open_slide(
     )
     selected = np.ones(len(coords), bool) if select == "none" else keep_most_cellular(scores, cell)
     record.n_mosaic, record.n_selected = len(coords), int(selected.sum())
-    tileset = TileSet(record, coords, cluster, scores, selected, thumb, mask)
+    tileset = TileSet(record, coords, cluster, scores, selected, thumb, mask, cfg.stain)
     if not selected.any():  # only the min_score rule can keep nothing: a visible outcome, not a success
         record.status = "failed"
         record.reason = (
@@ -257,7 +261,7 @@ def tile_slide(
     GeoJSON file whose regions restrict or replace the tissue mask.
     Raises InputFileError (EmptyMosaicError for an empty mosaic) naming the file and the reason.
     """
-    config = TileConfig.coerce(config)
+    config = fit_config(TileConfig.coerce(config))
     if mpp_override is None and meta is not None:
         mpp_override = meta.mpp
     with open_slide(path, mpp_override, config.run.reader) as slide:
@@ -417,7 +421,7 @@ def tile_slides(
     from pathology.labels import read_labels
     from pathology.store import TileStore
 
-    config = TileConfig.coerce(config)  # config errors before any work
+    config = fit_config(TileConfig.coerce(config))  # config errors (and the stain fit) before any work
     given: dict[str, Path] = {}
     if from_coords is not None:
         from pathology.interop.coords import find_coords_files

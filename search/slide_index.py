@@ -326,6 +326,12 @@ class SlideIndex:
             raise InputFileError(name, "no selected tiles in the query slide")
         return name, self.extractor.extract(tiles), query.coords[query.selected], query.record
 
+    def query_stain(self) -> Any:
+        """The stain normalization of the archive's tiles (its tiling's `stain`), which queries get too."""
+        from pathology.tiler import tiling_config
+
+        return tiling_config(self.manifest["tiling"], str(self.path / MANIFEST)).stain
+
     def query_patient(self, record: Any) -> str | None:
         """The query's patient: the index's record when the same slide ID is indexed, else the tiler's
         (TCGA barcode -> first 12 characters; otherwise the slide is its own patient)."""
@@ -366,13 +372,16 @@ class SlideIndex:
 
     def search_patch(self, rgb: np.ndarray, k: int | None = None, mode: str | None = None) -> SearchResult:
         """Top-k indexed tiles for one RGB patch (H, W, 3) uint8 at the index's tile resolution (`k`,
-        `mode` None: the search config's `patch_k`, `patch_mode`)."""
+        `mode` None: the search config's `patch_k`, `patch_mode`), stain-normalized as the archive was."""
         s = self.config.updated({"patch_k": k, "patch_mode": mode}, source="search_patch")
         k, mode = s.patch_k, s.patch_mode
+        from pathology.stain import normalize_tiles
+
         rgb = np.asarray(rgb)
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise HistoError(f"a patch must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
-        f = self.extractor.extract(rgb[None])
+        extractor = self.extractor
+        f = extractor.extract(normalize_tiles(rgb[None], self.query_stain(), "patch"))
         q = minmax_barcode(f) if mode == "barcode" else f
         dist, rows = self.engine.knn[mode](q, k)
         cat = self.catalog

@@ -7,7 +7,7 @@ import click
 from histo.batch import BatchSummary
 from histo.cli.options import choices, config_option, json_option, parse_shard, shard_option, stage_config
 from histo.cli.outcomes import finish
-from pathology.config import Reader
+from pathology.config import Reader, StainMethod
 
 
 def _table(batch: BatchSummary) -> list[str]:
@@ -64,6 +64,14 @@ def _table(batch: BatchSummary) -> list[str]:
     help=f"Slide reader (run.reader): {choices(Reader)} (auto: OpenSlide, then tiatoolbox for "
     "OME-TIFF/NGFF/JP2/... when installed).",
 )
+@click.option(
+    "--stain-norm", default=None, help=f"Stain normalization (stain.method): {choices(StainMethod)}."
+)
+@click.option(
+    "--stain-target",
+    default=None,
+    help="What the stains are fitted to (stain.target): an RGB image, or a tile store (its tiles: the archive).",
+)
 @json_option
 def tile(
     slides: tuple[str, ...],
@@ -81,6 +89,8 @@ def tile(
     from_coords: str | None,
     roi: str | None,
     reader: str | None,
+    stain_norm: str | None,
+    stain_target: str | None,
     as_json: bool,
 ) -> None:
     """Tile SLIDES (files or folders searched for slide files) into the tile store OUT.
@@ -97,6 +107,8 @@ def tile(
         "seed": "seed",
         "workers": "run.workers",
         "reader": "run.reader",
+        "stain_norm": "stain.method",
+        "stain_target": "stain.target",
     }
     config = stage_config(TileConfig, config_path, keys)
     batch = tile_slides(
