@@ -44,10 +44,20 @@ def nuclei_mask(
 
 
 def cellularity_score(
-    rgb: np.ndarray, h_threshold: float = H_THRESHOLD, radius_px: int = RADIUS_PX, sigma: float = 1.0
+    rgb: np.ndarray,
+    h_threshold: float = H_THRESHOLD,
+    radius_px: int = RADIUS_PX,
+    sigma: float = 1.0,
+    ink: tuple[str, ...] = (),
 ) -> float:
-    """Fraction of nucleus pixels in an RGB uint8 tile (0 = no nuclei; higher = more cellular)."""
-    return float(nuclei_mask(rgb, h_threshold, radius_px, sigma).mean())
+    """Fraction of nucleus pixels in an RGB uint8 tile (0 = no nuclei; higher = more cellular); with `ink`
+    colours, pixels of pen strokes (pathology/ink.py) never count as nuclei, so ink cannot win the ranking."""
+    nuclei = nuclei_mask(rgb, h_threshold, radius_px, sigma)
+    if ink:
+        from pathology.ink import ink_regions
+
+        nuclei &= ~ink_regions(rgb, ink, speck_px=radius_px, margin_px=radius_px)
+    return float(nuclei.mean())
 
 
 def keep_most_cellular(scores: np.ndarray, cfg: CellularityConfig) -> np.ndarray:

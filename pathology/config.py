@@ -50,8 +50,13 @@ class TissueConfig(Section):
     method: Literal["hsd", "otsu"]
     mpp: Positive
     std_threshold: Annotated[float, Field(ge=0, le=255)]
+    hsd_channel: Literal["density", "cy"]
     density_threshold: NonNegative
+    cy_threshold: Annotated[float, Field(ge=-1, le=1)]
+    filter_rule: Literal["physical", "yottixel"]
     filter_um: Positive
+    ink: Annotated[tuple[Literal["blue", "green", "black"], ...], AsTuple]
+    ink_margin_um: NonNegative
     otsu_min_saturation: Fraction
     min_brightness: Annotated[float, Field(ge=0, le=255)]
 

@@ -199,7 +199,9 @@ def tile_open_slide(
     radius_px = max(1, round(cell.nucleus_radius_um / (geometry.um / cell_px)))
     scores = np.array(
         [
-            cellularity_score(slide.read_tile(x, y, size0, cell_px), cell.h_threshold, radius_px)
+            cellularity_score(
+                slide.read_tile(x, y, size0, cell_px), cell.h_threshold, radius_px, ink=cfg.tissue.ink
+            )
             for x, y in coords
         ],
         np.float32,

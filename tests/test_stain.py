@@ -232,8 +232,19 @@ def test_an_archive_store_is_a_target_and_bad_targets_are_one_line(cohort, tmp_p
     tile_slides([cohort["slides"]], tmp_path / "a.zarr", base, labels_csv=cohort["csv"], progress=False)
     archive = base.updated({"stain.method": "vahadane", "stain.target": str(tmp_path / "a.zarr")})
     tile_slides([cohort["slides"]], tmp_path / "b.zarr", archive, labels_csv=cohort["csv"], progress=False)
-    fit = TileStore.open(tmp_path / "b.zarr").params["stain"]["fit"]
+    b = TileStore.open(tmp_path / "b.zarr")
+    fit = b.params["stain"]["fit"]
     assert fit["source"] == str(tmp_path / "a.zarr") and len(fit["stain_matrix"]) == 2
+    # training reads tiles from the slides (no saved pixels) normalized like every other read
+    from pathology.augment import normalize as imagenet
+    from pathology.augment import resize, to_tensor
+    from pathology.data import TileDataset
+
+    sid = b.slide_ids()[0]
+    x, _ = TileDataset(tmp_path / "b.zarr", [(sid, 1, 0)], input_px=32)[0]
+    expected = imagenet(resize(to_tensor(b.read_selected(sid, [1])[0]), 32))
+    raw = imagenet(resize(to_tensor(TileStore.open(tmp_path / "a.zarr").read_selected(sid, [1])[0]), 32))
+    assert (x == expected).all() and not (x == raw).all()
     missing = base.updated({"stain.method": "macenko", "stain.target": str(tmp_path / "nope.png")})
     with pytest.raises(InputFileError, match=r"nope\.png: stain target not found"):
         tile_slides([cohort["slides"]], tmp_path / "c.zarr", missing, progress=False)
