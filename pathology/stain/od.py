@@ -37,12 +37,19 @@ def _stretch(rgb: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+def lightness(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB L / 100 of sRGB uint8 pixels (D65), computed from luminance alone: equal to
+    `skimage.color.rgb2lab(rgb)[..., 0] / 100` at a fraction of its cost."""
+    table = np.arange(256) / 255.0
+    linear = np.where(table <= 0.04045, table / 12.92, ((table + 0.055) / 1.055) ** 2.4)
+    y = linear[rgb[..., 0]] * 0.212671 + linear[rgb[..., 1]] * 0.715160 + linear[rgb[..., 2]] * 0.072169
+    f = np.where(y > (6 / 29) ** 3, np.cbrt(y), y / (3 * (6 / 29) ** 2) + 4 / 29)
+    return (116.0 * f - 16.0) / 100.0
+
+
 def tissue_pixels(rgb: np.ndarray, luminosity_threshold: float) -> np.ndarray:
     """Boolean mask (H, W) of the pixels darker than the threshold: the stained tissue."""
-    from skimage.color import rgb2lab
-
-    lightness = rgb2lab(_stretch(rgb))[..., 0] / 100.0
-    return lightness < luminosity_threshold
+    return lightness(_stretch(rgb)) < luminosity_threshold
 
 
 def tissue_od(rgb: np.ndarray, luminosity_threshold: float) -> np.ndarray:
@@ -57,6 +64,6 @@ def tissue_od(rgb: np.ndarray, luminosity_threshold: float) -> np.ndarray:
 
 
 def concentrations(od: np.ndarray, stain_matrix: np.ndarray) -> np.ndarray:
-    """Stain concentrations (N, 2) of OD rows (N, 3) for a 2 x 3 stain matrix (least squares)."""
-    solution, *_ = np.linalg.lstsq(stain_matrix.T, od.T, rcond=None)
-    return solution.T
+    """Stain concentrations (N, 2) of OD rows (N, 3) for a 2 x 3 stain matrix: the least-squares solution
+    of OD = C @ M, through the pseudo-inverse of M (full rank: two distinct stains)."""
+    return od @ np.linalg.pinv(stain_matrix)
