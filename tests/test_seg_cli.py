@@ -88,8 +88,8 @@ def test_predict_then_eval(trained, tmp_path):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["counts"]["done"] == 3 and "MONAI" in summary["hd95_definition"]
-    assert 0.0 <= summary["metrics"]["dice_WT"]["mean"] <= 1.0
+    assert summary["counts"]["done"] == 3 and "MONAI" in summary["hd95_definitions"]["legacy"]
+    assert 0.0 <= summary["metrics"]["legacy_dice_WT"]["mean"] <= 1.0
     with open(out / "metrics.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
 

@@ -12,7 +12,7 @@ from conftest import SHARED_DATA
 
 from histo.errors import InputFileError
 from segmentation.data import CropDataset, epoch_plan, find_case, find_cases, from_ras, load_case, to_ras
-from segmentation.labels import labels_to_regions, regions_to_labels
+from segmentation.label_schemes import labels_to_regions, regions_to_labels
 from segmentation.synthetic import make_cases
 
 BRATS = SHARED_DATA / "brats"

@@ -21,7 +21,7 @@ from histo.devices import DistInfo
 from histo.errors import HistoError
 from segmentation.data import find_cases, load_case
 from segmentation.infer import load_model, predict_volume
-from segmentation.labels import labels_to_regions
+from segmentation.label_schemes import labels_to_regions
 from segmentation.metrics import dice
 from segmentation.synthetic import make_cases
 from segmentation.train import SegLoss, build_model, regions_to_classes, split_cases, train_segmenter
@@ -75,7 +75,7 @@ def test_region_loss_is_soft_dice_plus_bce():
 def test_regions_to_classes_inverts_label_conversion():
     seg = np.random.default_rng(0).choice([0, 1, 2, 4], size=(6, 5, 4))
     regions = torch.from_numpy(labels_to_regions(seg, "2021")).float()[None]
-    classes = regions_to_classes(regions)[0, 0].numpy()
+    classes = regions_to_classes(regions, "2021")[0, 0].numpy()
     assert np.array_equal(classes, np.select([seg == 1, seg == 2, seg == 4], [1, 2, 3], 0))
 
 
@@ -95,7 +95,7 @@ def test_validation_loads_each_case_once_without_cache(tiny_cases, monkeypatch):
     loads: list[str] = []
     monkeypatch.setattr(seg_train, "load_case", lambda case: loads.append(case.case_id) or load_case(case))
     cache: dict = {}
-    out = seg_train._validate(build_model(config), cases, config, CPU.device, CPU, cache)
+    out = seg_train._validate(build_model(config, "2021"), cases, config, CPU.device, CPU, cache)
     assert sorted(loads) == sorted(c.case_id for c in cases) and not cache
     assert 0.0 <= out["val_dice_mean"] <= 1.0
 
@@ -106,7 +106,7 @@ def test_validation_hd95_is_the_mean_of_per_case_hd95_in_ras_spacing(tiny_cases)
     from segmentation.metrics import region_metrics
 
     config = tiny_config(**{"train.val_hd95": True})
-    cases, model = find_cases(tiny_cases)[:2], build_model(config)
+    cases, model = find_cases(tiny_cases)[:2], build_model(config, "2021")
     out = seg_train._validate(model, cases, config, CPU.device, CPU, {})
     plain = seg_train._validate(model, cases, tiny_config(), CPU.device, CPU, {})
     assert set(plain) < set(out) and all(out[k] == v for k, v in plain.items())
@@ -124,7 +124,7 @@ def test_epoch_losses_stay_on_the_device_and_sum_every_batch(monkeypatch):
     """No host sync per step: the epoch returns [loss sum, batches] without calling Tensor.item."""
     config = tiny_config(**{"train.accumulate": 2})
     torch.manual_seed(0)
-    model = build_model(config)
+    model = build_model(config, "2021")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     batches = [
