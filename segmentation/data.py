@@ -101,6 +101,12 @@ def find_case(folder: str | Path, labels: str | None = None, images: bool = True
             found.setdefault(hits.pop(), []).append(path)
             uses_2023 |= any(t in TOKENS_2023 for t in tokens)
     missing = [m for m in MODALITIES if m not in found]
+    nifti = [p for p in folder.iterdir() if p.is_file() and NIFTI.search(p.name) and p.name[0] != "."]
+    if missing and nifti and all(NNUNET_FILE.match(p.name) for p in nifti):
+        raise InputFileError(
+            folder,
+            f"nnU-Net channel files (CASE_0000.nii.gz, ...) but no {DATASET_JSON} here or in the parent",
+        )
     if missing and images:
         expected = ", ".join(f"*_{m}.nii.gz" for m in missing)
         raise InputFileError(
@@ -182,7 +188,7 @@ def _nnunet_case(first: Path, labels: str | None, images: bool) -> Case:
     missing = [f"{case_id}_{i}{suffix} ({m})" for i, m in channels.items() if not paths[m].is_file()]
     if missing and images:
         raise InputFileError(first, f"case {case_id} is missing channel {', '.join(missing)}")
-    absent = [m for m in MODALITIES if m not in channels]
+    absent = [m for m in MODALITIES if m not in channels.values()]
     if absent and images:
         raise InputFileError(meta, f"names no channel for modality {', '.join(absent)}")
     label_dir = folder.parent / folder.name.replace("images", "labels", 1)
@@ -216,14 +222,18 @@ def _nnunet_images(root: Path) -> Path | None:
     return None
 
 
+def _is_first_channel(path: Path) -> bool:
+    match = NNUNET_FILE.match(path.name)
+    return bool(match) and match.group("channel") == "0000" and path.name[0] != "."
+
+
 def case_folders(root: str | Path) -> list[Path]:
     """The cases under `root`: the `_0000` files of an nnU-Net images folder (or of a dataset root's
     imagesTr), else `root` itself when it holds NIfTI files, else its sub-folders that do (sorted)."""
     root = Path(root)
     images = _nnunet_images(root)
     if images is not None:
-        return sorted(p for p in images.iterdir() if p.is_file() and NNUNET_FILE.match(p.name)
-                      and NNUNET_FILE.match(p.name).group("channel") == "0000")  # fmt: skip
+        return sorted(p for p in images.iterdir() if p.is_file() and _is_first_channel(p))
     if any(NIFTI.search(p.name) for p in root.iterdir() if p.is_file()):
         return [root]
     return sorted(p for p in root.iterdir() if p.is_dir() and any(NIFTI.search(q.name) for q in p.iterdir()))

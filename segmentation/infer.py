@@ -345,7 +345,7 @@ def load_ensemble(model_paths: Sequence[str | os.PathLike], device) -> list[Segm
     for other in segmenters[1:]:
         for what, a, b in (
             ("label scheme", first.labels, other.labels),
-            ("output channels", first.regions, other.regions),
+            ("output channels", _outputs(first), _outputs(other)),
             ("modality order", first.modalities, other.modalities),
             ("training crop (ROI)", first.roi, other.roi),
         ):
@@ -357,6 +357,14 @@ def load_ensemble(model_paths: Sequence[str | os.PathLike], device) -> list[Segm
             f"histo stacks {list(MODALITIES)}"
         )
     return segmenters
+
+
+def _outputs(segmenter: Segmenter) -> str:
+    """`regions head TC, WT, ET` or `labels head, 4 classes`: what a checkpoint's outputs mean."""
+    config = segmenter.model.config
+    if config["head"] == "regions":
+        return f"(regions head {', '.join(segmenter.regions)})"
+    return f"(labels head, {config['out_channels']} classes)"
 
 
 def _shown(value) -> str:

@@ -92,7 +92,9 @@ def test_evaluate_case_per_region(scheme, et):
 
 
 def test_report_csv_and_summary(tmp_path):
-    metrics = [{f"legacy_{m}_{r}": v for m in ("dice", "hd95") for r in ("TC", "WT", "ET")} for v in (1.0, 0.5)]
+    metrics = [
+        {f"legacy_{m}_{r}": v for m in ("dice", "hd95") for r in ("TC", "WT", "ET")} for v in (1.0, 0.5)
+    ]
     outcomes = [
         Outcome.done("a", "/d/a", **metrics[0]),
         Outcome.done("b", "/d/b", **metrics[1]),

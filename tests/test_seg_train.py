@@ -286,3 +286,48 @@ def test_short_training_segments_held_out_synthetic_cases(tmp_path):
         f"{time.time() - start:.0f} s"
     )
     assert wt >= 0.8
+
+
+def _case(case_id: str):
+    from segmentation.data import Case
+
+    return Case(case_id, {}, None, "2023")
+
+
+def test_folds_are_patient_level_seeded_and_cover_every_patient_once():
+    ids = [f"BraTS-GLI-{p:05d}-{t:03d}" for p in range(7) for t in range(2)] + ["other_case"]
+    cases = [_case(i) for i in ids]
+    held_out = []
+    for fold in range(3):
+        train, val = seg_train.fold_cases(cases, 3, fold, seed=4)
+        assert sorted(c.case_id for c in train + val) == sorted(ids)
+        patients = {seg_train.patient_id(c.case_id) for c in val}
+        assert not patients & {seg_train.patient_id(c.case_id) for c in train}  # timepoints stay together
+        held_out.append(patients)
+        assert seg_train.fold_cases(cases, 3, fold, seed=4) == (train, val)
+    assert set().union(*held_out) == {f"BraTS-GLI-{p:05d}" for p in range(7)} | {"other_case"}
+    assert sum(len(h) for h in held_out) == 8 and {len(h) for h in held_out} == {2, 3}
+    assert seg_train.patient_id("BraTS-MEN-RT-0012-1") == "BraTS-MEN-RT-0012"
+    for folds, fold in ((1, 0), (3, 3)):
+        with pytest.raises(HistoError, match="data.folds must be >= 2"):
+            seg_train.fold_cases(cases, folds, fold, seed=0)
+    with pytest.raises(HistoError, match="exceeds the 8 patients"):
+        seg_train.fold_cases(cases, 9, 0, seed=0)
+
+
+def test_fold_and_scheme_are_recorded_in_the_checkpoint(tiny_cases, tmp_path):
+    config = tiny_config(**{"data.folds": 3, "data.fold": 2, "train.epochs": 1, "train.samples_per_epoch": 2})
+    summary = train_segmenter(tiny_cases, tmp_path / "model.pt", config)
+    expected = seg_train.fold_cases(find_cases(tiny_cases), 3, 2, seed=int(config["seed"]))[1]
+    assert summary["val_cases"] == [c.case_id for c in expected] and summary["labels"] == "2021"
+    ckpt = checkpoint.load(tmp_path / "model.pt", "unet3d")
+    assert (
+        ckpt.extra["split"] == summary["split"]
+        and summary["split"]["folds"] == 3
+        and summary["split"]["fold"] == 2
+    )
+    assert ckpt.config["train_config"]["data"]["labels"] == "2021" and ckpt.config["task"]["regions"] == [
+        "TC",
+        "WT",
+        "ET",
+    ]
