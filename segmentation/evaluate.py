@@ -69,7 +69,7 @@ def score_region(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], ru
     else:
         legacy_hd95 = HD95_ONE_EMPTY if has_pred != has_ref else 0.0
     global_dice, global_hd95 = global_scores(pred, ref, distances)
-    lesions = match_lesions(pred, ref, spacing)
+    lesions = match_lesions(pred, ref, spacing, distances)
     lesion_dice, lesion_hd95 = lesionwise_means(lesions, rule)
     return {
         "legacy_dice": dice(pred, ref),

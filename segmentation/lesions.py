@@ -93,8 +93,14 @@ def match(ref_lab: np.ndarray, n_ref: int, pred_lab: np.ndarray, n_pred: int) ->
     return [(int(r) + 1, int(c) + 1) for r, c in zip(rows, cols, strict=True) if cost[r, c] < 1.0]
 
 
-def match_lesions(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> LesionMatch:
-    """Split both masks into lesions, match them and score every matched pair (Dice, pooled HD95)."""
+def match_lesions(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing: Sequence[float],
+    distances: tuple[np.ndarray, np.ndarray] | None = None,
+) -> LesionMatch:
+    """Split both masks into lesions, match them and score every matched pair (Dice, pooled HD95).
+    `distances`, the whole masks' surface distances, serve a region that is one lesion on each side."""
     box = bounding_box(pred | ref, pad=1)
     if box is None:
         return LesionMatch((), 0)
@@ -116,7 +122,10 @@ def match_lesions(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -
         r, p = ref_lab[window] == label, pred_lab[window] == other
         inter = int(np.count_nonzero(r & p))
         d = 2.0 * inter / (int(sizes[label]) + int(np.count_nonzero(p)))
-        lesions.append(Lesion(volume, d, pooled_hd95(*surface_distances(p, r, spacing))))
+        whole = distances is not None and n_ref == n_pred == 1  # the pair is the two whole masks
+        lesions.append(
+            Lesion(volume, d, pooled_hd95(*(distances if whole else surface_distances(p, r, spacing))))
+        )
     return LesionMatch(tuple(lesions), n_pred - len(pairs))
 
 

@@ -15,7 +15,6 @@ from torch import nn
 
 from histo.errors import HistoError, InputFileError
 from segmentation.data import find_case
-from segmentation.label_schemes import regions_to_labels
 from segmentation.infer import (
     load_model,
     predict_case,
@@ -24,6 +23,7 @@ from segmentation.infer import (
     region_probabilities,
     save_model,
 )
+from segmentation.label_schemes import regions_to_labels
 from segmentation.synthetic import make_cases
 from segmentation.unet import UNet3D
 
@@ -248,7 +248,7 @@ def test_checkpoint_task_sets_output_labels(tmp_path):
     assert record.status == "done" and record.detail["scheme"] == "gli"
     assert set(record.detail["voxels"]) == {"TC", "WT", "ET", "RC"}
     assert summary.extra["labels"] == "gli" and summary.extra["regions"] == ["TC", "WT", "ET", "RC"]
-    with pytest.raises(HistoError, match="scheme 2021 .* has channels"):
+    with pytest.raises(HistoError, match=r"scheme 2021 .* has channels"):
         predict_case(
             load_model(ckpt)[0],
             find_case(folder, labels="2021"),

@@ -10,8 +10,8 @@ import pytest
 from scipy import ndimage
 
 from histo.batch import Outcome
-from segmentation.label_schemes import labels_to_regions
 from segmentation.evaluate import evaluate_case, write_report
+from segmentation.label_schemes import labels_to_regions
 from segmentation.metrics import HD95_DEFINITION, HD95_ONE_EMPTY, dice, hd95
 
 

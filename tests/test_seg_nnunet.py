@@ -90,7 +90,7 @@ def test_bad_dataset_json_is_one_line(both, tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
     shutil.copy(root / "imagesTr" / "synth_000_0000.nii.gz", flat)
-    with pytest.raises(InputFileError, match="nnU-Net channel files .* but no dataset.json"):
+    with pytest.raises(InputFileError, match=r"nnU-Net channel files .* but no dataset\.json"):
         find_case(flat)
 
 

@@ -309,7 +309,7 @@ def test_folds_are_patient_level_seeded_and_cover_every_patient_once():
     assert sum(len(h) for h in held_out) == 8 and {len(h) for h in held_out} == {2, 3}
     assert seg_train.patient_id("BraTS-MEN-RT-0012-1") == "BraTS-MEN-RT-0012"
     for folds, fold in ((1, 0), (3, 3)):
-        with pytest.raises(HistoError, match="data.folds must be >= 2"):
+        with pytest.raises(HistoError, match=r"data\.folds must be >= 2"):
             seg_train.fold_cases(cases, folds, fold, seed=0)
     with pytest.raises(HistoError, match="exceeds the 8 patients"):
         seg_train.fold_cases(cases, 9, 0, seed=0)
