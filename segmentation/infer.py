@@ -92,6 +92,10 @@ def load_segmenter(ckpt_path: str | os.PathLike, device: torch.device | str = "c
     if labels is not None and labels not in SCHEMES:
         raise InputFileError(ckpt_path, f"records label scheme {labels!r}, which this histo does not know")
     regions = tuple(task.get("regions", REGIONS))
+    if model.config["head"] == "regions" and model.config["out_channels"] != len(regions):
+        raise InputFileError(
+            ckpt_path, f"has {model.config['out_channels']} output channels for the regions {list(regions)}"
+        )
     return Segmenter(
         model.to(device).eval(),
         dict(ckpt.config.get("train_config", {})),

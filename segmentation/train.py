@@ -151,6 +151,8 @@ def _split(cases: list[Case], held_out: set[str], groups: dict[str, list[int]]):
 def split_for(cases: list[Case], config: dict) -> tuple[list[Case], list[Case]]:
     """The split the config asks for: K patient-level folds (data.folds > 0) or data.val_fraction."""
     dc = config["data"]
+    if dc["fold"] and not dc["folds"]:
+        raise ConfigError(f"data.fold {dc['fold']} needs data.folds (--folds K)")
     if dc["folds"]:
         return fold_cases(cases, dc["folds"], dc["fold"], int(config["seed"]))
     return split_cases(cases, dc["val_fraction"], int(config["seed"]))
@@ -166,7 +168,7 @@ def _validate(
     from segmentation.infer import predict_volume
 
     with_hd95 = config["train"]["val_hd95"]
-    scheme = get_scheme(cases[0].scheme) if cases else get_scheme(config["data"]["labels"])
+    scheme = get_scheme(cases[0].scheme)  # the cases of a run share one scheme (_check_inputs)
     names, c = scheme.channels, len(scheme.channels)
     sums = torch.zeros(2 * c + 1, dtype=torch.float64)  # Dice per channel, HD95 per channel, cases
     model.eval()

@@ -313,6 +313,8 @@ def test_folds_are_patient_level_seeded_and_cover_every_patient_once():
             seg_train.fold_cases(cases, folds, fold, seed=0)
     with pytest.raises(HistoError, match="exceeds the 8 patients"):
         seg_train.fold_cases(cases, 9, 0, seed=0)
+    with pytest.raises(HistoError, match=r"data\.fold 1 needs data\.folds"):
+        seg_train.split_for(cases, {"seed": 0, "data": {"folds": 0, "fold": 1, "val_fraction": 0.2}})
 
 
 def test_fold_and_scheme_are_recorded_in_the_checkpoint(tiny_cases, tmp_path):

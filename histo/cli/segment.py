@@ -200,10 +200,11 @@ def table_lines(batch) -> list[str]:
     """The mean of every metric per region as a small table, with the scheme and the HD95 definitions."""
     labels, stats = batch.extra["labels"], batch.extra["metrics"]
     lines = [f"{batch.counts['done']} cases scored; labels {labels['scheme']} ({labels['description']})"]
-    lines.append("means   " + "".join(f"{head:>13s}" for head, _ in TABLE))
+    lines.append("means   " + "".join(f"{head:>13s}" for head, _ in TABLE) + "  lesions TP/FP/FN")
+    done = [o.detail for o in batch.outcomes if o.status == "done"]
     for region in labels["regions"]:
-        lines.append(
-            f"{region:8s}" + "".join(f"{stats[f'{key}_{region}']['mean']:13.4f}" for _, key in TABLE)
-        )
+        counts = "/".join(str(sum(d[f"lesions_{c}_{region}"] for d in done)) for c in ("tp", "fp", "fn"))
+        means = "".join(f"{stats[f'{key}_{region}']['mean']:13.4f}" for _, key in TABLE)
+        lines.append(f"{region:8s}{means}  {counts:>16s}")
     lines += [f"HD95 {name}: {text}" for name, text in batch.extra["hd95_definitions"].items()]
     return lines
