@@ -324,9 +324,8 @@ def predict_case(
     if settings["overlay_slices"] > 0:
         overlay = out_dir / f"{case.case_id}_overlay.png"
         overlay_png(overlay, image[3], masks, case.case_id, settings["overlay_slices"], regions)
-    write_labels(
-        out, regions_to_labels(masks, scheme), affine, header
-    )  # last: its presence marks the case done
+    # Last: the label map's presence marks the case done.
+    write_labels(out, regions_to_labels(masks, scheme), affine, header)
     voxels = {name: int(masks[i].sum()) for i, name in enumerate(regions)}
     return Outcome.done(
         case.case_id,
