@@ -28,8 +28,11 @@ from histo.config import (
     Seed,
     StageConfig,
 )
+from segmentation.label_schemes import SCHEMES
 
 EvenChannels = Annotated[int, Field(ge=2, multiple_of=2)]  # reversible blocks split channels in halves
+# A task of segmentation.label_schemes.SCHEMES, or "auto": detected from the case IDs and file names.
+Labels = Literal[("auto", *SCHEMES)]
 
 
 def roi_divisor(levels: int) -> int:
@@ -72,9 +75,22 @@ class CropAugment(Section):
 
 
 class SegmentData(Section):
+    labels: Labels
     roi: Roi
     val_fraction: Annotated[float, Field(ge=0, lt=1)]
+    folds: Count  # 0: hold out val_fraction; K >= 2: patient-level K-fold split
+    fold: Count
     augment: CropAugment
+
+    @model_validator(mode="after")
+    def _fold_in_folds(self) -> SegmentData:
+        if self.folds == 1:
+            raise KeyedError("folds", "needs 0 (no folds, val_fraction) or K >= 2 folds, got 1")
+        if self.folds and self.fold >= self.folds:
+            raise KeyedError("fold", f"must be below data.folds ({self.folds}), got {self.fold}")
+        if not self.folds and self.fold:
+            raise KeyedError("fold", f"{self.fold} needs data.folds (--folds K)")
+        return self
 
 
 class SegmentTrain(Section):
@@ -100,6 +116,7 @@ class InferConfig(Section):
     overlap: Overlap
     tta: bool
     threshold: OpenFraction
+    save_probabilities: bool
     overlay_slices: Count
 
     @model_validator(mode="after")

@@ -2,6 +2,11 @@
 cosine schedule, gradient accumulation, bf16 autocast on CUDA, validation Dice per region on whole volumes,
 atomic checkpoints every epoch with exact `--resume`, and torchrun/DDP (NCCL on GPUs, gloo on CPU).
 
+The label scheme (`data.labels`, or detected from the cases, recorded resolved in the checkpoint) sets the
+output channels: one per channel region of the scheme (regions head) or one per label value plus the
+background (labels head). `data.folds` K > 0 holds out fold `data.fold` of K patient-level folds for
+validation instead of `data.val_fraction`; the split is recorded in the checkpoint and the summary.
+
 Exact resume: every random draw of epoch e (crop plan, augmentation, dropout) derives from (seed, e, rank),
 so a run resumed after epoch e replays epochs e+1… exactly as an uninterrupted run would.
 """
@@ -23,8 +28,9 @@ from tqdm import tqdm
 from histo.errors import HistoError
 from segmentation.config import SegmentConfig
 from segmentation.data import Case, CropDataset, PlanSampler, epoch_plan, find_cases, load_case
-from segmentation.labels import REGIONS
+from segmentation.label_schemes import LabelScheme, get_scheme, paint_order
 from segmentation.metrics import dice, hd95
+from segmentation.splits import patient_id, split_for
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +52,15 @@ def output_paths(out_path: str | Path) -> dict[str, Path]:
     }
 
 
-def build_model(config: SegmentConfig) -> nn.Module:
-    """The UNet3D described by the `model` section (4 input modalities)."""
+def build_model(config: SegmentConfig, scheme: str | LabelScheme) -> nn.Module:
+    """The UNet3D described by the `model` section (4 input modalities) with the outputs of `scheme`: one
+    per channel region (regions head) or per class, background and each label value (labels head)."""
     from segmentation.unet import UNet3D
 
-    m = config.model
+    m, scheme = config.model, get_scheme(scheme)
     return UNet3D(
         in_channels=4,
-        out_channels=3 if m.head == "regions" else 4,
+        out_channels=len(scheme.channels) if m.head == "regions" else 1 + len(scheme.labels),
         channels=m.channels,
         blocks_per_level=m.blocks_per_level,
         expansion=m.expansion,
@@ -67,13 +74,15 @@ def build_model(config: SegmentConfig) -> nn.Module:
 
 class SegLoss(nn.Module):
     """Soft Dice + cross-entropy: per-region sigmoid Dice + BCE (regions head), or softmax Dice + CE over
-    the classes bg, NCR, ED, ET (labels head). Dice uses smooth_nr=0 so crops without tumour train by BCE."""
+    the scheme's classes (labels head). Dice uses smooth_nr=0 so crops without tumour train by BCE."""
 
-    def __init__(self, head: str) -> None:
+    def __init__(self, head: str, scheme: str | LabelScheme | None = None) -> None:
         super().__init__()
         from monai.losses import DiceCELoss, DiceLoss
 
-        self.head = head
+        if head == "labels" and scheme is None:
+            raise ValueError("a labels head needs the label scheme of its classes")
+        self.head, self.scheme = head, scheme
         if head == "regions":
             self.dice = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5)
         else:
@@ -84,21 +93,19 @@ class SegLoss(nn.Module):
             return self.dice(logits, regions) + nn.functional.binary_cross_entropy_with_logits(
                 logits, regions
             )
-        return self.dice_ce(logits, regions_to_classes(regions))
+        return self.dice_ce(logits, regions_to_classes(regions, self.scheme))
 
 
-def regions_to_classes(regions: torch.Tensor) -> torch.Tensor:
-    """(N, 3, …) nested [TC, WT, ET] masks -> (N, 1, …) classes 0 bg, 1 NCR, 2 ED, 3 ET."""
-    tc, wt, et = regions[:, 0:1], regions[:, 1:2], regions[:, 2:3]
-    return 2 * wt - tc + 2 * et
-
-
-def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
-    """Deterministic train/validation split by case (at least one of each when there are >= 2 cases)."""
-    order = np.random.default_rng(seed).permutation(len(cases))
-    n_val = min(max(round(val_fraction * len(cases)), 1 if val_fraction > 0 else 0), len(cases) - 1)
-    val = sorted(order[:n_val].tolist())
-    return [c for i, c in enumerate(cases) if i not in val], [cases[i] for i in val]
+def regions_to_classes(regions: torch.Tensor, scheme: str | LabelScheme) -> torch.Tensor:
+    """(N, C, …) channel masks -> (N, 1, …) class indices: 0 background, k the k-th label value of the
+    scheme in ascending order (2021: 1 NCR, 2 ED, 3 ET), painted outermost channel first."""
+    scheme = get_scheme(scheme)
+    classes = regions.new_zeros((regions.shape[0], 1, *regions.shape[2:]))
+    for index, value in paint_order(scheme):
+        classes = torch.where(
+            regions[:, index : index + 1] > 0.5, float(scheme.values.index(value) + 1), classes
+        )
+    return classes
 
 
 def _validate(
@@ -111,7 +118,9 @@ def _validate(
     from segmentation.infer import predict_volume
 
     with_hd95 = config.train.val_hd95
-    sums = torch.zeros(7, dtype=torch.float64)  # Dice TC/WT/ET, HD95 TC/WT/ET, cases
+    scheme = get_scheme(cases[0].scheme)  # the cases of a run share one scheme (_check_inputs)
+    names, c = scheme.channels, len(scheme.channels)
+    sums = torch.zeros(2 * c + 1, dtype=torch.float64)  # Dice per channel, HD95 per channel, cases
     model.eval()
     for case in cases[dist.rank :: dist.world_size]:
         item = cache.get(case.case_id) or load_case(case)
@@ -126,22 +135,23 @@ def _validate(
             device=device,
             brain_mask=brain,
             sw_batch_size=config.run.sw_batch_size,
+            scheme=scheme,
         )
         pred = prob >= config.infer.threshold
-        sums[:3] += torch.tensor([dice(pred[i], regions[i]) for i in range(3)], dtype=torch.float64)
+        sums[:c] += torch.tensor([dice(pred[i], regions[i]) for i in range(c)], dtype=torch.float64)
         if with_hd95:
             spacing = ras_spacing(affine)
-            sums[3:6] += torch.tensor(
-                [hd95(pred[i], regions[i], spacing) for i in range(3)], dtype=torch.float64
+            sums[c : 2 * c] += torch.tensor(
+                [hd95(pred[i], regions[i], spacing) for i in range(c)], dtype=torch.float64
             )
-        sums[6] += 1.0
+        sums[2 * c] += 1.0
     all_reduce_sum(sums)
     model.train()
-    n = max(sums[6].item(), 1.0)
-    out = {f"val_dice_{r}": sums[i].item() / n for i, r in enumerate(REGIONS)}
-    out["val_dice_mean"] = float(np.mean([out[f"val_dice_{r}"] for r in REGIONS]))
+    n = max(sums[2 * c].item(), 1.0)
+    out = {f"val_dice_{r}": sums[i].item() / n for i, r in enumerate(names)}
+    out["val_dice_mean"] = float(np.mean([out[f"val_dice_{r}"] for r in names]))
     if with_hd95:
-        out |= {f"val_hd95_{r}": sums[3 + i].item() / n for i, r in enumerate(REGIONS)}
+        out |= {f"val_hd95_{r}": sums[c + i].item() / n for i, r in enumerate(names)}
     return out
 
 
@@ -174,13 +184,20 @@ def _train(
     from histo.devices import barrier
     from histo.training import EarlyStopping, MetricsLog, check_same_config, cosine_warmup, seed_everything
 
+    cases, scheme = _check_inputs(data_dir, paths, config)
+    config = config.updated({"data.labels": scheme}, source=f"{data_dir} (detected label scheme)")
     tc, dc, resume = config.train, config.data, config.run.resume
     device, seed = dist.device, config.seed
-    cases = _check_inputs(data_dir, paths, resume)
-    train_cases, val_cases = split_cases(cases, dc.val_fraction, seed)
+    train_cases, val_cases = split_for(cases, config)
+    split = {
+        "folds": dc.folds,
+        "fold": dc.fold if dc.folds else None,
+        "val_patients": sorted({patient_id(c.case_id) for c in val_cases}),
+        "val_cases": [c.case_id for c in val_cases],
+    }
 
     seed_everything(seed)
-    model = build_model(config).to(device)
+    model = build_model(config, scheme).to(device)
     net = nn.parallel.DistributedDataParallel(model) if dist.distributed else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     samples = tc.samples_per_epoch or len(train_cases)
@@ -191,7 +208,7 @@ def _train(
     scheduler = cosine_warmup(
         optimizer, round(tc.warmup_epochs * steps_per_epoch), total_steps, tc.min_lr_ratio
     )
-    loss_fn = SegLoss(config.model.head)
+    loss_fn = SegLoss(config.model.head, scheme)
     early = EarlyStopping(patience=tc.patience, mode="max")
     log = MetricsLog(paths["csv"], paths["png"], x="epoch") if dist.is_main else None
     start = 0
@@ -239,7 +256,7 @@ def _train(
         improved = early.step(row["val_dice_mean"]) if "val_dice_mean" in row else not val_cases
         row["time_s"] = round(time.time() - t0, 2)
         if dist.is_main:
-            _save(paths, model, config, epoch, row, improved, optimizer, scheduler, early)
+            _save(paths, model, config, epoch, row, improved, optimizer, scheduler, early, split)
             log.log(row)
             logger.info(_epoch_line(row, improved))
         barrier()
@@ -251,25 +268,38 @@ def _train(
         "n_train": len(train_cases),
         "n_val": len(val_cases),
         "val_cases": [c.case_id for c in val_cases],
+        "labels": scheme,
+        "split": split,
         "world_size": dist.world_size,
         "rank": dist.rank,
         **{k: str(v) for k, v in paths.items()},
     }
 
 
-def _check_inputs(data_dir: Path, paths: dict[str, Path], resume: bool) -> list[Case]:
-    """Refuse clobbering a run or resuming nothing; -> the labelled cases under `data_dir`."""
+def _check_inputs(data_dir: Path, paths: dict[str, Path], config: SegmentConfig) -> tuple[list[Case], str]:
+    """Refuse clobbering a run or resuming nothing; -> (the labelled cases under `data_dir`, their one
+    label scheme: data.labels, or detected when it is `auto`)."""
+    resume = config.run.resume
     if paths["last"].exists() and not resume:
         raise HistoError(
             f"{paths['last']}: a training run exists here; pass --resume or choose another --out"
         )
     if resume and not paths["last"].exists():
         raise HistoError(f"{paths['last']}: nothing to resume (no last checkpoint)")
-    cases = find_cases(data_dir)
+    labels = config.data.labels
+    cases = find_cases(data_dir, labels=None if labels == "auto" else labels)
     unlabelled = [c.case_id for c in cases if c.seg is None]
     if unlabelled:
         raise HistoError(f"{data_dir}: cases without a label file (*_seg): {', '.join(unlabelled[:5])}")
-    return cases
+    schemes: dict[str, list[str]] = {}
+    for case in cases:
+        schemes.setdefault(case.scheme, []).append(case.case_id)
+    if len(schemes) > 1:
+        groups = "; ".join(f"{name}: {', '.join(ids[:3])}" for name, ids in schemes.items())
+        raise HistoError(
+            f"{data_dir}: cases were detected as different label schemes ({groups}); set --labels"
+        )
+    return cases, cases[0].scheme
 
 
 def _train_epoch(
@@ -307,7 +337,7 @@ def _train_epoch(
     return sums
 
 
-def _save(paths, model, config, epoch, row, improved, optimizer, scheduler, early) -> None:
+def _save(paths, model, config, epoch, row, improved, optimizer, scheduler, early, split) -> None:
     """Atomic checkpoints: the best model (when improved) and the full resumable state (always)."""
     from histo import checkpoint
     from segmentation.infer import save_model
@@ -318,6 +348,8 @@ def _save(paths, model, config, epoch, row, improved, optimizer, scheduler, earl
             paths["best"],
             model,
             recorded,
+            config.data.labels,
+            split=split,
             epoch=epoch,
             val={k: v for k, v in row.items() if k.startswith("val_")},
         )

@@ -18,14 +18,15 @@ import segmentation.train as seg_train
 from histo import checkpoint
 from histo.config import load_config
 from histo.devices import DistInfo
-from histo.errors import HistoError
+from histo.errors import ConfigError, HistoError
 from segmentation.config import SegmentConfig
 from segmentation.data import find_cases, load_case
 from segmentation.infer import load_model, predict_volume
-from segmentation.labels import labels_to_regions
+from segmentation.label_schemes import labels_to_regions
 from segmentation.metrics import dice
+from segmentation.splits import fold_cases, patient_id, split_cases
 from segmentation.synthetic import make_cases
-from segmentation.train import SegLoss, build_model, regions_to_classes, split_cases, train_segmenter
+from segmentation.train import SegLoss, build_model, regions_to_classes, train_segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,7 @@ def test_region_loss_is_soft_dice_plus_bce():
 def test_regions_to_classes_inverts_label_conversion():
     seg = np.random.default_rng(0).choice([0, 1, 2, 4], size=(6, 5, 4))
     regions = torch.from_numpy(labels_to_regions(seg, "2021")).float()[None]
-    classes = regions_to_classes(regions)[0, 0].numpy()
+    classes = regions_to_classes(regions, "2021")[0, 0].numpy()
     assert np.array_equal(classes, np.select([seg == 1, seg == 2, seg == 4], [1, 2, 3], 0))
 
 
@@ -96,7 +97,7 @@ def test_validation_loads_each_case_once_without_cache(tiny_cases, monkeypatch):
     loads: list[str] = []
     monkeypatch.setattr(seg_train, "load_case", lambda case: loads.append(case.case_id) or load_case(case))
     cache: dict = {}
-    out = seg_train._validate(build_model(config), cases, config, CPU.device, CPU, cache)
+    out = seg_train._validate(build_model(config, "2021"), cases, config, CPU.device, CPU, cache)
     assert sorted(loads) == sorted(c.case_id for c in cases) and not cache
     assert 0.0 <= out["val_dice_mean"] <= 1.0
 
@@ -107,7 +108,7 @@ def test_validation_hd95_is_the_mean_of_per_case_hd95_in_ras_spacing(tiny_cases)
     from segmentation.metrics import region_metrics
 
     config = tiny_config(**{"train.val_hd95": True})
-    cases, model = find_cases(tiny_cases)[:2], build_model(config)
+    cases, model = find_cases(tiny_cases)[:2], build_model(config, "2021")
     out = seg_train._validate(model, cases, config, CPU.device, CPU, {})
     plain = seg_train._validate(model, cases, tiny_config(), CPU.device, CPU, {})
     assert set(plain) < set(out) and all(out[k] == v for k, v in plain.items())
@@ -125,7 +126,7 @@ def test_epoch_losses_stay_on_the_device_and_sum_every_batch(monkeypatch):
     """No host sync per step: the epoch returns [loss sum, batches] without calling Tensor.item."""
     config = tiny_config(**{"train.accumulate": 2})
     torch.manual_seed(0)
-    model = build_model(config)
+    model = build_model(config, "2021")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     batches = [
@@ -290,3 +291,61 @@ def test_short_training_segments_held_out_synthetic_cases(tmp_path):
         f"{time.time() - start:.0f} s"
     )
     assert wt >= 0.8
+
+
+def _case(case_id: str):
+    from segmentation.data import Case
+
+    return Case(case_id, {}, None, "2023")
+
+
+def test_folds_are_patient_level_seeded_and_cover_every_patient_once():
+    ids = [f"BraTS-GLI-{p:05d}-{t:03d}" for p in range(7) for t in range(2)] + ["other_case"]
+    cases = [_case(i) for i in ids]
+    held_out = []
+    for fold in range(3):
+        train, val = fold_cases(cases, 3, fold, seed=4)
+        assert sorted(c.case_id for c in train + val) == sorted(ids)
+        patients = {patient_id(c.case_id) for c in val}
+        assert not patients & {patient_id(c.case_id) for c in train}  # timepoints stay together
+        held_out.append(patients)
+        assert fold_cases(cases, 3, fold, seed=4) == (train, val)
+    assert set().union(*held_out) == {f"BraTS-GLI-{p:05d}" for p in range(7)} | {"other_case"}
+    assert sum(len(h) for h in held_out) == 8 and {len(h) for h in held_out} == {2, 3}
+    assert patient_id("BraTS-MEN-RT-0012-1") == "BraTS-MEN-RT-0012"
+    for folds, fold in ((1, 0), (3, 3)):
+        with pytest.raises(HistoError, match=r"data\.folds must be >= 2"):
+            fold_cases(cases, folds, fold, seed=0)
+    with pytest.raises(HistoError, match="exceeds the 8 patients"):
+        fold_cases(cases, 9, 0, seed=0)
+
+
+def test_the_config_refuses_a_fold_outside_its_folds_and_an_unknown_scheme():
+    refused = {
+        r"data\.fold: 1 needs data\.folds \(--folds K\)": {"data.fold": 1},
+        r"data\.folds: needs 0 \(no folds, val_fraction\) or K >= 2 folds, got 1": {"data.folds": 1},
+        r"data\.fold: must be below data\.folds \(3\), got 3": {"data.folds": 3, "data.fold": 3},
+        r"data\.labels: input should be 'auto', '2021', '2023', 'gli'": {"data.labels": "brats"},
+    }
+    for reason, keys in refused.items():
+        with pytest.raises(ConfigError, match=reason):
+            tiny_config(**keys)
+    assert tiny_config(**{"data.folds": 3, "data.fold": 2}).data.fold == 2
+
+
+def test_fold_and_scheme_are_recorded_in_the_checkpoint(tiny_cases, tmp_path):
+    config = tiny_config(**{"data.folds": 3, "data.fold": 2, "train.epochs": 1, "train.samples_per_epoch": 2})
+    summary = train_segmenter(tiny_cases, tmp_path / "model.pt", config)
+    expected = fold_cases(find_cases(tiny_cases), 3, 2, seed=config.seed)[1]
+    assert summary["val_cases"] == [c.case_id for c in expected] and summary["labels"] == "2021"
+    ckpt = checkpoint.load(tmp_path / "model.pt", "unet3d")
+    assert (
+        ckpt.extra["split"] == summary["split"]
+        and summary["split"]["folds"] == 3
+        and summary["split"]["fold"] == 2
+    )
+    assert ckpt.config["train_config"]["data"]["labels"] == "2021" and ckpt.config["task"]["regions"] == [
+        "TC",
+        "WT",
+        "ET",
+    ]
