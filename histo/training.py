@@ -5,7 +5,9 @@ the rest for every task: AdamW with a warm-up cosine schedule, gradient accumula
 stepping batch), gradient clipping, bf16 autocast and channels-last on CUDA, torchrun DDP with BN statistics
 averaged over ranks, validation every `val_every` epochs, early stopping on the task's monitored metric, a
 stop after `stop_after` epochs, the metrics CSV and curve PNG, atomic checkpoints (`histo.checkpoint`), a
-refusal of non-finite training, and exact resume. Checkpoints are written and read by `histo.checkpoint`.
+refusal of non-finite training, and re-runs that resume exactly but never overwrite another run by accident.
+Exact resume: each epoch reseeds the global generators from (seed, epoch, rank), and the training state holds
+weights, optimizer, scheduler, early stopping and the generators' state.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from histo.errors import HistoError
+from histo.errors import ConfigError, HistoError
 from histo.io import atomic_write_text
 from histo.training_config import LoopOptions
 
@@ -347,8 +349,6 @@ class Run:
         A training state at STEM.last.pt is resumed when its recorded config matches (a finished run then
         does nothing) and refused otherwise; `overwrite` starts over instead; `resume` requires the state.
         """
-        from histo.errors import ConfigError
-
         last, best = self.paths["last"], self.paths["best"]
         if resume and overwrite:
             raise ConfigError("run.resume and run.overwrite exclude each other (--resume, --overwrite)")
@@ -393,10 +393,10 @@ class Run:
         self.optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
         self.stopper.load_state_dict(extra["early_stopping"])
-        if "rng" in extra:  # states of histo 0.1 segment runs hold none (their epochs were seeded)
+        if "rng" in extra:  # U-Net states written before this loop hold none (their epochs were seeded)
             set_rng_state(extra["rng"])
         self.epoch = int(extra["epoch"])
-        self.best_epoch = extra.get("best_epoch")  # None for a state that did not record it
+        self.best_epoch = extra.get("best_epoch")  # None where an older U-Net state did not record it
         done = self.epoch >= t.options.epochs or self.stopper.should_stop
         self.finished = bool(extra.get("finished", done))
         what = "finished; nothing to train" if self.finished else "resuming"
