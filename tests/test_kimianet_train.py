@@ -370,6 +370,21 @@ def test_cli_train_json_and_bad_init(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["classes"] == ["class0", "class1"] and Path(summary["curve_png"]).is_file()
+    rerun = [
+        *common,
+        "--out",
+        str(tmp_path / "m.pt"),
+        "--arch",
+        "cbr-tiny",
+        "--variant",
+        "scratch",
+        "--lr",
+        "0.5",
+    ]
+    result = CliRunner().invoke(main, rerun)
+    assert result.exit_code == 2 and "another config is here (optim.lr: 0.0001 -> 0.5)" in result.output
+    result = CliRunner().invoke(main, [*rerun, "--overwrite", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["epochs_run"] == 1
     other = random_init_checkpoint(tmp_path / "cbr.pt", arch="cbr-small")
     result = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "d.pt"), "--init", str(other)])
     assert result.exit_code == 2
