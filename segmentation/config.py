@@ -20,7 +20,6 @@ from histo.config import (
     NormName,
     OpenFraction,
     Overlap,
-    Positive,
     PositiveInt,
     Roi,
     RunOptions,
@@ -28,6 +27,7 @@ from histo.config import (
     Seed,
     StageConfig,
 )
+from histo.training_config import LoopOptions
 
 EvenChannels = Annotated[int, Field(ge=2, multiple_of=2)]  # reversible blocks split channels in halves
 
@@ -77,20 +77,15 @@ class SegmentData(Section):
     augment: CropAugment
 
 
-class SegmentTrain(Section):
-    epochs: PositiveInt
+SegMonitor = Literal["val_dice_mean", "val_dice_TC", "val_dice_WT", "val_dice_ET"]
+
+
+class SegmentTrain(LoopOptions):
+    """The loop options of `segment train` (`batch_size` is the global batch, split over processes)."""
+
     samples_per_epoch: Count
-    batch_size: PositiveInt
-    accumulate: PositiveInt
-    lr: Positive
-    weight_decay: NonNegative
-    warmup_epochs: NonNegative
-    min_lr_ratio: Fraction
-    grad_clip: NonNegative
-    amp: bool
-    val_every: PositiveInt
     val_hd95: bool
-    patience: Count
+    monitor: SegMonitor
 
 
 class InferConfig(Section):
@@ -118,6 +113,7 @@ class SegmentEvalConfig(Section):
 class SegmentRun(RunOptions):
     device: Device
     resume: bool
+    overwrite: bool
     workers: Count
     cache: bool
     sw_batch_size: PositiveInt

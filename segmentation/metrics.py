@@ -24,7 +24,7 @@ from histo.errors import InputFileError
 from histo.io import atomic_write_json, atomic_write_text
 from segmentation.config import SegmentConfig
 from segmentation.data import Case, read_nifti, spacing_of
-from segmentation.labels import REGIONS, labels_to_regions
+from segmentation.labels import REGIONS, labels_to_regions, regions_to_labels
 
 HD95_DEFINITION = (
     "max of the two directed 95th percentiles of surface-voxel distances in mm "
@@ -91,6 +91,18 @@ def region_metrics(
         if with_hd95:
             out[f"hd95_{name}"] = hd95(pred[i], ref[i], spacing)
     return out
+
+
+def label_map_metrics(
+    pred: np.ndarray, ref: np.ndarray, scheme: str, spacing: Sequence[float], with_hd95: bool = True
+) -> dict[str, float]:
+    """Metrics of thresholded (3, …) [TC, WT, ET] channels as `segment eval` scores them: through the label
+    map `segment predict` writes (`regions_to_labels`, then `labels_to_regions`), so ET ⊂ TC ⊂ WT.
+
+    Validation during training and the robustness study score through here, so their Dice is the number
+    `segment eval` reports for the same prediction (raw sigmoid channels need not nest)."""
+    nested = labels_to_regions(regions_to_labels(pred, scheme), scheme)
+    return region_metrics(nested, ref, spacing, with_hd95)
 
 
 METRIC_KEYS = [f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS]

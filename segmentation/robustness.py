@@ -75,7 +75,7 @@ def make_evaluate(model: Any, cases: Cases, settings: SegmentRobustness, device:
     """evaluate(corrupt) for `histo.robustness.run_grid`: mean Dice / HD95 per region over the cases."""
     from segmentation.data import preprocess
     from segmentation.infer import predict_volume
-    from segmentation.metrics import region_metrics
+    from segmentation.metrics import label_map_metrics
 
     def evaluate(corrupt) -> dict[str, float]:
         per_case = []
@@ -90,7 +90,8 @@ def make_evaluate(model: Any, cases: Cases, settings: SegmentRobustness, device:
                 device=device,
                 brain_mask=brain,
             )
-            per_case.append(region_metrics(prob >= settings.threshold, regions, spacing))
+            scheme = cases.cases[i].scheme  # scored on the label map, as `segment eval` scores it
+            per_case.append(label_map_metrics(prob >= settings.threshold, regions, scheme, spacing))
         out = {k: float(np.mean([m[k] for m in per_case])) for k in per_case[0]}
         out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGIONS]))
         return out

@@ -37,12 +37,30 @@ def segment() -> None:
 @click.option("--epochs", type=int, default=None, help="Number of epochs.")
 @device_option
 @click.option(
-    "--resume", is_flag=True, default=None, help="Continue the run whose <out>.last.pt exists (same config)."
+    "--resume", is_flag=True, default=None, help="Continue the run whose <stem>.last.pt exists (same config)."
 )
+@click.option("--overwrite", is_flag=True, default=None, help="Start over, replacing the run at --out.")
 @config_option
 @json_option
-def train(data_dir, out_path, norm, reversible, roi, channels, epochs, device, resume, config_path, as_json):
-    """Train a UNet3D on BraTS case folders (runs under torchrun for DDP)."""
+def train(
+    data_dir,
+    out_path,
+    norm,
+    reversible,
+    roi,
+    channels,
+    epochs,
+    device,
+    resume,
+    overwrite,
+    config_path,
+    as_json,
+):
+    """Train a UNet3D on BraTS case folders (runs under torchrun for DDP).
+
+    Writes OUT = STEM.pt (best model), STEM.last.pt (training state), STEM.metrics.csv and STEM.curves.png.
+    A re-run with the same config resumes (a finished run does nothing); another config is refused unless
+    --overwrite."""
     from segmentation.config import SegmentConfig
     from segmentation.train import train_segmenter
 
@@ -54,6 +72,7 @@ def train(data_dir, out_path, norm, reversible, roi, channels, epochs, device, r
         "epochs": "train.epochs",
         "device": "run.device",
         "resume": "run.resume",
+        "overwrite": "run.overwrite",
     }
     config = stage_config(SegmentConfig, config_path, keys)
     summary = train_segmenter(data_dir, out_path, config)
@@ -62,12 +81,11 @@ def train(data_dir, out_path, norm, reversible, roi, channels, epochs, device, r
     if as_json:
         emit_json(summary)
     else:
-        best = summary["best_val_dice_mean"]
+        monitor = summary["monitor"]
+        best = summary[f"best_{monitor}"]
         best_text = "n/a (no validation cases)" if best is None else f"{best:.4f}"
-        click.echo(
-            f"trained {summary['epochs_done']}/{summary['epochs']} epochs; best mean val Dice {best_text}"
-        )
-        click.echo(f"best checkpoint: {summary['best']}; metrics: {summary['csv']}")
+        click.echo(f"trained {summary['epochs_run']}/{summary['epochs']} epochs; best {monitor} {best_text}")
+        click.echo(f"best checkpoint: {summary['out']}; metrics: {summary['metrics_csv']}")
 
 
 @segment.command("predict")
