@@ -26,6 +26,7 @@ from histo.config import (
     Seed,
     StageConfig,
 )
+from histo.training_config import LoopOptions
 
 # ---- histo tile ---------------------------------------------------------------------------------
 
@@ -156,24 +157,16 @@ class AugmentConfig(Section):
         return self
 
 
-class OptimConfig(Section):
-    epochs: PositiveInt
-    batch_size: PositiveInt
-    accumulate: PositiveInt
-    lr: Positive
-    weight_decay: NonNegative
-    warmup_epochs: NonNegative
-    min_lr_ratio: Fraction
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
-    patience: Count
+class OptimConfig(LoopOptions):
+    """The loop options of `histo train` (`batch_size` is the global batch, split over processes)."""
+
     monitor: Monitor
-    amp: bool
-    channels_last: bool
 
 
 class TrainRun(RunOptions):
     device: Device
     resume: bool
+    overwrite: bool
     workers: Count
 
 

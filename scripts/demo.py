@@ -174,7 +174,7 @@ def report(
     for q in search["queries"]:
         top = ", ".join(f"{r['slide_id']} ({r['label']}, {r['distance']:.3g})" for r in q["results"])
         print(f"  {Path(q['query']).name}: predicted {q['prediction']} <- {top}")
-    print(f"U-Net training curve: {out / 'unet.metrics.png'}")
+    print(f"U-Net training curve: {out / 'unet.curves.png'}")
     print(
         "Segmentation on held-out synthetic cases (means; legacy: BraTS 2018-2021, lesion-wise: BraTS 2023+):"
     )

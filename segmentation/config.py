@@ -20,7 +20,6 @@ from histo.config import (
     NormName,
     OpenFraction,
     Overlap,
-    Positive,
     PositiveInt,
     Roi,
     RunOptions,
@@ -28,6 +27,7 @@ from histo.config import (
     Seed,
     StageConfig,
 )
+from histo.training_config import LoopOptions
 from segmentation.label_schemes import SCHEMES
 
 EvenChannels = Annotated[int, Field(ge=2, multiple_of=2)]  # reversible blocks split channels in halves
@@ -93,20 +93,17 @@ class SegmentData(Section):
         return self
 
 
-class SegmentTrain(Section):
-    epochs: PositiveInt
+# The mean validation Dice, or the Dice of one channel region of any scheme (train checks it is the task's).
+_CHANNELS = dict.fromkeys(c for s in SCHEMES.values() for c in s.channels)  # TC, WT, ET, RC, CC, GTV
+SegMonitor = Literal[("val_dice_mean", *(f"val_dice_{c}" for c in _CHANNELS))]
+
+
+class SegmentTrain(LoopOptions):
+    """The loop options of `segment train` (`batch_size` is the global batch, split over processes)."""
+
     samples_per_epoch: Count
-    batch_size: PositiveInt
-    accumulate: PositiveInt
-    lr: Positive
-    weight_decay: NonNegative
-    warmup_epochs: NonNegative
-    min_lr_ratio: Fraction
-    grad_clip: NonNegative
-    amp: bool
-    val_every: PositiveInt
     val_hd95: bool
-    patience: Count
+    monitor: SegMonitor
 
 
 class InferConfig(Section):
@@ -135,6 +132,7 @@ class SegmentEvalConfig(Section):
 class SegmentRun(RunOptions):
     device: Device
     resume: bool
+    overwrite: bool
     workers: Count
     cache: bool
     sw_batch_size: PositiveInt

@@ -41,13 +41,9 @@ log = logging.getLogger(__name__)
 KIND = "unet3d"  # histo.checkpoint kind of a trained segmentation model
 
 
-def save_model(
-    path: str | os.PathLike, model: nn.Module, train_config: dict, labels: str | None = None, **extra
-) -> None:
-    """Atomically write a `unet3d` checkpoint: weights, the network's arguments, its training config and,
-    with `labels`, its task (label scheme, output channel regions, input modality order)."""
-    from histo import checkpoint
-
+def model_config(model: nn.Module, train_config: dict, labels: str | None = None) -> dict:
+    """The `config` of a `unet3d` checkpoint: the network's arguments, its training config and, with
+    `labels`, its task (label scheme, output channel regions, input modality order)."""
     config = {"network": model.config, "train_config": train_config}
     if labels is not None:
         scheme = get_scheme(labels)
@@ -56,6 +52,16 @@ def save_model(
             "regions": list(scheme.channels),
             "modalities": list(MODALITIES),
         }
+    return config
+
+
+def save_model(
+    path: str | os.PathLike, model: nn.Module, train_config: dict, labels: str | None = None, **extra
+) -> None:
+    """Atomically write a `unet3d` checkpoint (weights and `model_config`)."""
+    from histo import checkpoint
+
+    config = model_config(model, train_config, labels)
     checkpoint.save(path, KIND, checkpoint.KINDS[KIND].version, model.state_dict(), config, **extra)
 
 

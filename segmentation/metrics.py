@@ -119,3 +119,18 @@ def region_metrics(
         if with_hd95:
             out[f"hd95_{name}"] = hd95(pred[i], ref[i], spacing)
     return out
+
+
+def label_map_metrics(
+    pred: np.ndarray, ref: np.ndarray, scheme: str, spacing: Sequence[float], with_hd95: bool = True
+) -> dict[str, float]:
+    """Metrics of thresholded (C, …) channels of the scheme's regions as `segment eval` scores them: through
+    the label map `segment predict` writes (`regions_to_labels`, then `labels_to_regions`), so the channels
+    nest (ET ⊂ TC ⊂ WT).
+
+    Validation during training and the robustness study score through here, so their Dice is the number
+    `segment eval` reports for the same prediction (raw sigmoid channels need not nest)."""
+    from segmentation.label_schemes import get_scheme, labels_to_regions, regions_to_labels
+
+    nested = labels_to_regions(regions_to_labels(pred, scheme), scheme)
+    return region_metrics(nested, ref, spacing, get_scheme(scheme).channels, with_hd95)

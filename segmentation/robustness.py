@@ -117,7 +117,7 @@ def make_evaluate(model: Any, cases: Cases, settings: SegmentRobustness, device:
     cases (`scheme` maps a labels head's classes to the regions)."""
     from segmentation.data import preprocess
     from segmentation.infer import predict_volume
-    from segmentation.metrics import region_metrics
+    from segmentation.metrics import label_map_metrics
 
     def evaluate(corrupt) -> dict[str, float]:
         per_case = []
@@ -133,7 +133,8 @@ def make_evaluate(model: Any, cases: Cases, settings: SegmentRobustness, device:
                 brain_mask=brain,
                 scheme=scheme,
             )
-            per_case.append(region_metrics(prob >= settings.threshold, regions, spacing, cases.regions))
+            mask = prob >= settings.threshold  # scored on the label map, as `segment eval` scores it
+            per_case.append(label_map_metrics(mask, regions, cases.cases[i].scheme, spacing))
         out = {k: float(np.mean([m[k] for m in per_case])) for k in per_case[0]}
         out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in cases.regions]))
         return out

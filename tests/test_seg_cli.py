@@ -48,13 +48,13 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 
 def test_train_writes_checkpoints_and_metrics(trained):
     summary = trained["summary"]
-    assert summary["epochs_done"] == 1 and summary["n_train"] == 2 and summary["n_val"] == 1
+    assert summary["epochs_run"] == 1 and summary["n_train"] == 2 and summary["n_val"] == 1
     config = checkpoint.load(trained["model"], "unet3d").config
     network, train_config = config["network"], config["train_config"]
     assert network["norm"] == "rn_b" and network["reversible"] is False
     assert network["channels"] == [4, 8] and train_config["data"]["roi"] == [16, 16, 16]
-    assert Path(summary["last"]).is_file() and Path(summary["png"]).is_file()
-    with open(summary["csv"]) as f:
+    assert Path(summary["last_state"]).is_file() and Path(summary["curve_png"]).is_file()
+    with open(summary["metrics_csv"]) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and 0.0 <= float(rows[0]["val_dice_WT"]) <= 1.0
 
@@ -125,7 +125,8 @@ def test_one_line_errors(trained, tmp_path):
 
     args = ["segment", "train", "--data", str(trained["data"]), "--out", str(trained["model"])]
     result = runner.invoke(main, [*args, "--config", str(trained["config"])])
-    assert result.exit_code == 2 and "pass --resume" in result.output
+    assert result.exit_code == 2 and "a run with another config is here (data.roi:" in result.output
+    assert "pass --overwrite to start over" in result.output and len(result.output.strip().splitlines()) == 1
 
     result = runner.invoke(
         main, ["segment", "train", "--data", str(trained["data"]), "--out", "x.pt", "--roi", "16,16"]

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from histo.cli.options import (
-    choices,
     config_option,
     device_option,
     json_option,
@@ -16,7 +15,7 @@ from histo.cli.options import (
     stage_config,
 )
 from histo.cli.outcomes import failure_lines, finish
-from search.config import IndexType
+from search.kinds import kind_names
 
 KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.device"}
 
@@ -29,7 +28,12 @@ KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.dev
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Index directory (created/resumed)."
 )
-@click.option("--type", "index_type", default=None, help=f"Float index type: {choices(IndexType)}.")
+@click.option(
+    "--type",
+    "index_type",
+    default=None,
+    help=f"Float index type: {' | '.join(kind_names())} (search/kinds.py).",
+)
 @click.option("--batch-size", type=int, default=None, help="Tiles per forward pass.")
 @click.option("--evaluate", "evaluate", is_flag=True, help="Leave-one-patient-out evaluation after building.")
 @device_option

@@ -48,15 +48,20 @@ def segment() -> None:
 @click.option("--fold", type=int, default=None, help="The validation fold of --folds, 0..K-1 (data.fold).")
 @device_option
 @click.option(
-    "--resume", is_flag=True, default=None, help="Continue the run whose <out>.last.pt exists (same config)."
+    "--resume", is_flag=True, default=None, help="Continue the run whose <stem>.last.pt exists (same config)."
 )
+@click.option("--overwrite", is_flag=True, default=None, help="Start over, replacing the run at --out.")
 @config_option
 @json_option
 def train(
-    data_dir, out_path, norm, reversible, roi, channels, epochs, labels, folds, fold, device, resume, config_path,
-    as_json,
+    data_dir, out_path, norm, reversible, roi, channels, epochs, labels, folds, fold, device, resume, overwrite,
+    config_path, as_json,
 ):  # fmt: skip
-    """Train a UNet3D on BraTS case folders (runs under torchrun for DDP)."""
+    """Train a UNet3D on BraTS case folders (runs under torchrun for DDP).
+
+    Writes OUT = STEM.pt (best model), STEM.last.pt (training state), STEM.metrics.csv and STEM.curves.png.
+    A re-run with the same config resumes (a finished run does nothing); another config is refused unless
+    --overwrite."""
     from segmentation.config import SegmentConfig
     from segmentation.train import train_segmenter
 
@@ -71,6 +76,7 @@ def train(
         "fold": "data.fold",
         "device": "run.device",
         "resume": "run.resume",
+        "overwrite": "run.overwrite",
     }
     config = stage_config(SegmentConfig, config_path, keys)
     summary = train_segmenter(data_dir, out_path, config)
@@ -79,17 +85,16 @@ def train(
     if as_json:
         emit_json(summary)
     else:
-        best = summary["best_val_dice_mean"]
+        monitor = summary["monitor"]
+        best = summary[f"best_{monitor}"]
         best_text = "n/a (no validation cases)" if best is None else f"{best:.4f}"
-        click.echo(
-            f"trained {summary['epochs_done']}/{summary['epochs']} epochs; best mean val Dice {best_text}"
-        )
+        click.echo(f"trained {summary['epochs_run']}/{summary['epochs']} epochs; best {monitor} {best_text}")
         split = summary["split"]
         held_out = f"fold {split['fold']} of {split['folds']}" if split["folds"] else "val_fraction"
         click.echo(
             f"labels {summary['labels']}; validation: {held_out}, {len(split['val_patients'])} patients"
         )
-        click.echo(f"best checkpoint: {summary['best']}; metrics: {summary['csv']}")
+        click.echo(f"best checkpoint: {summary['out']}; metrics: {summary['metrics_csv']}")
 
 
 @segment.command("predict")
