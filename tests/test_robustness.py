@@ -401,3 +401,44 @@ def test_ras_spacing_follows_the_axis_permutation() -> None:
     # voxel axis 0 runs S-I (3 mm), axis 1 L-R (1 mm), axis 2 A-P (2 mm)
     affine = np.array([[0, 1.0, 0, 0], [0, 0, -2.0, 0], [-3.0, 0, 0, 0], [0, 0, 0, 1]])
     assert ras_spacing(affine) == (1.0, 2.0, 3.0)
+
+
+def test_segment_study_scores_the_regions_of_the_models_scheme(tmp_path) -> None:
+    """A post-treatment glioma model (TC, WT, ET, RC) is scored on its four regions, cases read in its scheme;
+    a study mixing it with a three-region model, or cases of another task, is refused in one line."""
+    from segmentation.infer import save_model
+    from segmentation.robustness import evaluate_segmentation
+    from segmentation.synthetic import make_cases
+    from segmentation.unet import UNet3D
+
+    (case,) = make_cases(tmp_path / "data", 1, shape=(32, 32, 32), seed=0, scheme="2023")
+    torch.manual_seed(0)
+    gli = UNet3D(channels=(4, 8), blocks_per_level=1, out_channels=4)
+    save_model(tmp_path / "gli.pt", gli, {}, labels="gli")
+    save_model(tmp_path / "plain.pt", UNet3D(channels=(4, 8), blocks_per_level=1), {})
+    config = {
+        "corruptions": "bias_field",
+        "severities": "1",
+        "segment": {"roi": [32, 32, 32]},
+        "run": {"device": "cpu"},
+    }
+    summary = evaluate_segmentation(
+        tmp_path / "gli.pt", tmp_path / "data", tmp_path / "out", config, progress=False
+    )
+    assert summary.extra["labels"] == "gli" and summary.extra["regions"] == ["TC", "WT", "ET", "RC"]
+    rows = {(r["corruption"], r["metric"]): r["value"] for r in read_rows(tmp_path / "out" / "results.csv")}
+    regions = ("TC", "WT", "ET", "RC")
+    assert {m for _, m in rows} == {"dice_mean", *(f"{k}_{r}" for k in ("dice", "hd95") for r in regions)}
+    for corruption in {c for c, _ in rows}:
+        mean = np.mean([rows[corruption, f"dice_{r}"] for r in regions])
+        assert rows[corruption, "dice_mean"] == pytest.approx(mean)
+    with pytest.raises(HistoError, match=r"plain\.pt: predicts \['TC', 'WT', 'ET'\].*one task per study"):
+        evaluate_segmentation(
+            tmp_path / "gli.pt", tmp_path / "data", tmp_path / "x", config, reference=tmp_path / "plain.pt"
+        )
+    case.rename(case.with_name("BraTS-PED-00001-000"))  # detected as paediatric (TC, WT, ET, CC)
+    with pytest.raises(
+        HistoError, match=r"predicts \['TC', 'WT', 'ET'\], but cases BraTS-PED-00001-000 \(ped"
+    ):
+        evaluate_segmentation(tmp_path / "plain.pt", tmp_path / "data", tmp_path / "y", config)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

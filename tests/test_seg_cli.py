@@ -88,8 +88,8 @@ def test_predict_then_eval(trained, tmp_path):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["counts"]["done"] == 3 and "MONAI" in summary["hd95_definition"]
-    assert 0.0 <= summary["metrics"]["dice_WT"]["mean"] <= 1.0
+    assert summary["counts"]["done"] == 3 and "MONAI" in summary["hd95_definitions"]["legacy"]
+    assert 0.0 <= summary["metrics"]["legacy_dice_WT"]["mean"] <= 1.0
     with open(out / "metrics.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
 
@@ -194,9 +194,32 @@ def test_eval_config_can_turn_hd95_off(trained, tmp_path):
     evaluate = ["segment", "eval", "--pred", str(pred), "--data", str(case.parent), "--json"]
     result = CliRunner().invoke(main, [*evaluate, "--out", str(tmp_path / "a"), "--config", str(config)])
     dice_only = json.loads(result.stdout)
-    assert set(dice_only["metrics"]) == {"dice_TC", "dice_WT", "dice_ET"}
+    regions = ("ET", "TC", "WT")
+    counts = {f"lesions_{c}_{r}" for c in ("tp", "fp", "fn") for r in regions}
+    dice_keys = {f"{kind}_dice_{r}" for kind in ("legacy", "global", "lesionwise") for r in regions}
+    assert set(dice_only["metrics"]) == dice_keys | counts
     assert "hd95" not in (tmp_path / "a" / "metrics.csv").read_text().splitlines()[0]
     result = CliRunner().invoke(main, [*evaluate, "--out", str(tmp_path / "b")])  # default: HD95 too
     full = json.loads(result.stdout)
-    assert {"hd95_TC", "hd95_WT", "hd95_ET"} < set(full["metrics"])
+    hd95_keys = {f"{kind}_hd95_{r}" for kind in ("legacy", "global", "lesionwise") for r in regions}
+    assert set(full["metrics"]) == dice_keys | counts | hd95_keys
     assert all(full["metrics"][k] == v for k, v in dice_only["metrics"].items())
+    result = CliRunner().invoke(
+        main, [*evaluate, "--out", str(tmp_path / "c"), "--no-hd95", "--workers", "2"]
+    )
+    assert json.loads(result.stdout)["metrics"] == dice_only["metrics"]  # the flag as the file; workers alike
+
+
+def test_scheme_and_fold_flags_are_checked_by_the_config(trained, tmp_path):
+    runner = CliRunner()
+    train = ["segment", "train", "--data", str(trained["data"]), "--out", str(tmp_path / "m.pt")]
+    result = runner.invoke(main, [*train, "--folds", "3", "--fold", "3"])
+    assert result.exit_code == 2 and result.output.startswith(
+        "error: --fold: data.fold: must be below data.folds (3), got 3"
+    )
+    result = runner.invoke(main, [*train, "--labels", "brats2099"])
+    assert result.exit_code == 2 and result.output.startswith("error: --labels: data.labels: input should be")
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "m.pt").exists()
+    evaluate = ["segment", "eval", "--pred", str(tmp_path), "--data", str(trained["data"])]
+    result = runner.invoke(main, [*evaluate, "--workers", "-1"])
+    assert result.exit_code == 2 and result.output.startswith("error: --workers: run.workers:")
