@@ -3,7 +3,8 @@
 Each case is loaded as acquired (`segmentation.data.load_raw`), corrupted, preprocessed exactly as in
 training (`segmentation.data.preprocess`), segmented by sliding-window inference and scored with the BraTS
 conventions of `segmentation.metrics`. For the ImageNet-C metrics the error of a region is 1 - Dice (HD95
-is reported, lower is better).
+is reported, lower is better). This module supplies the cases, the model loader and the evaluator; the
+study (grid, resume, metrics, plots) is `histo.robustness.study`'s.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import numpy as np
 
 from histo.batch import BatchSummary
 from histo.errors import HistoError
-from histo.io import atomic_write_json, file_sha256
-from histo.robustness import ModelRun, plan_runs, run_study, select_corruptions
+from histo.io import file_sha256
+from histo.robustness.grid import select_corruptions
+from histo.robustness.study import Model, Study, run_study
 from histo.robustness_config import RobustnessConfig, SegmentRobustness
 
 REGIONS = ("TC", "WT", "ET")
@@ -72,7 +74,7 @@ class Cases:
 
 
 def make_evaluate(model: Any, cases: Cases, settings: SegmentRobustness, device: Any):
-    """evaluate(corrupt) for `histo.robustness.run_grid`: mean Dice / HD95 per region over the cases."""
+    """evaluate(corrupt) for `histo.robustness.grid`: mean Dice / HD95 per region over the cases."""
     from segmentation.data import preprocess
     from segmentation.infer import predict_volume
     from segmentation.metrics import label_map_metrics
@@ -99,6 +101,17 @@ def make_evaluate(model: Any, cases: Cases, settings: SegmentRobustness, device:
     return evaluate
 
 
+def load_model(path: str | os.PathLike, cases: Cases, settings: SegmentRobustness, device: Any) -> Model:
+    """A checkpoint's U-Net (its patch size checked against `segment.roi`) with its evaluator."""
+    from segmentation.infer import check_roi
+    from segmentation.infer import load_model as load_unet
+
+    net = load_unet(path, device)[0]
+    check_roi(net, settings.roi, "segment.roi", path)
+    evaluate = make_evaluate(net, cases, settings, device)
+    return Model(net, file_sha256(path), lambda alpha: evaluate)  # α-BN wraps it (the grid's part)
+
+
 def evaluate_segmentation(
     model: str | os.PathLike,
     data: str | os.PathLike,
@@ -116,51 +129,24 @@ def evaluate_segmentation(
     """
     from histo.devices import resolve_device
     from segmentation.corruptions import CORRUPTIONS, study_record
-    from segmentation.infer import check_roi, load_model
 
     config = RobustnessConfig.coerce(config)
     s = config.segment
     names = select_corruptions(config.corruptions, CORRUPTIONS)
-    severities = list(config.severities)
     device = resolve_device(config.run.device)
     cases = Cases(data, s.max_cases, config.run.cache_cases)
-    plan, ref_label = plan_runs(model, reference, config.alpha_bn)
-    models = {str(path): load_model(path, device)[0] for _, path, _ in plan}
-    for path, net in models.items():
-        check_roi(net, s.roi, "segment.roi", path)
-    runs = [
-        ModelRun(label, make_evaluate(models[str(path)], cases, s, device), alpha, models[str(path)])
-        for label, path, alpha in plan
-    ]
-    settings = {
-        "task": "segment",
-        "data": str(Path(data).resolve()),
-        "models": {label: file_sha256(path) for label, path, _ in plan},
-        "corruptions": names,
-        "severities": severities,
-        "seed": config.seed,
-        "alpha_bn": config.alpha_bn,
-        "segment": s.model_dump(mode="json"),
-        "cases": [c.case_id for c in cases.cases],
-        **study_record(names),  # corruption space, preprocessing and severity table
-    }
-    summary = run_study(
-        runs,
-        {n: CORRUPTIONS[n] for n in names},
-        severities,
-        out,
-        settings,
-        METRICS,
-        reference=ref_label,
-        seed=config.seed,
-        progress=progress,
-    )
-    summary = summary.with_extra(
+    record = study_record(names)  # corruption space, preprocessing and severity table
+    study = Study(
         task="segment",
-        models=settings["models"],
-        n_cases=len(cases),
-        skipped_cases=cases.skipped,
-        **study_record(names),
+        metrics=METRICS,
+        corruptions={n: CORRUPTIONS[n] for n in names},
+        load=lambda path: load_model(path, cases, s, device),
+        settings={
+            "data": str(Path(data).resolve()),
+            "segment": s.model_dump(mode="json"),
+            "cases": [c.case_id for c in cases.cases],
+            **record,
+        },
+        extra={"n_cases": len(cases), "skipped_cases": cases.skipped, **record},
     )
-    atomic_write_json(Path(out) / "summary.json", summary.to_dict())
-    return summary
+    return run_study(study, model, reference, out, config, progress)
