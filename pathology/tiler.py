@@ -16,7 +16,6 @@ from histo.batch import ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch
 from histo.errors import HistoError, InputFileError
 from pathology.cellularity import keep_most_cellular, tile_scorer
 from pathology.config import TileConfig
-from pathology.labels import SlideMeta, resolve_meta
 from pathology.mosaic import (
     box_means,
     colour_features,
@@ -26,6 +25,7 @@ from pathology.mosaic import (
     tissue_fractions,
 )
 from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_id_of
+from pathology.slide_labels import SlideMeta, resolve_meta
 from pathology.store import SlideRecord, read_tiles, slide_id_problem
 from pathology.tissue import brightfield_problem, tissue_mask
 
@@ -296,7 +296,7 @@ def _tile_one(
 
 def _jobs(paths: list[str | os.PathLike], labels: dict) -> list[_Job]:
     """Every slide found, sorted by path; a slide ID seen before is a duplicate of its first file."""
-    from pathology.labels import find_meta
+    from pathology.slide_labels import find_meta
 
     everything = find_slides(paths)
     if not everything:
@@ -333,7 +333,7 @@ def tile_slides(
     Returns the BatchSummary: one Outcome per slide of this shard (detail: n_mosaic, n_selected, mpp,
     mpp_source, label).
     """
-    from pathology.labels import read_labels
+    from pathology.slide_labels import read_labels
     from pathology.store import TileStore
 
     config = TileConfig.coerce(config)  # config errors before any work
