@@ -120,13 +120,8 @@ def evaluate_segmentation(
     reference: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> BatchSummary:
-    """Run the MRI corruption grid for `model` (its α-BN variant, and `reference`) on BraTS cases in `data`.
-
-    `config`: a RobustnessConfig, None (the defaults) or a mapping over the defaults (validated).
-
-    Writes results.csv (resumable), CE tables (1 - Dice per region), plots and summary.json into `out`;
-    returns the BatchSummary of the grid's cells (the report in its extras).
-    """
+    """The MRI corruption study of `model` on the labelled BraTS cases in `data`, into `out` (CE of
+    1 - Dice per region); `config` and `reference` as for `histo.robustness.study.run_study`."""
     from histo.devices import resolve_device
     from segmentation.corruptions import CORRUPTIONS, study_record
 
