@@ -30,6 +30,7 @@ from histo.errors import HistoError
 from histo.robustness.grid import Evaluate, select_corruptions
 from histo.robustness.study import Model, Study, run_study
 from histo.robustness_config import PathologyRobustness, RobustnessConfig
+from pathology.geometry import TileGeometry
 
 METRICS = {"accuracy": True, "macro_f1": True, "slide_accuracy": True}
 
@@ -85,11 +86,8 @@ def load_cohort(store: Any, max_tiles_per_slide: int = 16, cache_mb: float = 204
 
 
 def tile_mpp(store: Any) -> float:
-    """The µm/px of the store's tiles (its resolved target resolution), which sizes the spatial corruptions."""
-    mpp = store.params.get("resolved", {}).get("target_mpp")
-    if not isinstance(mpp, (int, float)) or not mpp > 0:
-        raise HistoError(f"{store.path}: the store records no tile resolution (params.resolved.target_mpp)")
-    return float(mpp)
+    """The µm/px of the store's tiles (its recorded geometry), which sizes the spatial corruptions."""
+    return TileGeometry.recorded(store.params, str(store.path)).mpp
 
 
 def knn_predict(
