@@ -6,6 +6,7 @@ The models hold the types and the valid ranges; the values come from `histo/conf
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
@@ -27,6 +28,7 @@ from histo.config import (
     StageConfig,
 )
 from histo.training_config import LoopOptions
+from pathology.geometry import TileGeometry
 
 # ---- histo tile ---------------------------------------------------------------------------------
 
@@ -99,6 +101,11 @@ class TileConfig(StageConfig):
     mosaic: MosaicConfig
     cellularity: CellularityConfig
     run: TileRun
+
+    @cached_property
+    def geometry(self) -> TileGeometry:
+        """`tile` resolved into the stored tile's px, µm/px and µm, once per config (pathology.geometry)."""
+        return TileGeometry.of(self.tile)
 
 
 # ---- histo train --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from histo.batch import ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch
 from histo.errors import HistoError, InputFileError
 from pathology.cellularity import keep_most_cellular, tile_scorer
 from pathology.config import TileConfig
-from pathology.labels import SlideMeta, resolve_meta
+from pathology.geometry import RESOLVED, TileGeometry
 from pathology.mosaic import (
     box_means,
     colour_features,
@@ -26,6 +26,7 @@ from pathology.mosaic import (
     tissue_fractions,
 )
 from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_id_of
+from pathology.slide_labels import SlideMeta, resolve_meta
 from pathology.store import SlideRecord, read_tiles, slide_id_problem
 from pathology.tissue import brightfield_problem, tissue_mask
 
@@ -34,36 +35,14 @@ log = logging.getLogger(__name__)
 MAX_MASK_PX = 8192  # long side of the tissue-mask image; coarser µm/px beyond (bounded memory)
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """The stored tile: `px` pixels at `mpp` µm/px, i.e. `um` µm on a side."""
-
-    px: int
-    mpp: float
-    um: float
-
-
-def tile_geometry(cfg: TileConfig) -> Geometry:
-    """Resolve the tile config: px at a magnification, px at an µm/px, or a physical size as px."""
-    t = cfg.tile
-    if t.um is not None:
-        mpp = t.um / t.px
-    elif t.mpp is not None:
-        mpp = t.mpp
-    else:
-        mpp = 10.0 / t.magnification
-    return Geometry(t.px, mpp, t.px * mpp)
-
-
 def store_params(cfg: TileConfig) -> dict:
-    """The parameters recorded in a store: the recorded config plus the resolved tile geometry."""
-    g = tile_geometry(cfg)
-    return {**cfg.recorded(), "resolved": {"tile_px": g.px, "target_mpp": g.mpp, "tile_um": g.um}}
+    """The parameters recorded in a store: the recorded config plus its resolved tile geometry."""
+    return {**cfg.recorded(), RESOLVED: cfg.geometry.record()}
 
 
 def tiling_config(params: Mapping[str, Any], source: str) -> TileConfig:
     """The TileConfig recorded in a store (or an index manifest's `tiling`), validated; `source` names it."""
-    return TileConfig.coerce({k: v for k, v in params.items() if k != "resolved"}, source)
+    return TileConfig.coerce({k: v for k, v in params.items() if k != RESOLVED}, source)
 
 
 @dataclass
@@ -104,7 +83,7 @@ class EmptyMosaicError(InputFileError):
         self.tileset = tileset
 
 
-def _base_record(slide: Slide, geometry: Geometry, meta: SlideMeta) -> SlideRecord:
+def _base_record(slide: Slide, geometry: TileGeometry, meta: SlideMeta) -> SlideRecord:
     return SlideRecord(
         slide_id=slide.slide_id,
         source_path=str(Path(slide.path).resolve()),
@@ -118,7 +97,7 @@ def _base_record(slide: Slide, geometry: Geometry, meta: SlideMeta) -> SlideReco
         mpp=slide.mpp,
         mpp_source=slide.mpp_source,
         objective_power=slide.objective_power,
-        tile_size_level0=geometry.um / slide.mpp,
+        tile_size_level0=geometry.level0_px(slide.mpp),
         tile_px=geometry.px,
     )
 
@@ -132,7 +111,7 @@ def _empty(record: SlideRecord, thumb: np.ndarray | None, mask: np.ndarray | Non
 
 def tile_open_slide(slide: Slide, cfg: TileConfig, meta: SlideMeta | None = None) -> TileSet:
     """Compute the high-cellularity mosaic of an open slide; EmptyMosaicError when there is none."""
-    geometry = tile_geometry(cfg)
+    geometry = cfg.geometry
     record = _base_record(slide, geometry, resolve_meta(meta, slide.slide_id))
     problem = slide_id_problem(slide.slide_id)
     if problem:
@@ -296,7 +275,7 @@ def _tile_one(
 
 def _jobs(paths: list[str | os.PathLike], labels: dict) -> list[_Job]:
     """Every slide found, sorted by path; a slide ID seen before is a duplicate of its first file."""
-    from pathology.labels import find_meta
+    from pathology.slide_labels import find_meta
 
     everything = find_slides(paths)
     if not everything:
@@ -333,7 +312,7 @@ def tile_slides(
     Returns the BatchSummary: one Outcome per slide of this shard (detail: n_mosaic, n_selected, mpp,
     mpp_source, label).
     """
-    from pathology.labels import read_labels
+    from pathology.slide_labels import read_labels
     from pathology.store import TileStore
 
     config = TileConfig.coerce(config)  # config errors before any work

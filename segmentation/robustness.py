@@ -7,6 +7,8 @@ without a scheme: detected per case, channels TC, WT, ET), corrupted, preprocess
 (`segmentation.data.preprocess`), segmented by sliding-window inference and scored with the legacy BraTS
 conventions of `segmentation.metrics`. For the ImageNet-C metrics the error of a region is 1 - Dice (HD95
 is reported, lower is better). Every model of a study (and its reference) must predict the same regions.
+This module supplies the cases, the model loader and the evaluator; the study (grid, resume, metrics,
+plots) is `histo.robustness.study`'s.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import numpy as np
 
 from histo.batch import BatchSummary
 from histo.errors import HistoError
-from histo.io import atomic_write_json, file_sha256
-from histo.robustness import ModelRun, plan_runs, run_study, select_corruptions
+from histo.io import file_sha256
+from histo.robustness.grid import select_corruptions
+from histo.robustness.study import Model, Study, plan_runs, run_study
 from histo.robustness_config import RobustnessConfig, SegmentRobustness
 
 
@@ -113,7 +116,7 @@ def shared_task(segmenters: Sequence[Any]) -> tuple[str | None, tuple[str, ...]]
 
 
 def make_evaluate(model: Any, cases: Cases, settings: SegmentRobustness, device: Any, scheme: str):
-    """evaluate(corrupt) for `histo.robustness.run_grid`: mean Dice / HD95 per output region over the
+    """evaluate(corrupt) for `histo.robustness.grid`: mean Dice / HD95 per output region over the
     cases (`scheme` maps a labels head's classes to the regions)."""
     from segmentation.data import preprocess
     from segmentation.infer import predict_volume
@@ -150,13 +153,9 @@ def evaluate_segmentation(
     reference: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> BatchSummary:
-    """Run the MRI corruption grid for `model` (its α-BN variant, and `reference`) on BraTS cases in `data`.
-
-    `config`: a RobustnessConfig, None (the defaults) or a mapping over the defaults (validated).
-
-    Writes results.csv (resumable), CE tables (1 - Dice per region), plots and summary.json into `out`;
-    returns the BatchSummary of the grid's cells (the report in its extras).
-    """
+    """The MRI corruption study of `model` on the labelled BraTS cases in `data`, into `out` (CE of
+    1 - Dice per output region); `config` and `reference` as for `histo.robustness.study.run_study`.
+    The checkpoints are read first: their shared task decides the scheme the cases are read in."""
     from histo.devices import resolve_device
     from segmentation.corruptions import CORRUPTIONS, study_record
     from segmentation.infer import check_roi, load_segmenter
@@ -164,51 +163,38 @@ def evaluate_segmentation(
     config = RobustnessConfig.coerce(config)
     s = config.segment
     names = select_corruptions(config.corruptions, CORRUPTIONS)
-    severities = list(config.severities)
     device = resolve_device(config.run.device)
-    plan, ref_label = plan_runs(model, reference, config.alpha_bn)
+    plan, _ = plan_runs(model, reference, config.alpha_bn)
     segmenters = {str(path): load_segmenter(path, device) for _, path, _ in plan}
     for path, segmenter in segmenters.items():
         check_roi(segmenter.model, s.roi, "segment.roi", path)
     labels, regions = shared_task(list(segmenters.values()))
     cases = Cases(data, s.max_cases, config.run.cache_cases, labels, regions)
     scheme = labels or cases.cases[0].scheme  # a checkpoint without a scheme: TC, WT, ET of 2021 or 2023
-    models = {path: segmenter.model for path, segmenter in segmenters.items()}
-    runs = [
-        ModelRun(label, make_evaluate(models[str(path)], cases, s, device, scheme), alpha, models[str(path)])
-        for label, path, alpha in plan
-    ]
-    settings = {
-        "task": "segment",
-        "data": str(Path(data).resolve()),
-        "models": {label: file_sha256(path) for label, path, _ in plan},
-        "corruptions": names,
-        "severities": severities,
-        "seed": config.seed,
-        "alpha_bn": config.alpha_bn,
-        "segment": s.model_dump(mode="json"),
-        "cases": [c.case_id for c in cases.cases],
-        **study_record(names),  # corruption space, preprocessing and severity table
-    }
-    summary = run_study(
-        runs,
-        {n: CORRUPTIONS[n] for n in names},
-        severities,
-        out,
-        settings,
-        metric_directions(regions),
-        reference=ref_label,
-        seed=config.seed,
-        progress=progress,
-    )
-    summary = summary.with_extra(
+
+    def load(path: str | os.PathLike) -> Model:
+        net = segmenters[str(path)].model
+        evaluate = make_evaluate(net, cases, s, device, scheme)
+        return Model(net, file_sha256(path), lambda alpha: evaluate)  # α-BN wraps it (the grid's part)
+
+    record = study_record(names)  # corruption space, preprocessing and severity table
+    study = Study(
         task="segment",
-        models=settings["models"],
-        n_cases=len(cases),
-        labels=scheme,
-        regions=list(regions),
-        skipped_cases=cases.skipped,
-        **study_record(names),
+        metrics=metric_directions(regions),
+        corruptions={n: CORRUPTIONS[n] for n in names},
+        load=load,
+        settings={
+            "data": str(Path(data).resolve()),
+            "segment": s.model_dump(mode="json"),
+            "cases": [c.case_id for c in cases.cases],
+            **record,
+        },
+        extra={
+            "n_cases": len(cases),
+            "labels": scheme,
+            "regions": list(regions),
+            "skipped_cases": cases.skipped,
+            **record,
+        },
     )
-    atomic_write_json(Path(out) / "summary.json", summary.to_dict())
-    return summary
+    return run_study(study, model, reference, out, config, progress)

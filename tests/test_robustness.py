@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,16 +12,10 @@ from torch import nn
 
 from histo.classification import MACRO_F1_DEFINITION
 from histo.errors import HistoError
-from histo.robustness import (
-    CLEAN,
-    corruption_errors,
-    parse_severities,
-    read_rows,
-    report,
-    run_grid,
-    select_corruptions,
-    write_rows,
-)
+from histo.robustness.grid import CLEAN, parse_severities, run_grid, select_corruptions
+from histo.robustness.metrics import corruption_errors
+from histo.robustness.report import report
+from histo.robustness.results import read_rows, write_rows
 
 
 def _rows(model: str, clean: float, table: dict[str, list[float]]) -> list[dict]:
@@ -209,6 +204,56 @@ def test_parsers() -> None:
     assert select_corruptions("b", ["a", "b"]) == ["b"]
     with pytest.raises(HistoError, match="unknown corruption"):
         select_corruptions("a,c", ["a", "b"])
+
+
+def test_run_study_is_domain_free_records_resumes_and_refuses_another_run(tmp_path) -> None:
+    """A throwaway domain (a loader and an evaluator, nothing else) runs through the shared study runner."""
+    import json
+
+    from histo.robustness.study import Model, Study, run_study
+    from histo.robustness_config import RobustnessConfig
+
+    loads, calls = [], []
+    data = np.linspace(0.0, 1.0, 6)
+
+    def load(path) -> Model:
+        loads.append(Path(path).name)
+        offset = 0.5 if "ref" in Path(path).name else 0.0
+
+        def evaluate(corrupt):
+            calls.append(1)
+            return {"score": float(np.clip(corrupt(data, 0) + offset, 0, 1).mean())}
+
+        return Model(None, f"sha-{Path(path).name}", lambda alpha: evaluate)
+
+    model, ref = tmp_path / "toy.pt", tmp_path / "ref.pt"
+    study = Study(
+        task="toy",
+        metrics={"score": True},
+        corruptions={"dim": lambda x, s, rng: x * (1 - 0.2 * s)},
+        load=load,
+        settings={"data": "six numbers"},
+        extra={"n_items": len(data)},
+    )
+    config = RobustnessConfig.coerce({"severities": "1,2", "seed": 1})
+    out = tmp_path / "out"
+    summary = run_study(study, model, ref, out, config, progress=False)
+    assert loads == ["toy.pt", "ref.pt"] and len(calls) == 2 * 3
+    assert summary.counts == {"done": 6, "skipped": 0, "failed": 0}
+    assert summary.extra["task"] == "toy" and summary.extra["n_items"] == 6
+    assert summary.extra["models"] == {"toy": "sha-toy.pt", "ref": "sha-ref.pt"}
+    assert summary.extra["metrics"]["score"]["mce"]["ref"] == pytest.approx(1.0)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["task"] == "toy" and settings["data"] == "six numbers"
+    assert settings["corruptions"] == ["dim"] and settings["severities"] == [1, 2] and settings["seed"] == 1
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary.to_dict()))
+    before = (out / "results.csv").read_text()
+    calls.clear()
+    again = run_study(study, model, ref, out, config, progress=False)
+    assert calls == [] and again.counts == {"done": 0, "skipped": 6, "failed": 0}
+    assert (out / "results.csv").read_text() == before
+    with pytest.raises(HistoError, match=r"other settings \(seed\)"):
+        run_study(study, model, ref, out, config.updated({"seed": 2}), progress=False)
 
 
 # ---------------------------------------------------------------- end to end through the CLI

@@ -59,10 +59,15 @@ def test_train_writes_checkpoints_and_metrics(trained):
     assert len(rows) == 1 and 0.0 <= float(rows[0]["val_dice_WT"]) <= 1.0
 
 
+def _predict_args(trained: dict, *inputs: Path, out: Path) -> list[str]:
+    """`histo segment predict` of `inputs` (case folders) with the trained model into `out`."""
+    return ["segment", "predict", "--model", str(trained["model"]), *map(str, inputs), "--out", str(out)]
+
+
 def test_predict_then_eval(trained, tmp_path):
     runner = CliRunner()
     out = tmp_path / "pred"
-    args = ["segment", "predict", "--model", str(trained["model"]), str(trained["data"]), "--out", str(out)]
+    args = _predict_args(trained, trained["data"], out=out)
     result = runner.invoke(main, [*args, "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -101,8 +106,8 @@ def test_predict_then_eval(trained, tmp_path):
 def test_predict_records_a_case_with_missing_modalities(trained, tmp_path):
     deepmedic = BRATS / "deepmedic_brats2013_pat0005_1"
     case = sorted(trained["data"].iterdir())[0]
-    args = ["segment", "predict", "--model", str(trained["model"]), str(deepmedic), str(case)]
-    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "p"), "--device", "cpu", "--json"])
+    args = _predict_args(trained, deepmedic, case, out=tmp_path / "p")
+    result = CliRunner().invoke(main, [*args, "--device", "cpu", "--json"])
     assert result.exit_code == 1
     records = {r["id"]: r for r in json.loads(result.stdout)["outcomes"]}
     assert records[case.name]["status"] == "done"
@@ -141,7 +146,7 @@ def test_one_line_errors(trained, tmp_path):
 
 def test_overlap_outside_its_range_is_a_usage_error(trained, tmp_path):
     case = sorted(trained["data"].iterdir())[0]
-    args = ["segment", "predict", "--model", str(trained["model"]), str(case), "--out", str(tmp_path / "p")]
+    args = _predict_args(trained, case, out=tmp_path / "p")
     result = CliRunner().invoke(main, [*args, "--overlap", "1.0", "--device", "cpu"])
     assert (
         result.exit_code == 2
@@ -154,17 +159,7 @@ def test_a_window_the_model_cannot_take_is_refused_before_settings_are_written(t
     """An invalid --roi once went into settings.json and then blocked the corrected re-run."""
     case = sorted(trained["data"].iterdir())[0]
     out = tmp_path / "p"
-    args = [
-        "segment",
-        "predict",
-        "--model",
-        str(trained["model"]),
-        str(case),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-    ]
+    args = [*_predict_args(trained, case, out=out), "--device", "cpu"]
     result = CliRunner().invoke(main, [*args, "--roi", "8,8,7"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert result.output.startswith("error: infer.roi: [8, 8, 7] must be divisible by 2 on every side")
@@ -177,17 +172,7 @@ def test_a_window_the_model_cannot_take_is_refused_before_settings_are_written(t
 def test_eval_config_can_turn_hd95_off(trained, tmp_path):
     case = sorted(trained["data"].iterdir())[0]
     pred = tmp_path / "pred"
-    args = [
-        "segment",
-        "predict",
-        "--model",
-        str(trained["model"]),
-        str(case),
-        "--out",
-        str(pred),
-        "--device",
-        "cpu",
-    ]
+    args = [*_predict_args(trained, case, out=pred), "--device", "cpu"]
     assert CliRunner().invoke(main, args).exit_code == 0
     config = tmp_path / "eval.yaml"
     config.write_text("eval:\n  hd95: false\n")

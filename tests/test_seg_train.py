@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 import segmentation.train as seg_train
 from histo import checkpoint
-from histo.config import load_config
+from histo.config import flatten, load_config
 from histo.devices import DistInfo
 from histo.errors import ConfigError, HistoError
 from histo.training import Run
@@ -36,8 +37,6 @@ from segmentation.train import (
     train_segmenter,
     validation_scores,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**overrides) -> SegmentConfig:
@@ -339,7 +338,8 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tiny_cases, tmp_p
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     args = [
-        f"{k}={v!r}" for k, v in {**_flat(tiny_config(**common).model_dump()), "train.batch_size": 2}.items()
+        f"{k}={v!r}"
+        for k, v in {**flatten(tiny_config(**common).model_dump()), "train.batch_size": 2}.items()
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -347,22 +347,12 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tiny_cases, tmp_p
         [*torchrun, str(script), str(tiny_cases), str(tmp_path / "ddp.pt"), *args],
         check=True,
         env=env,
-        cwd=ROOT,
+        cwd=REPO,
     )
     train_segmenter(tiny_cases, tmp_path / "one.pt", tiny_config(**common, **{"train.batch_size": 2}))
     a, b = checkpoint.load(tmp_path / "ddp.pt", "unet3d"), checkpoint.load(tmp_path / "one.pt", "unet3d")
     for key, value in a.weights.items():
         torch.testing.assert_close(value, b.weights[key], rtol=1e-4, atol=1e-5)
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 @pytest.mark.slow
