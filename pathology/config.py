@@ -6,6 +6,7 @@ The models hold the types and the valid ranges; the values come from `histo/conf
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
@@ -27,6 +28,8 @@ from histo.config import (
     Seed,
     StageConfig,
 )
+from histo.training_config import LoopOptions
+from pathology.geometry import TileGeometry
 
 # ---- histo tile ---------------------------------------------------------------------------------
 
@@ -66,6 +69,11 @@ class MosaicConfig(Section):
     colour_mpp: Positive | None
     n_clusters: PositiveInt
     percent: Annotated[float, Field(gt=0, le=100)]
+    edge_tiles: Literal["whole", "partial"]  # partial: edge tiles scored on their tissue, read padded
+    grid_anchor: Literal["slide", "tissue"]  # tissue: the grid starts at the tissue's bounding box
+
+
+CellularityScore = Literal["pixel_fraction", "nuclei_density"]
 
 
 class CellularityConfig(Section):
@@ -75,7 +83,14 @@ class CellularityConfig(Section):
     rule: Literal["top_fraction", "top_k", "min_score"]
     top_fraction: Annotated[float, Field(gt=0, le=1)]
     top_k: PositiveInt
-    min_score: Fraction
+    score: CellularityScore
+    min_score: NonNegative  # in the unit of `score`: a fraction, or nuclei per mm²
+
+    @model_validator(mode="after")
+    def _min_score_in_unit(self) -> CellularityConfig:
+        if self.score == "pixel_fraction" and self.min_score > 1:
+            raise KeyedError("min_score", f"a pixel fraction is at most 1, got {self.min_score}")
+        return self
 
 
 class FromCoordsConfig(Section):
@@ -177,6 +192,11 @@ class TileConfig(StageConfig):
     stain: StainConfig
     run: TileRun
 
+    @cached_property
+    def geometry(self) -> TileGeometry:
+        """`tile` resolved into the stored tile's px, µm/px and µm, once per config (pathology.geometry)."""
+        return TileGeometry.of(self.tile)
+
 
 # ---- histo train --------------------------------------------------------------------------------
 
@@ -234,24 +254,16 @@ class AugmentConfig(Section):
         return self
 
 
-class OptimConfig(Section):
-    epochs: PositiveInt
-    batch_size: PositiveInt
-    accumulate: PositiveInt
-    lr: Positive
-    weight_decay: NonNegative
-    warmup_epochs: NonNegative
-    min_lr_ratio: Fraction
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
-    patience: Count
+class OptimConfig(LoopOptions):
+    """The loop options of `histo train` (`batch_size` is the global batch, split over processes)."""
+
     monitor: Monitor
-    amp: bool
-    channels_last: bool
 
 
 class TrainRun(RunOptions):
     device: Device
     resume: bool
+    overwrite: bool
     workers: Count
 
 

@@ -5,13 +5,13 @@ No torchvision: it replaces the CPU torch here (ENVIRONMENT.md). Module names fo
 so ImageNet and KimiaNet checkpoints map one to one. Unlike torchvision, the head sees the KimiaNet feature:
 global average pool of `norm5` *without* the final ReLU (Riasatian et al. 2021; official KimiaNet code).
 
-IBN-a placement follows the IBN-Net authors' `densenet_ibn_a.py`: in dense blocks 1-3 the first norm
-(`norm1`) of every third dense layer (denselayer1, 4, 7, ...) is IBN with an instance-norm ratio of 0.4;
-every other norm stays BatchNorm (the shared IBN block puts IN on the first int(0.4 C) channels; the
-authors' DenseNet code puts it on the last C - int(0.6 C), equivalent up to channel order and rounding).
-Norms come with their traits (`histo.norms`): the convolutions are the norm's paired ones (`conv_for`: bcn's
-weight-standardised convolutions); norms with their own nonlinearity (EvoNorm, FRN) get no ReLU after them
-(`make_norm_act`); a norm with the IBN-a placement trait (ibn_a) goes to the sites above only.
+IBN-a placement follows the IBN-Net authors' `densenet_ibn.py` (`IBN_LAYOUT`, `histo.norms.placement`): in
+dense blocks 1-3 the first norm (`norm1`) of every third dense layer (denselayer1, 4, 7, ...) is IBN with
+BN on the first int(0.6 C) channels and IN on the remaining C - int(0.6 C), as the authors split it, so
+their DenseNet-121-IBN-a state dict loads; every other norm stays BatchNorm. IBN-b (IN after residual
+sums) is refused: DenseNet has none. Norms come with their traits (`histo.norms`): the convolutions are
+the norm's paired ones (`conv_for`: bcn's weight-standardised convolutions); norms with their own
+nonlinearity (EvoNorm, FRN) get no ReLU after them (`make_norm_act`).
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from histo.norms import IBN_A, NormArg, NormChoice, conv_for, make_norm_act, resolve_norm
+from histo.norms import NormArg, NormChoice, conv_for, make_norm_act, resolve_norm
+from histo.norms.placement import FIRST, OTHER, STEM, IBNLayout, Site, place
 
 GROWTH_RATE = 32
 BLOCK_CONFIG = (6, 12, 24, 16)
 NUM_INIT_FEATURES = 64
 BN_SIZE = 4
-IBN_RATIO = 0.4
 FAMILY = "densenet"  # the family name norms' `unsupported` trait refers to
+IBN_LAYOUT = IBNLayout(FAMILY, ratio=0.4, in_first=False, every=3)  # densenet_ibn.py: IBN(C, 0.4)
 
 
 class Trunk(nn.Sequential):
@@ -79,24 +80,15 @@ def inplace_relu() -> nn.Module:
     return nn.ReLU(inplace=True)
 
 
-def site_norm(norm: NormChoice, ibn_site: bool = False) -> NormChoice:
-    """The norm at one site: an IBN-a-placed norm (ibn_a) at IBN-Net's sites with ratio 0.4, BN elsewhere."""
-    if norm.traits.placement != IBN_A:
-        return norm
-    if ibn_site:
-        return resolve_norm(norm, {"ratio": IBN_RATIO, **norm.kwargs})
-    return resolve_norm("batch", {k: v for k, v in norm.kwargs.items() if k != "ratio"})
-
-
 class DenseLayer(nn.Sequential):
     """Bottleneck layer norm1-relu1-conv1(1x1)-norm2-relu2-conv2(3x3) producing `growth_rate` new maps."""
 
-    def __init__(self, in_channels: int, norm: NormChoice, ibn_site: bool) -> None:
+    def __init__(self, in_channels: int, norm: NormChoice, site: Site) -> None:
         conv = conv_for(norm, 2)
         width = BN_SIZE * GROWTH_RATE
-        norm1, relu1 = make_norm_act(site_norm(norm, ibn_site), in_channels, 2, act=inplace_relu)
+        norm1, relu1 = make_norm_act(place(norm, FIRST, IBN_LAYOUT, site), in_channels, 2, act=inplace_relu)
         conv1 = conv(in_channels, width, kernel_size=1, bias=False)
-        norm2, relu2 = make_norm_act(site_norm(norm), width, 2, act=inplace_relu)
+        norm2, relu2 = make_norm_act(place(norm, OTHER, IBN_LAYOUT), width, 2, act=inplace_relu)
         conv2 = conv(width, GROWTH_RATE, kernel_size=3, padding=1, bias=False)
         super().__init__(
             OrderedDict(norm1=norm1, relu1=relu1, conv1=conv1, norm2=norm2, relu2=relu2, conv2=conv2)
@@ -106,10 +98,12 @@ class DenseLayer(nn.Sequential):
 class DenseBlock(nn.ModuleDict):
     """Dense connectivity: each layer sees the concatenation of the block input and all earlier outputs."""
 
-    def __init__(self, num_layers: int, in_channels: int, norm: NormChoice, ibn: bool) -> None:
+    def __init__(self, num_layers: int, in_channels: int, norm: NormChoice, stage: int) -> None:
         super().__init__(
             {
-                f"denselayer{i + 1}": DenseLayer(in_channels + i * GROWTH_RATE, norm, ibn and i % 3 == 0)
+                f"denselayer{i + 1}": DenseLayer(
+                    in_channels + i * GROWTH_RATE, norm, Site(stage, len(BLOCK_CONFIG), block=i)
+                )
                 for i in range(num_layers)
             }
         )
@@ -125,7 +119,7 @@ class Transition(nn.Sequential):
     """norm-relu-conv(1x1) halving the channels, then 2x2 average pooling."""
 
     def __init__(self, in_channels: int, out_channels: int, norm: NormChoice) -> None:
-        layer, relu = make_norm_act(site_norm(norm), in_channels, 2, act=inplace_relu)
+        layer, relu = make_norm_act(place(norm, OTHER, IBN_LAYOUT), in_channels, 2, act=inplace_relu)
         conv = conv_for(norm, 2)(in_channels, out_channels, kernel_size=1, bias=False)
         super().__init__(
             OrderedDict(norm=layer, relu=relu, conv=conv, pool=nn.AvgPool2d(kernel_size=2, stride=2))
@@ -137,16 +131,18 @@ def densenet121_trunk(norm: NormArg | NormChoice = "batch") -> Trunk:
     choice, stem = resolve_norm(norm), NUM_INIT_FEATURES
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     layers["conv0"] = conv_for(choice, 2)(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
-    layers["norm0"], layers["relu0"] = make_norm_act(site_norm(choice), stem, 2, act=inplace_relu)
+    layers["norm0"], layers["relu0"] = make_norm_act(
+        place(choice, STEM, IBN_LAYOUT), stem, 2, act=inplace_relu
+    )
     layers["pool0"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
     channels = NUM_INIT_FEATURES
     for i, num_layers in enumerate(BLOCK_CONFIG):
-        layers[f"denseblock{i + 1}"] = DenseBlock(num_layers, channels, choice, ibn=i < 3)
+        layers[f"denseblock{i + 1}"] = DenseBlock(num_layers, channels, choice, stage=i)
         channels += num_layers * GROWTH_RATE
         if i < len(BLOCK_CONFIG) - 1:
             layers[f"transition{i + 1}"] = Transition(channels, channels // 2, choice)
             channels //= 2
-    layers["norm5"] = site_norm(choice)(channels, 2)
+    layers["norm5"] = place(choice, OTHER, IBN_LAYOUT)(channels, 2)
     return Trunk(layers)
 
 

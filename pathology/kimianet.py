@@ -24,6 +24,7 @@ from histo.errors import HistoError, InputFileError
 from histo.io import file_sha256
 from histo.norms import names as norm_names
 from histo.norms import norm_traits
+from histo.norms.placement import stale_placement_hint
 from pathology.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, resize
 from pathology.cbr import CBR_SPECS, cbr
 from pathology.cbr import FAMILY as CBR_FAMILY
@@ -140,7 +141,8 @@ def load_model(path: str | Path) -> tuple[FeatureClassifier, dict[str, Any]]:
     except HistoError as e:
         raise InputFileError(path, str(e)) from None
     except RuntimeError as e:
-        raise InputFileError(path, f"weights do not match its config: {str(e).splitlines()[0]}") from None
+        problem = f"weights do not match its config: {str(e).splitlines()[0]}"
+        raise InputFileError(path, problem + stale_placement_hint(cfg["norm"])) from None
     return model, cfg
 
 

@@ -13,16 +13,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pathology.config import MosaicConfig
 from pathology.slide import Slide
+
+BACKGROUND = 255.0  # what a read outside the slide gives (transparent, composited over white)
 
 
 @dataclass(frozen=True)
 class Grid:
-    """A grid of square tiles of `size` level-0 px (float) covering whole tiles of the slide."""
+    """A grid of square tiles of `size` level-0 px (float) from the level-0 origin (`x0`, `y0`).
+
+    Its tiles may run past the slide's right and bottom edges (partial edge tiles, read padded with
+    background); `Grid.of` gives the whole tiles from the slide's corner.
+    """
 
     size: float
     n_cols: int
     n_rows: int
+    x0: int = 0
+    y0: int = 0
 
     @classmethod
     def of(cls, width: int, height: int, size: float) -> Grid:
@@ -31,36 +40,101 @@ class Grid:
     def origins(self) -> np.ndarray:
         """Level-0 (x, y) of every tile in row-major order, (n_rows * n_cols, 2) int64."""
         rows, cols = np.divmod(np.arange(self.n_rows * self.n_cols), self.n_cols)
-        return np.stack([np.floor(cols * self.size + 0.5), np.floor(rows * self.size + 0.5)], 1).astype(
-            np.int64
-        )
+        x = self.x0 + np.floor(cols * self.size + 0.5)
+        return np.stack([x, self.y0 + np.floor(rows * self.size + 0.5)], 1).astype(np.int64)
 
 
-def _overlap_weights(n_tiles: int, tile: float, n_px: int, px: float) -> np.ndarray:
-    """(n_tiles, n_px) length of overlap between tile t = [t*tile, (t+1)*tile) and pixel p = [p*px, (p+1)*px)."""
-    t0 = np.arange(n_tiles)[:, None] * tile
+def tile_grid(width: int, height: int, size: float, mask: np.ndarray, mosaic: MosaicConfig) -> Grid:
+    """The mosaic's grid as `mosaic.edge_tiles` and `mosaic.grid_anchor` ask.
+
+    edge_tiles: `whole` keeps the tiles that fit inside the slide; `partial` also the edge tiles that run
+    past it (Yottixel's grid steps over the whole slide; CLAM pads): they are scored on the tissue of the
+    part inside the slide and read padded with background. grid_anchor: `slide` starts the grid at the
+    slide's corner, `tissue` at the corner of the tissue mask's bounding box (`mask` spans the slide), so
+    a small specimen is not cut by a grid laid from the glass's corner. No tissue: a grid of no tiles.
+    """
+    edge, anchor = mosaic.edge_tiles, mosaic.grid_anchor
+    if anchor == "slide":
+        box = (0, 0, width, height)
+    elif mask.any():
+        box = _tissue_box(mask, width, height)
+    else:
+        return Grid(size, 0, 0)
+    x0, y0, x1, y1 = box
+    if edge == "whole":
+        return Grid(size, int((width - x0) // size), int((height - y0) // size), x0, y0)
+    return Grid(size, _cover(x1 - x0, size), _cover(y1 - y0, size), x0, y0)
+
+
+def _cover(length: float, size: float) -> int:
+    """Tiles of `size` covering `length`, less a last one with under 1 px inside."""
+    n = math.ceil(length / size)
+    return n - 1 if n > 0 and length - (n - 1) * size < 1 else n
+
+
+def _tissue_box(mask: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """Level-0 (x0, y0, x1, y1) of the bounding box of a tissue mask spanning the whole slide."""
+    sx, sy = width / mask.shape[1], height / mask.shape[0]
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    x0, y0 = math.floor(cols[0] * sx), math.floor(rows[0] * sy)
+    return x0, y0, min(width, math.ceil((cols[-1] + 1) * sx)), min(height, math.ceil((rows[-1] + 1) * sy))
+
+
+def grid_hint(mosaic: MosaicConfig) -> str:
+    """What to try when a grid gives no tissue tile: the grid options not in use, then the threshold."""
+    options = []
+    if mosaic.edge_tiles == "whole":
+        options.append("mosaic.edge_tiles: partial (score partial edge tiles on their tissue, read padded)")
+    if mosaic.grid_anchor == "slide":
+        options.append("mosaic.grid_anchor: tissue (start the grid at the tissue's bounding box)")
+    options.append("a smaller tile.px or mosaic.min_tissue_fraction")
+    return "try " + ", or ".join(options)
+
+
+def _overlap_weights(n_tiles: int, tile: float, n_px: int, px: float, origin: float = 0.0) -> np.ndarray:
+    """(n_tiles, n_px) overlap of tile t = [o + t*tile, o + (t+1)*tile) and pixel p = [p*px, (p+1)*px)."""
+    t0 = origin + np.arange(n_tiles)[:, None] * tile
     p0 = np.arange(n_px)[None, :] * px
     return np.clip(np.minimum(t0 + tile, p0 + px) - np.maximum(t0, p0), 0.0, None)
 
 
+def _inside(n_tiles: int, tile: float, origin: float, limit: int) -> np.ndarray:
+    """(n_tiles,) length of each tile inside [0, limit): exactly `tile` for a tile wholly inside."""
+    t0 = origin + np.arange(n_tiles) * tile
+    inside = np.clip(np.minimum(t0 + tile, limit) - np.maximum(t0, 0.0), 0.0, None)
+    return np.where((t0 >= 0) & (t0 + tile <= limit), tile, inside)
+
+
+def _box_sums(image: np.ndarray, grid: Grid, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n_tiles, C) area-weighted sums of an image spanning the whole slide over each grid tile, and the
+    (n_tiles,) area of each tile inside the slide (level-0 px²)."""
+    mh, mw = image.shape[:2]
+    wx = _overlap_weights(grid.n_cols, grid.size, mw, width / mw, grid.x0)
+    wy = _overlap_weights(grid.n_rows, grid.size, mh, height / mh, grid.y0)
+    planes = image.reshape(mh, mw, -1)  # one float64 plane at a time: memory of a single channel
+    sums = np.stack([wy @ planes[..., c].astype(np.float64) @ wx.T for c in range(planes.shape[2])], axis=-1)
+    ex = _inside(grid.n_cols, grid.size, grid.x0, width)
+    ey = _inside(grid.n_rows, grid.size, grid.y0, height)
+    return sums.reshape(grid.n_rows * grid.n_cols, -1), (ey[:, None] * ex[None, :]).ravel()
+
+
 def box_means(image: np.ndarray, grid: Grid, width: int, height: int) -> np.ndarray:
-    """Area-weighted mean of an image spanning the whole slide over each grid tile.
+    """Area-weighted mean of an image spanning the whole slide over each grid tile as it is read: the
+    part of a tile outside the slide counts as background (white).
 
     Image pixel (r, c) covers level-0 [c*sx, (c+1)*sx) x [r*sy, (r+1)*sy) with sx = width / image
     width; returns (n_rows * n_cols,) for a 2-D image, (n_rows * n_cols, C) for H x W x C.
     """
-    mh, mw = image.shape[:2]
-    wx = _overlap_weights(grid.n_cols, grid.size, mw, width / mw)
-    wy = _overlap_weights(grid.n_rows, grid.size, mh, height / mh)
-    planes = image.reshape(mh, mw, -1)  # one float64 plane at a time: memory of a single channel
-    sums = np.stack([wy @ planes[..., c].astype(np.float64) @ wx.T for c in range(planes.shape[2])], axis=-1)
-    means = sums.reshape(grid.n_rows * grid.n_cols, -1) / grid.size**2
+    sums, area = _box_sums(image, grid, width, height)
+    means = (sums + BACKGROUND * (grid.size**2 - area)[:, None]) / grid.size**2
     return means[:, 0] if image.ndim == 2 else means
 
 
 def tissue_fractions(mask: np.ndarray, grid: Grid, width: int, height: int) -> np.ndarray:
-    """Fraction of each grid tile covered by a tissue mask spanning the whole slide (n_rows * n_cols,)."""
-    return box_means(mask, grid, width, height)
+    """Fraction of each grid tile's part inside the slide that a tissue mask spanning the whole slide
+    covers (n_rows * n_cols,): a partial edge tile is scored on its tissue area, as Yottixel does."""
+    sums, area = _box_sums(mask, grid, width, height)
+    return sums[:, 0] / np.maximum(area, 1e-12)
 
 
 def tile_means(image: np.ndarray, origins: np.ndarray, size: float, width: int, height: int) -> np.ndarray:

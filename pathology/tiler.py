@@ -14,11 +14,20 @@ import numpy as np
 
 from histo.batch import ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch, select_shard
 from histo.errors import HistoError, InputFileError
-from pathology.cellularity import cellularity_score, keep_most_cellular
+from pathology.cellularity import keep_most_cellular, tile_scorer
 from pathology.config import StainConfig, TileConfig
-from pathology.labels import SlideMeta, resolve_meta
-from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, tile_means, tissue_fractions
+from pathology.geometry import RESOLVED, TileGeometry
+from pathology.mosaic import (
+    box_means,
+    colour_features,
+    grid_hint,
+    select_mosaic,
+    tile_grid,
+    tile_means,
+    tissue_fractions,
+)
 from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, recorded_reader, slide_id_of
+from pathology.slide_labels import SlideMeta, resolve_meta
 from pathology.stain import fit_config, normalize_tiles
 from pathology.store import SlideRecord, read_tiles, slide_id_problem
 from pathology.tissue import brightfield_problem, tissue_mask
@@ -29,36 +38,14 @@ MAX_MASK_PX = 8192  # long side of the tissue-mask image; coarser µm/px beyond 
 NO_CLUSTER = -1  # cluster of a given patch kept without the colour mosaic
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """The stored tile: `px` pixels at `mpp` µm/px, i.e. `um` µm on a side."""
-
-    px: int
-    mpp: float
-    um: float
-
-
-def tile_geometry(cfg: TileConfig) -> Geometry:
-    """Resolve the tile config: px at a magnification, px at an µm/px, or a physical size as px."""
-    t = cfg.tile
-    if t.um is not None:
-        mpp = t.um / t.px
-    elif t.mpp is not None:
-        mpp = t.mpp
-    else:
-        mpp = 10.0 / t.magnification
-    return Geometry(t.px, mpp, t.px * mpp)
-
-
 def store_params(cfg: TileConfig) -> dict:
-    """The parameters recorded in a store: the recorded config plus the resolved tile geometry."""
-    g = tile_geometry(cfg)
-    return {**cfg.recorded(), "resolved": {"tile_px": g.px, "target_mpp": g.mpp, "tile_um": g.um}}
+    """The parameters recorded in a store: the recorded config plus its resolved tile geometry."""
+    return {**cfg.recorded(), RESOLVED: cfg.geometry.record()}
 
 
 def tiling_config(params: Mapping[str, Any], source: str) -> TileConfig:
     """The TileConfig recorded in a store (or an index manifest's `tiling`), validated; `source` names it."""
-    return TileConfig.coerce({k: v for k, v in params.items() if k != "resolved"}, source)
+    return TileConfig.coerce({k: v for k, v in params.items() if k != RESOLVED}, source)
 
 
 @dataclass
@@ -102,7 +89,7 @@ class EmptyMosaicError(InputFileError):
         self.tileset = tileset
 
 
-def _base_record(slide: Slide, geometry: Geometry, meta: SlideMeta) -> SlideRecord:
+def _base_record(slide: Slide, geometry: TileGeometry, meta: SlideMeta) -> SlideRecord:
     return SlideRecord(
         slide_id=slide.slide_id,
         source_path=str(Path(slide.path).resolve()),
@@ -117,7 +104,7 @@ def _base_record(slide: Slide, geometry: Geometry, meta: SlideMeta) -> SlideReco
         mpp_source=slide.mpp_source,
         objective_power=slide.objective_power,
         reader=slide.reader,
-        tile_size_level0=geometry.um / slide.mpp,
+        tile_size_level0=geometry.level0_px(slide.mpp),
         tile_px=geometry.px,
     )
 
@@ -157,7 +144,7 @@ def tile_open_slide(
     tissue grid, and `cfg.from_coords.select` says what is applied on top (none, cellularity,
     mosaic: the Yottixel mosaic, then the cellularity selection). With `roi` (a QuPath GeoJSON file) its
     regions restrict or replace the tissue mask (pathology/interop/roi.py)."""
-    geometry = tile_geometry(cfg)
+    geometry = cfg.geometry
     record = _base_record(slide, geometry, resolve_meta(meta, slide.slide_id))
     problem = slide_id_problem(slide.slide_id)
     if problem:
@@ -196,16 +183,8 @@ def tile_open_slide(
         coords, cluster = cand, np.full(len(cand), NO_CLUSTER, np.int32)
     cell = cfg.cellularity
     cell_px = max(8, round(geometry.um / cell.mpp))
-    radius_px = max(1, round(cell.nucleus_radius_um / (geometry.um / cell_px)))
-    scores = np.array(
-        [
-            cellularity_score(
-                slide.read_tile(x, y, size0, cell_px), cell.h_threshold, radius_px, ink=cfg.tissue.ink
-            )
-            for x, y in coords
-        ],
-        np.float32,
-    )
+    score = tile_scorer(cell, geometry.um / cell_px, cfg.tissue.ink)
+    scores = np.array([score(slide.read_tile(x, y, size0, cell_px)) for x, y in coords], np.float32)
     selected = np.ones(len(coords), bool) if select == "none" else keep_most_cellular(scores, cell)
     record.n_mosaic, record.n_selected = len(coords), int(selected.sum())
     tileset = TileSet(record, coords, cluster, scores, selected, thumb, mask, cfg.stain)
@@ -223,10 +202,12 @@ def _grid_candidates(
     slide: Slide, thumb: np.ndarray, mask: np.ndarray, size0: float, cfg: TileConfig, fail: Callable
 ) -> tuple[np.ndarray, np.ndarray]:
     """Level-0 corners of the grid tiles with enough tissue, and their colour features."""
-    grid = Grid.of(slide.width, slide.height, size0)
-    if grid.n_cols * grid.n_rows == 0:
+    grid = tile_grid(slide.width, slide.height, size0, mask, cfg.mosaic)
+    hint = grid_hint(cfg.mosaic)
+    if grid.n_cols * grid.n_rows == 0 and mask.any():
         raise fail(
-            f"slide {slide.width}x{slide.height} px is smaller than one tile ({size0:.0f} px at level 0)"
+            f"slide {slide.width}x{slide.height} px has no whole tile of {size0:.0f} px (level 0); {hint}",
+            mask,
         )
     origins = grid.origins()
     fractions = tissue_fractions(mask, grid, slide.width, slide.height)
@@ -235,7 +216,7 @@ def _grid_candidates(
     if len(candidates) == 0:
         raise fail(
             f"no tissue: none of {len(origins)} grid tiles is >= {threshold:.0%} tissue "
-            f"(mask covers {mask.mean():.1%} of the slide)",
+            f"(mask covers {mask.mean():.1%} of the slide); {hint}",
             mask,
         )
     cand = origins[candidates]
@@ -372,7 +353,7 @@ def _jobs(
 ) -> list[_Job]:
     """Every slide found, sorted by path; a slide ID seen before is a duplicate of its first file;
     `given`: slide ID -> its coordinate file; `roi`: one GeoJSON file for all, or slide ID -> file."""
-    from pathology.labels import find_meta
+    from pathology.slide_labels import find_meta
 
     everything = find_slides(paths)
     if not everything:
@@ -420,7 +401,7 @@ def tile_slides(
     Returns the BatchSummary: one Outcome per slide of this shard (detail: n_mosaic, n_selected, mpp,
     mpp_source, label).
     """
-    from pathology.labels import read_labels
+    from pathology.slide_labels import read_labels
     from pathology.store import TileStore
 
     config = fit_config(TileConfig.coerce(config))  # config errors (and the stain fit) before any work

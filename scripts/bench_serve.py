@@ -28,8 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 BROWSER_CONNECTIONS = 6  # parallel connections per host of a browser
 
 
@@ -160,7 +158,7 @@ def main() -> None:
         for _ in range(args.repeat + 1):
             start = time.perf_counter()
             tiles = search_api.tile_query_slide(index, query)
-            search_api.search_tiles(index, tiles, args.k, service.search_cfg["mode"], False, False)
+            search_api.search_tiles(index, tiles, args.k, service.search_cfg.mode, False, False)
             in_process.append(time.perf_counter() - start)
         in_process = in_process[1:]  # the first call warms the model
         with background(create_app(service.config, service)) as base:

@@ -3,7 +3,7 @@
 Pathology: a 3-stage CNN classifies synthetic H&E tiles of the four `pathology.synthetic` tissue classes
 (train and test tiles drawn from different seeds, i.e. different "patients"). Segmentation: a small
 UNet3D segments synthetic BraTS-like cases (`segmentation.synthetic`, 32^3). Each trained model is run
-through `histo.robustness.run_grid` with and without α-BN; CE / mCE are computed against the `batch`
+through `histo.robustness.grid.run_grid` with and without α-BN; CE / mCE are computed against the `batch`
 model; `report.md` says which norm is most robust to which corruption and checks the literature's
 expectation (REFERENCE.md §6): GN/IN-type norms help under corruptions with the same content, BN with
 statistics calibration (α-BN) helps under distribution shift (here proxied by global intensity/colour
@@ -24,7 +24,11 @@ from torch import nn
 
 from histo.io import atomic_write_text
 from histo.norms import conv_for, make_norm_act, resolve_norm, set_region_mask
-from histo.robustness import CLEAN, corruption_errors, report, run_grid
+from histo.norms.placement import FIRST, Site, place
+from histo.robustness.grid import CLEAN, run_grid
+from histo.robustness.metrics import corruption_errors
+from histo.robustness.report import report
+from pathology.cbr import IBN_LAYOUT as CBR_LAYOUT
 
 NORMS = ["batch", "ibn_a", "group", "instance", "rn_b", "rn_l", "bcn", "evonorm_s0"]
 GROUPED = {"group", "bcn", "evonorm_s0"}
@@ -38,7 +42,8 @@ class SmallCNN(nn.Module):
     """conv-norm-ReLU x 3 stages (32, 64, 128 channels), global average pool, linear head.
 
     The norm's traits pick the convolution (bcn: weight-standardised) and drop the ReLU after a norm with its
-    own nonlinearity (evonorm_s0), as in the DenseNet and U-Net of the pipeline.
+    own nonlinearity (evonorm_s0), as in the DenseNet and U-Net of the pipeline; a placed norm goes where
+    the CBR nets put it (ibn_a: IBN in the first two stages, BN in the last; ibn_b refused).
     """
 
     def __init__(self, norm: str, classes: int) -> None:
@@ -46,8 +51,10 @@ class SmallCNN(nn.Module):
         choice = resolve_norm(norm, {"num_groups": 8} if norm in GROUPED else None)
         conv = conv_for(choice, 2)
         layers, cin = [], 3
-        for i, cout in enumerate((32, 64, 128)):
-            layers += [conv(cin, cout, 3, padding=1, bias=False), *make_norm_act(choice, cout, 2)]
+        widths = (32, 64, 128)
+        for i, cout in enumerate(widths):
+            site_norm = place(choice, FIRST, CBR_LAYOUT, Site(i, len(widths)))
+            layers += [conv(cin, cout, 3, padding=1, bias=False), *make_norm_act(site_norm, cout, 2)]
             if i < 2:
                 layers.append(nn.MaxPool2d(2))
             cin = cout

@@ -100,6 +100,11 @@ class Catalog:
     def rows(self, slide: int) -> slice:
         return slice(int(self.offsets[slide]), int(self.offsets[slide + 1]))
 
+    def locate(self, row: int) -> tuple[int, int]:
+        """(slide, tile number within the slide) of a row."""
+        slide = int(self.row_slide[row])
+        return slide, int(row - self.offsets[slide])
+
     def allowed(self, exclude_patient: str | None = None, site: str | None = None) -> np.ndarray | None:
         """Boolean mask of searchable slides (None: all), dropping a patient and/or keeping one site."""
         if exclude_patient is None and site is None:
@@ -116,7 +121,8 @@ class Catalog:
 class SearchEngine:
     """Two-stage search over a catalog; `knn[mode](queries, k) -> (distances, rows)`, `tiles[mode]` arrays.
 
-    `settings` (the index's `search` config, see search/config.py) set the first stage and the matches.
+    `settings` (the index's `search` config, see search/config.py) set the first stage and the matches;
+    a query may bring its own (`settings=` of `rank` and `search`).
     First stage: `stage1_tiles` evenly spread query tiles each fetch their `tile_k` nearest tiles, and every
     slide hit becomes a candidate (tile_k grows 4x while fewer than k slides are hit). Second stage: the
     exact slide distance, over all query tiles, on the candidates. tile_k must exceed the tiles of a slide
@@ -135,8 +141,10 @@ class SearchEngine:
         k: int,
         allowed: np.ndarray | None = None,
         exhaustive: bool = False,
+        settings: IndexSearch | None = None,
     ) -> tuple[list[tuple[int, float]], dict[str, Any]]:
         """Top-k (slide, distance) for a query slide's codes/features, by exact slide distance on candidates."""
+        settings = settings or self.settings
         if mode not in MODES:
             raise ValueError(f"unknown search mode {mode!r} (barcode, float)")
         cat = self.catalog
@@ -145,8 +153,8 @@ class SearchEngine:
         info: dict[str, Any] = {"mode": mode, "strategy": "exhaustive", "tile_k": 0, "stage1_tiles": 0}
         candidates = everything
         if not exhaustive and excluded_rows * 2 < len(cat.row_slide) and len(everything) > k:
-            hit, info["tile_k"] = self._first_stage(query, mode, allowed, excluded_rows, k)
-            info["stage1_tiles"] = min(len(query), self.settings.stage1_tiles)
+            hit, info["tile_k"] = self._first_stage(query, mode, allowed, excluded_rows, k, settings)
+            info["stage1_tiles"] = min(len(query), settings.stage1_tiles)
             if len(hit) >= k:
                 candidates, info["strategy"] = hit, "two-stage"
             else:  # fewer distinct slides than asked for even with every row: search all allowed ones
@@ -157,16 +165,20 @@ class SearchEngine:
         return [(int(candidates[i]), float(distances[i])) for i in order], info
 
     def _first_stage(
-        self, query: np.ndarray, mode: str, allowed: np.ndarray | None, excluded_rows: int, wanted: int
+        self,
+        query: np.ndarray,
+        mode: str,
+        allowed: np.ndarray | None,
+        excluded_rows: int,
+        wanted: int,
+        settings: IndexSearch,
     ) -> tuple[np.ndarray, int]:
         """Allowed slides hit by the kNN of the stage-1 query tiles, widening tile_k until `wanted` are hit."""
         cat = self.catalog
         n_rows = len(cat.row_slide)
-        picked = np.unique(
-            np.linspace(0, len(query) - 1, min(len(query), self.settings.stage1_tiles)).round()
-        )
+        picked = np.unique(np.linspace(0, len(query) - 1, min(len(query), settings.stage1_tiles)).round())
         tiles = query[picked.astype(np.int64)]
-        tile_k = self.settings.tile_k or default_tile_k(cat)
+        tile_k = settings.tile_k or default_tile_k(cat)
         while True:
             # Asking for tile_k + excluded rows neighbours guarantees tile_k allowed ones per query tile.
             _, rows = self.knn[mode](tiles, min(n_rows, tile_k + excluded_rows))
@@ -178,9 +190,14 @@ class SearchEngine:
             tile_k *= 4
 
     def hits(
-        self, query: np.ndarray, ranked: list[tuple[int, float]], mode: str, query_xy: np.ndarray | None
+        self,
+        query: np.ndarray,
+        ranked: list[tuple[int, float]],
+        mode: str,
+        query_xy: np.ndarray | None,
+        n_matches: int,
     ) -> list[SlideHit]:
-        """Ranked (slide, distance) pairs as SlideHits with their best-matching tile pairs."""
+        """Ranked (slide, distance) pairs as SlideHits with their `n_matches` best-matching tile pairs."""
         base = self.tiles[mode]()
         cat = self.catalog
         out = []
@@ -194,7 +211,7 @@ class SearchEngine:
                     xy=[int(v) for v in cat.coords[rows][ti]],
                     distance=d,
                 )
-                for qi, ti, d in best_matches(query, base[rows], self.settings.n_matches)
+                for qi, ti, d in best_matches(query, base[rows], n_matches)
             ]
             hit = SlideHit(cat.slide_ids[slide], cat.labels[slide], distance, matches, cat.tile_sides[slide])
             out.append(hit)
@@ -209,11 +226,30 @@ class SearchEngine:
         allowed: np.ndarray | None = None,
         query_xy: np.ndarray | None = None,
         exhaustive: bool = False,
+        settings: IndexSearch | None = None,
     ) -> SearchResult:
         """Full slide query: ranking, tile matches and the majority-vote label of the top k."""
-        ranked, info = self.rank(query, mode, k, allowed, exhaustive)
-        hits = self.hits(query, ranked, mode, query_xy)
+        settings = settings or self.settings
+        ranked, info = self.rank(query, mode, k, allowed, exhaustive, settings)
+        hits = self.hits(query, ranked, mode, query_xy, settings.n_matches)
         return SearchResult(name, vote_of(hits), hits, info)
+
+    def nearest_tiles(self, name: str, tile: np.ndarray, mode: str, k: int) -> SearchResult:
+        """The k indexed tiles nearest one query tile's code/features (1, D): one hit per tile, in order."""
+        if mode not in MODES:
+            raise ValueError(f"unknown search mode {mode!r} (barcode, float)")
+        cat = self.catalog
+        dist, rows = self.knn[mode](tile, k)
+        hits = []
+        for d, row in zip(dist[0], rows[0], strict=True):
+            if row < 0:
+                continue
+            slide, number = cat.locate(row)
+            match = TileMatch(0, None, number, [int(v) for v in cat.coords[row]], float(d))
+            hits.append(
+                SlideHit(cat.slide_ids[slide], cat.labels[slide], float(d), [match], cat.tile_sides[slide])
+            )
+        return SearchResult(name, vote_of(hits), hits, {"mode": mode})
 
 
 def default_tile_k(catalog: Catalog) -> int:

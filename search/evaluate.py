@@ -8,6 +8,12 @@ in the truth or the predictions; a query with no labelled neighbour abstains, "(
 miss of its class but not a class) and per-class precision/recall/F1/support; confusion matrices as PNG.
 Scopes: horizontal (all slides) and, when every slide has a site, vertical (only slides of the query's
 site). A query with no other patient in its scope is listed as unanswerable and left out of the metrics.
+
+Ranking (`strategy`, recorded in the result): `exhaustive` (the default) computes the slide distance to
+every allowed slide, as the published protocol ranks; `two-stage` uses the search's approximation (per-tile
+kNN candidates, then the exact distance on them; `SearchEngine.rank`). An exhaustive evaluation also ranks
+every query the two-stage way and reports how often the two differ (`StrategyAgreement`) - the price of
+the approximation on this archive; `compare` asks for that comparison with either strategy.
 """
 
 from __future__ import annotations
@@ -20,7 +26,26 @@ from typing import Any
 import numpy as np
 
 from histo.classification import ABSTAIN, DEFINITIONS, ClassificationReport, classification_report, vote
-from search.engine import SearchEngine
+from histo.errors import HistoError
+from search.engine import Catalog, SearchEngine
+
+STRATEGIES = ("exhaustive", "two-stage")
+
+
+@dataclass
+class StrategyAgreement:
+    """How the other ranking strategy's results differ on the same queries.
+
+    rankings_differ: queries whose top max(k) slides (in order) differ; predictions_differ: k -> queries
+    whose majority vote of the top k differs; fallbacks: queries the two-stage ranking searched
+    exhaustively anyway (fewer than k candidates, or most rows excluded).
+    """
+
+    other: str
+    n_queries: int = 0
+    rankings_differ: int = 0
+    predictions_differ: dict[int, int] = field(default_factory=dict)
+    fallbacks: int = 0
 
 
 @dataclass
@@ -30,6 +55,7 @@ class ScopeResult:
     unanswerable: list[str]
     scores: dict[int, ClassificationReport]  # k -> scores of the majority vote of the top k
     predictions: dict[str, dict[int, str]] = field(default_factory=dict)  # slide_id -> k -> label
+    agreement: StrategyAgreement | None = None  # the other strategy on the same queries, when compared
 
 
 @dataclass
@@ -37,11 +63,30 @@ class EvaluationResult:
     mode: str
     ks: list[int]
     scopes: dict[str, ScopeResult]
+    strategy: str = "exhaustive"
     pngs: list[str] = field(default_factory=list)
     definitions: dict[str, str] = field(default_factory=lambda: dict(DEFINITIONS))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def agreements(self) -> dict[str, dict[str, Any]]:
+        """Scope -> the other strategy's differences (`StrategyAgreement` as a dict), where compared."""
+        return {name: asdict(s.agreement) for name, s in self.scopes.items() if s.agreement is not None}
+
+    def strategy_lines(self) -> list[str]:
+        """How the queries were ranked and, per scope, how often the other strategy differs (for a table)."""
+        lines = [f"ranking: {self.strategy}"]
+        for name, s in self.scopes.items():
+            a = s.agreement
+            if a is None:
+                continue
+            votes = ", ".join(f"top-{k} vote {n}" for k, n in a.predictions_differ.items())
+            lines.append(
+                f"{name}: {a.other} differs on {a.rankings_differ}/{a.n_queries} rankings ({votes}; "
+                f"{a.fallbacks} searched exhaustively anyway)"
+            )
+        return lines
 
     def summary_rows(self) -> list[dict[str, Any]]:
         """One row per scope and k: accuracy and macro-F1 (for a table)."""
@@ -58,10 +103,20 @@ def evaluate_engine(
     mode: str,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    strategy: str = "exhaustive",
+    compare: bool | None = None,
 ) -> EvaluationResult:
-    """Leave-one-patient-out search over the engine's own slides; confusion PNGs + JSON in `out_dir`."""
+    """Leave-one-patient-out search over the engine's own slides; confusion PNGs + JSON in `out_dir`.
+
+    `strategy` ranks the queries (see the module docstring); `compare` also ranks them the other way and
+    counts the differences (None: only when `strategy` is exhaustive, next to which the two-stage is cheap).
+    """
     from tqdm import tqdm
 
+    if strategy not in STRATEGIES:
+        raise HistoError(f"evaluate.strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    compare = strategy == "exhaustive" if compare is None else compare
+    other = STRATEGIES[1 - STRATEGIES.index(strategy)]
     cat = engine.catalog
     base = engine.tiles[mode]()
     patients = np.array(
@@ -69,11 +124,11 @@ def evaluate_engine(
     )
     sites = cat.sites
     scope_names = ["horizontal"] + (["vertical"] if sites and all(s is not None for s in sites) else [])
-    result = EvaluationResult(mode, list(ks), {})
+    result = EvaluationResult(mode, list(ks), {}, strategy)
     for scope in scope_names:
         truth: list[str] = []
         preds: dict[int, list[str]] = {k: [] for k in ks}
-        sr = ScopeResult(scope, 0, [], {})
+        sr = ScopeResult(scope, 0, [], {}, agreement=StrategyAgreement(other) if compare else None)
         for s in tqdm(range(len(cat)), desc=f"evaluate {scope}", unit="slide", disable=not progress):
             if cat.labels[s] is None:
                 continue
@@ -83,21 +138,46 @@ def evaluate_engine(
             if not allowed.any():
                 sr.unanswerable.append(cat.slide_ids[s])
                 continue
-            ranked, _ = engine.rank(base[cat.rows(s)], mode, max(ks), allowed)
-            labels = [cat.labels[i] for i, _ in ranked]
-            distances = [d for _, d in ranked]
+            query = base[cat.rows(s)]
+            ranked, info = engine.rank(query, mode, max(ks), allowed, exhaustive=strategy == "exhaustive")
             truth.append(cat.labels[s])
             sr.predictions[cat.slide_ids[s]] = {}
             for k in ks:
-                p = vote(labels[:k], distances[:k]) or ABSTAIN
+                p = _vote(cat, ranked, k)
                 preds[k].append(p)
                 sr.predictions[cat.slide_ids[s]][k] = p
+            if sr.agreement is not None:
+                alt, alt_info = engine.rank(query, mode, max(ks), allowed, exhaustive=other == "exhaustive")
+                two_stage = info if strategy == "two-stage" else alt_info
+                _count(sr.agreement, cat, ranked, alt, ks, two_stage["strategy"] != "two-stage")
         sr.n_queries = len(truth)
         sr.scores = {k: classification_report(truth, preds[k]) for k in ks}
         result.scopes[scope] = sr
     if out_dir is not None:
         _write(result, Path(out_dir))
     return result
+
+
+def _vote(cat: Catalog, ranked: list[tuple[int, float]], k: int) -> str:
+    """The majority label of the top k ranked slides, ABSTAIN when none is labelled."""
+    return vote([cat.labels[i] for i, _ in ranked[:k]], [d for _, d in ranked[:k]]) or ABSTAIN
+
+
+def _count(
+    agreement: StrategyAgreement,
+    cat: Catalog,
+    ranked: list[tuple[int, float]],
+    alt: list[tuple[int, float]],
+    ks: tuple[int, ...],
+    fallback: bool,
+) -> None:
+    """Add one query's two rankings to the agreement counts."""
+    agreement.n_queries += 1
+    agreement.rankings_differ += [i for i, _ in ranked] != [i for i, _ in alt]
+    for k in ks:
+        differs = _vote(cat, ranked, k) != _vote(cat, alt, k)
+        agreement.predictions_differ[k] = agreement.predictions_differ.get(k, 0) + differs
+    agreement.fallbacks += fallback
 
 
 def _write(result: EvaluationResult, out: Path) -> None:

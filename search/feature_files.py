@@ -26,6 +26,7 @@ import numpy as np
 
 from histo.batch import BatchSummary, Outcome, run_batch
 from histo.errors import HistoError, InputFileError
+from pathology.geometry import TileGeometry
 from pathology.interop.coords import trident_attrs
 from pathology.interop.h5 import h5_shapes, read_h5, write_h5
 from pathology.store import slide_id_problem
@@ -69,7 +70,8 @@ def _write_slide(
         "patient": rec.patient,
         "site": rec.site,
     }
-    coords_attrs = trident_attrs(rec, store.params["resolved"]["target_mpp"], str(h5_path.parent))
+    target_mpp = TileGeometry.recorded(store.params, str(store.path)).mpp
+    coords_attrs = trident_attrs(rec, target_mpp, str(h5_path.parent))
     write_h5(
         h5_path, {"features": feats, "coords": coords}, {"features": feature_attrs, "coords": coords_attrs}
     )
@@ -256,7 +258,7 @@ def import_feature_files(
     an unreadable file fails alone. Labels come from `labels_csv` (slide,label[,patient,site]), else from
     histo's attributes. Returns the import's BatchSummary and the model info.
     """
-    from pathology.labels import SlideMeta, find_meta, read_labels, resolve_meta
+    from pathology.slide_labels import SlideMeta, find_meta, read_labels, resolve_meta
     from search import features as feats_io
 
     labels = read_labels(labels_csv) if labels_csv is not None else {}

@@ -5,6 +5,13 @@ channels. Between sequences sit the non-reversible parts: a 3x3x3 stem, 2x2x2 st
 (which also change the channel count), 2x2x2 stride-2 transposed convolutions up, and a 1x1x1 convolution
 merging the up-sampled features with the skip (the encoder sequence's output). `reversible=False` builds the
 same modules run under plain autograd: identical parameter names, the same function, more memory.
+
+IBN-Net's placement (`histo.norms.placement`, ResNet rule, the encoder levels as its stages): `ibn_a` puts
+IBN (IN on the first half) at the first norm of every MBConv body of the encoder's first three levels, never
+the deepest one, and BatchNorm everywhere else, decoder included; `ibn_b` puts an affine IN after the stem
+(`stem_norm`) and at the output of the first two encoder levels (`encoder_norm`, after their last coupling
+sums: outside the reversible sequences, so the inversion is untouched), with BatchNorm in every body. For
+any other norm those two are identities, so parameter names do not change.
 """
 
 from __future__ import annotations
@@ -16,18 +23,21 @@ import torch
 from torch import nn
 
 from histo.norms import NormArg, NormChoice, resolve_norm
+from histo.norms.placement import STAGE_END, STEM_END, IBNLayout, Site, place_extra
 from segmentation.config import roi_divisor
 from segmentation.mbconv import MBConv
 from segmentation.reversible import ReversibleBlock, ReversibleSequence
 
 HEADS = ("regions", "labels")
+IBN_LAYOUT = IBNLayout("unet3d")  # IBN-Net's ResNet split and rule, encoder levels as stages
 
 
 class UNet3D(nn.Module):
     """Reversible MBConv 3D U-Net returning logits (N, out_channels, D, H, W).
 
-    head="regions": 3 independent sigmoid channels TC, WT, ET; head="labels": softmax over out_channels
-    classes. Spatial sizes must be divisible by 2 ** (len(channels) - 1). `norm` is a registered name, a
+    head="regions": out_channels independent sigmoid channels, one per region of the label scheme (TC, WT,
+    ET for BraTS 2018-2023; segmentation.label_schemes); head="labels": softmax over out_channels classes.
+    Spatial sizes must be divisible by 2 ** (len(channels) - 1). `norm` is a registered name, a
     `(name, kwargs)` pair or a callable (`histo.norms.resolve_norm`); `norm_kwargs` add to its kwargs.
     `.config` rebuilds the network: a registered norm is stored as its name and kwargs (so the three forms
     give one config), an unregistered callable as itself (such a config is not JSON-able).
@@ -65,21 +75,28 @@ class UNet3D(nn.Module):
             "head": head,
         }
         body = {"expansion": expansion, "norm": choice, "se_ratio": se_ratio, "dropout": dropout}
+        levels = len(channels)
 
-        def sequence(c: int) -> ReversibleSequence:
-            blocks = [
-                ReversibleBlock(MBConv(c // 2, **body), MBConv(c // 2, **body))
-                for _ in range(blocks_per_level)
-            ]
+        def sequence(c: int, stage: int | None) -> ReversibleSequence:
+            def mbconv(block: int) -> MBConv:
+                return MBConv(c // 2, **body, site=Site(stage, levels, block), layout=IBN_LAYOUT)
+
+            blocks = [ReversibleBlock(mbconv(b), mbconv(b)) for b in range(blocks_per_level)]
             return ReversibleSequence(blocks, reversible=reversible)
+
+        def extra_norm(position: str, c: int, stage: int | None = None) -> nn.Module:
+            norm = place_extra(choice, position, IBN_LAYOUT, Site(stage, levels))
+            return nn.Identity() if norm is None else norm(c, 3)
 
         pairs = list(itertools.pairwise(channels))
         self.stem = nn.Conv3d(in_channels, channels[0], 3, padding=1)
-        self.encoder = nn.ModuleList([sequence(c) for c in channels])
+        self.stem_norm = extra_norm(STEM_END, channels[0])
+        self.encoder = nn.ModuleList([sequence(c, level) for level, c in enumerate(channels)])
+        self.encoder_norm = nn.ModuleList([extra_norm(STAGE_END, c, lv) for lv, c in enumerate(channels)])
         self.down = nn.ModuleList([nn.Conv3d(a, b, 2, stride=2) for a, b in pairs])
         self.up = nn.ModuleList([nn.ConvTranspose3d(b, a, 2, stride=2) for a, b in pairs])
         self.merge = nn.ModuleList([nn.Conv3d(2 * a, a, 1) for a, _ in pairs])
-        self.decoder = nn.ModuleList([sequence(a) for a, _ in pairs])
+        self.decoder = nn.ModuleList([sequence(a, None) for a, _ in pairs])
         self.out = nn.Conv3d(channels[0], out_channels, 1)
 
     @property
@@ -89,10 +106,10 @@ class UNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        x = self.stem(x)
+        x = self.stem_norm(self.stem(x))
         skips = []
         for level, sequence in enumerate(self.encoder):
-            x = sequence(x)
+            x = self.encoder_norm[level](sequence(x))
             if level < len(self.down):
                 skips.append(x)
                 x = self.down[level](x)
@@ -122,8 +139,8 @@ class UNet3D(nn.Module):
 def _check_args(out_channels: int, channels: list[int], blocks_per_level: int, head: str) -> None:
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    if head == "regions" and out_channels != 3:
-        raise ValueError(f"head='regions' predicts TC, WT, ET: out_channels must be 3, got {out_channels}")
+    if head == "regions" and out_channels < 1:
+        raise ValueError(f"head='regions' needs at least one region channel, got out_channels={out_channels}")
     if head == "labels" and out_channels < 2:
         raise ValueError(f"head='labels' needs at least 2 classes, got out_channels={out_channels}")
     if not channels or any(c < 2 or c % 2 for c in channels):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +114,86 @@ def test_haematoxylin_equals_skimage_rgb2hed():
 
     rgb = np.random.default_rng(4).integers(0, 256, (40, 30, 3), dtype=np.uint8)
     np.testing.assert_allclose(haematoxylin(rgb), rgb2hed(rgb)[..., 0], atol=1e-12)
+
+
+# ---------------------------------------------------------------- nuclei density
+
+
+def _discs(centres: list[tuple[int, int]], radius: float, shape=(96, 96)) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    mask = np.zeros(shape, bool)
+    for cy, cx in centres:
+        mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    return mask
+
+
+def test_nuclei_count_splits_touching_nuclei_and_drops_specks():
+    from pathology.cellularity import nuclei_count
+
+    assert nuclei_count(_discs([(30, 30)], 4), mpp=1.0, split_um=3.0) == 1
+    assert (
+        nuclei_count(_discs([(30, 30), (30, 37)], 4), mpp=1.0, split_um=3.0) == 2
+    )  # one component, two nuclei
+    assert nuclei_count(_discs([(30, 30), (60, 60), (30, 70)], 4), mpp=1.0, split_um=3.0) == 3
+    assert nuclei_count(_discs([(30, 30)], 1.5), mpp=1.0, split_um=3.0) == 0  # 7 µm²: a speck
+    assert nuclei_count(_discs([(30, 30)], 1.5), mpp=2.0, split_um=3.0) == 1  # 28 µm² at 2 µm/px
+    assert nuclei_count(np.zeros((8, 8), bool), mpp=1.0, split_um=3.0) == 0
+
+
+def _purple_on_white(mask: np.ndarray) -> np.ndarray:
+    rgb = np.full((*mask.shape, 3), 235, np.uint8)
+    rgb[mask] = (90, 40, 140)
+    return rgb
+
+
+def test_density_tells_few_large_from_many_small_nuclei_where_the_pixel_fraction_cannot():
+    from pathology.cellularity import nuclei_density
+
+    large = _discs([(16 + 32 * i, 16 + 32 * j) for i in range(3) for j in range(3)], 5.0)  # 9 x 79 px
+    small = _discs([(8 + 16 * i, 8 + 16 * j) for i in range(6) for j in range(6)], 2.5)  # 36 x 20 px
+    fractions = cellularity_score(_purple_on_white(large)), cellularity_score(_purple_on_white(small))
+    densities = nuclei_density(_purple_on_white(large), 1.0), nuclei_density(_purple_on_white(small), 1.0)
+    assert 0.6 < fractions[1] / fractions[0] < 1.6
+    area_mm2 = 96 * 96 * 1e-6
+    assert densities == (pytest.approx(9 / area_mm2), pytest.approx(36 / area_mm2))
+
+
+def _ranking_study():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "cellularity_ranking.py"
+    spec = importlib.util.spec_from_file_location("cellularity_ranking", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_both_scores_rank_real_tiles_at_one_micron_and_keratin_is_the_known_failure():
+    """The measurement of scripts/cellularity_ranking.py (real tiles labelled by tissue kind, 1 µm/px)."""
+    from histo.config import load_config
+
+    study = _ranking_study()
+    cfg = load_config(TileConfig).cellularity
+    tiles = study.labelled_tiles(1.0)
+    nucleated = study.evaluate([t for t in tiles if t["kind"] != "keratin"], cfg, 1.0)
+    assert nucleated["pixel_fraction"]["concordance"] == 1.0  # dense > stroma > glass / pen, every pair
+    assert nucleated["nuclei_density"]["by_class_pair"]["stroma > no nuclei"] == 1.0
+    assert nucleated["nuclei_density"]["concordance"] > 0.95
+    everything = study.evaluate(tiles, cfg, 1.0)
+    for score in ("pixel_fraction", "nuclei_density"):  # cornified keratin (no nuclei) scores like epidermis
+        assert everything[score]["by_class_pair"]["stroma > no nuclei"] < 0.8
+
+
+def test_tile_scorer_follows_the_config_and_refuses_an_unknown_score():
+    from histo.config import load_config
+    from pathology.cellularity import nuclei_density, tile_scorer
+
+    cfg = load_config(TileConfig).cellularity
+    density = load_config(TileConfig, overrides={"cellularity.score": "nuclei_density"}).cellularity
+    rgb = _purple_on_white(_discs([(20, 20), (50, 60)], 4.0))
+    assert tile_scorer(cfg, 1.0)(rgb) == cellularity_score(rgb)
+    assert tile_scorer(density, 1.0)(rgb) == nuclei_density(rgb, 1.0)
+    with pytest.raises(
+        ConfigError, match=r"cellularity\.score: input should be 'pixel_fraction' or 'nuclei_density'"
+    ):
+        load_config(TileConfig, overrides={"cellularity.score": "count"})

@@ -88,8 +88,11 @@ def test_ibn_a_placement_follows_ibn_net_densenet():
         for i in range(1, n + 1, 3)
     }
     assert set(ibn) == expected and len(expected) == 2 + 4 + 8
-    for m in ibn.values():
-        assert m.half == int(0.4 * m.num_features)
+    for m in ibn.values():  # densenet_ibn.py: BN on the first int(C * (1 - 0.4)) channels, IN on the rest
+        n_bn = int(m.num_features * (1 - 0.4))
+        assert not m.in_first and (m.BN.num_features, m.IN.num_features) == (n_bn, m.num_features - n_bn)
+    first = ibn["features.denseblock1.denselayer1.norm1"]
+    assert (first.BN.num_features, first.IN.num_features) == (38, 26)  # 64 channels; histo had IN 25
     others = [m for n, m in model.named_modules() if n.endswith(("norm", "norm0", "norm1", "norm2", "norm5"))]
     assert all(isinstance(m, nn.BatchNorm2d) for m in others if not isinstance(m, IBN))
 
@@ -139,7 +142,7 @@ def test_every_usable_norm_trains(norm):
 
 
 @pytest.mark.parametrize(
-    ("norm", "reason"), [("rn_b", "region mask"), ("ibn_b", "ResNets only"), ("nope", "unknown")]
+    ("norm", "reason"), [("rn_b", "region mask"), ("ibn_b", "no residual sums"), ("nope", "unknown")]
 )
 def test_unusable_norms_are_refused(norm, reason):
     from histo.errors import HistoError

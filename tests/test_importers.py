@@ -149,3 +149,68 @@ def test_import_pretrained_writes_a_kimianet_checkpoint_for_histo_index(tmp_path
     fx = FeatureExtractor.from_checkpoint(out, device="cpu")
     assert fx.input_px == 32 and fx.feature_definition["pooling"] == "avgpool(norm5) without ReLU"
     assert fx.extract(np.zeros((1, 32, 32, 3), np.uint8)).shape == (1, 1024)
+
+
+def _ibn_net_densenet121_state() -> dict[str, torch.Tensor]:
+    """The state dict of the authors' `densenet121_ibn_a()` (XingangPan/IBN-Net `ibnnet/densenet_ibn.py`),
+    rebuilt from their construction rules: `IBN(C, 0.4)` (BN on the first int(C * 0.6) channels, IN on the
+    rest) as `norm1` of every third dense layer of blocks 1-3, BatchNorm at every other norm."""
+    g = torch.Generator().manual_seed(2)
+    state: dict[str, torch.Tensor] = {}
+
+    def bn(prefix: str, c: int) -> None:
+        for name in ("weight", "bias", "running_mean"):
+            state[f"{prefix}.{name}"] = torch.randn(c, generator=g)
+        state[f"{prefix}.running_var"] = torch.rand(c, generator=g) + 0.5
+        state[f"{prefix}.num_batches_tracked"] = torch.tensor(7)
+
+    state["features.conv0.weight"] = torch.randn(64, 3, 7, 7, generator=g)
+    bn("features.norm0", 64)
+    c = 64
+    for b, layers in enumerate((6, 12, 24, 16)):
+        for i in range(layers):
+            prefix, cin = f"features.denseblock{b + 1}.denselayer{i + 1}", c + 32 * i
+            if b < 3 and i % 3 == 0:
+                half = int(cin * (1 - 0.4))
+                bn(f"{prefix}.norm1.BN", half)
+                state[f"{prefix}.norm1.IN.weight"] = torch.randn(cin - half, generator=g)
+                state[f"{prefix}.norm1.IN.bias"] = torch.randn(cin - half, generator=g)
+            else:
+                bn(f"{prefix}.norm1", cin)
+            state[f"{prefix}.conv1.weight"] = torch.randn(128, cin, 1, 1, generator=g)
+            bn(f"{prefix}.norm2", 128)
+            state[f"{prefix}.conv2.weight"] = torch.randn(32, 128, 3, 3, generator=g)
+        c += 32 * layers
+        if b < 3:
+            bn(f"features.transition{b + 1}.norm", c)
+            state[f"features.transition{b + 1}.conv.weight"] = torch.randn(c // 2, c, 1, 1, generator=g)
+            c //= 2
+    bn("features.norm5", c)
+    state["classifier.weight"], state["classifier.bias"] = torch.randn(1000, c), torch.randn(1000)
+    return state
+
+
+def test_ibn_net_densenet121_ibn_a_weights_load_and_split_as_the_authors(tmp_path):
+    state = _ibn_net_densenet121_state()
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "densenet121_ibn_a.pth"
+    )
+    model = build_model("densenet121", "ibn_a", 2, "IV")
+    report = load_pretrained(model, tmp_path / "densenet121_ibn_a.pth")
+    loaded = model.features.state_dict()
+    assert report["tensors_loaded"] == len(state) - 2 == len(loaded)
+    backbone = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
+    assert all(torch.equal(loaded[k], v) for k, v in backbone.items())
+    block = model.features.denseblock1.denselayer1.norm1.eval()
+    x = torch.randn(2, 64, 5, 5)
+    prefix = "features.denseblock1.denselayer1.norm1"
+    w, b = state[f"{prefix}.BN.weight"], state[f"{prefix}.BN.bias"]
+    mean, var = state[f"{prefix}.BN.running_mean"], state[f"{prefix}.BN.running_var"]
+    view = (1, -1, 1, 1)
+    bn_ref = (x[:, :38] - mean.view(view)) / torch.sqrt(var.view(view) + 1e-5) * w.view(view) + b.view(view)
+    rest = x[:, 38:]
+    z = (rest - rest.mean((2, 3), keepdim=True)) / torch.sqrt(
+        rest.var((2, 3), unbiased=False, keepdim=True) + 1e-5
+    )
+    in_ref = z * state[f"{prefix}.IN.weight"].view(view) + state[f"{prefix}.IN.bias"].view(view)
+    torch.testing.assert_close(block(x), torch.cat([bn_ref, in_ref], 1), rtol=1e-5, atol=1e-5)

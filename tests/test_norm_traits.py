@@ -94,7 +94,7 @@ def test_region_mask_trait_is_what_set_region_mask_reaches(name: str) -> None:
 def test_activating_trait_decides_the_activation_in_mbconv_cbr_and_densenet(name: str) -> None:
     activating = hn.norm_traits(name).activating
     assert isinstance(MBConv(4, expansion=2, norm=name).act, nn.Identity if activating else nn.SiLU)
-    for model in (cbr("cbr-tiny", name), densenet121(name)):
+    for model in filter(None, _placeable(name, lambda: cbr("cbr-tiny", name), lambda: densenet121(name))):
         relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
         assert (not relus) == activating
     assert isinstance(hn.make_norm_act(name, 8, 2).act, nn.Identity if activating else nn.ReLU)
@@ -107,10 +107,25 @@ def test_conv_trait_is_the_convolution_networks_use(name: str) -> None:
         assert hn.conv_for(name, dims) is (CONV[dims] if paired is None else paired[dims])
     mb = MBConv(4, expansion=2, norm=name)
     assert {type(mb.expand), type(mb.depthwise), type(mb.project)} == {hn.conv_for(name, 3)}
-    trunk = cbr("cbr-tiny", name).features
-    assert {type(getattr(trunk, f"conv{i}")) for i in range(4)} == {hn.conv_for(name, 2)}
-    layer = densenet121(name).features.denseblock1.denselayer1
-    assert {type(layer.conv1), type(layer.conv2)} == {hn.conv_for(name, 2)}
+    trunk, dense = _placeable(
+        name, lambda: cbr("cbr-tiny", name).features, lambda: densenet121(name).features
+    )
+    if trunk is not None:
+        assert {type(getattr(trunk, f"conv{i}")) for i in range(4)} == {hn.conv_for(name, 2)}
+        layer = dense.denseblock1.denselayer1
+        assert {type(layer.conv1), type(layer.conv2)} == {hn.conv_for(name, 2)}
+
+
+def _placeable(name: str, *builders) -> list:
+    """Each built network, or [None, ...] after checking that every builder refuses a placed norm that
+    the CBR and DenseNet families refuse (ibn_b: neither has residual sums) with the trait's reason."""
+    reason = hn.norm_traits(name).unsupported.get("cbr") if hn.norm_traits(name).placement else None
+    if reason is None:
+        return [build() for build in builders]
+    for build in builders:
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            build()
+    return [None] * len(builders)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -137,7 +152,8 @@ def test_declared_traits_of_the_shipped_norms() -> None:
     assert having("calibratable") == {"batch", "ibn_a", "bcn", "evonorm_b0"}
     assert having("region_mask") == having("recompute_state") == {"rn_b"}
     assert having("conv") == {"bcn"} and hn.norm_traits("bcn").conv == hn.WS_CONV
-    assert having("placement") == {"ibn_a"} and hn.norm_traits("ibn_a").placement == hn.IBN_A
+    assert having("placement") == {"ibn_a", "ibn_b"} and hn.norm_traits("ibn_a").placement == hn.IBN_A
+    assert hn.norm_traits("ibn_b").placement == hn.IBN_B
     assert having("unsupported") == {"ibn_b"}
 
 

@@ -137,6 +137,22 @@ def test_ibn_a_is_in_on_first_channels_and_bn_on_the_rest(channels, ratio, half)
     torch.testing.assert_close(m.BN.running_var, bnorm.running_var)
 
 
+@pytest.mark.parametrize(("channels", "n_bn"), [(64, 38), (10, 6), (7, 4)])
+def test_ibn_a_densenet_split_is_bn_first_then_in(channels, n_bn):
+    """IBN-Net's densenet_ibn.py: BN on the first int(C * (1 - r)) channels, IN on the rest (r = 0.4)."""
+    torch.manual_seed(5)
+    m = _randomize(make_norm("ibn_a", channels, 2, ratio=0.4, in_first=False).double())
+    assert (m.BN.num_features, m.IN.num_features) == (n_bn, channels - n_bn)
+    bnorm = nn.BatchNorm2d(n_bn).double()
+    inorm = nn.InstanceNorm2d(channels - n_bn, affine=True).double()
+    bnorm.load_state_dict(m.BN.state_dict())
+    inorm.load_state_dict(m.IN.state_dict())
+    x = torch.randn(4, channels, 5, 5, dtype=torch.float64) * 3 + 1
+    torch.testing.assert_close(
+        m(x), torch.cat([bnorm(x[:, :n_bn]), inorm(x[:, n_bn:])], 1), rtol=0, atol=1e-12
+    )
+
+
 @pytest.mark.parametrize("spatial_dims", [1, 2, 3])
 @pytest.mark.parametrize("name", ALL)
 def test_monai_norm_factory_builds_every_name(name, spatial_dims):

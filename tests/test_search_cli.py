@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import REPO, TILE_OVERRIDES
 
 from histo.classification import MACRO_F1_DEFINITION
 from histo.cli import main
-
-REPO = Path(__file__).resolve().parent.parent
-TILE_OVERRIDES = {"tile.px": 32, "tile.um": 64.0, "mosaic.percent": 50.0, "cellularity.top_fraction": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +71,9 @@ def built(data: dict) -> Path:
     }
     assert all(Path(p).exists() for p in report["evaluation"]["pngs"])
     assert report["evaluation"]["macro_f1_definition"] == MACRO_F1_DEFINITION
+    assert report["evaluation"]["strategy"] == "exhaustive"  # the published protocol ranks every slide
+    agreement = report["evaluation"]["agreement"]["horizontal"]
+    assert agreement["other"] == "two-stage" and agreement["n_queries"] == 6
     return out
 
 

@@ -143,3 +143,67 @@ def test_first_stage_uses_an_evenly_spread_subset_of_query_tiles() -> None:
     eng.settings = settings(stage1_tiles=50, tile_k=4)  # more than the query has: every tile
     eng.rank(query, "barcode", k=2)
     assert calls[-1][:, 0].tolist() == list(range(7))
+
+
+def tiles_engine(slides: list[list[list[float]]], labels, **search_keys) -> SearchEngine:
+    """Slides of 2-D float tiles, one patient each; exact kNN over all tiles."""
+    feats = np.array([t for s in slides for t in s], dtype=np.float32)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in slides])])
+    n = len(slides)
+    cat = Catalog([f"s{i}" for i in range(n)], labels, [f"p{i}" for i in range(n)], [None] * n, offsets,
+                  np.zeros((len(feats), 2), np.int64))  # fmt: skip
+    knn = {"float": lambda q, k: exact_knn(q, feats, k)}
+    return SearchEngine(cat, knn=knn, tiles={"float": lambda: feats}, settings=settings(**search_keys))
+
+
+# s0's first tile (the only one the first stage searches) is nearest the tiles of s1, but by the median of
+# minimum distances over all its tiles s2 is the nearest slide: the two-stage answer is s1, the exact s2.
+MISSED = tiles_engine(
+    [[[0, 0], [10, 0], [10, 1]], [[0, 0.1], [0, 0.2], [0.1, 0], [0, 0.3]], [[1.5, 0], [10, 0.2], [10, 1.2]],
+     [[50, 50], [51, 50], [52, 50]], [[-50, 50], [-51, 50], [-52, 50]]],
+    ["X", "Y", "X", "Y", "Y"], tile_k=1, stage1_tiles=1,
+)  # fmt: skip
+
+
+def test_evaluation_ranks_exhaustively_by_default_and_counts_where_two_stage_differs(tmp_path) -> None:
+    ev = evaluate_engine(MISSED, ks=(1,), mode="float", out_dir=tmp_path, progress=False)
+    h = ev.scopes["horizontal"]
+    assert ev.strategy == "exhaustive" and h.predictions["s0"] == {1: "X"}  # s2, the exact nearest slide
+    differ, votes, fallbacks = 0, 0, 0
+    for s in range(5):
+        allowed = np.arange(5) != s
+        query = MISSED.tiles["float"]()[MISSED.catalog.rows(s)]
+        exact, _ = MISSED.rank(query, "float", 1, allowed, exhaustive=True)
+        fast, info = MISSED.rank(query, "float", 1, allowed)
+        differ += exact != fast
+        votes += MISSED.catalog.labels[exact[0][0]] != MISSED.catalog.labels[fast[0][0]]
+        fallbacks += info["strategy"] != "two-stage"
+    a = h.agreement
+    assert (a.other, a.n_queries, a.rankings_differ, a.predictions_differ, a.fallbacks) == (
+        "two-stage",
+        5,
+        differ,
+        {1: votes},
+        fallbacks,
+    )
+    assert differ >= 1 and votes >= 1
+    saved = json.loads((tmp_path / "evaluation_float.json").read_text())
+    assert (
+        saved["strategy"] == "exhaustive"
+        and saved["scopes"]["horizontal"]["agreement"]["rankings_differ"] == differ
+    )
+    assert ev.strategy_lines()[0] == "ranking: exhaustive"
+    assert ev.strategy_lines()[1].startswith(f"horizontal: two-stage differs on {differ}/5 rankings")
+
+
+def test_two_stage_is_an_option_and_compares_only_when_asked() -> None:
+    from histo.errors import HistoError
+
+    fast = evaluate_engine(MISSED, ks=(1,), mode="float", progress=False, strategy="two-stage")
+    assert fast.strategy == "two-stage" and fast.scopes["horizontal"].predictions["s0"] == {1: "Y"}
+    assert fast.scopes["horizontal"].agreement is None and fast.agreements() == {}
+    both = evaluate_engine(MISSED, ks=(1,), mode="float", progress=False, strategy="two-stage", compare=True)
+    exact = evaluate_engine(MISSED, ks=(1,), mode="float", progress=False)
+    assert both.agreements()["horizontal"] == {**exact.agreements()["horizontal"], "other": "exhaustive"}
+    with pytest.raises(HistoError, match=r"evaluate\.strategy must be one of exhaustive, two-stage"):
+        evaluate_engine(MISSED, ks=(1,), mode="float", progress=False, strategy="approximate")

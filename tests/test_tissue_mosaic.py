@@ -14,7 +14,15 @@ from histo.config import load_config
 from pathology import slide as slide_mod
 from pathology import tissue as tissue_mod
 from pathology.config import TileConfig
-from pathology.mosaic import Grid, box_means, colour_features, select_mosaic, spatial_pick, tissue_fractions
+from pathology.mosaic import (
+    Grid,
+    box_means,
+    colour_features,
+    select_mosaic,
+    spatial_pick,
+    tile_grid,
+    tissue_fractions,
+)
 from pathology.slide import open_slide
 from pathology.synthetic import write_synthetic_slide
 from pathology.tiler import EmptyMosaicError, tile_slide
@@ -127,6 +135,95 @@ def test_grid_origins_are_whole_tiles_inside():
     assert o.tolist() == [[0, 0], [1002, 0], [0, 1002], [1002, 1002]]
 
 
+def _supersampled(mask: np.ndarray, grid: Grid, width: int, height: int, n: int = 300) -> np.ndarray:
+    """Per tile (tissue fraction of its part inside the slide, mean with white outside), midpoint rule."""
+    sx, sy = width / mask.shape[1], height / mask.shape[0]
+    fractions, means = [], []
+    for x0, y0 in grid.origins().tolist():
+        xs = x0 + (np.arange(n) + 0.5) * grid.size / n
+        ys = y0 + (np.arange(n) + 0.5) * grid.size / n
+        inside = (ys < height)[:, None] & (xs < width)[None, :]
+        cols = np.minimum(np.floor(xs / sx).astype(int), mask.shape[1] - 1)
+        rows = np.minimum(np.floor(ys / sy).astype(int), mask.shape[0] - 1)
+        values = mask[rows][:, cols].astype(float)
+        fractions.append(values[inside].mean())
+        means.append(np.where(inside, values, 255.0).mean())
+    return np.array(fractions), np.array(means)
+
+
+def _mosaic(**keys):
+    """The mosaic section of the default tile config with `keys` changed (validated)."""
+    return TileConfig.coerce({"mosaic": keys}).mosaic
+
+
+def test_grid_options_partial_edges_and_tissue_anchor_against_a_loop():
+    rng = np.random.default_rng(8)
+    width, height, size = 1000, 780, 230.0
+    mask = np.zeros((13, 17), bool)
+    mask[3:11, 4:15] = rng.random((8, 11)) > 0.3  # tissue box: level-0 x 235..882, y 180..660
+    opts = {"edge_tiles": "whole", "grid_anchor": "slide"}
+    assert tile_grid(width, height, size, mask, _mosaic(**opts)) == Grid.of(width, height, size)
+    partial = tile_grid(width, height, size, mask, _mosaic(**{**opts, "edge_tiles": "partial"}))
+    assert (partial.x0, partial.y0, partial.n_cols, partial.n_rows) == (0, 0, 5, 4)  # ceil(1000 / 230) ...
+    anchored = tile_grid(width, height, size, mask, _mosaic(edge_tiles="partial", grid_anchor="tissue"))
+    x0, y0 = math.floor(4 * width / 17), math.floor(3 * height / 13)
+    assert (anchored.x0, anchored.y0) == (x0, y0) and anchored.origins()[0].tolist() == [x0, y0]
+    assert (anchored.n_cols, anchored.n_rows) == (
+        math.ceil((math.ceil(15 * width / 17) - x0) / size),
+        math.ceil((math.ceil(11 * height / 13) - y0) / size),
+    )
+    whole_anchored = tile_grid(width, height, size, mask, _mosaic(edge_tiles="whole", grid_anchor="tissue"))
+    assert (whole_anchored.n_cols, whole_anchored.n_rows) == ((width - x0) // 230, (height - y0) // 230)
+    for grid in (partial, anchored):
+        fractions, means = _supersampled(mask, grid, width, height)
+        np.testing.assert_allclose(tissue_fractions(mask, grid, width, height), fractions, atol=0.01)
+        np.testing.assert_allclose(box_means(mask.astype(float), grid, width, height), means, atol=2.0)
+    assert (
+        tile_grid(
+            width, height, size, np.zeros_like(mask), _mosaic(**{**opts, "grid_anchor": "tissue"})
+        ).n_cols
+        == 0
+    )
+
+
+def test_unknown_grid_option_is_a_config_error():
+    from histo.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"mosaic\.edge_tiles: input should be 'whole' or 'partial', got 'pad'"
+    ):
+        _mosaic(edge_tiles="pad")
+    with pytest.raises(ConfigError, match=r"mosaic\.grid_anchor: input should be 'slide' or 'tissue'"):
+        _mosaic(grid_anchor="mask")
+
+
+def test_small_real_specimen_fails_naming_the_options_and_tiles_with_partial_edges(tmp_path):
+    """CMU-1-Small-Region (2220 x 2967 px at 0.499 µm/px): no whole 1000 px tile at 20x is 70 % tissue."""
+    from pathology.store import TileStore
+    from pathology.tiler import tile_slides
+
+    base = load_config(TileConfig)
+    with pytest.raises(EmptyMosaicError) as e:
+        tile_slide(CMU, base)
+    message = str(e.value)
+    assert "none of 4 grid tiles is >= 70% tissue" in message and "\n" not in message
+    assert "mosaic.edge_tiles: partial" in message and "mosaic.grid_anchor: tissue" in message
+    partial = load_config(TileConfig, overrides={"mosaic.edge_tiles": "partial"})
+    summary = tile_slides([CMU], tmp_path / "t.zarr", partial, save_pixels=True, progress=False)
+    assert [o.status for o in summary.outcomes] == ["done"]
+    store = TileStore.open(tmp_path / "t.zarr")
+    assert (
+        store.params["mosaic"]["edge_tiles"] == "partial" and store.params["mosaic"]["grid_anchor"] == "slide"
+    )
+    slide_id = store.slide_ids()[0]
+    assert store.coords(slide_id).tolist() == [[1002, 2004]]  # the bottom edge tile: 963 of its 1002 px rows
+    tile = store.read_selected(slide_id)[0]
+    inside_rows = round((2967 - 2004) / 1002.004 * 1000)
+    assert (tile[inside_rows + 2 :] == 255).all()  # read padded with background (white)
+    assert tile[: inside_rows - 2].mean() < 240  # the part on the slide is tissue
+    assert store.cellularity(slide_id)[0] > 0
+
+
 def test_selection_rule_counts_and_determinism():
     rng = np.random.default_rng(3)
     feats = np.concatenate([rng.normal(c * 40, 3, (n, 3)) for c, n in enumerate([40, 25, 7, 1])])
@@ -201,6 +298,14 @@ def test_min_score_rule_keeping_nothing_is_a_failure_with_reason(synthetic, cfg)
     assert not ts.selected.any()
 
 
+def test_nuclei_density_option_scores_the_mosaic_in_nuclei_per_mm2(synthetic, cfg):
+    dense = cfg.updated({"cellularity.score": "nuclei_density"})
+    a, b = tile_slide(synthetic, cfg), tile_slide(synthetic, dense)
+    np.testing.assert_array_equal(a.coords, b.coords)  # the mosaic does not depend on the score
+    assert a.cellularity.max() <= 1.0 < b.cellularity.max()  # a fraction vs nuclei per mm²
+    assert b.cellularity[b.selected].min() >= b.cellularity[~b.selected].max()
+
+
 def test_otsu_option_and_real_slide(cfg):
     ts = tile_slide(CMU, cfg)
     assert ts.record.n_mosaic > 0 and ts.record.mpp_source == "metadata"
@@ -229,22 +334,3 @@ def test_kmeans_matches_scikit_learn():
     dup = np.repeat(points[:2], 5, axis=0)  # fewer distinct points than k
     labels, _ = kmeans(dup, 4, seed=0)
     assert len(np.unique(labels)) <= 2 + 2 and labels.shape == (10,)
-
-
-def test_tile_geometry_options():
-    from histo.errors import ConfigError
-    from pathology.tiler import tile_geometry
-
-    base = load_config(TileConfig)
-    g = tile_geometry(base)
-    assert (g.px, g.mpp, g.um) == (1000, 0.5, 500.0)
-    as_um = base.updated({"tile.px": 224, "tile.um": 500.0})
-    assert tile_geometry(as_um).mpp == pytest.approx(500 / 224)
-    at_mpp = base.updated({"tile.px": 256, "tile.mpp": 0.25})
-    assert tile_geometry(at_mpp).um == 64.0
-    at_10x = base.updated({"tile.px": 224, "tile.magnification": 10.0})
-    assert tile_geometry(at_10x).mpp == 1.0
-    with pytest.raises(ConfigError, match=r"tile\.px"):
-        base.updated({"tile.px": 4})
-    with pytest.raises(ConfigError, match=r"tile\.um or tile\.mpp, not both"):
-        base.updated({"tile.um": 500.0, "tile.mpp": 0.5})

@@ -91,16 +91,3 @@ def main(ctx: click.Context, verbose: bool, quiet: bool, log_file: str | None) -
     ctx.call_on_close(close_logging)
     setup_logging(1 if verbose else -1 if quiet else 0, log_file)
     logger.debug("histo %s in %s: %s", __version__, Path.cwd(), shlex.join(sys.argv))
-
-
-def not_built(name: str, issue: int) -> click.Command:
-    """A placeholder command that says it is not built yet and exits non-zero."""
-
-    @click.command(name=name, context_settings={"ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def command(args: tuple[str, ...]) -> None:
-        click.echo(f"error: `histo {name}` is not built yet (issue {issue})", err=True)
-        sys.exit(3)
-
-    command.help = f"{HELP[name]} (not built yet)"
-    return command

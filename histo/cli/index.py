@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from histo.cli.options import (
-    choices,
     config_option,
     device_option,
     json_option,
@@ -16,7 +15,7 @@ from histo.cli.options import (
     stage_config,
 )
 from histo.cli.outcomes import failure_lines, finish
-from search.config import IndexType
+from search.kinds import kind_names
 
 KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.device"}
 
@@ -44,7 +43,12 @@ KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.dev
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Index directory (created/resumed)."
 )
-@click.option("--type", "index_type", default=None, help=f"Float index type: {choices(IndexType)}.")
+@click.option(
+    "--type",
+    "index_type",
+    default=None,
+    help=f"Float index type: {' | '.join(kind_names())} (search/kinds.py).",
+)
 @click.option("--batch-size", type=int, default=None, help="Tiles per forward pass.")
 @click.option("--evaluate", "evaluate", is_flag=True, help="Leave-one-patient-out evaluation after building.")
 @device_option
@@ -109,8 +113,15 @@ def index(
     lines += failure_lines(batch)
     if evaluate:
         ev_dir = Path(out) / "evaluation"
-        ev = built.evaluate(k=cfg.evaluate.k, mode=cfg.evaluate.mode, out_dir=ev_dir)
-        batch = batch.with_extra(evaluation={"rows": ev.summary_rows(), "pngs": ev.pngs, **ev.definitions})
+        ev_cfg = cfg.evaluate
+        ev = built.evaluate(ev_cfg.k, ev_cfg.mode, ev_dir, strategy=ev_cfg.strategy)
+        batch = batch.with_extra(
+            evaluation={
+                "rows": ev.summary_rows(), "pngs": ev.pngs, "strategy": ev.strategy, "agreement": ev.agreements(),
+                **ev.definitions,
+            }
+        )  # fmt: skip
+        lines += ev.strategy_lines()
         lines.append(f"{'scope':<11} {'k':>2} {'n':>5} {'accuracy':>9} {'macro-F1':>9}")
         for r in ev.summary_rows():
             lines.append(

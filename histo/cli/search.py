@@ -10,38 +10,6 @@ import click
 from histo.cli.options import choices, config_option, device_option, emit_json, json_option, stage_config
 from search.config import Mode
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
-
-
-def is_patch_file(path: Path) -> bool:
-    """An image file (PNG/JPEG/...), or a TIFF that is neither pyramidal nor Aperio, is a patch query."""
-    suffix = path.suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
-        return True
-    if suffix not in (".tif", ".tiff"):
-        return False
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return not (tif.is_svs or len(tif.series[0].levels) > 1 or len(tif.pages) > 1)
-    except (OSError, tifffile.TiffFileError):
-        return False  # let the slide reader give the reason
-
-
-def read_patch(path: Path):
-    """An RGB patch as uint8 (H, W, 3); InputFileError if unreadable or not RGB(A)/grey."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    from histo.errors import InputFileError
-
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))  # a writable copy
-    except (OSError, UnidentifiedImageError) as e:
-        raise InputFileError(path, f"not a readable image ({type(e).__name__})") from None
-
 
 @click.command("search")
 @click.option(
@@ -75,7 +43,8 @@ def search(
     geojson_dir: str | None,
     as_json: bool,
 ) -> None:
-    """Search INDEX with QUERY slide files (tiled and featurised like the index) or image patches.
+    """Search INDEX with QUERY slide files (tiled and featurised like the index) or image patches
+    (PNG, JPEG, a plain TIFF: their nearest indexed tiles).
 
     A query that fails is reported (and in --json carries an "error") and the others go on; the exit
     status is then 1. With --geojson each query's folder is written (search/geojson.py) and named in the
@@ -97,19 +66,14 @@ def search(
         _check_geojson(idx, queries, Path(geojson_dir))
     out, failed = [], 0
     for q in queries:
-        path = Path(q)
         try:
-            if is_patch_file(path):
-                result = idx.search_patch(read_patch(path))  # patch_k, patch_mode of the config
-                result.query = q
-            else:
-                result = idx.search_slide(q)  # k, mode, exclude_same_patient, exhaustive of the config
+            result = idx.search(q)  # a slide or an image patch; every setting from the config
             shown = result.to_dict()
             if geojson_dir is not None:
                 from pathology.slide import slide_id_of
                 from search.geojson import write_result_geojson
 
-                shown["geojson"] = str(write_result_geojson(result, geojson_dir, slide_id_of(path)))
+                shown["geojson"] = str(write_result_geojson(result, geojson_dir, slide_id_of(q)))
             out.append(shown)
             _print_result(shown, err=as_json)
         except HistoError as e:

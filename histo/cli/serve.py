@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from histo.cli.options import config_option, device_option
+from histo.cli.options import config_option, device_option, stage_config
 
 TOKEN_ENV = "HISTO_SERVE_TOKEN"
 
@@ -70,8 +70,8 @@ def serve(
     results with matched tile pairs side by side, and a Deep Zoom viewer. The query settings come from the
     search config (`--config`, as for `histo search`). Ctrl-C stops it.
     """
-    from histo.config import load_config
     from histo.errors import HistoError
+    from search.config import SearchConfig
 
     try:
         import uvicorn
@@ -93,7 +93,7 @@ def serve(
         token=token or None,
         max_upload_bytes=int(max_upload_mb * 2**20),
         max_pixels=max_pixels,
-        search=load_config("search", config_path, {"device": device}),
+        search=stage_config(SearchConfig, config_path, {"device": "run.device"}),
     )
     app = create_app(config)
     service = app.state.service

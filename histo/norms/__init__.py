@@ -5,8 +5,9 @@ module per family; formulas in ../shared/REFERENCE.md §6 and each module's docs
 PyTorch's names (num_groups, eps, momentum, affine). Each name is registered with its `NormTraits`
 (`norm_traits(name)`), which networks read through `resolve_norm` (a name, a `(name, kwargs)` pair or a
 callable), `make_norm_act` (no activation after a norm that has its own) and `conv_for` (bcn's
-weight-standardised convolution). Calibration, the reversible recompute and `set_region_mask` find modules
-by the protocols in `histo.norms.protocols`. Every name is also in MONAI's `Norm` factory under
+weight-standardised convolution); networks put ibn_a/ibn_b where IBN-Net does through
+`histo.norms.placement` (their `placement` trait). Calibration, the reversible recompute and
+`set_region_mask` find modules by the protocols in `histo.norms.protocols`. Every name is also in MONAI's `Norm` factory under
 `monai_name(name)` (the name itself, or `histo_<name>` where MONAI already defines it: batch, instance,
 group, layer). Blocks with running statistics (BN parts, evonorm_b0) update them only when
 `updates_stats(self)`, so `frozen_running_stats(model)` covers them.
@@ -26,11 +27,12 @@ from histo.norms.region import RegionMask, RegionNormB, RegionNormL, region_mask
 from histo.norms.registry import NormSpec, get_norm, make_norm, names, norm_traits, register, unregister
 from histo.norms.standard import GroupNorm, SpatialLayerNorm
 from histo.norms.stats import frozen_running_stats, updates_stats
-from histo.norms.traits import IBN_A, NormTraits
+from histo.norms.traits import IBN_A, IBN_B, NormTraits
 
 __all__ = [
     "IBN",
     "IBN_A",
+    "IBN_B",
     "WS_CONV",
     "BatchChannelNorm",
     "CalibratableNorm",

@@ -10,10 +10,11 @@ from torch import nn
 
 from histo.norms.common import BATCH_NORM, INSTANCE_NORM, resolve_groups
 from histo.norms.registry import register
-from histo.norms.traits import NormTraits
+from histo.norms.traits import IBN_B, NormTraits
 
-IBN_B_RESNET_ONLY = (
-    "IBN-b placement is defined for ResNets only (use ibn_a, placed as IBN-Net places it in DenseNet)"
+NO_RESIDUAL_SUMS = (
+    "IBN-b puts IN after the stem and after residual sums, and this network has no residual sums "
+    "(use ibn_a, placed as IBN-Net places it)"
 )
 
 
@@ -41,9 +42,12 @@ def _instance(channels: int, spatial_dims: int, affine: bool = True, **kwargs) -
     return INSTANCE_NORM[spatial_dims](channels, affine=affine, **kwargs)
 
 
-@register("ibn_b", traits=NormTraits(unsupported={"densenet": IBN_B_RESNET_ONLY, "cbr": IBN_B_RESNET_ONLY}))
+@register(
+    "ibn_b",
+    traits=NormTraits(placement=IBN_B, unsupported={"densenet": NO_RESIDUAL_SUMS, "cbr": NO_RESIDUAL_SUMS}),
+)
 def _ibn_b(channels: int, spatial_dims: int, affine: bool = True, **kwargs) -> nn.Module:
-    """IBN-b adds an affine IN after the stem and after the residual sums of stages 1-2."""
+    """The affine IN that IBN-b places after the stem and the last residual sums of stages 1-2."""
     return INSTANCE_NORM[spatial_dims](channels, affine=affine, **kwargs)
 
 

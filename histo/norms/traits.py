@@ -16,7 +16,9 @@ from types import MappingProxyType
 from torch import nn
 
 ALL_DIMS = frozenset({1, 2, 3})
-IBN_A = "ibn-a"  # placement: networks with IBN-Net sites put the norm there and BatchNorm elsewhere
+# placements (`histo.norms.placement`): the norm goes to IBN-Net's sites of the network, BatchNorm elsewhere
+IBN_A = "ibn-a"  # IBN at the first norm of the early stages' blocks
+IBN_B = "ibn-b"  # IN at the stem and after the last residual sum of the early stages
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class NormTraits:
     calibratable: it keeps running batch statistics that α-BN (`histo.calibration`) blends with the batch's.
     recompute_state: its modules hold state (`RecomputeState`) that a reversible recompute must restore.
     spatial_dims: the spatial dims it is defined for.
-    placement: a placement rule (`IBN_A`) networks that define its sites follow; None: at every norm site.
+    placement: a placement rule (`IBN_A`, `IBN_B`) networks follow per site; None: at every norm site.
     unsupported: network family -> the reason that family cannot use it (e.g. a ResNet-only placement).
     """
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from histo.batch import BatchSummary, Outcome, run_batch
 from histo.errors import HistoError, InputFileError
+from pathology.geometry import TileGeometry
 from pathology.interop.coords import clam_attrs, coords_file, trident_attrs, write_coords
 
 EXPORT_FORMATS = ("clam", "trident", "qupath")
@@ -57,7 +58,7 @@ def _export_coords(item: _Slide, store: Any, out: Path, fmt: str, which: str) ->
         with _open_source(store, item.id) as slide:
             attrs = clam_attrs(slide, rec.tile_size_level0, rec.tile_px, save_path)
     else:
-        attrs = trident_attrs(rec, store.params["resolved"]["target_mpp"], save_path)
+        attrs = trident_attrs(rec, TileGeometry.recorded(store.params, str(store.path)).mpp, save_path)
     write_coords(path, coords, attrs, rec.mpp)
     return Outcome.done(item.id, item.path, file=str(path), n_tiles=len(coords))
 

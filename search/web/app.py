@@ -103,7 +103,9 @@ def query_page(request: Request) -> Response:
         "files": sorted(service.archive.refresh_files()),
         "has_root": service.archive.slides_root is not None,
         "chosen_slide": request.query_params.get("slide_id", ""),
-        "defaults": {k: cfg[k] for k in ("k", "patch_k", "mode", "patch_mode", "exclude_same_patient")},
+        "defaults": {
+            k: getattr(cfg, k) for k in ("k", "patch_k", "mode", "patch_mode", "exclude_same_patient")
+        },
         "geometry": service.archive.geometry,
         "max_upload_mb": service.config.max_upload_bytes / 2**20,
         "max_pixels": service.config.max_pixels,

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from histo.errors import HistoError
+from search.config import SearchConfig
 from search.web import query
 from search.web.archive import Archive, NotFound
 from search.web.images import SlideImages, display_copy, encode
@@ -39,17 +40,15 @@ class ServeConfig:
     token: str | None = None
     max_upload_bytes: int = 16 * 2**20
     max_pixels: int = 4096 * 4096
-    search: Mapping[str, Any] = field(default_factory=dict)  # `histo search` settings (configs/search.yaml)
+    search: SearchConfig | None = None  # `histo search` settings; None: the defaults (configs/search.yaml)
 
 
 class Service:
     """The open index and everything the pages and the API read from it."""
 
     def __init__(self, config: ServeConfig) -> None:
-        from histo.config import load_config
-
         self.config = config
-        self.search_cfg = dict(config.search) or load_config("search")
+        self.search_cfg = SearchConfig.coerce(config.search)
         index = query.open_index(config.index_dir, self.search_cfg)
         self.archive = Archive(index, config.slides_root)
         self.cache_dir = (config.cache_dir or config.index_dir / CACHE_DIR).resolve()
@@ -87,11 +86,11 @@ class Service:
         patch = kind == "patch"
         return Job(
             source=source,
-            k=_int_field(fields, "k", cfg["patch_k"] if patch else cfg["k"], 1, MAX_K),
-            mode=_choice_field(fields, "mode", cfg["patch_mode"] if patch else cfg["mode"], MODES),
+            k=_int_field(fields, "k", cfg.patch_k if patch else cfg.k, 1, MAX_K),
+            mode=_choice_field(fields, "mode", cfg.patch_mode if patch else cfg.mode, MODES),
             exclude_same_patient=not patch
-            and _bool_field(fields, "exclude_same_patient", cfg["exclude_same_patient"]),
-            exhaustive=not patch and _bool_field(fields, "exhaustive", cfg["exhaustive"]),
+            and _bool_field(fields, "exclude_same_patient", cfg.exclude_same_patient),
+            exhaustive=not patch and _bool_field(fields, "exhaustive", cfg.exhaustive),
         )
 
     def _source(self, kind: str, fields: Mapping[str, Any], upload: Any) -> QuerySource:
