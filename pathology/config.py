@@ -7,9 +7,9 @@ The models hold the types and the valid ranges; the values come from `histo/conf
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from histo.config import (
     AsTuple,
@@ -19,6 +19,7 @@ from histo.config import (
     KeyedError,
     NonNegative,
     NormName,
+    OpenFraction,
     PathStr,
     Positive,
     PositiveInt,
@@ -52,8 +53,13 @@ class TissueConfig(Section):
     method: Literal["hsd", "otsu"]
     mpp: Positive
     std_threshold: Annotated[float, Field(ge=0, le=255)]
+    hsd_channel: Literal["density", "cy"]
     density_threshold: NonNegative
+    cy_threshold: Annotated[float, Field(ge=-1, le=1)]
+    filter_rule: Literal["physical", "yottixel"]
     filter_um: Positive
+    ink: Annotated[tuple[Literal["blue", "green", "black"], ...], AsTuple]
+    ink_margin_um: NonNegative
     otsu_min_saturation: Fraction
     min_brightness: Annotated[float, Field(ge=0, le=255)]
 
@@ -87,8 +93,89 @@ class CellularityConfig(Section):
         return self
 
 
+class FromCoordsConfig(Section):
+    """`histo tile --from-coords DIR`: what runs on top of a lab's CLAM/TRIDENT patches."""
+
+    select: Literal["none", "cellularity", "mosaic"]
+
+
+ClassName = Annotated[str, Field(min_length=1)]
+
+
+class RoiConfig(Section):
+    """`histo tile --roi PATH`: how QuPath annotations restrict or replace the tissue mask."""
+
+    mode: Literal["restrict", "replace"]
+    include: Annotated[tuple[ClassName, ...], AsTuple]
+    exclude: Annotated[tuple[ClassName, ...], AsTuple]
+
+
+Reader = Literal["auto", "openslide", "tiatoolbox"]
+StainMethod = Literal["none", "macenko", "vahadane", "reinhard"]
+
+
+def _nested_tuples(value: Any) -> Any:
+    return tuple(_nested_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+Vec3 = tuple[float, float, float]
+NestedTuples = BeforeValidator(_nested_tuples)
+
+
+class StainFit(Section):
+    """A stain target fitted once (to an image or to a store's tiles) and recorded with the store, so every
+    later read of its tiles, and every query searched against it, is normalized the same way."""
+
+    method: Literal["macenko", "vahadane", "reinhard"]
+    source: PathStr  # what it was fitted to: an image file or a tile store
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # of the fitted pixels
+    stain_matrix: Annotated[tuple[Vec3, Vec3], NestedTuples] | None  # macenko, vahadane: unit OD rows H, E
+    max_concentrations: Annotated[tuple[Positive, Positive], NestedTuples] | None  # their 99th percentiles
+    lab_mean: Annotated[Vec3, NestedTuples] | None  # reinhard: CIELAB mean and std of the target
+    lab_std: Annotated[tuple[Positive, Positive, Positive], NestedTuples] | None
+
+    @model_validator(mode="after")
+    def _values_of_its_method(self) -> StainFit:
+        matrix = self.method != "reinhard"
+        given = {
+            "stain_matrix": self.stain_matrix is not None,
+            "max_concentrations": self.max_concentrations is not None,
+            "lab_mean": self.lab_mean is not None,
+            "lab_std": self.lab_std is not None,
+        }
+        wanted = {k: (k in ("stain_matrix", "max_concentrations")) == matrix for k in given}
+        for key, present in given.items():
+            if present != wanted[key]:
+                verb = "needs" if wanted[key] else "does not take"
+                raise KeyedError(key, f"a {self.method} fit {verb} {key}")
+        return self
+
+
+class StainConfig(Section):
+    """Stain normalization of the tile pixels that reach the encoder (training, index, queries alike)."""
+
+    method: StainMethod
+    target: PathStr | None  # an RGB image, or a tile store (fitted to its tiles: the archive)
+    luminosity_threshold: OpenFraction
+    angular_percentile: Annotated[float, Field(gt=50, lt=100)]
+    fit: StainFit | None
+
+    @model_validator(mode="after")
+    def _target_for_a_method(self) -> StainConfig:
+        if self.method == "none":
+            for key in ("target", "fit"):
+                if getattr(self, key) is not None:
+                    raise KeyedError(key, f"stain.{key} is set but stain.method is none")
+        elif self.fit is None and self.target is None:
+            raise KeyedError("method", f"{self.method} needs stain.target (an image or a tile store)")
+        elif self.fit is not None and self.fit.method != self.method:
+            raise KeyedError("fit.method", f"the fit is {self.fit.method}, stain.method is {self.method}")
+        return self
+
+
 class TileRun(RunOptions):
     workers: PositiveInt
+    reader: Reader  # not recorded as a parameter: the backend that read each slide is in its record
 
 
 class TileConfig(StageConfig):
@@ -100,6 +187,9 @@ class TileConfig(StageConfig):
     tissue: TissueConfig
     mosaic: MosaicConfig
     cellularity: CellularityConfig
+    from_coords: FromCoordsConfig
+    roi: RoiConfig
+    stain: StainConfig
     run: TileRun
 
     @cached_property

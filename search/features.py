@@ -174,6 +174,7 @@ def extract_features(
             "patient": rec.patient,
             "site": rec.site,
             "n_tiles": len(coords),
+            "tile_size_level0": rec.tile_size_level0,
             "store": str(Path(store.path).resolve()),
         }
         write_slide(root, record, feats, coords)

@@ -5,7 +5,8 @@ Index dir (DESIGN.md "Index dir")::
     manifest.json      format version, model (hash, feature definition, dim), tiling config, index type and
                        parameters (requested and effective), counts, skipped slides, sha256 of every file
     features.zarr/     per-slide tile features and coordinates (search/features.py)
-    catalog.json       slides in row order: slide_id, label, patient, site, n_tiles
+    catalog.json       slides in row order: slide_id, label, patient, site, n_tiles, tile_size_level0 (the
+                       tiles' side in level-0 px, to draw hits on the slide; null in older indexes)
     coords.npy         (N, 2) int64 level-0 x, y of every row (rows of a slide are contiguous)
     barcodes.faissb    FAISS binary index over the packed MinMax barcodes (Hamming): IndexBinaryFlat for a
                        flat index, IndexBinaryIVF (+ direct map) otherwise (search/barcodes.py)
@@ -50,6 +51,7 @@ CATALOG, COORDS, BARCODES, FLOAT, MODEL = (
     "float.faiss",
     "model.pt",
 )
+CATALOG_KEYS = ("slide_id", "label", "patient", "site", "n_tiles", "tile_size_level0")
 BARCODE_DEFINITION = "MinMax: bit i = f[i+1] < f[i] for i < D-1, zero-padded to a multiple of 8 bits"
 
 
@@ -59,7 +61,8 @@ def _open_store(store: Any) -> Any:
     return store if isinstance(store, TileStore) else TileStore.open(store)
 
 
-def _load_extractor(model: Any, device: str) -> Any:
+def load_extractor(model: Any, device: str) -> Any:
+    """The feature extractor of a checkpoint path (or an extractor as given): the one place that builds it."""
     from pathology.kimianet import FeatureExtractor
 
     if isinstance(model, FeatureExtractor):
@@ -88,7 +91,7 @@ class SlideIndex:
         self.extraction: BatchSummary | None = None  # the feature extraction of `build`, when built here
         self._load(manifest)
         if model is not None:
-            self._extractor = self._check_model(_load_extractor(model, config.run.device))
+            self._extractor = self._check_model(load_extractor(model, config.run.device))
 
     def _load(self, manifest: dict[str, Any]) -> None:
         """Read the catalog, barcodes and float index that `manifest` describes, and the search engine."""
@@ -105,6 +108,7 @@ class SlideIndex:
             sites=[s["site"] for s in slides],
             offsets=offsets,
             coords=np.load(path / COORDS, allow_pickle=False),
+            tile_sides=[s.get("tile_size_level0") for s in slides],
         )
         try:
             self.barcode_index = faiss.read_index_binary(str(path / BARCODES))
@@ -147,12 +151,59 @@ class SlideIndex:
         """
         config = IndexConfig.coerce(config)
         out = Path(out)
-        extractor = _load_extractor(model, config.run.device)
+        extractor = load_extractor(model, config.run.device)
         batch = feats_io.extract_features(
             _open_store(store), extractor, out, shard, config.run.batch_size, progress
         )
         if shard[1] > 1:
             return None
+        built_with = {"feature_device": str(extractor.device)}
+        return cls._finish(out, model, extractor, batch, config, built_with)
+
+    @classmethod
+    def build_from_features(
+        cls,
+        folder: str | os.PathLike,
+        out: str | os.PathLike,
+        config: IndexConfig | Mapping[str, Any] | None = None,
+        labels_csv: str | os.PathLike | None = None,
+        encoder: str | None = None,
+        model: Any = None,
+        progress: bool = True,
+    ) -> SlideIndex:
+        """Build the index from per-slide CLAM/TRIDENT feature files (search/feature_files.py).
+
+        `config` as for `build`; `encoder`: the name the files must carry (needed when they carry none);
+        `model`: the checkpoint that made histo's files (its hash must match theirs), so the index can
+        featurise new queries.
+        """
+        from search.feature_files import import_feature_files
+
+        config = IndexConfig.coerce(config)
+        out = Path(out)
+        batch, info = import_feature_files(folder, out, labels_csv, encoder, progress)
+        extractor = None
+        if model is not None:
+            extractor = load_extractor(model, config.run.device)
+            if extractor.model_hash != info["hash"]:
+                raise HistoError(
+                    f"{folder}: features were made by model {info['hash'][:12]}, "
+                    f"not by {model} ({extractor.model_hash[:12]})"
+                )
+        built_with = {"features_from": str(Path(folder).resolve())}
+        return cls._finish(out, model, extractor, batch, config, built_with)
+
+    @classmethod
+    def _finish(
+        cls,
+        out: Path,
+        model: Any,
+        extractor: Any,
+        batch: BatchSummary,
+        config: IndexConfig,
+        built_with: dict[str, Any],
+    ) -> SlideIndex:
+        """Copy the model file into the index (when one is a file), assemble it and open it."""
         if not isinstance(model, (str, os.PathLike)):
             (out / MODEL).unlink(missing_ok=True)
         elif not (out / MODEL).exists() or feats_io.model_info(extractor)["hash"] != file_sha256(out / MODEL):
@@ -162,7 +213,7 @@ class SlideIndex:
             "index": {"type": config.type, "params_requested": config.params.model_dump(mode="json")},
             "search": config.search.model_dump(mode="json"),
             "failed_slides": _failed_slides(batch),
-            "built_with": {"feature_device": str(extractor.device)},
+            "built_with": built_with,
         }
         _assemble(out, content)
         index = cls.open(out, {"run": {"device": config.run.device}}, model=extractor)
@@ -181,7 +232,7 @@ class SlideIndex:
     ) -> BatchSummary:
         """Extract the features of the shard's slides into `out` (resumable) without building the index."""
         config = IndexConfig.coerce(config)
-        extractor = _load_extractor(model, config.run.device)
+        extractor = load_extractor(model, config.run.device)
         return feats_io.extract_features(
             _open_store(store), extractor, Path(out), shard, config.run.batch_size, progress
         )
@@ -237,7 +288,7 @@ class SlideIndex:
                     f"{self.path}: built with an in-memory model (hash {self.model_hash[:12]}); "
                     "pass the same model to SlideIndex.open(..., model=...)"
                 )
-            self._extractor = self._check_model(_load_extractor(self.path / MODEL, self.config.run.device))
+            self._extractor = self._check_model(load_extractor(self.path / MODEL, self.config.run.device))
         return self._extractor
 
     @property
@@ -349,12 +400,16 @@ class SlideIndex:
         codes = minmax_barcode(f) if s.mode == "barcode" else f
         result = self.engine.search(q.name, codes, s.mode, s.k, allowed, xy, s.exhaustive, settings)
         result.info.update(self.float_index.device_info() if s.mode == "float" else {"device": "cpu"})
+        result.query_slide_id, result.query_tile_size_level0 = record.slide_id, record.tile_size_level0
         return result
 
     def _search_patch(self, q: PatchQuery, k: int | None, mode: str | None, source: str) -> SearchResult:
         """The k nearest indexed tiles of a patch, with the config's patch_k / patch_mode for None."""
+        from pathology.stain import normalize_tiles
+
         s = self.config.updated({"patch_k": k, "patch_mode": mode}, source=source)
-        f = self.extractor.extract(q.rgb[None])
+        extractor = self.extractor
+        f = extractor.extract(normalize_tiles(q.rgb[None], self.query_stain(), q.name))
         codes = minmax_barcode(f) if s.patch_mode == "barcode" else f
         return self.engine.nearest_tiles(q.name, codes, s.patch_mode, s.patch_k)
 
@@ -373,6 +428,12 @@ class SlideIndex:
         if len(pixels) == 0:
             raise InputFileError(tiles.record.source_path, "no selected tiles in the query slide")
         return self.extractor.extract(pixels), tiles.coords[tiles.selected], tiles.record
+
+    def query_stain(self) -> Any:
+        """The stain normalization of the archive's tiles (its tiling's `stain`), which queries get too."""
+        from pathology.tiler import tiling_config
+
+        return tiling_config(self.manifest["tiling"], str(self.path / MANIFEST)).stain
 
     def query_patient(self, record: Any) -> str | None:
         """The query's patient: the index's record when the same slide ID is indexed, else the tiler's
@@ -420,7 +481,7 @@ def _assemble(out: Path, content: dict[str, Any]) -> None:
     records, features, coords = [], [], []
     for sid in slide_ids:
         rec, f, xy = feats_io.read_slide(root, sid)
-        records.append({key: rec.get(key) for key in ("slide_id", "label", "patient", "site", "n_tiles")})
+        records.append({key: rec.get(key) for key in CATALOG_KEYS})
         features.append(f)
         coords.append(xy)
     matrix = np.concatenate(features)

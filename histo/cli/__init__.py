@@ -29,6 +29,8 @@ COMMANDS = {
     "segment": "histo.cli.segment:segment",
     "robustness": "histo.cli.robustness:robustness",
     "serve": "histo.cli.serve:serve",
+    "export": "histo.cli.export:export",
+    "features": "histo.cli.features:features",
 }
 
 HELP = {
@@ -39,6 +41,8 @@ HELP = {
     "segment": "Train, apply and evaluate reversible-MBConv 3D U-Nets on BraTS MRI.",
     "robustness": "Evaluate models under image corruptions (ImageNet-C style metrics).",
     "serve": "Serve a search page (archive, queries, matched tiles, slide viewer) and its JSON API.",
+    "export": "Write a tile store's tiles as CLAM/TRIDENT coordinates or QuPath GeoJSON.",
+    "features": "Write per-slide CLAM/TRIDENT feature files (.h5, optionally .pt) of a tile store.",
 }
 
 
