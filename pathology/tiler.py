@@ -423,7 +423,10 @@ def tile_slides(
     if unlabelled:
         shown = ", ".join(unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
         log.warning("%d slide(s) have no row in %s: %s", len(unlabelled), labels_csv, shown)
-    store = TileStore.create_or_open(out, store_params(config))
+    # A store of an earlier release lacks the keys added since; their defaults reproduce what it did.
+    store = TileStore.create_or_open(
+        out, store_params(config), complete=lambda old: store_params(tiling_config(old, str(out)))
+    )
 
     def finished(job: _Job) -> dict | None:
         """The stored detail of a slide already done from the same file, else None."""
