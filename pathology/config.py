@@ -14,7 +14,6 @@ from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 from histo.config import (
     AsTuple,
     Count,
-    Device,
     Fraction,
     KeyedError,
     NonNegative,
@@ -28,7 +27,7 @@ from histo.config import (
     Seed,
     StageConfig,
 )
-from histo.training_config import LoopOptions
+from histo.training_config import LoopOptions, LoopRun
 from pathology.geometry import TileGeometry
 
 # ---- histo tile ---------------------------------------------------------------------------------
@@ -260,11 +259,8 @@ class OptimConfig(LoopOptions):
     monitor: Monitor
 
 
-class TrainRun(RunOptions):
-    device: Device
-    resume: bool
-    overwrite: bool
-    workers: Count
+class TrainRun(LoopRun):
+    """`histo train`'s run options: those of every trainer (histo.training_config.LoopRun)."""
 
 
 class TrainConfig(StageConfig):
