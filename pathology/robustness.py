@@ -134,6 +134,7 @@ def evaluate_pathology(
     Writes results.csv (resumable), CE tables, plots and summary.json into `out`; returns the summary.
     """
     from pathology.corruptions import CORRUPTIONS, seeded
+    from pathology.encoders import open_extractor
     from pathology.kimianet import FeatureExtractor
     from pathology.store import TileStore
 
@@ -143,7 +144,12 @@ def evaluate_pathology(
     store = TileStore.open(tiles)
     cohort = load_cohort(store, p["max_tiles_per_slide"], p["cache_mb"])
     plan, ref_label = plan_runs(model, reference, config["alpha_bn"])
-    extractors = {str(path): FeatureExtractor.from_checkpoint(path, config["device"]) for _, path, _ in plan}
+    def extractor(path: str | os.PathLike) -> Any:  # a histo checkpoint, or weights of pathology.encoder
+        if p["encoder"] is None:
+            return FeatureExtractor.from_checkpoint(path, config["device"])
+        return open_extractor(p["encoder"], path, config["device"], tiling=store.params)
+
+    extractors = {str(path): extractor(path) for _, path, _ in plan}
     archives = {
         key: [ex.extract(cohort.tiles(i), p["batch_size"]) for i in range(len(cohort.slide_ids))]
         for key, ex in extractors.items()

@@ -54,21 +54,66 @@ def _open_store(store: Any) -> Any:
     return store if isinstance(store, TileStore) else TileStore.open(store)
 
 
-def _load_extractor(model: Any, device: str) -> Any:
-    from pathology.kimianet import FeatureExtractor
+def _load_extractor(
+    model: Any,
+    device: str,
+    encoder: str | None = None,
+    weights: str | os.PathLike | None = None,
+    rule: dict[str, Any] | None = None,
+    tiling: dict[str, Any] | None = None,
+) -> Any:
+    """A FeatureExtractor from a histo checkpoint (`model`), a registry encoder with its weight file, or
+    an extractor passed as is. `rule`: tile_rule, grid, precision, input_px (None: the defaults)."""
+    from pathology.encoders import FeatureExtractor, open_extractor
+    from pathology.kimianet import FeatureExtractor as CheckpointExtractor
 
+    rule = {k: v for k, v in (rule or {}).items() if v is not None}
+    if encoder is not None:
+        if model is not None:
+            raise HistoError("give a histo checkpoint (--model) or an encoder with its weights, not both")
+        if weights is None:
+            raise HistoError(f"encoder {encoder!r} needs its weight file (--weights FILE; see `histo encoders`)")
+        return open_extractor(encoder, weights, device, tiling=tiling, **rule)
+    if weights is not None:
+        raise HistoError("--weights goes with --encoder NAME; a histo checkpoint is given as --model")
+    if model is None:
+        raise HistoError("no feature extractor: give --model CKPT or --encoder NAME --weights FILE")
     if isinstance(model, FeatureExtractor):
         return model
-    return FeatureExtractor.from_checkpoint(model, device=device)
+    if "input_px" in rule:
+        raise HistoError("input_px applies to registry encoders; a histo checkpoint has its own")
+    return CheckpointExtractor.from_checkpoint(model, device=device, **rule)
+
+
+def _checkpoint_rule(definition: dict[str, Any]) -> dict[str, Any]:
+    """The tile rule and precision of a checkpoint extractor, from the feature definition it recorded."""
+    rule = definition.get("tile_rule", {"rule": "resize"})
+    grid = rule.get("crops_per_side") if rule["rule"] == "grid" else None
+    return {"tile_rule": rule["rule"], "grid": grid, "precision": definition.get("precision", "float32")}
+
+
+def _encoder_label(model: dict[str, Any]) -> str:
+    """'encoder uni, weights 1a2b3c4d5e6f' (or the arch of a histo checkpoint) for messages."""
+    definition = model["feature_definition"]
+    name = definition.get("encoder") or f"histo {definition.get('arch')} checkpoint"
+    return f"{name}, weights {model['hash'][:12]}"
 
 
 class SlideIndex:
     """A searchable slide index directory (see the module docstring for its files)."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], device: str = "auto", model: Any = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        device: str = "auto",
+        model: Any = None,
+        weights: str | os.PathLike | None = None,
+    ) -> None:
         import faiss
 
         self.path = path
+        self._weights = weights  # where the encoder's weight file is now, if it moved
         self.manifest = manifest
         self.device = device
         self.index_type = manifest["index"]["type"]
@@ -111,8 +156,8 @@ class SlideIndex:
     def build(
         cls,
         store: Any,
-        model: Any,
-        out: str | os.PathLike,
+        model: Any = None,
+        out: str | os.PathLike | None = None,
         index_type: str = "flat",
         device: str = "auto",
         shard: tuple[int, int] = (0, 1),
@@ -120,12 +165,23 @@ class SlideIndex:
         batch_size: int = 32,
         search: dict[str, Any] | None = None,
         progress: bool = True,
+        encoder: str | None = None,
+        weights: str | os.PathLike | None = None,
+        tile_rule: str = "resize",
+        grid: int | None = None,
+        precision: str | None = None,
+        input_px: int | None = None,
     ) -> SlideIndex | None:
         """Extract features (resumable) and build the index in `out`; with shard (i, n > 1) only extract.
 
-        `model` is a checkpoint path (copied into the index as model.pt) or a FeatureExtractor.
+        The feature extractor is `model` (a histo checkpoint path, copied into the index as model.pt, or a
+        FeatureExtractor), or a registry `encoder` with its `weights` file (recorded by path and sha256,
+        not copied). `tile_rule` (resize | grid, `grid` crops per side), `precision` and `input_px`
+        define how tiles become features (pathology.encoders.preprocess).
         Returns the opened index, or None for a shard job (run once more without a shard to assemble).
         """
+        if out is None:
+            raise HistoError("SlideIndex.build needs `out`, the index directory")
         if index_type not in INDEX_TYPES:
             raise HistoError(f"unknown index type {index_type!r} (choose from {', '.join(INDEX_TYPES)})")
         unknown = set(params or {}) - set(DEFAULT_PARAMS)
@@ -133,7 +189,8 @@ class SlideIndex:
             raise HistoError(f"unknown index parameters: {', '.join(sorted(unknown))}")
         out = Path(out)
         store = _open_store(store)
-        extractor = _load_extractor(model, device)
+        rule = {"tile_rule": tile_rule, "grid": grid, "precision": precision, "input_px": input_px}
+        extractor = _load_extractor(model, device, encoder, weights, rule, store.params)
         out.mkdir(parents=True, exist_ok=True)
         summary = feats_io.extract_features(store, extractor, out, shard, batch_size, progress)
         if shard[1] > 1:
@@ -154,11 +211,19 @@ class SlideIndex:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike, device: str = "auto", model: Any = None, verify: str = "full"
+        cls,
+        path: str | os.PathLike,
+        device: str = "auto",
+        model: Any = None,
+        verify: str = "full",
+        weights: str | os.PathLike | None = None,
     ) -> SlideIndex:
-        """Open an index dir, verifying its manifest and the checksums of its files (`verify`)."""
+        """Open an index dir, verifying its manifest and the checksums of its files (`verify`).
+
+        `weights`: the encoder's weight file when it is no longer where the index recorded it.
+        """
         path = Path(path)
-        return cls(path, read_manifest(path, verify), device, model)
+        return cls(path, read_manifest(path, verify), device, model, weights)
 
     def add(self, store: Any, batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
         """Extract and index the slides of `store` not in the index yet; returns the extraction summary."""
@@ -185,20 +250,29 @@ class SlideIndex:
         content["index"] = {k: content["index"][k] for k in ("type", "params_requested")}
         _assemble(self.path, content)
         extractor = self._extractor
-        self.__init__(self.path, read_manifest(self.path, "full"), self.device, None)
+        self.__init__(self.path, read_manifest(self.path, "full"), self.device, None, self._weights)
         self._extractor = extractor
 
     # ---- model --------------------------------------------------------------------------------------
     @property
     def extractor(self) -> Any:
-        """The index's feature extractor (model.pt of the index, loaded on first use)."""
+        """The index's feature extractor, loaded on first use: model.pt of the index, or the registry
+        encoder and weight file the manifest records (`weights` of `open` if the file moved)."""
         if self._extractor is None:
-            if not (self.path / MODEL).exists():
+            model = self.manifest["model"]
+            if (self.path / MODEL).exists():
+                rule = _checkpoint_rule(model["feature_definition"])
+                extractor = _load_extractor(self.path / MODEL, self.device, rule=rule)
+            elif model.get("weights"):
+                from pathology.encoders import reopen_extractor
+
+                extractor = reopen_extractor(model, self.device, self._weights)
+            else:
                 raise HistoError(
                     f"{self.path}: built with an in-memory model (hash {self.model_hash[:12]}); "
                     "pass the same model to SlideIndex.open(..., model=...)"
                 )
-            self._extractor = self._check_model(_load_extractor(self.path / MODEL, self.device))
+            self._extractor = self._check_model(extractor)
         return self._extractor
 
     @property
@@ -206,10 +280,20 @@ class SlideIndex:
         return self.manifest["model"]["hash"]
 
     def _check_model(self, extractor: Any) -> Any:
-        if extractor.model_hash != self.model_hash:
+        """The extractor, if it has the index's weights and feature definition; HistoError otherwise."""
+        built = self.manifest["model"]
+        got = feats_io.model_info(extractor)
+        if got["hash"] != built["hash"]:
             raise HistoError(
-                f"{self.path}: index was built with model {self.model_hash[:12]}, "
-                f"refusing to search with a different model ({extractor.model_hash[:12]})"
+                f"{self.path}: index was built with model {built['hash'][:12]} ({_encoder_label(built)}), "
+                f"refusing to search with a different model ({got['hash'][:12]}, {_encoder_label(got)})"
+            )
+        if got["feature_definition"] != built["feature_definition"]:
+            old, new = built["feature_definition"], got["feature_definition"]
+            differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            raise HistoError(
+                f"{self.path}: index features were made by {_encoder_label(built)} under another feature "
+                f"definition (differs in {', '.join(differ)}); refusing to search with it"
             )
         return extractor
 

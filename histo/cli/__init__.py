@@ -28,6 +28,7 @@ COMMANDS = {
     "search": "histo.cli.search:search",
     "segment": "histo.cli.segment:segment",
     "robustness": "histo.cli.robustness:robustness",
+    "encoders": "histo.cli.encoders:encoders",
 }
 
 HELP = {
@@ -37,6 +38,7 @@ HELP = {
     "search": "Search an index with query slides or image patches.",
     "segment": "Train, apply and evaluate reversible-MBConv 3D U-Nets on BraTS MRI.",
     "robustness": "Evaluate models under image corruptions (ImageNet-C style metrics).",
+    "encoders": "List the feature encoders (KimiaNet, UNI, Virchow2, ...) and what defines their features.",
 }
 
 

@@ -1,4 +1,5 @@
-"""`histo index`: extract KimiaNet features of a tile store and build a FAISS slide index."""
+"""`histo index`: extract features of a tile store (a histo checkpoint or a registry encoder) and build a
+FAISS slide index."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")  # = search.index.INDEX_TYPES (ke
 
 @click.command("index")
 @click.option("--tiles", "tiles", required=True, type=click.Path(), help="Tile store (from `histo tile`).")
-@click.option(
-    "--model", required=True, type=click.Path(), help="Feature extractor checkpoint (`histo train`)."
-)
+@click.option("--model", default=None, type=click.Path(), help="Feature extractor checkpoint (`histo train`).")
+@click.option("--encoder", default=None, help="Registered encoder (`histo encoders`), with --weights.")
+@click.option("--weights", default=None, type=click.Path(), help="The encoder's weight file (.pth/.bin/.safetensors).")
+@click.option("--tile-rule", type=click.Choice(["resize", "grid"]), default=None, help="Tile -> encoder input.")
+@click.option("--grid", type=int, default=None, help="Grid rule: crops per side (default: the encoder's µm/px).")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Compute precision.")
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Index directory (created/resumed)."
 )
@@ -28,7 +32,12 @@ INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")  # = search.index.INDEX_TYPES (ke
 @json_option
 def index(
     tiles: str,
-    model: str,
+    model: str | None,
+    encoder: str | None,
+    weights: str | None,
+    tile_rule: str | None,
+    grid: int | None,
+    precision: str | None,
     out: str,
     index_type: str | None,
     batch_size: int | None,
@@ -43,12 +52,17 @@ def index(
     from histo.config import load_config
     from search.slide_index import SlideIndex
 
-    cfg = load_config("index", config_path, {"type": index_type, "device": device, "batch_size": batch_size})
+    flags = {"encoder": encoder, "weights": weights, "tile_rule": tile_rule, "grid": grid, "precision": precision}
+    cfg = load_config(
+        "index", config_path, {"type": index_type, "device": device, "batch_size": batch_size, **flags}
+    )
     shard_pair = parse_shard(shard)
     log = _echo(as_json)
     built = SlideIndex.build(
         tiles, model, out, index_type=cfg["type"], device=cfg["device"], shard=shard_pair,
         params=cfg["params"], batch_size=cfg["batch_size"], search=cfg["search"],
+        encoder=cfg["encoder"], weights=cfg["weights"], tile_rule=cfg["tile_rule"], grid=cfg["grid"],
+        precision=cfg["precision"], input_px=cfg["input_px"],
     )  # fmt: skip
     if built is None:
         report = {"out": out, "shard": f"{shard_pair[0]}/{shard_pair[1]}", "status": "features extracted"}

@@ -55,6 +55,7 @@ def read_patch(path: Path):
 @click.option(
     "--exhaustive", is_flag=True, default=None, help="Compare every indexed slide (exact; no first stage)."
 )
+@click.option("--weights", default=None, type=click.Path(), help="The index encoder's weight file, if it moved.")
 @device_option
 @config_option
 @json_option
@@ -65,6 +66,7 @@ def search(
     mode: str | None,
     exclude_same_patient: bool | None,
     exhaustive: bool | None,
+    weights: str | None,
     device: str | None,
     config_path: str | None,
     as_json: bool,
@@ -87,9 +89,10 @@ def search(
             "exclude_same_patient": exclude_same_patient or None,
             "exhaustive": exhaustive or None,
             "device": device,
+            "weights": weights,
         },
     )
-    idx = SlideIndex.open(index_dir, device=cfg["device"], verify=cfg["verify"])
+    idx = SlideIndex.open(index_dir, device=cfg["device"], verify=cfg["verify"], weights=cfg["weights"])
     if cfg["tile_k"] is not None:
         idx.engine.tile_k = int(cfg["tile_k"])
     if cfg["stage1_tiles"] is not None:
