@@ -168,7 +168,13 @@ class FeatureExtractor(encoders.FeatureExtractor):
         self.config = dict(config)
         self._model = model
         super().__init__(
-            model.features, pre, definition, model.feature_dim, device, model_hash or weights_hash(model), precision
+            model.features,
+            pre,
+            definition,
+            model.feature_dim,
+            device,
+            model_hash or weights_hash(model),
+            precision,
         )
         self._model.to(self.device)
 

@@ -144,6 +144,7 @@ def evaluate_pathology(
     store = TileStore.open(tiles)
     cohort = load_cohort(store, p["max_tiles_per_slide"], p["cache_mb"])
     plan, ref_label = plan_runs(model, reference, config["alpha_bn"])
+
     def extractor(path: str | os.PathLike) -> Any:  # a histo checkpoint, or weights of pathology.encoder
         if p["encoder"] is None:
             return FeatureExtractor.from_checkpoint(path, config["device"])

@@ -72,7 +72,9 @@ def _load_extractor(
         if model is not None:
             raise HistoError("give a histo checkpoint (--model) or an encoder with its weights, not both")
         if weights is None:
-            raise HistoError(f"encoder {encoder!r} needs its weight file (--weights FILE; see `histo encoders`)")
+            raise HistoError(
+                f"encoder {encoder!r} needs its weight file (--weights FILE; see `histo encoders`)"
+            )
         return open_extractor(encoder, weights, device, tiling=tiling, **rule)
     if weights is not None:
         raise HistoError("--weights goes with --encoder NAME; a histo checkpoint is given as --model")

@@ -14,12 +14,25 @@ INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")  # = search.index.INDEX_TYPES (ke
 
 @click.command("index")
 @click.option("--tiles", "tiles", required=True, type=click.Path(), help="Tile store (from `histo tile`).")
-@click.option("--model", default=None, type=click.Path(), help="Feature extractor checkpoint (`histo train`).")
+@click.option(
+    "--model", default=None, type=click.Path(), help="Feature extractor checkpoint (`histo train`)."
+)
 @click.option("--encoder", default=None, help="Registered encoder (`histo encoders`), with --weights.")
-@click.option("--weights", default=None, type=click.Path(), help="The encoder's weight file (.pth/.bin/.safetensors).")
-@click.option("--tile-rule", type=click.Choice(["resize", "grid"]), default=None, help="Tile -> encoder input.")
-@click.option("--grid", type=int, default=None, help="Grid rule: crops per side (default: the encoder's µm/px).")
-@click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Compute precision.")
+@click.option(
+    "--weights", default=None, type=click.Path(), help="The encoder's weight file (.pth/.bin/.safetensors)."
+)
+@click.option(
+    "--tile-rule", type=click.Choice(["resize", "grid"]), default=None, help="Tile -> encoder input."
+)
+@click.option(
+    "--grid", type=int, default=None, help="Grid rule: crops per side (default: the encoder's µm/px)."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Compute precision.",
+)
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Index directory (created/resumed)."
 )
@@ -52,7 +65,13 @@ def index(
     from histo.config import load_config
     from search.slide_index import SlideIndex
 
-    flags = {"encoder": encoder, "weights": weights, "tile_rule": tile_rule, "grid": grid, "precision": precision}
+    flags = {
+        "encoder": encoder,
+        "weights": weights,
+        "tile_rule": tile_rule,
+        "grid": grid,
+        "precision": precision,
+    }
     cfg = load_config(
         "index", config_path, {"type": index_type, "device": device, "batch_size": batch_size, **flags}
     )

@@ -79,7 +79,19 @@ def robustness() -> None:
 @click.option("--encoder", default=None, help="Registered encoder: --model/--reference are its weight files.")
 @common_options
 def pathology_command(
-    tiles, k, encoder, model, corruptions, severities, alpha_bn, reference, seed, out_dir, device, config_path, as_json
+    tiles,
+    k,
+    encoder,
+    model,
+    corruptions,
+    severities,
+    alpha_bn,
+    reference,
+    seed,
+    out_dir,
+    device,
+    config_path,
+    as_json,
 ):
     """Leave-one-patient-out nearest-neighbour tile classification under H&E corruptions."""
     from pathology.robustness import evaluate_pathology

@@ -55,7 +55,9 @@ def read_patch(path: Path):
 @click.option(
     "--exhaustive", is_flag=True, default=None, help="Compare every indexed slide (exact; no first stage)."
 )
-@click.option("--weights", default=None, type=click.Path(), help="The index encoder's weight file, if it moved.")
+@click.option(
+    "--weights", default=None, type=click.Path(), help="The index encoder's weight file, if it moved."
+)
 @device_option
 @config_option
 @json_option

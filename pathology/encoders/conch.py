@@ -31,7 +31,9 @@ class AttentionalPooler(nn.Module):
     def __init__(self, width: int, context_width: int, heads: int, queries: int) -> None:
         super().__init__()
         self.query = nn.Parameter(torch.randn(queries, width))
-        self.attn = nn.MultiheadAttention(width, heads, kdim=context_width, vdim=context_width, batch_first=True)
+        self.attn = nn.MultiheadAttention(
+            width, heads, kdim=context_width, vdim=context_width, batch_first=True
+        )
         self.ln_q = nn.LayerNorm(width)
         self.ln_k = nn.LayerNorm(context_width)
 
@@ -68,7 +70,12 @@ register(
         summary="CONCH v1 image tower, CoCa ViT-B/16 on 1.17 M image-caption pairs (MahmoodLab/CONCH)",
         build=ConchImageTower,
         arch={
-            "trunk": {"timm": "vit_base_patch16_224", "img_size": 448, "num_classes": 0, "dynamic_img_size": True},
+            "trunk": {
+                "timm": "vit_base_patch16_224",
+                "img_size": 448,
+                "num_classes": 0,
+                "dynamic_img_size": True,
+            },
             "pooler": {"width": 512, "heads": 8, "queries": 1},
         },
         input_px=448,

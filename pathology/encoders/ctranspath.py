@@ -58,7 +58,9 @@ class ConvStem(nn.Module):
 
 
 def _build(arch: Mapping[str, Any]) -> nn.Module:
-    timm_args = {k: v for k, v in arch.items() if k != "embed_layer"}  # recorded as a name, passed as the class
+    timm_args = {
+        k: v for k, v in arch.items() if k != "embed_layer"
+    }  # recorded as a name, passed as the class
     return TokenPooled(create(timm_args, embed_layer=ConvStem), "pooled")
 
 
@@ -81,7 +83,12 @@ register(
         family="ctranspath",
         summary="CTransPath, Swin-T with a conv stem, semantic contrastive learning on TCGA+PAIP",
         build=_build,
-        arch={"timm": "swin_tiny_patch4_window7_224", "img_size": 224, "num_classes": 0, "embed_layer": "ConvStem"},
+        arch={
+            "timm": "swin_tiny_patch4_window7_224",
+            "img_size": 224,
+            "num_classes": 0,
+            "embed_layer": "ConvStem",
+        },
         input_px=224,
         mpp=1.0,
         mean=IMAGENET_MEAN,

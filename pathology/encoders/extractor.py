@@ -132,7 +132,9 @@ def encoder_preprocess(
         raise HistoError(f"encoder {encoder.name!r} takes {encoder.input_px} px inputs only, not {input_px}")
     px = int(input_px or encoder.input_px)
     n = crops_per_side(tile_rule, grid, px / encoder.crop_pct, encoder.mpp, tiling)
-    return Preprocess(px, encoder.mean, encoder.std, encoder.interpolation, encoder.crop_pct, encoder.colour, n)
+    return Preprocess(
+        px, encoder.mean, encoder.std, encoder.interpolation, encoder.crop_pct, encoder.colour, n
+    )
 
 
 def encoder_definition(encoder: Encoder, preprocess: Preprocess, precision: str) -> dict[str, Any]:

@@ -125,7 +125,9 @@ def crops_per_side(
             raise HistoError(f"grid must be a positive number of crops per side, got {grid}")
         return int(grid)
     if field_px is None or mpp is None:
-        raise HistoError("a histo-trained network has no native µm/px: give the grid's crops per side (grid: N)")
+        raise HistoError(
+            "a histo-trained network has no native µm/px: give the grid's crops per side (grid: N)"
+        )
     geometry = tile_geometry(tiling)
     if geometry is None:
         raise HistoError("tile rule grid without a crop count needs the tile store's tile size and µm/px")

@@ -114,5 +114,7 @@ def get_encoder(name: str | Encoder) -> Encoder:
         return name
     _load_families()
     if name not in _REGISTRY:
-        raise HistoError(f"unknown encoder {name!r}; registered: {', '.join(_REGISTRY)} (see `histo encoders`)")
+        raise HistoError(
+            f"unknown encoder {name!r}; registered: {', '.join(_REGISTRY)} (see `histo encoders`)"
+        )
     return _REGISTRY[name]

@@ -68,7 +68,9 @@ def prefixed(prefix: str) -> Callable[[State], State]:
 TIMM_LAYOUT = Layout("timm", marker="blocks.0.", convert=prefixed("trunk."))
 
 
-def renamed(rules: list[tuple[str, str]], fuse_qkv: str | None, prefix: str = "trunk.") -> Callable[[State], State]:
+def renamed(
+    rules: list[tuple[str, str]], fuse_qkv: str | None, prefix: str = "trunk."
+) -> Callable[[State], State]:
     """A conversion by regex renames; with `fuse_qkv` (a regex with the layer index as group 1 and
     query|key|value as group 2), separate q, k, v projections are concatenated into timm's `qkv`.
 
@@ -91,9 +93,13 @@ def renamed(rules: list[tuple[str, str]], fuse_qkv: str | None, prefix: str = "t
             out[key] = value
         for (layer, kind), qkv in parts.items():
             if set(qkv) == {"query", "key", "value"}:
-                out[f"{prefix}blocks.{layer}.attn.qkv.{kind}"] = torch.cat([qkv["query"], qkv["key"], qkv["value"]])
+                out[f"{prefix}blocks.{layer}.attn.qkv.{kind}"] = torch.cat(
+                    [qkv["query"], qkv["key"], qkv["value"]]
+                )
             else:  # incomplete: leave the pieces to be reported
-                out.update({f"encoder.layer.{layer}.attention.attention.{p}.{kind}": t for p, t in qkv.items()})
+                out.update(
+                    {f"encoder.layer.{layer}.attention.attention.{p}.{kind}": t for p, t in qkv.items()}
+                )
         return out
 
     return convert

@@ -63,7 +63,7 @@ def _read_safetensors(path: Path) -> State:
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise HistoError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)")
+        raise HistoError(f"{path}: reading .safetensors needs the safetensors package") from None
     try:
         return load_file(str(path), device="cpu")
     except Exception as e:  # the Rust reader raises SafetensorError, json errors, OSError, ...
@@ -118,7 +118,8 @@ def choose_layout(layouts: tuple[Layout, ...], state: State, path: Path, name: s
             return layout
     known = "; ".join(f"{lay.name} ({lay.marker}*)" for lay in layouts)
     raise InputFileError(
-        path, f"not a weight file of encoder {name!r}: its keys ({_abbrev(sorted(state))}) match no layout of {known}"
+        path,
+        f"not a weight file of encoder {name!r}: its keys ({_abbrev(sorted(state))}) match no layout of {known}",
     )
 
 
@@ -134,7 +135,11 @@ def _check_histo_config(config: Mapping[str, Any], path: Path, name: str, histo_
 
 
 def load_weights(
-    network: nn.Module, path: str | os.PathLike, layouts: tuple[Layout, ...], name: str, histo_arch: str | None
+    network: nn.Module,
+    path: str | os.PathLike,
+    layouts: tuple[Layout, ...],
+    name: str,
+    histo_arch: str | None,
 ) -> dict:
     """Load `path` into `network` (every tensor checked); returns the weights record for the manifest.
 
@@ -160,5 +165,8 @@ def load_weights(
         "bytes": path.stat().st_size,
         "layout": layout.name,
         "tensors_loaded": len(converted),
-        "ignored": {"tensors": len(ignored), "patterns": [p for p in layout.ignored if any(re.match(p, k) for k in ignored)]},
+        "ignored": {
+            "tensors": len(ignored),
+            "patterns": [p for p in layout.ignored if any(re.match(p, k) for k in ignored)],
+        },
     }
