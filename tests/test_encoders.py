@@ -419,3 +419,53 @@ def test_python_api_builds_from_an_encoder_name(cohort, tmp_path):
     assert SlideIndex.open(tmp_path / "api").extractor.feature_definition == idx.extractor.feature_definition
     with pytest.raises(HistoError, match="not both"):
         SlideIndex.build(cohort["tiles"], cohort["weights"], tmp_path / "x", encoder="kimianet", weights="w")
+
+
+# ---- the benchmark and comparison scripts -----------------------------------------------------------
+def test_compare_encoders_prints_one_row_per_encoder(cohort, tmp_path):
+    import subprocess
+    import sys
+
+    weights = cohort["weights"]
+    args = ["--tiles", cohort["tiles"], "--out", tmp_path, "--input-px", PX, "--device", "cpu", "--k", "1,3",
+            "--encoder", f"kimianet={weights}", "--encoder", f"densenet121-imagenet={weights}", "--encoder", "cbr-tiny"]  # fmt: skip
+    script = Path(__file__).resolve().parent.parent / "scripts/compare_encoders.py"
+    proc = subprocess.run(
+        [sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    assert {"kimianet", "densenet121-imagenet", "cbr-tiny"} <= set(table)
+    report = json.loads((tmp_path / "compare_encoders.json").read_text())
+    for res in report["results"]:
+        assert {(r["scope"], r["k"]) for r in res["rows"]} >= {("horizontal", 1), ("horizontal", 3)}
+        assert all(0 <= r["accuracy"] <= 1 for r in res["rows"]) and res["slides"] == 6
+    assert [r["weights"] for r in report["results"]][2] == "random"
+
+
+def test_bench_encoders_reports_both_rates_and_their_ratio(cohort, tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts/bench_encoders.py"
+    args = ["--store", cohort["tiles"], "--encoders", "cbr-tiny,resnet50-trunc", "--batch", "4", "--steps", "1",
+            "--repeats", "1", "--device", "cpu", "--work", tmp_path, "--json", tmp_path / "b.json"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "e2e/model" in proc.stdout
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert [r["encoder"] for r in report["rows"]] == ["cbr-tiny", "resnet50-trunc"]
+    for r in report["rows"]:
+        assert r["model_only_tiles_s"] > 0 and r["end_to_end_tiles_s"] > 0
+        assert r["ratio"] == pytest.approx(r["end_to_end_tiles_s"] / r["model_only_tiles_s"])
+        assert r["tiles"] == sum(s["n_selected"] for s in _records(cohort["tiles"]))
+    assert report["store"]["tile_px"] == 32 and report["precision"] == "float32"
+
+
+def _records(store_path: Path) -> list[dict]:
+    from pathology.store import TileStore
+
+    store = TileStore.open(store_path)
+    return [store.record(s).to_dict() for s in store.slide_ids()]

@@ -67,8 +67,8 @@ class FeatureExtractor:
         self.weights = dict(weights) if weights is not None else None
         self.network = network.to(self.device).eval()
         self.model_hash = model_hash or weights_hash(self.network)
-        if self.device.type == "cuda":
-            self.network = self.network.to(memory_format=torch.channels_last)
+        # channels-last convolutions: faster on GPUs and with oneDNN on CPUs (1.3-2x for these CNNs here)
+        self.network = self.network.to(memory_format=torch.channels_last)
 
     @property
     def model(self) -> nn.Module:
@@ -78,9 +78,10 @@ class FeatureExtractor:
     def _prepare(self, tiles: np.ndarray) -> torch.Tensor:
         # uint8 travels to the device (4x less than float); conversion and resizing happen there.
         x = self.preprocess(torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True))
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+        return x.contiguous(memory_format=torch.channels_last)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of the extractor's precision (none for float32)."""
         if self.precision == "float32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
@@ -100,7 +101,7 @@ class FeatureExtractor:
         out = np.empty((len(tiles), self.feature_dim), np.float32)
         for start in range(0, len(tiles), step):
             chunk = tiles[start : start + step]
-            with self._autocast():
+            with self.autocast():
                 f = self.network(self._prepare(chunk)).float()
             out[start : start + len(chunk)] = f.reshape(len(chunk), per_tile, -1).mean(1).cpu().numpy()
         return out
