@@ -2,7 +2,8 @@
 
 Index dir (DESIGN.md "Index dir")::
 
-    manifest.json      format version, model (hash, feature definition, dim), tiling config, index type and
+    manifest.json      format version, model (hash, feature definition, dim; a registry encoder's weight file:
+                       path, sha256, layout), tiling config, index type and
                        parameters (requested and effective), counts, skipped slides, sha256 of every file
     features.zarr/     per-slide tile features and coordinates (search/features.py)
     catalog.json       slides in row order: slide_id, label, patient, site, n_tiles
@@ -10,7 +11,8 @@ Index dir (DESIGN.md "Index dir")::
     barcodes.faissb    FAISS binary index over the packed MinMax barcodes (Hamming): IndexBinaryFlat for a
                        flat index, IndexBinaryIVF (+ direct map) otherwise (search/barcodes.py)
     float.faiss        FAISS float index of the chosen type (search/index.py)
-    model.pt           copy of the feature extractor checkpoint (when built from a file)
+    model.pt           copy of the feature extractor checkpoint (when built from a histo checkpoint; an
+                       encoder's weight file is recorded in the manifest, not copied)
 
 Every structure is rebuilt from the stored features (sorted by slide ID) by `build`, `add` and `remove`,
 so an updated index equals one built from scratch on the same slides.

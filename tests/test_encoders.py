@@ -469,3 +469,25 @@ def _records(store_path: Path) -> list[dict]:
 
     store = TileStore.open(store_path)
     return [store.record(s).to_dict() for s in store.slide_ids()]
+
+
+def test_robustness_pathology_runs_a_registry_encoder_from_its_weights(cohort, tmp_path):
+    from histo.io import file_sha256
+    from pathology.kimianet import random_init_checkpoint
+
+    weights = random_init_checkpoint(tmp_path / "cbr.pt", arch="cbr-tiny", input_px=PX)
+    args = ["robustness", "pathology", "--encoder", "cbr-tiny", "--model", weights, "--tiles", cohort["tiles"],
+            "--out", tmp_path / "out", "--corruptions", "gaussian_noise", "--severities", "1", "--device", "cpu",
+            "--config", _write(tmp_path / "r.yaml", "pathology:\n  max_tiles_per_slide: 4\n"), "--json"]  # fmt: skip
+    code, out, err = run(args)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["models"] == {"cbr": file_sha256(weights)} and not summary["failed"]
+    assert set(summary["metrics"]["accuracy"]["mean"]["cbr"]) == {"clean", "gaussian_noise"}
+    code, _, err = run([*args[:3], "nope", *args[4:]])
+    assert code == 2 and "unknown encoder 'nope'" in err
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
