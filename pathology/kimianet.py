@@ -176,7 +176,7 @@ class FeatureExtractor(encoders.FeatureExtractor):
             model_hash or weights_hash(model),
             precision,
         )
-        self._model.to(self.device)
+        self._model.to(self.device).eval()
 
     @property
     def model(self) -> FeatureClassifier:

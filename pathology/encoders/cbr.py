@@ -43,6 +43,6 @@ for _name in sorted(CBR_SPECS):
             layouts=(Layout("histo", "features.", _features, ignored=(r"classifier\.",)),),
             weights="a histo checkpoint of this arch (histo train)",
             flexible_input=True,
-            extra={"histo_arch": _name},
+            histo_arch=_name,
         )
     )

@@ -69,7 +69,7 @@ _COMMON = {
     "feature_dim": 1024,
     "layouts": LAYOUTS,
     "flexible_input": True,
-    "extra": {"histo_arch": "densenet121"},
+    "histo_arch": "densenet121",
 }
 
 register(

@@ -148,7 +148,6 @@ def encoder_definition(encoder: Encoder, preprocess: Preprocess, precision: str)
         "pooling": encoder.pooling,
         "feature_dim": encoder.feature_dim,
         "precision": precision,
-        **({"details": dict(encoder.extra)} if encoder.extra else {}),
     }
 
 
@@ -168,7 +167,7 @@ def open_extractor(
     network = enc.network()
     record = None
     if weights is not None:
-        record = load_weights(network, weights, enc.layouts, enc.name, enc.extra.get("histo_arch"))
+        record = load_weights(network, weights, enc.layouts, enc.name, enc.histo_arch)
     pre = encoder_preprocess(enc, tile_rule, grid, input_px, tiling)
     warn_resolution(enc.name, pre, enc.mpp, tiling)
     precision = precision or enc.precision

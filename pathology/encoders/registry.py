@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 import importlib.util
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -62,7 +62,7 @@ class Encoder:
     flexible_input: bool = False  # another input size is meaningful (CNNs; ViTs with dynamic image size)
     requires: tuple[str, ...] = ()  # Python modules the builder imports (lane-2 extra)
     refused: str | None = None  # why this entry cannot be used, if it cannot
-    extra: Mapping[str, Any] = field(default_factory=dict)  # family-specific, recorded (e.g. eps)
+    histo_arch: str | None = None  # the histo arch whose BatchNorm checkpoints this entry also reads
 
     def with_arch(self, **changes: Any) -> Encoder:
         """The same entry with architecture arguments changed (e.g. a reduced depth in tests)."""
