@@ -161,9 +161,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         print(f"{name}: {mo:.2f} / {e2e:.2f} tiles/s", file=sys.stderr)
 
-    print(
-        f"\nEncoders on {device} ({precision}, batch {args.batch}, store tiles {tile_px} px, resize rule)"
-    )
+    print(f"\nEncoders on {device} ({precision}, batch {args.batch}, store tiles {tile_px} px, resize rule)")
     print(
         f"{'encoder':<21} {'input':>6} {'dim':>5} {'params M':>9} {'model tiles/s':>14} {'e2e tiles/s':>12} {'e2e/model':>9}"
     )

@@ -6,6 +6,7 @@ The timm-built entries are tested against their authors' reference models in tes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections import OrderedDict
@@ -95,7 +96,7 @@ def test_registry_has_the_required_entries_with_complete_definitions():
 
 def test_entry_needing_a_missing_package_says_how_to_install_it():
     enc = encoders.get_encoder("uni")
-    fake = type(enc)(**{**enc.__dict__, "requires": ("no_such_module_xyz",)})
+    fake = dataclasses.replace(enc, requires=("no_such_module_xyz",))
     with pytest.raises(HistoError, match=r"needs no_such_module_xyz: pip install 'histo\[encoders\]'"):
         fake.network()
 

@@ -167,7 +167,7 @@ def open_extractor(
     network = enc.network()
     record = None
     if weights is not None:
-        record = load_weights(network, weights, enc.layouts, enc.name, enc.histo_arch)
+        record = load_weights(network, weights, enc)
     pre = encoder_preprocess(enc, tile_rule, grid, input_px, tiling)
     warn_resolution(enc.name, pre, enc.mpp, tiling)
     precision = precision or enc.precision

@@ -17,13 +17,16 @@ import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from histo.errors import HistoError, InputFileError
 from histo.io import file_sha256
+
+if TYPE_CHECKING:
+    from pathology.encoders.registry import Encoder
 
 State = dict[str, torch.Tensor]
 _WRAPPERS = ("state_dict", "model", "model_state_dict")
@@ -134,24 +137,16 @@ def _check_histo_config(config: Mapping[str, Any], path: Path, name: str, histo_
         )
 
 
-def load_weights(
-    network: nn.Module,
-    path: str | os.PathLike,
-    layouts: tuple[Layout, ...],
-    name: str,
-    histo_arch: str | None,
-) -> dict:
-    """Load `path` into `network` (every tensor checked); returns the weights record for the manifest.
-
-    `histo_arch`: the histo arch whose BatchNorm checkpoints this entry also reads (None: none).
-    """
+def load_weights(network: nn.Module, path: str | os.PathLike, encoder: Encoder) -> dict:
+    """Load `path` into `network`, the encoder's network, with every tensor checked; returns the weights
+    record for the manifest (path, sha256, bytes, layout, tensors loaded and not loaded)."""
     from pathology.importers import check_keys
 
-    path = Path(path)
+    path, name = Path(path), encoder.name
     state, config = read_weights(path)
     if config is not None:
-        _check_histo_config(config, path, name, histo_arch)
-    layout = choose_layout(layouts, state, path, name)
+        _check_histo_config(config, path, name, encoder.histo_arch)
+    layout = choose_layout(encoder.layouts, state, path, name)
     ignored = sorted(k for k in state if layout.is_ignored(k))
     converted = layout.convert({k: v for k, v in state.items() if not layout.is_ignored(k)})
     expected = network.state_dict()
