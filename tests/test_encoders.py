@@ -183,6 +183,19 @@ def test_histo_checkpoint_as_weights_only_for_its_own_batchnorm_arch(tmp_path):
     assert encoders.open_extractor("cbr-tiny", cbr, "cpu").extract(tiles(1)).shape == (1, 512)
 
 
+@pytest.mark.parametrize("arch", ["cbr-tiny", "cbr-small", "cbr-large-t", "cbr-large-w"])
+def test_cbr_entries_give_the_features_of_their_histo_checkpoint(tmp_path, arch):
+    from pathology.kimianet import FeatureExtractor, random_init_checkpoint
+
+    ckpt = random_init_checkpoint(tmp_path / f"{arch}.pt", arch=arch, input_px=PX, seed=2)
+    fx = encoders.open_extractor(arch, ckpt, "cpu", input_px=PX)
+    assert fx.feature_definition["pooling"] == "avgpool(last conv-norm-ReLU)"
+    x = tiles(2, px=48, seed=6)
+    reference = FeatureExtractor.from_checkpoint(ckpt, device="cpu").extract(x)  # what `--model` computes
+    np.testing.assert_allclose(fx.extract(x), reference, rtol=1e-5, atol=1e-6)
+    assert fx.model_hash == FeatureExtractor.from_checkpoint(ckpt, device="cpu").model_hash
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
