@@ -22,8 +22,8 @@ from histo.io import file_sha256
 from histo.norms import names as norm_names
 from histo.norms import norm_traits
 from histo.norms.placement import stale_placement_hint
-from pathology.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, resize
 from pathology import encoders
+from pathology.augment import IMAGENET_MEAN, IMAGENET_STD
 from pathology.cbr import CBR_SPECS, cbr
 from pathology.cbr import FAMILY as CBR_FAMILY
 from pathology.config import Variant

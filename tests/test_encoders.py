@@ -319,8 +319,8 @@ def test_grid_crop_count_follows_the_encoders_field_of_view():
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """6 synthetic slides tiled at 32 px, an official-layout KimiaNet file and an input_px config."""
     from histo.config import load_config
-    from pathology.config import TileConfig
     from pathology import tile_slides
+    from pathology.config import TileConfig
     from pathology.synthetic import make_cohort
 
     root = tmp_path_factory.mktemp("encoders")
