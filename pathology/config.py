@@ -72,6 +72,17 @@ class MosaicConfig(Section):
     grid_anchor: Literal["slide", "tissue"]  # tissue: the grid starts at the tissue's bounding box
 
 
+def _registered_encoder(name: str) -> str:
+    """`name` if it is a registered encoder (`histo encoders`); the registry is imported only then."""
+    from pathology.encoders.registry import check_encoder
+
+    return check_encoder(name)
+
+
+EncoderName = Annotated[str, AfterValidator(_registered_encoder)]  # a name of pathology/encoders' registry
+TileRule = Literal["resize", "grid"]  # tile -> encoder input: the whole tile resized | n x n crops, mean
+Precision = Literal["float32", "bfloat16", "float16"]
+
 CellularityScore = Literal["pixel_fraction", "nuclei_density"]
 
 
