@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 $(FULL_STAMP): pyproject.toml
 	$(PY) -m venv $(FULL_VENV)
 	$(FULL_BIN)/pip install --quiet --upgrade pip
-	$(FULL_BIN)/pip install --quiet $(FULL_TORCH) -e ".[cpu,full,dev]"
+	$(FULL_BIN)/pip install --quiet $(FULL_TORCH) -e ".[cpu,full,dev,serve]"
 	$(FULL_BIN)/python -c "import torchvision.ops, timm, tiatoolbox"
 	touch $(FULL_STAMP)
 
