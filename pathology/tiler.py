@@ -333,6 +333,7 @@ def tile_slides(
     Returns the BatchSummary: one Outcome per slide of this shard (detail: n_mosaic, n_selected, mpp,
     mpp_source, label).
     """
+    from histo.lock import writer_lock
     from pathology.labels import read_labels
     from pathology.store import TileStore
 
@@ -364,8 +365,9 @@ def tile_slides(
         _tile_one, out=str(out), config=config, save_pixels=save_pixels,
         qc_dir=None if qc_dir is None else str(qc_dir), mpp=mpp_override,
     )  # fmt: skip
-    outcomes = run_batch(
-        jobs, process, shard=shard, is_done=finished, workers=workers, desc="tile", unit="slide",
-        progress=progress,
-    )  # fmt: skip
+    with writer_lock(store.path, "histo tile", shared=shard[1] > 1):
+        outcomes = run_batch(
+            jobs, process, shard=shard, is_done=finished, workers=workers, desc="tile", unit="slide",
+            progress=progress,
+        )  # fmt: skip
     return BatchSummary(tuple(outcomes), out=str(out), shard=shard)

@@ -32,6 +32,7 @@ import numpy as np
 from histo.batch import BatchSummary
 from histo.errors import HistoError, InputFileError
 from histo.io import atomic_path, atomic_write_json, file_sha256
+from histo.lock import writer_lock
 from search import features as feats_io
 from search.barcodes import BITORDER, build_binary_index, code_bits, minmax_barcode, stored_codes
 from search.config import IndexConfig, SearchConfig, index_params
@@ -143,23 +144,25 @@ class SlideIndex:
         config = IndexConfig.coerce(config)
         out = Path(out)
         extractor = _load_extractor(model, config.run.device)
-        batch = feats_io.extract_features(
-            _open_store(store), extractor, out, shard, config.run.batch_size, progress
-        )
-        if shard[1] > 1:
-            return None
-        if not isinstance(model, (str, os.PathLike)):
-            (out / MODEL).unlink(missing_ok=True)
-        elif not (out / MODEL).exists() or feats_io.model_info(extractor)["hash"] != file_sha256(out / MODEL):
-            with atomic_path(out / MODEL) as tmp:
-                shutil.copyfile(model, tmp)
-        content = {
-            "index": {"type": config.type, "params_requested": config.params.model_dump(mode="json")},
-            "search": config.search.model_dump(mode="json"),
-            "failed_slides": _failed_slides(batch),
-            "built_with": {"feature_device": str(extractor.device)},
-        }
-        _assemble(out, content)
+        store = _open_store(store)
+        with writer_lock(out, "histo index", shared=shard[1] > 1):
+            batch = feats_io.extract_features(store, extractor, out, shard, config.run.batch_size, progress)
+            if shard[1] > 1:
+                return None
+            if not isinstance(model, (str, os.PathLike)):
+                (out / MODEL).unlink(missing_ok=True)
+            elif not (out / MODEL).exists() or feats_io.model_info(extractor)["hash"] != file_sha256(
+                out / MODEL
+            ):
+                with atomic_path(out / MODEL) as tmp:
+                    shutil.copyfile(model, tmp)
+            content = {
+                "index": {"type": config.type, "params_requested": config.params.model_dump(mode="json")},
+                "search": config.search.model_dump(mode="json"),
+                "failed_slides": _failed_slides(batch),
+                "built_with": {"feature_device": str(extractor.device)},
+            }
+            _assemble(out, content)
         index = cls.open(out, {"run": {"device": config.run.device}}, model=extractor)
         index.extraction = batch
         return index
@@ -177,9 +180,11 @@ class SlideIndex:
         """Extract the features of the shard's slides into `out` (resumable) without building the index."""
         config = IndexConfig.coerce(config)
         extractor = _load_extractor(model, config.run.device)
-        return feats_io.extract_features(
-            _open_store(store), extractor, Path(out), shard, config.run.batch_size, progress
-        )
+        store = _open_store(store)
+        with writer_lock(out, "histo index", shared=shard[1] > 1):
+            return feats_io.extract_features(
+                store, extractor, Path(out), shard, config.run.batch_size, progress
+            )
 
     @classmethod
     def open(
@@ -199,11 +204,14 @@ class SlideIndex:
         config's `run.batch_size`); returns the extraction summary."""
         store = _open_store(store)
         run = IndexConfig.coerce().updated({"run.batch_size": batch_size}, source="batch_size").run
-        batch = feats_io.extract_features(store, self.extractor, self.path, (0, 1), run.batch_size, progress)
-        failed = {f["slide_id"]: f for f in self.manifest.get("failed_slides", [])} | {
-            f["slide_id"]: f for f in _failed_slides(batch)
-        }
-        self._reassemble({"failed_slides": sorted(failed.values(), key=lambda f: f["slide_id"])})
+        with writer_lock(self.path, "SlideIndex.add"):
+            batch = feats_io.extract_features(
+                store, self.extractor, self.path, (0, 1), run.batch_size, progress
+            )
+            failed = {f["slide_id"]: f for f in self.manifest.get("failed_slides", [])} | {
+                f["slide_id"]: f for f in _failed_slides(batch)
+            }
+            self._reassemble({"failed_slides": sorted(failed.values(), key=lambda f: f["slide_id"])})
         return batch
 
     def remove(self, slide_ids: list[str]) -> None:
@@ -211,9 +219,10 @@ class SlideIndex:
         unknown = sorted(set(slide_ids) - set(self.catalog.slide_ids))
         if unknown:
             raise HistoError(f"{self.path}: not in the index: {', '.join(unknown)}")
-        (self.path / MANIFEST).unlink()
-        feats_io.remove_slides(self.path / feats_io.FEATURES_DIR, list(slide_ids))
-        self._reassemble({})
+        with writer_lock(self.path, "SlideIndex.remove"):
+            (self.path / MANIFEST).unlink()
+            feats_io.remove_slides(self.path / feats_io.FEATURES_DIR, list(slide_ids))
+            self._reassemble({})
 
     def _reassemble(self, changes: dict[str, Any]) -> None:
         keep = ("index", "search", "failed_slides", "built_with")
