@@ -11,6 +11,7 @@ file whose lock is free is stale: on the same host its holder is gone, the lock 
 names the run that ended without releasing it (its half-written items are cleaned or redone by the
 command). A record written on another host cannot be checked from here (some shared file systems do
 not pass locks between hosts), so it is refused with the file to delete once that run has ended.
+A folder the lock created is removed again when the run leaves nothing else in it.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def _refusal(folder: Path, command: str, shared: bool, record: dict[str, Any] | 
 def writer_lock(folder: str | os.PathLike, command: str, shared: bool = False) -> Iterator[None]:
     """Hold the writer lock of `folder` (created if absent) while the block runs; LockedError if taken."""
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -110,5 +112,21 @@ def writer_lock(folder: str | os.PathLike, command: str, shared: bool = False) -
         finally:
             if mine is not None:
                 _write_record(fd, None)
+            if created:
+                _remove_if_unused(folder, fd)
     finally:
         os.close(fd)  # releases the flock
+
+
+def _remove_if_unused(folder: Path, fd: int) -> None:
+    """Remove a folder this lock created when the run left nothing in it but the lock (a run refused
+    before any work creates nothing), unless another writer holds the lock too."""
+    if [p.name for p in folder.iterdir()] != [LOCK]:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return
+    (folder / LOCK).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()

@@ -16,6 +16,7 @@ import openslide
 from PIL import Image
 
 from histo.errors import InputFileError
+from pathology.diagnose import access_problem, describe
 
 # File extensions OpenSlide reads (DICOM series are opened through any one of their files).
 SLIDE_EXTENSIONS = (
@@ -109,7 +110,8 @@ class Slide:
         try:
             region = self._osr.read_region((int(x0), int(y0)), level, (int(w), int(h)))
         except openslide.OpenSlideError as e:
-            raise InputFileError(self.path, f"read error at ({x0}, {y0}) level {level}: {e}") from None
+            reason = describe(self.path, f"read error at ({x0}, {y0}) level {level}: {e}")
+            raise InputFileError(self.path, reason) from None
         return _composite_white(region)
 
     def read_scaled(self, x0: float, y0: float, w0: float, h0: float, out_w: int, out_h: int) -> np.ndarray:
@@ -175,16 +177,15 @@ def slide_id_of(path: str | os.PathLike) -> str:
 def open_slide(path: str | os.PathLike, mpp_override: float | None = None) -> Slide:
     """Open a slide and resolve its physical scale; InputFileError with the reason otherwise."""
     path = Path(path)
-    if not path.exists():
-        raise InputFileError(path, "file not found")
-    if path.is_file() and path.stat().st_size == 0:
-        raise InputFileError(path, "empty file (0 bytes)")
+    problem = access_problem(path)
+    if problem:
+        raise InputFileError(path, problem)
     try:
         osr = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
-        raise InputFileError(path, "not a slide format OpenSlide can read") from None
+        raise InputFileError(path, describe(path, "not a slide format OpenSlide can read")) from None
     except (openslide.OpenSlideError, OSError) as e:
-        raise InputFileError(path, f"unreadable slide: {e}") from None
+        raise InputFileError(path, describe(path, f"unreadable slide: {e}")) from None
     try:
         vendor = osr.properties.get("openslide.vendor", "unknown")
         scale = resolve_scale(dict(osr.properties), vendor, mpp_override, path)

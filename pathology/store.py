@@ -14,12 +14,14 @@ different slides, so they never touch the same group; the root is created by an 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +29,17 @@ import numpy as np
 import zarr
 
 from histo.errors import HistoError, InputFileError
+from histo.identity import SourceIdentity
+from histo.io import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 FORMAT = "histo-tile-store"
 VERSION = 1
 SLIDES = "slides"
 PARTIAL = ".partial"
 ARRAYS = ("coords", "cluster", "cellularity", "selected")
+DAMAGED = "damaged"  # status listed for a slide whose record cannot be read
 _TMP_RE = re.compile(r"^(?P<slide_id>.+)\.tmp-\d+-[0-9a-f]{8}$")
 
 
@@ -58,9 +65,16 @@ class SlideRecord:
     reason: str | None = None
     n_mosaic: int = 0
     n_selected: int = 0
+    source_size: int | None = None  # bytes of the source file (None: a store written before this was kept)
+    source_fingerprint: str | None = None  # histo.identity.fingerprint of the source file (None: unknown)
+    tiles_digest: str | None = None  # what the tiles were made from, for an index to see a re-tiling
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def identity(self) -> SourceIdentity:
+        """The source file this record came from (size and fingerprint None in an older store)."""
+        return SourceIdentity(self.source_path, self.source_size, self.source_fingerprint)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SlideRecord:
@@ -77,6 +91,18 @@ def slide_id_problem(slide_id: str) -> str | None:
     if slide_id.startswith("__") or any(ord(c) < 32 for c in slide_id):
         return f"slide ID {slide_id!r} is reserved by zarr or has control characters"
     return None
+
+
+def _read_record(group: Path) -> SlideRecord:
+    """The SlideRecord in a slide group's zarr.json; InputFileError when it is unreadable or damaged."""
+    try:
+        record = json.loads((group / "zarr.json").read_text())["attributes"]["record"]
+        if not isinstance(record, dict) or not isinstance(record.get("slide_id"), str):
+            raise ValueError("no slide_id")
+        return SlideRecord.from_dict(record)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        raise InputFileError(group, f"damaged slide record ({why}); tile the slide again to repair it") from None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -147,12 +173,17 @@ class TileStore:
         return self.path / SLIDES / slide_id
 
     def _records(self) -> list[SlideRecord]:
+        """Every slide's record; a damaged one is listed with status "damaged" (and a warning)."""
         root = self.path / SLIDES
         records = []
         for d in sorted(root.iterdir()) if root.exists() else []:
-            meta = d / "zarr.json"
-            if meta.exists():
-                records.append(SlideRecord.from_dict(json.loads(meta.read_text())["attributes"]["record"]))
+            if not (d / "zarr.json").exists():
+                continue
+            try:
+                records.append(_read_record(d))
+            except InputFileError as e:
+                log.warning("%s", e)
+                records.append(SlideRecord(d.name, "", status=DAMAGED, reason=e.reason))
         return records
 
     def slide_ids(self, status: str | None = "done") -> list[str]:
@@ -163,10 +194,11 @@ class TileStore:
         return (self._group_dir(slide_id) / "zarr.json").exists()
 
     def record(self, slide_id: str) -> SlideRecord:
-        meta = self._group_dir(slide_id) / "zarr.json"
-        if not meta.exists():
+        """The slide's record; InputFileError naming its group when the record is damaged."""
+        group = self._group_dir(slide_id)
+        if not (group / "zarr.json").exists():
             raise HistoError(f"{self.path}: no slide {slide_id!r} in the store")
-        return SlideRecord.from_dict(json.loads(meta.read_text())["attributes"]["record"])
+        return _read_record(group)
 
     def _array(self, slide_id: str, name: str) -> np.ndarray:
         group = zarr.open_group(self._group_dir(slide_id), mode="r")
@@ -213,6 +245,16 @@ class TileStore:
             return read_tiles(slide, coords, rec.tile_size_level0, rec.tile_px)
 
     # ---- writing (tiler) -------------------------------------------------------------------------
+    def update_record(self, slide_id: str, changes: dict[str, Any]) -> SlideRecord:
+        """Change fields of a slide's record (labels, patient, site, source path) without touching its
+        arrays: its zarr.json is rewritten atomically. Returns the new record."""
+        group = self._group_dir(slide_id)
+        doc = json.loads((group / "zarr.json").read_text())
+        record = SlideRecord.from_dict({**_read_record(group).to_dict(), **changes})
+        doc["attributes"]["record"] = _jsonable(record.to_dict())
+        atomic_write_json(group / "zarr.json", doc)
+        return record
+
     def clean_partial(self, slide_id: str) -> int:
         """Remove leftovers of an interrupted write of `slide_id`; returns how many were removed."""
         partial = self.path / PARTIAL
@@ -235,6 +277,8 @@ class TileStore:
         partial = self.path / PARTIAL
         partial.mkdir(exist_ok=True)
         tmp = partial / _tmp_name(record.slide_id)
+        if arrays is not None and {"coords", "selected"} <= set(arrays):
+            record = replace(record, tiles_digest=tiles_digest(record, arrays["coords"][arrays["selected"]]))
         group = zarr.open_group(tmp, mode="w")
         group.attrs["record"] = _jsonable(record.to_dict())
         for name, data in (arrays or {}).items():
@@ -249,6 +293,15 @@ class TileStore:
         os.rename(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def tiles_digest(record: SlideRecord, coords: np.ndarray) -> str:
+    """What a slide's tiles were made from: its source fingerprint, tile geometry and the level-0 coords
+    of the selected tiles (sha256, 32 hex digits). An index keeps it to see a slide tiled anew."""
+    h = hashlib.sha256()
+    h.update(json.dumps([record.source_fingerprint, record.tile_size_level0, record.tile_px]).encode())
+    h.update(np.ascontiguousarray(coords, np.int64).tobytes())
+    return h.hexdigest()[:32]
 
 
 def read_tiles(slide: Any, coords: np.ndarray, size_level0: float, tile_px: int) -> np.ndarray:

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from histo.batch import ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch, select_shard
+from histo.batch import ALREADY_DONE, ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch, select_shard
 from histo.errors import HistoError, InputFileError
+from histo.identity import SourceIdentity, source_change
 from pathology.cellularity import keep_most_cellular, tile_scorer
 from pathology.config import TileConfig
 from pathology.labels import SlideMeta, resolve_meta
@@ -31,6 +32,12 @@ from pathology.tissue import brightfield_problem, tissue_mask
 
 log = logging.getLogger(__name__)
 
+METADATA = (
+    "label",
+    "patient",
+    "site",
+    "project",
+)  # record fields a labels CSV sets; changed without re-tiling
 MAX_MASK_PX = 8192  # long side of the tissue-mask image; coarser µm/px beyond (bounded memory)
 
 
@@ -104,10 +111,21 @@ class EmptyMosaicError(InputFileError):
         self.tileset = tileset
 
 
+def _identity(path: str | os.PathLike) -> SourceIdentity:
+    """A slide file's identity; only its path when it cannot be read (the slide then fails on its own)."""
+    try:
+        return SourceIdentity.of(path)
+    except OSError:
+        return SourceIdentity(os.path.realpath(path))
+
+
 def _base_record(slide: Slide, geometry: Geometry, meta: SlideMeta) -> SlideRecord:
+    source = _identity(slide.path)
     return SlideRecord(
         slide_id=slide.slide_id,
-        source_path=str(Path(slide.path).resolve()),
+        source_path=source.path,
+        source_size=source.bytes,
+        source_fingerprint=source.fingerprint,
         label=meta.label,
         patient=meta.patient,
         site=meta.site,
@@ -255,19 +273,81 @@ def _detail(rec: SlideRecord) -> dict:
 
 
 def _failed(job: _Job, reason: str) -> SlideRecord:
-    return SlideRecord(job.id, str(job.path.resolve()), status="failed", reason=reason)
+    source = _identity(job.path)
+    return SlideRecord(
+        job.id, source.path, status="failed", reason=reason, source_size=source.bytes,
+        source_fingerprint=source.fingerprint,
+    )  # fmt: skip
+
+
+def _stored(store: Any, job: _Job) -> SlideRecord | None:
+    """The store's record under the job's slide ID; None when there is none (or it is damaged: tiling
+    the slide again replaces it)."""
+    if job.duplicate_of is not None or slide_id_problem(job.id) is not None or not store.has_slide(job.id):
+        return None
+    try:
+        return store.record(job.id)
+    except InputFileError:
+        return None
+
+
+def _metadata_changes(rec: SlideRecord, job: _Job, source: SourceIdentity) -> dict[str, list]:
+    """{field: [stored, new]} that a re-run changes in a done record without tiling again: label,
+    patient, site and project from the labels CSV (when it has the slide's row), and the path of a
+    slide file that moved."""
+    changes = {}
+    if job.meta is not None:
+        meta = resolve_meta(job.meta, job.id)
+        for key in METADATA:
+            if getattr(rec, key) != getattr(meta, key):
+                changes[key] = [getattr(rec, key), getattr(meta, key)]
+    if rec.source_path != source.path:
+        changes["source_path"] = [rec.source_path, source.path]
+    return changes
+
+
+def _reuse(store: Any, rec: SlideRecord, job: _Job, replace: bool) -> Outcome | None:
+    """The outcome of a slide already done in the store: its metadata updated when it changed, or
+    refused when the file is another source than the stored slide's (unless `replace`); None when the
+    slide is to be tiled."""
+    source = _identity(job.path)
+    change = source_change(rec.identity(), source)
+    if change is not None:
+        if replace:
+            return None
+        return Outcome.failed(
+            job.id, job.path,
+            f"slide ID {job.id!r} is already in the store: {change}; pass --replace to tile this file in its place",
+        )  # fmt: skip
+    changes = _metadata_changes(rec, job, source)
+    if not changes:
+        return Outcome.skipped(job.id, job.path, ALREADY_DONE, **_detail(rec))
+    rec = store.update_record(job.id, {key: new for key, (_, new) in changes.items()})
+    return Outcome.done(job.id, job.path, **_detail(rec), updated=changes)
 
 
 def _tile_one(
-    job: _Job, out: str, config: TileConfig, save_pixels: bool, qc_dir: str | None, mpp: float | None
+    job: _Job,
+    out: str,
+    config: TileConfig,
+    save_pixels: bool,
+    qc_dir: str | None,
+    mpp: float | None,
+    replace: bool = False,
 ) -> Outcome:
-    """Tile one slide into the store. A fault of the slide's data is written there as a failed record
-    before it goes on to the runner, which reports it (histo.batch's exception policy)."""
+    """Tile one slide into the store (or, done there from the same file, update its metadata). A fault
+    of the slide's data is written there as a failed record before it goes on to the runner, which
+    reports it (histo.batch's exception policy)."""
     from pathology.store import TileStore
 
     if job.duplicate_of is not None:  # not written: the store's record belongs to the other file
         return Outcome.failed(job.id, job.path, f"duplicate slide ID (also {job.duplicate_of})")
     store = TileStore.open(out)
+    stored = _stored(store, job)
+    if stored is not None and stored.status == "done":
+        reused = _reuse(store, stored, job, replace)
+        if reused is not None:
+            return reused
     safe = slide_id_problem(job.id) is None
     if safe:
         store.clean_partial(job.id)
@@ -282,13 +362,13 @@ def _tile_one(
         raise
     rec = tileset.record
     done = rec.status == "done"
-    if safe:
-        store.write_slide(rec, tileset.arrays() if done else None, pixels)
-    if qc_dir is not None and safe:
+    if qc_dir is not None and safe:  # first: a QC folder that cannot be written leaves no slide without one
         from pathology.qc import has_picture, write_qc
 
         if has_picture(tileset):
             write_qc(tileset, Path(qc_dir) / f"{job.id}.png")
+    if safe:
+        store.write_slide(rec, tileset.arrays() if done else None, pixels)
     if done:
         return Outcome.done(job.id, job.path, **_detail(rec))
     return Outcome.failed(job.id, job.path, rec.reason, **_detail(rec))
@@ -324,14 +404,18 @@ def tile_slides(
     qc_dir: str | os.PathLike | None = None,
     mpp_override: float | None = None,
     progress: bool = True,
+    replace: bool = False,
 ) -> BatchSummary:
     """Tile the shard `shard` = (i, n) of the slides into the store `out` (created if absent).
 
-    `config` as for `tile_slide`. Slides done in the store from the same file are skipped; a bad slide
-    is failed (in the store and the summary) and the rest goes on. `config.run.workers` > 1 tiles slides
-    in parallel processes. No slide found is a HistoError, raised before the store is created.
-    Returns the BatchSummary: one Outcome per slide of this shard (detail: n_mosaic, n_selected, mpp,
-    mpp_source, label).
+    `config` as for `tile_slide`. Slides done in the store from the same source (same content, even
+    moved) are skipped, or, when the labels CSV or their path changed, done with only their record
+    updated (detail `updated`: {field: [old, new]}). A different source under a done slide ID is failed
+    and not written, unless `replace`. A bad slide is failed (in the store and the summary) and the
+    rest goes on. `config.run.workers` > 1 tiles slides in parallel processes. One unsharded writer at a
+    time (histo.lock); shards run together. No slide found is a HistoError, raised before the store is
+    created. Returns the BatchSummary: one Outcome per slide of this shard (detail: n_mosaic,
+    n_selected, mpp, mpp_source, label).
     """
     from histo.lock import writer_lock
     from pathology.labels import read_labels
@@ -348,26 +432,24 @@ def tile_slides(
     store = TileStore.create_or_open(out, store_params(config))
 
     def finished(job: _Job) -> dict | None:
-        """The stored detail of a slide already done from the same file, else None."""
-        if (
-            job.duplicate_of is not None
-            or slide_id_problem(job.id) is not None
-            or not store.has_slide(job.id)
-        ):
+        """The stored detail of a slide already done from the same source with the same metadata,
+        else None (tiled, updated or refused by `_tile_one`)."""
+        rec = _stored(store, job)
+        if rec is None or rec.status != "done":
             return None
-        rec = store.record(job.id)
-        if rec.status != "done" or rec.source_path != str(job.path.resolve()):
+        source = _identity(job.path)
+        if source_change(rec.identity(), source) is not None or _metadata_changes(rec, job, source):
             return None
         store.clean_partial(job.id)
         return _detail(rec)
 
     process = partial(
         _tile_one, out=str(out), config=config, save_pixels=save_pixels,
-        qc_dir=None if qc_dir is None else str(qc_dir), mpp=mpp_override,
+        qc_dir=None if qc_dir is None else str(qc_dir), mpp=mpp_override, replace=replace,
     )  # fmt: skip
     with writer_lock(store.path, "histo tile", shared=shard[1] > 1):
         outcomes = run_batch(
             jobs, process, shard=shard, is_done=finished, workers=workers, desc="tile", unit="slide",
-            progress=progress,
+            progress=progress, outputs=(out, qc_dir),
         )  # fmt: skip
     return BatchSummary(tuple(outcomes), out=str(out), shard=shard)

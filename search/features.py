@@ -28,6 +28,7 @@ import zarr
 
 from histo.batch import BatchSummary, Outcome, run_batch
 from histo.errors import HistoError, InputFileError
+from pathology.store import DAMAGED
 
 FORMAT = "histo-features"
 VERSION = 1
@@ -139,7 +140,7 @@ class _Slide:
     """One done slide of the tile store (an item of `histo.batch.run_batch`): its ID and source file."""
 
     id: str
-    path: str
+    path: str | None
 
 
 def extract_features(
@@ -157,6 +158,7 @@ def extract_features(
     raised before anything is created. Returns the BatchSummary (done detail: n_tiles).
     """
     slide_ids = store.slide_ids()
+    damaged = store.slide_ids(DAMAGED)  # listed so that each fails with its reason
     if not slide_ids:
         raise HistoError(f"{store.path}: no tiled slide (status done) in the store; nothing to index")
     root = open_features(index_dir, model_info(extractor), store.params)
@@ -180,8 +182,9 @@ def extract_features(
         return Outcome.done(item.id, item.path, n_tiles=len(coords))
 
     items = [_Slide(sid, store.record(sid).source_path) for sid in slide_ids]
+    items = sorted(items + [_Slide(sid, None) for sid in damaged], key=lambda item: item.id)
     outcomes = run_batch(
         items, extract, shard=shard, is_done=lambda item: {} if item.id in existing else None,
-        desc="features", unit="slide", progress=progress,
+        desc="features", unit="slide", progress=progress, outputs=(index_dir,),
     )  # fmt: skip
     return BatchSummary(tuple(outcomes), out=str(index_dir), shard=shard)

@@ -4,6 +4,7 @@ NIfTI label maps in the input's label scheme, affine and header, and overlay PNG
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -194,6 +195,15 @@ def predict_case(
 
 
 LABEL_SETTINGS = ("roi", "overlap", "tta", "threshold")  # what a resumed run must share with the first
+SOURCE_SUFFIX = ".source.json"  # beside each label map: the identity of the case it was made from
+
+
+def case_source(case: Case) -> Any:
+    """The identity of a case's four images (histo.identity.SourceIdentity of the case folder)."""
+    from histo.identity import SourceIdentity
+    from segmentation.data import MODALITIES
+
+    return SourceIdentity.of_files(case.folder, [case.images[m] for m in MODALITIES])
 
 
 def predict_cases(
@@ -202,6 +212,7 @@ def predict_cases(
     out_dir: str | os.PathLike,
     config: SegmentConfig | Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    replace: bool = False,
 ) -> BatchSummary:
     """Segment every case under `case_dirs` into `out_dir`; a bad case is failed and the rest goes on,
     finished outputs are kept (a re-run resumes, skipping them). Writes `predictions.json` (the
@@ -210,9 +221,14 @@ def predict_cases(
     `config`: a SegmentConfig, None (the defaults) or a mapping over the defaults (its `infer` and `run`
     sections apply). `out_dir/settings.json` records the model's sha256 and the settings that change a
     label map; a re-run with others is refused unless `overwrite`, which recomputes every case.
+    `<out>/<case_id>.source.json` records the case each map came from: a case of another folder or
+    content under a segmented ID is failed, its map kept, unless `replace` (an output without it, from
+    an older run, is taken as the same case).
     """
     from histo.devices import resolve_device
+    from histo.identity import SourceIdentity, source_change
     from histo.io import atomic_write_json, check_run_settings, file_sha256
+    from histo.lock import writer_lock
     from segmentation.data import case_items, find_case
 
     config = SegmentConfig.coerce(config)
@@ -239,16 +255,48 @@ def predict_cases(
     def output(item) -> Path:
         return out_dir / f"{item.id}.nii.gz"
 
+    def recorded(item) -> SourceIdentity | None:
+        """The source of the item's existing map; None without one (or from a run that kept none)."""
+        if overwrite or not output(item).exists():
+            return None
+        try:
+            return SourceIdentity.from_dict(json.loads((out_dir / f"{item.id}{SOURCE_SUFFIX}").read_text()))
+        except (OSError, ValueError):
+            return None
+
     def predict(item) -> Outcome:
         if item.duplicate_of is not None:
             return Outcome.failed(item.id, item.path, f"duplicate case ID (also {item.duplicate_of})")
-        return predict_case(model, find_case(item.path), out_dir, config, dev)
+        case = find_case(item.path)
+        source, before = case_source(case), recorded(item)
+        change = None if before is None else source_change(before, source)
+        if change is not None:
+            if not replace:
+                return Outcome.failed(
+                    item.id, item.path,
+                    f"case ID {item.id!r} is already segmented in {out_dir}: {change}; "
+                    "pass --replace to segment this case in its place",
+                )  # fmt: skip
+            output(item).unlink()  # the other case's map goes first: no map ever names the wrong case
+        atomic_write_json(out_dir / f"{item.id}{SOURCE_SUFFIX}", source.to_dict())
+        return predict_case(model, case, out_dir, config, dev)
 
     def finished(item) -> dict | None:
-        done = not overwrite and item.duplicate_of is None and output(item).exists()
-        return {"output": str(output(item))} if done else None
+        if overwrite or item.duplicate_of is not None or not output(item).exists():
+            return None
+        before = recorded(item)
+        if before is not None:
+            try:
+                if source_change(before, case_source(find_case(item.path))) is not None:
+                    return None
+            except InputFileError:
+                return None  # a case that cannot be read any more fails when processed
+        return {"output": str(output(item))}
 
-    outcomes = run_batch(items, predict, is_done=finished, desc="segment", unit="case")
+    with writer_lock(out_dir, "histo segment predict"):
+        outcomes = run_batch(
+            items, predict, is_done=finished, desc="segment", unit="case", outputs=(out_dir,)
+        )
     batch = BatchSummary(
         tuple(outcomes), out=str(out_dir), extra={"model": str(model_path), "settings": settings}
     )

@@ -80,10 +80,17 @@ def train(data_dir, out_path, norm, reversible, roi, channels, epochs, device, r
 @click.option(
     "--overwrite", is_flag=True, help="Recompute every case, even in an --out made with other settings."
 )
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Segment a case whose ID has a map in --out from another case in its place.",
+)
 @device_option
 @config_option
 @json_option
-def predict(model_path, case_dirs, out_dir, roi, overlap, tta, overwrite, device, config_path, as_json):
+def predict(
+    model_path, case_dirs, out_dir, roi, overlap, tta, overwrite, replace, device, config_path, as_json
+):
     """Segment case folders (or folders of cases) into <out>/<case_id>.nii.gz label maps + overlay PNGs.
 
     Exit code 0 when every case is done or skipped (already segmented), 1 when any failed, 2 when no
@@ -93,7 +100,7 @@ def predict(model_path, case_dirs, out_dir, roi, overlap, tta, overwrite, device
 
     keys = {"roi": "infer.roi", "overlap": "infer.overlap", "tta": "infer.tta", "device": "run.device"}
     config = stage_config(SegmentConfig, config_path, keys)
-    batch = predict_cases(model_path, case_dirs, out_dir, config, overwrite)
+    batch = predict_cases(model_path, case_dirs, out_dir, config, overwrite, replace)
     lines = [f"{o.id}: {o.status} {o.detail.get('output', o.reason)}" for o in batch.outcomes]
     finish(batch, as_json, lines)
 
