@@ -337,12 +337,13 @@ def _in_pool(
     from concurrent.futures.process import BrokenProcessPool
     from multiprocessing import get_context
 
-    from histo.log import init_worker, worker_settings
+    from histo.log import worker_settings
 
-    # Workers log like the parent (terminal level and --log-file), so their records are not lost.
+    # Workers log like the parent (terminal level and --log-file), so their records are not lost, and
+    # end when it does.
     context = get_context("spawn")
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=init_worker, initargs=(worker_settings(),)
+        workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(), worker_settings())
     ) as pool:
         futures = {pool.submit(attempt, items[k]): k for k in todo}
         fault: BaseException | None = None
@@ -366,3 +367,35 @@ def _in_pool(
             raise
     if fault is not None:
         raise fault
+
+
+def _init_worker(parent: int, log_settings: tuple[int, str | None] | None) -> None:
+    """Set up a spawned worker: log like its parent, and end with it (histo.log, `end_with_parent`)."""
+    from histo.log import init_worker
+
+    end_with_parent(parent)
+    init_worker(log_settings)
+
+
+def end_with_parent(parent: int) -> None:
+    """Make this process end when `parent` does, even when it is killed with SIGKILL: on Linux the
+    kernel sends SIGTERM (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread checks every half second."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()

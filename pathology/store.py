@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ VERSION = 1
 SLIDES = "slides"
 PARTIAL = ".partial"
 ARRAYS = ("coords", "cluster", "cellularity", "selected")
+# Every stored array: zstd (zarr's default) and then a crc32c per chunk, verified by zarr on every read.
+# Arrays of stores written before this have no checksum and are read as they are.
+CHUNK_CODECS = (zarr.codecs.ZstdCodec(level=0), zarr.codecs.Crc32cCodec())
 DAMAGED = "damaged"  # status listed for a slide whose record cannot be read
 _TMP_RE = re.compile(r"^(?P<slide_id>.+)\.tmp-\d+-[0-9a-f]{8}$")
 
@@ -93,6 +97,19 @@ def slide_id_problem(slide_id: str) -> str | None:
     return None
 
 
+def decoded(where: Path, read: Callable[[], Any]) -> np.ndarray:
+    """`read()` of stored chunks as an array; a chunk whose checksum or compression does not decode is
+    an InputFileError naming the array `where` (the slide then fails with that reason)."""
+    try:
+        return np.asarray(read())
+    except (ValueError, RuntimeError) as e:  # zarr: crc32c mismatch (ValueError), zstd (RuntimeError)
+        if "checksum" in str(e):
+            raise InputFileError(where, "damaged data: a chunk fails its crc32c checksum") from None
+        raise InputFileError(
+            where, f"damaged data: a chunk does not decode ({type(e).__name__}: {e})"
+        ) from None
+
+
 def _read_record(group: Path) -> SlideRecord:
     """The SlideRecord in a slide group's zarr.json; InputFileError when it is unreadable or damaged."""
     try:
@@ -102,7 +119,9 @@ def _read_record(group: Path) -> SlideRecord:
         return SlideRecord.from_dict(record)
     except (OSError, ValueError, KeyError, TypeError) as e:
         why = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
-        raise InputFileError(group, f"damaged slide record ({why}); tile the slide again to repair it") from None
+        raise InputFileError(
+            group, f"damaged slide record ({why}); tile the slide again to repair it"
+        ) from None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -206,7 +225,7 @@ class TileStore:
             raise HistoError(
                 f"{self.path}: slide {slide_id!r} has no {name} (status {self.record(slide_id).status})"
             )
-        return np.asarray(group[name][...])
+        return decoded(self._group_dir(slide_id) / name, lambda: group[name][...])
 
     def coords(self, slide_id: str) -> np.ndarray:
         return self._array(slide_id, "coords")
@@ -229,9 +248,10 @@ class TileStore:
         rec = self.record(slide_id)
         if self.has_pixels(slide_id):
             pixels = zarr.open_group(self._group_dir(slide_id), mode="r")["pixels"]
+            where = self._group_dir(slide_id) / "pixels"
             if indices is None:
-                return np.asarray(pixels[...])
-            return np.asarray(pixels.oindex[np.asarray(indices, np.int64)])
+                return decoded(where, lambda: pixels[...])
+            return decoded(where, lambda: pixels.oindex[np.asarray(indices, np.int64)])
         coords = self.coords(slide_id)[self.selected(slide_id)]
         if indices is not None:
             coords = coords[np.asarray(indices, np.int64)]
@@ -283,9 +303,9 @@ class TileStore:
         group.attrs["record"] = _jsonable(record.to_dict())
         for name, data in (arrays or {}).items():
             chunks = (max(1, len(data)), *data.shape[1:])
-            group.create_array(name, data=np.ascontiguousarray(data), chunks=chunks)
+            group.create_array(name, data=np.ascontiguousarray(data), chunks=chunks, compressors=CHUNK_CODECS)
         if pixels is not None:
-            group.create_array("pixels", data=pixels, chunks=(1, *pixels.shape[1:]))
+            group.create_array("pixels", data=pixels, chunks=(1, *pixels.shape[1:]), compressors=CHUNK_CODECS)
         old = None
         if final.exists():
             old = partial / _tmp_name(record.slide_id)

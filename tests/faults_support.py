@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,28 +67,52 @@ def paused_run(gate: Path, target: str, args: list[str]) -> Iterator[subprocess.
 
 
 def shared_tmp() -> Path:
-    """A world-writable temporary folder (an unprivileged user can work in it)."""
+    """A world-writable temporary folder (another user can work in it)."""
     path = Path(tempfile.mkdtemp(prefix="histo-faults-"))
     path.chmod(0o777)
     return path
 
 
+def _without_file_override() -> None:
+    """In a child of root, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding
+    set, so the program run is refused unreadable files like any user (prctl PR_CAPBSET_DROP)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
 def run_unprivileged(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """`python -m histo.cli ARGS` as an ordinary user: as `nobody` when the tests run as root."""
-    demote = None
-    if os.geteuid() == 0:
-
-        def demote() -> None:
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "HOME": tempfile.gettempdir(),
-        "MPLCONFIGDIR": tempfile.mkdtemp(),
-    }
+    """`python -m histo.cli ARGS` subject to file permissions (root's override dropped when the tests
+    run as root; permission faults cannot happen to root otherwise)."""
     return subprocess.run(
         [sys.executable, "-m", "histo.cli", *args], cwd=ROOT, capture_output=True, text=True,
-        preexec_fn=demote, env=env, timeout=300, **kwargs,
+        preexec_fn=_without_file_override if os.geteuid() == 0 else None,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300, **kwargs,
     )  # fmt: skip
+
+
+def as_nobody() -> None:
+    """preexec_fn: run the child as the user `nobody` (a colleague without our files' ownership)."""
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A batch item of the worker tests (module level: a spawned worker unpickles it)."""
+
+    id: str
+    path: str
+
+
+def sleepy(item: Job) -> object:
+    """A batch item that records its worker's PID in item.path and then sleeps (module level: a
+    spawned worker imports it)."""
+    from histo.batch import Outcome
+
+    Path(item.path).write_text(str(os.getpid()))
+    time.sleep(120)
+    return Outcome.done(item.id, item.path)

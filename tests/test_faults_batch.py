@@ -7,7 +7,6 @@ import errno
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -134,7 +133,17 @@ def test_a_full_disk_stops_tile_with_one_line_and_the_json_summary(slides, tmp_p
     from faults_support import ROOT
 
     out = tmp_path / "s.zarr"
-    cmd = [sys.executable, "-c", FULL_AFTER_ONE, "tile", *map(str, slides), "--out", str(out), *TILE, "--json"]
+    cmd = [
+        sys.executable,
+        "-c",
+        FULL_AFTER_ONE,
+        "tile",
+        *map(str, slides),
+        "--out",
+        str(out),
+        *TILE,
+        "--json",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 3, result.stderr
     assert "Traceback" not in result.stderr

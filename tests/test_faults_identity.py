@@ -85,7 +85,7 @@ def test_the_same_slide_moved_is_kept_and_its_new_path_recorded(sites, tmp_path)
     assert result.exit_code == 0 and rows["s0"]["status"] == "done"
     assert rows["s0"]["detail"]["updated"] == {"source_path": [str(sites["a"] / "s0.svs"), str(moved)]}
     assert TileStore.open(out).record("s0").source_path == str(moved)
-    again, rows = _tile(out, moved)
+    _, rows = _tile(out, moved)
     assert rows["s0"]["status"] == "skipped"
 
 
@@ -107,15 +107,26 @@ def test_a_record_without_identity_counts_as_unknown(sites, tmp_path) -> None:
 def test_segment_predict_refuses_another_case_under_a_segmented_id(tmp_path) -> None:
     import nibabel as nib
     import numpy as np
+    from test_batch import _unet
 
     from segmentation.synthetic import make_cases
-    from test_batch import _unet
 
     a = make_cases(tmp_path / "a", 1, shape=(16, 16, 16), seed=1)[0]
     b = make_cases(tmp_path / "b", 1, shape=(16, 16, 16), seed=2)[0]
     assert a.name == b.name
     model, pred = _unet(tmp_path / "unet.pt"), tmp_path / "pred"
-    base = ["segment", "predict", "--model", str(model), "--out", str(pred), "--roi", "16,16,16", "--device", "cpu"]
+    base = [
+        "segment",
+        "predict",
+        "--model",
+        str(model),
+        "--out",
+        str(pred),
+        "--roi",
+        "16,16,16",
+        "--device",
+        "cpu",
+    ]
 
     def predict(case: Path, *extra: str) -> dict:
         result = CliRunner().invoke(main, [*base, str(case), *extra, "--json"])
