@@ -233,16 +233,32 @@ def tile_slide(
 # ---- many slides -> tile store -------------------------------------------------------------------
 
 
-def find_slides(paths: list[str | os.PathLike]) -> list[Path]:
+def _files_under(folder: Path, unreadable: list[tuple[Path, str]]) -> list[Path]:
+    """Every file under `folder`, sorted (links to folders are not followed, as in Path.rglob); a
+    folder that cannot be listed is appended to `unreadable` as (folder, reason)."""
+    files: list[Path] = []
+
+    def refused(e: OSError) -> None:
+        unreadable.append((Path(e.filename), f"folder not searched for slides: {e.strerror}"))
+
+    for root, _, names in os.walk(folder, onerror=refused):
+        files += [Path(root) / name for name in names]
+    return sorted(files)
+
+
+def find_slides(
+    paths: list[str | os.PathLike], unreadable: list[tuple[Path, str]] | None = None
+) -> list[Path]:
     """Slide files named or found (recursively) in folders, sorted and de-duplicated; a DICOM series
-    counts once per folder. Named files are kept whatever their extension (bad ones fail later)."""
+    counts once per folder. Named files are kept whatever their extension (bad ones fail later). A
+    folder that cannot be listed is appended to `unreadable` as (folder, reason)."""
     found: set[Path] = set()
     for p in map(Path, paths):
         if not p.is_dir():
             found.add(p.absolute())
             continue
         dicom_dirs: set[Path] = set()
-        for f in sorted(p.rglob("*")):
+        for f in _files_under(p, unreadable if unreadable is not None else []):
             suffix = f.suffix.lower()
             if not f.is_file() or suffix not in SLIDE_EXTENSIONS or f.name.startswith("."):
                 continue
@@ -262,6 +278,7 @@ class _Job:
     path: Path
     meta: SlideMeta | None
     duplicate_of: Path | None
+    problem: str | None = None  # a folder that could not be searched: failed with this reason
 
 
 def _detail(rec: SlideRecord) -> dict:
@@ -340,6 +357,8 @@ def _tile_one(
     reports it (histo.batch's exception policy)."""
     from pathology.store import TileStore
 
+    if job.problem is not None:
+        return Outcome.failed(job.id, job.path, job.problem)
     if job.duplicate_of is not None:  # not written: the store's record belongs to the other file
         return Outcome.failed(job.id, job.path, f"duplicate slide ID (also {job.duplicate_of})")
     store = TileStore.open(out)
@@ -375,14 +394,17 @@ def _tile_one(
 
 
 def _jobs(paths: list[str | os.PathLike], labels: dict) -> list[_Job]:
-    """Every slide found, sorted by path; a slide ID seen before is a duplicate of its first file."""
+    """Every slide found, sorted by path, then every folder that could not be searched (an item that
+    fails, named `<folder>/`); a slide ID seen before is a duplicate of its first file."""
     from pathology.labels import find_meta
 
-    everything = find_slides(paths)
+    unreadable: list[tuple[Path, str]] = []
+    everything = find_slides(paths, unreadable)
     if not everything:
         shown = ", ".join(map(str, paths))
+        refused = "".join(f"; {folder}: {reason}" for folder, reason in unreadable)
         raise HistoError(
-            f"no slide files found in {shown} (extensions: {', '.join(sorted(SLIDE_EXTENSIONS))})"
+            f"no slide files found in {shown} (extensions: {', '.join(sorted(SLIDE_EXTENSIONS))}){refused}"
         )
     first_of: dict[str, Path] = {}
     jobs = []
@@ -391,7 +413,7 @@ def _jobs(paths: list[str | os.PathLike], labels: dict) -> list[_Job]:
         first = first_of.setdefault(slide_id, path)
         meta = find_meta(labels, path, slide_id) if labels else None
         jobs.append(_Job(slide_id, path, meta, None if first == path else first))
-    return jobs
+    return jobs + [_Job(f"{folder.name}/", folder, None, None, reason) for folder, reason in unreadable]
 
 
 def tile_slides(
