@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser test demo lint bench clean
+.PHONY: install browser test test-brats .venv-brats demo lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,23 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -m "not full"
+
+# The official BraTS scorer (brats-evaluation 0.0.10 on panoptica, which pins numpy < 2.3) in its own venv:
+# the oracle that the `full`-marked agreement test and scripts/bench_brats_eval.py run in a subprocess.
+BRATS_VENV := .venv-brats
+BRATS_STAMP := $(BRATS_VENV)/.installed
+
+$(BRATS_STAMP):
+	$(PY) -m venv $(BRATS_VENV)
+	$(BRATS_VENV)/bin/pip install --quiet --upgrade pip
+	$(BRATS_VENV)/bin/pip install --quiet "brats-evaluation==0.0.10"
+	touch $(BRATS_STAMP)
+
+.venv-brats: $(BRATS_STAMP)
+
+test-brats: $(STAMP) $(BRATS_STAMP)
+	$(BIN)/python -m pytest tests/test_seg_official.py -q -m full
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -31,4 +47,4 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python scripts/demo.py --out demo_out
 
 clean:
-	rm -rf $(VENV) demo_out bench_out .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BRATS_VENV) demo_out bench_out .pytest_cache .ruff_cache

@@ -55,7 +55,9 @@ class SourceIdentity:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> SourceIdentity | None:
-        return None if not d or not d.get("path") else cls(str(d["path"]), d.get("bytes"), d.get("fingerprint"))
+        if not d or not d.get("path"):
+            return None
+        return cls(str(d["path"]), d.get("bytes"), d.get("fingerprint"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

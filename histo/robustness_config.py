@@ -29,7 +29,7 @@ from histo.errors import HistoError
 
 def _severities(value: Any) -> Any:
     """'1-5' or '1,3,5' (or one int, or a list) -> a sorted tuple of distinct severities."""
-    from histo.robustness import parse_severities
+    from histo.robustness.grid import parse_severities
 
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)

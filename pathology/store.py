@@ -23,6 +23,7 @@ import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import zarr
 from histo.errors import HistoError, InputFileError
 from histo.identity import SourceIdentity
 from histo.io import atomic_write_json
+from pathology.config import StainConfig, TileConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,9 @@ class SlideRecord:
     reason: str | None = None
     n_mosaic: int = 0
     n_selected: int = 0
+    given_coords: str | None = None  # the CLAM/TRIDENT coordinate file its tiles came from
+    roi: str | None = None  # the QuPath GeoJSON file whose regions restricted its tissue mask
+    reader: str | None = None  # the slide reader backend and its version ("openslide 4.0.1")
     source_size: int | None = None  # bytes of the source file (None: a store written before this was kept)
     source_fingerprint: str | None = None  # histo.identity.fingerprint of the source file (None: unknown)
     tiles_digest: str | None = None  # what the tiles were made from, for an index to see a re-tiling
@@ -244,7 +249,8 @@ class TileStore:
 
     def read_selected(self, slide_id: str, indices: np.ndarray | list[int] | None = None) -> np.ndarray:
         """The selected tiles (M, tile_px, tile_px, 3) uint8 in order, or those at `indices` among them;
-        from the stored pixels when saved, otherwise read from the source slide."""
+        from the stored pixels when saved, otherwise read from the source slide; stain-normalized when the
+        tiling says so (saved pixels were normalized when they were saved)."""
         rec = self.record(slide_id)
         if self.has_pixels(slide_id):
             pixels = zarr.open_group(self._group_dir(slide_id), mode="r")["pixels"]
@@ -255,14 +261,27 @@ class TileStore:
         coords = self.coords(slide_id)[self.selected(slide_id)]
         if indices is not None:
             coords = coords[np.asarray(indices, np.int64)]
-        from pathology.slide import open_slide
+        from pathology.slide import open_slide, recorded_reader
 
         if not Path(rec.source_path).exists():
             raise InputFileError(
                 rec.source_path, f"slide file of {slide_id!r} in {self.path} has moved or is missing"
             )
-        with open_slide(rec.source_path, mpp_override=rec.mpp) as slide:
-            return read_tiles(slide, coords, rec.tile_size_level0, rec.tile_px)
+        with open_slide(rec.source_path, mpp_override=rec.mpp, reader=recorded_reader(rec.reader)) as slide:
+            return self.normalize(
+                read_tiles(slide, coords, rec.tile_size_level0, rec.tile_px), rec.source_path
+            )
+
+    @cached_property
+    def stain(self) -> StainConfig:
+        """The stain normalization the store's tiles get (`stain` of its tiling; none in older stores)."""
+        return TileConfig.section("stain", self.params.get("stain"), source=str(self.path))
+
+    def normalize(self, tiles: np.ndarray, where: object) -> np.ndarray:
+        """Tiles read from a slide, normalized as the store's tiling says (saved pixels already are)."""
+        from pathology.stain import normalize_tiles
+
+        return normalize_tiles(tiles, self.stain, where)
 
     # ---- writing (tiler) -------------------------------------------------------------------------
     def update_record(self, slide_id: str, changes: dict[str, Any]) -> SlideRecord:

@@ -9,11 +9,21 @@ value 1 << (i % 8)).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 
-from search.config import BarcodeKind, IndexParams, index_params
+from search.config import IndexParams, index_params
+from search.index import (
+    Calibration,
+    held_out_rows,
+    new_faiss_index,
+    resolve_build_params,
+    set_search_parameter,
+    training_sample,
+    tune,
+)
+from search.kinds import IndexKind, barcode_kind
 
 BITORDER = "little"
 
@@ -54,16 +64,13 @@ def hamming_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-BINARY_KINDS = get_args(BarcodeKind)
-
-
 def build_binary_index(
     codes: np.ndarray,
-    kind: str,
+    kind: str | IndexKind,
     params: IndexParams | Mapping[str, Any] | None = None,
     groups: np.ndarray | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """A FAISS binary (Hamming) index over packed codes and its effective parameters.
+    """A FAISS binary (Hamming) index of a barcode kind (search/kinds.py) and its effective parameters.
 
     `flat`: IndexBinaryFlat (exact). `ivf`: IndexBinaryIVF with nlist = 4*sqrt(N) (as the float IVF), a
     direct map so codes can be read back for the exact stage, and nprobe calibrated on held-out slides
@@ -72,56 +79,50 @@ def build_binary_index(
     """
     import faiss
 
-    from search.index import default_nlist, held_out_rows, sample_rows
-
+    row = barcode_kind(kind)
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     bits = codes.shape[1] * 8
-    if kind == "flat":
-        index = faiss.IndexBinaryFlat(bits)
-        index.add(codes)
-        return index, {"kind": "flat"}
-    if kind != "ivf":
-        raise ValueError(f"unknown binary index kind {kind!r} ({', '.join(BINARY_KINDS)})")
     p = index_params(params).model_dump()
-    nlist = int(p["nlist"] or default_nlist(len(codes)))
-    index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(bits), bits, nlist)
-    index.cp.seed = int(p["seed"])
-    index.train(sample_rows(codes, nlist * p["train_points_per_list"], int(p["seed"])))
+    chosen = resolve_build_params(row, p, len(codes), bits)
+    p |= chosen
+    index = new_faiss_index(row, p, bits)
+    if row.trainable:
+        index.train(training_sample(codes, p))
+    if row.tunes is None:
+        index.add(codes)
+        return index, {"kind": row.name, **chosen}
     held = held_out_rows(
         len(codes), groups, min(int(p["calibration_queries"]), len(codes) // 10), int(p["seed"])
     )
     rest = np.flatnonzero(~held)
     index.add_with_ids(codes[rest], rest.astype(np.int64))
-    out = {"kind": "ivf", "nlist": nlist, **_calibrate_nprobe(index, codes, np.flatnonzero(held), rest, p)}
+    calibration = _calibrate(index, row, codes, np.flatnonzero(held), rest, p)
     index.add_with_ids(codes[held], np.flatnonzero(held).astype(np.int64))
-    index.make_direct_map()
-    return index, out
+    if isinstance(index, faiss.IndexBinaryIVF):
+        index.make_direct_map()
+    return index, {"kind": row.name, **chosen, **calibration.record()}
 
 
-def _calibrate_nprobe(index: Any, codes: np.ndarray, queries: np.ndarray, rest: np.ndarray, p: dict) -> dict:
-    """Smallest power-of-two nprobe whose Hamming recall@k on held-out rows reaches the target."""
+def _calibrate(
+    index: Any, row: IndexKind, codes: np.ndarray, queries: np.ndarray, rest: np.ndarray, p: dict
+) -> Calibration:
+    """The row's search value (smallest reaching the target, search.index.tune) set on `index`."""
     import faiss
 
     k = int(p["calibration_k"])
-    values = [int(p["nprobe"])] if p.get("nprobe") else [2**i for i in range(int(np.log2(index.nlist)) + 1)]
-    values = values if p.get("nprobe") else sorted({*values, index.nlist})
-    recall = float("nan")
+    truth_d = None
     if len(queries):
         exact = faiss.IndexBinaryFlat(codes.shape[1] * 8)
         exact.add(codes[rest])
         truth_d = exact.search(codes[queries], k)[0]
-    for nprobe in values:
-        index.nprobe = nprobe
-        if not len(queries):
-            continue
-        recall = hamming_recall(index.search(codes[queries], k)[0], truth_d)
-        if recall >= p["recall_target"]:
-            break
-    return {
-        "nprobe": int(index.nprobe),
-        f"calibrated_recall_at_{k}": None if np.isnan(recall) else round(recall, 4),
-        "calibration_reached_target": bool(recall >= p["recall_target"]),
-    }
+
+    def recall_of(value: int) -> float:
+        set_search_parameter(index, row.tunes, value)
+        return hamming_recall(index.search(codes[queries], k)[0], truth_d)
+
+    calibration = tune(row.tunes, p, recall_of if len(queries) else None, f"barcode {row.name}")
+    set_search_parameter(index, row.tunes, calibration.value)
+    return calibration
 
 
 def hamming_recall(found_d: np.ndarray, truth_d: np.ndarray) -> float:

@@ -7,9 +7,10 @@ The models hold the types and the valid ranges; the values come from `histo/conf
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from histo.config import (
     AsTuple,
@@ -20,9 +21,10 @@ from histo.config import (
     Seed,
     StageConfig,
 )
+from search.kinds import check_name
 
-IndexType = Literal["flat", "ivf", "ivfpq", "hnsw"]
-BarcodeKind = Literal["flat", "ivf"]
+IndexType = Annotated[str, AfterValidator(check_name)]  # a float kind of search/kinds.py's table
+BarcodeKind = Annotated[str, AfterValidator(partial(check_name, binary=True))]  # a barcode kind there
 Mode = Literal["barcode", "float"]
 MIN_POINTS_PER_LIST = 39  # FAISS k-means warns below this many training points per centroid
 

@@ -39,6 +39,7 @@ class SlideHit:
     label: str | None
     distance: float
     matches: list[TileMatch] = field(default_factory=list)
+    tile_size_level0: float | None = None  # side of its tiles in level-0 px (to draw them; not in to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,12 +52,15 @@ class SlideHit:
 
 @dataclass
 class SearchResult:
-    """Ranked results of one query with the majority-vote prediction; `info` says how it was searched."""
+    """Ranked results of one query with the majority-vote prediction; `info` says how it was searched.
+    A slide query also carries its slide ID and tile side in level-0 px (to draw its tiles; not in to_dict)."""
 
     query: str
     prediction: str | None
     results: list[SlideHit]
     info: dict[str, Any] = field(default_factory=dict)
+    query_slide_id: str | None = None
+    query_tile_size_level0: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,9 +86,11 @@ class Catalog:
     sites: list[str | None]
     offsets: np.ndarray  # (S + 1,) int64
     coords: np.ndarray  # (N, 2) int64 level-0 x, y of every row
+    tile_sides: list[float | None] | None = None  # per slide: tile side in level-0 px (None: not recorded)
 
     def __post_init__(self) -> None:
         self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        self.tile_sides = list(self.tile_sides or [None] * len(self.slide_ids))
         self.row_slide = np.repeat(np.arange(len(self.slide_ids)), np.diff(self.offsets))
         self.position = {sid: i for i, sid in enumerate(self.slide_ids)}
 
@@ -93,6 +99,11 @@ class Catalog:
 
     def rows(self, slide: int) -> slice:
         return slice(int(self.offsets[slide]), int(self.offsets[slide + 1]))
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(slide, tile number within the slide) of a row."""
+        slide = int(self.row_slide[row])
+        return slide, int(row - self.offsets[slide])
 
     def allowed(self, exclude_patient: str | None = None, site: str | None = None) -> np.ndarray | None:
         """Boolean mask of searchable slides (None: all), dropping a patient and/or keeping one site."""
@@ -110,7 +121,8 @@ class Catalog:
 class SearchEngine:
     """Two-stage search over a catalog; `knn[mode](queries, k) -> (distances, rows)`, `tiles[mode]` arrays.
 
-    `settings` (the index's `search` config, see search/config.py) set the first stage and the matches.
+    `settings` (the index's `search` config, see search/config.py) set the first stage and the matches;
+    a query may bring its own (`settings=` of `rank` and `search`).
     First stage: `stage1_tiles` evenly spread query tiles each fetch their `tile_k` nearest tiles, and every
     slide hit becomes a candidate (tile_k grows 4x while fewer than k slides are hit). Second stage: the
     exact slide distance, over all query tiles, on the candidates. tile_k must exceed the tiles of a slide
@@ -129,8 +141,10 @@ class SearchEngine:
         k: int,
         allowed: np.ndarray | None = None,
         exhaustive: bool = False,
+        settings: IndexSearch | None = None,
     ) -> tuple[list[tuple[int, float]], dict[str, Any]]:
         """Top-k (slide, distance) for a query slide's codes/features, by exact slide distance on candidates."""
+        settings = settings or self.settings
         if mode not in MODES:
             raise ValueError(f"unknown search mode {mode!r} (barcode, float)")
         cat = self.catalog
@@ -139,8 +153,8 @@ class SearchEngine:
         info: dict[str, Any] = {"mode": mode, "strategy": "exhaustive", "tile_k": 0, "stage1_tiles": 0}
         candidates = everything
         if not exhaustive and excluded_rows * 2 < len(cat.row_slide) and len(everything) > k:
-            hit, info["tile_k"] = self._first_stage(query, mode, allowed, excluded_rows, k)
-            info["stage1_tiles"] = min(len(query), self.settings.stage1_tiles)
+            hit, info["tile_k"] = self._first_stage(query, mode, allowed, excluded_rows, k, settings)
+            info["stage1_tiles"] = min(len(query), settings.stage1_tiles)
             if len(hit) >= k:
                 candidates, info["strategy"] = hit, "two-stage"
             else:  # fewer distinct slides than asked for even with every row: search all allowed ones
@@ -151,16 +165,20 @@ class SearchEngine:
         return [(int(candidates[i]), float(distances[i])) for i in order], info
 
     def _first_stage(
-        self, query: np.ndarray, mode: str, allowed: np.ndarray | None, excluded_rows: int, wanted: int
+        self,
+        query: np.ndarray,
+        mode: str,
+        allowed: np.ndarray | None,
+        excluded_rows: int,
+        wanted: int,
+        settings: IndexSearch,
     ) -> tuple[np.ndarray, int]:
         """Allowed slides hit by the kNN of the stage-1 query tiles, widening tile_k until `wanted` are hit."""
         cat = self.catalog
         n_rows = len(cat.row_slide)
-        picked = np.unique(
-            np.linspace(0, len(query) - 1, min(len(query), self.settings.stage1_tiles)).round()
-        )
+        picked = np.unique(np.linspace(0, len(query) - 1, min(len(query), settings.stage1_tiles)).round())
         tiles = query[picked.astype(np.int64)]
-        tile_k = self.settings.tile_k or default_tile_k(cat)
+        tile_k = settings.tile_k or default_tile_k(cat)
         while True:
             # Asking for tile_k + excluded rows neighbours guarantees tile_k allowed ones per query tile.
             _, rows = self.knn[mode](tiles, min(n_rows, tile_k + excluded_rows))
@@ -172,9 +190,14 @@ class SearchEngine:
             tile_k *= 4
 
     def hits(
-        self, query: np.ndarray, ranked: list[tuple[int, float]], mode: str, query_xy: np.ndarray | None
+        self,
+        query: np.ndarray,
+        ranked: list[tuple[int, float]],
+        mode: str,
+        query_xy: np.ndarray | None,
+        n_matches: int,
     ) -> list[SlideHit]:
-        """Ranked (slide, distance) pairs as SlideHits with their best-matching tile pairs."""
+        """Ranked (slide, distance) pairs as SlideHits with their `n_matches` best-matching tile pairs."""
         base = self.tiles[mode]()
         cat = self.catalog
         out = []
@@ -188,9 +211,10 @@ class SearchEngine:
                     xy=[int(v) for v in cat.coords[rows][ti]],
                     distance=d,
                 )
-                for qi, ti, d in best_matches(query, base[rows], self.settings.n_matches)
+                for qi, ti, d in best_matches(query, base[rows], n_matches)
             ]
-            out.append(SlideHit(cat.slide_ids[slide], cat.labels[slide], distance, matches))
+            hit = SlideHit(cat.slide_ids[slide], cat.labels[slide], distance, matches, cat.tile_sides[slide])
+            out.append(hit)
         return out
 
     def search(
@@ -202,11 +226,30 @@ class SearchEngine:
         allowed: np.ndarray | None = None,
         query_xy: np.ndarray | None = None,
         exhaustive: bool = False,
+        settings: IndexSearch | None = None,
     ) -> SearchResult:
         """Full slide query: ranking, tile matches and the majority-vote label of the top k."""
-        ranked, info = self.rank(query, mode, k, allowed, exhaustive)
-        hits = self.hits(query, ranked, mode, query_xy)
+        settings = settings or self.settings
+        ranked, info = self.rank(query, mode, k, allowed, exhaustive, settings)
+        hits = self.hits(query, ranked, mode, query_xy, settings.n_matches)
         return SearchResult(name, vote_of(hits), hits, info)
+
+    def nearest_tiles(self, name: str, tile: np.ndarray, mode: str, k: int) -> SearchResult:
+        """The k indexed tiles nearest one query tile's code/features (1, D): one hit per tile, in order."""
+        if mode not in MODES:
+            raise ValueError(f"unknown search mode {mode!r} (barcode, float)")
+        cat = self.catalog
+        dist, rows = self.knn[mode](tile, k)
+        hits = []
+        for d, row in zip(dist[0], rows[0], strict=True):
+            if row < 0:
+                continue
+            slide, number = cat.locate(row)
+            match = TileMatch(0, None, number, [int(v) for v in cat.coords[row]], float(d))
+            hits.append(
+                SlideHit(cat.slide_ids[slide], cat.labels[slide], float(d), [match], cat.tile_sides[slide])
+            )
+        return SearchResult(name, vote_of(hits), hits, {"mode": mode})
 
 
 def default_tile_k(catalog: Catalog) -> int:

@@ -240,6 +240,7 @@ def extract_features(
             "patient": rec.patient,
             "site": rec.site,
             "n_tiles": len(coords),
+            "tile_size_level0": rec.tile_size_level0,
             "store": str(Path(store.path).resolve()),
             "tiles_digest": rec.tiles_digest,
         }

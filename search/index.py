@@ -1,38 +1,47 @@
-"""FAISS float-feature indexes (flat, ivf, ivfpq, hnsw), their parameter choice, calibration and devices.
+"""FAISS float-feature indexes built from the kinds table (search/kinds.py), their calibration and devices.
 
 Metric: Euclidean (L2) distance between float features. FAISS works with squared L2 internally; every
 distance returned here is its square root (a monotonic map, so rankings are unchanged).
 
+Every kind is made by `faiss.index_factory` from its row's factory string, the string's parameters
+resolved first (`resolve_build_params`): nlist from the FAISS guideline 4*sqrt(N) (range 4..16 sqrt(N)),
+capped so that every list gets >= 39 training points; pq_m = D/16 sub-quantizers of `pq_nbits` = 8 bits
+(fewer for tiny N). The search parameter a row tunes (nprobe, efSearch) is set through FAISS's
+ParameterSpace and calibrated at build time: the smallest value of its sweep whose recall@10 against exact
+search reaches `recall_target`, measured with the tiles of seeded held-out slides as queries (withheld
+from the index while calibrating, as a query slide is never indexed; held-out single tiles of indexed
+slides overstate recall because their own slide's tiles sit in the same lists).
+
 - `flat`: exact. On CPU the search is a blocked GEMM over the index's own vectors with cached norms
   (measured faster here than FAISS's bundled BLAS; scripts/bench_search.py); on GPU, FAISS GpuIndexFlatL2.
-- `ivf`: IVF-Flat; nlist from the FAISS guideline 4*sqrt(N) (range 4..16 sqrt(N)), capped so that every
-  list gets >= 39 training points; nprobe calibrated at build time: the smallest power of two whose
-  recall@10 against exact search reaches `recall_target`, measured with the tiles of seeded held-out
-  slides as queries (withheld from the index while calibrating, as a query slide is never indexed;
-  held-out single tiles of indexed slides overstate recall because their own slide's tiles sit in the
-  same lists).
-- `ivfpq`: IVF-PQ (m = D/16 sub-quantizers of `nbits` = 8, fewer for tiny N) returning `rerank * k` candidates that are re-ranked
-  by exact distance on the stored float features; nprobe calibrated like `ivf`.
-- `hnsw`: HNSW-Flat (CPU only: FAISS has no GPU HNSW); efSearch calibrated like nprobe.
+- `ivf`: IVF-Flat. `ivf_hnsw`: IVF-Flat whose coarse quantizer is an HNSW graph (FAISS's choice for 1e6-1e7
+  vectors). `ivfpq`: IVF-PQ returning `rerank * k` candidates that are re-ranked by exact distance on the
+  stored float features. `hnsw`: HNSW-Flat (CPU only: FAISS has no GPU HNSW).
+
+The parameters travel as one `IndexParameters` object: what the config requested and what the build
+resolved (chosen from N, calibrated); `FloatIndex.params` is their merged, read-only view.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import string
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any, get_args
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
 from histo.errors import HistoError, InputFileError
-from search.config import MIN_POINTS_PER_LIST, IndexParams, IndexType, index_params
+from search.config import MIN_POINTS_PER_LIST, IndexParams, index_params
+from search.kinds import IndexKind, SearchParameter, float_kind
 
 logger = logging.getLogger(__name__)
 
-INDEX_TYPES = get_args(IndexType)
 KNN_BLOCK_ELEMENTS = 1 << 25  # exact search: query x base distances held at once (128 MB of float32)
 
 
@@ -41,18 +50,128 @@ def default_nlist(n: int) -> int:
     return max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS_PER_LIST))
 
 
-def resolve_faiss_device(device: str, kind: str) -> str:
-    """'cpu' or 'gpu' for a FAISS index of `kind`; 'cuda' without GPUs (or for hnsw) is an error."""
+def _pq_m(p: Mapping[str, Any], n: int, d: int) -> int:
+    m = int(p["pq_m"] or max(1, d // 16))
+    if d % m:
+        raise HistoError(f"pq_m={m} must divide the feature dimension {d}")
+    return m
+
+
+def _pq_nbits(p: Mapping[str, Any], n: int, d: int) -> int:
+    # 2**nbits centroids per sub-quantizer need >= 39 training points each.
+    return int(min(p["pq_nbits"], max(1, int(math.log2(n / MIN_POINTS_PER_LIST)))))
+
+
+# How a factory-string parameter left null is chosen from N vectors of dimension D (others: as given).
+CHOOSERS: dict[str, Callable[[Mapping[str, Any], int, int], int]] = {
+    "nlist": lambda p, n, d: int(p["nlist"] or default_nlist(n)),
+    "pq_m": _pq_m,
+    "pq_nbits": _pq_nbits,
+}
+
+
+def resolve_build_params(kind: IndexKind, params: Mapping[str, Any], n: int, d: int) -> dict[str, int]:
+    """The values of the parameters named in the kind's factory string, for N vectors of dimension D."""
+    names = [name for _, name, _, _ in string.Formatter().parse(kind.factory) if name]
+    unknown = [name for name in names if name not in params]
+    if unknown:
+        raise HistoError(
+            f"index kind {kind.name!r}: factory parameter {unknown[0]!r} is not an index parameter"
+        )
+    return {name: CHOOSERS.get(name, lambda p, n, d, key=name: int(p[key]))(params, n, d) for name in names}
+
+
+def new_faiss_index(kind: IndexKind, params: Mapping[str, Any], d: int) -> Any:
+    """An empty FAISS index of `kind` from its factory string (d: dimension, or bits of a binary code),
+    its IVF k-means seeded and its HNSW graphs given their build beam."""
     import faiss
 
+    description = kind.factory.format(**params)
+    if kind.binary:
+        index = faiss.index_binary_factory(d, description)
+    else:
+        index = faiss.index_factory(d, description, faiss.METRIC_L2)
+    for part in index_parts(index):
+        if isinstance(part, (faiss.IndexIVF, faiss.IndexBinaryIVF)):
+            part.cp.seed = int(params["seed"])
+        if isinstance(part, faiss.IndexHNSW):
+            part.hnsw.efConstruction = int(params["ef_construction"])
+    return index
+
+
+def index_parts(index: Any) -> Iterator[Any]:
+    """A FAISS index and the indexes inside it (an IDMap's index, an IVF's coarse quantizer), downcast."""
+    import faiss
+
+    if not isinstance(index, faiss.IndexBinary):
+        index = faiss.downcast_index(index)
+    yield index
+    if isinstance(index, faiss.IndexIDMap):
+        yield from index_parts(index.index)
+    if isinstance(index, faiss.IndexIVF):
+        yield from index_parts(index.quantizer)
+
+
+def set_search_parameter(index: Any, tuned: SearchParameter, value: int, gpu: bool = False) -> None:
+    """Set a search-time parameter through FAISS's ParameterSpace (binary indexes, which it does not
+    cover, take it as the attribute of that name)."""
+    import faiss
+
+    if isinstance(index, faiss.IndexBinary):
+        setattr(index, tuned.faiss_name, int(value))
+        return
+    space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
+    space.set_index_parameter(index, tuned.faiss_name, int(value))
+
+
+@dataclass(frozen=True)
+class IndexParameters:
+    """An index's parameters: `requested` (the config's IndexParams; null = choose) and `resolved` (the
+    values the build chose from N, the calibrated search value and its measured recall)."""
+
+    requested: IndexParams
+    resolved: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value: IndexParameters | IndexParams | Mapping[str, Any] | None) -> IndexParameters:
+        """From itself, an IndexParams (nothing resolved yet), None (the defaults) or a mapping of
+        effective values over the defaults (what `FloatIndex.params` shows, e.g. read back from a manifest)."""
+        if isinstance(value, IndexParameters):
+            return value
+        if value is None or isinstance(value, IndexParams):
+            return cls(index_params(value))
+        return cls(index_params(None), dict(value))
+
+    @classmethod
+    def recorded(cls, index: Mapping[str, Any], source: str) -> IndexParameters:
+        """From a manifest's `index` section: `params_requested` and the effective `params`."""
+        return cls(index_params(index["params_requested"], source), dict(index["params"]))
+
+    def with_resolved(self, values: Mapping[str, Any]) -> IndexParameters:
+        """A copy with more resolved values (the object itself is never edited)."""
+        return replace(self, resolved={**self.resolved, **values})
+
+    @cached_property
+    def effective(self) -> Mapping[str, Any]:
+        """Every parameter with the value the index uses, and the calibration results (read-only)."""
+        return MappingProxyType({**self.requested.model_dump(), **self.resolved})
+
+
+def resolve_faiss_device(device: str, kind: str | IndexKind) -> str:
+    """'cpu' or 'gpu' for a FAISS index of `kind`; 'cuda' without GPUs (or for a CPU-only kind) is an error."""
+    import faiss
+
+    kind = float_kind(kind)
     n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if device not in ("auto", "cpu", "cuda"):
         raise HistoError(f"unknown device {device!r} (auto, cpu, cuda)")
     if device == "cuda" and n_gpus == 0:
         raise HistoError("device cuda: FAISS sees no GPU (is faiss-gpu installed and a GPU visible?)")
-    if device == "cuda" and kind == "hnsw":
-        raise HistoError("device cuda: FAISS has no GPU HNSW index; use --device cpu or another --type")
-    return "gpu" if device != "cpu" and n_gpus > 0 and kind != "hnsw" else "cpu"
+    if device == "cuda" and not kind.gpu:
+        raise HistoError(
+            f"device cuda: FAISS has no GPU {kind.description} index; use --device cpu or another --type"
+        )
+    return "gpu" if device != "cpu" and n_gpus > 0 and kind.gpu else "cpu"
 
 
 def exact_knn(
@@ -87,19 +206,24 @@ def exact_knn(
 
 @dataclass
 class FloatIndex:
-    """A FAISS float index plus what its search needs: parameters, device, and the stored vectors."""
+    """A FAISS float index plus what its search needs: its kind, parameters, device and the stored vectors."""
 
-    kind: str
+    kind: IndexKind
     index: Any  # the CPU faiss index (what is saved)
-    params: dict[str, Any]
+    parameters: IndexParameters
     device: str = "cpu"  # "cpu" or "gpu"; set by to_device
-    vectors: Callable[[np.ndarray], np.ndarray] | None = None  # rows -> float32 features (ivfpq re-ranking)
+    vectors: Callable[[np.ndarray], np.ndarray] | None = None  # rows -> float32 features (re-ranking)
     _search_index: Any = field(default=None, repr=False)
     _flat_cache: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
+
+    @property
+    def params(self) -> Mapping[str, Any]:
+        """The effective parameters (requested, chosen and calibrated values), read-only."""
+        return self.parameters.effective
 
     def to_device(self, device: str = "auto") -> FloatIndex:
         """Move the search copy to all GPUs (replicas, or shards if params['gpu_shard']) or keep it on CPU."""
@@ -109,9 +233,11 @@ class FloatIndex:
         self._search_index = self.index
         if self.device == "gpu":
             options = faiss.GpuMultipleClonerOptions()
-            options.shard = bool(self.params.get("gpu_shard", False))
+            options.shard = bool(self.params["gpu_shard"])
             self._search_index = faiss.index_cpu_to_all_gpus(self.index, co=options)
-        self._apply_search_params(self._search_index)
+        tuned = self.kind.tunes
+        if tuned is not None and self.params.get(tuned.key):
+            set_search_parameter(self._search_index, tuned, self.params[tuned.key], self.device == "gpu")
         return self
 
     def device_info(self) -> dict[str, Any]:
@@ -121,17 +247,8 @@ class FloatIndex:
         info: dict[str, Any] = {"device": self.device}
         if self.device == "gpu":
             info["gpus"] = faiss.get_num_gpus()
-            info["multi_gpu"] = "shards" if self.params.get("gpu_shard") else "replicas"
+            info["multi_gpu"] = "shards" if self.params["gpu_shard"] else "replicas"
         return info
-
-    def _apply_search_params(self, index: Any) -> None:
-        import faiss
-
-        space = faiss.GpuParameterSpace() if self.device == "gpu" else faiss.ParameterSpace()
-        if self.kind in ("ivf", "ivfpq") and self.params.get("nprobe"):
-            space.set_index_parameter(index, "nprobe", int(self.params["nprobe"]))
-        if self.kind == "hnsw" and self.params.get("ef_search"):
-            space.set_index_parameter(index, "efSearch", int(self.params["ef_search"]))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """k nearest indexed vectors of each query: (Euclidean distances (Q, k), ids (Q, k), -1 = none)."""
@@ -139,18 +256,18 @@ class FloatIndex:
         k = min(k, self.ntotal)
         if self._search_index is None:
             self.to_device("cpu")
-        if self.kind == "flat" and self.device == "cpu":
+        if self.kind.exact and self.device == "cpu":
             base, norms = self._flat_arrays()
             return exact_knn(queries, base, k, norms)
-        if self.kind == "ivfpq":
+        if self.kind.rerank:
             return self._search_reranked(queries, k)
         d2, ids = self._search_index.search(queries, k)
         return np.sqrt(np.maximum(d2, 0.0)), ids
 
     def stored_vectors(self) -> np.ndarray:
-        """The vectors held by a flat index (a zero-copy view of FAISS's storage), row order = ids."""
-        if self.kind != "flat":
-            raise HistoError(f"a {self.kind} index does not hold its float vectors")
+        """The vectors held by an exact (flat) index (a zero-copy view of FAISS's storage), row order = ids."""
+        if not self.kind.exact:
+            raise HistoError(f"a {self.kind.name} index does not hold its float vectors")
         return self._flat_arrays()[0]
 
     def _flat_arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +281,7 @@ class FloatIndex:
 
     def _search_reranked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.vectors is None:
-            raise HistoError("ivfpq search needs the stored float features for exact re-ranking")
+            raise HistoError(f"{self.kind.name} search needs the stored float features for exact re-ranking")
         shortlist = min(self.ntotal, int(self.params["rerank"]) * k)
         _, cand = self._search_index.search(queries, shortlist)
         dists = np.full(cand.shape, np.inf, dtype=np.float32)
@@ -188,73 +305,66 @@ class FloatIndex:
             faiss.write_index(self.index, str(tmp))
 
 
-def load_float_index(path: str | Path, kind: str, params: dict[str, Any]) -> FloatIndex:
-    """Read a saved FAISS float index; an unreadable file is a one-line InputFileError."""
+def load_float_index(
+    path: str | Path, kind: str | IndexKind, params: IndexParameters | Mapping[str, Any] | None
+) -> FloatIndex:
+    """Read a saved FAISS float index of `kind` with its parameters (`IndexParameters.of`); an unreadable
+    file is a one-line InputFileError."""
     import faiss
 
+    kind = float_kind(kind)
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as e:
         raise InputFileError(path, f"not a readable FAISS index ({str(e).splitlines()[0][:120]})") from None
-    return FloatIndex(kind=kind, index=index, params=dict(params))
+    return FloatIndex(kind=kind, index=index, parameters=IndexParameters.of(params))
 
 
 def build_float_index(
     vectors: np.ndarray,
-    kind: str,
+    kind: str | IndexKind,
     params: IndexParams | Mapping[str, Any] | None = None,
     groups: np.ndarray | None = None,
 ) -> FloatIndex:
-    """Build (train + add) a CPU index of `kind` over float32 (N, D) vectors; calibrates nprobe/efSearch.
+    """Build (train + add) a CPU index of `kind` over float32 (N, D) vectors; calibrates its search value.
 
-    `params`: IndexParams, None (the defaults) or a mapping over the defaults. The effective parameters
-    (chosen and calibrated values included) are the returned index's `params` dict.
+    `params`: IndexParams, None (the defaults) or a mapping over the defaults. The returned index's
+    `parameters` hold them as requested and as resolved (chosen and calibrated values).
 
-    Approximate indexes get their vectors in two steps: all but some held-out rows, then (after
-    calibrating with the held-out rows as unseen queries) the held-out rows. With `groups` (the slide of
-    each row) whole slides are held out, as a query slide is never in the index; FAISS ids = row numbers.
+    Calibrated kinds get their vectors in two steps: all but some held-out rows, then (after calibrating
+    with the held-out rows as unseen queries) the held-out rows. With `groups` (the slide of each row)
+    whole slides are held out, as a query slide is never in the index; FAISS ids = row numbers.
     """
-    import faiss
-
-    if kind not in INDEX_TYPES:
-        raise HistoError(f"unknown index type {kind!r} (choose from {', '.join(INDEX_TYPES)})")
-    params = index_params(params).model_dump()
+    kind = float_kind(kind)
+    requested = index_params(params)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
     if n == 0:
         raise HistoError("cannot build an index over zero vectors")
-    if kind == "flat":
-        index = faiss.IndexFlatL2(d)
+    p = requested.model_dump()
+    chosen = resolve_build_params(kind, p, n, d)
+    p |= chosen
+    index = new_faiss_index(kind, p, d)
+    built = FloatIndex(kind, index, IndexParameters(requested, chosen), vectors=lambda rows: vectors[rows])
+    if kind.trainable:
+        index.train(training_sample(vectors, p))
+    if kind.tunes is None:
         index.add(vectors)
-        return FloatIndex(kind=kind, index=index, params=params, vectors=lambda rows: vectors[rows])
-    if kind in ("ivf", "ivfpq"):
-        params["nlist"] = int(params["nlist"] or default_nlist(n))
-        quantizer = faiss.IndexFlatL2(d)
-        if kind == "ivf":
-            index = faiss.IndexIVFFlat(quantizer, d, params["nlist"], faiss.METRIC_L2)
-        else:
-            params["pq_m"] = int(params["pq_m"] or max(1, d // 16))
-            if d % params["pq_m"]:
-                raise HistoError(f"pq_m={params['pq_m']} must divide the feature dimension {d}")
-            # 2**nbits centroids per sub-quantizer need >= 39 training points each.
-            params["pq_nbits"] = int(min(params["pq_nbits"], max(1, int(math.log2(n / MIN_POINTS_PER_LIST)))))
-            index = faiss.IndexIVFPQ(quantizer, d, params["nlist"], params["pq_m"], params["pq_nbits"])
-        index.cp.seed = int(params["seed"])
-        index.train(
-            sample_rows(vectors, params["nlist"] * params["train_points_per_list"], int(params["seed"]))
-        )
-    else:
-        hnsw = faiss.IndexHNSWFlat(d, int(params["hnsw_m"]))
-        hnsw.hnsw.efConstruction = int(params["ef_construction"])
-        index = faiss.IndexIDMap(hnsw)
-    built = FloatIndex(kind=kind, index=index, params=params, vectors=lambda rows: vectors[rows])
-    held_out = held_out_rows(n, groups, min(int(params["calibration_queries"]), n // 10), int(params["seed"]))
+        return built
+    held_out = held_out_rows(n, groups, min(int(p["calibration_queries"]), n // 10), int(p["seed"]))
     rest = np.flatnonzero(~held_out)
     index.add_with_ids(vectors[rest], rest.astype(np.int64))
-    calibrate(built, vectors, np.flatnonzero(held_out), rest)
+    calibration = calibrate(built, vectors, np.flatnonzero(held_out), rest)
+    built.parameters = built.parameters.with_resolved(calibration.record())
     index.add_with_ids(vectors[held_out], np.flatnonzero(held_out).astype(np.int64))
     built.to_device("cpu")
     return built
+
+
+def training_sample(x: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+    """The seeded training rows of a trainable index: `train_points_per_list` per list (all rows if fewer)."""
+    n_lists = int(params.get("nlist") or 1)
+    return sample_rows(x, n_lists * int(params["train_points_per_list"]), int(params["seed"]))
 
 
 def held_out_rows(n: int, groups: np.ndarray | None, n_rows: int, seed: int) -> np.ndarray:
@@ -289,44 +399,77 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(hits)) if hits else 1.0
 
 
-def calibrate(index: FloatIndex, vectors: np.ndarray, queries: np.ndarray, indexed: np.ndarray) -> None:
-    """Set nprobe (ivf, ivfpq) or efSearch (hnsw) to the smallest power of two reaching recall_target.
+@dataclass(frozen=True)
+class Calibration:
+    """The search value a build chose and its recall@k on held-out rows (None: too few rows to measure)."""
 
-    `queries` are held-out rows not yet in the index (so they behave as unseen tiles); the truth is
-    exact search over the `indexed` rows. The chosen value and its measured recall go into params.
+    key: str
+    value: int
+    k: int
+    recall: float | None
+    reached: bool
+
+    def record(self) -> dict[str, Any]:
+        """The resolved parameters it adds: the value, `calibrated_recall_at_{k}`, whether it reached the target."""
+        return {
+            self.key: self.value,
+            f"calibrated_recall_at_{self.k}": self.recall,
+            "calibration_reached_target": self.reached,
+        }
+
+
+def tune(
+    tuned: SearchParameter,
+    params: Mapping[str, Any],
+    recall_of: Callable[[int], float] | None,
+    label: str,
+) -> Calibration:
+    """The smallest value of the sweep (or the user's value, only measured) reaching `recall_target`.
+
+    `recall_of(value)` measures recall@calibration_k on held-out queries (None: no held-out rows, the
+    last, most exhaustive value stays unmeasured). A miss of the target is logged as a warning.
     """
-    p = index.params
-    name = "ef_search" if index.kind == "hnsw" else "nprobe"
-    if p.get(name):  # given by the user: keep it, but still measure its recall
-        values = [int(p[name])]
-    elif index.kind == "hnsw":
-        values = [2**i for i in range(4, 12)]
-    else:
-        values = sorted({2**i for i in range(int(math.log2(p["nlist"])) + 1)} | {p["nlist"]})
-    k = int(p["calibration_k"])
+    values = [int(params[tuned.key])] if params.get(tuned.key) else tuned.sweep(params)
+    k, target = int(params["calibration_k"]), params["recall_target"]
     recall = float("nan")
-    if len(queries):
-        truth = indexed[exact_knn(vectors[queries], vectors[indexed], k)[1]]
     for value in values:
-        p[name] = value
-        if not len(queries):
-            continue  # too few vectors to calibrate: the last (most exhaustive) value stays
-        index.to_device("cpu")
-        recall = recall_at_k(index.search(vectors[queries], k)[1], truth)
-        logger.debug(
-            "%s %s %d: recall@%d %.4f on %d held-out tiles", index.kind, name, value, k, recall, len(queries)
-        )
-        if recall >= p["recall_target"]:
+        if recall_of is None:
+            continue
+        recall = recall_of(value)
+        logger.debug("%s %s %d: recall@%d %.4f", label, tuned.key, value, k, recall)
+        if recall >= target:
             break
-    p[f"calibrated_recall_at_{k}"] = None if np.isnan(recall) else round(recall, 4)
-    p["calibration_reached_target"] = bool(recall >= p["recall_target"])
-    if len(queries) and not p["calibration_reached_target"]:
+    result = Calibration(
+        tuned.key, value, k, None if np.isnan(recall) else round(recall, 4), recall >= target
+    )
+    if recall_of is not None and not result.reached:
         logger.warning(
             "%s index: recall@%d %.3f at %s %d is below recall_target %s",
-            index.kind,
+            label,
             k,
             recall,
-            name,
-            p[name],
-            p["recall_target"],
+            tuned.key,
+            value,
+            target,
         )
+    return result
+
+
+def calibrate(
+    index: FloatIndex, vectors: np.ndarray, queries: np.ndarray, indexed: np.ndarray
+) -> Calibration:
+    """Calibrate the kind's search value (nprobe, efSearch) on `queries`, held-out rows not yet in the
+    index (so they behave as unseen tiles); the truth is exact search over the `indexed` rows."""
+    tuned = index.kind.tunes
+    base = index.parameters
+    k = int(base.effective["calibration_k"])
+
+    def recall_of(value: int) -> float:
+        index.parameters = base.with_resolved({tuned.key: value})
+        index.to_device("cpu")
+        return recall_at_k(index.search(vectors[queries], k)[1], truth)
+
+    truth = indexed[exact_knn(vectors[queries], vectors[indexed], k)[1]] if len(queries) else None
+    calibration = tune(tuned, base.effective, recall_of if len(queries) else None, index.kind.name)
+    index.parameters = base
+    return calibration

@@ -5,7 +5,8 @@ Index dir (DESIGN.md "Index dir")::
     manifest.json      format version, model (hash, feature definition, dim), tiling config, index type and
                        parameters (requested and effective), counts, skipped slides, sha256 of every file
     features.zarr/     per-slide tile features and coordinates (search/features.py)
-    catalog.json       slides in row order: slide_id, label, patient, site, n_tiles
+    catalog.json       slides in row order: slide_id, label, patient, site, n_tiles, tile_size_level0 (the
+                       tiles' side in level-0 px, to draw hits on the slide; null in older indexes)
     coords.npy         (N, 2) int64 level-0 x, y of every row (rows of a slide are contiguous)
     barcodes.faissb    FAISS binary index over the packed MinMax barcodes (Hamming): IndexBinaryFlat for a
                        flat index, IndexBinaryIVF (+ direct map) otherwise (search/barcodes.py)
@@ -36,9 +37,11 @@ from histo.lock import writer_lock
 from search import features as feats_io
 from search.barcodes import BITORDER, build_binary_index, code_bits, minmax_barcode, stored_codes
 from search.config import IndexConfig, SearchConfig, index_params
-from search.engine import Catalog, SearchEngine, SearchResult, SlideHit, TileMatch, vote_of
-from search.index import FloatIndex, build_float_index, load_float_index
+from search.engine import Catalog, SearchEngine, SearchResult
+from search.index import FloatIndex, IndexParameters, build_float_index, load_float_index
+from search.kinds import float_kind
 from search.manifest import MANIFEST, read_manifest, write_manifest
+from search.queries import PatchQuery, SlideQuery, as_query, patch_query, slide_query
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ CATALOG, COORDS, BARCODES, FLOAT, MODEL = (
     "float.faiss",
     "model.pt",
 )
+CATALOG_KEYS = ("slide_id", "label", "patient", "site", "n_tiles", "tile_size_level0")
 BARCODE_DEFINITION = "MinMax: bit i = f[i+1] < f[i] for i < D-1, zero-padded to a multiple of 8 bits"
 
 
@@ -58,7 +62,8 @@ def _open_store(store: Any) -> Any:
     return store if isinstance(store, TileStore) else TileStore.open(store)
 
 
-def _load_extractor(model: Any, device: str) -> Any:
+def load_extractor(model: Any, device: str) -> Any:
+    """The feature extractor of a checkpoint path (or an extractor as given): the one place that builds it."""
     from pathology.kimianet import FeatureExtractor
 
     if isinstance(model, FeatureExtractor):
@@ -81,13 +86,20 @@ class SlideIndex:
     """A searchable slide index directory (see the module docstring for its files)."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], config: SearchConfig, model: Any = None) -> None:
+        self.path = path
+        self.config = config
+        self._extractor = None
+        self.extraction: BatchSummary | None = None  # the feature extraction of `build`, when built here
+        self._load(manifest)
+        if model is not None:
+            self._extractor = self._check_model(load_extractor(model, config.run.device))
+
+    def _load(self, manifest: dict[str, Any]) -> None:
+        """Read the catalog, barcodes and float index that `manifest` describes, and the search engine."""
         import faiss
 
-        self.path = path
+        path = self.path
         self.manifest = manifest
-        self.config = config
-        device = config.run.device
-        self.index_type = manifest["index"]["type"]
         slides = json.loads((path / CATALOG).read_text())["slides"]
         offsets = np.concatenate([[0], np.cumsum([s["n_tiles"] for s in slides])])
         self.catalog = Catalog(
@@ -97,29 +109,26 @@ class SlideIndex:
             sites=[s["site"] for s in slides],
             offsets=offsets,
             coords=np.load(path / COORDS, allow_pickle=False),
+            tile_sides=[s.get("tile_size_level0") for s in slides],
         )
         try:
             self.barcode_index = faiss.read_index_binary(str(path / BARCODES))
         except RuntimeError:
             raise InputFileError(path / BARCODES, "not a readable FAISS binary index") from None
         self.codes = stored_codes(self.barcode_index)
-        self.float_index: FloatIndex = load_float_index(
-            path / FLOAT, self.index_type, manifest["index"]["params"]
-        )
+        recorded = recorded_config(path, manifest)
+        parameters = IndexParameters.recorded(manifest["index"], str(path / MANIFEST))
+        self.float_index: FloatIndex = load_float_index(path / FLOAT, recorded.type, parameters)
         self.float_index.vectors = lambda rows: self._features()[rows]
-        self.float_index.to_device(device)
+        self.float_index.to_device(self.config.run.device)
         self._feature_array: np.ndarray | None = None
-        self._extractor = None
-        self.extraction: BatchSummary | None = None  # the feature extraction of `build`, when built here
-        if model is not None:
-            self._extractor = self._check_model(_load_extractor(model, device))
         # The index's search defaults, unless the search config sets tile_k / stage1_tiles.
-        first_stage = {f"search.{k}": getattr(config, k) for k in ("tile_k", "stage1_tiles")}
+        first_stage = {f"search.{k}": getattr(self.config, k) for k in ("tile_k", "stage1_tiles")}
         self.engine = SearchEngine(
             self.catalog,
             knn={"barcode": self.barcode_index.search, "float": self.float_index.search},
             tiles={"barcode": lambda: self.codes, "float": self._features},
-            settings=recorded_config(path, manifest).updated(first_stage, source="search config").search,
+            settings=recorded.updated(first_stage, source="search config").search,
         )
 
     # ---- construction -------------------------------------------------------------------------------
@@ -143,26 +152,72 @@ class SlideIndex:
         """
         config = IndexConfig.coerce(config)
         out = Path(out)
-        extractor = _load_extractor(model, config.run.device)
+        extractor = load_extractor(model, config.run.device)
         store = _open_store(store)
         with writer_lock(out, "histo index", shared=shard[1] > 1):
             batch = feats_io.extract_features(store, extractor, out, shard, config.run.batch_size, progress)
             if shard[1] > 1:
                 return None
-            if not isinstance(model, (str, os.PathLike)):
-                (out / MODEL).unlink(missing_ok=True)
-            elif not (out / MODEL).exists() or feats_io.model_info(extractor)["hash"] != file_sha256(
-                out / MODEL
-            ):
-                with atomic_path(out / MODEL) as tmp:
-                    shutil.copyfile(model, tmp)
-            content = {
-                "index": {"type": config.type, "params_requested": config.params.model_dump(mode="json")},
-                "search": config.search.model_dump(mode="json"),
-                "failed_slides": _failed_slides(batch),
-                "built_with": {"feature_device": str(extractor.device)},
-            }
-            _assemble(out, content)
+            built_with = {"feature_device": str(extractor.device)}
+            return cls._finish(out, model, extractor, batch, config, built_with)
+
+    @classmethod
+    def build_from_features(
+        cls,
+        folder: str | os.PathLike,
+        out: str | os.PathLike,
+        config: IndexConfig | Mapping[str, Any] | None = None,
+        labels_csv: str | os.PathLike | None = None,
+        encoder: str | None = None,
+        model: Any = None,
+        progress: bool = True,
+    ) -> SlideIndex:
+        """Build the index from per-slide CLAM/TRIDENT feature files (search/feature_files.py).
+
+        `config` as for `build`; `encoder`: the name the files must carry (needed when they carry none);
+        `model`: the checkpoint that made histo's files (its hash must match theirs), so the index can
+        featurise new queries.
+        """
+        from search.feature_files import import_feature_files
+
+        config = IndexConfig.coerce(config)
+        out = Path(out)
+        with writer_lock(out, "histo index"):
+            batch, info = import_feature_files(folder, out, labels_csv, encoder, progress)
+            extractor = None
+            if model is not None:
+                extractor = load_extractor(model, config.run.device)
+                if extractor.model_hash != info["hash"]:
+                    raise HistoError(
+                        f"{folder}: features were made by model {info['hash'][:12]}, "
+                        f"not by {model} ({extractor.model_hash[:12]})"
+                    )
+            built_with = {"features_from": str(Path(folder).resolve())}
+            return cls._finish(out, model, extractor, batch, config, built_with)
+
+    @classmethod
+    def _finish(
+        cls,
+        out: Path,
+        model: Any,
+        extractor: Any,
+        batch: BatchSummary,
+        config: IndexConfig,
+        built_with: dict[str, Any],
+    ) -> SlideIndex:
+        """Copy the model file into the index (when one is a file), assemble it and open it."""
+        if not isinstance(model, (str, os.PathLike)):
+            (out / MODEL).unlink(missing_ok=True)
+        elif not (out / MODEL).exists() or feats_io.model_info(extractor)["hash"] != file_sha256(out / MODEL):
+            with atomic_path(out / MODEL) as tmp:
+                shutil.copyfile(model, tmp)
+        content = {
+            "index": {"type": config.type, "params_requested": config.params.model_dump(mode="json")},
+            "search": config.search.model_dump(mode="json"),
+            "failed_slides": _failed_slides(batch),
+            "built_with": built_with,
+        }
+        _assemble(out, content)
         index = cls.open(out, {"run": {"device": config.run.device}}, model=extractor)
         index.extraction = batch
         return index
@@ -179,7 +234,7 @@ class SlideIndex:
     ) -> BatchSummary:
         """Extract the features of the shard's slides into `out` (resumable) without building the index."""
         config = IndexConfig.coerce(config)
-        extractor = _load_extractor(model, config.run.device)
+        extractor = load_extractor(model, config.run.device)
         store = _open_store(store)
         with writer_lock(out, "histo index", shared=shard[1] > 1):
             return feats_io.extract_features(
@@ -229,9 +284,7 @@ class SlideIndex:
         content = {k: self.manifest[k] for k in keep if k in self.manifest} | changes
         content["index"] = {k: content["index"][k] for k in ("type", "params_requested")}
         _assemble(self.path, content)
-        extractor = self._extractor
-        self.__init__(self.path, read_manifest(self.path, "full"), self.config, None)
-        self._extractor = extractor
+        self._load(read_manifest(self.path, "full"))
 
     # ---- model --------------------------------------------------------------------------------------
     @property
@@ -243,7 +296,7 @@ class SlideIndex:
                     f"{self.path}: built with an in-memory model (hash {self.model_hash[:12]}); "
                     "pass the same model to SlideIndex.open(..., model=...)"
                 )
-            self._extractor = self._check_model(_load_extractor(self.path / MODEL, self.config.run.device))
+            self._extractor = self._check_model(load_extractor(self.path / MODEL, self.config.run.device))
         return self._extractor
 
     @property
@@ -260,7 +313,7 @@ class SlideIndex:
 
     def _features(self) -> np.ndarray:
         """All rows' float features (the flat index's own storage, else loaded once from features.zarr)."""
-        if self.index_type == "flat":
+        if self.float_index.kind.exact:
             return self.float_index.stored_vectors()
         if self._feature_array is None:
             root = self.path / feats_io.FEATURES_DIR
@@ -270,27 +323,43 @@ class SlideIndex:
         return self._feature_array
 
     # ---- search -------------------------------------------------------------------------------------
-    def query_features(self, query: Any) -> tuple[str, np.ndarray, np.ndarray, Any]:
-        """(name, features, level-0 coords, slide record) of a query slide path or a TileSet."""
-        from pathology.tiler import tile_slide, tiling_config
+    def search(
+        self,
+        query: Any,
+        k: int | None = None,
+        *,
+        mode: str | None = None,
+        exclude_patient: str | bool | None = None,
+        tile_k: int | None = None,
+        stage1_tiles: int | None = None,
+        exhaustive: bool | None = None,
+        name: str | None = None,
+    ) -> SearchResult:
+        """Search the index with a slide or a patch (search/queries.py decides which).
 
-        if isinstance(query, (str, os.PathLike)):
-            name = str(query)
-            query = tile_slide(query, tiling_config(self.manifest["tiling"], str(self.path / MANIFEST)))
-        else:
-            name = query.record.slide_id
-        tiles = query.read_tiles("selected")
-        if len(tiles) == 0:
-            raise InputFileError(name, "no selected tiles in the query slide")
-        return name, self.extractor.extract(tiles), query.coords[query.selected], query.record
-
-    def query_patient(self, record: Any) -> str | None:
-        """The query's patient: the index's record when the same slide ID is indexed, else the tiler's
-        (TCGA barcode -> first 12 characters; otherwise the slide is its own patient)."""
-        pos = self.catalog.position.get(record.slide_id)
-        return (
-            self.catalog.patients[pos] if pos is not None and self.catalog.patients[pos] else record.patient
-        )
+        A slide (a slide file path or a TileSet) is tiled and featurised like the index and ranks indexed
+        slides by the two-stage search; a patch (an image file path or an RGB uint8 (H, W, 3) array at
+        the index's tile resolution) returns its nearest indexed tiles. Arguments left None take the
+        search config's value (`k`, `mode`, or `patch_k`, `patch_mode` for a patch; `exclude_same_patient`,
+        `tile_k`, `stage1_tiles`, `exhaustive`), and given ones are validated like it. `exclude_patient`:
+        a patient ID, or True for the query's own patient (TCGA: first 12 characters). `tile_k`,
+        `stage1_tiles`: the first stage (see SearchEngine; the index's defaults unless set); `exhaustive`:
+        skip it and compare every indexed slide (exact, slower). These four apply to slides only.
+        `name`: what the result calls the query (default: its path, its slide ID, or "patch").
+        """
+        options = {
+            "exclude_patient": exclude_patient,
+            "tile_k": tile_k,
+            "stage1_tiles": stage1_tiles,
+            "exhaustive": exhaustive,
+        }
+        q = as_query(query, name)
+        if isinstance(q, SlideQuery):
+            return self._search_slide(q, k, mode, "search", **options)
+        given = [key for key, value in options.items() if value is not None]
+        if given:
+            raise HistoError(f"{q.name}: {', '.join(given)} apply to slide queries, not to a patch")
+        return self._search_patch(q, k, mode, "search")
 
     def search_slide(
         self,
@@ -300,48 +369,87 @@ class SlideIndex:
         exclude_patient: str | bool | None = None,
         exhaustive: bool | None = None,
     ) -> SearchResult:
-        """Rank indexed slides for a query slide (file path or TileSet) by the two-stage search.
+        """`search` for a slide (path or TileSet), never read as a patch: a one-line wrapper."""
+        return self._search_slide(
+            slide_query(query), k, mode, "search_slide", exclude_patient, exhaustive=exhaustive
+        )
 
-        Arguments left None take the search config's value (`k`, `mode`, `exclude_same_patient`,
-        `exhaustive`), and given ones are validated like it. `exclude_patient`: a patient ID, or True for
-        the query's own patient (TCGA: first 12 characters). `exhaustive`: skip the first stage and compare
-        every indexed slide (exact, slower).
-        """
-        s = self.config.updated({"k": k, "mode": mode, "exhaustive": exhaustive}, source="search_slide")
+    def search_patch(self, rgb: np.ndarray, k: int | None = None, mode: str | None = None) -> SearchResult:
+        """`search` for an RGB patch array: a one-line wrapper."""
+        return self._search_patch(patch_query(rgb), k, mode, "search_patch")
+
+    def _search_slide(
+        self,
+        q: SlideQuery,
+        k: int | None,
+        mode: str | None,
+        source: str,
+        exclude_patient: str | bool | None = None,
+        tile_k: int | None = None,
+        stage1_tiles: int | None = None,
+        exhaustive: bool | None = None,
+    ) -> SearchResult:
+        """The two-stage slide search with the config's values for the arguments left None."""
+        first_stage = {"tile_k": tile_k, "stage1_tiles": stage1_tiles}
+        s = self.config.updated(
+            {"k": k, "mode": mode, "exhaustive": exhaustive, **first_stage}, source=source
+        )
+        settings = self.engine.settings.model_copy(
+            update={key: value for key, value in first_stage.items() if value is not None}
+        )
         if exclude_patient is None:
             exclude_patient = s.exclude_same_patient or None
-        name, f, xy, record = self.query_features(query)
+        f, xy, record = self.query_features(q.source)
         if exclude_patient is True:
             exclude_patient = self.query_patient(record)
             if exclude_patient is None:
-                raise HistoError(f"{name}: patient of the query is unknown; cannot exclude it")
+                raise HistoError(f"{q.name}: patient of the query is unknown; cannot exclude it")
         allowed = self.catalog.allowed(exclude_patient or None)
-        q = minmax_barcode(f) if s.mode == "barcode" else f
-        result = self.engine.search(name, q, s.mode, s.k, allowed, xy, s.exhaustive)
+        codes = minmax_barcode(f) if s.mode == "barcode" else f
+        result = self.engine.search(q.name, codes, s.mode, s.k, allowed, xy, s.exhaustive, settings)
         result.info.update(self.float_index.device_info() if s.mode == "float" else {"device": "cpu"})
+        result.query_slide_id, result.query_tile_size_level0 = record.slide_id, record.tile_size_level0
         return result
 
-    def search_patch(self, rgb: np.ndarray, k: int | None = None, mode: str | None = None) -> SearchResult:
-        """Top-k indexed tiles for one RGB patch (H, W, 3) uint8 at the index's tile resolution (`k`,
-        `mode` None: the search config's `patch_k`, `patch_mode`)."""
-        s = self.config.updated({"patch_k": k, "patch_mode": mode}, source="search_patch")
-        k, mode = s.patch_k, s.patch_mode
-        rgb = np.asarray(rgb)
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise HistoError(f"a patch must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
-        f = self.extractor.extract(rgb[None])
-        q = minmax_barcode(f) if mode == "barcode" else f
-        dist, rows = self.engine.knn[mode](q, k)
-        cat = self.catalog
-        hits = []
-        for d, row in zip(dist[0], rows[0], strict=True):
-            if row < 0:
-                continue
-            s = int(cat.row_slide[row])
-            tile = int(row - cat.offsets[s])
-            match = TileMatch(0, None, tile, [int(v) for v in cat.coords[row]], float(d))
-            hits.append(SlideHit(cat.slide_ids[s], cat.labels[s], float(d), [match]))
-        return SearchResult("patch", vote_of(hits), hits, {"mode": mode})
+    def _search_patch(self, q: PatchQuery, k: int | None, mode: str | None, source: str) -> SearchResult:
+        """The k nearest indexed tiles of a patch, with the config's patch_k / patch_mode for None."""
+        from pathology.stain import normalize_tiles
+
+        s = self.config.updated({"patch_k": k, "patch_mode": mode}, source=source)
+        extractor = self.extractor
+        f = extractor.extract(normalize_tiles(q.rgb[None], self.query_stain(), q.name))
+        codes = minmax_barcode(f) if s.patch_mode == "barcode" else f
+        return self.engine.nearest_tiles(q.name, codes, s.patch_mode, s.patch_k)
+
+    def tile_query(self, path: str | os.PathLike, mpp: float | None = None) -> Any:
+        """A query slide's TileSet, tiled as the index's slides were (its manifest's tiling); `mpp` is used
+        only when the file has no scale of its own."""
+        from pathology.tiler import tile_slide, tiling_config
+
+        tiling = tiling_config(self.manifest["tiling"], str(self.path / MANIFEST))
+        return tile_slide(path, tiling, mpp_override=mpp)
+
+    def query_features(self, query: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+        """(features, level-0 coords, slide record) of a query slide's selected tiles (path or TileSet)."""
+        tiles = query if not isinstance(query, (str, os.PathLike)) else self.tile_query(query)
+        pixels = tiles.read_tiles("selected")
+        if len(pixels) == 0:
+            raise InputFileError(tiles.record.source_path, "no selected tiles in the query slide")
+        return self.extractor.extract(pixels), tiles.coords[tiles.selected], tiles.record
+
+    def query_stain(self) -> Any:
+        """The stain normalization of the archive's tiles (its tiling's `stain`), which queries get too."""
+        from pathology.tiler import tiling_config
+
+        return tiling_config(self.manifest["tiling"], str(self.path / MANIFEST)).stain
+
+    def query_patient(self, record: Any) -> str | None:
+        """The query's patient: the index's record when the same slide ID is indexed, else the tiler's
+        (TCGA barcode -> first 12 characters; otherwise the slide is its own patient)."""
+        pos = self.catalog.position.get(record.slide_id)
+        return (
+            self.catalog.patients[pos] if pos is not None and self.catalog.patients[pos] else record.patient
+        )
 
     def evaluate(
         self,
@@ -381,7 +489,7 @@ def _assemble(out: Path, content: dict[str, Any]) -> None:
     records, features, coords = [], [], []
     for sid in slide_ids:
         rec, f, xy = feats_io.read_slide(root, sid)
-        records.append({key: rec.get(key) for key in ("slide_id", "label", "patient", "site", "n_tiles")})
+        records.append({key: rec.get(key) for key in CATALOG_KEYS})
         features.append(f)
         coords.append(xy)
     matrix = np.concatenate(features)
@@ -393,13 +501,13 @@ def _assemble(out: Path, content: dict[str, Any]) -> None:
     index_type = content["index"]["type"]
     requested = index_params(content["index"]["params_requested"], source=str(out / MANIFEST))
     groups = np.repeat(np.arange(len(records)), [r["n_tiles"] for r in records])
-    barcode_kind = requested.barcode_index or ("flat" if index_type == "flat" else "ivf")
+    barcode_kind = requested.barcode_index or float_kind(index_type).barcodes
     barcodes, barcode_params = build_binary_index(minmax_barcode(matrix), barcode_kind, requested, groups)
     with atomic_path(out / BARCODES) as tmp:
         faiss.write_index_binary(barcodes, str(tmp))
     float_index = build_float_index(matrix, index_type, requested, groups)
     float_index.save(out / FLOAT)
-    content["index"]["params"] = {k: v for k, v in float_index.params.items()}
+    content["index"]["params"] = dict(float_index.params)
     content["index"]["metric"] = "Euclidean (L2) on float features; Hamming on barcodes"
     write_manifest(
         out,

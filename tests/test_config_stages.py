@@ -31,7 +31,7 @@ BAD = {
     ],
     "index": [
         ("search:\n  tile_k: lots\n", "search.tile_k: input should be a valid integer, got 'lots'"),
-        ("type: lsh\n", "type: input should be 'flat', 'ivf', 'ivfpq' or 'hnsw', got 'lsh'"),
+        ("type: lsh\n", "type: input should be 'flat', 'ivf', 'ivfpq', 'hnsw' or 'ivf_hnsw', got 'lsh'"),
         ("params:\n  recall_target: 1.5\n", "params.recall_target: input should be less than or equal to 1"),
         ("params:\n  nprobes: 3\n", "params.nprobes: unknown key (known here: barcode_index,"),
     ],
@@ -130,7 +130,11 @@ def test_each_kind_of_bad_value_is_refused_before_any_output(command, tmp_path):
             ["--variant", "V"],
             "error: --variant: model.variant: input should be 'I', 'II', 'III', 'IV'",
         ),
-        ("index", ["--type", "lsh"], "error: --type: type: input should be 'flat', 'ivf', 'ivfpq' or 'hnsw'"),
+        (
+            "index",
+            ["--type", "lsh"],
+            "error: --type: type: input should be 'flat', 'ivf', 'ivfpq', 'hnsw' or 'ivf_hnsw'",
+        ),
         (
             "index",
             ["--device", "gpu"],

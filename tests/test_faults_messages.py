@@ -15,8 +15,8 @@ from faults_support import TILE, run_unprivileged, write_slides
 
 from histo.cli import main
 from histo.errors import InputFileError
-from pathology.labels import read_labels
 from pathology.slide import open_slide
+from pathology.slide_labels import read_labels
 from pathology.store import TileStore
 
 CMU = SHARED_DATA / "wsi" / "CMU-1-Small-Region.svs"

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TILE_OVERRIDES
 
 from histo.errors import ConfigError, HistoError, InputFileError
 from search import SlideIndex
 from search.barcodes import minmax_barcode
 
-TILE_OVERRIDES = {"tile.px": 32, "tile.um": 64.0, "mosaic.percent": 50.0, "cellularity.top_fraction": 1.0}
 STRUCTURE_FILES = ("catalog.json", "coords.npy", "barcodes.faissb", "float.faiss")
 CPU = {"run": {"device": "cpu"}}  # index config over the defaults
 
@@ -106,15 +106,62 @@ def test_search_arguments_meet_the_config_rules(flat: SlideIndex, cohort: dict) 
 def test_two_stage_equals_exhaustive(flat: SlideIndex) -> None:
     assert flat.manifest["search"]["tile_k"] is None and flat.manifest["search"]["stage1_tiles"] == 32
     assert flat.engine.settings.tile_k is None and flat.engine.settings.stage1_tiles == 32  # the manifest's
+    one_neighbour = flat.engine.settings.model_copy(update={"tile_k": 1})  # a query's own first stage
     for mode in ("barcode", "float"):
         base = flat.engine.tiles[mode]()
         for s in range(len(flat)):
             q = base[flat.catalog.rows(s)]
-            flat.engine.tile_k = 1
-            fast, info = flat.engine.rank(q, mode, k=2)
+            fast, info = flat.engine.rank(q, mode, k=2, settings=one_neighbour)
             slow, _ = flat.engine.rank(q, mode, k=2, exhaustive=True)
             assert info["strategy"].startswith(("two-stage", "exhaustive")) and fast == slow
-    flat.engine.tile_k = None
+            assert info["strategy"] != "two-stage" or info["tile_k"] in (1, 4, 16)  # widened from 1
+    assert flat.engine.settings.tile_k is None  # the index's settings are never edited by a query
+
+
+def test_search_takes_slides_images_arrays_and_tile_sets(
+    flat: SlideIndex, cohort: dict, tmp_path: Path
+) -> None:
+    """One `search` for every kind of query; `search_slide` / `search_patch` are its wrappers."""
+    from PIL import Image
+
+    from pathology.store import TileStore
+
+    slide = next(p for p in cohort["slides"] if p.suffix == ".svs")
+    by_path = flat.search(slide, 3)
+    assert by_path.to_dict() == flat.search_slide(slide, k=3).to_dict() and by_path.query == str(slide)
+    plain = next(p for p in cohort["slides"] if p.suffix == ".tiff")  # one-page TIFF: read as an image
+    assert flat.search(plain, 3).info == {"mode": "float"} and "strategy" in flat.search_slide(plain, 3).info
+    tiles = flat.tile_query(slide)
+    by_tiles = flat.search(tiles, 3, mode="float", exhaustive=True)
+    assert by_tiles.query == slide.stem and by_tiles.info["strategy"] == "exhaustive"
+    assert by_tiles.results == flat.search_slide(tiles, k=3, mode="float").results
+    store = TileStore.open(cohort["all"])
+    rgb = store.read_selected(store.slide_ids()[2], [1])[0]
+    png = tmp_path / "patch.png"
+    Image.fromarray(rgb).save(png)
+    from_file = flat.search(png, 4)
+    assert from_file.query == str(png) and from_file.info == {"mode": "float"}  # patch_mode of the config
+    assert from_file.results == flat.search_patch(rgb, k=4).results == flat.search(rgb, 4, name="x").results
+    assert from_file.results[0].slide_id == store.slide_ids()[2] and from_file.results[0].matches[0].tile == 1
+    with pytest.raises(HistoError, match=r"patch\.png: tile_k, exhaustive apply to slide queries"):
+        flat.search(png, tile_k=3, exhaustive=True)
+    with pytest.raises(HistoError, match="a query is a slide path, an image path, an RGB array or a TileSet"):
+        flat.search(42)
+    with pytest.raises(
+        ConfigError, match=r"^search: stage1_tiles: input should be greater than or equal to 1"
+    ):
+        flat.search(tiles, stage1_tiles=0)
+
+
+def test_first_stage_is_set_per_query(flat: SlideIndex, cohort: dict) -> None:
+    tiles = flat.tile_query(cohort["slides"][-1])
+    r = flat.search(tiles, 2, tile_k=1, stage1_tiles=2)
+    assert (
+        r.info["strategy"] == "two-stage" and r.info["stage1_tiles"] == 2 and r.info["tile_k"] in (1, 4, 16)
+    )
+    assert r.results == flat.search(tiles, 2, exhaustive=True).results
+    assert flat.engine.settings.tile_k is None and flat.engine.settings.stage1_tiles == 32  # unchanged
+    assert flat.search(tiles, 2).info["stage1_tiles"] == min(32, len(tiles.coords[tiles.selected]))
 
 
 def test_search_patch_returns_the_stored_tile(flat: SlideIndex, cohort: dict) -> None:
@@ -166,6 +213,37 @@ def test_ivf_index_reuses_extracted_features(flat: SlideIndex, cohort: dict, tmp
     again = SlideIndex.open(tmp_path / "ivf")
     r = again.search_slide(cohort["slides"][2], k=2, mode="float")
     assert r.results[0].slide_id == cohort["slides"][2].stem
+
+
+def test_a_registered_kind_is_built_and_searched_end_to_end(
+    flat: SlideIndex, cohort: dict, tmp_path: Path
+) -> None:
+    """A new index kind is one row of search/kinds.py: register it, and build, open and search use it."""
+    import faiss
+
+    from search.kinds import IndexKind, float_kind, register, unregister
+
+    kind = register(IndexKind("ivfsq8_test", "IVF{nlist},SQ8", "IVF-SQ8 (test)", tunes=float_kind("ivf").tunes,
+                              trainable=True))  # fmt: skip
+    try:
+        (tmp_path / "sq8").mkdir()
+        shutil.copytree(flat.path / "features.zarr", tmp_path / "sq8" / "features.zarr")
+        config = {**CPU, "type": kind.name, "params": {"calibration_queries": 16}}
+        built = SlideIndex.build(cohort["all"], cohort["model"], tmp_path / "sq8", config, progress=False)
+        m = built.manifest["index"]
+        assert (
+            m["type"] == "ivfsq8_test"
+            and m["params"]["nprobe"] >= 1
+            and "calibrated_recall_at_10" in m["params"]
+        )
+        assert built.manifest["barcode"]["index"]["kind"] == "ivf"  # the row's paired barcode index
+        again = SlideIndex.open(tmp_path / "sq8")
+        assert again.float_index.kind is kind
+        assert isinstance(faiss.downcast_index(again.float_index.index), faiss.IndexIVFScalarQuantizer)
+        q = [p for p in cohort["slides"] if p.suffix == ".svs"][-1]
+        assert again.search(q, 2, mode="float").results[0].slide_id == q.stem
+    finally:
+        unregister(kind.name)
 
 
 def test_corrupted_truncated_and_incomplete_index_refused(flat: SlideIndex, tmp_path: Path) -> None:

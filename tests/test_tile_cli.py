@@ -13,7 +13,7 @@ import numpy as np
 import openslide
 import pytest
 from click.testing import CliRunner
-from conftest import SHARED_DATA
+from conftest import REPO, SHARED_DATA
 
 from histo.cli import main
 from histo.config import load_config
@@ -22,7 +22,6 @@ from pathology.store import PARTIAL, TileStore
 from pathology.synthetic import write_synthetic_slide
 from pathology.tiler import tile_slides
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = SHARED_DATA
 WSI = DATA / "wsi"
 TILE_PX = "224"
@@ -188,7 +187,7 @@ def test_kill_and_resume_equals_uninterrupted_run(cohort, reference, tmp_path):
         "--tile-px",
         TILE_PX,
     ]
-    killed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     assert len(TileStore.open(out).slide_ids(None)) == 2
     assert len(list((out / PARTIAL).iterdir())) == 1

@@ -31,6 +31,8 @@ COMMANDS = {
     "segment": "histo.cli.segment:segment",
     "robustness": "histo.cli.robustness:robustness",
     "serve": "histo.cli.serve:serve",
+    "export": "histo.cli.export:export",
+    "features": "histo.cli.features:features",
 }
 
 HELP = {
@@ -41,6 +43,8 @@ HELP = {
     "segment": "Train, apply and evaluate reversible-MBConv 3D U-Nets on BraTS MRI.",
     "robustness": "Evaluate models under image corruptions (ImageNet-C style metrics).",
     "serve": "Serve a search page (archive, queries, matched tiles, slide viewer) and its JSON API.",
+    "export": "Write a tile store's tiles as CLAM/TRIDENT coordinates or QuPath GeoJSON.",
+    "features": "Write per-slide CLAM/TRIDENT feature files (.h5, optionally .pt) of a tile store.",
 }
 
 
@@ -96,16 +100,3 @@ def main(ctx: click.Context, verbose: bool, quiet: bool, log_file: str | None) -
     ctx.call_on_close(close_logging)
     setup_logging(1 if verbose else -1 if quiet else 0, log_file)
     logger.debug("histo %s in %s: %s", __version__, Path.cwd(), shlex.join(sys.argv))
-
-
-def not_built(name: str, issue: int) -> click.Command:
-    """A placeholder command that says it is not built yet and exits non-zero."""
-
-    @click.command(name=name, context_settings={"ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def command(args: tuple[str, ...]) -> None:
-        click.echo(f"error: `histo {name}` is not built yet (issue {issue})", err=True)
-        sys.exit(3)
-
-    command.help = f"{HELP[name]} (not built yet)"
-    return command

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from histo.cli.options import (
-    choices,
     config_option,
     device_option,
     json_option,
@@ -16,20 +15,40 @@ from histo.cli.options import (
     stage_config,
 )
 from histo.cli.outcomes import failure_lines, finish, update_lines
-from search.config import IndexType
+from search.kinds import kind_names
 
 KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.device"}
 
 
 @click.command("index")
-@click.option("--tiles", "tiles", required=True, type=click.Path(), help="Tile store (from `histo tile`).")
+@click.option("--tiles", "tiles", type=click.Path(), help="Tile store (from `histo tile`).")
 @click.option(
-    "--model", required=True, type=click.Path(), help="Feature extractor checkpoint (`histo train`)."
+    "--features",
+    "features_dir",
+    type=click.Path(file_okay=False),
+    help="Instead of --tiles: a folder of per-slide CLAM/TRIDENT feature .h5 files (`histo features`).",
+)
+@click.option(
+    "--model", type=click.Path(), help="Feature extractor checkpoint (`histo train`); needed with --tiles."
+)
+@click.option(
+    "--labels",
+    "labels_csv",
+    type=click.Path(dir_okay=False),
+    help="--features: CSV slide,label[,patient,site].",
+)
+@click.option(
+    "--encoder", help="--features: the encoder name the files must carry (needed if they carry none)."
 )
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Index directory (created/resumed)."
 )
-@click.option("--type", "index_type", default=None, help=f"Float index type: {choices(IndexType)}.")
+@click.option(
+    "--type",
+    "index_type",
+    default=None,
+    help=f"Float index type: {' | '.join(kind_names())} (search/kinds.py).",
+)
 @click.option("--batch-size", type=int, default=None, help="Tiles per forward pass.")
 @click.option("--evaluate", "evaluate", is_flag=True, help="Leave-one-patient-out evaluation after building.")
 @device_option
@@ -37,8 +56,11 @@ KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.dev
 @config_option
 @json_option
 def index(
-    tiles: str,
-    model: str,
+    tiles: str | None,
+    features_dir: str | None,
+    model: str | None,
+    labels_csv: str | None,
+    encoder: str | None,
     out: str,
     index_type: str | None,
     batch_size: int | None,
@@ -58,12 +80,23 @@ def index(
 
     cfg = stage_config(IndexConfig, config_path, KEYS)
     shard_pair = parse_shard(shard)
+    if (tiles is None) == (features_dir is None):
+        raise click.UsageError("give exactly one of --tiles STORE or --features DIR")
+    if tiles is not None and model is None:
+        raise click.UsageError("--tiles needs --model CKPT")
+    if features_dir is not None and shard_pair[1] > 1:
+        raise click.UsageError("--shard applies to --tiles (feature files are imported in one run)")
     if shard_pair[1] > 1:
         batch = SlideIndex.extract(tiles, model, out, cfg, shard=shard_pair)
         note = f"shard {shard_pair[0]}/{shard_pair[1]}: features in {out}; run without --shard to build the index"
         finish(batch, as_json, [*failure_lines(batch), note])
         return
-    built = SlideIndex.build(tiles, model, out, cfg)
+    if features_dir is not None:
+        built = SlideIndex.build_from_features(
+            features_dir, out, cfg, labels_csv=labels_csv, encoder=encoder, model=model
+        )
+    else:
+        built = SlideIndex.build(tiles, model, out, cfg)
     m = built.manifest
     batch = built.extraction.with_extra(
         index={

@@ -10,38 +10,6 @@ import click
 from histo.cli.options import choices, config_option, device_option, emit_json, json_option, stage_config
 from search.config import Mode
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
-
-
-def is_patch_file(path: Path) -> bool:
-    """An image file (PNG/JPEG/...), or a TIFF that is neither pyramidal nor Aperio, is a patch query."""
-    suffix = path.suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
-        return True
-    if suffix not in (".tif", ".tiff"):
-        return False
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return not (tif.is_svs or len(tif.series[0].levels) > 1 or len(tif.pages) > 1)
-    except (OSError, tifffile.TiffFileError):
-        return False  # let the slide reader give the reason
-
-
-def read_patch(path: Path):
-    """An RGB patch as uint8 (H, W, 3); InputFileError if unreadable or not RGB(A)/grey."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    from histo.errors import InputFileError
-
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))  # a writable copy
-    except (OSError, UnidentifiedImageError) as e:
-        raise InputFileError(path, f"not a readable image ({type(e).__name__})") from None
-
 
 @click.command("search")
 @click.option(
@@ -53,6 +21,12 @@ def read_patch(path: Path):
 @click.option("--exclude-same-patient", is_flag=True, default=None, help="Drop the query's own patient.")
 @click.option(
     "--exhaustive", is_flag=True, default=None, help="Compare every indexed slide (exact; no first stage)."
+)
+@click.option(
+    "--geojson",
+    "geojson_dir",
+    type=click.Path(file_okay=False),
+    help="Write QuPath GeoJSON of the matched tiles: DIR/<query id>/query/ and DIR/<query id>/hits/.",
 )
 @device_option
 @config_option
@@ -66,12 +40,15 @@ def search(
     exhaustive: bool | None,
     device: str | None,
     config_path: str | None,
+    geojson_dir: str | None,
     as_json: bool,
 ) -> None:
-    """Search INDEX with QUERY slide files (tiled and featurised like the index) or image patches.
+    """Search INDEX with QUERY slide files (tiled and featurised like the index) or image patches
+    (PNG, JPEG, a plain TIFF: their nearest indexed tiles).
 
     A query that fails is reported (and in --json carries an "error") and the others go on; the exit
-    status is then 1.
+    status is then 1. With --geojson each query's folder is written (search/geojson.py) and named in the
+    output (`geojson` in --json).
     """
     from histo.errors import HistoError
     from search.config import SearchConfig
@@ -85,17 +62,20 @@ def search(
     }
     cfg = stage_config(SearchConfig, config_path, {**keys, "device": "run.device"})
     idx = SlideIndex.open(index_dir, cfg)
+    if geojson_dir is not None:
+        _check_geojson(idx, queries, Path(geojson_dir))
     out, failed = [], 0
     for q in queries:
-        path = Path(q)
         try:
-            if is_patch_file(path):
-                result = idx.search_patch(read_patch(path))  # patch_k, patch_mode of the config
-                result.query = q
-            else:
-                result = idx.search_slide(q)  # k, mode, exclude_same_patient, exhaustive of the config
-            out.append(result.to_dict())
-            _print_result(result.to_dict(), err=as_json)
+            result = idx.search(q)  # a slide or an image patch; every setting from the config
+            shown = result.to_dict()
+            if geojson_dir is not None:
+                from pathology.slide import slide_id_of
+                from search.geojson import write_result_geojson
+
+                shown["geojson"] = str(write_result_geojson(result, geojson_dir, slide_id_of(q)))
+            out.append(shown)
+            _print_result(shown, err=as_json)
         except HistoError as e:
             failed += 1
             click.echo(f"error: {e}", err=True)
@@ -106,8 +86,38 @@ def search(
         sys.exit(1)
 
 
+def _check_geojson(idx, queries: tuple[str, ...], out: Path) -> None:
+    """Before any query: every indexed slide's tile side is recorded, query IDs are distinct folder names,
+    and the output folder can be made."""
+    from histo.errors import HistoError
+    from pathology.slide import slide_id_of
+    from pathology.store import slide_id_problem
+    from search.geojson import missing_tile_sides
+
+    missing = missing_tile_sides(idx.catalog)
+    if missing:
+        raise HistoError(
+            f"{idx.path}: tile sizes of {len(missing)} slide(s) are not recorded (first {missing[0]}); "
+            "rebuild the index with histo index to write GeoJSON"
+        )
+    seen: dict[str, str] = {}
+    for q in queries:
+        qid = slide_id_of(q)
+        problem = slide_id_problem(qid)
+        if problem:
+            raise HistoError(f"{q}: cannot name its GeoJSON folder: {problem}")
+        if seen.setdefault(qid, q) != q:
+            raise HistoError(f"{q}: same query ID {qid!r} as {seen[qid]}; their GeoJSON folders would clash")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HistoError(f"{out}: cannot create the GeoJSON folder ({e.strerror})") from None
+
+
 def _print_result(r: dict, err: bool) -> None:
     click.echo(f"{r['query']}: prediction {r['prediction']}", err=err)
+    if "geojson" in r:
+        click.echo(f"  geojson: {r['geojson']}", err=err)
     click.echo(
         f"  {'rank':>4} {'slide':<28} {'label':<16} {'distance':>9}  best match (query x,y -> x,y)", err=err
     )

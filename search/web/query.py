@@ -1,36 +1,29 @@
 """The search page's one door into the search API: open the index, read its records, run a query.
 
-Every call `histo serve` makes into `search.slide_index` is in this module, so a change of that API (one
-`SlideIndex.search(query, k, *, mode, ...)` for slides, images, arrays and tile sets) is a change here
-only. Results are returned in the `histo search --json` shape (`SearchResult.to_dict()`).
+Every call `histo serve` makes into `search.slide_index` is in this module, and each is one call of
+`SlideIndex` (`open`, `tile_query`, `search`), so the page searches exactly as `histo search` does.
+Results are returned in the `histo search --json` shape (`SearchResult.to_dict()`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pathology.geometry import TileGeometry
 from search.config import SearchConfig
 from search.features import FEATURES_DIR, SLIDES
+from search.manifest import MANIFEST
 from search.slide_index import SlideIndex
 
 
-@dataclass(frozen=True)
-class TileGeometry:
-    """The index's tile: `px` pixels at `mpp` µm/px, `um` µm on a side (the tiling's resolved values)."""
-
-    px: int
-    mpp: float
-    um: float
-
-
 def open_index(index_dir: Path, search_cfg: SearchConfig) -> SlideIndex:
-    """Open (and verify, as `search_cfg.run.verify` says) an index with the `histo search` settings, and
-    load its model now: a wrong or missing model is an error at start, not at the first query."""
+    """Open (and verify, as `run.verify` says) an index with the `histo search` settings (its first-stage
+    `tile_k` / `stage1_tiles` included), and load its model now: a wrong or missing model is an error at
+    start, not at the first query."""
     index = SlideIndex.open(index_dir, search_cfg)
     index.extractor  # noqa: B018 (loads and checks the model)
     return index
@@ -72,31 +65,23 @@ def indexed_coords(index: SlideIndex, slide_id: str) -> np.ndarray:
 
 def tile_geometry(index: SlideIndex) -> TileGeometry:
     """The tile the index was built from (a patch query should show this much tissue)."""
-    resolved = index.manifest["tiling"]["resolved"]
-    return TileGeometry(int(resolved["tile_px"]), float(resolved["target_mpp"]), float(resolved["tile_um"]))
+    return TileGeometry.recorded(index.manifest["tiling"], str(index.path / MANIFEST))
 
 
 def tile_query_slide(index: SlideIndex, path: Path, mpp: float | None = None) -> Any:
     """A query slide's TileSet, tiled with the index's tiling config (as `histo search` does); `mpp` is
     used only when the file has no scale of its own."""
-    from pathology.tiler import tile_slide, tiling_config
-
-    config = tiling_config(index.manifest["tiling"], str(index.path / "manifest.json"))
-    return tile_slide(path, config, mpp_override=mpp)
+    return index.tile_query(path, mpp)
 
 
 def search_tiles(
     index: SlideIndex, tileset: Any, k: int, mode: str, exclude_same_patient: bool, exhaustive: bool
 ) -> dict[str, Any]:
     """Rank indexed slides for a tiled query slide; `query` is the slide's ID."""
-    result = index.search_slide(
-        tileset, k=k, mode=mode, exclude_patient=exclude_same_patient or None, exhaustive=exhaustive
-    )
-    return result.to_dict()
+    exclude = exclude_same_patient or None
+    return index.search(tileset, k, mode=mode, exclude_patient=exclude, exhaustive=exhaustive).to_dict()
 
 
 def search_rgb(index: SlideIndex, rgb: np.ndarray, name: str, k: int, mode: str) -> dict[str, Any]:
     """Top-k indexed tiles for one RGB patch; `query` is `name` (the upload's file name)."""
-    result = index.search_patch(rgb, k=k, mode=mode)
-    result.query = name
-    return result.to_dict()
+    return index.search(rgb, k, mode=mode, name=name).to_dict()
