@@ -22,7 +22,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -316,8 +316,6 @@ class TileStore:
         partial = self.path / PARTIAL
         partial.mkdir(exist_ok=True)
         tmp = partial / _tmp_name(record.slide_id)
-        if arrays is not None and {"coords", "selected"} <= set(arrays):
-            record = replace(record, tiles_digest=tiles_digest(record, arrays["coords"][arrays["selected"]]))
         group = zarr.open_group(tmp, mode="w")
         group.attrs["record"] = _jsonable(record.to_dict())
         for name, data in (arrays or {}).items():

@@ -30,7 +30,7 @@ from pathology.mosaic import (
 from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, recorded_reader, slide_id_of
 from pathology.slide_labels import SlideMeta, resolve_meta
 from pathology.stain import fit_config, normalize_tiles
-from pathology.store import SlideRecord, read_tiles, slide_id_problem
+from pathology.store import SlideRecord, read_tiles, slide_id_problem, tiles_digest
 from pathology.tissue import brightfield_problem, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -435,6 +435,8 @@ def _tile_one(
         raise
     rec = tileset.record
     done = rec.status == "done"
+    if done:
+        rec.tiles_digest = tiles_digest(rec, tileset.coords[tileset.selected])
     if qc_dir is not None and safe:  # first: a QC folder that cannot be written leaves no slide without one
         from pathology.qc import has_picture, write_qc
 
