@@ -1,8 +1,9 @@
 """Why a slide file cannot be used, in words a user can act on: missing, a symbolic-link loop, permission
 denied, empty, or truncated (its TIFF directory or its last tile reaches past the end of the file).
 
-Asked before OpenSlide sees the file (`access_problem`) and after OpenSlide refuses it or fails a read
-(`truncation_problem`), whose own messages ("Unsupported or missing image file") do not say which.
+Both are asked before a reader sees the file: OpenSlide reads past the end of a truncated TIFF without a
+word (the missing tiles come back as whatever libtiff returns), and its own messages ("Unsupported or
+missing image file") do not say which fault it met. `describe` adds the truncation to a reader's error.
 """
 
 from __future__ import annotations

@@ -113,6 +113,8 @@ def scenario(
     report, detail = _report(result)
     tb = "Traceback (most recent call last)" in result.stderr
     ok = result.returncode in exit_codes and not tb and all(t in output for t in texts)
+    if not ok:
+        detail["stderr_tail"] = result.stderr[-2000:]
     rows.append(
         Row(
             command,
@@ -181,7 +183,7 @@ def pathology_inputs(work: Path) -> dict[str, Path]:
     for k in range(3):
         shutil.copy(cohort / f"s{k}.svs", small / f"s{k}.svs")
     return {
-        "cohort": cohort, "other": other, "small": small,
+        "cohort": cohort, "other": other, "small": small, "inputs": work,
         "model": random_init_checkpoint(work / "kimianet.pt", input_px=32),
     }  # fmt: skip
 
@@ -207,16 +209,16 @@ def pathology_scenarios(rows: list[Row], work: Path, inp: dict[str, Path]) -> No
     from histo.lock import writer_lock
 
     store, index = work / "store.zarr", work / "index"
-    cohort = inp["cohort"]
+    cohort, given = inp["cohort"], inp["inputs"]
     scenario(
         rows, "tile", "mixed cohort: empty, truncated, text, link loop, unreadable file and folder, "
         "duplicate ID, case..1",
-        ["tile", cohort, "--out", store, *TILE, "--save-pixels", "--labels", work / "v1.csv", "--json"],
+        ["tile", cohort, "--out", store, *TILE, "--save-pixels", "--labels", given / "v1.csv", "--json"],
         [1], ["permission denied", "truncated", "symbolic link loop", "folder not searched", "duplicate slide ID"],
         unprivileged=True,
     )  # fmt: skip
     scenario(rows, "tile", "re-run with a corrected labels CSV", [
-        "tile", cohort, "--out", store, *TILE, "--save-pixels", "--labels", work / "v2.csv"
+        "tile", cohort, "--out", store, *TILE, "--save-pixels", "--labels", given / "v2.csv", "--json"
     ], [1], ["updated: s0: label A -> B", "updated: s1: site X -> Z"], unprivileged=True)  # fmt: skip
     scenario(rows, "tile", "another file under a done slide ID", [
         "tile", inp["other"] / "s0.svs", "--out", store, *TILE, "--json"
@@ -229,13 +231,13 @@ def pathology_scenarios(rows: list[Row], work: Path, inp: dict[str, Path]) -> No
         "tile", inp["small"], "--out", work / "full.zarr", *TILE, "--json"
     ], [3], ["No space left on device", "re-run to resume", '"not_processed": 2'], wrapper=DISK_FULL)  # fmt: skip
     scenario(rows, "tile", "--qc-dir not writable (under a file)", [
-        "tile", inp["small"], "--out", work / "qc.zarr", *TILE, "--qc-dir", work / "a-file" / "qc", "--json"
+        "tile", inp["small"], "--out", work / "qc.zarr", *TILE, "--qc-dir", given / "a-file" / "qc", "--json"
     ], [3], ["Not a directory", '"stopped"'])  # fmt: skip
     scenario(rows, "tile", "labels CSV separated by ';'", [
-        "tile", inp["small"], "--out", work / "x.zarr", *TILE, "--labels", work / "semicolon.csv"
+        "tile", inp["small"], "--out", work / "x.zarr", *TILE, "--labels", given / "semicolon.csv"
     ], [2], ["looks ';'-separated"])  # fmt: skip
     scenario(rows, "tile", "labels CSV: s0.svs and s0 with different labels", [
-        "tile", inp["small"], "--out", work / "x.zarr", *TILE, "--labels", work / "twice.csv"
+        "tile", inp["small"], "--out", work / "x.zarr", *TILE, "--labels", given / "twice.csv"
     ], [2], ["is listed as 's0' and 's0.svs' with different values"])  # fmt: skip
 
     (store / "slides" / "s1" / "zarr.json").write_text('{"attributes": {"record": ')  # a damaged record

@@ -53,7 +53,7 @@ def test_an_unreadable_slide_and_folder_say_permission_denied(slides, tmp_path) 
     assert "hidden_away" not in rows
 
 
-def test_a_truncated_slide_says_truncated(tmp_path) -> None:
+def test_a_truncated_slide_says_truncated(slides, tmp_path) -> None:
     size = CMU.stat().st_size
     for name, keep in (("head.svs", 40_000), ("tail.svs", size - 1000)):
         (tmp_path / name).write_bytes(CMU.read_bytes()[:keep])
@@ -61,6 +61,10 @@ def test_a_truncated_slide_says_truncated(tmp_path) -> None:
             InputFileError, match=f"truncated: the file is {keep} bytes but its TIFF directory"
         ):
             open_slide(tmp_path / name)
+    whole = slides[1].read_bytes()  # OpenSlide opens this one, and reads its missing tiles as blank
+    (tmp_path / "half.svs").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputFileError, match=f"truncated: the file is {len(whole) // 2} bytes"):
+        open_slide(tmp_path / "half.svs")
     (tmp_path / "notes.svs").write_text("not a slide at all\n" * 50)
     with pytest.raises(InputFileError, match="not a slide format OpenSlide can read"):
         open_slide(tmp_path / "notes.svs")
