@@ -287,8 +287,9 @@ def find_slides(
     paths: list[str | os.PathLike], unreadable: list[tuple[Path, str]] | None = None
 ) -> list[Path]:
     """Slide files named or found (recursively) in folders, sorted and de-duplicated; a DICOM series
-    counts once per folder. Named files are kept whatever their extension (bad ones fail later). A
-    folder that cannot be listed is appended to `unreadable` as (folder, reason)."""
+    counts once per folder. Named files are kept whatever their extension (bad ones fail later), and so
+    are links with a slide extension that lead nowhere. A folder that cannot be listed is appended to
+    `unreadable` as (folder, reason)."""
     found: set[Path] = set()
     for p in map(Path, paths):
         if not p.is_dir():
@@ -297,7 +298,9 @@ def find_slides(
         dicom_dirs: set[Path] = set()
         for f in _files_under(p, unreadable if unreadable is not None else []):
             suffix = f.suffix.lower()
-            if not f.is_file() or suffix not in SLIDE_EXTENSIONS or f.name.startswith("."):
+            if suffix not in SLIDE_EXTENSIONS or f.name.startswith("."):
+                continue
+            if not (f.is_file() or f.is_symlink()):  # a broken link or a link loop fails as an item
                 continue
             if suffix == ".dcm":
                 if f.parent in dicom_dirs:

@@ -89,6 +89,18 @@ def test_a_symlink_loop_on_the_command_line_fails_only_itself(slides, tmp_path) 
     assert [rows[s]["status"] for s in ("s0", "s1")] == ["done", "done"]
 
 
+def test_dead_links_in_a_folder_are_failed_items_not_skipped(slides, tmp_path) -> None:
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    os.symlink(slides[0], folder / "s0.svs")
+    os.symlink(folder / "loop.svs", folder / "loop.svs")
+    os.symlink(tmp_path / "unmounted" / "s7.svs", folder / "s7.svs")  # the archive it points to is gone
+    result = _tile(["--out", tmp_path / "s.zarr", "--json"], folder)
+    rows = {r["id"]: r for r in json.loads(result.stdout)["outcomes"]}
+    assert result.exit_code == 1 and rows["s0"]["status"] == "done"
+    assert "symbolic link loop" in rows["loop"]["reason"] and rows["s7"]["reason"] == "file not found"
+
+
 def test_a_damaged_record_fails_that_slide_only(slides, tmp_path) -> None:
     from pathology.kimianet import random_init_checkpoint
 
