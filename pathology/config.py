@@ -14,7 +14,6 @@ from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 from histo.config import (
     AsTuple,
     Count,
-    Device,
     Fraction,
     KeyedError,
     NonNegative,
@@ -28,7 +27,7 @@ from histo.config import (
     Seed,
     StageConfig,
 )
-from histo.training_config import LoopOptions
+from histo.training_config import LoopOptions, LoopRun
 from pathology.geometry import TileGeometry
 
 # ---- histo tile ---------------------------------------------------------------------------------
@@ -72,6 +71,17 @@ class MosaicConfig(Section):
     edge_tiles: Literal["whole", "partial"]  # partial: edge tiles scored on their tissue, read padded
     grid_anchor: Literal["slide", "tissue"]  # tissue: the grid starts at the tissue's bounding box
 
+
+def _registered_encoder(name: str) -> str:
+    """`name` if it is a registered encoder (`histo encoders`); the registry is imported only then."""
+    from pathology.encoders.registry import check_encoder
+
+    return check_encoder(name)
+
+
+EncoderName = Annotated[str, AfterValidator(_registered_encoder)]  # a name of pathology/encoders' registry
+TileRule = Literal["resize", "grid"]  # tile -> encoder input: the whole tile resized | n x n crops, mean
+Precision = Literal["float32", "bfloat16", "float16"]
 
 CellularityScore = Literal["pixel_fraction", "nuclei_density"]
 
@@ -260,11 +270,8 @@ class OptimConfig(LoopOptions):
     monitor: Monitor
 
 
-class TrainRun(RunOptions):
-    device: Device
-    resume: bool
-    overwrite: bool
-    workers: Count
+class TrainRun(LoopRun):
+    """`histo train`'s run options: those of every trainer (histo.training_config.LoopRun)."""
 
 
 class TrainConfig(StageConfig):

@@ -153,12 +153,20 @@ def archive_features(
         return [extractor.extract(cohort.tiles(i), batch_size) for i in range(len(cohort.slide_ids))]
 
 
+def open_model_extractor(path: str | os.PathLike, encoder: str | None, device: str, tiling: Any) -> Any:
+    """The feature extractor of a histo checkpoint, or of `encoder`'s weight file at `path` (the registry)."""
+    from pathology.encoders import open_extractor
+    from pathology.kimianet import FeatureExtractor
+
+    if encoder is None:
+        return FeatureExtractor.from_checkpoint(path, device)
+    return open_extractor(encoder, path, device, tiling=tiling)
+
+
 def load_model(path: str | os.PathLike, cohort: Cohort, p: PathologyRobustness, device: str) -> Model:
     """A checkpoint's feature extractor and its evaluator per run: corrupted queries against the clean
     archive, featurised once (once per α as well under `alpha_bn_archive`)."""
-    from pathology.kimianet import FeatureExtractor
-
-    extractor = FeatureExtractor.from_checkpoint(path, device)
+    extractor = open_model_extractor(path, p.encoder, device, cohort.store.params)
     archives: dict[float | None, list[np.ndarray]] = {}
 
     def evaluator(alpha: float | None) -> Evaluate:
@@ -188,6 +196,10 @@ def evaluate_pathology(
 
     config = RobustnessConfig.coerce(config)
     p, run = config.pathology, config.run
+    if p.encoder is not None:
+        from pathology.encoders import get_encoder
+
+        get_encoder(p.encoder)  # an unknown name fails here, before the cohort is read
     names = select_corruptions(config.corruptions, CORRUPTIONS)
     store = TileStore.open(tiles)
     mpp = tile_mpp(store)

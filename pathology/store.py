@@ -162,9 +162,12 @@ class TileStore:
         return cls(path, attrs["params"])
 
     @classmethod
-    def create_or_open(cls, path: str | os.PathLike, params: dict) -> TileStore:
+    def create_or_open(
+        cls, path: str | os.PathLike, params: dict, complete: Callable[[dict], dict] | None = None
+    ) -> TileStore:
         """Open the store for writing, creating it atomically if absent; the tiling parameters of an
-        existing store must equal `params` (several shards share one store)."""
+        existing store must equal `params` (several shards share one store). `complete` fills in the
+        keys a store of an earlier release lacks (with the defaults that reproduce what it did)."""
         path = Path(path)
         params = _jsonable(params)
         if not (path / "zarr.json").exists():
@@ -182,8 +185,9 @@ class TileStore:
                 if not (path / "zarr.json").exists():
                     raise InputFileError(path, "exists and is not a tile store") from None
         store = cls.open(path)
-        if store.params != params:
-            differ = sorted(_diff_keys(store.params, params))
+        stored = _jsonable(complete(store.params)) if complete is not None else store.params
+        if stored != params:
+            differ = sorted(_diff_keys(stored, params))
             raise HistoError(
                 f"{path}: made with different tiling parameters ({', '.join(differ)}); use a new store"
             )

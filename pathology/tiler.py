@@ -536,7 +536,13 @@ def tile_slides(
     if unlabelled:
         shown = ", ".join(unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
         log.warning("%d slide(s) have no row in %s: %s", len(unlabelled), labels_csv, shown)
-    store = TileStore.create_or_open(out, store_params(config))
+    # A store of an earlier release lacks the keys added since; their defaults reproduce what it did
+    # (its recorded geometry is kept as it is, so the comparison resolves no second geometry).
+    store = TileStore.create_or_open(
+        out,
+        store_params(config),
+        complete=lambda old: {**tiling_config(old, str(out)).recorded(), RESOLVED: old.get(RESOLVED)},
+    )
 
     def finished(job: _Job) -> dict | None:
         """The stored detail of a slide already done from the same source with the same metadata,

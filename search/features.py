@@ -49,12 +49,14 @@ def _jsonable(obj: Any) -> Any:
 
 
 def model_info(extractor: Any) -> dict[str, Any]:
-    """What identifies the feature extractor: checkpoint hash, feature definition and dimension."""
+    """What identifies the feature extractor: weights hash, feature definition and dimension, and the
+    weight file of a registry encoder (None for a histo checkpoint, which the index copies)."""
     return _jsonable(
         {
             "hash": extractor.model_hash,
             "feature_definition": extractor.feature_definition,
             "feature_dim": int(extractor.feature_dim),
+            "weights": extractor.weights,
         }
     )
 
@@ -79,6 +81,13 @@ def open_features(index_dir: str | Path, model: dict[str, Any], tiling: dict[str
         raise HistoError(
             f"{root}: features were extracted with model {attrs['model']['hash'][:12]}, not "
             f"{model['hash'][:12]}; use another --out or the same model"
+        )
+    if attrs["model"]["feature_definition"] != model["feature_definition"]:
+        old, new = attrs["model"]["feature_definition"], model["feature_definition"]
+        differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise HistoError(
+            f"{root}: features were extracted under another feature definition (differs in "
+            f"{', '.join(differ)}); use another --out or the same encoder settings"
         )
     if attrs["tiling"] != _jsonable(tiling):
         raise HistoError(f"{root}: features were extracted from tiles with other tiling parameters")

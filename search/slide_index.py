@@ -2,7 +2,8 @@
 
 Index dir (DESIGN.md "Index dir")::
 
-    manifest.json      format version, model (hash, feature definition, dim), tiling config, index type and
+    manifest.json      format version, model (hash, feature definition, dim; a registry encoder's weight file:
+                       path, sha256, layout), tiling config, index type and
                        parameters (requested and effective), counts, skipped slides, sha256 of every file
     features.zarr/     per-slide tile features and coordinates (search/features.py)
     catalog.json       slides in row order: slide_id, label, patient, site, n_tiles, tile_size_level0 (the
@@ -11,7 +12,8 @@ Index dir (DESIGN.md "Index dir")::
     barcodes.faissb    FAISS binary index over the packed MinMax barcodes (Hamming): IndexBinaryFlat for a
                        flat index, IndexBinaryIVF (+ direct map) otherwise (search/barcodes.py)
     float.faiss        FAISS float index of the chosen type (search/index.py)
-    model.pt           copy of the feature extractor checkpoint (when built from a file)
+    model.pt           copy of the feature extractor checkpoint (when built from a histo checkpoint; an
+                       encoder's weight file is recorded in the manifest, not copied)
 
 Every structure is rebuilt from the stored features (sorted by slide ID) by `build`, `add` and `remove`,
 so an updated index equals one built from scratch on the same slides.
@@ -62,13 +64,58 @@ def _open_store(store: Any) -> Any:
     return store if isinstance(store, TileStore) else TileStore.open(store)
 
 
-def load_extractor(model: Any, device: str) -> Any:
-    """The feature extractor of a checkpoint path (or an extractor as given): the one place that builds it."""
-    from pathology.kimianet import FeatureExtractor
+def load_extractor(
+    model: Any,
+    device: str,
+    encoder: str | None = None,
+    weights: str | os.PathLike | None = None,
+    rule: dict[str, Any] | None = None,
+    tiling: dict[str, Any] | None = None,
+) -> Any:
+    """The feature extractor of a histo checkpoint (`model`), of a registry encoder with its weight file,
+    or an extractor passed as is: the one place that builds it. `rule`: tile_rule, grid, precision,
+    input_px (None: the defaults); `tiling`: the tile store's parameters (for the grid rule)."""
+    from pathology.encoders import FeatureExtractor, open_extractor
+    from pathology.kimianet import FeatureExtractor as CheckpointExtractor
 
+    rule = {k: v for k, v in (rule or {}).items() if v is not None}
+    if encoder is not None:
+        if model is not None:
+            raise HistoError("give a histo checkpoint (--model) or an encoder with its weights, not both")
+        if weights is None:
+            raise HistoError(
+                f"encoder {encoder!r} needs its weight file (--weights FILE; see `histo encoders`)"
+            )
+        return open_extractor(encoder, weights, device, tiling=tiling, **rule)
+    if weights is not None:
+        raise HistoError("--weights goes with --encoder NAME; a histo checkpoint is given as --model")
+    if model is None:
+        raise HistoError("no feature extractor: give --model CKPT or --encoder NAME --weights FILE")
     if isinstance(model, FeatureExtractor):
         return model
-    return FeatureExtractor.from_checkpoint(model, device=device)
+    if "input_px" in rule:
+        raise HistoError("input_px applies to registry encoders; a histo checkpoint has its own")
+    return CheckpointExtractor.from_checkpoint(model, device=device, **rule)
+
+
+def _checkpoint_rule(definition: dict[str, Any]) -> dict[str, Any]:
+    """The tile rule and precision of a checkpoint extractor, from the feature definition it recorded."""
+    rule = definition.get("tile_rule", {"rule": "resize"})
+    grid = rule.get("crops_per_side") if rule["rule"] == "grid" else None
+    return {"tile_rule": rule["rule"], "grid": grid, "precision": definition.get("precision", "float32")}
+
+
+def _encoder_label(model: dict[str, Any]) -> str:
+    """'encoder uni, weights 1a2b3c4d5e6f' (or the arch of a histo checkpoint) for messages."""
+    definition = model["feature_definition"]
+    name = definition.get("encoder") or f"histo {definition.get('arch')} checkpoint"
+    return f"{name}, weights {model['hash'][:12]}"
+
+
+def config_extractor(model: Any, config: IndexConfig, tiling: dict[str, Any] | None = None) -> Any:
+    """The extractor an IndexConfig names: `model`, or its registry `encoder` and `weights`, with its rule."""
+    rule = {k: getattr(config, k) for k in ("tile_rule", "grid", "precision", "input_px")}
+    return load_extractor(model, config.run.device, config.encoder, config.weights, rule, tiling)
 
 
 def recorded_config(path: Path, manifest: Mapping[str, Any]) -> IndexConfig:
@@ -144,16 +191,19 @@ class SlideIndex:
     ) -> SlideIndex | None:
         """Extract features (resumable) and build the index in `out`; with shard (i, n > 1) only extract.
 
-        `model` is a checkpoint path (copied into the index as model.pt) or a FeatureExtractor. `config`:
-        an IndexConfig, None (the defaults) or a mapping over the defaults, e.g. {"type": "ivf"}; its
-        type, params and search go into the manifest. Returns the opened index, its `extraction` the
+        `model` is a checkpoint path (copied into the index as model.pt) or a FeatureExtractor; None with
+        the config's registry `encoder` and its `weights` file (recorded by path and sha256, not copied).
+        `config`: an IndexConfig, None (the defaults) or a mapping over the defaults, e.g. {"type": "ivf",
+        "encoder": "uni", "weights": "pytorch_model.bin"}; its type, params, search and the encoder's tile
+        rule, grid, precision and input_px (pathology.encoders.preprocess) define the features. Returns
+        the opened index, its `extraction` the
         BatchSummary of the feature extraction, or None for a shard job (run once more without a shard to
         assemble; `extract` returns the shard's summary).
         """
         config = IndexConfig.coerce(config)
         out = Path(out)
-        extractor = load_extractor(model, config.run.device)
         store = _open_store(store)
+        extractor = config_extractor(model, config, store.params)
         with writer_lock(out, "histo index", shared=shard[1] > 1):
             batch = feats_io.extract_features(store, extractor, out, shard, config.run.batch_size, progress)
             if shard[1] > 1:
@@ -234,8 +284,8 @@ class SlideIndex:
     ) -> BatchSummary:
         """Extract the features of the shard's slides into `out` (resumable) without building the index."""
         config = IndexConfig.coerce(config)
-        extractor = load_extractor(model, config.run.device)
         store = _open_store(store)
+        extractor = config_extractor(model, config, store.params)
         with writer_lock(out, "histo index", shared=shard[1] > 1):
             return feats_io.extract_features(
                 store, extractor, Path(out), shard, config.run.batch_size, progress
@@ -289,14 +339,23 @@ class SlideIndex:
     # ---- model --------------------------------------------------------------------------------------
     @property
     def extractor(self) -> Any:
-        """The index's feature extractor (model.pt of the index, loaded on first use)."""
+        """The index's feature extractor, loaded on first use: model.pt of the index, or the registry
+        encoder and weight file the manifest records (`weights` of `open` if the file moved)."""
         if self._extractor is None:
-            if not (self.path / MODEL).exists():
+            model = self.manifest["model"]
+            if (self.path / MODEL).exists():
+                rule = _checkpoint_rule(model["feature_definition"])
+                extractor = load_extractor(self.path / MODEL, self.config.run.device, rule=rule)
+            elif model.get("weights"):
+                from pathology.encoders import reopen_extractor
+
+                extractor = reopen_extractor(model, self.config.run.device, self.config.run.weights)
+            else:
                 raise HistoError(
                     f"{self.path}: built with an in-memory model (hash {self.model_hash[:12]}); "
                     "pass the same model to SlideIndex.open(..., model=...)"
                 )
-            self._extractor = self._check_model(load_extractor(self.path / MODEL, self.config.run.device))
+            self._extractor = self._check_model(extractor)
         return self._extractor
 
     @property
@@ -304,10 +363,20 @@ class SlideIndex:
         return self.manifest["model"]["hash"]
 
     def _check_model(self, extractor: Any) -> Any:
-        if extractor.model_hash != self.model_hash:
+        """The extractor, if it has the index's weights and feature definition; HistoError otherwise."""
+        built = self.manifest["model"]
+        got = feats_io.model_info(extractor)
+        if got["hash"] != built["hash"]:
             raise HistoError(
-                f"{self.path}: index was built with model {self.model_hash[:12]}, "
-                f"refusing to search with a different model ({extractor.model_hash[:12]})"
+                f"{self.path}: index was built with model {built['hash'][:12]} ({_encoder_label(built)}), "
+                f"refusing to search with a different model ({got['hash'][:12]}, {_encoder_label(got)})"
+            )
+        if got["feature_definition"] != built["feature_definition"]:
+            old, new = built["feature_definition"], got["feature_definition"]
+            differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            raise HistoError(
+                f"{self.path}: index features were made by {_encoder_label(built)} under another feature "
+                f"definition (differs in {', '.join(differ)}); refusing to search with it"
             )
         return extractor
 

@@ -13,7 +13,6 @@ from pydantic import Field, model_validator
 from histo.config import (
     AsTuple,
     Count,
-    Device,
     Fraction,
     KeyedError,
     NonNegative,
@@ -22,12 +21,11 @@ from histo.config import (
     Overlap,
     PositiveInt,
     Roi,
-    RunOptions,
     Section,
     Seed,
     StageConfig,
 )
-from histo.training_config import LoopOptions
+from histo.training_config import LoopOptions, LoopRun
 from segmentation.label_schemes import SCHEMES
 
 EvenChannels = Annotated[int, Field(ge=2, multiple_of=2)]  # reversible blocks split channels in halves
@@ -129,11 +127,9 @@ class SegmentEvalConfig(Section):
     hd95: bool
 
 
-class SegmentRun(RunOptions):
-    device: Device
-    resume: bool
-    overwrite: bool
-    workers: Count
+class SegmentRun(LoopRun):
+    """Every trainer's run options (histo.training_config.LoopRun) and segmentation's own."""
+
     cache: bool
     sw_batch_size: PositiveInt
 

@@ -11,7 +11,18 @@ from click.testing import CliRunner
 from histo import __version__
 from histo.cli import COMMANDS, main
 
-EXPECTED = ["tile", "train", "index", "search", "segment", "robustness", "serve", "export", "features"]
+EXPECTED = [
+    "tile",
+    "train",
+    "index",
+    "search",
+    "segment",
+    "robustness",
+    "serve",
+    "export",
+    "features",
+    "encoders",
+]
 
 
 def test_help_lists_every_command():

@@ -33,6 +33,7 @@ COMMANDS = {
     "serve": "histo.cli.serve:serve",
     "export": "histo.cli.export:export",
     "features": "histo.cli.features:features",
+    "encoders": "histo.cli.encoders:encoders",
 }
 
 HELP = {
@@ -45,6 +46,7 @@ HELP = {
     "serve": "Serve a search page (archive, queries, matched tiles, slide viewer) and its JSON API.",
     "export": "Write a tile store's tiles as CLAM/TRIDENT coordinates or QuPath GeoJSON.",
     "features": "Write per-slide CLAM/TRIDENT feature files (.h5, optionally .pt) of a tile store.",
+    "encoders": "List the feature encoders (KimiaNet, UNI, Virchow2, ...) and what defines their features.",
 }
 
 

@@ -1,4 +1,5 @@
-"""`histo index`: extract KimiaNet features of a tile store and build a FAISS slide index."""
+"""`histo index`: extract features of a tile store (a histo checkpoint or a registry encoder) and build a
+FAISS slide index."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.dev
     help="Instead of --tiles: a folder of per-slide CLAM/TRIDENT feature .h5 files (`histo features`).",
 )
 @click.option(
-    "--model", type=click.Path(), help="Feature extractor checkpoint (`histo train`); needed with --tiles."
+    "--model", type=click.Path(), help="Feature extractor checkpoint (`histo train`), or --encoder/--weights."
 )
 @click.option(
     "--labels",
@@ -38,7 +39,24 @@ KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.dev
     help="--features: CSV slide,label[,patient,site].",
 )
 @click.option(
-    "--encoder", help="--features: the encoder name the files must carry (needed if they carry none)."
+    "--encoder",
+    help="--tiles: a registered encoder (`histo encoders`), with --weights; --features: the encoder name "
+    "the files must carry (needed if they carry none).",
+)
+@click.option(
+    "--weights", default=None, type=click.Path(), help="The encoder's weight file (.pth/.bin/.safetensors)."
+)
+@click.option(
+    "--tile-rule", type=click.Choice(["resize", "grid"]), default=None, help="Tile -> encoder input."
+)
+@click.option(
+    "--grid", type=int, default=None, help="Grid rule: crops per side (default: the encoder's µm/px)."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Compute precision.",
 )
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Index directory (created/resumed)."
@@ -61,6 +79,10 @@ def index(
     model: str | None,
     labels_csv: str | None,
     encoder: str | None,
+    weights: str | None,
+    tile_rule: str | None,
+    grid: int | None,
+    precision: str | None,
     out: str,
     index_type: str | None,
     batch_size: int | None,
@@ -78,12 +100,14 @@ def index(
     from search.config import IndexConfig
     from search.slide_index import SlideIndex
 
-    cfg = stage_config(IndexConfig, config_path, KEYS)
+    rule = {"weights": "weights", "tile_rule": "tile_rule", "grid": "grid", "precision": "precision"}
+    # --encoder: a registry name for --tiles (in the config); for --features the name its files carry
+    cfg = stage_config(
+        IndexConfig, config_path, {**KEYS, **rule, **({"encoder": "encoder"} if tiles else {})}
+    )
     shard_pair = parse_shard(shard)
     if (tiles is None) == (features_dir is None):
         raise click.UsageError("give exactly one of --tiles STORE or --features DIR")
-    if tiles is not None and model is None:
-        raise click.UsageError("--tiles needs --model CKPT")
     if features_dir is not None and shard_pair[1] > 1:
         raise click.UsageError("--shard applies to --tiles (feature files are imported in one run)")
     if shard_pair[1] > 1:

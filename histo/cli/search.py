@@ -28,6 +28,9 @@ from search.config import Mode
     type=click.Path(file_okay=False),
     help="Write QuPath GeoJSON of the matched tiles: DIR/<query id>/query/ and DIR/<query id>/hits/.",
 )
+@click.option(
+    "--weights", default=None, type=click.Path(), help="The index encoder's weight file, if it moved."
+)
 @device_option
 @config_option
 @json_option
@@ -38,6 +41,7 @@ def search(
     mode: str | None,
     exclude_same_patient: bool | None,
     exhaustive: bool | None,
+    weights: str | None,
     device: str | None,
     config_path: str | None,
     geojson_dir: str | None,
@@ -60,7 +64,7 @@ def search(
         "exclude_same_patient": "exclude_same_patient",
         "exhaustive": "exhaustive",
     }
-    cfg = stage_config(SearchConfig, config_path, {**keys, "device": "run.device"})
+    cfg = stage_config(SearchConfig, config_path, {**keys, "device": "run.device", "weights": "run.weights"})
     idx = SlideIndex.open(index_dir, cfg)
     if geojson_dir is not None:
         _check_geojson(idx, queries, Path(geojson_dir))
