@@ -14,7 +14,9 @@ different slides, so they never touch the same group; the root is created by an 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,13 +31,21 @@ import numpy as np
 import zarr
 
 from histo.errors import HistoError, InputFileError
+from histo.identity import SourceIdentity
+from histo.io import atomic_write_json
 from pathology.config import StainConfig, TileConfig
+
+log = logging.getLogger(__name__)
 
 FORMAT = "histo-tile-store"
 VERSION = 1
 SLIDES = "slides"
 PARTIAL = ".partial"
 ARRAYS = ("coords", "cluster", "cellularity", "selected")
+# Every stored array: zstd (zarr's default) and then a crc32c per chunk, verified by zarr on every read.
+# Arrays of stores written before this have no checksum and are read as they are.
+CHUNK_CODECS = (zarr.codecs.ZstdCodec(level=0), zarr.codecs.Crc32cCodec())
+DAMAGED = "damaged"  # status listed for a slide whose record cannot be read
 _TMP_RE = re.compile(r"^(?P<slide_id>.+)\.tmp-\d+-[0-9a-f]{8}$")
 
 
@@ -64,9 +74,16 @@ class SlideRecord:
     given_coords: str | None = None  # the CLAM/TRIDENT coordinate file its tiles came from
     roi: str | None = None  # the QuPath GeoJSON file whose regions restricted its tissue mask
     reader: str | None = None  # the slide reader backend and its version ("openslide 4.0.1")
+    source_size: int | None = None  # bytes of the source file (None: a store written before this was kept)
+    source_fingerprint: str | None = None  # histo.identity.fingerprint of the source file (None: unknown)
+    tiles_digest: str | None = None  # what the tiles were made from, for an index to see a re-tiling
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def identity(self) -> SourceIdentity:
+        """The source file this record came from (size and fingerprint None in an older store)."""
+        return SourceIdentity(self.source_path, self.source_size, self.source_fingerprint)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SlideRecord:
@@ -78,11 +95,38 @@ def slide_id_problem(slide_id: str) -> str | None:
     """Why a slide ID cannot name a group inside the store (path escape, hidden, reserved), or None."""
     if not slide_id or slide_id.strip() != slide_id:
         return f"slide ID {slide_id!r} is empty or has surrounding spaces"
-    if "/" in slide_id or "\\" in slide_id or slide_id.startswith(".") or ".." in slide_id:
+    if "/" in slide_id or "\\" in slide_id or slide_id.startswith("."):  # ".." too; "case..1" is fine
         return f"slide ID {slide_id!r} would escape or hide inside the store path"
     if slide_id.startswith("__") or any(ord(c) < 32 for c in slide_id):
         return f"slide ID {slide_id!r} is reserved by zarr or has control characters"
     return None
+
+
+def decoded(where: Path, read: Callable[[], Any]) -> np.ndarray:
+    """`read()` of stored chunks as an array; a chunk whose checksum or compression does not decode is
+    an InputFileError naming the array `where` (the slide then fails with that reason)."""
+    try:
+        return np.asarray(read())
+    except (ValueError, RuntimeError) as e:  # zarr: crc32c mismatch (ValueError), zstd (RuntimeError)
+        if "checksum" in str(e):
+            raise InputFileError(where, "damaged data: a chunk fails its crc32c checksum") from None
+        raise InputFileError(
+            where, f"damaged data: a chunk does not decode ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _read_record(group: Path) -> SlideRecord:
+    """The SlideRecord in a slide group's zarr.json; InputFileError when it is unreadable or damaged."""
+    try:
+        record = json.loads((group / "zarr.json").read_text())["attributes"]["record"]
+        if not isinstance(record, dict) or not isinstance(record.get("slide_id"), str):
+            raise ValueError("no slide_id")
+        return SlideRecord.from_dict(record)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        raise InputFileError(
+            group, f"damaged slide record ({why}); tile the slide again to repair it"
+        ) from None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -157,12 +201,17 @@ class TileStore:
         return self.path / SLIDES / slide_id
 
     def _records(self) -> list[SlideRecord]:
+        """Every slide's record; a damaged one is listed with status "damaged" (and a warning)."""
         root = self.path / SLIDES
         records = []
         for d in sorted(root.iterdir()) if root.exists() else []:
-            meta = d / "zarr.json"
-            if meta.exists():
-                records.append(SlideRecord.from_dict(json.loads(meta.read_text())["attributes"]["record"]))
+            if not (d / "zarr.json").exists():
+                continue
+            try:
+                records.append(_read_record(d))
+            except InputFileError as e:
+                log.warning("%s", e)
+                records.append(SlideRecord(d.name, "", status=DAMAGED, reason=e.reason))
         return records
 
     def slide_ids(self, status: str | None = "done") -> list[str]:
@@ -173,10 +222,11 @@ class TileStore:
         return (self._group_dir(slide_id) / "zarr.json").exists()
 
     def record(self, slide_id: str) -> SlideRecord:
-        meta = self._group_dir(slide_id) / "zarr.json"
-        if not meta.exists():
+        """The slide's record; InputFileError naming its group when the record is damaged."""
+        group = self._group_dir(slide_id)
+        if not (group / "zarr.json").exists():
             raise HistoError(f"{self.path}: no slide {slide_id!r} in the store")
-        return SlideRecord.from_dict(json.loads(meta.read_text())["attributes"]["record"])
+        return _read_record(group)
 
     def _array(self, slide_id: str, name: str) -> np.ndarray:
         group = zarr.open_group(self._group_dir(slide_id), mode="r")
@@ -184,7 +234,7 @@ class TileStore:
             raise HistoError(
                 f"{self.path}: slide {slide_id!r} has no {name} (status {self.record(slide_id).status})"
             )
-        return np.asarray(group[name][...])
+        return decoded(self._group_dir(slide_id) / name, lambda: group[name][...])
 
     def coords(self, slide_id: str) -> np.ndarray:
         return self._array(slide_id, "coords")
@@ -208,9 +258,10 @@ class TileStore:
         rec = self.record(slide_id)
         if self.has_pixels(slide_id):
             pixels = zarr.open_group(self._group_dir(slide_id), mode="r")["pixels"]
+            where = self._group_dir(slide_id) / "pixels"
             if indices is None:
-                return np.asarray(pixels[...])
-            return np.asarray(pixels.oindex[np.asarray(indices, np.int64)])
+                return decoded(where, lambda: pixels[...])
+            return decoded(where, lambda: pixels.oindex[np.asarray(indices, np.int64)])
         coords = self.coords(slide_id)[self.selected(slide_id)]
         if indices is not None:
             coords = coords[np.asarray(indices, np.int64)]
@@ -237,6 +288,16 @@ class TileStore:
         return normalize_tiles(tiles, self.stain, where)
 
     # ---- writing (tiler) -------------------------------------------------------------------------
+    def update_record(self, slide_id: str, changes: dict[str, Any]) -> SlideRecord:
+        """Change fields of a slide's record (labels, patient, site, source path) without touching its
+        arrays: its zarr.json is rewritten atomically. Returns the new record."""
+        group = self._group_dir(slide_id)
+        doc = json.loads((group / "zarr.json").read_text())
+        record = SlideRecord.from_dict({**_read_record(group).to_dict(), **changes})
+        doc["attributes"]["record"] = _jsonable(record.to_dict())
+        atomic_write_json(group / "zarr.json", doc)
+        return record
+
     def clean_partial(self, slide_id: str) -> int:
         """Remove leftovers of an interrupted write of `slide_id`; returns how many were removed."""
         partial = self.path / PARTIAL
@@ -263,9 +324,9 @@ class TileStore:
         group.attrs["record"] = _jsonable(record.to_dict())
         for name, data in (arrays or {}).items():
             chunks = (max(1, len(data)), *data.shape[1:])
-            group.create_array(name, data=np.ascontiguousarray(data), chunks=chunks)
+            group.create_array(name, data=np.ascontiguousarray(data), chunks=chunks, compressors=CHUNK_CODECS)
         if pixels is not None:
-            group.create_array("pixels", data=pixels, chunks=(1, *pixels.shape[1:]))
+            group.create_array("pixels", data=pixels, chunks=(1, *pixels.shape[1:]), compressors=CHUNK_CODECS)
         old = None
         if final.exists():
             old = partial / _tmp_name(record.slide_id)
@@ -273,6 +334,15 @@ class TileStore:
         os.rename(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def tiles_digest(record: SlideRecord, coords: np.ndarray) -> str:
+    """What a slide's tiles were made from: its source fingerprint, tile geometry and the level-0 coords
+    of the selected tiles (sha256, 32 hex digits). An index keeps it to see a slide tiled anew."""
+    h = hashlib.sha256()
+    h.update(json.dumps([record.source_fingerprint, record.tile_size_level0, record.tile_px]).encode())
+    h.update(np.ascontiguousarray(coords, np.int64).tobytes())
+    return h.hexdigest()[:32]
 
 
 def read_tiles(slide: Any, coords: np.ndarray, size_level0: float, tile_px: int) -> np.ndarray:

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from histo.batch import ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch, select_shard
+from histo.batch import ALREADY_DONE, ITEM_ERRORS, BatchSummary, Outcome, reason_of, run_batch, select_shard
 from histo.errors import HistoError, InputFileError
+from histo.identity import SourceIdentity, source_change
 from pathology.cellularity import keep_most_cellular, tile_scorer
 from pathology.config import StainConfig, TileConfig
 from pathology.geometry import RESOLVED, TileGeometry
@@ -29,11 +30,13 @@ from pathology.mosaic import (
 from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, recorded_reader, slide_id_of
 from pathology.slide_labels import SlideMeta, resolve_meta
 from pathology.stain import fit_config, normalize_tiles
-from pathology.store import SlideRecord, read_tiles, slide_id_problem
+from pathology.store import SlideRecord, read_tiles, slide_id_problem, tiles_digest
 from pathology.tissue import brightfield_problem, tissue_mask
 
 log = logging.getLogger(__name__)
 
+# Record fields a labels CSV sets: a re-run with other values changes them without tiling again.
+METADATA = ("label", "patient", "site", "project")
 MAX_MASK_PX = 8192  # long side of the tissue-mask image; coarser µm/px beyond (bounded memory)
 NO_CLUSTER = -1  # cluster of a given patch kept without the colour mosaic
 
@@ -89,10 +92,21 @@ class EmptyMosaicError(InputFileError):
         self.tileset = tileset
 
 
+def _identity(path: str | os.PathLike) -> SourceIdentity:
+    """A slide file's identity; only its path when it cannot be read (the slide then fails on its own)."""
+    try:
+        return SourceIdentity.of(path)
+    except OSError:
+        return SourceIdentity(os.path.realpath(path))
+
+
 def _base_record(slide: Slide, geometry: TileGeometry, meta: SlideMeta) -> SlideRecord:
+    source = _identity(slide.path)
     return SlideRecord(
         slide_id=slide.slide_id,
-        source_path=str(Path(slide.path).resolve()),
+        source_path=source.path,
+        source_size=source.bytes,
+        source_fingerprint=source.fingerprint,
         label=meta.label,
         patient=meta.patient,
         site=meta.site,
@@ -256,18 +270,37 @@ def tile_slide(
 # ---- many slides -> tile store -------------------------------------------------------------------
 
 
-def find_slides(paths: list[str | os.PathLike]) -> list[Path]:
+def _files_under(folder: Path, unreadable: list[tuple[Path, str]]) -> list[Path]:
+    """Every file under `folder`, sorted (links to folders are not followed, as in Path.rglob); a
+    folder that cannot be listed is appended to `unreadable` as (folder, reason)."""
+    files: list[Path] = []
+
+    def refused(e: OSError) -> None:
+        unreadable.append((Path(e.filename), f"folder not searched for slides: {e.strerror}"))
+
+    for root, _, names in os.walk(folder, onerror=refused):
+        files += [Path(root) / name for name in names]
+    return sorted(files)
+
+
+def find_slides(
+    paths: list[str | os.PathLike], unreadable: list[tuple[Path, str]] | None = None
+) -> list[Path]:
     """Slide files named or found (recursively) in folders, sorted and de-duplicated; a DICOM series
-    counts once per folder. Named files are kept whatever their extension (bad ones fail later)."""
+    counts once per folder. Named files are kept whatever their extension (bad ones fail later), and so
+    are links with a slide extension that lead nowhere. A folder that cannot be listed is appended to
+    `unreadable` as (folder, reason)."""
     found: set[Path] = set()
     for p in map(Path, paths):
         if not p.is_dir():
             found.add(p.absolute())
             continue
         dicom_dirs: set[Path] = set()
-        for f in sorted(p.rglob("*")):
+        for f in _files_under(p, unreadable if unreadable is not None else []):
             suffix = f.suffix.lower()
-            if not f.is_file() or suffix not in SLIDE_EXTENSIONS or f.name.startswith("."):
+            if suffix not in SLIDE_EXTENSIONS or f.name.startswith("."):
+                continue
+            if not (f.is_file() or f.is_symlink()):  # a broken link or a link loop fails as an item
                 continue
             if suffix == ".dcm":
                 if f.parent in dicom_dirs:
@@ -287,6 +320,7 @@ class _Job:
     duplicate_of: Path | None
     given: Path | None = None  # its CLAM/TRIDENT coordinate file (`--from-coords`)
     roi: Path | None = None  # its QuPath GeoJSON regions (`--roi`)
+    problem: str | None = None  # a folder that could not be searched: failed with this reason
 
 
 def _detail(rec: SlideRecord) -> dict:
@@ -298,7 +332,66 @@ def _detail(rec: SlideRecord) -> dict:
 
 
 def _failed(job: _Job, reason: str) -> SlideRecord:
-    return SlideRecord(job.id, str(job.path.resolve()), status="failed", reason=reason)
+    source = _identity(job.path)
+    return SlideRecord(
+        job.id, source.path, status="failed", reason=reason, source_size=source.bytes,
+        source_fingerprint=source.fingerprint,
+    )  # fmt: skip
+
+
+def _stored(store: Any, job: _Job) -> SlideRecord | None:
+    """The store's record under the job's slide ID; None when there is none (or it is damaged: tiling
+    the slide again replaces it)."""
+    if job.duplicate_of is not None or slide_id_problem(job.id) is not None or not store.has_slide(job.id):
+        return None
+    try:
+        return store.record(job.id)
+    except InputFileError:
+        return None
+
+
+def _metadata_changes(rec: SlideRecord, job: _Job, source: SourceIdentity) -> dict[str, list]:
+    """{field: [stored, new]} that a re-run changes in a done record without tiling again: label,
+    patient, site and project from the labels CSV (when it has the slide's row), and the path of a
+    slide file that moved."""
+    changes = {}
+    if job.meta is not None:
+        meta = resolve_meta(job.meta, job.id)
+        for key in METADATA:
+            if getattr(rec, key) != getattr(meta, key):
+                changes[key] = [getattr(rec, key), getattr(meta, key)]
+    if rec.source_path != source.path:
+        changes["source_path"] = [rec.source_path, source.path]
+    return changes
+
+
+def _inputs_changed(rec: SlideRecord, job: _Job) -> bool:
+    """Whether the slide is tiled from other coordinate or ROI files than its stored record was."""
+    return rec.given_coords != (None if job.given is None else str(job.given)) or rec.roi != (
+        None if job.roi is None else str(job.roi)
+    )
+
+
+def _reuse(store: Any, rec: SlideRecord, job: _Job, replace: bool) -> Outcome | None:
+    """The outcome of a slide already done in the store: its metadata updated when it changed, or
+    refused when the file is another source than the stored slide's (unless `replace`); None when the
+    slide is to be tiled."""
+    if _inputs_changed(rec, job):
+        return None
+    source = _identity(job.path)
+    change = source_change(rec.identity(), source)
+    if change is not None:
+        if replace:
+            return None
+        return Outcome.failed(
+            job.id, job.path,
+            f"slide ID {job.id!r} is already in the store: {change}; pass --replace to tile this file in its place",
+        )  # fmt: skip
+    changes = _metadata_changes(rec, job, source)
+    if not changes:
+        return Outcome.skipped(job.id, job.path, ALREADY_DONE, **_detail(rec))
+    rec = store.update_record(job.id, {key: new for key, (_, new) in changes.items()})
+    return Outcome.done(job.id, job.path, **_detail(rec), updated=changes)
 
 
 def _tile_one(
@@ -310,14 +403,23 @@ def _tile_one(
     mpp: float | None,
     from_coords: str | None = None,
     roi: str | None = None,
+    replace: bool = False,
 ) -> Outcome:
-    """Tile one slide into the store. A fault of the slide's data is written there as a failed record
-    before it goes on to the runner, which reports it (histo.batch's exception policy)."""
+    """Tile one slide into the store (or, done there from the same file, update its metadata). A fault
+    of the slide's data is written there as a failed record before it goes on to the runner, which
+    reports it (histo.batch's exception policy)."""
     from pathology.store import TileStore
 
+    if job.problem is not None:
+        return Outcome.failed(job.id, job.path, job.problem)
     if job.duplicate_of is not None:  # not written: the store's record belongs to the other file
         return Outcome.failed(job.id, job.path, f"duplicate slide ID (also {job.duplicate_of})")
     store = TileStore.open(out)
+    stored = _stored(store, job)
+    if stored is not None and stored.status == "done":
+        reused = _reuse(store, stored, job, replace)
+        if reused is not None:
+            return reused
     safe = slide_id_problem(job.id) is None
     if safe:
         store.clean_partial(job.id)
@@ -336,13 +438,15 @@ def _tile_one(
         raise
     rec = tileset.record
     done = rec.status == "done"
-    if safe:
-        store.write_slide(rec, tileset.arrays() if done else None, pixels)
-    if qc_dir is not None and safe:
+    if done:
+        rec.tiles_digest = tiles_digest(rec, tileset.coords[tileset.selected])
+    if qc_dir is not None and safe:  # first: a QC folder that cannot be written leaves no slide without one
         from pathology.qc import has_picture, write_qc
 
         if has_picture(tileset):
             write_qc(tileset, Path(qc_dir) / f"{job.id}.png")
+    if safe:
+        store.write_slide(rec, tileset.arrays() if done else None, pixels)
     if done:
         return Outcome.done(job.id, job.path, **_detail(rec))
     return Outcome.failed(job.id, job.path, rec.reason, **_detail(rec))
@@ -351,15 +455,18 @@ def _tile_one(
 def _jobs(
     paths: list[str | os.PathLike], labels: dict, given: dict[str, Path], roi: Path | dict[str, Path] | None
 ) -> list[_Job]:
-    """Every slide found, sorted by path; a slide ID seen before is a duplicate of its first file;
-    `given`: slide ID -> its coordinate file; `roi`: one GeoJSON file for all, or slide ID -> file."""
+    """Every slide found, sorted by path, then every folder that could not be searched (an item that
+    fails, named `<folder>/`); a slide ID seen before is a duplicate of its first file; `given`: slide
+    ID -> its coordinate file; `roi`: one GeoJSON file for all, or slide ID -> file."""
     from pathology.slide_labels import find_meta
 
-    everything = find_slides(paths)
+    unreadable: list[tuple[Path, str]] = []
+    everything = find_slides(paths, unreadable)
     if not everything:
         shown = ", ".join(map(str, paths))
+        refused = "".join(f"; {folder}: {reason}" for folder, reason in unreadable)
         raise HistoError(
-            f"no slide files found in {shown} (extensions: {', '.join(sorted(SLIDE_EXTENSIONS))})"
+            f"no slide files found in {shown} (extensions: {', '.join(sorted(SLIDE_EXTENSIONS))}){refused}"
         )
     first_of: dict[str, Path] = {}
     jobs = []
@@ -371,7 +478,7 @@ def _jobs(
         jobs.append(
             _Job(slide_id, path, meta, None if first == path else first, given.get(slide_id), regions)
         )
-    return jobs
+    return jobs + [_Job(f"{folder.name}/", folder, None, None, problem=why) for folder, why in unreadable]
 
 
 def tile_slides(
@@ -386,6 +493,7 @@ def tile_slides(
     progress: bool = True,
     from_coords: str | os.PathLike | None = None,
     roi: str | os.PathLike | None = None,
+    replace: bool = False,
 ) -> BatchSummary:
     """Tile the shard `shard` = (i, n) of the slides into the store `out` (created if absent).
 
@@ -395,12 +503,17 @@ def tile_slides(
     replace the tissue mask (`roi.*` settings); a slide without its file fails. `config.run.reader`: the
     slide reader (auto: OpenSlide, then tiatoolbox for formats OpenSlide does not read), recorded per slide.
 
-    Slides done in the store from the same file are skipped; a bad slide is failed (in the store and
-    the summary) and the rest goes on. `config.run.workers` > 1 tiles slides in parallel processes. No
-    slide found is a HistoError, raised before the store is created.
+    Slides done in the store from the same source (same content, even moved) and the same coordinate
+    and ROI files are skipped, or, when the labels CSV or their path changed, done with only their
+    record updated (detail `updated`: {field: [old, new]}). A different source under a done slide ID is
+    failed and not written, unless `replace`. A bad slide is failed (in the store and the summary) and
+    the rest goes on; a folder that cannot be searched is a failed item `<folder>/`. `config.run.workers`
+    > 1 tiles slides in parallel processes. One unsharded writer at a time (histo.lock); shards run
+    together. No slide found is a HistoError, raised before the store is created.
     Returns the BatchSummary: one Outcome per slide of this shard (detail: n_mosaic, n_selected, mpp,
     mpp_source, label).
     """
+    from histo.lock import writer_lock
     from pathology.slide_labels import read_labels
     from pathology.store import TileStore
 
@@ -432,19 +545,17 @@ def tile_slides(
     )
 
     def finished(job: _Job) -> dict | None:
-        """The stored detail of a slide already done from the same file, else None."""
+        """The stored detail of a slide already done from the same source with the same metadata,
+        else None (tiled, updated or refused by `_tile_one`)."""
+        rec = _stored(store, job)
+        if rec is None or rec.status != "done":
+            return None
+        source = _identity(job.path)
         if (
-            job.duplicate_of is not None
-            or slide_id_problem(job.id) is not None
-            or not store.has_slide(job.id)
+            _inputs_changed(rec, job)
+            or source_change(rec.identity(), source)
+            or _metadata_changes(rec, job, source)
         ):
-            return None
-        rec = store.record(job.id)
-        if rec.status != "done" or rec.source_path != str(job.path.resolve()):
-            return None
-        if rec.given_coords != (None if job.given is None else str(job.given)):
-            return None
-        if rec.roi != (None if job.roi is None else str(job.roi)):
             return None
         store.clean_partial(job.id)
         return _detail(rec)
@@ -453,10 +564,11 @@ def tile_slides(
         _tile_one, out=str(out), config=config, save_pixels=save_pixels,
         qc_dir=None if qc_dir is None else str(qc_dir), mpp=mpp_override,
         from_coords=None if from_coords is None else str(from_coords),
-        roi=None if roi is None else str(roi),
+        roi=None if roi is None else str(roi), replace=replace,
     )  # fmt: skip
-    outcomes = run_batch(
-        jobs, process, shard=shard, is_done=finished, workers=config.run.workers, desc="tile", unit="slide",
-        progress=progress,
-    )  # fmt: skip
+    with writer_lock(store.path, "histo tile", shared=shard[1] > 1):
+        outcomes = run_batch(
+            jobs, process, shard=shard, is_done=finished, workers=config.run.workers, desc="tile", unit="slide",
+            progress=progress, outputs=(out, qc_dir),
+        )  # fmt: skip
     return BatchSummary(tuple(outcomes), out=str(out), shard=shard)

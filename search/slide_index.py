@@ -35,6 +35,7 @@ import numpy as np
 from histo.batch import BatchSummary
 from histo.errors import HistoError, InputFileError
 from histo.io import atomic_path, atomic_write_json, file_sha256
+from histo.lock import writer_lock
 from search import features as feats_io
 from search.barcodes import BITORDER, build_binary_index, code_bits, minmax_barcode, stored_codes
 from search.config import IndexConfig, SearchConfig, index_params
@@ -203,11 +204,12 @@ class SlideIndex:
         out = Path(out)
         store = _open_store(store)
         extractor = config_extractor(model, config, store.params)
-        batch = feats_io.extract_features(store, extractor, out, shard, config.run.batch_size, progress)
-        if shard[1] > 1:
-            return None
-        built_with = {"feature_device": str(extractor.device)}
-        return cls._finish(out, model, extractor, batch, config, built_with)
+        with writer_lock(out, "histo index", shared=shard[1] > 1):
+            batch = feats_io.extract_features(store, extractor, out, shard, config.run.batch_size, progress)
+            if shard[1] > 1:
+                return None
+            built_with = {"feature_device": str(extractor.device)}
+            return cls._finish(out, model, extractor, batch, config, built_with)
 
     @classmethod
     def build_from_features(
@@ -230,17 +232,18 @@ class SlideIndex:
 
         config = IndexConfig.coerce(config)
         out = Path(out)
-        batch, info = import_feature_files(folder, out, labels_csv, encoder, progress)
-        extractor = None
-        if model is not None:
-            extractor = load_extractor(model, config.run.device)
-            if extractor.model_hash != info["hash"]:
-                raise HistoError(
-                    f"{folder}: features were made by model {info['hash'][:12]}, "
-                    f"not by {model} ({extractor.model_hash[:12]})"
-                )
-        built_with = {"features_from": str(Path(folder).resolve())}
-        return cls._finish(out, model, extractor, batch, config, built_with)
+        with writer_lock(out, "histo index"):
+            batch, info = import_feature_files(folder, out, labels_csv, encoder, progress)
+            extractor = None
+            if model is not None:
+                extractor = load_extractor(model, config.run.device)
+                if extractor.model_hash != info["hash"]:
+                    raise HistoError(
+                        f"{folder}: features were made by model {info['hash'][:12]}, "
+                        f"not by {model} ({extractor.model_hash[:12]})"
+                    )
+            built_with = {"features_from": str(Path(folder).resolve())}
+            return cls._finish(out, model, extractor, batch, config, built_with)
 
     @classmethod
     def _finish(
@@ -283,7 +286,10 @@ class SlideIndex:
         config = IndexConfig.coerce(config)
         store = _open_store(store)
         extractor = config_extractor(model, config, store.params)
-        return feats_io.extract_features(store, extractor, Path(out), shard, config.run.batch_size, progress)
+        with writer_lock(out, "histo index", shared=shard[1] > 1):
+            return feats_io.extract_features(
+                store, extractor, Path(out), shard, config.run.batch_size, progress
+            )
 
     @classmethod
     def open(
@@ -303,11 +309,14 @@ class SlideIndex:
         config's `run.batch_size`); returns the extraction summary."""
         store = _open_store(store)
         run = IndexConfig.coerce().updated({"run.batch_size": batch_size}, source="batch_size").run
-        batch = feats_io.extract_features(store, self.extractor, self.path, (0, 1), run.batch_size, progress)
-        failed = {f["slide_id"]: f for f in self.manifest.get("failed_slides", [])} | {
-            f["slide_id"]: f for f in _failed_slides(batch)
-        }
-        self._reassemble({"failed_slides": sorted(failed.values(), key=lambda f: f["slide_id"])})
+        with writer_lock(self.path, "SlideIndex.add"):
+            batch = feats_io.extract_features(
+                store, self.extractor, self.path, (0, 1), run.batch_size, progress
+            )
+            failed = {f["slide_id"]: f for f in self.manifest.get("failed_slides", [])} | {
+                f["slide_id"]: f for f in _failed_slides(batch)
+            }
+            self._reassemble({"failed_slides": sorted(failed.values(), key=lambda f: f["slide_id"])})
         return batch
 
     def remove(self, slide_ids: list[str]) -> None:
@@ -315,9 +324,10 @@ class SlideIndex:
         unknown = sorted(set(slide_ids) - set(self.catalog.slide_ids))
         if unknown:
             raise HistoError(f"{self.path}: not in the index: {', '.join(unknown)}")
-        (self.path / MANIFEST).unlink()
-        feats_io.remove_slides(self.path / feats_io.FEATURES_DIR, list(slide_ids))
-        self._reassemble({})
+        with writer_lock(self.path, "SlideIndex.remove"):
+            (self.path / MANIFEST).unlink()
+            feats_io.remove_slides(self.path / feats_io.FEATURES_DIR, list(slide_ids))
+            self._reassemble({})
 
     def _reassemble(self, changes: dict[str, Any]) -> None:
         keep = ("index", "search", "failed_slides", "built_with")

@@ -10,6 +10,7 @@ flair and writes each case's own 2018-2021 or 2023 label values, as histo 0.1 di
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -386,6 +387,16 @@ def load_ensemble(model_paths: Sequence[str | os.PathLike], device) -> list[Segm
     return segmenters
 
 
+SOURCE_SUFFIX = ".source.json"  # beside each label map: the identity of the case it was made from
+
+
+def case_source(where: str | os.PathLike, case: Case) -> Any:
+    """The identity of a case's images (histo.identity.SourceIdentity; `where`: its folder or file)."""
+    from histo.identity import SourceIdentity
+
+    return SourceIdentity.of_files(where, [case.images[m] for m in sorted(case.images)])
+
+
 def _outputs(segmenter: Segmenter) -> str:
     """`regions head TC, WT, ET` or `labels head, 4 classes`: what a checkpoint's outputs mean."""
     config = segmenter.model.config
@@ -404,6 +415,7 @@ def predict_cases(
     out_dir: str | os.PathLike,
     config: SegmentConfig | Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    replace: bool = False,
 ) -> BatchSummary:
     """Segment every case under `case_dirs` into `out_dir` with one checkpoint or the mean probabilities of
     several (same scheme, channels, modality order and training crop); a bad case is failed and the rest
@@ -414,9 +426,14 @@ def predict_cases(
     sections apply, and `data.labels`: the cases' label scheme, auto = detected per case, see
     `output_scheme`). `out_dir/settings.json` records the models' sha256 and the settings that change a
     label map; a re-run with others is refused unless `overwrite`, which recomputes every case.
+    `<out>/<case_id>.source.json` records the case each map came from: a case of another folder or
+    content under a segmented ID is failed, its map kept, unless `replace` (an output without it, from
+    an older run, is taken as the same case).
     """
     from histo.devices import resolve_device
+    from histo.identity import SourceIdentity, source_change
     from histo.io import atomic_write_json, check_run_settings, file_sha256
+    from histo.lock import writer_lock
     from segmentation.data import case_items, find_case
 
     config = SegmentConfig.coerce(config)
@@ -454,18 +471,50 @@ def predict_cases(
         found = [out_dir / f"{item.id}.nii.gz"]
         return [*found, probabilities_path(out_dir, item.id)] if settings["save_probabilities"] else found
 
+    def recorded(item) -> SourceIdentity | None:
+        """The source of the item's existing map; None without one (or from a run that kept none)."""
+        if overwrite or not outputs(item)[0].exists():
+            return None
+        try:
+            return SourceIdentity.from_dict(json.loads((out_dir / f"{item.id}{SOURCE_SUFFIX}").read_text()))
+        except (OSError, ValueError):
+            return None
+
     def predict(item) -> Outcome:
         if item.duplicate_of is not None:
             return Outcome.failed(item.id, item.path, f"duplicate case ID (also {item.duplicate_of})")
         case = find_case(item.path, labels)
         _check_channel_order(case, first)
+        source, before = case_source(item.path, case), recorded(item)
+        change = None if before is None else source_change(before, source)
+        if change is not None:
+            if not replace:
+                return Outcome.failed(
+                    item.id, item.path,
+                    f"case ID {item.id!r} is already segmented in {out_dir}: {change}; "
+                    "pass --replace to segment this case in its place",
+                )  # fmt: skip
+            for path in outputs(item):  # the other case's outputs go first: none ever names the wrong case
+                path.unlink(missing_ok=True)
+        atomic_write_json(out_dir / f"{item.id}{SOURCE_SUFFIX}", source.to_dict())
         return predict_case(models, case, out_dir, config, dev, first.labels, first.regions)
 
     def finished(item) -> dict | None:
-        done = not overwrite and item.duplicate_of is None and all(p.exists() for p in outputs(item))
-        return {"output": str(outputs(item)[0])} if done else None
+        if overwrite or item.duplicate_of is not None or not all(p.exists() for p in outputs(item)):
+            return None
+        before = recorded(item)
+        if before is not None:
+            try:
+                if source_change(before, case_source(item.path, find_case(item.path, labels))) is not None:
+                    return None
+            except InputFileError:
+                return None  # a case that cannot be read any more fails when processed
+        return {"output": str(outputs(item)[0])}
 
-    outcomes = run_batch(items, predict, is_done=finished, desc="segment", unit="case")
+    with writer_lock(out_dir, "histo segment predict"):
+        outcomes = run_batch(
+            items, predict, is_done=finished, desc="segment", unit="case", outputs=(out_dir,)
+        )
     extra = {
         "model": [str(p) for p in paths],
         "labels": first.labels,

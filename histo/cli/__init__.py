@@ -15,10 +15,12 @@ from pathlib import Path
 import click
 
 from histo import __version__
+from histo.batch import BatchStopped
 from histo.errors import HistoError
 from histo.log import close_logging, setup_logging
 
 logger = logging.getLogger(__name__)
+STOPPED = 3  # exit code of a batch stopped by its environment (disk full, output not writable)
 
 # name -> "module:attribute" of the click command; imported on first use.
 COMMANDS = {
@@ -68,6 +70,13 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except BatchStopped as e:  # the environment ended a batch: what finished, then the reason
+            from histo.cli.options import JSON_META
+            from histo.cli.outcomes import report_stopped
+
+            report_stopped(e, ctx.meta.get(JSON_META, False))
+            logger.error("%s", e, exc_info=True)
+            sys.exit(STOPPED)
         except HistoError as e:  # a user mistake: one line on the terminal, the traceback in --log-file
             logger.error("%s", e, exc_info=True)
             sys.exit(2)

@@ -15,7 +15,7 @@ from histo.cli.options import (
     shard_option,
     stage_config,
 )
-from histo.cli.outcomes import failure_lines, finish
+from histo.cli.outcomes import failure_lines, finish, update_lines
 from search.kinds import kind_names
 
 KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.device"}
@@ -134,7 +134,7 @@ def index(
     lines = [
         f"{out}: {m['counts']['slides']} slides, {m['counts']['tiles']} tiles, {m['index']['type']} index"
     ]
-    lines += failure_lines(batch)
+    lines += [*failure_lines(batch), *update_lines(batch)]
     if evaluate:
         ev_dir = Path(out) / "evaluation"
         ev_cfg = cfg.evaluate

@@ -120,12 +120,17 @@ def train(
 @click.option(
     "--overwrite", is_flag=True, help="Recompute every case, even in an --out made with other settings."
 )
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Segment a case whose ID has a map in --out from another case in its place.",
+)
 @device_option
 @config_option
 @json_option
 def predict(
-    model_paths, case_dirs, out_dir, roi, overlap, tta, save_probabilities, labels, overwrite, device,
-    config_path, as_json,
+    model_paths, case_dirs, out_dir, roi, overlap, tta, save_probabilities, labels, overwrite, replace,
+    device, config_path, as_json,
 ):  # fmt: skip
     """Segment case folders (or folders of cases) into <out>/<case_id>.nii.gz label maps + overlay PNGs.
 
@@ -143,7 +148,7 @@ def predict(
         "device": "run.device",
     }
     config = stage_config(SegmentConfig, config_path, keys)
-    batch = predict_cases(model_paths, case_dirs, out_dir, config, overwrite)
+    batch = predict_cases(model_paths, case_dirs, out_dir, config, overwrite, replace)
     lines = [f"{o.id}: {o.status} {o.detail.get('output', o.reason)}" for o in batch.outcomes]
     finish(batch, as_json, lines)
 

@@ -6,7 +6,7 @@ import click
 
 from histo.batch import BatchSummary
 from histo.cli.options import choices, config_option, json_option, parse_shard, shard_option, stage_config
-from histo.cli.outcomes import finish
+from histo.cli.outcomes import finish, update_lines
 from pathology.config import Reader, StainMethod
 
 
@@ -44,6 +44,11 @@ def _table(batch: BatchSummary) -> list[str]:
     "mpp_override",
     type=click.FloatRange(min=0, min_open=True),
     help="µm/px for slides without a scale.",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Tile a slide whose ID is done in the store from another file (or a changed one) in its place.",
 )
 @click.option("--tile-px", type=int, help="Override tile.px (pixels at the target resolution).")
 @click.option("--magnification", type=float, help="Override tile.magnification.")
@@ -83,6 +88,7 @@ def tile(
     save_pixels: bool,
     qc_dir: str | None,
     mpp_override: float | None,
+    replace: bool,
     tile_px: int | None,
     magnification: float | None,
     seed: int | None,
@@ -113,6 +119,6 @@ def tile(
     config = stage_config(TileConfig, config_path, keys)
     batch = tile_slides(
         list(slides), out, config, labels_csv=labels_csv, shard=parse_shard(shard), save_pixels=save_pixels,
-        qc_dir=qc_dir, mpp_override=mpp_override, from_coords=from_coords, roi=roi,
+        qc_dir=qc_dir, mpp_override=mpp_override, from_coords=from_coords, roi=roi, replace=replace,
     )  # fmt: skip
-    finish(batch, as_json, _table(batch))
+    finish(batch, as_json, [*_table(batch), *update_lines(batch)])

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from histo.errors import InputFileError
+from pathology.diagnose import describe
 
 # File extensions OpenSlide reads (DICOM series are opened through any one of their files).
 SLIDE_EXTENSIONS = (
@@ -117,7 +118,8 @@ class Slide:
         try:
             return self.backend.read_region(level, int(x0), int(y0), int(w), int(h))
         except self.backend.read_errors as e:
-            raise InputFileError(self.path, f"read error at ({x0}, {y0}) level {level}: {e}") from None
+            reason = describe(self.path, f"read error at ({x0}, {y0}) level {level}: {e}")
+            raise InputFileError(self.path, reason) from None
 
     def read_scaled(self, x0: float, y0: float, w0: float, h0: float, out_w: int, out_h: int) -> np.ndarray:
         """Level-0 box (x0, y0, w0, h0) resampled to out_w x out_h RGB, read block by block from the

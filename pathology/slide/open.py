@@ -11,6 +11,7 @@ import numpy as np
 
 from histo.errors import HistoError, InputFileError
 from pathology.config import Reader
+from pathology.diagnose import access_problem, truncation_problem
 from pathology.slide.base import Backend, Slide, resolve_scale, slide_id_of
 
 READERS = get_args(Reader)
@@ -69,10 +70,11 @@ def open_slide(path: str | os.PathLike, mpp_override: float | None = None, reade
     if reader not in READERS:
         raise HistoError(f"unknown reader {reader!r} (choose from {', '.join(READERS)})")
     path = Path(path)
-    if not path.exists():
-        raise InputFileError(path, "file not found")
-    if path.is_file() and path.stat().st_size == 0:
-        raise InputFileError(path, "empty file (0 bytes)")
+    # Missing, a link loop, permission denied, empty, or cut short (OpenSlide reads past the end of a
+    # truncated TIFF without a word): said as such.
+    problem = access_problem(path) or truncation_problem(path)
+    if problem:
+        raise InputFileError(path, problem)
     return open_backend(_backend(path, reader), path, slide_id_of(path), mpp_override)
 
 

@@ -9,6 +9,7 @@ import openslide
 from PIL import Image
 
 from histo.errors import InputFileError
+from pathology.diagnose import describe
 
 
 def composite_white(region: Image.Image) -> np.ndarray:
@@ -31,10 +32,10 @@ class OpenSlideBackend:
     def __init__(self, path: Path) -> None:
         try:
             self._osr = openslide.OpenSlide(str(path))
-        except openslide.OpenSlideUnsupportedFormatError:
-            raise InputFileError(path, "not a slide format OpenSlide can read") from None
+        except openslide.OpenSlideUnsupportedFormatError:  # or a TIFF cut short: say which
+            raise InputFileError(path, describe(path, "not a slide format OpenSlide can read")) from None
         except (openslide.OpenSlideError, OSError) as e:
-            raise InputFileError(path, f"unreadable slide: {e}") from None
+            raise InputFileError(path, describe(path, f"unreadable slide: {e}")) from None
         self.version = openslide.__library_version__
         self.level_dimensions = tuple(self._osr.level_dimensions)
         self.level_downsamples = tuple(self._osr.level_downsamples)
