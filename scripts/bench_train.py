@@ -2,7 +2,7 @@
 
 1. Model-only tiles/s of DenseNet-121 training steps and feature extraction at 224 and 1000 px
    (1000 px: a couple of small batches).
-2. End-to-end training throughput (the real Trainer: tiles read from slides in DataLoader workers,
+2. End-to-end training throughput (the real training loop: tiles read from slides in DataLoader workers,
    decoded, augmented) against model-only steps of the same model at the same batch size; target >= 0.9x.
 3. Learning: train on a synthetic cohort (4 classes, several patients), then leave-one-patient-out
    majority-vote nearest-neighbour slide accuracy on the features of a second, unseen cohort, for the
@@ -18,16 +18,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def model_only(arch: str, px: int, batch: int, steps: int, train: bool) -> float:
@@ -84,15 +80,17 @@ def train_config(**overrides):
 
 
 def end_to_end(store: Path, work: Path, px: int, batch: int, steps: int, workers: int) -> dict:
-    """Real Trainer epochs (second epoch timed) against model-only steps, same model and batch size."""
+    """Real training-loop epochs (second epoch timed) against model-only steps, same model and batch size."""
     from histo.devices import DistInfo
-    from pathology.train import Trainer
+    from histo.training import Run
+    from pathology.train import KimiaNetTask
 
     cfg = train_config(**{
         "model.input_px": px, "optim.batch_size": batch, "data.samples_per_epoch": batch * steps,
         "run.workers": workers, "data.val_fraction": 0.34, "optim.epochs": 2,
     })  # fmt: skip
-    trainer = Trainer(store, work / "e2e.pt", cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    cpu = DistInfo(0, 1, 0, torch.device("cpu"))
+    trainer = Run(KimiaNetTask(store, cfg, cpu), work / "e2e.pt", cpu)
     trainer.train_epoch(0)  # starts the persistent workers, warms up
     start = time.perf_counter()
     trainer.train_epoch(1)
@@ -149,14 +147,12 @@ def search_accuracy(checkpoint: Path, store_path: Path, stain_sigma: float) -> d
     }
 
 
-def learning(work: Path, px: int, epochs: int, patients: int, stain_sigma: float = 0.1) -> dict:
-    """Train on cohort A; LOPO search accuracy on unseen cohort B for untrained vs trained features."""
+def learning_models(work: Path, px: int, epochs: int, patients: int) -> tuple[dict[str, Path], dict]:
+    """Train on cohort A: ({"untrained": checkpoint, "trained": checkpoint}, training facts)."""
     from pathology.kimianet import random_init_checkpoint
-    from pathology.store import TileStore
     from pathology.train import train_kimianet
 
     a = make_store(work, "A", seed=0, px=px, patients=patients, save_pixels=True)
-    b = make_store(work, "B", seed=1, px=px, patients=patients, save_pixels=True)
     cfg = train_config(**{
         "seed": 0, "model.input_px": px, "optim.epochs": epochs, "optim.batch_size": 16, "optim.lr": 1e-3,
         "run.workers": 1, "data.val_fraction": 0.34, "optim.patience": 0, "optim.warmup_epochs": 1.0,
@@ -165,11 +161,21 @@ def learning(work: Path, px: int, epochs: int, patients: int, stain_sigma: float
     summary = train_kimianet(a, work / "learned.pt", cfg)
     minutes = (time.perf_counter() - start) / 60
     untrained = random_init_checkpoint(work / "untrained.pt", input_px=px, seed=0)
+    info = {"train_tiles": summary["n_train_tiles"], "epochs": epochs, "train_minutes": minutes,
+            "best_val_macro_f1": summary["best"].get("val_macro_f1")}  # fmt: skip
+    return {"untrained": untrained, "trained": work / "learned.pt"}, info
+
+
+def learning(work: Path, px: int, epochs: int, patients: int, stain_sigma: float = 0.1) -> dict:
+    """Train on cohort A; LOPO search accuracy on unseen cohort B for untrained vs trained features."""
+    from pathology.store import TileStore
+
+    models, info = learning_models(work, px, epochs, patients)
+    b = make_store(work, "B", seed=1, px=px, patients=patients, save_pixels=True)
     return {
-        "train_tiles": summary["n_train_tiles"], "epochs": epochs, "train_minutes": minutes,
-        "best_val_macro_f1": summary["best"].get("val_macro_f1"), "stain_sigma": stain_sigma,
-        "untrained": search_accuracy(untrained, b, stain_sigma),
-        "trained": search_accuracy(work / "learned.pt", b, stain_sigma),
+        **info, "stain_sigma": stain_sigma,
+        "untrained": search_accuracy(models["untrained"], b, stain_sigma),
+        "trained": search_accuracy(models["trained"], b, stain_sigma),
         "eval_slides": len(TileStore.open(b).slide_ids()),
     }  # fmt: skip
 

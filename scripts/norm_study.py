@@ -3,7 +3,7 @@
 Pathology: a 3-stage CNN classifies synthetic H&E tiles of the four `pathology.synthetic` tissue classes
 (train and test tiles drawn from different seeds, i.e. different "patients"). Segmentation: a small
 UNet3D segments synthetic BraTS-like cases (`segmentation.synthetic`, 32^3). Each trained model is run
-through `histo.robustness.run_grid` with and without α-BN; CE / mCE are computed against the `batch`
+through `histo.robustness.grid.run_grid` with and without α-BN; CE / mCE are computed against the `batch`
 model; `report.md` says which norm is most robust to which corruption and checks the literature's
 expectation (REFERENCE.md §6): GN/IN-type norms help under corruptions with the same content, BN with
 statistics calibration (α-BN) helps under distribution shift (here proxied by global intensity/colour
@@ -25,7 +25,9 @@ from torch import nn
 from histo.io import atomic_write_text
 from histo.norms import conv_for, make_norm_act, resolve_norm, set_region_mask
 from histo.norms.placement import FIRST, Site, place
-from histo.robustness import CLEAN, corruption_errors, report, run_grid
+from histo.robustness.grid import CLEAN, run_grid
+from histo.robustness.metrics import corruption_errors
+from histo.robustness.report import report
 from pathology.cbr import IBN_LAYOUT as CBR_LAYOUT
 
 NORMS = ["batch", "ibn_a", "group", "instance", "rn_b", "rn_l", "bcn", "evonorm_s0"]

@@ -11,7 +11,7 @@
 - `compact`: the parts of each structure merged into one file (after `update.max_parts` parts, or when
   more than `update.max_removed_fraction` of the stored rows belong to removed slides).
 
-Each runs under the index's writer lock (search/lock.py), writes its files under names of the new version
+Each runs under the index's writer lock (histo/lock.py, through `writing`), writes its files under names of the new version
 and switches by replacing the manifest (search/manifest.py), so readers see the previous version or the
 whole new one and a writer killed at any point leaves the previous version intact; the next writer first
 deletes what a killed one left. The manifest records what the quantizers were trained on (`training`), how
@@ -21,6 +21,7 @@ far the index has grown since (`growth`) and every change (`history`); search/dr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -34,13 +35,13 @@ import numpy as np
 
 from histo.errors import HistoError, InputFileError
 from histo.io import atomic_write_json
+from histo.lock import writer_lock
 from search import features as feats_io
 from search.barcodes import BITORDER, build_binary_index, code_bits, empty_copy, minmax_barcode
 from search.config import UpdateConfig, index_params
 from search.drift import imbalance
 from search.index import build_float_index, new_faiss_index
 from search.kinds import IndexKind, barcode_kind, float_kind
-from search.lock import writer_lock
 from search.manifest import MANIFEST, collect_garbage, read_manifest, write_manifest
 from search.storage import (
     BARCODES,
@@ -60,7 +61,8 @@ from search.storage import (
 logger = logging.getLogger(__name__)
 
 MODEL = "model.pt"
-CATALOG_KEYS = ("slide_id", "label", "patient", "site", "project", "n_tiles")
+CATALOG_KEYS = ("slide_id", "label", "patient", "site", "project", "n_tiles", "tile_size_level0")
+METADATA = ("label", "patient", "site", "project")  # catalog fields a re-run may correct in place
 BARCODE_DEFINITION = "MinMax: bit i = f[i+1] < f[i] for i < D-1, zero-padded to a multiple of 8 bits"
 METRIC = "Euclidean (L2) on float features; Hamming on barcodes"
 
@@ -74,10 +76,11 @@ class Update:
     slide_ids: tuple[str, ...]
     tiles: int
     compacted: bool = False
+    relabelled: tuple[str, ...] = ()  # indexed slides whose label, patient, site or project changed
 
     def record(self) -> dict[str, Any]:
         return {"op": self.op, "version": self.version, "slide_ids": list(self.slide_ids), "tiles": self.tiles,
-                "compacted": self.compacted}  # fmt: skip
+                "compacted": self.compacted, "relabelled": list(self.relabelled)}  # fmt: skip
 
 
 def now() -> str:
@@ -273,46 +276,101 @@ def pending_slides(index_dir: Path, manifest: Mapping[str, Any]) -> list[str]:
 
 
 def add_extracted(
-    index_dir: Path, update_config: UpdateConfig | None = None, failed: Sequence[Mapping[str, Any]] = ()
+    index_dir: Path,
+    update_config: UpdateConfig | None = None,
+    failed: Sequence[Mapping[str, Any]] = (),
+    extracted: Sequence[str] = (),
+    relabelled: Sequence[str] = (),
 ) -> Update | None:
     """Add the slides whose features are stored but not indexed to the trained structures as new parts
-    (no retraining); None when there is none. `failed`: slides whose extraction failed (recorded with the
-    index's failed slides). Compacts when the parts exceed `update.max_parts`."""
+    (no retraining), with what a re-run changed in indexed slides: the `extracted` ones (features written
+    again: a slide tiled anew, damaged features) get their new rows, the old ones dropped as a removal's
+    are; the `relabelled` ones their stored label, patient, site or project. None when nothing changed.
+    `failed`: slides whose extraction failed (recorded with the index's failed slides). Compacts when the
+    parts exceed `update.max_parts` or removed rows `update.max_removed_fraction`."""
     index_dir = Path(index_dir)
+    root = index_dir / feats_io.FEATURES_DIR
     with writing(index_dir, "add slides"):
         manifest = read_manifest(index_dir, "none")  # trusted: readers verify
-        new_ids = pending_slides(index_dir, manifest)
-        if not new_ids:
+        catalog = read_catalog(index_dir, manifest)
+        indexed = {s["slide_id"] for s in catalog}
+        new_ids = sorted({*pending_slides(index_dir, manifest), *(set(extracted) & indexed)})
+        relabel = _relabels(root, catalog, set(relabelled) - set(new_ids))
+        if not new_ids and not relabel:
             return None
         failures = {f["slide_id"]: f for f in [*manifest.get("failed_slides", []), *failed]}
         version = manifest["version"] + 1
-        records, matrix, coords = _read_slides(index_dir / feats_io.FEATURES_DIR, new_ids)
         first = int(manifest["storage_rows"])
-        ids = np.arange(first, first + len(matrix), dtype=np.int64)
         parts = {role: parts_of(manifest["parts"][role]) for role in (COORDS, BARCODES, FLOAT)}
-        files = {role: versioned(role, version) for role in (COORDS, BARCODES, FLOAT)}
-        write_coords(index_dir / files[COORDS], coords)
-        parts[COORDS].append(Part(files[COORDS], first, len(matrix)))
-        for role, x in ((BARCODES, minmax_barcode(matrix)), (FLOAT, matrix)):
-            kind = structure_kind(manifest, role)[0]
-            _write_part(index_dir / files[role], _grown_part(index_dir, manifest, kind, parts[role], x, ids))
-            if kind.grows == "rewrite":  # the one part now holds every stored row
-                parts[role] = [Part(files[role], 0, first + len(matrix))]
-            else:
-                parts[role].append(Part(files[role], first, len(matrix)))
-        starts = first + np.concatenate([[0], np.cumsum([r["n_tiles"] for r in records])])[:-1]
-        added = [{**r, "first": int(f)} for r, f in zip(records, starts, strict=True)]
-        slides = sorted([*read_catalog(index_dir, manifest), *added], key=lambda s: s["slide_id"])
+        added = _add_parts(index_dir, manifest, parts, new_ids, version) if new_ids else []
+        n = sum(s["n_tiles"] for s in added)
+        replaced = set(new_ids)
+        kept = [{**s, **relabel.get(s["slide_id"], {})} for s in catalog if s["slide_id"] not in replaced]
+        slides = sorted([*kept, *added], key=lambda s: s["slide_id"])
         content = {**_recorded(manifest), "catalog": versioned("catalog", version),
                    "parts": {role: [p.record() for p in ps] for role, ps in parts.items()},
-                   "storage_rows": first + len(matrix),
-                   "failed_slides": [failures[k] for k in sorted(failures) if k not in set(new_ids)]}  # fmt: skip
-        update = Update("add", version, tuple(new_ids), len(matrix))
-        manifest = _commit(index_dir, content, slides, update, manifest["files"])
-        if max(len(ps) for ps in parts.values()) > (update_config or _defaults()).max_parts:
+                   "storage_rows": first + n,
+                   "failed_slides": [failures[k] for k in sorted(failures) if k not in replaced]}  # fmt: skip
+        op, ids = ("add", tuple(new_ids)) if new_ids else ("relabel", ())
+        update = Update(op, version, ids, n, relabelled=tuple(sorted(relabel)))
+        known = _known_except(manifest["files"], {*new_ids, *relabel})
+        manifest = _commit(index_dir, content, slides, update, known)
+        config = update_config or _defaults()
+        removed = 1 - manifest["counts"]["tiles"] / manifest["storage_rows"]
+        if max(len(ps) for ps in parts.values()) > config.max_parts or removed > config.max_removed_fraction:
             compact(index_dir)
-            return Update("add", version, tuple(new_ids), len(matrix), compacted=True)
+            return dataclasses.replace(update, compacted=True)
         return update
+
+
+def _add_parts(
+    index_dir: Path,
+    manifest: Mapping[str, Any],
+    parts: dict[str, list[Part]],
+    slide_ids: list[str],
+    version: int,
+) -> list[dict[str, Any]]:
+    """Write the rows of stored slides as the version's new part of each structure (`parts` updated) and
+    return their catalog records, their rows after the last storage id."""
+    records, matrix, coords = _read_slides(index_dir / feats_io.FEATURES_DIR, slide_ids)
+    first = int(manifest["storage_rows"])
+    ids = np.arange(first, first + len(matrix), dtype=np.int64)
+    files = {role: versioned(role, version) for role in (COORDS, BARCODES, FLOAT)}
+    write_coords(index_dir / files[COORDS], coords)
+    parts[COORDS].append(Part(files[COORDS], first, len(matrix)))
+    for role, x in ((BARCODES, minmax_barcode(matrix)), (FLOAT, matrix)):
+        kind = structure_kind(manifest, role)[0]
+        _write_part(index_dir / files[role], _grown_part(index_dir, manifest, kind, parts[role], x, ids))
+        if kind.grows == "rewrite":  # the one part now holds every stored row
+            parts[role] = [Part(files[role], 0, first + len(matrix))]
+        else:
+            parts[role].append(Part(files[role], first, len(matrix)))
+    starts = first + np.concatenate([[0], np.cumsum([r["n_tiles"] for r in records])])[:-1]
+    return [{**r, "first": int(f)} for r, f in zip(records, starts, strict=True)]
+
+
+def _known_except(files: Mapping[str, dict], slide_ids: set[str]) -> dict[str, dict]:
+    """The previous version's checksums without the features of `slide_ids` (written again or relabelled
+    since, so hashed again)."""
+    slides = f"{feats_io.FEATURES_DIR}/{feats_io.SLIDES}/"
+    return {
+        rel: meta
+        for rel, meta in files.items()
+        if not (rel.startswith(slides) and rel[len(slides) :].partition("/")[0] in slide_ids)
+    }
+
+
+def _relabels(root: Path, catalog: Sequence[Mapping[str, Any]], slide_ids: set[str]) -> dict[str, dict]:
+    """{slide ID: {field: stored value}} of the catalog fields (METADATA) whose stored features record of
+    the slide now says otherwise, for the indexed `slide_ids`."""
+    out = {}
+    for entry in catalog:
+        if entry["slide_id"] in slide_ids:
+            stored = _stored_record(root, entry["slide_id"])
+            changed = {k: stored.get(k) for k in METADATA if stored.get(k) != entry.get(k)}
+            if changed:
+                out[entry["slide_id"]] = changed
+    return out
 
 
 def _grown_part(
@@ -392,17 +450,30 @@ def _retire_features(index_dir: Path, manifest: Mapping[str, Any]) -> None:
     write_manifest(index_dir, content, list(manifest["files"]), manifest["files"])
 
 
+_writing: set[Path] = set()  # index dirs whose writer lock this process holds (through `writing`)
+
+
 @contextlib.contextmanager
 def writing(index_dir: str | Path, command: str) -> Iterator[None]:
-    """Hold the index's writer lock; the outermost holder first deletes what a killed writer left (files no
-    version names, features of removed slides), before anything new (features included) is written."""
+    """Hold the index's writer lock (histo/lock.py) while the block runs; a write nested in one this
+    process is doing (a build that grows, an add that compacts) runs under the outer lock. The outermost
+    holder first deletes what a killed writer left (files no version names, features of removed slides),
+    before anything new (features included) is written."""
     index_dir = Path(index_dir)
-    with writer_lock(index_dir, command) as outermost:
-        if outermost and (index_dir / MANIFEST).exists():
-            manifest = read_manifest(index_dir, "none")
-            collect_garbage(index_dir, manifest)
-            _retire_features(index_dir, manifest)
+    key = index_dir.resolve()
+    if key in _writing:
         yield
+        return
+    with writer_lock(index_dir, command):
+        _writing.add(key)
+        try:
+            if (index_dir / MANIFEST).exists():
+                manifest = read_manifest(index_dir, "none")
+                collect_garbage(index_dir, manifest)
+                _retire_features(index_dir, manifest)
+            yield
+        finally:
+            _writing.discard(key)
 
 
 def _defaults() -> UpdateConfig:
@@ -471,4 +542,11 @@ def retrain(index_dir: Path) -> Update:
 def last_update(manifest: Mapping[str, Any]) -> Update:
     """The change that made the manifest's version (its last history entry)."""
     h = manifest["history"][-1]
-    return Update(h["op"], h["version"], tuple(h["slide_ids"]), h["tiles"], h["compacted"])
+    return Update(
+        h["op"],
+        h["version"],
+        tuple(h["slide_ids"]),
+        h["tiles"],
+        h["compacted"],
+        tuple(h.get("relabelled", ())),
+    )

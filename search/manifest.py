@@ -45,8 +45,9 @@ def checksums(
     index_dir: Path, entries: list[str], known: Mapping[str, dict[str, Any]] | None = None
 ) -> dict[str, dict[str, Any]]:
     """{relative path: {"bytes", "sha256"}} of every index file under `entries`. An entry with files in
-    `known` (the previous version's checksums; its files and folders are never rewritten, a slide's
-    features included) keeps their records without reading the disk, so an update hashes only new files."""
+    `known` (the previous version's checksums, less those of slides whose features were written again or
+    relabelled since; versioned files are never rewritten) keeps their records without reading the disk,
+    so an update hashes only new files."""
     under: dict[str, list[str]] = {}
     for rel in known or {}:
         parent = rel

@@ -2,20 +2,23 @@
 
 Index dir (DESIGN.md "Index dir"; version v is the manifest's `version`)::
 
-    manifest.json           format version, model (hash, feature definition, dim), tiling config, index type
-                            and parameters (requested and effective), counts, the files of version v and
-                            their sha256, what the quantizers were trained on (`training`), the growth since
-                            (`growth`), every change (`history`); replaced atomically by each update
+    manifest.json           format version, model (hash, feature definition, dim; a registry encoder's
+                            weight file: path, sha256, layout), tiling config, index type and parameters
+                            (requested and effective), counts, the files of version v and their sha256,
+                            what the quantizers were trained on (`training`), the growth since (`growth`),
+                            every change (`history`); replaced atomically by each update
     features.zarr/          per-slide tile features and coordinates (search/features.py)
     catalog.<v>.json        slides in row order (slide ID order): slide_id, label, patient, site, project,
-                            n_tiles, first (storage id of its first row)
+                            n_tiles, tile_size_level0 (the tiles' side in level-0 px, to draw hits on the
+                            slide; null in older indexes), first (storage id of its first row)
     coords.<v>.npy          parts: (n, 2) int64 level-0 x, y of the rows a version added
     barcodes.<v>.faissb     parts of the FAISS binary index over the packed MinMax barcodes (Hamming):
                             IndexBinaryFlat for a flat index, IndexBinaryIVF otherwise (search/barcodes.py)
     float.<v>.faiss         parts of the FAISS float index of the chosen type (search/index.py)
     trained.<v>.faiss(b)    the trained, empty float / barcode IVF indexes new parts are made from
-    model.pt                copy of the feature extractor checkpoint (when built from a file)
-    .lock                   the writer lock (search/lock.py)
+    model.pt                copy of the feature extractor checkpoint (when built from a histo checkpoint;
+                            an encoder's weight file is recorded in the manifest, not copied)
+    .lock                   the writer lock (histo/lock.py)
 
 A build trains and calibrates every structure (search/growth.py); adding slides later appends parts to the
 trained structures and removing slides drops them from the catalog, each as a new version, so searches of
@@ -38,6 +41,7 @@ import numpy as np
 from histo.batch import BatchSummary
 from histo.errors import HistoError, InputFileError
 from histo.io import atomic_path, file_sha256
+from histo.lock import writer_lock
 from search import features as feats_io
 from search.barcodes import BarcodeIndex, minmax_barcode, stored_codes
 from search.config import IndexConfig, SearchConfig
@@ -72,12 +76,58 @@ def _open_store(store: Any) -> Any:
     return store if isinstance(store, TileStore) else TileStore.open(store)
 
 
-def _load_extractor(model: Any, device: str) -> Any:
-    from pathology.kimianet import FeatureExtractor
+def load_extractor(
+    model: Any,
+    device: str,
+    encoder: str | None = None,
+    weights: str | os.PathLike | None = None,
+    rule: dict[str, Any] | None = None,
+    tiling: dict[str, Any] | None = None,
+) -> Any:
+    """The feature extractor of a histo checkpoint (`model`), of a registry encoder with its weight file,
+    or an extractor passed as is: the one place that builds it. `rule`: tile_rule, grid, precision,
+    input_px (None: the defaults); `tiling`: the tile store's parameters (for the grid rule)."""
+    from pathology.encoders import FeatureExtractor, open_extractor
+    from pathology.kimianet import FeatureExtractor as CheckpointExtractor
 
+    rule = {k: v for k, v in (rule or {}).items() if v is not None}
+    if encoder is not None:
+        if model is not None:
+            raise HistoError("give a histo checkpoint (--model) or an encoder with its weights, not both")
+        if weights is None:
+            raise HistoError(
+                f"encoder {encoder!r} needs its weight file (--weights FILE; see `histo encoders`)"
+            )
+        return open_extractor(encoder, weights, device, tiling=tiling, **rule)
+    if weights is not None:
+        raise HistoError("--weights goes with --encoder NAME; a histo checkpoint is given as --model")
+    if model is None:
+        raise HistoError("no feature extractor: give --model CKPT or --encoder NAME --weights FILE")
     if isinstance(model, FeatureExtractor):
         return model
-    return FeatureExtractor.from_checkpoint(model, device=device)
+    if "input_px" in rule:
+        raise HistoError("input_px applies to registry encoders; a histo checkpoint has its own")
+    return CheckpointExtractor.from_checkpoint(model, device=device, **rule)
+
+
+def _checkpoint_rule(definition: dict[str, Any]) -> dict[str, Any]:
+    """The tile rule and precision of a checkpoint extractor, from the feature definition it recorded."""
+    rule = definition.get("tile_rule", {"rule": "resize"})
+    grid = rule.get("crops_per_side") if rule["rule"] == "grid" else None
+    return {"tile_rule": rule["rule"], "grid": grid, "precision": definition.get("precision", "float32")}
+
+
+def _encoder_label(model: dict[str, Any]) -> str:
+    """'encoder uni, weights 1a2b3c4d5e6f' (or the arch of a histo checkpoint) for messages."""
+    definition = model["feature_definition"]
+    name = definition.get("encoder") or f"histo {definition.get('arch')} checkpoint"
+    return f"{name}, weights {model['hash'][:12]}"
+
+
+def config_extractor(model: Any, config: IndexConfig, tiling: dict[str, Any] | None = None) -> Any:
+    """The extractor an IndexConfig names: `model`, or its registry `encoder` and `weights`, with its rule."""
+    rule = {k: getattr(config, k) for k in ("tile_rule", "grid", "precision", "input_px")}
+    return load_extractor(model, config.run.device, config.encoder, config.weights, rule, tiling)
 
 
 def recorded_config(path: Path, manifest: Mapping[str, Any]) -> IndexConfig:
@@ -124,7 +174,7 @@ class SlideIndex:
         self.update: Update | None = None  # the last change this object made (build, add, remove, retrain)
         self._load(manifest)
         if model is not None:
-            self._extractor = self._check_model(_load_extractor(model, config.run.device))
+            self._extractor = check_model(path, manifest, load_extractor(model, config.run.device))
 
     def _load(self, manifest: dict[str, Any]) -> None:
         """Assemble the catalog, coordinates, barcodes and float index of the manifest's version in memory
@@ -142,6 +192,7 @@ class SlideIndex:
             offsets=np.concatenate([[0], np.cumsum([s["n_tiles"] for s in slides])]),
             coords=read_coords(path, parts[COORDS], rows),
             projects=[s.get("project") for s in slides],
+            tile_sides=[s.get("tile_size_level0") for s in slides],
         )
         barcode_kind, binary, _ = self._structure(BARCODES, parts, rows)
         if barcode_kind.tunes is not None:
@@ -193,39 +244,77 @@ class SlideIndex:
     ) -> SlideIndex | None:
         """Extract features (resumable) and build the index in `out`; with shard (i, n > 1) only extract.
 
-        `model` is a checkpoint path (copied into the index as model.pt) or a FeatureExtractor. `config`:
-        an IndexConfig, None (the defaults) or a mapping over the defaults, e.g. {"type": "ivf"}; its
-        type, params and search go into the manifest. When `out` already holds an index, the store's new
-        slides are added to it without retraining (`add`; a config asking for another type or parameters
-        is refused). Returns the opened index, its `extraction` the BatchSummary of the feature
-        extraction and `update` what changed, or None for a shard job (run once more without a shard to
+        `model` is a checkpoint path (copied into the index as model.pt) or a FeatureExtractor; None with
+        the config's registry `encoder` and its `weights` file (recorded by path and sha256, not copied).
+        `config`: an IndexConfig, None (the defaults) or a mapping over the defaults, e.g. {"type": "ivf",
+        "encoder": "uni", "weights": "pytorch_model.bin"}; its type, params, search and the encoder's tile
+        rule, grid, precision and input_px (pathology.encoders.preprocess) define the features. When `out`
+        already holds an index, the store's new slides are added to it without retraining (`grow`; `model`
+        None then means the index's own extractor, and a config asking for another type or parameters is
+        refused). Returns the opened index, its `extraction` the BatchSummary of the feature extraction
+        and `update` what changed, or None for a shard job (run once more without a shard to
         assemble; `extract` returns the shard's summary).
         """
         config = IndexConfig.coerce(config)
         out = Path(out)
-        extractor = _load_extractor(model, config.run.device)
         store = _open_store(store)
         if shard[1] > 1:
-            feats_io.extract_features(store, extractor, out, shard, config.run.batch_size, progress)
+            cls.extract(store, model, out, config, shard, progress)
             return None
         with writing(out, "histo index"):
+            extractor = index_extractor(out, model, config, store.params)
             if (out / MANIFEST).exists():
                 batch, update = grow(store, extractor, out, config, progress)
             else:
                 batch = feats_io.extract_features(
                     store, extractor, out, shard, config.run.batch_size, progress
                 )
-                _copy_model(model, extractor, out)
-                content = {
-                    "index": {"type": config.type, "params_requested": config.params.model_dump(mode="json")},
-                    "search": config.search.model_dump(mode="json"),
-                    "failed_slides": _failed_slides(batch),
-                    "built_with": {"feature_device": str(extractor.device)},
-                }
-                slides = feats_io.done_slides(out / feats_io.FEATURES_DIR)
-                if not slides:
-                    raise HistoError(f"{out}: no slide has features; nothing to index")
-                update = last_update(build_version(out, content, slides, None))
+                built_with = {"feature_device": str(extractor.device)}
+                update = _first_version(out, model, extractor, batch, config, built_with)
+        index = cls.open(out, {"run": {"device": config.run.device}}, model=extractor)
+        index.extraction, index.update = batch, update
+        return index
+
+    @classmethod
+    def build_from_features(
+        cls,
+        folder: str | os.PathLike,
+        out: str | os.PathLike,
+        config: IndexConfig | Mapping[str, Any] | None = None,
+        labels_csv: str | os.PathLike | None = None,
+        encoder: str | None = None,
+        model: Any = None,
+        progress: bool = True,
+    ) -> SlideIndex:
+        """Build the index from per-slide CLAM/TRIDENT feature files (search/feature_files.py), or add the
+        folder's new slides to the index already in `out` (without retraining, as `build` does).
+
+        `config` as for `build`; `encoder`: the name the files must carry (needed when they carry none);
+        `model`: the checkpoint that made histo's files (its hash must match theirs), so the index can
+        featurise new queries.
+        """
+        from search.feature_files import import_feature_files
+
+        config = IndexConfig.coerce(config)
+        out = Path(out)
+        with writing(out, "histo index"):
+            existing = (out / MANIFEST).exists()
+            if existing:
+                check_request(out, read_manifest(out, "none"), config)
+            batch, info = import_feature_files(folder, out, labels_csv, encoder, progress)
+            extractor = None
+            if model is not None:
+                extractor = load_extractor(model, config.run.device)
+                if extractor.model_hash != info["hash"]:
+                    raise HistoError(
+                        f"{folder}: features were made by model {info['hash'][:12]}, "
+                        f"not by {model} ({extractor.model_hash[:12]})"
+                    )
+            if existing:
+                update = add_extracted(out, config.update, _failed_slides(batch), **_refreshed(batch))
+            else:
+                built_with = {"features_from": str(Path(folder).resolve())}
+                update = _first_version(out, model, extractor, batch, config, built_with)
         index = cls.open(out, {"run": {"device": config.run.device}}, model=extractor)
         index.extraction, index.update = batch, update
         return index
@@ -240,12 +329,15 @@ class SlideIndex:
         shard: tuple[int, int] = (0, 1),
         progress: bool = True,
     ) -> BatchSummary:
-        """Extract the features of the shard's slides into `out` (resumable) without building the index."""
+        """Extract the features of the shard's slides into `out` (resumable) without building the index
+        (`model` None on an existing index: its own extractor). --shard runs share the writer lock."""
         config = IndexConfig.coerce(config)
-        extractor = _load_extractor(model, config.run.device)
-        return feats_io.extract_features(
-            _open_store(store), extractor, Path(out), shard, config.run.batch_size, progress
-        )
+        store = _open_store(store)
+        extractor = index_extractor(Path(out), model, config, store.params)
+        with writer_lock(out, "histo index", shared=shard[1] > 1):
+            return feats_io.extract_features(
+                store, extractor, Path(out), shard, config.run.batch_size, progress
+            )
 
     @classmethod
     def open(
@@ -282,7 +374,7 @@ class SlideIndex:
             batch = feats_io.extract_features(
                 store, self.extractor, self.path, (0, 1), run.batch_size, progress
             )
-            self.update = add_extracted(self.path, failed=_failed_slides(batch))
+            self.update = add_extracted(self.path, failed=_failed_slides(batch), **_refreshed(batch))
         self._reload()
         return batch
 
@@ -310,27 +402,17 @@ class SlideIndex:
     # ---- model --------------------------------------------------------------------------------------
     @property
     def extractor(self) -> Any:
-        """The index's feature extractor (model.pt of the index, loaded on first use)."""
+        """The index's feature extractor, loaded on first use: model.pt of the index, or the registry
+        encoder and weight file the manifest records (`weights` of `open` if the file moved)."""
         if self._extractor is None:
-            if not (self.path / MODEL).exists():
-                raise HistoError(
-                    f"{self.path}: built with an in-memory model (hash {self.model_hash[:12]}); "
-                    "pass the same model to SlideIndex.open(..., model=...)"
-                )
-            self._extractor = self._check_model(_load_extractor(self.path / MODEL, self.config.run.device))
+            self._extractor = recorded_extractor(
+                self.path, self.manifest, self.config.run.device, self.config.run.weights
+            )
         return self._extractor
 
     @property
     def model_hash(self) -> str:
         return self.manifest["model"]["hash"]
-
-    def _check_model(self, extractor: Any) -> Any:
-        if extractor.model_hash != self.model_hash:
-            raise HistoError(
-                f"{self.path}: index was built with model {self.model_hash[:12]}, "
-                f"refusing to search with a different model ({extractor.model_hash[:12]})"
-            )
-        return extractor
 
     def _features(self) -> np.ndarray:
         """All rows' float features: the flat index's own storage, else read back from the index once
@@ -436,16 +518,19 @@ class SlideIndex:
         codes = minmax_barcode(f) if s.mode == "barcode" else f
         result = self.engine.search(q.name, codes, s.mode, s.k, allowed, xy, s.exhaustive, settings)
         result.info.update(self.float_index.device_info() if s.mode == "float" else {"device": "cpu"})
+        result.query_slide_id, result.query_tile_size_level0 = record.slide_id, record.tile_size_level0
         return _with_filter(result, filter_, allowed)
 
     def _search_patch(
         self, q: PatchQuery, k: int | None, mode: str | None, source: str, where: Any = None
     ) -> SearchResult:
         """The k nearest indexed tiles of a patch, with the config's patch_k / patch_mode for None."""
+        from pathology.stain import normalize_tiles
+
         s = self.config.updated({"patch_k": k, "patch_mode": mode}, source=source)
         filter_ = where_of(where)
         allowed = self.catalog.allowed(None, filter_)
-        f = self.extractor.extract(q.rgb[None])
+        f = self.extractor.extract(normalize_tiles(q.rgb[None], self.query_stain(), q.name))
         codes = minmax_barcode(f) if s.patch_mode == "barcode" else f
         result = self.engine.nearest_tiles(q.name, codes, s.patch_mode, s.patch_k, allowed)
         return _with_filter(result, filter_, allowed)
@@ -465,6 +550,12 @@ class SlideIndex:
         if len(pixels) == 0:
             raise InputFileError(tiles.record.source_path, "no selected tiles in the query slide")
         return self.extractor.extract(pixels), tiles.coords[tiles.selected], tiles.record
+
+    def query_stain(self) -> Any:
+        """The stain normalization of the archive's tiles (its tiling's `stain`), which queries get too."""
+        from pathology.tiler import tiling_config
+
+        return tiling_config(self.manifest["tiling"], str(self.path / MANIFEST)).stain
 
     def query_patient(self, record: Any) -> str | None:
         """The query's patient: the index's record when the same slide ID is indexed, else the tiler's
@@ -501,19 +592,74 @@ def grow(
     config: IndexConfig | Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> tuple[BatchSummary, Update | None]:
-    """Add the slides of `store` that the index in `out` lacks: extract their features, then add them to
-    the trained structures (search/growth.py) without opening the index. `model`: a checkpoint path or a
-    FeatureExtractor (its hash must be the index's); a `config` asking for another index type or other
+    """Add the slides of `store` that the index in `out` lacks, and the changes of those it has (new
+    labels, patient or site; features extracted anew for a slide tiled anew), to the trained structures
+    (search/growth.py) without opening the index. `model`: a checkpoint path or a FeatureExtractor (its
+    hash must be the index's), None for the index's own; a `config` asking for another index type or other
     parameters than `out` was built with is refused. Returns (extraction summary, the update or None)."""
     config = IndexConfig.coerce(config)
-    out = Path(out)
-    extractor = _load_extractor(model, config.run.device)
+    out, store = Path(out), _open_store(store)
     with writing(out, "histo index"):
         check_request(out, read_manifest(out, "none"), config)
-        batch = feats_io.extract_features(
-            _open_store(store), extractor, out, (0, 1), config.run.batch_size, progress
+        extractor = index_extractor(out, model, config, store.params)
+        batch = feats_io.extract_features(store, extractor, out, (0, 1), config.run.batch_size, progress)
+        return batch, add_extracted(out, config.update, _failed_slides(batch), **_refreshed(batch))
+
+
+def index_extractor(out: Path, model: Any, config: IndexConfig, tiling: dict[str, Any]) -> Any:
+    """The extractor that adds slides to `out`: `model` or the config's encoder (the stored features'
+    model must be the same: search/features.py refuses another), else the index's own."""
+    if not (out / MANIFEST).exists() or model is not None or config.encoder is not None:
+        return config_extractor(model, config, tiling)
+    return recorded_extractor(out, read_manifest(out, "none"), config.run.device, config.weights)
+
+
+def recorded_extractor(path: Path, manifest: Mapping[str, Any], device: str, weights: Any = None) -> Any:
+    """The extractor an index records: its model.pt, or its registry encoder's weight file (`weights`:
+    where that file is now, if it moved)."""
+    model = manifest["model"]
+    if (path / MODEL).exists():
+        rule = _checkpoint_rule(model["feature_definition"])
+        extractor = load_extractor(path / MODEL, device, rule=rule)
+    elif model.get("weights"):
+        from pathology.encoders import reopen_extractor
+
+        extractor = reopen_extractor(model, device, weights)
+    else:
+        raise HistoError(
+            f"{path}: built with an in-memory model (hash {model['hash'][:12]}); give the same model "
+            "(--model, or SlideIndex.open(..., model=...))"
         )
-        return batch, add_extracted(out, config.update, _failed_slides(batch))
+    return check_model(path, manifest, extractor)
+
+
+def check_model(path: Path, manifest: Mapping[str, Any], extractor: Any) -> Any:
+    """The extractor, if it has the index's weights and feature definition; HistoError otherwise."""
+    built = manifest["model"]
+    got = feats_io.model_info(extractor)
+    if got["hash"] != built["hash"]:
+        raise HistoError(
+            f"{path}: index was built with model {built['hash'][:12]} ({_encoder_label(built)}), "
+            f"refusing to search with a different model ({got['hash'][:12]}, {_encoder_label(got)})"
+        )
+    if got["feature_definition"] != built["feature_definition"]:
+        old, new = built["feature_definition"], got["feature_definition"]
+        differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise HistoError(
+            f"{path}: index features were made by {_encoder_label(built)} under another feature "
+            f"definition (differs in {', '.join(differ)}); refusing to search with it"
+        )
+    return extractor
+
+
+def _refreshed(batch: BatchSummary) -> dict[str, list[str]]:
+    """The slides whose stored features this run wrote (`extracted`) or relabelled (`relabelled`): the
+    indexed ones among them get their new rows or their new labels in the next version."""
+    done = [o for o in batch.outcomes if o.status == "done"]
+    return {
+        "extracted": [o.id for o in done if not o.detail.get("updated")],
+        "relabelled": [o.id for o in done if o.detail.get("updated")],
+    }
 
 
 def _failed_slides(batch: BatchSummary) -> list[dict[str, Any]]:
@@ -528,8 +674,31 @@ def _with_filter(result: SearchResult, where: Mapping[str, Any], allowed: np.nda
     return result
 
 
+def _first_version(
+    out: Path,
+    model: Any,
+    extractor: Any,
+    batch: BatchSummary,
+    config: IndexConfig,
+    built_with: dict[str, Any],
+) -> Update:
+    """Copy the model file into the index (when one is a file) and build version 1 from every slide with
+    stored features."""
+    _copy_model(model, extractor, out)
+    content = {
+        "index": {"type": config.type, "params_requested": config.params.model_dump(mode="json")},
+        "search": config.search.model_dump(mode="json"),
+        "failed_slides": _failed_slides(batch),
+        "built_with": built_with,
+    }
+    slides = feats_io.done_slides(out / feats_io.FEATURES_DIR)
+    if not slides:
+        raise HistoError(f"{out}: no slide has features; nothing to index")
+    return last_update(build_version(out, content, slides, None))
+
+
 def _copy_model(model: Any, extractor: Any, out: Path) -> None:
-    """Copy a checkpoint file into the index as model.pt (an in-memory model leaves none)."""
+    """Copy a checkpoint file into the index as model.pt (an in-memory model or an encoder leaves none)."""
     if not isinstance(model, (str, os.PathLike)):
         (out / MODEL).unlink(missing_ok=True)
     elif not (out / MODEL).exists() or feats_io.model_info(extractor)["hash"] != file_sha256(out / MODEL):

@@ -4,6 +4,7 @@ exact within the filter, and the vertical evaluation that uses it (search/filter
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,7 +178,8 @@ def test_filtered_knn_of_every_kind_stays_in_the_filter(indexes: dict, kind: str
 def test_slide_index_search_takes_where(indexes: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     index = indexes["ivf"]
     query = index.catalog.rows(7)
-    stored = (index._features()[query], index.catalog.coords[query], None)  # slide 7's tiles as the query
+    record = SimpleNamespace(slide_id="q", tile_size_level0=None)  # what the query's tiler records
+    stored = (index._features()[query], index.catalog.coords[query], record)  # slide 7's tiles as the query
     monkeypatch.setattr(index, "query_features", lambda source: stored)
     from search.queries import SlideQuery
 

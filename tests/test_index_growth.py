@@ -4,6 +4,7 @@ the drift check and --retrain (search/growth.py, storage.py, manifest.py, lock.p
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,11 +16,11 @@ import pytest
 from growth_support import build, copy_features, slide_ids, write_features
 
 from histo.errors import HistoError
+from histo.lock import LockedError
 from search.config import IndexConfig
-from search.growth import add_extracted, remove_slides, retrain
+from search.growth import add_extracted, remove_slides, retrain, writing
 from search.index import exact_knn, recall_at_k
 from search.kinds import float_kind
-from search.lock import IndexLockedError, writer_lock
 from search.manifest import read_manifest
 from search.slide_index import SlideIndex
 
@@ -273,7 +274,7 @@ def test_a_kill_after_the_switch_leaves_the_new_version(source: Path, tmp_path: 
 HOLD = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from search.lock import writer_lock
+from histo.lock import writer_lock
 with writer_lock(sys.argv[1], "histo index --remove"):
     print("held", flush=True)
     time.sleep(60)
@@ -294,21 +295,21 @@ def test_a_second_writer_is_refused_in_one_line(source: Path, tmp_path: Path) ->
     try:
         assert holder.stdout.readline().strip() == b"held"
         with pytest.raises(
-            IndexLockedError,
-            match=rf"PID {holder.pid} on .* \(histo index --remove, since .*is updating this index",
+            LockedError,
+            match=rf"PID {holder.pid} on .* \(histo index --remove, since .*\) is writing here",
         ):
             remove_slides(root, IDS[:2])
         result = CliRunner().invoke(main, ["index", "--out", str(root), "--remove", IDS[0]])
         assert (
             result.exit_code == 2
             and result.stderr.count("\n") == 1
-            and "is updating this index" in result.stderr
+            and f"PID {holder.pid} on " in result.stderr
         )
     finally:
         holder.kill()
         holder.wait()
     remove_slides(root, IDS[:2])  # a killed holder never blocks the next writer
-    with writer_lock(root, "outer"):  # one process may nest its own writes
+    with writing(root, "outer"):  # one process may nest its own writes
         remove_slides(root, IDS[2:3])
     assert SlideIndex.open(root).catalog.slide_ids == IDS[3:20]
 
@@ -420,3 +421,55 @@ def test_a_removed_slide_can_come_back(source: Path, tmp_path: Path) -> None:
     assert add_extracted(root, NO_COMPACTION).slide_ids == tuple(IDS[3:5])
     assert read_manifest(root)["retired_features"] == []
     same_index(SlideIndex.open(root), fresh(source, tmp_path / "fresh", IDS[:20]))
+
+
+def test_features_extracted_again_replace_a_slides_rows_and_new_labels_reach_the_catalog(
+    source: Path, tmp_path: Path
+) -> None:
+    """A re-run's changes to indexed slides (a slide tiled anew, a corrected labels CSV) become a version."""
+    from search import features as feats_io
+
+    root = tmp_path / "g"
+    copy_features(source, root, IDS[:20])
+    build(root, IDS[:20])
+    other = tmp_path / "other"  # the features slide IDS[3] gets once tiled anew: another slide's tiles
+    write_features(other, [IDS[3]], seed=11, shift=3.0)
+    shutil.rmtree(root / feats_io.FEATURES_DIR / feats_io.SLIDES / IDS[3])
+    copy_features(other, root, [IDS[3]])
+    feats_io.update_record(root / feats_io.FEATURES_DIR, IDS[5], {"label": "z", "site": "Q"})
+    update = add_extracted(root, NO_COMPACTION, extracted=[IDS[3]], relabelled=[IDS[5]])
+    assert update.op == "add" and update.slide_ids == (IDS[3],) and update.relabelled == (IDS[5],)
+    index = SlideIndex.open(root)  # full verify: the manifest covers the rewritten features
+    reference = tmp_path / "ref"
+    copy_features(source, reference, [s for s in IDS[:20] if s != IDS[3]])
+    copy_features(other, reference, [IDS[3]])
+    feats_io.update_record(reference / feats_io.FEATURES_DIR, IDS[5], {"label": "z", "site": "Q"})
+    build(reference, IDS[:20])
+    same_index(index, SlideIndex.open(reference))  # the old rows of IDS[3] are gone
+    position = index.catalog.position[IDS[5]]
+    assert (index.catalog.labels[position], index.catalog.sites[position]) == ("z", "Q")
+    feats_io.update_record(root / feats_io.FEATURES_DIR, IDS[6], {"patient": "P999"})
+    relabel = add_extracted(root, NO_COMPACTION, relabelled=[IDS[6]])
+    assert relabel.op == "relabel" and relabel.relabelled == (IDS[6],) and relabel.tiles == 0
+    reopened = SlideIndex.open(root)
+    assert reopened.catalog.patients[reopened.catalog.position[IDS[6]]] == "P999"
+    assert add_extracted(root, NO_COMPACTION, relabelled=[IDS[6]]) is None  # nothing changed since
+
+
+def test_new_parts_follow_the_umask(source: Path, tmp_path: Path) -> None:
+    """Colleagues can open a grown index: its new files get 0666 less the umask, like any new file."""
+    import os
+
+    root = tmp_path / "g"
+    copy_features(source, root, IDS[:10])
+    build(root, IDS[:10])
+    copy_features(source, root, IDS[10:12])
+    old = os.umask(0o002)
+    try:
+        update = add_extracted(root, NO_COMPACTION)
+    finally:
+        os.umask(old)
+    manifest = read_manifest(root)
+    new = [f for f in manifest["files"] if f".{update.version:06d}." in f]
+    assert len(new) == 4  # catalog, coords, barcodes, float
+    assert all((root / f).stat().st_mode & 0o777 == 0o664 for f in [*new, "manifest.json"])

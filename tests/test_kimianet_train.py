@@ -1,4 +1,5 @@
-"""KimiaNet training: feature extractor, variant freezing, augmentation, data split, loop, resume, bad input."""
+"""KimiaNet training: feature extractor, variant freezing, augmentation, data split, loop, resume, re-runs,
+non-finite training, bad input."""
 
 from __future__ import annotations
 
@@ -17,14 +18,17 @@ from histo import checkpoint
 from histo.classification import MACRO_F1_DEFINITION, VOTE_DEFINITION
 from histo.cli import main
 from histo.config import load_config
+from histo.devices import DistInfo
 from histo.errors import HistoError, InputFileError
+from histo.training import Run, TrainingDiverged, output_paths
 from pathology.augment import augment, hed_jitter, hed_to_rgb, normalize, resize, rgb_to_hed, to_tensor
 from pathology.config import TrainConfig
 from pathology.data import EpochSampler, TileDataset, split_patients
 from pathology.kimianet import FeatureExtractor, build_model, random_init_checkpoint
 from pathology.store import SlideRecord, TileStore
-from pathology.train import Trainer, output_paths, train_kimianet
+from pathology.train import KimiaNetTask, train_kimianet
 
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 CMU = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
 PX = 32
 
@@ -123,13 +127,10 @@ def test_variant_step_changes_exactly_the_trained_parts(tmp_path, variant):
     store = make_store(tmp_path / "t.zarr", cohort())
     cfg = config(**{"model.arch": "densenet121", "model.variant": variant, "model.init": str(init),
                     "data.samples_per_epoch": 4, "optim.epochs": 1, "optim.warmup_epochs": 0.0})  # fmt: skip
-
-    from histo.devices import DistInfo
-
-    trainer = Trainer(store, tmp_path / "m.pt", cfg, DistInfo(0, 1, 0, torch.device("cpu")))
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.train_epoch(0)
-    after = trainer.model.state_dict()
+    run = Run(KimiaNetTask(store, cfg, CPU), tmp_path / "m.pt", CPU)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    run.train_epoch(0)
+    after = run.model.state_dict()
     trained = TRAINED.get(variant, ("",))  # IV: every prefix
     for key, value in before.items():  # parameters and BN buffers alike
         changed = not torch.equal(value, after[key])
@@ -224,17 +225,17 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     train_kimianet(store, tmp_path / "full.pt", cfg)
     full = checkpoint.load(tmp_path / "full.last.pt", "kimianet-train-state")
 
-    original = Trainer.train_epoch
+    original = Run.train_epoch
 
     def crash_in_epoch_2(self, epoch):
         if epoch == 1:
             raise KeyboardInterrupt
         return original(self, epoch)
 
-    monkeypatch.setattr(Trainer, "train_epoch", crash_in_epoch_2)
+    monkeypatch.setattr(Run, "train_epoch", crash_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train_kimianet(store, tmp_path / "part.pt", cfg)
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    monkeypatch.setattr(Run, "train_epoch", original)
     torch.manual_seed(1234)  # a fresh process would not share the first run's RNG position
     summary = train_kimianet(store, tmp_path / "part.pt", cfg.updated({"run.resume": True}))
     part = checkpoint.load(tmp_path / "part.last.pt", "kimianet-train-state")
@@ -254,6 +255,73 @@ def test_resume_refuses_changed_config(tmp_path):
         train_kimianet(
             store, tmp_path / "m.pt", config(**{"optim.epochs": 1, "optim.lr": 0.5, "run.resume": True})
         )
+
+
+def test_rerun_resumes_a_matching_run_and_never_overwrites_another(tmp_path):
+    """Without --resume a re-run continues a run of the same config (a finished one: nothing is trained or
+    rewritten), refuses another config in one line, and starts over only with --overwrite."""
+    store = make_store(tmp_path / "t.zarr", cohort())
+    out, paths = tmp_path / "m.pt", output_paths(tmp_path / "m.pt")
+    assert train_kimianet(store, out, config(), stop_after=1)["epochs_run"] == 1
+    again = train_kimianet(store, out, config())
+    assert again["epochs_run"] == 2 and len(paths["csv"].read_text().splitlines()) == 3
+    stamps = {p: p.stat().st_mtime_ns for p in paths.values()}
+    done = train_kimianet(store, out, config())
+    assert (
+        done["epochs_run"] == 2
+        and done["best_epoch"] == again["best_epoch"]
+        and done["best"] == again["best"]
+    )
+    with pytest.raises(
+        HistoError, match=r"another config is here \(optim\.lr: 0\.0001 -> 0\.5\).*--overwrite"
+    ):
+        train_kimianet(store, out, config(**{"optim.lr": 0.5}))
+    assert {p: p.stat().st_mtime_ns for p in paths.values()} == stamps
+    with pytest.raises(HistoError, match="exclude each other"):
+        train_kimianet(store, out, config(**{"run.resume": True, "run.overwrite": True}))
+    fresh = train_kimianet(store, out, config(**{"optim.lr": 0.5, "optim.epochs": 1, "run.overwrite": True}))
+    assert fresh["epochs_run"] == 1 and len(paths["csv"].read_text().splitlines()) == 2
+    assert checkpoint.load(paths["last"], "kimianet-train-state").config["optim"]["lr"] == 0.5
+    foreign = random_init_checkpoint(tmp_path / "imported.pt", arch="cbr-tiny", input_px=PX)
+    with pytest.raises(
+        HistoError, match=r"imported\.pt: exists without its training state imported\.last\.pt"
+    ):
+        train_kimianet(store, foreign, config())
+    with pytest.raises(HistoError, match="nothing to resume"):
+        train_kimianet(store, tmp_path / "new.pt", config(**{"run.resume": True}))
+
+
+def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """A NaN input in epoch 2 turns the loss and gradients non-finite: one-line error, epoch 1 kept."""
+    store = make_store(tmp_path / "t.zarr", cohort())
+    read, calls = TileDataset.__getitem__, []
+
+    def poisoned(self, item):
+        x, y = read(self, item)
+        if self.augment_cfg is not None:  # training tiles only; epoch 1 draws 8 (samples_per_epoch)
+            calls.append(item)
+            if len(calls) > 8:
+                x = torch.full_like(x, float("nan"))
+        return x, y
+
+    monkeypatch.setattr(TileDataset, "__getitem__", poisoned)
+    out, paths = tmp_path / "m.pt", output_paths(tmp_path / "m.pt")
+    with pytest.raises(TrainingDiverged, match=r"diverged in epoch 2 \(non-finite loss in 2 batches first at batch 1;"
+                       r" non-finite gradient in 2 batches.*m.last.pt and m.pt still hold epoch 1"):  # fmt: skip
+        train_kimianet(store, out, config())
+    state = checkpoint.load(paths["last"], "kimianet-train-state")
+    assert state.extra["epoch"] == 1 and state.extra["finished"] is False
+    for weights in (state.weights, checkpoint.load(out, "kimianet").weights):
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert len(paths["csv"].read_text().splitlines()) == 2
+    result = CliRunner().invoke(main, ["train", "--tiles", str(store), "--out", str(tmp_path / "c.pt"),
+                                       "--arch", "cbr-tiny", "--variant", "scratch", "--input-px", str(PX),
+                                       "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--workers", "0"])  # fmt: skip
+    assert (
+        result.exit_code == 2
+        and "error:" in result.output
+        and "training diverged in epoch 1" in result.output
+    )
 
 
 # ---- bad input ------------------------------------------------------------------------------------------
@@ -302,6 +370,21 @@ def test_cli_train_json_and_bad_init(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["classes"] == ["class0", "class1"] and Path(summary["curve_png"]).is_file()
+    rerun = [
+        *common,
+        "--out",
+        str(tmp_path / "m.pt"),
+        "--arch",
+        "cbr-tiny",
+        "--variant",
+        "scratch",
+        "--lr",
+        "0.5",
+    ]
+    result = CliRunner().invoke(main, rerun)
+    assert result.exit_code == 2 and "another config is here (optim.lr: 0.0001 -> 0.5)" in result.output
+    result = CliRunner().invoke(main, [*rerun, "--overwrite", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["epochs_run"] == 1
     other = random_init_checkpoint(tmp_path / "cbr.pt", arch="cbr-small")
     result = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "d.pt"), "--init", str(other)])
     assert result.exit_code == 2

@@ -201,25 +201,28 @@ def test_training_validation_uses_the_module(tmp_path) -> None:
     from test_kimianet_train import PX, cohort, config, make_store
 
     from histo.devices import DistInfo
-    from pathology.train import Trainer
+    from histo.training import Run
+    from pathology.train import KimiaNetTask
 
     store = make_store(tmp_path / "t.zarr", cohort(n_classes=3, patients=3, tiles=4))
-    trainer = Trainer(store, tmp_path / "m.pt", config(), DistInfo(0, 1, 0, torch.device("cpu")))
-    trainer.train_epoch(0)
-    got = trainer.validate()
-    ds = trainer.val_loader.dataset
+    cpu = DistInfo(0, 1, 0, torch.device("cpu"))
+    task = KimiaNetTask(store, config(), cpu)
+    run = Run(task, tmp_path / "m.pt", cpu)
+    run.train_epoch(0)
+    got = task.validate(run.model, run.model)
+    ds = task.val_loader.dataset
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     assert x.shape[-1] == PX
-    trainer.model.eval()
+    run.model.eval()
     with torch.inference_mode():
-        pred = trainer.model(x).argmax(1).numpy()
-    classes = trainer.data.classes
-    truth = [classes[label] for _, _, label in trainer.data.val]
+        pred = run.model(x).argmax(1).numpy()
+    classes = task.data.classes
+    truth = [classes[label] for _, _, label in task.data.val]
     pred_names = [classes[i] for i in pred]
     want = classification_report(truth, pred_names)
     assert got["val_acc"] == pytest.approx(want.accuracy)
     assert got["val_macro_f1"] == pytest.approx(want.macro_f1)
-    slides = sorted({s for s, _, _ in trainer.data.val})
-    of_slide = np.array([s for s, _, _ in trainer.data.val])
+    slides = sorted({s for s, _, _ in task.data.val})
+    of_slide = np.array([s for s, _, _ in task.data.val])
     right = [vote(np.array(pred_names)[of_slide == s]) == truth[list(of_slide).index(s)] for s in slides]
     assert got["val_slide_acc"] == pytest.approx(np.mean(right))

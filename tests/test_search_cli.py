@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import REPO, TILE_OVERRIDES
 
 from histo.classification import MACRO_F1_DEFINITION
 from histo.cli import main
-
-REPO = Path(__file__).resolve().parent.parent
-TILE_OVERRIDES = {"tile.px": 32, "tile.um": 64.0, "mosaic.percent": 50.0, "cellularity.top_fraction": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +248,11 @@ def test_index_grows_shrinks_retrains_and_checks_drift(built: Path, data: dict, 
         (["--remove"], "--remove takes the slide IDs to remove"),
         (["S1"], "unexpected arguments S1 (slide IDs go with --remove)"),
         (["--remove", "nope"], "not in the index: nope"),
-        ([], "give --tiles (build or grow OUT), or --remove, --retrain, --drift or --evaluate"),
+        (
+            [],
+            "give --tiles STORE or --features DIR (build or grow OUT), or --remove, --retrain, --drift or "
+            "--evaluate",
+        ),
         (
             ["--tiles", "TILES", "--type", "hnsw"],
             "an existing index with type='flat'; adding slides keeps it",

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TILE_OVERRIDES
 
 from histo.errors import ConfigError, HistoError, InputFileError
 from search import SlideIndex
 from search.barcodes import minmax_barcode
 from search.growth import compact
 
-TILE_OVERRIDES = {"tile.px": 32, "tile.um": 64.0, "mosaic.percent": 50.0, "cellularity.top_fraction": 1.0}
 STRUCTURE_FILES = ("catalog", "coords", "barcodes", "float")  # the structure files of a version, by role
 CPU = {"run": {"device": "cpu"}}  # index config over the defaults
 

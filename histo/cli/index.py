@@ -1,5 +1,6 @@
-"""`histo index`: extract KimiaNet features of a tile store and build a FAISS slide index, or grow, shrink,
-retrain, check and evaluate an existing one."""
+"""`histo index`: extract features of a tile store (a histo checkpoint or a registry encoder) or import
+CLAM/TRIDENT feature files and build a FAISS slide index, or grow, shrink, retrain, check and evaluate an
+existing one."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from histo.cli.options import (
     shard_option,
     stage_config,
 )
-from histo.cli.outcomes import failure_lines, finish
+from histo.cli.outcomes import failure_lines, finish, update_lines
 from search.kinds import kind_names
 
 KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.device"}
@@ -26,15 +27,47 @@ KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.dev
 @click.option(
     "--tiles",
     "tiles",
-    default=None,
     type=click.Path(),
     help="Tile store (from `histo tile`): build OUT from it, or add its new slides to the index in OUT.",
 )
 @click.option(
+    "--features",
+    "features_dir",
+    type=click.Path(file_okay=False),
+    help="Instead of --tiles: a folder of per-slide CLAM/TRIDENT feature .h5 files (`histo features`); "
+    "on an existing index, its new slides are added.",
+)
+@click.option(
     "--model",
-    default=None,
     type=click.Path(),
-    help="Feature extractor checkpoint (`histo train`); an existing index defaults to its model.pt.",
+    help="Feature extractor checkpoint (`histo train`), or --encoder/--weights; an existing index "
+    "defaults to its own.",
+)
+@click.option(
+    "--labels",
+    "labels_csv",
+    type=click.Path(dir_okay=False),
+    help="--features: CSV slide,label[,patient,site].",
+)
+@click.option(
+    "--encoder",
+    help="--tiles: a registered encoder (`histo encoders`), with --weights; --features: the encoder name "
+    "the files must carry (needed if they carry none).",
+)
+@click.option(
+    "--weights", default=None, type=click.Path(), help="The encoder's weight file (.pth/.bin/.safetensors)."
+)
+@click.option(
+    "--tile-rule", type=click.Choice(["resize", "grid"]), default=None, help="Tile -> encoder input."
+)
+@click.option(
+    "--grid", type=int, default=None, help="Grid rule: crops per side (default: the encoder's µm/px)."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Compute precision.",
 )
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Index directory (created/resumed)."
@@ -65,7 +98,14 @@ KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.dev
 @json_option
 def index(
     tiles: str | None,
+    features_dir: str | None,
     model: str | None,
+    labels_csv: str | None,
+    encoder: str | None,
+    weights: str | None,
+    tile_rule: str | None,
+    grid: int | None,
+    precision: str | None,
     out: str,
     index_type: str | None,
     batch_size: int | None,
@@ -82,8 +122,8 @@ def index(
     """Extract features of every selected tile (resumable per slide; --shard I/N extracts only that share,
     a final run without --shard builds the index) and build barcode + float FAISS indexes in OUT.
 
-    On an existing index, --tiles adds the store's new slides to its trained structures (no retraining),
-    --remove SLIDE_ID... removes slides, --retrain rebuilds it, --drift says whether to retrain. Each
+    On an existing index, --tiles (or --features) adds the new slides and the corrected labels of the
+    store to its trained structures (no retraining), --remove SLIDE_ID... removes slides, --retrain rebuilds it, --drift says whether to retrain. Each
     change is a new version: searches running on OUT see the old or the new one, never half of it.
 
     Exit code 0 when every slide is done or skipped, 1 when any failed, 2 for a store without a tiled
@@ -94,24 +134,37 @@ def index(
     from search.growth import retrain as retrain_index
     from search.slide_index import SlideIndex, grow
 
-    cfg = stage_config(IndexConfig, config_path, KEYS)
-    exists = _check_options(Path(out), tiles, model, remove, slide_ids, retrain, drift, evaluate, shard)
+    rule = {"weights": "weights", "tile_rule": "tile_rule", "grid": "grid", "precision": "precision"}
+    # --encoder: a registry name for --tiles (in the config); for --features the name its files carry
+    cfg = stage_config(
+        IndexConfig, config_path, {**KEYS, **rule, **({"encoder": "encoder"} if tiles else {})}
+    )
+    source = tiles if features_dir is None else features_dir
+    exists = _check_options(
+        Path(out), tiles, features_dir, remove, slide_ids, retrain, drift, evaluate, shard
+    )
     shard_pair = parse_shard(shard)
     if shard_pair[1] > 1:
-        batch = SlideIndex.extract(tiles, _model(out, model, exists), out, cfg, shard=shard_pair)
+        batch = SlideIndex.extract(tiles, model, out, cfg, shard=shard_pair)
         note = f"shard {shard_pair[0]}/{shard_pair[1]}: features in {out}; run without --shard to build the index"
         finish(batch, as_json, [*failure_lines(batch), note])
         return
     opened, lines, updates = None, [], []
     batch = BatchSummary((), out=str(out))
     if tiles is not None and exists:  # grow without loading the index
-        batch, update = grow(tiles, _model(out, model, exists), out, cfg)
+        batch, update = grow(tiles, model, out, cfg)
         updates.append(update)
-        if update is None:
-            lines.append(f"{out}: no new slide in {tiles}; the index is unchanged")
-    elif tiles is not None:
-        opened = SlideIndex.build(tiles, _model(out, model, exists), out, cfg)
+    elif features_dir is not None:
+        opened = SlideIndex.build_from_features(
+            features_dir, out, cfg, labels_csv=labels_csv, encoder=encoder, model=model
+        )
         batch = opened.extraction
+        updates.append(opened.update if exists else None)
+    elif tiles is not None:
+        opened = SlideIndex.build(tiles, model, out, cfg)
+        batch = opened.extraction
+    if source is not None and exists and updates[-1] is None:
+        lines.append(f"{out}: no new slide or change in {source}; the index is unchanged")
     if remove:
         updates.append(remove_slides(Path(out), list(slide_ids), cfg.update))
         batch = BatchSummary(tuple(Outcome.done(sid, None) for sid in slide_ids), out=str(out))
@@ -127,7 +180,7 @@ def index(
         f"{out}: {c['slides']} slides, {c['tiles']} tiles, {manifest['index']['type']} index "
         f"(version {manifest['version']}, x{manifest['growth']['tiles_vs_trained']:.2f} the tiles it was trained on)"
     )
-    lines += failure_lines(batch)
+    lines += [*failure_lines(batch), *update_lines(batch)]
     batch = batch.with_extra(index=record, updates=[u.record() for u in updates if u is not None])
     if drift:
         check = opened.drift(cfg.update.model_dump())
@@ -155,7 +208,7 @@ def index(
 def _check_options(
     out: Path,
     tiles: str | None,
-    model: str | None,
+    features_dir: str | None,
     remove: bool,
     slide_ids: tuple[str, ...],
     retrain: bool,
@@ -168,33 +221,27 @@ def _check_options(
     from search.manifest import MANIFEST
 
     exists = (out / MANIFEST).exists()
+    if tiles is not None and features_dir is not None:
+        raise HistoError("give exactly one of --tiles STORE or --features DIR")
+    if features_dir is not None and shard is not None:
+        raise HistoError("--shard applies to --tiles (feature files are imported in one run)")
+    source = tiles if features_dir is None else features_dir
     if slide_ids and not remove:
         raise HistoError(f"unexpected arguments {' '.join(slide_ids)} (slide IDs go with --remove)")
-    if remove and (not slide_ids or tiles is not None or retrain):
-        raise HistoError("--remove takes the slide IDs to remove, without --tiles or --retrain")
-    if tiles is None and not (remove or retrain or drift or evaluate):
-        raise HistoError("give --tiles (build or grow OUT), or --remove, --retrain, --drift or --evaluate")
+    if remove and (not slide_ids or source is not None or retrain):
+        raise HistoError("--remove takes the slide IDs to remove, without --tiles/--features or --retrain")
+    if source is None and not (remove or retrain or drift or evaluate):
+        raise HistoError(
+            "give --tiles STORE or --features DIR (build or grow OUT), or --remove, --retrain, --drift or "
+            "--evaluate"
+        )
     if shard is not None and (tiles is None or remove or retrain or drift or evaluate):
         raise HistoError(
             "--shard extracts the features of --tiles only (no --remove/--retrain/--drift/--evaluate)"
         )
-    if tiles is None and not exists:
+    if source is None and not exists:
         raise HistoError(f"{out}: no index here (build one with --tiles STORE --model CKPT)")
-    if tiles is not None and not exists and model is None:
-        raise HistoError("--model is required to build a new index")
     return exists
-
-
-def _model(out: str, model: str | None, exists: bool) -> str:
-    """The checkpoint to extract with: --model, or the existing index's own model.pt."""
-    from histo.errors import HistoError
-    from search.growth import MODEL
-
-    if model is not None:
-        return model
-    if not (Path(out) / MODEL).exists():
-        raise HistoError(f"{out}: the index has no {MODEL} (built with an in-memory model); give --model")
-    return str(Path(out) / MODEL)
 
 
 def _manifest(out: Path) -> dict[str, Any]:
@@ -223,4 +270,7 @@ def _change(update: Any) -> str:
     if update.op in ("compact", "retrain"):
         return f"-> version {update.version}"
     merged = ", parts merged" if update.compacted else ""
-    return f"{len(update.slide_ids)} slides ({update.tiles} tiles) -> version {update.version}{merged}"
+    relabelled = f", {len(update.relabelled)} relabelled" if update.relabelled else ""
+    if update.op == "relabel":
+        return f"{len(update.relabelled)} slides relabelled -> version {update.version}"
+    return f"{len(update.slide_ids)} slides ({update.tiles} tiles){relabelled} -> version {update.version}{merged}"

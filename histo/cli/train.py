@@ -29,6 +29,7 @@ KEYS = {
     "skip_missing": "data.skip_missing",
     "seed": "seed",
     "resume": "run.resume",
+    "overwrite": "run.overwrite",
     "device": "run.device",
 }
 
@@ -47,7 +48,9 @@ _options = compose(
     click.option("--lr", type=float, default=None),
     click.option("--workers", type=int, default=None, help="DataLoader workers per process."),
     click.option("--seed", type=int, default=None),
-    click.option("--resume", is_flag=True, default=None, help="Continue exactly from OUT's last training state."),
+    click.option("--resume", is_flag=True, default=None,
+                 help="Continue exactly from OUT's training state (a re-run without it also resumes; this one requires it)."),
+    click.option("--overwrite", is_flag=True, default=None, help="Start over, replacing the run at OUT."),
     click.option("--skip-missing", is_flag=True, default=None, help="Skip slides whose file has moved."),
     device_option,
     config_option,
@@ -60,8 +63,9 @@ _options = compose(
 def train(tiles, out, config_path, as_json, **flags) -> None:
     """Train on the high-cellularity tiles of a tile store (weak slide labels, split by patient).
 
-    Writes OUT (best model), OUT.last.pt (training state for --resume), metrics CSV and a curve PNG.
-    Under torchrun (scripts/torchrun_local.sh) it runs DistributedDataParallel.
+    Writes OUT = STEM.pt (best model), STEM.last.pt (training state), STEM.metrics.csv and STEM.curves.png.
+    A re-run with the same config resumes (a finished run does nothing); another config is refused unless
+    --overwrite. Under torchrun (scripts/torchrun_local.sh) it runs DistributedDataParallel.
     """
     from pathology.config import TrainConfig
     from pathology.train import train_kimianet
