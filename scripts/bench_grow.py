@@ -7,7 +7,12 @@ written as an index's stored features (features.zarr), so every index here is bu
 code as `histo index` (search/growth.py), feature extraction aside. Query slides are new "sibling" slides
 of indexed ones. Slides carry a site (10), a label (their class) and a project, for the filters.
 
-    .venv/bin/python scripts/bench_grow.py --slides 10000 --add 100 --threads 2 --out bench_grow.json
+    nice -n 5 .venv/bin/python scripts/bench_grow.py --slides 10000 --add 100 --threads 1 \
+        --work /tmp/bench_grow --out bench_grow.json
+
+Each measurement is a piece saved in WORK/pieces/ as soon as it is measured (the stored features and the
+built indexes stay in WORK): a run killed part-way is resumed by the same command, which measures only the
+missing pieces (new query slides are drawn then; the exact neighbours are saved with their query tiles).
 """
 
 from __future__ import annotations
@@ -109,7 +114,13 @@ def main() -> None:
     ap.add_argument("--train-per-list", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, deleted)")
+    ap.add_argument(
+        "--work",
+        default=None,
+        help="scratch folder, kept: a rerun with the same folder reuses its stored features, indexes and "
+        "finished pieces (WORK/pieces/*.json) and measures only the missing ones (default: a temporary "
+        "folder, deleted)",
+    )
     ap.add_argument("--out", default="bench_grow.json")
     args = ap.parse_args()
     import faiss
@@ -118,98 +129,173 @@ def main() -> None:
         faiss.omp_set_num_threads(args.threads)
     params = {} if args.train_per_list is None else {"train_points_per_list": args.train_per_list}
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_grow_"))
-    report: dict = {
-        "config": vars(args),
-        "faiss_threads": faiss.omp_get_max_threads(),
-        "cpu_count": os.cpu_count(),
-    }
+    b = Bench(work, Path(args.out), {"config": vars(args), "faiss_threads": faiss.omp_get_max_threads(),
+                                     "cpu_count": os.cpu_count()})  # fmt: skip
     cohort = Cohort(args.slides + args.add, args.dim, args.classes, args.seed)
     shared = work / "features"
-    t, _ = timed(lambda: cohort.write(shared, range(args.slides), args.tiles))
+    ids = [f"s{s:06d}" for s in range(args.slides)]
+    row = b.piece(
+        "features", lambda: {"s": timed(lambda: cohort.write(shared, range(args.slides), args.tiles))[0]}
+    )
     print(
-        f"stored features: {args.slides} slides x {args.tiles} tiles x {args.dim}-d ({t:.0f} s)", flush=True
+        f"stored features: {args.slides} slides x {args.tiles} tiles x {args.dim}-d ({row['s']:.0f} s)",
+        flush=True,
     )
     queries = cohort.queries(args.queries, args.tiles, args.slides)
     qtiles = np.concatenate(queries)[:: max(1, len(queries) * args.tiles // 1000)][:1000]
     try:
-        growth(args, report, cohort, work, shared, queries, qtiles, params)
-        if not args.no_hnsw_table:
-            hnsw_table(args, report, work, qtiles, params)
-        barcodes_at_scale(args, report, cohort)
+        kinds = [k for k in args.growth_kinds.split(",") if k]
+        for kind in kinds:
+            b.piece(
+                f"growth/{kind}/build", lambda kind=kind: build(work, kind, params, ids), f"growth/{kind}"
+            )
+        if not args.no_fifty and "ivf" in kinds:
+            b.piece("ivf_grown_50", lambda: fifty(args, cohort, work, shared, ids, qtiles, params))
+        b.piece(
+            "added_features",
+            lambda: cohort.write(shared, range(args.slides, args.slides + args.add), args.tiles) or {},
+        )
+        for kind in kinds:
+            b.piece(
+                f"growth/{kind}/add",
+                lambda kind=kind: add(work, kind, b.report["growth"][kind]["build_s"]),
+                f"growth/{kind}",
+            )
+        all_ids = [f"s{s:06d}" for s in range(args.slides + args.add)]
+        if "flat" in kinds:
+            b.piece("fresh_flat", lambda: fresh_flat(work, params, all_ids))
+            b.piece("truth", lambda: truth(work, qtiles))
+            qtiles = np.load(work / "qtiles.npy")
+        if "ivf" in kinds:
+            build_s = b.report["growth"]["ivf"]["structures_s"]["float"]
+            row = b.piece("ivf_after_add", lambda: ivf_after_add(work, qtiles, build_s))
+            b.report["growth"]["ivf"]["recall_at_10_after_add"] = row["recall_at_10_after_add"]
+            b.report["ivf_flat_1m"] = row["ivf_flat_1m"]
+        if not args.no_hnsw_table and "flat" in kinds:
+            b.piece("ivf_hnsw_1m", lambda: hnsw_row(work, qtiles, params))
+        scales = [int(v) for v in args.barcode_scales.split(",") if v]
+        for n in (n for n in scales if n <= 3_000_000):
+            barcodes_piece(b, n, args.tiles, cohort)
+        if "flat" in kinds:
+            b.piece("growth/flat/equal", lambda: flat_equal(work, queries), "growth/flat")
+        for kind, name in (("flat", "flat_fresh"), ("ivf", "ivf")):
+            if kind in kinds:
+                filtered(b, work / name, kind, cohort, args.filter_queries, args.tiles)
+        for n in (n for n in scales if n > 3_000_000):  # last: the longest piece
+            barcodes_piece(b, n, args.tiles, cohort)
     finally:
-        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+        b.write()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    print_tables(report)
+    print_tables(b.report)
 
 
-def growth(args, report, cohort, work, shared, queries, qtiles, params) -> None:
-    """Fresh builds, the add of `--add` slides to them, results after it; the IVF grown by 50 %."""
-    ids = [f"s{s:06d}" for s in range(args.slides)]
-    report["growth"], report["filtered"] = {}, {}
-    built = {}
-    for kind in filter(None, args.growth_kinds.split(",")):
-        share_features(shared, work / kind)
-        t_build, m = timed(lambda kind=kind: build_version(work / kind, content(kind, params), ids, None))
-        built[kind] = m
-        report["growth"][kind] = {"build_s": t_build, "structures_s": m["training"]["seconds"],
-                                  "index_bytes": dir_bytes(work / kind, m)}  # fmt: skip
-        print(f"{kind}: fresh build of {len(ids)} slides in {t_build:.1f} s", flush=True)
-    if not args.no_fifty and "ivf" in built:
-        fifty(args, report, cohort, work, shared, ids, qtiles, params)
-    cohort.write(shared, range(args.slides, args.slides + args.add), args.tiles)
-    for kind in built:
-        t_add, update = timed(lambda kind=kind: add_extracted(work / kind))
-        row = report["growth"][kind]
-        row |= {"add_s": t_add, "added_slides": len(update.slide_ids), "add_vs_build": t_add / row["build_s"]}
-        print(
-            f"{kind}: +{len(update.slide_ids)} slides in {t_add:.2f} s = {row['add_vs_build']:.2%} of the build",
-            flush=True,
-        )
-    all_ids = [f"s{s:06d}" for s in range(args.slides + args.add)]
-    if "flat" in built:  # the grown flat index against a fresh build on the same slides
-        share_features(shared, work / "flat_fresh")
-        build_version(work / "flat_fresh", content("flat", params), all_ids, None)
-        grown, fresh = SlideIndex.open(work / "flat", {"run": {"verify": "none"}}), None
-        ranked = rankings(grown, queries)
-        arrays = {k: hash_of(v) for k, v in (("codes", grown.codes), ("features", grown._features()))}
-        del grown
-        gc.collect()
-        fresh = SlideIndex.open(work / "flat_fresh", {"run": {"verify": "none"}})
-        same = ranked == rankings(fresh, queries)
-        same_arrays = arrays == {
-            k: hash_of(v) for k, v in (("codes", fresh.codes), ("features", fresh._features()))
-        }
-        truth = exact_knn(qtiles, fresh._features(), 10)[1]
-        np.save(work / "truth.npy", truth)
-        report["growth"]["flat"] |= {
-            "results_equal_fresh_build": same,
-            "arrays_equal_fresh_build": same_arrays,
-        }
-        report["filtered"]["flat"] = filtered(fresh, cohort, args.filter_queries, args.tiles)
-        del fresh
-        gc.collect()
+class Bench:
+    """The report, assembled from pieces: each is measured once, saved as WORK/pieces/<name>.json and
+    merged into the report at its path (`a/b/c` -> report[a][b][c]), so a killed run loses only the piece
+    it was measuring and a rerun with the same --work measures only the missing ones."""
+
+    def __init__(self, work: Path, out: Path, report: dict) -> None:
+        self.folder, self.out, self.report = work / "pieces", out, report
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def piece(self, name: str, measure, at: str | None = None) -> dict:
+        """The piece `name`, measured unless saved, merged into the report at `at` (default: `name`)."""
+        file = self.folder / (name.replace("/", "__").replace(" ", "_").replace("%", "pct") + ".json")
+        if file.exists():
+            row = json.loads(file.read_text())
+        else:
+            row = measure()
+            file.write_text(json.dumps(row, indent=2, default=str))
+        *path, last = (at or name).split("/")
+        node = self.report
+        for key in path:
+            node = node.setdefault(key, {})
+        if isinstance(node.get(last), dict):
+            node[last] |= row
+        else:
+            node[last] = row
+        self.write()
+        return row
+
+    def write(self) -> None:
+        self.out.write_text(json.dumps(self.report, indent=2, default=str))
+
+
+def build(work: Path, kind: str, params: dict, ids: list[str]) -> dict:
+    """A fresh build of `kind` on the stored features of `ids` (kept in WORK/<kind> for the add)."""
+    if (work / kind).exists():
+        shutil.rmtree(work / kind)  # a build killed before its piece was saved
+    share_features(work / "features", work / kind)
+    t_build, m = timed(lambda: build_version(work / kind, content(kind, params), ids, None))
+    print(f"{kind}: fresh build of {len(ids)} slides in {t_build:.1f} s", flush=True)
+    return {
+        "build_s": t_build,
+        "structures_s": m["training"]["seconds"],
+        "index_bytes": dir_bytes(work / kind, m),
+    }
+
+
+def add(work: Path, kind: str, build_s: float) -> dict:
+    """The add of the newly stored slides to the built index, against its fresh build's time."""
+    t_add, update = timed(lambda: add_extracted(work / kind))
+    row = {"add_s": t_add, "added_slides": len(update.slide_ids), "add_vs_build": t_add / build_s}
+    print(
+        f"{kind}: +{row['added_slides']} slides in {t_add:.2f} s = {row['add_vs_build']:.2%} of the build",
+        flush=True,
+    )
+    return row
+
+
+def fresh_flat(work: Path, params: dict, all_ids: list[str]) -> dict:
+    """A fresh flat build on every slide: the grown flat index's reference."""
+    if (work / "flat_fresh").exists():
         shutil.rmtree(work / "flat_fresh")
-    if "ivf" in built:
-        index = SlideIndex.open(work / "ivf", {"run": {"verify": "none"}})
-        truth = (
-            np.load(work / "truth.npy")
-            if (work / "truth.npy").exists()
-            else exact_knn(qtiles, index._features(), 10)[1]
-        )
-        report["growth"]["ivf"]["recall_at_10_after_add"] = recall_at_k(
-            index.float_index.search(qtiles, 10)[1], truth
-        )
-        report["filtered"]["ivf"] = filtered(index, cohort, args.filter_queries, args.tiles)
-        report["ivf_flat_1m"] = float_row(
-            index.float_index, qtiles, truth, report["growth"]["ivf"]["structures_s"]["float"]
-        )
+    share_features(work / "features", work / "flat_fresh")
+    build_version(work / "flat_fresh", content("flat", params), all_ids, None)
+    return {}
+
+
+def truth(work: Path, qtiles: np.ndarray) -> dict:
+    """The exact 10 nearest rows of the query tiles (saved beside them: a rerun draws other queries)."""
+    fresh = SlideIndex.open(work / "flat_fresh", {"run": {"verify": "none"}})
+    np.save(work / "qtiles.npy", qtiles)
+    np.save(work / "truth.npy", exact_knn(qtiles, fresh._features(), 10)[1])
+    return {}
+
+
+def flat_equal(work: Path, queries: list[np.ndarray]) -> dict:
+    """Whether the grown flat index ranks like the fresh build and holds the same arrays."""
+    results = []
+    for name in ("flat", "flat_fresh"):
+        index = SlideIndex.open(work / name, {"run": {"verify": "none"}})
+        arrays = {k: hash_of(v) for k, v in (("codes", index.codes), ("features", index._features()))}
+        results.append((rankings(index, queries), arrays))
         del index
         gc.collect()
+    (grown, grown_arrays), (fresh, fresh_arrays) = results
+    row = {
+        "results_equal_fresh_build": grown == fresh,
+        "arrays_equal_fresh_build": grown_arrays == fresh_arrays,
+    }
+    print(f"flat grown vs fresh: {row}", flush=True)
+    return row
 
 
-def fifty(args, report, cohort, work, shared, ids, qtiles, params) -> None:
+def ivf_after_add(work: Path, qtiles: np.ndarray, build_s: float) -> dict:
+    """Recall@10 of the grown IVF index, and its IVF-Flat row of the IVF-HNSW table."""
+    index = SlideIndex.open(work / "ivf", {"run": {"verify": "none"}})
+    truth = np.load(work / "truth.npy")
+    row = {"recall_at_10_after_add": recall_at_k(index.float_index.search(qtiles, 10)[1], truth),
+           "ivf_flat_1m": float_row(index.float_index, qtiles, truth, build_s)}  # fmt: skip
+    print(f"ivf after the add: {row}", flush=True)
+    return row
+
+
+def fifty(args, cohort, work, shared, ids, qtiles, params) -> dict:
     """An IVF index built on two thirds of the slides, grown by 50 % without retraining."""
+    if (work / "ivf50").exists():
+        shutil.rmtree(work / "ivf50")
     share_features(shared, work / "ivf50")
     first = ids[: len(ids) * 2 // 3]
     t_build, _ = timed(lambda: build_version(work / "ivf50", content("ivf", params), first, None))
@@ -217,18 +303,19 @@ def fifty(args, report, cohort, work, shared, ids, qtiles, params) -> None:
     index = SlideIndex.open(work / "ivf50", {"run": {"verify": "none"}})
     truth = exact_knn(qtiles, index._features(), 10)[1]
     drift = index.drift()
-    report["ivf_grown_50"] = {
+    row = {
         "built_on_slides": len(first), "build_s": t_build, "added_slides": len(update.slide_ids), "add_s": t_add,
         "recall_at_10": recall_at_k(index.float_index.search(qtiles, 10)[1], truth),
         "calibrated_recall_at_10": index.float_index.params["calibrated_recall_at_10"],
         "drift": drift.to_dict(),
     }  # fmt: skip
     print(
-        f"ivf grown by 50 %: {report['ivf_grown_50']['recall_at_10']:.3f} recall@10; {drift.lines()}",
+        f"ivf grown by 50 %: {row['recall_at_10']:.3f} recall@10; {drift.lines()}",
         flush=True,
     )
     del index
     shutil.rmtree(work / "ivf50")
+    return row
 
 
 def hash_of(array: np.ndarray) -> str:
@@ -251,21 +338,29 @@ FILTERS = {"site (10 %)": {"site": frozenset({"site3"})},
            "project (25 %)": {"project": frozenset({"CPTAC"})}}  # fmt: skip
 
 
-def filtered(index: SlideIndex, cohort: Cohort, n_queries: int, n_tiles: int) -> dict:
+def filtered(b: Bench, index_dir: Path, kind: str, cohort: Cohort, n_queries: int, n_tiles: int) -> None:
     """Per filter and mode, on queries whose sibling is inside the filter (a vertical search) and outside
     it: the two-stage latency unfiltered and filtered (medians), and how often the filtered two-stage top-5
-    is the exhaustive top-5 over the same subset."""
-    rows = {}
-    slides = np.arange(len(index.catalog))
+    is the exhaustive top-5 over the same subset. One piece per row; the index opens once, if needed."""
+    index = None
     for name, where in FILTERS.items():
-        allowed = index.catalog.allowed(None, where)
-        for side, parents in (("inside", slides[allowed]), ("outside", slides[~allowed])):
-            queries = cohort.queries(n_queries, n_tiles, parents)
+        for side in ("inside", "outside"):
             for mode in ("barcode", "float"):
-                qs = [minmax_barcode(q) if mode == "barcode" else q for q in queries]
-                row = rows[f"{mode}/{name}/{side}"] = filtered_row(index, qs, mode, allowed)
-                print(f"{index.float_index.kind.name} {mode}/{name}/{side}: {row}", flush=True)
-    return rows
+
+                def measure(name=name, where=where, side=side, mode=mode) -> dict:
+                    nonlocal index
+                    index = index or SlideIndex.open(index_dir, {"run": {"verify": "none"}})
+                    allowed = index.catalog.allowed(None, where)
+                    slides = np.arange(len(index.catalog))
+                    parents = slides[allowed] if side == "inside" else slides[~allowed]
+                    queries = cohort.queries(n_queries, n_tiles, parents)
+                    qs = [minmax_barcode(q) if mode == "barcode" else q for q in queries]
+                    return filtered_row(index, qs, mode, allowed)
+
+                row = b.piece(f"filtered/{kind}/{mode}|{name}|{side}", measure)
+                print(f"{kind} {mode}/{name}/{side}: {row}", flush=True)
+    del index
+    gc.collect()
 
 
 def filtered_row(index: SlideIndex, qs: list[np.ndarray], mode: str, allowed: np.ndarray) -> dict:
@@ -292,27 +387,24 @@ def float_row(findex, qtiles, truth, build_s) -> dict:
             "params": {k: findex.params.get(k) for k in ("nlist", "nprobe", "calibrated_recall_at_10")}}  # fmt: skip
 
 
-def hnsw_table(args, report, work, qtiles, params) -> None:
+def hnsw_row(work: Path, qtiles: np.ndarray, params: dict) -> dict:
     """IVF-HNSW (FAISS's guideline index for 1e6-1e7 vectors) built on the same 1M stored vectors."""
-    if not (work / "flat").exists():
-        return
     flat = SlideIndex.open(work / "flat", {"run": {"verify": "none"}})
     vectors, groups = np.array(flat._features()), flat.catalog.row_slide
     del flat
     gc.collect()
     truth = np.load(work / "truth.npy")
     t_build, index = timed(lambda: build_float_index(vectors, "ivf_hnsw", params, groups))
-    report["ivf_hnsw_1m"] = float_row(index, qtiles, truth, t_build)
-    print(f"ivf_hnsw: {report['ivf_hnsw_1m']}", flush=True)
+    vectors = None  # the build holds its own copy
+    row = float_row(index, qtiles, truth, t_build)
+    print(f"ivf_hnsw: {row}", flush=True)
+    return row
 
 
-def barcodes_at_scale(args, report, cohort) -> None:
-    """Flat Hamming search at 1M..10M tiles: codes bytes, add time, first-stage kNN and two-stage search."""
-    report["barcodes_scale"] = {}
-    for n in (int(v) for v in args.barcode_scales.split(",") if v):
-        row = report["barcodes_scale"][str(n)] = barcodes_row(n, args.tiles, cohort)
-        print(f"barcodes at {n:,} tiles: {row}", flush=True)
-        gc.collect()
+def barcodes_piece(b: Bench, n: int, n_tiles: int, cohort: Cohort) -> None:
+    row = b.piece(f"barcodes_scale/{n}", lambda: barcodes_row(n, n_tiles, cohort))
+    print(f"barcodes at {n:,} tiles: {row}", flush=True)
+    gc.collect()
 
 
 def barcodes_row(n: int, n_tiles: int, cohort: Cohort) -> dict:
@@ -361,8 +453,8 @@ def print_tables(r: dict) -> None:
         )
     if "ivf_grown_50" in r:
         g = r["ivf_grown_50"]
-        print(f"IVF built on {g['built_on_slides']} slides, +{g['added_slides']} without retraining: recall@10 "
-              f"{g['recall_at_10']:.3f} (calibrated {g['calibrated_recall_at_10']}); retrain advised: {g['drift']['retrain']}")  # fmt: skip
+        print(f"IVF built on {g.get('built_on_slides')} slides, +{g.get('added_slides')} without retraining: recall@10 "
+              f"{g['recall_at_10']:.3f} (calibrated {g.get('calibrated_recall_at_10')}); drift: {g.get('drift')}")  # fmt: skip
     print(
         f"{'index/mode/filter/queries':<42} {'unfiltered ms':>14} {'filtered ms':>12} {'top-5 = exhaustive':>19}"
     )
