@@ -204,6 +204,7 @@ class SlideIndex:
         parameters = IndexParameters.recorded(manifest["index"], str(path / MANIFEST))
         self.float_index = FloatIndex(kind, index, parameters, tombstones=tombstones)
         self.float_index.vectors = lambda rows: self._features()[rows]
+        self.float_index.base = self._features
         self.float_index.to_device(self.config.run.device)
         # Kinds that store lossy codes read their features now: a later removal deletes the files.
         self._feature_array: np.ndarray | None = None

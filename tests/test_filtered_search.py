@@ -3,6 +3,7 @@ exact within the filter, and the vertical evaluation that uses it (search/filter
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -149,10 +150,25 @@ def agreement(index: SlideIndex, flat: SlideIndex, filters: tuple) -> float:
     return sum([s for s, _ in a] == [s for s, _ in b] for a, b in pairs) / len(pairs)
 
 
+SCANS = ("auto", "selector")  # an IVF's filtered search as it chooses, or always through its lists
+
+
+def scanning(index: SlideIndex, scan: str, monkeypatch: pytest.MonkeyPatch) -> SlideIndex:
+    """The index, its IVF made to search every filter through its lists (FAISS id selector) for
+    "selector" (without its rows' vectors it cannot scan the allowed rows exactly)."""
+    if scan == "selector":
+        monkeypatch.setattr(index.float_index, "base", None)
+    return index
+
+
+@pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize("kind", KINDS[1:])
-def test_a_filter_costs_approximate_kinds_no_accuracy(indexes: dict, kind: str) -> None:
+def test_a_filter_costs_approximate_kinds_no_accuracy(
+    indexes: dict, kind: str, scan: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Within every filter (one that excludes the query's own label among them) an approximate index finds
     the flat index's top-5 at least as often as it does without a filter."""
+    scanning(indexes[kind], scan, monkeypatch)
     unfiltered = agreement(indexes[kind], indexes["flat"], (None,))
     margin = 0.05 if kind == "ivfpq" else 0.02  # PQ codes rank far neighbours (another label's) coarsely
     for where in (*FILTERS, {"label": frozenset({"x"})}):  # label x: the nearest allowed slides of a y or z
@@ -160,9 +176,12 @@ def test_a_filter_costs_approximate_kinds_no_accuracy(indexes: dict, kind: str) 
         assert filtered >= unfiltered - margin, (kind, where, filtered, unfiltered)
 
 
+@pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_filtered_knn_of_every_kind_stays_in_the_filter(indexes: dict, kind: str) -> None:
-    index = indexes[kind]
+def test_filtered_knn_of_every_kind_stays_in_the_filter(
+    indexes: dict, kind: str, scan: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = scanning(indexes[kind], scan, monkeypatch)
     cat = index.catalog
     rows = cat.allowed(None, {"site": frozenset({"D"})})[cat.row_slide]
     for mode in ("barcode", "float"):
@@ -173,6 +192,27 @@ def test_filtered_knn_of_every_kind_stays_in_the_filter(indexes: dict, kind: str
             truth = exact_knn(q, index._features(), 15, allowed=rows)[1]
             hits = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(i, truth, strict=True)])
             assert hits >= (0.8 if kind == "ivfpq" else 0.9)
+
+
+@pytest.mark.parametrize("kind", ("ivf", "ivfpq", "ivf_hnsw"))
+def test_an_ivf_scans_the_rows_of_a_narrow_filter_exactly(indexes: dict, kind: str) -> None:
+    """A filter allowing few rows is searched exactly (cheaper than the lists a filtered IVF would scan):
+    the exact neighbours within it; a wide filter goes through the lists."""
+    index = indexes[kind]
+    f = index.float_index
+    narrow = index.catalog.allowed(None, {"site": frozenset({"D"})})[index.catalog.row_slide]
+    wide = ~index.catalog.allowed(None, {"site": frozenset({"D"})})[index.catalog.row_slide]
+    nlist, nprobe = f.params["nlist"], f.params["nprobe"]
+    assert f.exact_is_cheaper(narrow) == ((narrow.mean() ** 2) <= 2.0 * nprobe / nlist)
+    q = index._features()[::29]
+    if f.exact_is_cheaper(narrow):
+        d, i = f.search(q, 15, narrow)
+        truth_d, truth_i = exact_knn(q, index._features(), 15, allowed=narrow)
+        np.testing.assert_array_equal(i, truth_i)
+        np.testing.assert_allclose(d, truth_d, rtol=1e-5)
+    assert f.exact_is_cheaper(wide) == ((wide.mean() ** 2) <= 2.0 * nprobe / nlist)
+    many_lists = dataclasses.replace(f, parameters=f.parameters.with_resolved({"nprobe": 1, "nlist": 10_000}))
+    assert not many_lists.exact_is_cheaper(wide) and not many_lists.exact_is_cheaper(narrow)  # short lists
 
 
 def test_slide_index_search_takes_where(indexes: dict, monkeypatch: pytest.MonkeyPatch) -> None:
