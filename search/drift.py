@@ -123,7 +123,7 @@ def _float_recall(index: Any, held: np.ndarray, k: int) -> float:
     """Recall@k of the held-out rows as queries over the other rows, against exact search over them."""
     features = index._features()
     queries = features[held]
-    found = index.float_index.search(queries, k, ~held)[1]
+    found = index.float_index.search(queries, k, ~held, own=True)[1]
     truth = exact_knn(queries, features, k, allowed=~held)[1]
     return round(recall_at_k(found, truth), 4)
 

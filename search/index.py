@@ -295,10 +295,11 @@ class FloatIndex:
         return info
 
     def search(
-        self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None = None, own: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """k nearest indexed vectors of each query among the `rows` allowed (a boolean mask over the rows;
-        None: all): (Euclidean distances (Q, k), ids (Q, k), -1 = none).
+        None: all): (Euclidean distances (Q, k), ids (Q, k), -1 = none). `own`: through the index's own
+        structure even where an exact scan is cheaper (the drift check measures the index itself).
 
         A filtered search is exact within the filter for the flat kind, and for an IVF whose filter
         allows so few rows that scanning them all costs less than the lists a filtered IVF search would
@@ -312,7 +313,7 @@ class FloatIndex:
         if self.kind.exact and self.device == "cpu":
             base, norms = self._flat_arrays()
             return exact_knn(queries, base, k, norms, rows)
-        if rows is not None and self.exact_is_cheaper(rows):
+        if rows is not None and not own and self.exact_is_cheaper(rows):
             base = self.base()
             if self._base_norms is None:
                 self._base_norms = np.einsum("ij,ij->i", base, base)

@@ -195,7 +195,9 @@ def test_filtered_knn_of_every_kind_stays_in_the_filter(
 
 
 @pytest.mark.parametrize("kind", ("ivf", "ivfpq", "ivf_hnsw"))
-def test_an_ivf_scans_the_rows_of_a_narrow_filter_exactly(indexes: dict, kind: str) -> None:
+def test_an_ivf_scans_the_rows_of_a_narrow_filter_exactly(
+    indexes: dict, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A filter allowing few rows is searched exactly (cheaper than the lists a filtered IVF would scan):
     the exact neighbours within it; a wide filter goes through the lists."""
     index = indexes[kind]
@@ -210,6 +212,13 @@ def test_an_ivf_scans_the_rows_of_a_narrow_filter_exactly(indexes: dict, kind: s
         truth_d, truth_i = exact_knn(q, index._features(), 15, allowed=narrow)
         np.testing.assert_array_equal(i, truth_i)
         np.testing.assert_allclose(d, truth_d, rtol=1e-5)
+
+    def no_exact_scan(*args, **kwargs):
+        raise AssertionError("own=True searches the index's lists (what the drift check measures)")
+
+    monkeypatch.setattr("search.index.exact_knn", no_exact_scan)
+    _, own = f.search(q, 15, narrow, own=True)
+    assert (own >= 0).all() and narrow[own].all()
     assert f.exact_is_cheaper(wide) == ((wide.mean() ** 2) <= 2.0 * nprobe / nlist)
     many_lists = dataclasses.replace(f, parameters=f.parameters.with_resolved({"nprobe": 1, "nlist": 10_000}))
     assert not many_lists.exact_is_cheaper(wide) and not many_lists.exact_is_cheaper(narrow)  # short lists
