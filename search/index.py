@@ -63,10 +63,11 @@ def _pq_nbits(p: Mapping[str, Any], n: int, d: int) -> int:
     return int(min(p["pq_nbits"], max(1, int(math.log2(n / MIN_POINTS_PER_LIST)))))
 
 
-# How many times faster a blocked matrix product over gathered rows scans a row than FAISS's per-list IVF
-# scan does (FloatIndex.exact_is_cheaper). Conservative: at 1M 1024-d tiles a first stage over 100k allowed
-# rows took 118 ms exactly and 430 ms unfiltered through an IVF visiting about 32k rows per query tile.
-EXACT_SCAN_ADVANTAGE = 2.0
+# FloatIndex.exact_is_cheaper's factor: the exact scan of the allowed rows costs about as much as a
+# filtered IVF search through its lists at f^2 = EXACT_SCAN_ADVANTAGE * nprobe / nlist. Fitted at 1M
+# 1024-d tiles (nprobe 128, nlist 4,000; scripts/bench_grow.py): the exact scan won at 10 % of the rows
+# (two-stage 208 ms against 277 ms unfiltered) and lost at 25 % (402 ms against 256 ms).
+EXACT_SCAN_ADVANTAGE = 0.7
 
 # How a factory-string parameter left null is chosen from N vectors of dimension D (others: as given).
 CHOOSERS: dict[str, Callable[[Mapping[str, Any], int, int], int]] = {
@@ -334,9 +335,9 @@ class FloatIndex:
     def exact_is_cheaper(self, rows: np.ndarray) -> bool:
         """Whether scanning every allowed row exactly costs less than a filtered IVF search. That search
         scans about nprobe / (nlist * f) of the rows per query to meet as many allowed vectors as an
-        unfiltered one (f: the allowed fraction); the exact scan f of them, in one matrix product for
-        all queries, which runs about EXACT_SCAN_ADVANTAGE times faster per row: so f^2 <= advantage *
-        nprobe / nlist (f <= 0.25 for nprobe 128 of 4,000 lists)."""
+        unfiltered one (f: the allowed fraction), the exact scan f of them in one matrix product for all
+        queries: so f^2 <= EXACT_SCAN_ADVANTAGE * nprobe / nlist (f <= 0.15 for nprobe 128 of 4,000
+        lists)."""
         nlist, nprobe = self.params.get("nlist"), self.params.get("nprobe")
         if self.base is None or not nlist or not nprobe or self.tombstones:
             return False
