@@ -31,7 +31,7 @@ from pathology.densenet import FeatureClassifier
 from pathology.encoders import Encoder, encoder_definition, get_encoder
 from pathology.encoders.extractor import weights_hash
 from pathology.encoders.preprocess import Preprocess, crops_per_side
-from pathology.variants import BLOCK_VARIANTS, VARIANTS, apply_variant, network_refusal
+from pathology.variants import VARIANTS, apply_variant, network_refusal
 
 KIND = "kimianet"  # histo.checkpoint kind of a trained (or imported) feature extractor
 LEGACY_ARCHS = {"densenet121": "kimianet"}  # `arch` names of checkpoints before the registry
@@ -53,9 +53,10 @@ def _check_norm(norm: str, encoder: str) -> None:
         raise HistoError(f"norm {norm!r} cannot be used here: {reason}")
 
 
-def encoder_entry(name: str, norm: str | None = None) -> Encoder:
-    """The registry entry `name` (or a pre-registry arch name) with `norm` in its network (None: its own)."""
-    enc = get_encoder(LEGACY_ARCHS.get(name, name))
+def encoder_entry(name: str | Encoder, norm: str | None = None) -> Encoder:
+    """The registry entry `name` (a pre-registry arch name, or an Encoder as is) with `norm` in its network
+    (None: its own)."""
+    enc = get_encoder(LEGACY_ARCHS.get(name, name) if isinstance(name, str) else name)
     if norm is None or norm == enc.arch.get("norm"):
         return enc
     if "norm" not in enc.arch:
@@ -67,7 +68,7 @@ def encoder_entry(name: str, norm: str | None = None) -> Encoder:
 
 
 def build_model(
-    encoder: str = "kimianet", norm: str | None = None, num_classes: int = 30, variant: str = "IV"
+    encoder: str | Encoder = "kimianet", norm: str | None = None, num_classes: int = 30, variant: str = "IV"
 ) -> FeatureClassifier:
     """The entry's network with a linear head for `num_classes` (0: none), trainable per `variant`."""
     if variant not in VARIANTS:
@@ -135,7 +136,9 @@ def load_model(path: str | Path) -> tuple[FeatureClassifier, dict[str, Any]]:
     ckpt = checkpoint.load(path, KIND)
     cfg = ckpt.config
     try:
-        model = build_model(cfg.get("encoder") or cfg["arch"], cfg["norm"], len(cfg["classes"]), cfg["variant"])
+        model = build_model(
+            cfg.get("encoder") or cfg["arch"], cfg["norm"], len(cfg["classes"]), cfg["variant"]
+        )
         model.load_state_dict(ckpt.weights)
     except KeyError as e:
         raise InputFileError(path, f"its config has no {e} entry") from None

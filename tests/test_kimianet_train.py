@@ -388,6 +388,10 @@ def test_cli_train_json_and_bad_init(tmp_path):
     other = random_init_checkpoint(tmp_path / "cbr.pt", arch="cbr-small")
     result = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "d.pt"), "--init", str(other)])
     assert result.exit_code == 2
-    assert "error:" in result.output and "(cbr-small, norm 'batch')" in result.output and "cbr.pt" in result.output
+    assert (
+        "error:" in result.output
+        and "(cbr-small, norm 'batch')" in result.output
+        and "cbr.pt" in result.output
+    )
     result = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "d.pt"), "--variant", "III"])
     assert result.exit_code == 2 and "give --init PATH" in result.output
