@@ -17,12 +17,13 @@ Normalization layers and their scale/shift parameters: `histo.norms.norm_paramet
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from histo.norms import norm_layers, norm_parameters, norm_traits
+from pathology.config import Variant
 from pathology.densenet import FeatureClassifier
 
-VARIANTS = ("I", "II", "III", "IV", "scratch", "norm_only", "norm_shift")
+VARIANTS = get_args(Variant)
 BLOCK_VARIANTS = {"I": 4, "II": 3, "III": 2}  # variant -> first trained dense block
 NORM_VARIANTS = {"norm_only": ("scale", "shift"), "norm_shift": ("shift",)}
 NEEDS_NO_INIT = ("scratch", "norm_only")  # norm_only from random weights: Frankle's random features
