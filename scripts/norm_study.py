@@ -53,7 +53,7 @@ GROUPED = {"group", "bcn", "evonorm_s0"}
 SHIFT = {"he": {"brightness", "contrast", "saturation", "hue", "stain"}, "mri": {"bias_field", "gamma"}}
 INSTANCE_LIKE = {"group", "instance", "evonorm_s0", "ibn_a", "ibn_b"}
 TILE_MPP = 1.0  # µm/px of the synthetic tiles (the resolution the pipeline reads tiles at)
-FEW_ERRORS = 0.02  # a reference error below this makes a corruption's CE a ratio of a few errors (flagged)
+FEW_ERRORS = 0.02  # a reference error (or its increase over clean) below this: CE (rCE) is a ratio of noise
 TRAINED_SHARE = 0.5  # of the way from chance to the reference's clean score a trained model must cover
 # The study's own checkpoint kinds (files under OUT/pathology/models, written by `histo.training`).
 CNN_KIND, CNN_STATE = "norm-study-cnn", "norm-study-cnn-train-state"
@@ -397,9 +397,15 @@ def domain_section(domain: Domain) -> str:
     }
     names = list(next(iter(ce.ce.values())))
     content, shifted = [c for c in names if c not in shift], [c for c in names if c in shift]
+    errors = error_table(domain.rows, metric)
+    ref_error = {
+        c: float(np.mean([e for (m, cc, _), e in errors.items() if (m, cc) == ("batch", c)])) for c in names
+    }
+    ref_drop = {c: ref_error[c] - errors[("batch", CLEAN, 0)] for c in names}
+    weak = [c for c in names if ref_drop[c] < FEW_ERRORS]  # rCE: a ratio of BN's few extra errors
 
-    def mean_ce(model: str, corruptions: list[str]) -> float:
-        values = [ce.ce[model][c] for c in corruptions if math.isfinite(ce.ce[model][c])]
+    def mean_of(table: dict, model: str, corruptions: list[str]) -> float:
+        values = [table[model][c] for c in corruptions if math.isfinite(table[model][c])]
         return float(np.mean(values)) if values else math.nan
 
     lines = [
@@ -409,37 +415,43 @@ def domain_section(domain: Domain) -> str:
         f"below {_fmt(domain.threshold)}, i.e. less than {TRAINED_SHARE:.0%} of the way from chance "
         f"({_fmt(domain.chance)}: {domain.chance_rule}) to `batch`'s clean score; no CE is computed for it. "
         f"+aBN: α-BN (α = {domain_alpha(domain)}) on the same weights, for the norms with BN statistics. "
-        f"Wall time {domain.seconds / 60:.1f} min.",
+        f"rel. mCE*: over the corruptions that cost `batch` at least {FEW_ERRORS:.0%} over its clean error "
+        f"(left out: {', '.join(weak) or 'none'}). Wall time {domain.seconds / 60:.1f} min.",
         "",
-        "| model | epochs | train loss | clean | mCE | rel. mCE | mCE same-content | mCE appearance shift |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | epochs | train loss | clean | mCE | rel. mCE | rel. mCE* | mCE same-content "
+        "| mCE appearance shift |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    strong = [c for c in names if c not in weak]
     for m in domain.models:
         for label in (m.norm, f"{m.norm}+aBN"):
             if label not in ce.ce and not (label == m.norm and not m.trained):
                 continue
             head = f"| {label} | {m.epochs} | {_fmt(m.train_loss)} | {_fmt(clean.get(label, m.clean))} |"
             if not m.trained:
-                lines.append(f"{head} not trained | | | |")
+                lines.append(f"{head} not trained | | | | |")
                 continue
             lines.append(
                 f"{head} {_fmt(ce.mce[label])} | {_fmt(ce.rmce[label])} | "
-                f"{_fmt(mean_ce(label, content))} | {_fmt(mean_ce(label, shifted))} |"
+                f"{_fmt(mean_of(ce.rce, label, strong))} | {_fmt(mean_of(ce.ce, label, content))} | "
+                f"{_fmt(mean_of(ce.ce, label, shifted))} |"
             )
-    lines += [f"| {n} | refused: {why} | | | | | | |" for n, why in domain.refused.items()]
-    errors = error_table(domain.rows, metric)
+    lines += [f"| {n} | refused: {why} | | | | | | | |" for n, why in domain.refused.items()]
     lines += [
         "",
-        "Most robust model per corruption (lowest CE; `batch`'s error averaged over severities):",
+        "Most robust model per corruption (lowest CE; `batch`'s error averaged over severities, and its "
+        "increase over clean):",
         "",
     ]
     for c in names:
         finite = {m: ce.ce[m][c] for m in ce.ce if math.isfinite(ce.ce[m][c])}
         best = min(finite, key=finite.get) if finite else "n/a (the reference never erred)"
-        ref = float(np.mean([e for (m, cc, _), e in errors.items() if m == "batch" and cc == c]))
-        few = f"; below {FEW_ERRORS:.0%}: a ratio of a few errors" if ref < FEW_ERRORS else ""
+        few = f"; below {FEW_ERRORS:.0%}: CE is a ratio of a few errors" if ref_error[c] < FEW_ERRORS else ""
         ce_text = f"CE {finite[best]:.3f}; " if finite else ""
-        lines.append(f"- {c}: {best} ({ce_text}BN error {ref:.3f}{few})")
+        lines.append(
+            f"- {c}: {best} ({ce_text}BN error {ref_error[c]:.3f}{few}, "
+            f"{ref_drop[c]:+.3f} over clean{'; not in rel. mCE*' if c in weak else ''})"
+        )
 
     def verdict(value: float) -> str:
         if not math.isfinite(value):
@@ -449,8 +461,8 @@ def domain_section(domain: Domain) -> str:
         return "holds here" if value < 1 else "does not hold here"
 
     inst = [m for m in ce.ce if m in INSTANCE_LIKE]
-    inst_ce = float(np.nanmean([mean_ce(m, content) for m in inst])) if inst else math.nan
-    abn = mean_ce("batch+aBN", shifted) if "batch+aBN" in ce.ce else math.nan
+    inst_ce = float(np.nanmean([mean_of(ce.ce, m, content) for m in inst])) if inst else math.nan
+    abn = mean_of(ce.ce, "batch+aBN", shifted) if "batch+aBN" in ce.ce else math.nan
     corruption_setup = {k: v for k, v in domain.record.items() if k != "severity_table"}
     lines += [
         "",

@@ -45,7 +45,7 @@ def _fake_study(ns, clean: dict[str, float]):
         score = clean[model.norm]
         return lambda corrupt: {"accuracy": score - (0.0 if corrupt(1.0, 0) == 1.0 else 0.1)}
 
-    table = {"blur": lambda x, s, rng: x - s, "hue": lambda x, s, rng: x - s}
+    table = {"blur": lambda x, s, rng: x - s, "hue": lambda x, s, rng: x - s, "noop": lambda x, s, rng: x}
     return ns.study(_domain(ns), list(clean), fit_norm, make_evaluate, table, ARGS)
 
 
@@ -65,6 +65,8 @@ def test_report_shows_not_trained_instead_of_a_ce(ns):
     assert "not trained" in row and "0.300" in row
     assert "| instance | 3 | 0.500 | 0.900 |" in section
     assert "rn_l" not in section.split("Most robust")[1]  # neither best anywhere nor in the literature check
+    assert "(left out: noop)" in section  # BN loses nothing to it: its relative CE would be 0 / 0
+    assert "- noop: batch (CE 1.000; BN error 0.050, +0.000 over clean; not in rel. mCE*)" in section
 
 
 def test_untrained_reference_stops_the_study(ns):
