@@ -15,7 +15,8 @@ chance to the `batch` model's clean score is reported as not trained, without CE
 chosen norms longer). `report.md` says which norm is most robust to which corruption and checks the
 literature's expectation (REFERENCE.md §6): GN/IN-type norms help under corruptions with the same content,
 BN with statistics calibration (α-BN) under distribution shift (here proxied by global intensity/colour
-shifts). CPU-sized defaults (~10 minutes per domain on 2 free cores):
+shifts). CPU-sized defaults (measured on about a third of a core each: pathology 22 min, segmentation
+44 min, a third of it the rn_l U-Net; the README's "Normalization study" has the run and its tables):
   .venv/bin/python scripts/norm_study.py --out norm_study
 """
 
