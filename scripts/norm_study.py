@@ -13,10 +13,11 @@ Each model is run through `histo.robustness.run_grid`, and the norms with BN sta
 α-BN; CE / mCE are against the `batch` model. A model whose clean score has not covered half the way from
 chance to the `batch` model's clean score is reported as not trained, without CE (`--epochs-for` trains
 chosen norms longer). `report.md` says which norm is most robust to which corruption and checks the
-literature's expectation (REFERENCE.md §6): GN/IN-type norms help under corruptions with the same content,
+literature's expectation: GN/IN-type norms help under corruptions with the same content,
 BN with statistics calibration (α-BN) under distribution shift (here proxied by global intensity/colour
-shifts). CPU-sized defaults (measured on about a third of a core each: pathology 22 min, segmentation
-44 min, a third of it the rn_l U-Net; the README's "Normalization study" has the run and its tables):
+shifts). CPU-sized defaults (measured on one thread of a shared 2-core machine: pathology 10-22 min,
+segmentation 16-44 min by load, a third of it the rn_l U-Net; the README's "Normalization study" has the run
+and its tables):
   .venv/bin/python scripts/norm_study.py --out norm_study
 """
 
