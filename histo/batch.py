@@ -31,6 +31,15 @@ Exception policy: what is a bad item, and what is a bug.
       nibabel in segmentation/data.py, zarr in search/features.py);
     `OSError`: the file system refused a read or a write (a vanished or unreadable file, a permission,
       a full disk).
+  An unreadable input (a permission, a vanished file) is such a fault.
+- What is wrong with the environment rather than with one item stops the batch: an OSError for a full
+  disk or quota (ENOSPC, EDQUOT) or a read-only file system (EROFS) anywhere, one refusing a write
+  under the run's `outputs` (EACCES, EPERM, ENOTDIR: `--out` or `--qc-dir` not writable), or an
+  `EnvironmentFault` raised by `process`. No outcome is recorded for the item (it is not at fault),
+  no other item starts, and `BatchStopped` is raised carrying the summary of what finished (its extra:
+  `stopped`, the reason, and `not_processed`); the CLI prints that summary (and its JSON under --json),
+  then the one-line reason, and exits 3. Items still running in other workers finish, and a re-run
+  after the fix resumes.
 - Anything else (TypeError, AttributeError, KeyError, AssertionError, ValueError, ...) is a bug. It is
   re-raised at once with its traceback and no outcome is recorded for the item; `process` writes its
   outputs atomically, so nothing half-written remains, items finished before keep their outputs, and
@@ -39,11 +48,13 @@ Exception policy: what is a bad item, and what is a bug.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Literal, Protocol, TypeVar
 
 from histo.errors import HistoError, InputFileError
@@ -56,6 +67,8 @@ ALREADY_DONE = "already done"
 ITEM_ERRORS: tuple[type[BaseException], ...] = (HistoError, OSError)
 WORKER_DIED = "the worker process died while processing it (a crash or out of memory)"
 MAX_REASON = 500  # characters of a reason; the full message stays in the debug log
+ANYWHERE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # the environment wherever they happen
+OUTPUT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR})  # the environment under the outputs
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,42 @@ class BatchSummary:
         }
 
 
+class EnvironmentFault(HistoError):
+    """Something wrong with where the batch runs, not with an item (disk full, output not writable)."""
+
+
+class BatchStopped(HistoError):
+    """A batch stopped by its environment: `reason` in one line and the `summary` of what finished."""
+
+    def __init__(self, reason: str, summary: BatchSummary) -> None:
+        done = summary.counts["done"]
+        super().__init__(
+            f"{reason}; the run stopped ({done} done and kept, {summary.extra['not_processed']} not "
+            "processed; re-run to resume after fixing it)"
+        )
+        self.reason = reason
+        self.summary = summary
+
+
+def _under(path: str | os.PathLike, folders: Sequence[str | os.PathLike]) -> bool:
+    p = os.path.abspath(path)
+    return any(os.path.commonpath([p, os.path.abspath(f)]) == os.path.abspath(f) for f in folders)
+
+
+def environment_fault(exc: BaseException, outputs: Sequence[str | os.PathLike] = ()) -> str | None:
+    """The one-line reason when `exc` is the environment's fault rather than an item's, else None."""
+    if isinstance(exc, EnvironmentFault):
+        return str(exc)
+    if not isinstance(exc, OSError):
+        return None
+    where = exc.filename if isinstance(exc.filename, (str, os.PathLike)) else None
+    anywhere = exc.errno in ANYWHERE_ERRNOS
+    if not anywhere and not (exc.errno in OUTPUT_ERRNOS and where is not None and _under(where, outputs)):
+        return None
+    text = exc.strerror or str(exc)
+    return f"{os.fspath(where)}: {text}" if where is not None else text
+
+
 class Item(Protocol):
     """What the runner needs of an item: an id and the path of its input (None when it has none)."""
 
@@ -186,11 +235,16 @@ def reason_of(exc: BaseException, path: str | os.PathLike | None = None) -> str:
     return (lines[0] if lines else type(exc).__name__)[:MAX_REASON]
 
 
-def _attempt(process: Callable[[T], Outcome], item: T) -> tuple[Outcome, str | None]:
-    """process(item), or its fault as a failed outcome with the traceback text (runs in a worker too)."""
+def _attempt(
+    process: Callable[[T], Outcome], item: T, outputs: Sequence[str | os.PathLike] = ()
+) -> tuple[Outcome, str | None]:
+    """process(item), or its fault as a failed outcome with the traceback text (runs in a worker too);
+    a fault of the environment is re-raised."""
     try:
         outcome = process(item)
     except ITEM_ERRORS as e:
+        if environment_fault(e, outputs) is not None:
+            raise
         return Outcome.failed(item.id, item.path, reason_of(e, item.path)), traceback.format_exc()
     if not isinstance(outcome, Outcome):
         raise TypeError(f"process must return an Outcome, got {type(outcome).__name__}")
@@ -208,17 +262,22 @@ def run_batch(
     desc: str = "batch",
     unit: str = "item",
     progress: bool = True,
+    outputs: Sequence[str | os.PathLike | None] = (),
 ) -> list[Outcome]:
     """Run `process` over the shard's items; one Outcome per item, in the items' order.
 
     `is_done(item)`: the detail of an item complete from an earlier run (skipped, "already done") or
     None. `on_outcome(item, outcome)` runs in this process after each item (skipped ones first), e.g.
-    to save progress. See the module docstring for the exception policy.
+    to save progress. `outputs`: the folders the batch writes (the first is its `out`; None entries are
+    ignored), where a refused write is the environment's fault. See the module docstring for the
+    exception policy (BatchStopped).
     """
     from tqdm import tqdm
 
     mine = select_shard(items, shard)
     outcomes: list[Outcome | None] = [None] * len(mine)
+    folders = [os.fspath(f) for f in outputs if f is not None]
+    attempt = partial(_attempt, process, outputs=folders)
 
     def record(k: int, outcome: Outcome, trace: str | None) -> None:
         if trace is not None:
@@ -229,28 +288,37 @@ def run_batch(
         if on_outcome is not None:
             on_outcome(mine[k], outcome)
 
-    todo = []
-    for k, item in enumerate(mine):
-        detail = is_done(item) if is_done is not None else None
-        if detail is None:
-            todo.append(k)
-        else:
-            record(k, Outcome.skipped(item.id, item.path, ALREADY_DONE, **detail), None)
-    with tqdm(total=len(todo), desc=desc, unit=unit, disable=not progress) as bar:
-        if workers <= 1 or len(todo) <= 1:
-            for k in todo:
-                bar.set_postfix_str(mine[k].id, refresh=False)
-                record(k, *_attempt(process, mine[k]))
-                bar.update()
-        else:
-            _in_pool(todo, workers, mine, process, record, bar)
-            # A dead worker breaks the whole pool: retry the rest one process each, so only the item
-            # that kills its own process is failed.
-            for k in [k for k in todo if outcomes[k] is None]:
-                _in_pool([k], 1, mine, process, record, bar)
-                if outcomes[k] is None:
-                    record(k, Outcome.failed(mine[k].id, mine[k].path, WORKER_DIED), None)
+    try:
+        todo = []
+        for k, item in enumerate(mine):
+            detail = is_done(item) if is_done is not None else None
+            if detail is None:
+                todo.append(k)
+            else:
+                record(k, Outcome.skipped(item.id, item.path, ALREADY_DONE, **detail), None)
+        with tqdm(total=len(todo), desc=desc, unit=unit, disable=not progress) as bar:
+            if workers <= 1 or len(todo) <= 1:
+                for k in todo:
+                    bar.set_postfix_str(mine[k].id, refresh=False)
+                    record(k, *attempt(mine[k]))
                     bar.update()
+            else:
+                _in_pool(todo, workers, mine, attempt, record, bar)
+                # A dead worker breaks the whole pool: retry the rest one process each, so only the item
+                # that kills its own process is failed.
+                for k in [k for k in todo if outcomes[k] is None]:
+                    _in_pool([k], 1, mine, attempt, record, bar)
+                    if outcomes[k] is None:
+                        record(k, Outcome.failed(mine[k].id, mine[k].path, WORKER_DIED), None)
+                        bar.update()
+    except ITEM_ERRORS as e:
+        reason = environment_fault(e, folders)
+        if reason is None:
+            raise
+        finished = tuple(o for o in outcomes if o is not None)
+        extra = {"stopped": reason, "not_processed": len(mine) - len(finished)}
+        summary = BatchSummary(finished, out=folders[0] if folders else None, shard=shard, extra=extra)
+        raise BatchStopped(reason, summary) from e
     return [o for o in outcomes if o is not None]
 
 
@@ -258,32 +326,76 @@ def _in_pool(
     todo: list[int],
     workers: int,
     items: Sequence[T],
-    process: Callable[[T], Outcome],
+    attempt: Callable[[T], tuple[Outcome, str | None]],
     record: Callable[[int, Outcome, str | None], None],
     bar: Any,
 ) -> None:
     """Run the items `todo` in a spawned process pool; stops quietly when a worker dies (those items
-    stay unrecorded); a bug in a worker cancels the items not started and is re-raised here."""
+    stay unrecorded); a bug in a worker cancels the items not started and is re-raised here; a fault
+    of the environment cancels them too, records the items still running as they end, then is re-raised."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
     from multiprocessing import get_context
 
-    from histo.log import init_worker, worker_settings
+    from histo.log import worker_settings
 
-    # Workers log like the parent (terminal level and --log-file), so their records are not lost.
+    # Workers log like the parent (terminal level and --log-file), so their records are not lost, and
+    # end when it does.
     context = get_context("spawn")
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=init_worker, initargs=(worker_settings(),)
+        workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(), worker_settings())
     ) as pool:
-        futures = {pool.submit(_attempt, process, items[k]): k for k in todo}
+        futures = {pool.submit(attempt, items[k]): k for k in todo}
+        fault: BaseException | None = None
         try:
             for future in as_completed(futures):
+                if future.cancelled():
+                    continue
                 try:
                     outcome, trace = future.result()
                 except BrokenProcessPool:
+                    continue
+                except ITEM_ERRORS as e:  # `attempt` re-raises only the environment's faults
+                    fault = fault or e
+                    for other in futures:
+                        other.cancel()
                     continue
                 record(futures[future], outcome, trace)
                 bar.update()
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+    if fault is not None:
+        raise fault
+
+
+def _init_worker(parent: int, log_settings: tuple[int, str | None] | None) -> None:
+    """Set up a spawned worker: log like its parent, and end with it (histo.log, `end_with_parent`)."""
+    from histo.log import init_worker
+
+    end_with_parent(parent)
+    init_worker(log_settings)
+
+
+def end_with_parent(parent: int) -> None:
+    """Make this process end when `parent` does, even when it is killed with SIGKILL: on Linux the
+    kernel sends SIGTERM (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread checks every half second."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()

@@ -79,6 +79,17 @@ def unflatten(overrides: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Turn {"mosaic": {"k": 9}} into {"mosaic.k": 9}: the dotted keys of every leaf (unflatten's inverse)."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 # ---- field types shared by the stage models -----------------------------------------------------
 
 

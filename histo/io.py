@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,14 +14,25 @@ from typing import Any
 from histo.errors import HistoError
 
 
+def _new_file(folder: Path, name: str) -> Path:
+    """Create an empty, hidden temporary file `.NAME.<random>.tmp` in `folder` with the mode every new
+    file gets (0666 less the umask; mkstemp's 0600 would keep colleagues out of an index)."""
+    while True:
+        tmp = folder / f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it over `path`, on failure delete it."""
+    """Yield a temporary path beside `path`; on success rename it over `path`, on failure delete it.
+    The file follows the umask like any other new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_file(path.parent, path.name)
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -29,7 +29,7 @@ from histo.errors import HistoError
 
 def _severities(value: Any) -> Any:
     """'1-5' or '1,3,5' (or one int, or a list) -> a sorted tuple of distinct severities."""
-    from histo.robustness import parse_severities
+    from histo.robustness.grid import parse_severities
 
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
@@ -49,6 +49,9 @@ Severity = Annotated[int, Field(ge=1, le=5)]
 class PathologyRobustness(Section):
     """Nearest-neighbour tile classification on a tile store (pathology.robustness)."""
 
+    # --model/--reference are this encoder's weight files (a name pathology.robustness checks against its
+    # registry: histo imports no domain package); None: histo checkpoints
+    encoder: Annotated[str, Field(min_length=1)] | None
     k: PositiveInt
     batch_size: PositiveInt  # also the α-BN calibration batch, so it changes results
     max_tiles_per_slide: Count

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from histo.config import flatten
 from histo.errors import ConfigError, HistoError
 from histo.io import atomic_write_text
 from histo.training_config import LoopOptions
@@ -92,14 +93,9 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return out
+def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The dotted keys of a config, tuples as lists (as they come back from a checkpoint's JSON)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(config).items()}
 
 
 def config_changes(
@@ -110,7 +106,7 @@ def config_changes(
 ) -> str:
     """The keys that differ, as `key: old -> new, ...` ('' when none). Keys in `ignore` (dotted) may differ;
     a key `saved` lacks matches when `current` holds its value in `defaults` (a later release added it)."""
-    a, b, d = _flatten(saved), _flatten(current), _flatten(defaults or {})
+    a, b, d = _comparable(saved), _comparable(current), _comparable(defaults or {})
     skip = set(ignore) | {k for k in set(b) - set(a) if k in d and d[k] == b[k]}
     changed = sorted(k for k in set(a) | set(b) if k not in skip and a.get(k) != b.get(k))
     detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:5])

@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from histo.config import Count, Fraction, NonNegative, Positive, PositiveInt, Section
+from histo.config import Count, Device, Fraction, NonNegative, Positive, PositiveInt, RunOptions, Section
 
 
 class LoopOptions(Section):
@@ -30,3 +30,12 @@ class LoopOptions(Section):
     val_every: PositiveInt  # validate every N epochs (and after the last)
     patience: Count  # early stopping: validations without improvement of `monitor`; 0 disables
     monitor: str  # the validation metric that picks the best checkpoint (each stage lists its choices)
+
+
+class LoopRun(RunOptions):
+    """The run options every trainer has: where, whether to resume, whether to start over; and workers."""
+
+    device: Device
+    resume: bool
+    overwrite: bool
+    workers: Count

@@ -45,22 +45,36 @@ def haematoxylin(rgb: np.ndarray) -> np.ndarray:
 
 
 def nuclei_mask(
-    rgb: np.ndarray, h_threshold: float = H_THRESHOLD, radius_px: int = RADIUS_PX, sigma: float = 1.0
+    rgb: np.ndarray,
+    h_threshold: float = H_THRESHOLD,
+    radius_px: int = RADIUS_PX,
+    sigma: float = 1.0,
+    ink: tuple[str, ...] = (),
 ) -> np.ndarray:
-    """Binary nuclei mask (H x W bool): white top-hat of the haematoxylin density above `h_threshold`."""
+    """Binary nuclei mask (H x W bool): white top-hat of the haematoxylin density above `h_threshold`;
+    with `ink` colours, pen strokes (pathology/ink.py) are never nuclei, so ink cannot win the ranking."""
     h = haematoxylin(rgb)
     if sigma > 0:
         h = ndimage.gaussian_filter(h, sigma)
     side = 2 * radius_px + 1
     background = ndimage.grey_opening(h, size=(side, side), mode="reflect")
-    return (h - background) > h_threshold
+    nuclei = (h - background) > h_threshold
+    if ink:
+        from pathology.ink import ink_regions
+
+        nuclei &= ~ink_regions(rgb, ink, speck_px=radius_px, margin_px=radius_px)
+    return nuclei
 
 
 def cellularity_score(
-    rgb: np.ndarray, h_threshold: float = H_THRESHOLD, radius_px: int = RADIUS_PX, sigma: float = 1.0
+    rgb: np.ndarray,
+    h_threshold: float = H_THRESHOLD,
+    radius_px: int = RADIUS_PX,
+    sigma: float = 1.0,
+    ink: tuple[str, ...] = (),
 ) -> float:
     """Fraction of nucleus pixels in an RGB uint8 tile (0 = no nuclei; higher = more cellular)."""
-    return float(nuclei_mask(rgb, h_threshold, radius_px, sigma).mean())
+    return float(nuclei_mask(rgb, h_threshold, radius_px, sigma, ink).mean())
 
 
 def nuclei_count(mask: np.ndarray, mpp: float, split_um: float, min_area_um2: float = MIN_NUCLEUS_UM2) -> int:
@@ -87,19 +101,23 @@ def nuclei_density(
     h_threshold: float = H_THRESHOLD,
     radius_px: int = RADIUS_PX,
     sigma: float = 1.0,
+    ink: tuple[str, ...] = (),
 ) -> float:
     """Nuclei per mm² of an RGB uint8 tile read at `mpp` µm/px (touching nuclei split, see `nuclei_count`)."""
-    mask = nuclei_mask(rgb, h_threshold, radius_px, sigma)
+    mask = nuclei_mask(rgb, h_threshold, radius_px, sigma, ink)
     count = nuclei_count(mask, mpp, split_um=radius_px * mpp / 2)
     return count / (mask.size * mpp**2 * 1e-6)
 
 
-def tile_scorer(cfg: CellularityConfig, mpp: float) -> Callable[[np.ndarray], float]:
-    """The configured cellularity score (`cfg.score`) of an RGB tile read at `mpp` µm/px."""
+def tile_scorer(
+    cfg: CellularityConfig, mpp: float, ink: tuple[str, ...] = ()
+) -> Callable[[np.ndarray], float]:
+    """The configured cellularity score (`cfg.score`) of an RGB tile read at `mpp` µm/px; pen ink of the
+    `ink` colours never counts as nuclei."""
     radius_px = max(1, round(cfg.nucleus_radius_um / mpp))
     if cfg.score == "nuclei_density":
-        return partial(nuclei_density, mpp=mpp, h_threshold=cfg.h_threshold, radius_px=radius_px)
-    return partial(cellularity_score, h_threshold=cfg.h_threshold, radius_px=radius_px)
+        return partial(nuclei_density, mpp=mpp, h_threshold=cfg.h_threshold, radius_px=radius_px, ink=ink)
+    return partial(cellularity_score, h_threshold=cfg.h_threshold, radius_px=radius_px, ink=ink)
 
 
 def keep_most_cellular(scores: np.ndarray, cfg: CellularityConfig) -> np.ndarray:

@@ -6,18 +6,19 @@ The models hold the types and the valid ranges; the values come from `histo/conf
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from functools import cached_property
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from histo.config import (
     AsTuple,
     Count,
-    Device,
     Fraction,
     KeyedError,
     NonNegative,
     NormName,
+    OpenFraction,
     PathStr,
     Positive,
     PositiveInt,
@@ -26,7 +27,8 @@ from histo.config import (
     Seed,
     StageConfig,
 )
-from histo.training_config import LoopOptions
+from histo.training_config import LoopOptions, LoopRun
+from pathology.geometry import TileGeometry
 
 # ---- histo tile ---------------------------------------------------------------------------------
 
@@ -50,8 +52,13 @@ class TissueConfig(Section):
     method: Literal["hsd", "otsu"]
     mpp: Positive
     std_threshold: Annotated[float, Field(ge=0, le=255)]
+    hsd_channel: Literal["density", "cy"]
     density_threshold: NonNegative
+    cy_threshold: Annotated[float, Field(ge=-1, le=1)]
+    filter_rule: Literal["physical", "yottixel"]
     filter_um: Positive
+    ink: Annotated[tuple[Literal["blue", "green", "black"], ...], AsTuple]
+    ink_margin_um: NonNegative
     otsu_min_saturation: Fraction
     min_brightness: Annotated[float, Field(ge=0, le=255)]
 
@@ -64,6 +71,17 @@ class MosaicConfig(Section):
     edge_tiles: Literal["whole", "partial"]  # partial: edge tiles scored on their tissue, read padded
     grid_anchor: Literal["slide", "tissue"]  # tissue: the grid starts at the tissue's bounding box
 
+
+def _registered_encoder(name: str) -> str:
+    """`name` if it is a registered encoder (`histo encoders`); the registry is imported only then."""
+    from pathology.encoders.registry import check_encoder
+
+    return check_encoder(name)
+
+
+EncoderName = Annotated[str, AfterValidator(_registered_encoder)]  # a name of pathology/encoders' registry
+TileRule = Literal["resize", "grid"]  # tile -> encoder input: the whole tile resized | n x n crops, mean
+Precision = Literal["float32", "bfloat16", "float16"]
 
 CellularityScore = Literal["pixel_fraction", "nuclei_density"]
 
@@ -85,8 +103,89 @@ class CellularityConfig(Section):
         return self
 
 
+class FromCoordsConfig(Section):
+    """`histo tile --from-coords DIR`: what runs on top of a lab's CLAM/TRIDENT patches."""
+
+    select: Literal["none", "cellularity", "mosaic"]
+
+
+ClassName = Annotated[str, Field(min_length=1)]
+
+
+class RoiConfig(Section):
+    """`histo tile --roi PATH`: how QuPath annotations restrict or replace the tissue mask."""
+
+    mode: Literal["restrict", "replace"]
+    include: Annotated[tuple[ClassName, ...], AsTuple]
+    exclude: Annotated[tuple[ClassName, ...], AsTuple]
+
+
+Reader = Literal["auto", "openslide", "tiatoolbox"]
+StainMethod = Literal["none", "macenko", "vahadane", "reinhard"]
+
+
+def _nested_tuples(value: Any) -> Any:
+    return tuple(_nested_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+Vec3 = tuple[float, float, float]
+NestedTuples = BeforeValidator(_nested_tuples)
+
+
+class StainFit(Section):
+    """A stain target fitted once (to an image or to a store's tiles) and recorded with the store, so every
+    later read of its tiles, and every query searched against it, is normalized the same way."""
+
+    method: Literal["macenko", "vahadane", "reinhard"]
+    source: PathStr  # what it was fitted to: an image file or a tile store
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # of the fitted pixels
+    stain_matrix: Annotated[tuple[Vec3, Vec3], NestedTuples] | None  # macenko, vahadane: unit OD rows H, E
+    max_concentrations: Annotated[tuple[Positive, Positive], NestedTuples] | None  # their 99th percentiles
+    lab_mean: Annotated[Vec3, NestedTuples] | None  # reinhard: CIELAB mean and std of the target
+    lab_std: Annotated[tuple[Positive, Positive, Positive], NestedTuples] | None
+
+    @model_validator(mode="after")
+    def _values_of_its_method(self) -> StainFit:
+        matrix = self.method != "reinhard"
+        given = {
+            "stain_matrix": self.stain_matrix is not None,
+            "max_concentrations": self.max_concentrations is not None,
+            "lab_mean": self.lab_mean is not None,
+            "lab_std": self.lab_std is not None,
+        }
+        wanted = {k: (k in ("stain_matrix", "max_concentrations")) == matrix for k in given}
+        for key, present in given.items():
+            if present != wanted[key]:
+                verb = "needs" if wanted[key] else "does not take"
+                raise KeyedError(key, f"a {self.method} fit {verb} {key}")
+        return self
+
+
+class StainConfig(Section):
+    """Stain normalization of the tile pixels that reach the encoder (training, index, queries alike)."""
+
+    method: StainMethod
+    target: PathStr | None  # an RGB image, or a tile store (fitted to its tiles: the archive)
+    luminosity_threshold: OpenFraction
+    angular_percentile: Annotated[float, Field(gt=50, lt=100)]
+    fit: StainFit | None
+
+    @model_validator(mode="after")
+    def _target_for_a_method(self) -> StainConfig:
+        if self.method == "none":
+            for key in ("target", "fit"):
+                if getattr(self, key) is not None:
+                    raise KeyedError(key, f"stain.{key} is set but stain.method is none")
+        elif self.fit is None and self.target is None:
+            raise KeyedError("method", f"{self.method} needs stain.target (an image or a tile store)")
+        elif self.fit is not None and self.fit.method != self.method:
+            raise KeyedError("fit.method", f"the fit is {self.fit.method}, stain.method is {self.method}")
+        return self
+
+
 class TileRun(RunOptions):
     workers: PositiveInt
+    reader: Reader  # not recorded as a parameter: the backend that read each slide is in its record
 
 
 class TileConfig(StageConfig):
@@ -98,7 +197,15 @@ class TileConfig(StageConfig):
     tissue: TissueConfig
     mosaic: MosaicConfig
     cellularity: CellularityConfig
+    from_coords: FromCoordsConfig
+    roi: RoiConfig
+    stain: StainConfig
     run: TileRun
+
+    @cached_property
+    def geometry(self) -> TileGeometry:
+        """`tile` resolved into the stored tile's px, µm/px and µm, once per config (pathology.geometry)."""
+        return TileGeometry.of(self.tile)
 
 
 # ---- histo train --------------------------------------------------------------------------------
@@ -163,11 +270,8 @@ class OptimConfig(LoopOptions):
     monitor: Monitor
 
 
-class TrainRun(RunOptions):
-    device: Device
-    resume: bool
-    overwrite: bool
-    workers: Count
+class TrainRun(LoopRun):
+    """`histo train`'s run options: those of every trainer (histo.training_config.LoopRun)."""
 
 
 class TrainConfig(StageConfig):

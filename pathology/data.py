@@ -152,14 +152,16 @@ class TileDataset(Dataset):
         if self._store.has_pixels(slide_id):
             return self._store.read_selected(slide_id, np.array([j]))[0]
         if slide_id not in self._slides:
-            from pathology.slide import open_slide
+            from pathology.slide import open_slide, recorded_reader
 
             rec = self._store.record(slide_id)
-            self._slides[slide_id] = (open_slide(rec.source_path, mpp_override=rec.mpp), rec)
+            reader = recorded_reader(rec.reader)
+            self._slides[slide_id] = (open_slide(rec.source_path, mpp_override=rec.mpp, reader=reader), rec)
             self._coords[slide_id] = self._store.coords(slide_id)[self._store.selected(slide_id)]
         slide, rec = self._slides[slide_id]
         x, y = self._coords[slide_id][j]
-        return slide.read_tile(int(x), int(y), rec.tile_size_level0, int(rec.tile_px))
+        tile = slide.read_tile(int(x), int(y), rec.tile_size_level0, int(rec.tile_px))
+        return self._store.normalize(tile[None], rec.source_path)[0]
 
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, int]:
         i, seed = key if isinstance(key, tuple) else (key, -1)

@@ -11,13 +11,10 @@ everything (IV from imported weights, scratch from random ones). Frozen parts ke
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, get_args
 
-import numpy as np
 import torch
 
 from histo.errors import HistoError, InputFileError
@@ -25,12 +22,15 @@ from histo.io import file_sha256
 from histo.norms import names as norm_names
 from histo.norms import norm_traits
 from histo.norms.placement import stale_placement_hint
-from pathology.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, resize
+from pathology import encoders
+from pathology.augment import IMAGENET_MEAN, IMAGENET_STD
 from pathology.cbr import CBR_SPECS, cbr
 from pathology.cbr import FAMILY as CBR_FAMILY
 from pathology.config import Variant
 from pathology.densenet import FAMILY as DENSENET_FAMILY
 from pathology.densenet import FeatureClassifier, densenet121
+from pathology.encoders.extractor import weights_hash
+from pathology.encoders.preprocess import Preprocess, crops_per_side
 
 KIND = "kimianet"  # histo.checkpoint kind of a trained (or imported) feature extractor
 ARCHS = ("densenet121", *sorted(CBR_SPECS))
@@ -156,17 +156,9 @@ def random_init_checkpoint(
     return Path(path)
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """sha256 over the names and bytes of every state tensor (for models built in memory)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-class FeatureExtractor:
-    """Turns uint8 RGB tiles into KimiaNet features (resize to `input_px`, ImageNet mean/std)."""
+class FeatureExtractor(encoders.FeatureExtractor):
+    """The extractor of a histo KimiaNet / CBR model: `model.features` on tiles resized to the config's
+    input_px with ImageNet mean/std (or a grid of `grid` x `grid` crops per tile, embeddings averaged)."""
 
     def __init__(
         self,
@@ -174,57 +166,40 @@ class FeatureExtractor:
         config: Mapping[str, Any],
         device: str | torch.device = "auto",
         model_hash: str | None = None,
+        tile_rule: str = "resize",
+        grid: int | None = None,
+        precision: str = "float32",
     ) -> None:
-        from histo.devices import resolve_device
-
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        # A histo-trained network has no native µm/px: it saw its store's tiles resized, so a grid needs `grid`.
+        n = crops_per_side(tile_rule, grid, field_px=None, mpp=None, tiling=None)
+        pre = Preprocess(int(config["input_px"]), IMAGENET_MEAN, IMAGENET_STD, crops_per_side=n)
+        definition = dict(config["feature_definition"])  # as written at training time (histo 0.1 indexes)
+        if n > 1:
+            definition["tile_rule"] = pre.definition()["tile_rule"]
+        if precision != "float32":
+            definition["precision"] = precision
         self.config = dict(config)
-        self.input_px = int(config["input_px"])
-        self.feature_dim = model.feature_dim
-        self.feature_definition = dict(config["feature_definition"])
-        self.model_hash = model_hash or weights_hash(model)
-        self.model = model.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self._model = model
+        super().__init__(
+            model.features,
+            pre,
+            definition,
+            model.feature_dim,
+            device,
+            model_hash or weights_hash(model),
+            precision,
+        )
+        self._model.to(self.device).eval()
+
+    @property
+    def model(self) -> FeatureClassifier:
+        """The whole network (head included); `.network` is the part that makes features."""
+        return self._model
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> FeatureExtractor:
-        """Load a histo checkpoint; `.model_hash` is the sha256 of the file."""
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "auto", **rule: Any
+    ) -> FeatureExtractor:
+        """Load a histo checkpoint; `.model_hash` is the sha256 of the file. `rule`: tile_rule, grid, precision."""
         model, cfg = load_model(path)
-        return cls(model, cfg, device, model_hash=file_sha256(path))
-
-    def _prepare(self, tiles: np.ndarray) -> torch.Tensor:
-        # uint8 travels to the device (4x less than float); conversion and resizing happen there.
-        x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
-        x = normalize(resize(x.movedim(-1, -3).float().div_(255.0), self.input_px))
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
-
-    @torch.inference_mode()
-    def extract(self, tiles: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """(N, H, W, 3) uint8 -> (N, feature_dim) float32, computed in batches of `batch_size`.
-
-        Always in float32 (no bf16 autocast): an index built on a GPU and queries featurised on a CPU
-        must give the same barcodes, and bf16 would flip bits of near-equal neighbouring features.
-        """
-        tiles = np.asarray(tiles)
-        if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
-            raise ValueError(f"expected uint8 tiles (N, H, W, 3), got {tiles.dtype} {tiles.shape}")
-        out = np.empty((len(tiles), self.feature_dim), np.float32)
-        for start in range(0, len(tiles), batch_size):
-            f = self.model.features(self._prepare(tiles[start : start + batch_size]))
-            out[start : start + batch_size] = f.float().cpu().numpy()
-        return out
-
-    def extract_store(self, store: Any, slide_id: str, batch_size: int = 32) -> np.ndarray:
-        """Features of a slide's selected tiles in a TileStore, reading the next batch while computing."""
-        n = int(np.count_nonzero(store.selected(slide_id)))
-        chunks = [np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-        out = np.empty((n, self.feature_dim), np.float32)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(store.read_selected, slide_id, chunks[0]) if chunks else None
-            for i, idx in enumerate(chunks):
-                tiles = pending.result()
-                if i + 1 < len(chunks):
-                    pending = pool.submit(store.read_selected, slide_id, chunks[i + 1])
-                out[idx] = self.extract(tiles, batch_size)
-        return out
+        return cls(model, cfg, device, model_hash=file_sha256(path), **rule)

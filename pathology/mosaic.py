@@ -137,6 +137,31 @@ def tissue_fractions(mask: np.ndarray, grid: Grid, width: int, height: int) -> n
     return sums[:, 0] / np.maximum(area, 1e-12)
 
 
+def tile_means(image: np.ndarray, origins: np.ndarray, size: float, width: int, height: int) -> np.ndarray:
+    """Area-weighted mean of an H x W x C image spanning the whole slide over squares of `size` level-0
+    px at arbitrary `origins` (N, 2) (e.g. given patches, not a grid): (N, C); only the part of a square
+    on the slide counts."""
+    mh, mw = image.shape[:2]
+    sx, sy = width / mw, height / mh
+    out = np.zeros((len(origins), image.shape[2]), np.float64)
+    for i, (x0, y0) in enumerate(np.asarray(origins, np.float64)):
+        c0, c1 = max(0, math.floor(x0 / sx)), min(mw, math.ceil((x0 + size) / sx))
+        r0, r1 = max(0, math.floor(y0 / sy)), min(mh, math.ceil((y0 + size) / sy))
+        if c1 <= c0 or r1 <= r0:
+            continue
+        wx = _span(x0, size, c0, c1, sx)
+        wy = _span(y0, size, r0, r1, sy)
+        crop = image[r0:r1, c0:c1].astype(np.float64)
+        out[i] = np.einsum("r,rcx,c->x", wy, crop, wx) / (wy.sum() * wx.sum())
+    return out
+
+
+def _span(start: float, size: float, p0: int, p1: int, px: float) -> np.ndarray:
+    """Overlap of [start, start + size) with each pixel p0..p1-1 of width `px`."""
+    edges = np.arange(p0, p1 + 1) * px
+    return np.clip(np.minimum(start + size, edges[1:]) - np.maximum(start, edges[:-1]), 0.0, None)
+
+
 def colour_features(slide: Slide, origins: np.ndarray, grid: Grid, mpp: float) -> np.ndarray:
     """Mean R, G, B of each tile at `mpp` µm/px, one read per run of horizontally adjacent tiles."""
     tile_out = max(1, round(grid.size * slide.mpp / mpp))

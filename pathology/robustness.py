@@ -3,10 +3,11 @@
 The clean selected tiles of a tile store form the archive (features of the uncorrupted tiles); every
 tile, corrupted, queries it, its own patient excluded. Scores (`histo.classification`): tile accuracy, tile
 macro-F1 and slide accuracy (majority vote of the slide's tiles; a tie goes to the first label by name).
-The grid, the ImageNet-C metrics and the plots come from `histo.robustness`. Spatial corruptions act at the
-store's target µm/px (`pathology.corruptions.spatial_scale`). α-BN (optional, `alpha_bn`) calibrates the
-query forward passes per corruption (each batch: `batch_size` tiles of one slide); by default the archive
-stays featurised without it, so calibrated queries meet uncalibrated archive features.
+This module supplies the cohort, the model loader and the evaluator; the study (grid, resume, ImageNet-C
+metrics, plots) is `histo.robustness.study`'s. Spatial corruptions act at the store's target µm/px
+(`pathology.corruptions.spatial_scale`). α-BN (optional, `alpha_bn`) calibrates the query forward passes
+per corruption (each batch: `batch_size` tiles of one slide); by default the archive stays featurised
+without it, so calibrated queries meet uncalibrated archive features.
 `pathology.alpha_bn_archive: true` also featurises the archive under α-BN, with its own (clean) batches.
 Which of the two was done is recorded (`alpha_bn_calibrates` in settings.json and the summary).
 """
@@ -26,9 +27,10 @@ from histo.batch import BatchSummary
 from histo.calibration import alpha_bn_mode
 from histo.classification import DEFINITIONS, classification_report, vote
 from histo.errors import HistoError
-from histo.io import atomic_write_json
-from histo.robustness import ModelRun, plan_runs, run_study, select_corruptions
-from histo.robustness_config import RobustnessConfig
+from histo.robustness.grid import Evaluate, select_corruptions
+from histo.robustness.study import Model, Study, run_study
+from histo.robustness_config import PathologyRobustness, RobustnessConfig
+from pathology.geometry import TileGeometry
 
 METRICS = {"accuracy": True, "macro_f1": True, "slide_accuracy": True}
 
@@ -84,11 +86,8 @@ def load_cohort(store: Any, max_tiles_per_slide: int = 16, cache_mb: float = 204
 
 
 def tile_mpp(store: Any) -> float:
-    """The µm/px of the store's tiles (its resolved target resolution), which sizes the spatial corruptions."""
-    mpp = store.params.get("resolved", {}).get("target_mpp")
-    if not isinstance(mpp, (int, float)) or not mpp > 0:
-        raise HistoError(f"{store.path}: the store records no tile resolution (params.resolved.target_mpp)")
-    return float(mpp)
+    """The µm/px of the store's tiles (its recorded geometry), which sizes the spatial corruptions."""
+    return TileGeometry.recorded(store.params, str(store.path)).mpp
 
 
 def knn_predict(
@@ -121,7 +120,7 @@ def classification_scores(y_true: np.ndarray, y_pred: np.ndarray, slide: np.ndar
 
 
 def make_evaluate(extractor: Any, cohort: Cohort, index: list[np.ndarray], k: int, batch_size: int):
-    """evaluate(corrupt) for `histo.robustness.run_grid`: corrupted queries against the clean archive."""
+    """evaluate(corrupt) for `histo.robustness.grid`: corrupted queries against the clean archive."""
     sizes = [len(f) for f in index]
     groups = np.repeat(np.array(cohort.patients), sizes)
     labels = np.repeat(np.array(cohort.labels), sizes)
@@ -154,6 +153,31 @@ def archive_features(
         return [extractor.extract(cohort.tiles(i), batch_size) for i in range(len(cohort.slide_ids))]
 
 
+def open_model_extractor(path: str | os.PathLike, encoder: str | None, device: str, tiling: Any) -> Any:
+    """The feature extractor of a histo checkpoint, or of `encoder`'s weight file at `path` (the registry)."""
+    from pathology.encoders import open_extractor
+    from pathology.kimianet import FeatureExtractor
+
+    if encoder is None:
+        return FeatureExtractor.from_checkpoint(path, device)
+    return open_extractor(encoder, path, device, tiling=tiling)
+
+
+def load_model(path: str | os.PathLike, cohort: Cohort, p: PathologyRobustness, device: str) -> Model:
+    """A checkpoint's feature extractor and its evaluator per run: corrupted queries against the clean
+    archive, featurised once (once per α as well under `alpha_bn_archive`)."""
+    extractor = open_model_extractor(path, p.encoder, device, cohort.store.params)
+    archives: dict[float | None, list[np.ndarray]] = {}
+
+    def evaluator(alpha: float | None) -> Evaluate:
+        key = alpha if p.alpha_bn_archive else None
+        if key not in archives:
+            archives[key] = archive_features(extractor, cohort, p.batch_size, key)
+        return make_evaluate(extractor, cohort, archives[key], p.k, p.batch_size)
+
+    return Model(extractor.model, extractor.model_hash, evaluator)
+
+
 def evaluate_pathology(
     model: str | os.PathLike,
     tiles: str | os.PathLike,
@@ -162,70 +186,45 @@ def evaluate_pathology(
     reference: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> BatchSummary:
-    """Run the corruption grid for `model` (its α-BN variant, and `reference`) on a tile store's tiles.
+    """The H&E corruption study of `model` on the labelled slides of the tile store `tiles`, into `out`.
 
-    `config`: a RobustnessConfig, None (the defaults) or a mapping over the defaults (validated).
-
-    Writes results.csv (resumable), CE tables, plots and summary.json into `out`; returns the
-    BatchSummary of the grid's cells (the report in its extras).
+    `config` (a RobustnessConfig, None for the defaults, or a mapping over them) and `reference` as for
+    `histo.robustness.study.run_study`, which writes the outputs and returns the BatchSummary.
     """
     from pathology.corruptions import CORRUPTIONS, seeded, study_record
-    from pathology.kimianet import FeatureExtractor
     from pathology.store import TileStore
 
     config = RobustnessConfig.coerce(config)
     p, run = config.pathology, config.run
+    if p.encoder is not None:
+        from pathology.encoders import get_encoder
+
+        get_encoder(p.encoder)  # an unknown name fails here, before the cohort is read
     names = select_corruptions(config.corruptions, CORRUPTIONS)
-    severities = list(config.severities)
     store = TileStore.open(tiles)
     mpp = tile_mpp(store)
     record = study_record(names, mpp)  # severity table and spatial scaling, in settings and summary
     cohort = load_cohort(store, p.max_tiles_per_slide, run.cache_mb)
-    plan, ref_label = plan_runs(model, reference, config.alpha_bn)
-    extractors = {str(path): FeatureExtractor.from_checkpoint(path, run.device) for _, path, _ in plan}
-    calibrates = alpha_bn_calibrates(config.alpha_bn, p.alpha_bn_archive)
-    archives: dict[tuple[str, float | None], list[np.ndarray]] = {}
-    runs = []
-    for label, path, alpha in plan:
-        extractor = extractors[str(path)]
-        key = (str(path), alpha if p.alpha_bn_archive else None)
-        if key not in archives:
-            archives[key] = archive_features(extractor, cohort, p.batch_size, key[1])
-        evaluate = make_evaluate(extractor, cohort, archives[key], p.k, p.batch_size)
-        runs.append(ModelRun(label, evaluate, alpha, extractor.model))
-    settings = {
-        "task": "pathology",
-        "tiles": str(Path(tiles).resolve()),
-        "models": {label: extractors[str(path)].model_hash for label, path, _ in plan},
-        "corruptions": names,
-        "severities": severities,
-        "seed": config.seed,
-        "alpha_bn": config.alpha_bn,
-        "alpha_bn_calibrates": calibrates,
-        "pathology": p.model_dump(mode="json"),
-        "slides": cohort.slide_ids,
-        **DEFINITIONS,
-        **record,
-    }
-    summary = run_study(
-        runs,
-        {n: seeded(n, p.batch_size, run.workers, mpp) for n in names},
-        severities,
-        out,
-        settings,
-        METRICS,
-        reference=ref_label,
-        seed=config.seed,
-        progress=progress,
-    )
-    summary = summary.with_extra(
+    calibrates = {"alpha_bn_calibrates": alpha_bn_calibrates(config.alpha_bn, p.alpha_bn_archive)}
+    study = Study(
         task="pathology",
-        models=settings["models"],
-        n_slides=len(cohort.slide_ids),
-        n_tiles=int(sum(len(i) for i in cohort.indices)),
-        skipped_slides=cohort.skipped,
-        **record,
-        alpha_bn_calibrates=calibrates,
+        metrics=METRICS,
+        corruptions={n: seeded(n, p.batch_size, run.workers, mpp) for n in names},
+        load=lambda path: load_model(path, cohort, p, run.device),
+        settings={
+            "tiles": str(Path(tiles).resolve()),
+            **calibrates,
+            "pathology": p.model_dump(mode="json"),
+            "slides": cohort.slide_ids,
+            **DEFINITIONS,
+            **record,
+        },
+        extra={
+            "n_slides": len(cohort.slide_ids),
+            "n_tiles": int(sum(len(i) for i in cohort.indices)),
+            "skipped_slides": cohort.skipped,
+            **record,
+            **calibrates,
+        },
     )
-    atomic_write_json(Path(out) / "summary.json", summary.to_dict())
-    return summary
+    return run_study(study, model, reference, out, config, progress)

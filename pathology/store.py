@@ -14,12 +14,16 @@ different slides, so they never touch the same group; the root is created by an 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +31,21 @@ import numpy as np
 import zarr
 
 from histo.errors import HistoError, InputFileError
+from histo.identity import SourceIdentity
+from histo.io import atomic_write_json
+from pathology.config import StainConfig, TileConfig
+
+log = logging.getLogger(__name__)
 
 FORMAT = "histo-tile-store"
 VERSION = 1
 SLIDES = "slides"
 PARTIAL = ".partial"
 ARRAYS = ("coords", "cluster", "cellularity", "selected")
+# Every stored array: zstd (zarr's default) and then a crc32c per chunk, verified by zarr on every read.
+# Arrays of stores written before this have no checksum and are read as they are.
+CHUNK_CODECS = (zarr.codecs.ZstdCodec(level=0), zarr.codecs.Crc32cCodec())
+DAMAGED = "damaged"  # status listed for a slide whose record cannot be read
 _TMP_RE = re.compile(r"^(?P<slide_id>.+)\.tmp-\d+-[0-9a-f]{8}$")
 
 
@@ -58,9 +71,19 @@ class SlideRecord:
     reason: str | None = None
     n_mosaic: int = 0
     n_selected: int = 0
+    given_coords: str | None = None  # the CLAM/TRIDENT coordinate file its tiles came from
+    roi: str | None = None  # the QuPath GeoJSON file whose regions restricted its tissue mask
+    reader: str | None = None  # the slide reader backend and its version ("openslide 4.0.1")
+    source_size: int | None = None  # bytes of the source file (None: a store written before this was kept)
+    source_fingerprint: str | None = None  # histo.identity.fingerprint of the source file (None: unknown)
+    tiles_digest: str | None = None  # what the tiles were made from, for an index to see a re-tiling
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def identity(self) -> SourceIdentity:
+        """The source file this record came from (size and fingerprint None in an older store)."""
+        return SourceIdentity(self.source_path, self.source_size, self.source_fingerprint)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SlideRecord:
@@ -72,11 +95,38 @@ def slide_id_problem(slide_id: str) -> str | None:
     """Why a slide ID cannot name a group inside the store (path escape, hidden, reserved), or None."""
     if not slide_id or slide_id.strip() != slide_id:
         return f"slide ID {slide_id!r} is empty or has surrounding spaces"
-    if "/" in slide_id or "\\" in slide_id or slide_id.startswith(".") or ".." in slide_id:
+    if "/" in slide_id or "\\" in slide_id or slide_id.startswith("."):  # ".." too; "case..1" is fine
         return f"slide ID {slide_id!r} would escape or hide inside the store path"
     if slide_id.startswith("__") or any(ord(c) < 32 for c in slide_id):
         return f"slide ID {slide_id!r} is reserved by zarr or has control characters"
     return None
+
+
+def decoded(where: Path, read: Callable[[], Any]) -> np.ndarray:
+    """`read()` of stored chunks as an array; a chunk whose checksum or compression does not decode is
+    an InputFileError naming the array `where` (the slide then fails with that reason)."""
+    try:
+        return np.asarray(read())
+    except (ValueError, RuntimeError) as e:  # zarr: crc32c mismatch (ValueError), zstd (RuntimeError)
+        if "checksum" in str(e):
+            raise InputFileError(where, "damaged data: a chunk fails its crc32c checksum") from None
+        raise InputFileError(
+            where, f"damaged data: a chunk does not decode ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _read_record(group: Path) -> SlideRecord:
+    """The SlideRecord in a slide group's zarr.json; InputFileError when it is unreadable or damaged."""
+    try:
+        record = json.loads((group / "zarr.json").read_text())["attributes"]["record"]
+        if not isinstance(record, dict) or not isinstance(record.get("slide_id"), str):
+            raise ValueError("no slide_id")
+        return SlideRecord.from_dict(record)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        raise InputFileError(
+            group, f"damaged slide record ({why}); tile the slide again to repair it"
+        ) from None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -112,9 +162,12 @@ class TileStore:
         return cls(path, attrs["params"])
 
     @classmethod
-    def create_or_open(cls, path: str | os.PathLike, params: dict) -> TileStore:
+    def create_or_open(
+        cls, path: str | os.PathLike, params: dict, complete: Callable[[dict], dict] | None = None
+    ) -> TileStore:
         """Open the store for writing, creating it atomically if absent; the tiling parameters of an
-        existing store must equal `params` (several shards share one store)."""
+        existing store must equal `params` (several shards share one store). `complete` fills in the
+        keys a store of an earlier release lacks (with the defaults that reproduce what it did)."""
         path = Path(path)
         params = _jsonable(params)
         if not (path / "zarr.json").exists():
@@ -132,8 +185,9 @@ class TileStore:
                 if not (path / "zarr.json").exists():
                     raise InputFileError(path, "exists and is not a tile store") from None
         store = cls.open(path)
-        if store.params != params:
-            differ = sorted(_diff_keys(store.params, params))
+        stored = _jsonable(complete(store.params)) if complete is not None else store.params
+        if stored != params:
+            differ = sorted(_diff_keys(stored, params))
             raise HistoError(
                 f"{path}: made with different tiling parameters ({', '.join(differ)}); use a new store"
             )
@@ -147,12 +201,17 @@ class TileStore:
         return self.path / SLIDES / slide_id
 
     def _records(self) -> list[SlideRecord]:
+        """Every slide's record; a damaged one is listed with status "damaged" (and a warning)."""
         root = self.path / SLIDES
         records = []
         for d in sorted(root.iterdir()) if root.exists() else []:
-            meta = d / "zarr.json"
-            if meta.exists():
-                records.append(SlideRecord.from_dict(json.loads(meta.read_text())["attributes"]["record"]))
+            if not (d / "zarr.json").exists():
+                continue
+            try:
+                records.append(_read_record(d))
+            except InputFileError as e:
+                log.warning("%s", e)
+                records.append(SlideRecord(d.name, "", status=DAMAGED, reason=e.reason))
         return records
 
     def slide_ids(self, status: str | None = "done") -> list[str]:
@@ -163,10 +222,11 @@ class TileStore:
         return (self._group_dir(slide_id) / "zarr.json").exists()
 
     def record(self, slide_id: str) -> SlideRecord:
-        meta = self._group_dir(slide_id) / "zarr.json"
-        if not meta.exists():
+        """The slide's record; InputFileError naming its group when the record is damaged."""
+        group = self._group_dir(slide_id)
+        if not (group / "zarr.json").exists():
             raise HistoError(f"{self.path}: no slide {slide_id!r} in the store")
-        return SlideRecord.from_dict(json.loads(meta.read_text())["attributes"]["record"])
+        return _read_record(group)
 
     def _array(self, slide_id: str, name: str) -> np.ndarray:
         group = zarr.open_group(self._group_dir(slide_id), mode="r")
@@ -174,7 +234,7 @@ class TileStore:
             raise HistoError(
                 f"{self.path}: slide {slide_id!r} has no {name} (status {self.record(slide_id).status})"
             )
-        return np.asarray(group[name][...])
+        return decoded(self._group_dir(slide_id) / name, lambda: group[name][...])
 
     def coords(self, slide_id: str) -> np.ndarray:
         return self._array(slide_id, "coords")
@@ -193,26 +253,51 @@ class TileStore:
 
     def read_selected(self, slide_id: str, indices: np.ndarray | list[int] | None = None) -> np.ndarray:
         """The selected tiles (M, tile_px, tile_px, 3) uint8 in order, or those at `indices` among them;
-        from the stored pixels when saved, otherwise read from the source slide."""
+        from the stored pixels when saved, otherwise read from the source slide; stain-normalized when the
+        tiling says so (saved pixels were normalized when they were saved)."""
         rec = self.record(slide_id)
         if self.has_pixels(slide_id):
             pixels = zarr.open_group(self._group_dir(slide_id), mode="r")["pixels"]
+            where = self._group_dir(slide_id) / "pixels"
             if indices is None:
-                return np.asarray(pixels[...])
-            return np.asarray(pixels.oindex[np.asarray(indices, np.int64)])
+                return decoded(where, lambda: pixels[...])
+            return decoded(where, lambda: pixels.oindex[np.asarray(indices, np.int64)])
         coords = self.coords(slide_id)[self.selected(slide_id)]
         if indices is not None:
             coords = coords[np.asarray(indices, np.int64)]
-        from pathology.slide import open_slide
+        from pathology.slide import open_slide, recorded_reader
 
         if not Path(rec.source_path).exists():
             raise InputFileError(
                 rec.source_path, f"slide file of {slide_id!r} in {self.path} has moved or is missing"
             )
-        with open_slide(rec.source_path, mpp_override=rec.mpp) as slide:
-            return read_tiles(slide, coords, rec.tile_size_level0, rec.tile_px)
+        with open_slide(rec.source_path, mpp_override=rec.mpp, reader=recorded_reader(rec.reader)) as slide:
+            return self.normalize(
+                read_tiles(slide, coords, rec.tile_size_level0, rec.tile_px), rec.source_path
+            )
+
+    @cached_property
+    def stain(self) -> StainConfig:
+        """The stain normalization the store's tiles get (`stain` of its tiling; none in older stores)."""
+        return TileConfig.section("stain", self.params.get("stain"), source=str(self.path))
+
+    def normalize(self, tiles: np.ndarray, where: object) -> np.ndarray:
+        """Tiles read from a slide, normalized as the store's tiling says (saved pixels already are)."""
+        from pathology.stain import normalize_tiles
+
+        return normalize_tiles(tiles, self.stain, where)
 
     # ---- writing (tiler) -------------------------------------------------------------------------
+    def update_record(self, slide_id: str, changes: dict[str, Any]) -> SlideRecord:
+        """Change fields of a slide's record (labels, patient, site, source path) without touching its
+        arrays: its zarr.json is rewritten atomically. Returns the new record."""
+        group = self._group_dir(slide_id)
+        doc = json.loads((group / "zarr.json").read_text())
+        record = SlideRecord.from_dict({**_read_record(group).to_dict(), **changes})
+        doc["attributes"]["record"] = _jsonable(record.to_dict())
+        atomic_write_json(group / "zarr.json", doc)
+        return record
+
     def clean_partial(self, slide_id: str) -> int:
         """Remove leftovers of an interrupted write of `slide_id`; returns how many were removed."""
         partial = self.path / PARTIAL
@@ -239,9 +324,9 @@ class TileStore:
         group.attrs["record"] = _jsonable(record.to_dict())
         for name, data in (arrays or {}).items():
             chunks = (max(1, len(data)), *data.shape[1:])
-            group.create_array(name, data=np.ascontiguousarray(data), chunks=chunks)
+            group.create_array(name, data=np.ascontiguousarray(data), chunks=chunks, compressors=CHUNK_CODECS)
         if pixels is not None:
-            group.create_array("pixels", data=pixels, chunks=(1, *pixels.shape[1:]))
+            group.create_array("pixels", data=pixels, chunks=(1, *pixels.shape[1:]), compressors=CHUNK_CODECS)
         old = None
         if final.exists():
             old = partial / _tmp_name(record.slide_id)
@@ -249,6 +334,15 @@ class TileStore:
         os.rename(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def tiles_digest(record: SlideRecord, coords: np.ndarray) -> str:
+    """What a slide's tiles were made from: its source fingerprint, tile geometry and the level-0 coords
+    of the selected tiles (sha256, 32 hex digits). An index keeps it to see a slide tiled anew."""
+    h = hashlib.sha256()
+    h.update(json.dumps([record.source_fingerprint, record.tile_size_level0, record.tile_px]).encode())
+    h.update(np.ascontiguousarray(coords, np.int64).tobytes())
+    return h.hexdigest()[:32]
 
 
 def read_tiles(slide: Any, coords: np.ndarray, size_level0: float, tile_px: int) -> np.ndarray:

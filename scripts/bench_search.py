@@ -24,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from search.barcodes import build_binary_index, minmax_barcode
 from search.config import IndexConfig
 from search.distance import slide_distance, slide_distances

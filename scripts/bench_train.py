@@ -18,16 +18,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def model_only(arch: str, px: int, batch: int, steps: int, train: bool) -> float:
@@ -151,14 +147,12 @@ def search_accuracy(checkpoint: Path, store_path: Path, stain_sigma: float) -> d
     }
 
 
-def learning(work: Path, px: int, epochs: int, patients: int, stain_sigma: float = 0.1) -> dict:
-    """Train on cohort A; LOPO search accuracy on unseen cohort B for untrained vs trained features."""
+def learning_models(work: Path, px: int, epochs: int, patients: int) -> tuple[dict[str, Path], dict]:
+    """Train on cohort A: ({"untrained": checkpoint, "trained": checkpoint}, training facts)."""
     from pathology.kimianet import random_init_checkpoint
-    from pathology.store import TileStore
     from pathology.train import train_kimianet
 
     a = make_store(work, "A", seed=0, px=px, patients=patients, save_pixels=True)
-    b = make_store(work, "B", seed=1, px=px, patients=patients, save_pixels=True)
     cfg = train_config(**{
         "seed": 0, "model.input_px": px, "optim.epochs": epochs, "optim.batch_size": 16, "optim.lr": 1e-3,
         "run.workers": 1, "data.val_fraction": 0.34, "optim.patience": 0, "optim.warmup_epochs": 1.0,
@@ -167,11 +161,21 @@ def learning(work: Path, px: int, epochs: int, patients: int, stain_sigma: float
     summary = train_kimianet(a, work / "learned.pt", cfg)
     minutes = (time.perf_counter() - start) / 60
     untrained = random_init_checkpoint(work / "untrained.pt", input_px=px, seed=0)
+    info = {"train_tiles": summary["n_train_tiles"], "epochs": epochs, "train_minutes": minutes,
+            "best_val_macro_f1": summary["best"].get("val_macro_f1")}  # fmt: skip
+    return {"untrained": untrained, "trained": work / "learned.pt"}, info
+
+
+def learning(work: Path, px: int, epochs: int, patients: int, stain_sigma: float = 0.1) -> dict:
+    """Train on cohort A; LOPO search accuracy on unseen cohort B for untrained vs trained features."""
+    from pathology.store import TileStore
+
+    models, info = learning_models(work, px, epochs, patients)
+    b = make_store(work, "B", seed=1, px=px, patients=patients, save_pixels=True)
     return {
-        "train_tiles": summary["n_train_tiles"], "epochs": epochs, "train_minutes": minutes,
-        "best_val_macro_f1": summary["best"].get("val_macro_f1"), "stain_sigma": stain_sigma,
-        "untrained": search_accuracy(untrained, b, stain_sigma),
-        "trained": search_accuracy(work / "learned.pt", b, stain_sigma),
+        **info, "stain_sigma": stain_sigma,
+        "untrained": search_accuracy(models["untrained"], b, stain_sigma),
+        "trained": search_accuracy(models["trained"], b, stain_sigma),
         "eval_slides": len(TileStore.open(b).slide_ids()),
     }  # fmt: skip
 

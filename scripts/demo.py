@@ -175,9 +175,14 @@ def report(
         top = ", ".join(f"{r['slide_id']} ({r['label']}, {r['distance']:.3g})" for r in q["results"])
         print(f"  {Path(q['query']).name}: predicted {q['prediction']} <- {top}")
     print(f"U-Net training curve: {out / 'unet.curves.png'}")
-    print("Segmentation on held-out synthetic cases (mean over cases):")
-    for key, stats in seg_eval["metrics"].items():
-        print(f"  {key:<24} {stats['mean']:.3f}")
+    print(
+        "Segmentation on held-out synthetic cases (means; legacy: BraTS 2018-2021, lesion-wise: BraTS 2023+):"
+    )
+    columns = ("legacy_dice", "lesionwise_dice", "legacy_hd95", "lesionwise_hd95")
+    print("  region" + "".join(f"{c.replace('_', ' '):>17}" for c in columns))
+    for region in seg_eval["labels"]["regions"]:
+        means = [seg_eval["metrics"][f"{c}_{region}"]["mean"] for c in columns]
+        print(f"  {region:<6}" + "".join(f"{v:>17.3f}" for v in means))
     pictures = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
     print(f"QC pictures ({len(pictures)}) under {out}:")
     for p in pictures[:20]:

@@ -9,7 +9,7 @@ acquisition is corrupted, then z-scored; Dice through the label map). Both netwo
 training loop (`histo.training`); their checkpoints and training curves are kept under OUT/<domain>/models,
 so a re-run with the same settings reuses them (`--overwrite` retrains).
 
-Each model is run through `histo.robustness.run_grid`, and the norms with BN statistics once more with
+Each model is run through `histo.robustness.grid.run_grid`, and the norms with BN statistics once more with
 α-BN; CE / mCE are against the `batch` model. A model whose clean score has not covered half the way from
 chance to the `batch` model's clean score is reported as not trained, without CE (`--epochs-for` trains
 chosen norms longer). `report.md` says which norm is most robust to which corruption and checks the
@@ -42,7 +42,9 @@ from histo.errors import HistoError
 from histo.io import atomic_write_text
 from histo.norms import conv_for, make_norm_act, norm_traits, resolve_norm, set_region_mask
 from histo.norms.placement import FIRST, Site, place
-from histo.robustness import CLEAN, corruption_errors, error_table, report, run_grid
+from histo.robustness.grid import CLEAN, run_grid
+from histo.robustness.metrics import corruption_errors, error_table
+from histo.robustness.report import report
 from histo.training import Run
 from histo.training_config import LoopOptions
 from pathology.cbr import FAMILY as CBR_FAMILY
@@ -344,7 +346,7 @@ def unet_task(norm: str, cases: Path, epochs: int, args):
 
     class StudyUNetTask(SegmentTask):
         def build_model(self) -> nn.Module:
-            network = build_model(self.config).config
+            network = build_model(self.config, self.scheme).config
             kwargs = {"num_groups": 4} if norm in GROUPED else None
             self.model = UNet3D(**{**network, "norm_kwargs": kwargs})
             return self.model
@@ -378,7 +380,7 @@ def segmentation(norms: list[str], out: Path, args) -> Domain:
         return train(task, out / "models" / f"{norm}.pt", args)
 
     def make_evaluate(model: nn.Module):
-        return segment_evaluate(model, test, settings, "cpu")
+        return segment_evaluate(model, test, settings, "cpu", test.cases[0].scheme)
 
     return study(domain, norms, fit_norm, make_evaluate, CORRUPTIONS, args)
 

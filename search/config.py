@@ -21,6 +21,7 @@ from histo.config import (
     Seed,
     StageConfig,
 )
+from pathology.config import EncoderName, Precision, TileRule
 from search.kinds import check_name
 
 IndexType = Annotated[str, AfterValidator(check_name)]  # a float kind of search/kinds.py's table
@@ -73,6 +74,12 @@ class IndexConfig(StageConfig):
 
     stage = "index"
     type: IndexType
+    encoder: EncoderName | None  # a registry encoder read from `weights`; None: a histo checkpoint (--model)
+    weights: str | None  # the encoder's weight file (.pth, pytorch_model.bin, .safetensors)
+    tile_rule: TileRule
+    grid: PositiveInt | None  # grid crops per side; None: matched to the encoder's µm/px
+    precision: Precision | None  # None: the encoder's own
+    input_px: PositiveInt | None  # None: the encoder's input size
     params: IndexParams
     search: IndexSearch
     evaluate: EvaluateConfig
@@ -87,6 +94,7 @@ def index_params(value: IndexParams | Mapping[str, Any] | None = None, source: s
 class SearchRun(RunOptions):
     device: Device
     verify: Literal["full", "size", "none"]
+    weights: str | None  # an encoder index's weight file where it is now (sha256 checked); None: as recorded
 
 
 class SearchConfig(StageConfig):

@@ -39,6 +39,7 @@ class SlideHit:
     label: str | None
     distance: float
     matches: list[TileMatch] = field(default_factory=list)
+    tile_size_level0: float | None = None  # side of its tiles in level-0 px (to draw them; not in to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,12 +52,15 @@ class SlideHit:
 
 @dataclass
 class SearchResult:
-    """Ranked results of one query with the majority-vote prediction; `info` says how it was searched."""
+    """Ranked results of one query with the majority-vote prediction; `info` says how it was searched.
+    A slide query also carries its slide ID and tile side in level-0 px (to draw its tiles; not in to_dict)."""
 
     query: str
     prediction: str | None
     results: list[SlideHit]
     info: dict[str, Any] = field(default_factory=dict)
+    query_slide_id: str | None = None
+    query_tile_size_level0: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,9 +86,11 @@ class Catalog:
     sites: list[str | None]
     offsets: np.ndarray  # (S + 1,) int64
     coords: np.ndarray  # (N, 2) int64 level-0 x, y of every row
+    tile_sides: list[float | None] | None = None  # per slide: tile side in level-0 px (None: not recorded)
 
     def __post_init__(self) -> None:
         self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        self.tile_sides = list(self.tile_sides or [None] * len(self.slide_ids))
         self.row_slide = np.repeat(np.arange(len(self.slide_ids)), np.diff(self.offsets))
         self.position = {sid: i for i, sid in enumerate(self.slide_ids)}
 
@@ -207,7 +213,8 @@ class SearchEngine:
                 )
                 for qi, ti, d in best_matches(query, base[rows], n_matches)
             ]
-            out.append(SlideHit(cat.slide_ids[slide], cat.labels[slide], distance, matches))
+            hit = SlideHit(cat.slide_ids[slide], cat.labels[slide], distance, matches, cat.tile_sides[slide])
+            out.append(hit)
         return out
 
     def search(
@@ -239,7 +246,9 @@ class SearchEngine:
                 continue
             slide, number = cat.locate(row)
             match = TileMatch(0, None, number, [int(v) for v in cat.coords[row]], float(d))
-            hits.append(SlideHit(cat.slide_ids[slide], cat.labels[slide], float(d), [match]))
+            hits.append(
+                SlideHit(cat.slide_ids[slide], cat.labels[slide], float(d), [match], cat.tile_sides[slide])
+            )
         return SearchResult(name, vote_of(hits), hits, {"mode": mode})
 
 

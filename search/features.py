@@ -5,8 +5,9 @@ Layout::
     INDEX/features.zarr/zarr.json        root; attributes: format, version, model (hash, feature
                                          definition, dim), tiling (the tile store's parameters)
     INDEX/features.zarr/slides/<id>/     per slide: attributes record (slide_id, label, patient, site,
-                                         n_tiles, source store); arrays features (n, D) float32,
-                                         coords (n, 2) int64 level-0 x, y of the selected tiles
+                                         n_tiles, source store, the store record's tiles_digest);
+                                         arrays features (n, D) float32, coords (n, 2) int64 level-0
+                                         x, y of the selected tiles (each chunk with a crc32c)
     INDEX/features.zarr/.partial/        slides being written (renamed into slides/ when complete)
 
 Extraction is resumable per slide (a slide's group appears only when complete) and shardable
@@ -16,6 +17,7 @@ Extraction is resumable per slide (a slide's group appears only when complete) a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -28,12 +30,18 @@ import zarr
 
 from histo.batch import BatchSummary, Outcome, run_batch
 from histo.errors import HistoError, InputFileError
+from histo.io import atomic_write_json
+from pathology.store import CHUNK_CODECS, DAMAGED, decoded
+
+log = logging.getLogger(__name__)
 
 FORMAT = "histo-features"
 VERSION = 1
 FEATURES_DIR = "features.zarr"
 SLIDES = "slides"
 PARTIAL = ".partial"
+ARRAYS = ("features", "coords")
+METADATA = ("label", "patient", "site")  # store record fields copied into the index; updated in place
 
 
 def _jsonable(obj: Any) -> Any:
@@ -41,12 +49,14 @@ def _jsonable(obj: Any) -> Any:
 
 
 def model_info(extractor: Any) -> dict[str, Any]:
-    """What identifies the feature extractor: checkpoint hash, feature definition and dimension."""
+    """What identifies the feature extractor: weights hash, feature definition and dimension, and the
+    weight file of a registry encoder (None for a histo checkpoint, which the index copies)."""
     return _jsonable(
         {
             "hash": extractor.model_hash,
             "feature_definition": extractor.feature_definition,
             "feature_dim": int(extractor.feature_dim),
+            "weights": extractor.weights,
         }
     )
 
@@ -72,6 +82,13 @@ def open_features(index_dir: str | Path, model: dict[str, Any], tiling: dict[str
             f"{root}: features were extracted with model {attrs['model']['hash'][:12]}, not "
             f"{model['hash'][:12]}; use another --out or the same model"
         )
+    if attrs["model"]["feature_definition"] != model["feature_definition"]:
+        old, new = attrs["model"]["feature_definition"], model["feature_definition"]
+        differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise HistoError(
+            f"{root}: features were extracted under another feature definition (differs in "
+            f"{', '.join(differ)}); use another --out or the same encoder settings"
+        )
     if attrs["tiling"] != _jsonable(tiling):
         raise HistoError(f"{root}: features were extracted from tiles with other tiling parameters")
     return root
@@ -94,29 +111,59 @@ def done_slides(root: Path) -> list[str]:
     return sorted(d.name for d in slides.iterdir() if (d / "zarr.json").exists()) if slides.exists() else []
 
 
+def _tmp(root: Path, slide_id: str) -> Path:
+    return root / PARTIAL / f"{slide_id}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def write_slide(root: Path, record: dict[str, Any], features: np.ndarray, coords: np.ndarray) -> None:
-    """Write one slide under .partial/ and rename it into slides/ (so it appears only when complete)."""
-    partial = root / PARTIAL
-    partial.mkdir(exist_ok=True)
-    tmp = partial / f"{record['slide_id']}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """Write one slide under .partial/ and rename it into slides/ (so it appears only when complete),
+    replacing an older version of it; every chunk carries a crc32c checksum (pathology.store)."""
+    (root / PARTIAL).mkdir(exist_ok=True)
+    tmp, final = _tmp(root, record["slide_id"]), root / SLIDES / record["slide_id"]
     group = zarr.open_group(tmp, mode="w")
     group.attrs["record"] = _jsonable(record)
-    group.create_array("features", data=np.ascontiguousarray(features, np.float32), chunks=features.shape)
-    group.create_array("coords", data=np.ascontiguousarray(coords, np.int64), chunks=coords.shape)
-    os.rename(tmp, root / SLIDES / record["slide_id"])
+    for name, data in zip(
+        ARRAYS,
+        (np.ascontiguousarray(features, np.float32), np.ascontiguousarray(coords, np.int64)),
+        strict=True,
+    ):
+        group.create_array(name, data=data, chunks=data.shape, compressors=CHUNK_CODECS)
+    old = None
+    if final.exists():
+        old = _tmp(root, record["slide_id"])
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_slide(root: Path, slide_id: str) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """(record, features (n, D) float32, coords (n, 2) int64) of one slide."""
+    """(record, features (n, D) float32, coords (n, 2) int64) of one slide; InputFileError naming it
+    when its metadata is unreadable or a chunk is damaged."""
+    where = root / SLIDES / slide_id
     try:
-        group = zarr.open_group(root / SLIDES / slide_id, mode="r")
-        return (
-            dict(group.attrs["record"]),
-            np.asarray(group["features"][...]),
-            np.asarray(group["coords"][...]),
-        )
-    except Exception as e:  # zarr raises many types for damaged chunks/metadata
-        raise InputFileError(root / SLIDES / slide_id, f"unreadable features ({type(e).__name__})") from None
+        group = zarr.open_group(where, mode="r")
+        record, arrays = dict(group.attrs["record"]), [group[name] for name in ARRAYS]
+    except Exception as e:  # zarr raises many types for damaged metadata
+        raise InputFileError(where, f"unreadable features ({type(e).__name__})") from None
+    features, coords = (decoded(where / n, lambda a=a: a[...]) for n, a in zip(ARRAYS, arrays, strict=True))
+    return record, features, coords
+
+
+def read_record(root: Path, slide_id: str) -> dict[str, Any] | None:
+    """A slide's features record (its zarr.json only, no arrays); None when unreadable."""
+    try:
+        return dict(json.loads((root / SLIDES / slide_id / "zarr.json").read_text())["attributes"]["record"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def update_record(root: Path, slide_id: str, changes: dict[str, Any]) -> None:
+    """Change fields of a slide's features record (labels, patient, site) without rewriting its arrays."""
+    meta = root / SLIDES / slide_id / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["record"] = _jsonable({**doc["attributes"]["record"], **changes})
+    atomic_write_json(meta, doc)
 
 
 def remove_slides(root: Path, slide_ids: list[str]) -> list[str]:
@@ -139,7 +186,7 @@ class _Slide:
     """One done slide of the tile store (an item of `histo.batch.run_batch`): its ID and source file."""
 
     id: str
-    path: str
+    path: str | None
 
 
 def extract_features(
@@ -152,17 +199,45 @@ def extract_features(
 ) -> BatchSummary:
     """Extract the features of every done slide of `store` in this shard that is not extracted yet.
 
-    Slides already extracted are skipped; a slide that fails (tiles unreadable, no selected tile) is
-    recorded with its reason and the rest goes on. A store without a done slide is a HistoError,
-    raised before anything is created. Returns the BatchSummary (done detail: n_tiles).
+    Slides already extracted are skipped, unless the store's record changed since: new labels,
+    patient or site are copied into the features record without extracting again (done, detail
+    `updated`: {field: [old, new]}); a slide tiled anew (another `tiles_digest`) or whose stored
+    features are damaged is extracted again. A slide that fails (tiles unreadable or damaged, no
+    selected tile, a damaged store record) is recorded with its reason and the rest goes on. A store
+    without a done slide is a HistoError, raised before anything is created. Returns the BatchSummary
+    (done detail: n_tiles).
     """
     slide_ids = store.slide_ids()
+    damaged = store.slide_ids(DAMAGED)  # listed so that each fails with its reason
     if not slide_ids:
         raise HistoError(f"{store.path}: no tiled slide (status done) in the store; nothing to index")
     root = open_features(index_dir, model_info(extractor), store.params)
     existing = set(done_slides(root))
 
+    def changes_of(item: _Slide) -> dict[str, list] | None:
+        """{field: [indexed, stored]} of an extracted slide whose features still fit its tiles ({}
+        when nothing changed); None when it is to be extracted."""
+        if item.id not in existing or item.path is None:
+            return None
+        try:
+            indexed = read_slide(root, item.id)[0]  # reads the chunks: their checksums are verified
+        except InputFileError as e:
+            log.warning("%s; extracting it again", e)
+            return None
+        rec = store.record(item.id)
+        if (
+            None not in (indexed.get("tiles_digest"), rec.tiles_digest)
+            and indexed["tiles_digest"] != rec.tiles_digest
+        ):
+            return None
+        return {k: [indexed.get(k), getattr(rec, k)] for k in METADATA if indexed.get(k) != getattr(rec, k)}
+
     def extract(item: _Slide) -> Outcome:
+        changes = changes_of(item)
+        if changes:
+            update_record(root, item.id, {key: new for key, (_, new) in changes.items()})
+            n_tiles = read_record(root, item.id)["n_tiles"]
+            return Outcome.done(item.id, item.path, n_tiles=n_tiles, updated=changes)
         rec = store.record(item.id)
         coords = store.coords(item.id)[store.selected(item.id)]
         if len(coords) == 0:
@@ -174,14 +249,17 @@ def extract_features(
             "patient": rec.patient,
             "site": rec.site,
             "n_tiles": len(coords),
+            "tile_size_level0": rec.tile_size_level0,
             "store": str(Path(store.path).resolve()),
+            "tiles_digest": rec.tiles_digest,
         }
         write_slide(root, record, feats, coords)
         return Outcome.done(item.id, item.path, n_tiles=len(coords))
 
     items = [_Slide(sid, store.record(sid).source_path) for sid in slide_ids]
+    items = sorted(items + [_Slide(sid, None) for sid in damaged], key=lambda item: item.id)
     outcomes = run_batch(
-        items, extract, shard=shard, is_done=lambda item: {} if item.id in existing else None,
-        desc="features", unit="slide", progress=progress,
+        items, extract, shard=shard, is_done=lambda item: {} if changes_of(item) == {} else None,
+        desc="features", unit="slide", progress=progress, outputs=(index_dir,),
     )  # fmt: skip
     return BatchSummary(tuple(outcomes), out=str(index_dir), shard=shard)

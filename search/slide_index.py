@@ -2,15 +2,18 @@
 
 Index dir (DESIGN.md "Index dir")::
 
-    manifest.json      format version, model (hash, feature definition, dim), tiling config, index type and
+    manifest.json      format version, model (hash, feature definition, dim; a registry encoder's weight file:
+                       path, sha256, layout), tiling config, index type and
                        parameters (requested and effective), counts, skipped slides, sha256 of every file
     features.zarr/     per-slide tile features and coordinates (search/features.py)
-    catalog.json       slides in row order: slide_id, label, patient, site, n_tiles
+    catalog.json       slides in row order: slide_id, label, patient, site, n_tiles, tile_size_level0 (the
+                       tiles' side in level-0 px, to draw hits on the slide; null in older indexes)
     coords.npy         (N, 2) int64 level-0 x, y of every row (rows of a slide are contiguous)
     barcodes.faissb    FAISS binary index over the packed MinMax barcodes (Hamming): IndexBinaryFlat for a
                        flat index, IndexBinaryIVF (+ direct map) otherwise (search/barcodes.py)
     float.faiss        FAISS float index of the chosen type (search/index.py)
-    model.pt           copy of the feature extractor checkpoint (when built from a file)
+    model.pt           copy of the feature extractor checkpoint (when built from a histo checkpoint; an
+                       encoder's weight file is recorded in the manifest, not copied)
 
 Every structure is rebuilt from the stored features (sorted by slide ID) by `build`, `add` and `remove`,
 so an updated index equals one built from scratch on the same slides.
@@ -32,6 +35,7 @@ import numpy as np
 from histo.batch import BatchSummary
 from histo.errors import HistoError, InputFileError
 from histo.io import atomic_path, atomic_write_json, file_sha256
+from histo.lock import writer_lock
 from search import features as feats_io
 from search.barcodes import BITORDER, build_binary_index, code_bits, minmax_barcode, stored_codes
 from search.config import IndexConfig, SearchConfig, index_params
@@ -50,6 +54,7 @@ CATALOG, COORDS, BARCODES, FLOAT, MODEL = (
     "float.faiss",
     "model.pt",
 )
+CATALOG_KEYS = ("slide_id", "label", "patient", "site", "n_tiles", "tile_size_level0")
 BARCODE_DEFINITION = "MinMax: bit i = f[i+1] < f[i] for i < D-1, zero-padded to a multiple of 8 bits"
 
 
@@ -59,12 +64,58 @@ def _open_store(store: Any) -> Any:
     return store if isinstance(store, TileStore) else TileStore.open(store)
 
 
-def _load_extractor(model: Any, device: str) -> Any:
-    from pathology.kimianet import FeatureExtractor
+def load_extractor(
+    model: Any,
+    device: str,
+    encoder: str | None = None,
+    weights: str | os.PathLike | None = None,
+    rule: dict[str, Any] | None = None,
+    tiling: dict[str, Any] | None = None,
+) -> Any:
+    """The feature extractor of a histo checkpoint (`model`), of a registry encoder with its weight file,
+    or an extractor passed as is: the one place that builds it. `rule`: tile_rule, grid, precision,
+    input_px (None: the defaults); `tiling`: the tile store's parameters (for the grid rule)."""
+    from pathology.encoders import FeatureExtractor, open_extractor
+    from pathology.kimianet import FeatureExtractor as CheckpointExtractor
 
+    rule = {k: v for k, v in (rule or {}).items() if v is not None}
+    if encoder is not None:
+        if model is not None:
+            raise HistoError("give a histo checkpoint (--model) or an encoder with its weights, not both")
+        if weights is None:
+            raise HistoError(
+                f"encoder {encoder!r} needs its weight file (--weights FILE; see `histo encoders`)"
+            )
+        return open_extractor(encoder, weights, device, tiling=tiling, **rule)
+    if weights is not None:
+        raise HistoError("--weights goes with --encoder NAME; a histo checkpoint is given as --model")
+    if model is None:
+        raise HistoError("no feature extractor: give --model CKPT or --encoder NAME --weights FILE")
     if isinstance(model, FeatureExtractor):
         return model
-    return FeatureExtractor.from_checkpoint(model, device=device)
+    if "input_px" in rule:
+        raise HistoError("input_px applies to registry encoders; a histo checkpoint has its own")
+    return CheckpointExtractor.from_checkpoint(model, device=device, **rule)
+
+
+def _checkpoint_rule(definition: dict[str, Any]) -> dict[str, Any]:
+    """The tile rule and precision of a checkpoint extractor, from the feature definition it recorded."""
+    rule = definition.get("tile_rule", {"rule": "resize"})
+    grid = rule.get("crops_per_side") if rule["rule"] == "grid" else None
+    return {"tile_rule": rule["rule"], "grid": grid, "precision": definition.get("precision", "float32")}
+
+
+def _encoder_label(model: dict[str, Any]) -> str:
+    """'encoder uni, weights 1a2b3c4d5e6f' (or the arch of a histo checkpoint) for messages."""
+    definition = model["feature_definition"]
+    name = definition.get("encoder") or f"histo {definition.get('arch')} checkpoint"
+    return f"{name}, weights {model['hash'][:12]}"
+
+
+def config_extractor(model: Any, config: IndexConfig, tiling: dict[str, Any] | None = None) -> Any:
+    """The extractor an IndexConfig names: `model`, or its registry `encoder` and `weights`, with its rule."""
+    rule = {k: getattr(config, k) for k in ("tile_rule", "grid", "precision", "input_px")}
+    return load_extractor(model, config.run.device, config.encoder, config.weights, rule, tiling)
 
 
 def recorded_config(path: Path, manifest: Mapping[str, Any]) -> IndexConfig:
@@ -88,7 +139,7 @@ class SlideIndex:
         self.extraction: BatchSummary | None = None  # the feature extraction of `build`, when built here
         self._load(manifest)
         if model is not None:
-            self._extractor = self._check_model(_load_extractor(model, config.run.device))
+            self._extractor = self._check_model(load_extractor(model, config.run.device))
 
     def _load(self, manifest: dict[str, Any]) -> None:
         """Read the catalog, barcodes and float index that `manifest` describes, and the search engine."""
@@ -105,6 +156,7 @@ class SlideIndex:
             sites=[s["site"] for s in slides],
             offsets=offsets,
             coords=np.load(path / COORDS, allow_pickle=False),
+            tile_sides=[s.get("tile_size_level0") for s in slides],
         )
         try:
             self.barcode_index = faiss.read_index_binary(str(path / BARCODES))
@@ -139,20 +191,71 @@ class SlideIndex:
     ) -> SlideIndex | None:
         """Extract features (resumable) and build the index in `out`; with shard (i, n > 1) only extract.
 
-        `model` is a checkpoint path (copied into the index as model.pt) or a FeatureExtractor. `config`:
-        an IndexConfig, None (the defaults) or a mapping over the defaults, e.g. {"type": "ivf"}; its
-        type, params and search go into the manifest. Returns the opened index, its `extraction` the
+        `model` is a checkpoint path (copied into the index as model.pt) or a FeatureExtractor; None with
+        the config's registry `encoder` and its `weights` file (recorded by path and sha256, not copied).
+        `config`: an IndexConfig, None (the defaults) or a mapping over the defaults, e.g. {"type": "ivf",
+        "encoder": "uni", "weights": "pytorch_model.bin"}; its type, params, search and the encoder's tile
+        rule, grid, precision and input_px (pathology.encoders.preprocess) define the features. Returns
+        the opened index, its `extraction` the
         BatchSummary of the feature extraction, or None for a shard job (run once more without a shard to
         assemble; `extract` returns the shard's summary).
         """
         config = IndexConfig.coerce(config)
         out = Path(out)
-        extractor = _load_extractor(model, config.run.device)
-        batch = feats_io.extract_features(
-            _open_store(store), extractor, out, shard, config.run.batch_size, progress
-        )
-        if shard[1] > 1:
-            return None
+        store = _open_store(store)
+        extractor = config_extractor(model, config, store.params)
+        with writer_lock(out, "histo index", shared=shard[1] > 1):
+            batch = feats_io.extract_features(store, extractor, out, shard, config.run.batch_size, progress)
+            if shard[1] > 1:
+                return None
+            built_with = {"feature_device": str(extractor.device)}
+            return cls._finish(out, model, extractor, batch, config, built_with)
+
+    @classmethod
+    def build_from_features(
+        cls,
+        folder: str | os.PathLike,
+        out: str | os.PathLike,
+        config: IndexConfig | Mapping[str, Any] | None = None,
+        labels_csv: str | os.PathLike | None = None,
+        encoder: str | None = None,
+        model: Any = None,
+        progress: bool = True,
+    ) -> SlideIndex:
+        """Build the index from per-slide CLAM/TRIDENT feature files (search/feature_files.py).
+
+        `config` as for `build`; `encoder`: the name the files must carry (needed when they carry none);
+        `model`: the checkpoint that made histo's files (its hash must match theirs), so the index can
+        featurise new queries.
+        """
+        from search.feature_files import import_feature_files
+
+        config = IndexConfig.coerce(config)
+        out = Path(out)
+        with writer_lock(out, "histo index"):
+            batch, info = import_feature_files(folder, out, labels_csv, encoder, progress)
+            extractor = None
+            if model is not None:
+                extractor = load_extractor(model, config.run.device)
+                if extractor.model_hash != info["hash"]:
+                    raise HistoError(
+                        f"{folder}: features were made by model {info['hash'][:12]}, "
+                        f"not by {model} ({extractor.model_hash[:12]})"
+                    )
+            built_with = {"features_from": str(Path(folder).resolve())}
+            return cls._finish(out, model, extractor, batch, config, built_with)
+
+    @classmethod
+    def _finish(
+        cls,
+        out: Path,
+        model: Any,
+        extractor: Any,
+        batch: BatchSummary,
+        config: IndexConfig,
+        built_with: dict[str, Any],
+    ) -> SlideIndex:
+        """Copy the model file into the index (when one is a file), assemble it and open it."""
         if not isinstance(model, (str, os.PathLike)):
             (out / MODEL).unlink(missing_ok=True)
         elif not (out / MODEL).exists() or feats_io.model_info(extractor)["hash"] != file_sha256(out / MODEL):
@@ -162,7 +265,7 @@ class SlideIndex:
             "index": {"type": config.type, "params_requested": config.params.model_dump(mode="json")},
             "search": config.search.model_dump(mode="json"),
             "failed_slides": _failed_slides(batch),
-            "built_with": {"feature_device": str(extractor.device)},
+            "built_with": built_with,
         }
         _assemble(out, content)
         index = cls.open(out, {"run": {"device": config.run.device}}, model=extractor)
@@ -181,10 +284,12 @@ class SlideIndex:
     ) -> BatchSummary:
         """Extract the features of the shard's slides into `out` (resumable) without building the index."""
         config = IndexConfig.coerce(config)
-        extractor = _load_extractor(model, config.run.device)
-        return feats_io.extract_features(
-            _open_store(store), extractor, Path(out), shard, config.run.batch_size, progress
-        )
+        store = _open_store(store)
+        extractor = config_extractor(model, config, store.params)
+        with writer_lock(out, "histo index", shared=shard[1] > 1):
+            return feats_io.extract_features(
+                store, extractor, Path(out), shard, config.run.batch_size, progress
+            )
 
     @classmethod
     def open(
@@ -204,11 +309,14 @@ class SlideIndex:
         config's `run.batch_size`); returns the extraction summary."""
         store = _open_store(store)
         run = IndexConfig.coerce().updated({"run.batch_size": batch_size}, source="batch_size").run
-        batch = feats_io.extract_features(store, self.extractor, self.path, (0, 1), run.batch_size, progress)
-        failed = {f["slide_id"]: f for f in self.manifest.get("failed_slides", [])} | {
-            f["slide_id"]: f for f in _failed_slides(batch)
-        }
-        self._reassemble({"failed_slides": sorted(failed.values(), key=lambda f: f["slide_id"])})
+        with writer_lock(self.path, "SlideIndex.add"):
+            batch = feats_io.extract_features(
+                store, self.extractor, self.path, (0, 1), run.batch_size, progress
+            )
+            failed = {f["slide_id"]: f for f in self.manifest.get("failed_slides", [])} | {
+                f["slide_id"]: f for f in _failed_slides(batch)
+            }
+            self._reassemble({"failed_slides": sorted(failed.values(), key=lambda f: f["slide_id"])})
         return batch
 
     def remove(self, slide_ids: list[str]) -> None:
@@ -216,9 +324,10 @@ class SlideIndex:
         unknown = sorted(set(slide_ids) - set(self.catalog.slide_ids))
         if unknown:
             raise HistoError(f"{self.path}: not in the index: {', '.join(unknown)}")
-        (self.path / MANIFEST).unlink()
-        feats_io.remove_slides(self.path / feats_io.FEATURES_DIR, list(slide_ids))
-        self._reassemble({})
+        with writer_lock(self.path, "SlideIndex.remove"):
+            (self.path / MANIFEST).unlink()
+            feats_io.remove_slides(self.path / feats_io.FEATURES_DIR, list(slide_ids))
+            self._reassemble({})
 
     def _reassemble(self, changes: dict[str, Any]) -> None:
         keep = ("index", "search", "failed_slides", "built_with")
@@ -230,14 +339,23 @@ class SlideIndex:
     # ---- model --------------------------------------------------------------------------------------
     @property
     def extractor(self) -> Any:
-        """The index's feature extractor (model.pt of the index, loaded on first use)."""
+        """The index's feature extractor, loaded on first use: model.pt of the index, or the registry
+        encoder and weight file the manifest records (`weights` of `open` if the file moved)."""
         if self._extractor is None:
-            if not (self.path / MODEL).exists():
+            model = self.manifest["model"]
+            if (self.path / MODEL).exists():
+                rule = _checkpoint_rule(model["feature_definition"])
+                extractor = load_extractor(self.path / MODEL, self.config.run.device, rule=rule)
+            elif model.get("weights"):
+                from pathology.encoders import reopen_extractor
+
+                extractor = reopen_extractor(model, self.config.run.device, self.config.run.weights)
+            else:
                 raise HistoError(
                     f"{self.path}: built with an in-memory model (hash {self.model_hash[:12]}); "
                     "pass the same model to SlideIndex.open(..., model=...)"
                 )
-            self._extractor = self._check_model(_load_extractor(self.path / MODEL, self.config.run.device))
+            self._extractor = self._check_model(extractor)
         return self._extractor
 
     @property
@@ -245,10 +363,20 @@ class SlideIndex:
         return self.manifest["model"]["hash"]
 
     def _check_model(self, extractor: Any) -> Any:
-        if extractor.model_hash != self.model_hash:
+        """The extractor, if it has the index's weights and feature definition; HistoError otherwise."""
+        built = self.manifest["model"]
+        got = feats_io.model_info(extractor)
+        if got["hash"] != built["hash"]:
             raise HistoError(
-                f"{self.path}: index was built with model {self.model_hash[:12]}, "
-                f"refusing to search with a different model ({extractor.model_hash[:12]})"
+                f"{self.path}: index was built with model {built['hash'][:12]} ({_encoder_label(built)}), "
+                f"refusing to search with a different model ({got['hash'][:12]}, {_encoder_label(got)})"
+            )
+        if got["feature_definition"] != built["feature_definition"]:
+            old, new = built["feature_definition"], got["feature_definition"]
+            differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            raise HistoError(
+                f"{self.path}: index features were made by {_encoder_label(built)} under another feature "
+                f"definition (differs in {', '.join(differ)}); refusing to search with it"
             )
         return extractor
 
@@ -349,12 +477,16 @@ class SlideIndex:
         codes = minmax_barcode(f) if s.mode == "barcode" else f
         result = self.engine.search(q.name, codes, s.mode, s.k, allowed, xy, s.exhaustive, settings)
         result.info.update(self.float_index.device_info() if s.mode == "float" else {"device": "cpu"})
+        result.query_slide_id, result.query_tile_size_level0 = record.slide_id, record.tile_size_level0
         return result
 
     def _search_patch(self, q: PatchQuery, k: int | None, mode: str | None, source: str) -> SearchResult:
         """The k nearest indexed tiles of a patch, with the config's patch_k / patch_mode for None."""
+        from pathology.stain import normalize_tiles
+
         s = self.config.updated({"patch_k": k, "patch_mode": mode}, source=source)
-        f = self.extractor.extract(q.rgb[None])
+        extractor = self.extractor
+        f = extractor.extract(normalize_tiles(q.rgb[None], self.query_stain(), q.name))
         codes = minmax_barcode(f) if s.patch_mode == "barcode" else f
         return self.engine.nearest_tiles(q.name, codes, s.patch_mode, s.patch_k)
 
@@ -373,6 +505,12 @@ class SlideIndex:
         if len(pixels) == 0:
             raise InputFileError(tiles.record.source_path, "no selected tiles in the query slide")
         return self.extractor.extract(pixels), tiles.coords[tiles.selected], tiles.record
+
+    def query_stain(self) -> Any:
+        """The stain normalization of the archive's tiles (its tiling's `stain`), which queries get too."""
+        from pathology.tiler import tiling_config
+
+        return tiling_config(self.manifest["tiling"], str(self.path / MANIFEST)).stain
 
     def query_patient(self, record: Any) -> str | None:
         """The query's patient: the index's record when the same slide ID is indexed, else the tiler's
@@ -420,7 +558,7 @@ def _assemble(out: Path, content: dict[str, Any]) -> None:
     records, features, coords = [], [], []
     for sid in slide_ids:
         rec, f, xy = feats_io.read_slide(root, sid)
-        records.append({key: rec.get(key) for key in ("slide_id", "label", "patient", "site", "n_tiles")})
+        records.append({key: rec.get(key) for key in CATALOG_KEYS})
         features.append(f)
         coords.append(xy)
     matrix = np.concatenate(features)

@@ -13,7 +13,6 @@ from pydantic import Field, model_validator
 from histo.config import (
     AsTuple,
     Count,
-    Device,
     Fraction,
     KeyedError,
     NonNegative,
@@ -22,14 +21,16 @@ from histo.config import (
     Overlap,
     PositiveInt,
     Roi,
-    RunOptions,
     Section,
     Seed,
     StageConfig,
 )
-from histo.training_config import LoopOptions
+from histo.training_config import LoopOptions, LoopRun
+from segmentation.label_schemes import SCHEMES
 
 EvenChannels = Annotated[int, Field(ge=2, multiple_of=2)]  # reversible blocks split channels in halves
+# A task of segmentation.label_schemes.SCHEMES, or "auto": detected from the case IDs and file names.
+Labels = Literal[("auto", *SCHEMES)]
 
 
 def roi_divisor(levels: int) -> int:
@@ -72,12 +73,27 @@ class CropAugment(Section):
 
 
 class SegmentData(Section):
+    labels: Labels
     roi: Roi
     val_fraction: Annotated[float, Field(ge=0, lt=1)]
+    folds: Count  # 0: hold out val_fraction; K >= 2: patient-level K-fold split
+    fold: Count
     augment: CropAugment
 
+    @model_validator(mode="after")
+    def _fold_in_folds(self) -> SegmentData:
+        if self.folds == 1:
+            raise KeyedError("folds", "needs 0 (no folds, val_fraction) or K >= 2 folds, got 1")
+        if self.folds and self.fold >= self.folds:
+            raise KeyedError("fold", f"must be below data.folds ({self.folds}), got {self.fold}")
+        if not self.folds and self.fold:
+            raise KeyedError("fold", f"{self.fold} needs data.folds (--folds K)")
+        return self
 
-SegMonitor = Literal["val_dice_mean", "val_dice_TC", "val_dice_WT", "val_dice_ET"]
+
+# The mean validation Dice, or the Dice of one channel region of any scheme (train checks it is the task's).
+_CHANNELS = dict.fromkeys(c for s in SCHEMES.values() for c in s.channels)  # TC, WT, ET, RC, CC, GTV
+SegMonitor = Literal[("val_dice_mean", *(f"val_dice_{c}" for c in _CHANNELS))]
 
 
 class SegmentTrain(LoopOptions):
@@ -95,6 +111,7 @@ class InferConfig(Section):
     overlap: Overlap
     tta: bool
     threshold: OpenFraction
+    save_probabilities: bool
     overlay_slices: Count
 
     @model_validator(mode="after")
@@ -110,11 +127,9 @@ class SegmentEvalConfig(Section):
     hd95: bool
 
 
-class SegmentRun(RunOptions):
-    device: Device
-    resume: bool
-    overwrite: bool
-    workers: Count
+class SegmentRun(LoopRun):
+    """Every trainer's run options (histo.training_config.LoopRun) and segmentation's own."""
+
     cache: bool
     sw_batch_size: PositiveInt
 

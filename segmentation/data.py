@@ -1,12 +1,19 @@
-"""BraTS case folders: discovery under all common naming schemes, loading, and training crops.
+"""BraTS case folders: discovery under all common naming schemes and the nnU-Net raw layout, loading, and
+training crops.
 
 Arrays are returned in RAS voxel order (MONAI `Orientation`): raw as acquired (`load_raw`, what corruptions
 act on) or channel-wise z-scored over non-zero voxels (`preprocess`, the model input; `load_case` does both);
 the source affine and header travel along so `from_ras` can write outputs in the input's own voxel order.
+
+nnU-Net raw layout: a folder of `CASE_0000.nii.gz`, `CASE_0001.nii.gz`, ... (one file per channel) with a
+`dataset.json` in it or its parent whose `channel_names` (v2) or `modality` (v1) map names the channels;
+labels are `labelsTr/CASE.nii.gz` beside `imagesTr/`. A dataset root (holding `dataset.json` and
+`imagesTr/`) stands for its training cases. Such a case is identified by its `_0000` file.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -21,7 +28,7 @@ import torch
 from histo.errors import InputFileError
 from histo.io import atomic_path
 from segmentation.config import CropAugment
-from segmentation.labels import labels_to_regions
+from segmentation.label_schemes import SCHEMES, detect_scheme, get_scheme, labels_to_regions
 
 log = logging.getLogger(__name__)
 
@@ -41,26 +48,43 @@ TOKENS = {
 }
 TOKENS_2023 = {"t1n", "t2w", "t2f"}
 NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+NNUNET_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$", re.IGNORECASE)
+DATASET_JSON = "dataset.json"
 
 
 @dataclass(frozen=True)
 class Case:
-    """One BraTS case folder: a path per modality, the label map if present, and its label scheme."""
+    """One BraTS case: a path per modality, the label map if present, its label scheme and why that one
+    (`--labels`, or what detection saw), and for nnU-Net cases the dataset's channel order."""
 
     case_id: str
     images: dict[str, Path]
     seg: Path | None
     scheme: str
     folder: Path = field(default=Path("."), compare=False)
+    scheme_source: str = field(default="", compare=False)
+    channel_order: tuple[str, ...] | None = field(default=None, compare=False)
 
 
 def _tokens(path: Path) -> list[str]:
     return [t for t in re.split(r"[_\-.\s]+", NIFTI.sub("", path.name).lower()) if t]
 
 
-def find_case(folder: str | Path) -> Case:
-    """Identify the four modalities (and `*_seg`/`*-seg`) in a case folder; InputFileError if any is missing."""
+def _scheme_of(case_id: str, labels: str | None, names_2023: bool) -> tuple[str, str]:
+    """(scheme, source): `labels` when given (`--labels`), else detected from the case ID and file names."""
+    if labels is not None:
+        return get_scheme(labels).name, "--labels"
+    name, why = detect_scheme(case_id, names_2023)
+    return name, f"detected from {why}"
+
+
+def find_case(folder: str | Path, labels: str | None = None, images: bool = True) -> Case:
+    """Identify the four modalities (and `*_seg`/`*-seg`) in a case folder, or an nnU-Net case from its
+    `_0000` file; InputFileError if a modality is missing (unless `images` is False: the label map is all
+    an evaluation needs). `labels` names the label scheme; None detects it (see label_schemes.detect_scheme)."""
     folder = Path(folder)
+    if folder.is_file() and NNUNET_FILE.match(folder.name):
+        return _nnunet_case(folder, labels, images)
     if not folder.is_dir():
         raise InputFileError(folder, "case folder not found")
     found: dict[str, list[Path]] = {}
@@ -79,7 +103,13 @@ def find_case(folder: str | Path) -> Case:
             found.setdefault(hits.pop(), []).append(path)
             uses_2023 |= any(t in TOKENS_2023 for t in tokens)
     missing = [m for m in MODALITIES if m not in found]
-    if missing:
+    nifti = [p for p in folder.iterdir() if p.is_file() and NIFTI.search(p.name) and p.name[0] != "."]
+    if missing and nifti and all(NNUNET_FILE.match(p.name) for p in nifti):
+        raise InputFileError(
+            folder,
+            f"nnU-Net channel files (CASE_0000.nii.gz, ...) but no {DATASET_JSON} here or in the parent",
+        )
+    if missing and images:
         expected = ", ".join(f"*_{m}.nii.gz" for m in missing)
         raise InputFileError(
             folder, f"case {folder.name} is missing modality {', '.join(missing)} ({expected})"
@@ -92,13 +122,120 @@ def find_case(folder: str | Path) -> Case:
         raise InputFileError(
             folder, f"case {folder.name}: several label files: {', '.join(p.name for p in segs)}"
         )
-    images = {m: found[m][0] for m in MODALITIES}
-    return Case(folder.name, images, segs[0] if segs else None, "2023" if uses_2023 else "2021", folder)
+    scheme, source = _scheme_of(folder.name, labels, uses_2023)
+    paths = {m: found[m][0] for m in MODALITIES if m in found}
+    return Case(folder.name, paths, segs[0] if segs else None, scheme, folder, source)
+
+
+def _dataset_json(images_dir: Path) -> Path | None:
+    """The nnU-Net `dataset.json` of an images folder (in it or its parent), None when there is none."""
+    for candidate in (images_dir / DATASET_JSON, images_dir.parent / DATASET_JSON):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_dataset_json(path: Path) -> tuple[dict[str, str], set[int] | None]:
+    """({channel index "0000": modality}, declared non-background label values or None) of an nnU-Net
+    dataset.json (v1 `modality` or v2 `channel_names`); one-line errors for a bad map."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputFileError(path, f"not a readable JSON file ({type(e).__name__})") from None
+    names = meta.get("channel_names", meta.get("modality")) if isinstance(meta, dict) else None
+    if not isinstance(names, dict) or not names:
+        raise InputFileError(path, "no channel map ('channel_names' or 'modality': {\"0\": \"T1\", ...})")
+    channels: dict[str, str] = {}
+    for index, name in names.items():
+        hits = {TOKENS[t] for t in re.split(r"[^a-z0-9]+", str(name).lower()) if t in TOKENS}
+        if not str(index).isdigit() or len(hits) != 1:
+            raise InputFileError(
+                path, f"channel {index}: {name!r} is not one BraTS modality (T1, T1ce, T2, FLAIR)"
+            )
+        channels[f"{int(index):04d}"] = hits.pop()
+    doubled = sorted({m for m in channels.values() if list(channels.values()).count(m) > 1})
+    if doubled:
+        raise InputFileError(path, f"modality {', '.join(doubled)} is named by several channels")
+    return channels, _label_values(path, meta.get("labels"))
+
+
+def _label_values(path: Path, labels) -> set[int] | None:
+    """The non-background values of a dataset.json `labels` map (v1 {"1": name}, v2 {name: 1}); refuses
+    region-based maps (nnU-Net's converted BraTS relabels 1 ED, 2 NCR, 3 ET)."""
+    if not isinstance(labels, dict):
+        return None
+    if any(isinstance(v, list) for v in labels.values()):
+        raise InputFileError(
+            path,
+            "declares region-based labels (nnU-Net's converted BraTS: 1 ED, 2 NCR, 3 ET); "
+            "histo reads label files in the BraTS values of one --labels task",
+        )
+    try:
+        values = [int(k) for k in labels] if all(str(k).isdigit() for k in labels) else labels.values()
+        return {int(v) for v in values} - {0}
+    except (TypeError, ValueError):
+        raise InputFileError(path, f"'labels' is not a map of label names and values: {labels}") from None
+
+
+def _nnunet_case(first: Path, labels: str | None, images: bool) -> Case:
+    """The nnU-Net case whose `_0000` file is `first`: channels through dataset.json, labels from labelsTr."""
+    match = NNUNET_FILE.match(first.name)
+    case_id, folder = match.group("case"), first.parent
+    meta = _dataset_json(folder)
+    if meta is None:
+        raise InputFileError(first, f"no {DATASET_JSON} in {folder} or its parent to name the channels")
+    channels, declared = read_dataset_json(meta)
+    suffix = first.name[len(case_id) + 5 :]
+    paths = {m: folder / f"{case_id}_{index}{suffix}" for index, m in channels.items()}
+    missing = [f"{case_id}_{i}{suffix} ({m})" for i, m in channels.items() if not paths[m].is_file()]
+    if missing and images:
+        raise InputFileError(first, f"case {case_id} is missing channel {', '.join(missing)}")
+    absent = [m for m in MODALITIES if m not in channels.values()]
+    if absent and images:
+        raise InputFileError(meta, f"names no channel for modality {', '.join(absent)}")
+    label_dir = folder.parent / folder.name.replace("images", "labels", 1)
+    segs = [label_dir / f"{case_id}{s}" for s in (suffix, ".nii.gz", ".nii")]
+    seg = next((p for p in segs if p.is_file() and label_dir != folder), None)
+    scheme, source = _scheme_of(case_id, labels, False)
+    if seg is not None and declared is not None and declared != set(SCHEMES[scheme].labels):
+        raise InputFileError(
+            meta,
+            f"declares label values {sorted(declared)}, not those of scheme {scheme} "
+            f"({SCHEMES[scheme].describe()}; {source}); pass --labels TASK",
+        )
+    present = {m: p for m, p in paths.items() if p.is_file()}
+    order = tuple(channels[i] for i in sorted(channels))
+    return Case(case_id, present, seg, scheme, first, source, order)
+
+
+def case_id_of(path: Path) -> str:
+    """The case ID of a discovered case path: a folder's name, or the CASE of an nnU-Net `CASE_0000` file."""
+    match = NNUNET_FILE.match(path.name) if path.is_file() else None
+    return match.group("case") if match else path.name
+
+
+def _nnunet_images(root: Path) -> Path | None:
+    """The nnU-Net images folder `root` stands for (itself, or `imagesTr` of a dataset root), else None."""
+    if (root / DATASET_JSON).is_file() and (root / "imagesTr").is_dir():
+        return root / "imagesTr"
+    files = [p for p in root.iterdir() if p.is_file() and NIFTI.search(p.name) and p.name[0] != "."]
+    if files and _dataset_json(root) is not None and all(NNUNET_FILE.match(p.name) for p in files):
+        return root
+    return None
+
+
+def _is_first_channel(path: Path) -> bool:
+    match = NNUNET_FILE.match(path.name)
+    return bool(match) and match.group("channel") == "0000" and path.name[0] != "."
 
 
 def case_folders(root: str | Path) -> list[Path]:
-    """`root` itself when it holds NIfTI files, else its sub-folders that do (sorted); [] when none."""
+    """The cases under `root`: the `_0000` files of an nnU-Net images folder (or of a dataset root's
+    imagesTr), else `root` itself when it holds NIfTI files, else its sub-folders that do (sorted)."""
     root = Path(root)
+    images = _nnunet_images(root)
+    if images is not None:
+        return sorted(p for p in images.iterdir() if p.is_file() and _is_first_channel(p))
     if any(NIFTI.search(p.name) for p in root.iterdir() if p.is_file()):
         return [root]
     return sorted(p for p in root.iterdir() if p.is_dir() and any(NIFTI.search(q.name) for q in p.iterdir()))
@@ -124,13 +261,16 @@ def case_items(case_dirs: Sequence[str | os.PathLike]) -> list[CaseFolder]:
         if folders and not fs:
             log.warning("%s: no case folders with NIfTI files", d)
     first: dict[str, Path] = {}
+    ids = [case_id_of(f) for f in folders]
     return [
-        CaseFolder(f.name, f, None if first.setdefault(f.name, f) == f else first[f.name]) for f in folders
+        CaseFolder(i, f, None if first.setdefault(i, f) == f else first[i])
+        for i, f in zip(ids, folders, strict=True)
     ]
 
 
-def find_cases(root: str | Path, errors: list[dict] | None = None) -> list[Case]:
-    """Cases under `root` (itself a case folder, or a folder of case folders), sorted by id.
+def find_cases(root: str | Path, errors: list[dict] | None = None, labels: str | None = None) -> list[Case]:
+    """Cases under `root` (itself a case folder, a folder of case folders, or an nnU-Net folder), sorted by
+    id; `labels` names their label scheme (None: detected per case).
 
     A bad case raises InputFileError, or, when `errors` is a list, is appended to it as
     {"case_id", "status": "failed", "reason"} and left out.
@@ -144,11 +284,11 @@ def find_cases(root: str | Path, errors: list[dict] | None = None) -> list[Case]
     cases = []
     for folder in folders:
         try:
-            cases.append(find_case(folder))
+            cases.append(find_case(folder, labels))
         except InputFileError as e:
             if errors is None:
                 raise
-            errors.append({"case_id": folder.name, "status": "failed", "reason": str(e)})
+            errors.append({"case_id": case_id_of(folder), "status": "failed", "reason": str(e)})
     return cases
 
 
@@ -195,7 +335,7 @@ def from_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def load_raw(case: Case, with_labels: bool = True):
-    """-> (raw float32 (4,D,H,W) as acquired, regions uint8 (3,D,H,W) | None, affine, header), in RAS order.
+    """-> (raw float32 (4,D,H,W) as acquired, regions uint8 (C,D,H,W) | None, affine, header), in RAS order.
 
     The raw intensities are what corruptions act on (`segmentation.corruptions`); `preprocess` makes the
     model input. `affine` and `header` are the source's (FLAIR), for writing outputs with `from_ras`.
@@ -215,7 +355,7 @@ def load_raw(case: Case, with_labels: bool = True):
         try:
             regions = labels_to_regions(_data(seg_img, case.seg), case.scheme).astype(np.uint8)
         except ValueError as e:
-            raise InputFileError(case.seg, str(e)) from None
+            raise InputFileError(case.seg, label_error(e, case)) from None
         regions = to_ras(regions, affine)
     return to_ras(np.stack(channels), affine), regions, affine, header
 
@@ -232,13 +372,18 @@ def preprocess(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_case(case: Case, with_labels: bool = True):
-    """-> (image float32 (4,D,H,W) z-scored, brain_mask bool (D,H,W), regions uint8 (3,D,H,W) | None, affine, header).
+    """-> (image float32 (4,D,H,W) z-scored, brain_mask bool (D,H,W), regions uint8 (C,D,H,W) | None, affine, header).
 
     `preprocess` of `load_raw`: arrays in RAS order; `affine` and `header` are the source's (FLAIR).
     """
     raw, regions, affine, header = load_raw(case, with_labels)
     image, brain = preprocess(raw)
     return image, brain, regions, affine, header
+
+
+def label_error(error: ValueError, case: Case) -> str:
+    """The one-line reason for a label map outside its scheme, naming the case and where the scheme came from."""
+    return f"{error} in case {case.case_id} ({case.scheme_source or 'scheme given'}); pass --labels TASK"
 
 
 def _check_grid(img: nib.Nifti1Image, ref: nib.Nifti1Image, path: Path, ref_path: Path) -> None:

@@ -1,15 +1,20 @@
-"""3D U-Nets under MRI corruptions: Dice and HD95 per region (TC, WT, ET) on labelled BraTS cases.
+"""3D U-Nets under MRI corruptions: Dice and HD95 per output region of the model's label scheme (TC, WT,
+ET for the 2018-2023 glioma tasks; TC, WT, ET, RC for post-treatment glioma and metastases, ...) on
+labelled BraTS cases.
 
-Each case is loaded as acquired (`segmentation.data.load_raw`), corrupted, preprocessed exactly as in
-training (`segmentation.data.preprocess`), segmented by sliding-window inference and scored with the BraTS
+Each case is loaded as acquired (`segmentation.data.load_raw`) in the checkpoint's recorded scheme (one
+without a scheme: detected per case, channels TC, WT, ET), corrupted, preprocessed exactly as in training
+(`segmentation.data.preprocess`), segmented by sliding-window inference and scored with the legacy BraTS
 conventions of `segmentation.metrics`. For the ImageNet-C metrics the error of a region is 1 - Dice (HD95
-is reported, lower is better).
+is reported, lower is better). Every model of a study (and its reference) must predict the same regions.
+This module supplies the cases, the model loader and the evaluator; the study (grid, resume, metrics,
+plots) is `histo.robustness.study`'s.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +23,19 @@ import numpy as np
 
 from histo.batch import BatchSummary
 from histo.errors import HistoError
-from histo.io import atomic_write_json, file_sha256
-from histo.robustness import ModelRun, plan_runs, run_study, select_corruptions
+from histo.io import file_sha256
+from histo.robustness.grid import select_corruptions
+from histo.robustness.study import Model, Study, plan_runs, run_study
 from histo.robustness_config import RobustnessConfig, SegmentRobustness
 
-REGIONS = ("TC", "WT", "ET")
-METRICS = {
-    **{f"dice_{r}": True for r in REGIONS},
-    "dice_mean": True,
-    **{f"hd95_{r}": False for r in REGIONS},
-}
+
+def metric_directions(regions: Sequence[str]) -> dict[str, bool]:
+    """{metric: higher is better} of a study over the model's output `regions`."""
+    return {
+        **{f"dice_{r}": True for r in regions},
+        "dice_mean": True,
+        **{f"hd95_{r}": False for r in regions},
+    }
 
 
 def ras_spacing(affine: np.ndarray) -> tuple[float, ...]:
@@ -41,13 +49,21 @@ def ras_spacing(affine: np.ndarray) -> tuple[float, ...]:
 
 
 class Cases:
-    """Labelled cases, loaded once and kept in memory up to `cache` cases (the rest re-load per cell)."""
+    """Labelled cases, loaded once and kept in memory up to `cache` cases (the rest re-load per cell), in
+    the label scheme `labels` (None: detected per case) whose channels must be the model's `regions`."""
 
-    def __init__(self, data: str | os.PathLike, max_cases: int = 0, cache: int = 8) -> None:
+    def __init__(
+        self,
+        data: str | os.PathLike,
+        max_cases: int = 0,
+        cache: int = 8,
+        labels: str | None = None,
+        regions: Sequence[str] = ("TC", "WT", "ET"),
+    ) -> None:
         from segmentation.data import find_cases
 
         errors: list[dict] = []
-        found = find_cases(data, errors)
+        found = find_cases(data, errors, labels)
         self.skipped = [dict(e) for e in errors] + [
             {"case_id": c.case_id, "reason": "no label map"} for c in found if c.seg is None
         ]
@@ -56,6 +72,8 @@ class Cases:
             self.cases = self.cases[:max_cases]
         if not self.cases:
             raise HistoError(f"{data}: no labelled BraTS case found")
+        _check_regions(self.cases, tuple(regions))
+        self.regions = tuple(regions)
         self._cache = {i: self._load(i) for i in range(min(cache, len(self.cases)))}
 
     def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
@@ -71,8 +89,35 @@ class Cases:
         return self._cache[i] if i in self._cache else self._load(i)
 
 
-def make_evaluate(model: Any, cases: Cases, settings: SegmentRobustness, device: Any):
-    """evaluate(corrupt) for `histo.robustness.run_grid`: mean Dice / HD95 per region over the cases."""
+def _check_regions(cases: Sequence[Any], regions: tuple[str, ...]) -> None:
+    """HistoError when a case's label scheme has other channels than the model predicts."""
+    from segmentation.label_schemes import get_scheme
+
+    other = [c for c in cases if get_scheme(c.scheme).channels != regions]
+    if other:
+        found = ", ".join(f"{c.case_id} ({c.scheme}, {c.scheme_source})" for c in other[:3])
+        raise HistoError(
+            f"the model predicts {list(regions)}, but cases {found} have the channels "
+            f"{list(get_scheme(other[0].scheme).channels)}; train a model of their task"
+        )
+
+
+def shared_task(segmenters: Sequence[Any]) -> tuple[str | None, tuple[str, ...]]:
+    """(label scheme or None, output regions) that every checkpoint of a study records; HistoError naming
+    the first that differs (their scores would not be comparable)."""
+    first = segmenters[0]
+    for other in segmenters[1:]:
+        if (other.labels, other.regions) != (first.labels, first.regions):
+            raise HistoError(
+                f"{other.path}: predicts {list(other.regions)} (scheme {other.labels}), "
+                f"{first.path} {list(first.regions)} (scheme {first.labels}): one task per study"
+            )
+    return first.labels, first.regions
+
+
+def make_evaluate(model: Any, cases: Cases, settings: SegmentRobustness, device: Any, scheme: str):
+    """evaluate(corrupt) for `histo.robustness.grid`: mean Dice / HD95 per output region over the
+    cases (`scheme` maps a labels head's classes to the regions)."""
     from segmentation.data import preprocess
     from segmentation.infer import predict_volume
     from segmentation.metrics import label_map_metrics
@@ -89,11 +134,12 @@ def make_evaluate(model: Any, cases: Cases, settings: SegmentRobustness, device:
                 overlap=settings.overlap,
                 device=device,
                 brain_mask=brain,
+                scheme=scheme,
             )
-            scheme = cases.cases[i].scheme  # scored on the label map, as `segment eval` scores it
-            per_case.append(label_map_metrics(prob >= settings.threshold, regions, scheme, spacing))
+            mask = prob >= settings.threshold  # scored on the label map, as `segment eval` scores it
+            per_case.append(label_map_metrics(mask, regions, cases.cases[i].scheme, spacing))
         out = {k: float(np.mean([m[k] for m in per_case])) for k in per_case[0]}
-        out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGIONS]))
+        out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in cases.regions]))
         return out
 
     return evaluate
@@ -107,60 +153,48 @@ def evaluate_segmentation(
     reference: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> BatchSummary:
-    """Run the MRI corruption grid for `model` (its α-BN variant, and `reference`) on BraTS cases in `data`.
-
-    `config`: a RobustnessConfig, None (the defaults) or a mapping over the defaults (validated).
-
-    Writes results.csv (resumable), CE tables (1 - Dice per region), plots and summary.json into `out`;
-    returns the BatchSummary of the grid's cells (the report in its extras).
-    """
+    """The MRI corruption study of `model` on the labelled BraTS cases in `data`, into `out` (CE of
+    1 - Dice per output region); `config` and `reference` as for `histo.robustness.study.run_study`.
+    The checkpoints are read first: their shared task decides the scheme the cases are read in."""
     from histo.devices import resolve_device
     from segmentation.corruptions import CORRUPTIONS, study_record
-    from segmentation.infer import check_roi, load_model
+    from segmentation.infer import check_roi, load_segmenter
 
     config = RobustnessConfig.coerce(config)
     s = config.segment
     names = select_corruptions(config.corruptions, CORRUPTIONS)
-    severities = list(config.severities)
     device = resolve_device(config.run.device)
-    cases = Cases(data, s.max_cases, config.run.cache_cases)
-    plan, ref_label = plan_runs(model, reference, config.alpha_bn)
-    models = {str(path): load_model(path, device)[0] for _, path, _ in plan}
-    for path, net in models.items():
-        check_roi(net, s.roi, "segment.roi", path)
-    runs = [
-        ModelRun(label, make_evaluate(models[str(path)], cases, s, device), alpha, models[str(path)])
-        for label, path, alpha in plan
-    ]
-    settings = {
-        "task": "segment",
-        "data": str(Path(data).resolve()),
-        "models": {label: file_sha256(path) for label, path, _ in plan},
-        "corruptions": names,
-        "severities": severities,
-        "seed": config.seed,
-        "alpha_bn": config.alpha_bn,
-        "segment": s.model_dump(mode="json"),
-        "cases": [c.case_id for c in cases.cases],
-        **study_record(names),  # corruption space, preprocessing and severity table
-    }
-    summary = run_study(
-        runs,
-        {n: CORRUPTIONS[n] for n in names},
-        severities,
-        out,
-        settings,
-        METRICS,
-        reference=ref_label,
-        seed=config.seed,
-        progress=progress,
-    )
-    summary = summary.with_extra(
+    plan, _ = plan_runs(model, reference, config.alpha_bn)
+    segmenters = {str(path): load_segmenter(path, device) for _, path, _ in plan}
+    for path, segmenter in segmenters.items():
+        check_roi(segmenter.model, s.roi, "segment.roi", path)
+    labels, regions = shared_task(list(segmenters.values()))
+    cases = Cases(data, s.max_cases, config.run.cache_cases, labels, regions)
+    scheme = labels or cases.cases[0].scheme  # a checkpoint without a scheme: TC, WT, ET of 2021 or 2023
+
+    def load(path: str | os.PathLike) -> Model:
+        net = segmenters[str(path)].model
+        evaluate = make_evaluate(net, cases, s, device, scheme)
+        return Model(net, file_sha256(path), lambda alpha: evaluate)  # α-BN wraps it (the grid's part)
+
+    record = study_record(names)  # corruption space, preprocessing and severity table
+    study = Study(
         task="segment",
-        models=settings["models"],
-        n_cases=len(cases),
-        skipped_cases=cases.skipped,
-        **study_record(names),
+        metrics=metric_directions(regions),
+        corruptions={n: CORRUPTIONS[n] for n in names},
+        load=load,
+        settings={
+            "data": str(Path(data).resolve()),
+            "segment": s.model_dump(mode="json"),
+            "cases": [c.case_id for c in cases.cases],
+            **record,
+        },
+        extra={
+            "n_cases": len(cases),
+            "labels": scheme,
+            "regions": list(regions),
+            "skipped_cases": cases.skipped,
+            **record,
+        },
     )
-    atomic_write_json(Path(out) / "summary.json", summary.to_dict())
-    return summary
+    return run_study(study, model, reference, out, config, progress)

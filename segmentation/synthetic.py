@@ -14,7 +14,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from segmentation.data import write_nifti
-from segmentation.labels import scheme_labels
+from segmentation.label_schemes import get_scheme
 
 NAMES = {
     "2021": {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"},
@@ -85,7 +85,8 @@ def make_cases(
     out_dir: str | Path, n_cases: int, shape=(64, 64, 64), seed: int = 0, scheme: str = "2021"
 ) -> list[Path]:
     """Write `n_cases` case folders (4 modalities + seg, naming and labels of `scheme`); return the folders."""
-    labels = scheme_labels(scheme)
+    fill = get_scheme(scheme).fill  # the label value of each channel region: TC -> NCR, WT -> ED, ET -> ET
+    labels = {"ncr": fill["TC"], "ed": fill["WT"], "et": fill["ET"]}
     names = NAMES[scheme]
     shape = tuple(int(s) for s in shape)
     affine = brats_affine(shape)

@@ -4,6 +4,12 @@ Dice per region on whole volumes, scored through the label map exactly as `segme
 The task of `histo.training.fit` (which owns the loop, checkpoints, DDP and resume). Every random draw of
 epoch e (crop plan, augmentation, dropout) derives from (seed, e, rank), so a resumed run replays the
 epochs an uninterrupted run would. `train.batch_size` is the global batch (split over processes).
+
+The label scheme (`data.labels`, or detected from the cases, recorded resolved in the checkpoint) sets the
+output channels: one per channel region of the scheme (regions head) or one per label value plus the
+background (labels head). `data.folds` K > 0 holds out fold `data.fold` of K patient-level folds for
+validation instead of `data.val_fraction` (`segmentation.splits`); the split is recorded in the checkpoint
+and the summary.
 """
 
 from __future__ import annotations
@@ -17,24 +23,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from histo.errors import HistoError
+from histo.errors import ConfigError, HistoError
 from segmentation.config import SegmentConfig
 from segmentation.data import Case, CropDataset, PlanSampler, epoch_plan, find_cases, load_case
-from segmentation.labels import REGIONS
+from segmentation.label_schemes import LabelScheme, get_scheme, paint_order
+from segmentation.splits import patient_id, split_for
 
 # Where releases before the `run:` section recorded run options (they may change on --resume).
 RESUME_IGNORE = ("device", "data.workers", "data.cache", "infer.sw_batch_size")
-MONITORS = {"val_dice_mean": "max", **{f"val_dice_{r}": "max" for r in REGIONS}}
 
 
-def build_model(config: SegmentConfig) -> nn.Module:
-    """The UNet3D described by the `model` section (4 input modalities)."""
+def monitors(scheme: str | LabelScheme) -> dict[str, str]:
+    """The validation metrics a run of `scheme` can monitor: the mean Dice and each channel region's."""
+    return {"val_dice_mean": "max", **{f"val_dice_{r}": "max" for r in get_scheme(scheme).channels}}
+
+
+def build_model(config: SegmentConfig, scheme: str | LabelScheme) -> nn.Module:
+    """The UNet3D described by the `model` section (4 input modalities) with the outputs of `scheme`: one
+    per channel region (regions head) or per class, background and each label value (labels head)."""
     from segmentation.unet import UNet3D
 
-    m = config.model
+    m, scheme = config.model, get_scheme(scheme)
     return UNet3D(
         in_channels=4,
-        out_channels=3 if m.head == "regions" else 4,
+        out_channels=len(scheme.channels) if m.head == "regions" else 1 + len(scheme.labels),
         channels=m.channels,
         blocks_per_level=m.blocks_per_level,
         expansion=m.expansion,
@@ -48,14 +60,18 @@ def build_model(config: SegmentConfig) -> nn.Module:
 
 class SegLoss(nn.Module):
     """Soft Dice + cross-entropy: per-region sigmoid Dice + BCE (regions head), or softmax Dice + CE over
-    the classes bg, NCR, ED, ET (labels head). Dice uses smooth_nr=0 so crops without tumour train by BCE;
+    the scheme's classes (labels head). Dice uses smooth_nr=0 so crops without tumour train by BCE;
     `label_smoothing` ε smooths the BCE targets to y(1 - ε) + ε/2 (or the CE as torch does), not the Dice."""
 
-    def __init__(self, head: str, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self, head: str, label_smoothing: float = 0.0, scheme: str | LabelScheme | None = None
+    ) -> None:
         super().__init__()
         from monai.losses import DiceCELoss, DiceLoss
 
-        self.head, self.smoothing = head, label_smoothing
+        if head == "labels" and scheme is None:
+            raise ValueError("a labels head needs the label scheme of its classes")
+        self.head, self.smoothing, self.scheme = head, label_smoothing, scheme
         if head == "regions":
             self.dice = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5)
         else:
@@ -67,30 +83,37 @@ class SegLoss(nn.Module):
         if self.head == "regions":
             target = regions * (1 - self.smoothing) + self.smoothing / 2 if self.smoothing else regions
             return self.dice(logits, regions) + nn.functional.binary_cross_entropy_with_logits(logits, target)
-        return self.dice_ce(logits, regions_to_classes(regions))
+        return self.dice_ce(logits, regions_to_classes(regions, self.scheme))
 
 
-def regions_to_classes(regions: torch.Tensor) -> torch.Tensor:
-    """(N, 3, …) nested [TC, WT, ET] masks -> (N, 1, …) classes 0 bg, 1 NCR, 2 ED, 3 ET."""
-    tc, wt, et = regions[:, 0:1], regions[:, 1:2], regions[:, 2:3]
-    return 2 * wt - tc + 2 * et
+def regions_to_classes(regions: torch.Tensor, scheme: str | LabelScheme) -> torch.Tensor:
+    """(N, C, …) channel masks -> (N, 1, …) class indices: 0 background, k the k-th label value of the
+    scheme in ascending order (2021: 1 NCR, 2 ED, 3 ET), painted outermost channel first."""
+    scheme = get_scheme(scheme)
+    classes = regions.new_zeros((regions.shape[0], 1, *regions.shape[2:]))
+    for index, value in paint_order(scheme):
+        classes = torch.where(
+            regions[:, index : index + 1] > 0.5, float(scheme.values.index(value) + 1), classes
+        )
+    return classes
 
 
-def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
-    """Deterministic train/validation split by case (at least one of each when there are >= 2 cases)."""
-    order = np.random.default_rng(seed).permutation(len(cases))
-    n_val = min(max(round(val_fraction * len(cases)), 1 if val_fraction > 0 else 0), len(cases) - 1)
-    val = sorted(order[:n_val].tolist())
-    return [c for i, c in enumerate(cases) if i not in val], [cases[i] for i in val]
-
-
-def labelled_cases(data_dir: Path) -> list[Case]:
-    """The cases under `data_dir`, every one with a label file (HistoError naming those without)."""
-    cases = find_cases(data_dir)
+def labelled_cases(data_dir: Path, labels: str = "auto") -> tuple[list[Case], str]:
+    """(the cases under `data_dir`, every one with a label file, their one label scheme: `labels`, or
+    detected when it is auto); HistoError naming cases without labels or of different schemes."""
+    cases = find_cases(data_dir, labels=None if labels == "auto" else labels)
     unlabelled = [c.case_id for c in cases if c.seg is None]
     if unlabelled:
         raise HistoError(f"{data_dir}: cases without a label file (*_seg): {', '.join(unlabelled[:5])}")
-    return cases
+    schemes: dict[str, list[str]] = {}
+    for case in cases:
+        schemes.setdefault(case.scheme, []).append(case.case_id)
+    if len(schemes) > 1:
+        groups = "; ".join(f"{name}: {', '.join(ids[:3])}" for name, ids in schemes.items())
+        raise HistoError(
+            f"{data_dir}: cases were detected as different label schemes ({groups}); set --labels"
+        )
+    return cases, cases[0].scheme
 
 
 def validation_scores(
@@ -105,7 +128,9 @@ def validation_scores(
     from segmentation.metrics import label_map_metrics
 
     with_hd95 = config.train.val_hd95
-    sums = torch.zeros(7, dtype=torch.float64)  # Dice TC/WT/ET, HD95 TC/WT/ET, cases
+    scheme = get_scheme(cases[0].scheme)  # the cases of a run share one scheme (labelled_cases)
+    names, c = scheme.channels, len(scheme.channels)
+    sums = torch.zeros(2 * c + 1, dtype=torch.float64)  # Dice per channel, HD95 per channel, cases
     model.eval()
     for case in cases[dist.rank :: dist.world_size]:
         item = cache.get(case.case_id) or load_case(case)
@@ -120,27 +145,27 @@ def validation_scores(
             device=dist.device,
             brain_mask=brain,
             sw_batch_size=config.run.sw_batch_size,
+            scheme=scheme,
         )
         scores = label_map_metrics(
-            prob >= config.infer.threshold, regions, case.scheme, ras_spacing(affine), with_hd95
+            prob >= config.infer.threshold, regions, scheme.name, ras_spacing(affine), with_hd95
         )
-        sums[:3] += torch.tensor([scores[f"dice_{r}"] for r in REGIONS], dtype=torch.float64)
+        sums[:c] += torch.tensor([scores[f"dice_{r}"] for r in names], dtype=torch.float64)
         if with_hd95:
-            sums[3:6] += torch.tensor([scores[f"hd95_{r}"] for r in REGIONS], dtype=torch.float64)
-        sums[6] += 1.0
+            sums[c : 2 * c] += torch.tensor([scores[f"hd95_{r}"] for r in names], dtype=torch.float64)
+        sums[2 * c] += 1.0
     all_reduce_sum(sums)
-    n = max(sums[6].item(), 1.0)
-    out = {f"val_dice_{r}": sums[i].item() / n for i, r in enumerate(REGIONS)}
-    out["val_dice_mean"] = float(np.mean([out[f"val_dice_{r}"] for r in REGIONS]))
+    n = max(sums[2 * c].item(), 1.0)
+    out = {f"val_dice_{r}": sums[i].item() / n for i, r in enumerate(names)}
+    out["val_dice_mean"] = float(np.mean([out[f"val_dice_{r}"] for r in names]))
     if with_hd95:
-        out |= {f"val_hd95_{r}": sums[3 + i].item() / n for i, r in enumerate(REGIONS)}
+        out |= {f"val_hd95_{r}": sums[c + i].item() / n for i, r in enumerate(names)}
     return out
 
 
 class SegmentTask:
     """UNet3D training on labelled BraTS case folders, for one process of a possibly distributed job."""
 
-    monitors = MONITORS
     memory_format = torch.channels_last_3d
     model_kind = "unet3d"
     state_kind = "unet3d-train-state"
@@ -150,11 +175,24 @@ class SegmentTask:
     def __init__(self, data_dir: str | Path, config: SegmentConfig, dist: Any) -> None:
         from histo.training import per_process_batch
 
+        cases, self.scheme = labelled_cases(Path(data_dir), config.data.labels)
+        self.monitors = monitors(self.scheme)
+        if config.train.monitor not in self.monitors:
+            raise ConfigError(
+                f"train.monitor: {config.train.monitor} is not a metric of scheme {self.scheme} "
+                f"({', '.join(self.monitors)})"
+            )
+        config = config.updated({"data.labels": self.scheme}, source=f"{data_dir} (label scheme)")
         self.config, self.dist, self.seed, self.options = config, dist, config.seed, config.train
-        self.run_config = config.recorded()
-        self.default_config = SegmentConfig.coerce(None).recorded()
-        cases = labelled_cases(Path(data_dir))
-        self.train_cases, self.val_cases = split_cases(cases, config.data.val_fraction, config.seed)
+        self.run_config = config.recorded()  # the scheme recorded resolved
+        self.default_config = _defaults_of_earlier_runs(self.scheme)
+        self.train_cases, self.val_cases = split_for(cases, config)
+        self.split = {
+            "folds": config.data.folds,
+            "fold": config.data.fold if config.data.folds else None,
+            "val_patients": sorted({patient_id(c.case_id) for c in self.val_cases}),
+            "val_cases": [c.case_id for c in self.val_cases],
+        }
         self.has_validation = bool(self.val_cases)
         o, w = config.train, dist.world_size
         batch = per_process_batch(o.batch_size, w)
@@ -168,12 +206,12 @@ class SegmentTask:
             num_workers=config.run.workers,
             persistent_workers=config.run.workers > 0,
         )
-        self.loss_fn = SegLoss(config.model.head, o.label_smoothing)
+        self.loss_fn = SegLoss(config.model.head, o.label_smoothing, self.scheme)
         self.val_cache: dict = {}
 
     # ---- the task protocol (histo.training.Task) ----------------------------------------------------
     def build_model(self) -> nn.Module:
-        self.model = build_model(self.config)
+        self.model = build_model(self.config, self.scheme)
         return self.model
 
     def batches_per_epoch(self) -> int:
@@ -207,15 +245,29 @@ class SegmentTask:
     def model_record(
         self, model: nn.Module, epoch: int, row: Mapping[str, Any]
     ) -> tuple[dict[str, Any], dict[str, Any]]:
+        from segmentation.infer import model_config
+
         val = {k: v for k, v in row.items() if k.startswith("val_")}
-        return {"network": model.config, "train_config": self.run_config}, {"epoch": epoch, "val": val}
+        extra = {"epoch": epoch, "val": val, "split": self.split}
+        return model_config(model, dict(self.run_config), self.scheme), extra
 
     def summary(self) -> dict[str, Any]:
         return {
             "n_train": len(self.train_cases),
             "n_val": len(self.val_cases),
             "val_cases": [c.case_id for c in self.val_cases],
+            "labels": self.scheme,
+            "split": self.split,
         }
+
+
+def _defaults_of_earlier_runs(scheme: str) -> dict[str, Any]:
+    """The recorded defaults with the scheme a run of a release before `data.labels` used: it detected
+    the 2018-2021 or 2023 scheme as `auto` does (a resumed old run then matches; any other scheme differs)."""
+    defaults = SegmentConfig.coerce(None)
+    if scheme in ("2021", "2023"):
+        defaults = defaults.updated({"data.labels": scheme})
+    return defaults.recorded()
 
 
 def train_segmenter(

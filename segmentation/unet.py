@@ -35,8 +35,9 @@ IBN_LAYOUT = IBNLayout("unet3d")  # IBN-Net's ResNet split and rule, encoder lev
 class UNet3D(nn.Module):
     """Reversible MBConv 3D U-Net returning logits (N, out_channels, D, H, W).
 
-    head="regions": 3 independent sigmoid channels TC, WT, ET; head="labels": softmax over out_channels
-    classes. Spatial sizes must be divisible by 2 ** (len(channels) - 1). `norm` is a registered name, a
+    head="regions": out_channels independent sigmoid channels, one per region of the label scheme (TC, WT,
+    ET for BraTS 2018-2023; segmentation.label_schemes); head="labels": softmax over out_channels classes.
+    Spatial sizes must be divisible by 2 ** (len(channels) - 1). `norm` is a registered name, a
     `(name, kwargs)` pair or a callable (`histo.norms.resolve_norm`); `norm_kwargs` add to its kwargs.
     `.config` rebuilds the network: a registered norm is stored as its name and kwargs (so the three forms
     give one config), an unregistered callable as itself (such a config is not JSON-able).
@@ -138,8 +139,8 @@ class UNet3D(nn.Module):
 def _check_args(out_channels: int, channels: list[int], blocks_per_level: int, head: str) -> None:
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    if head == "regions" and out_channels != 3:
-        raise ValueError(f"head='regions' predicts TC, WT, ET: out_channels must be 3, got {out_channels}")
+    if head == "regions" and out_channels < 1:
+        raise ValueError(f"head='regions' needs at least one region channel, got out_channels={out_channels}")
     if head == "labels" and out_channels < 2:
         raise ValueError(f"head='labels' needs at least 2 classes, got out_channels={out_channels}")
     if not channels or any(c < 2 or c % 2 for c in channels):

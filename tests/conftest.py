@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data folder beside the clone, quiet, reproducible torch threads, a tiny tile store."""
+"""Shared fixtures: the real data folder beside the clone, quiet, reproducible torch threads, a tiny tile store,
+the tiling of the synthetic-slide tests, and the serve tests' demo index."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("HISTO_SHARED_DATA", REPO.parent / "shared" / "data"))
+#: TileConfig overrides of the synthetic-slide tests: 32 px tiles of 64 µm, half the clusters, all their tiles.
+TILE_OVERRIDES = {"tile.px": 32, "tile.um": 64.0, "mosaic.percent": 50.0, "cellularity.top_fraction": 1.0}
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +78,23 @@ def tiny_segment_study(tmp_path) -> dict[str, Path]:
     save_model(tmp_path / "unet.pt", net, {})
     (tmp_path / "cfg.yaml").write_text("segment:\n  roi: [32, 32, 32]\n")
     return {"data": tmp_path / "data", "model": tmp_path / "unet.pt", "config": tmp_path / "cfg.yaml"}
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> dict[str, Path]:
+    """6 synthetic slides (3 classes x 2 patients, 2 sites), tiled at 64 px with pixels saved, indexed with an
+    untrained 32 px DenseNet: the demo's pipeline at test size for the serve tests (about 20 s on 2 cores)."""
+    from histo.config import load_config
+    from pathology import tile_slides
+    from pathology.config import TileConfig
+    from pathology.kimianet import random_init_checkpoint
+    from pathology.synthetic import make_cohort
+    from search.slide_index import SlideIndex
+
+    root = tmp_path_factory.mktemp("serve-demo")
+    labels = make_cohort(root / "slides", n_classes=3, patients_per_class=2, size=(1280, 1024), seed=1)
+    cfg = load_config(TileConfig, overrides={**TILE_OVERRIDES, "tile.px": 64})
+    tile_slides([root / "slides"], root / "tiles.zarr", cfg, labels_csv=labels, progress=False)
+    model = random_init_checkpoint(root / "model.pt", input_px=32)
+    SlideIndex.build(root / "tiles.zarr", model, root / "index", {"run": {"device": "cpu"}}, progress=False)
+    return {"root": root, "index": root / "index", "slides": root / "slides", "tiles": root / "tiles.zarr"}

@@ -386,8 +386,8 @@ def test_segment_predict_and_eval_json_with_a_bad_case(cases: dict, tmp_path: Pa
     assert code == 1, stderr
     report = json.loads(stdout)
     failed = assert_one_shape(report, {"done": 2, "skipped": 0, "failed": 1})
-    assert failed[0]["id"] == cases["bad"] and "dice_WT" in report["outcomes"][0]["detail"]
-    assert 0.0 <= report["metrics"]["dice_WT"]["mean"] <= 1.0
+    assert failed[0]["id"] == cases["bad"] and "legacy_dice_WT" in report["outcomes"][0]["detail"]
+    assert 0.0 <= report["metrics"]["legacy_dice_WT"]["mean"] <= 1.0
     assert stderr.strip().splitlines()[-1] == f"2 done, 0 skipped, 1 failed -> {pred}"
 
 

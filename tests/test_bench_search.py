@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO
 
 
 def test_bench_search_tiny_run_writes_the_report(tmp_path: Path) -> None:
@@ -15,7 +15,7 @@ def test_bench_search_tiny_run_writes_the_report(tmp_path: Path) -> None:
     args = ["--slides", "60", "--tiles", "12", "--dim", "64", "--classes", "4", "--queries", "4",
             "--loop-queries", "1", "--types", "flat,ivf", "--threads", "1", "--stage1-tiles", "4,12",
             "--out", str(out)]  # fmt: skip
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench_search.py"), *args],
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/bench_search.py"), *args],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "top-5 identical" in proc.stdout and "exact flat" in proc.stdout

@@ -8,20 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from serve_support import build_demo
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_demo(tmp_path_factory.getbasetemp() / "serve-demo")
+from conftest import REPO
 
 
 def test_bench_serve_compares_the_page_to_histo_search(demo: dict, tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
     args = ["--index", str(demo["index"]), "--k", "3", "--repeat", "1", "--clients", "4", "--out", str(out)]
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench_serve.py"), *args],
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/bench_serve.py"), *args],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "page / histo search (cold, warm)" in proc.stdout and "4 concurrent page loads" in proc.stdout

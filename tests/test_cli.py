@@ -11,7 +11,18 @@ from click.testing import CliRunner
 from histo import __version__
 from histo.cli import COMMANDS, main
 
-EXPECTED = ["tile", "train", "index", "search", "segment", "robustness", "serve"]
+EXPECTED = [
+    "tile",
+    "train",
+    "index",
+    "search",
+    "segment",
+    "robustness",
+    "serve",
+    "export",
+    "features",
+    "encoders",
+]
 
 
 def test_help_lists_every_command():
@@ -50,7 +61,7 @@ def test_bad_config_file_is_a_one_line_error(tmp_path):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith(
-        f"error: {bad}: no_such_key: unknown key (known here: cellularity, mosaic, run,"
+        f"error: {bad}: no_such_key: unknown key (known here: cellularity, from_coords, mosaic, roi, run,"
     )
     assert str(bad) in lines[-1]
     assert "Traceback" not in result.output

@@ -11,7 +11,17 @@ import pytest
 from pydantic import BaseModel
 
 from histo import config
-from histo.config import Count, Fraction, RunOptions, Section, StageConfig, load_config, read_yaml
+from histo.config import (
+    Count,
+    Fraction,
+    RunOptions,
+    Section,
+    StageConfig,
+    flatten,
+    load_config,
+    read_yaml,
+    unflatten,
+)
 from histo.errors import ConfigError
 from histo.robustness_config import RobustnessConfig
 from pathology.config import TileConfig, TrainConfig
@@ -139,6 +149,23 @@ def test_coerce_takes_the_object_none_or_a_mapping_over_the_defaults(toy):
 def test_recorded_leaves_out_the_run_options_and_is_json(toy):
     recorded = load_config(Toy).recorded()
     assert "run" not in recorded and json.loads(json.dumps(recorded)) == recorded
+
+
+def test_flatten_gives_the_dotted_keys_of_the_leaves_and_unflatten_inverts_it():
+    nested = {
+        "seed": 0,
+        "mosaic": {"k": 9, "percent": 20.0},
+        "segment": {"roi": [64, 64, 32], "deep": {"a": 1}},
+    }
+    flat = flatten(nested)
+    assert flat == {
+        "seed": 0,
+        "mosaic.k": 9,
+        "mosaic.percent": 20.0,
+        "segment.roi": [64, 64, 32],
+        "segment.deep.a": 1,
+    }
+    assert unflatten(flat) == nested
 
 
 def test_load_config_wants_a_stage_class():

@@ -260,7 +260,8 @@ def test_a_registered_corruption_runs_through_histo_robustness(tile_store, tmp_p
 
     from histo.cli import main
     from histo.config import load_config
-    from histo.robustness import read_rows, select_corruptions
+    from histo.robustness.grid import select_corruptions
+    from histo.robustness.results import read_rows
     from histo.robustness_config import RobustnessConfig
     from pathology.kimianet import random_init_checkpoint
 

@@ -244,7 +244,8 @@ def test_a_registered_corruption_runs_through_histo_robustness(
 
     import segmentation.infer
     from histo.cli import main
-    from histo.robustness import read_rows, select_corruptions
+    from histo.robustness.grid import select_corruptions
+    from histo.robustness.results import read_rows
     from segmentation.data import find_cases, load_raw
 
     monkeypatch.setattr(mri, "CORRUPTIONS", dict(CORRUPTIONS))  # registrations vanish after the test

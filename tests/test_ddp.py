@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_kimianet_train import PX, cohort, make_store
 
 from histo import checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_kimianet_train import PX, cohort, make_store
 
 BIN = Path(sys.executable).parent
 

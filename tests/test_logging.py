@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 from click.testing import CliRunner
+from conftest import REPO
 
 import histo
 from histo.cli import main
@@ -22,7 +23,6 @@ from histo.errors import HistoError
 from histo.log import close_logging, init_worker, setup_logging, worker_settings
 from pathology.synthetic import write_synthetic_slide
 
-REPO = Path(__file__).resolve().parents[1]
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 logger = logging.getLogger("pathology.probe")  # a library logger, as the batch runner's
 

@@ -98,3 +98,30 @@ def test_cnn_trains_through_the_training_loop_and_a_rerun_reuses_it(ns, tmp_path
         assert torch.equal(a, b)
     with pytest.raises(HistoError, match="a run with another config is here"):
         ns.train(ns.TileTask("rn_b", tiles, labels, 3, args), tmp_path / "rn_b.pt", args)
+
+
+def test_the_script_runs_end_to_end_through_segmentations_own_interfaces(tmp_path):
+    """The whole segmentation study at toy size: it calls segment train's task and histo robustness's
+    evaluator, so a change of their signatures breaks this test rather than the next study run."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "study"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts/norm_study.py"),
+        "--out",
+        str(out),
+        "--domains",
+        "segmentation",
+    ]
+    cmd += ["--norms", "batch,group", "--mri-train", "2", "--mri-test", "1", "--mri-samples", "8"]
+    cmd += ["--mri-epochs", "8", "--severities", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = (out / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith(("| batch |", "| group |"))]
+    assert len(rows) == 2 and all("not trained" not in row for row in rows)
+    assert (out / "segmentation" / "heatmap_dice_mean.png").stat().st_size > 1000

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 import histo
 from histo.cli import COMMANDS
+from histo.config import flatten
 from pathology.store import TileStore
 from pathology.synthetic import write_synthetic_slide
 
-REPO = Path(__file__).resolve().parents[1]
 # What a clean checkout lacks (.gitignore) or a wheel never holds: not copied into the build tree.
 NOT_SOURCE = shutil.ignore_patterns(
     ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "demo_out", "bench_out"
@@ -67,16 +68,6 @@ def installed(wheel, tmp_path_factory) -> Path:
 def _env(target: Path) -> dict[str, str]:
     """Only the installed copy is importable (the dependencies come from this venv's site-packages)."""
     return {**os.environ, "PYTHONPATH": str(target)}
-
-
-def _leaves(d: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def test_wheel_carries_every_default_config(wheel):
@@ -128,8 +119,8 @@ def test_console_script_tiles_a_slide_with_the_packaged_defaults(installed, tmp_
     store = TileStore.open(tmp_path / "store.zarr")
     assert store.slide_ids() == ["syn"] and store.record("syn").n_selected >= 1
     defaults = yaml.safe_load((installed / "histo" / "configs" / "tile.yaml").read_text())
-    recorded = _leaves(store.params)
+    recorded = flatten(store.params)
     assert recorded["tile.px"] == 224 and defaults["tile"]["px"] != 224
-    for key, value in _leaves(defaults).items():
+    for key, value in flatten(defaults).items():
         if key != "tile.px" and not key.startswith("run."):  # run options are not recorded
             assert recorded[key] == value, key

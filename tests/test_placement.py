@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from torch import nn
 
 from histo import checkpoint
@@ -35,7 +35,6 @@ from pathology.kimianet import load_model, model_config, save_model
 from segmentation.mbconv import MBConv
 from segmentation.unet import UNet3D
 
-ROOT = Path(__file__).resolve().parent.parent
 STALE = "cannot be converted: retrain the model"
 
 
@@ -166,7 +165,7 @@ def test_standalone_mbconv_is_a_first_stage_block():
 
 
 def _study_cnn(norm: str) -> nn.Module:
-    spec = importlib.util.spec_from_file_location("norm_study", ROOT / "scripts/norm_study.py")
+    spec = importlib.util.spec_from_file_location("norm_study", REPO / "scripts/norm_study.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.SmallCNN(norm, 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,16 +12,10 @@ from torch import nn
 
 from histo.classification import MACRO_F1_DEFINITION
 from histo.errors import HistoError
-from histo.robustness import (
-    CLEAN,
-    corruption_errors,
-    parse_severities,
-    read_rows,
-    report,
-    run_grid,
-    select_corruptions,
-    write_rows,
-)
+from histo.robustness.grid import CLEAN, parse_severities, run_grid, select_corruptions
+from histo.robustness.metrics import corruption_errors
+from histo.robustness.report import report
+from histo.robustness.results import read_rows, write_rows
 
 
 def _rows(model: str, clean: float, table: dict[str, list[float]]) -> list[dict]:
@@ -209,6 +204,56 @@ def test_parsers() -> None:
     assert select_corruptions("b", ["a", "b"]) == ["b"]
     with pytest.raises(HistoError, match="unknown corruption"):
         select_corruptions("a,c", ["a", "b"])
+
+
+def test_run_study_is_domain_free_records_resumes_and_refuses_another_run(tmp_path) -> None:
+    """A throwaway domain (a loader and an evaluator, nothing else) runs through the shared study runner."""
+    import json
+
+    from histo.robustness.study import Model, Study, run_study
+    from histo.robustness_config import RobustnessConfig
+
+    loads, calls = [], []
+    data = np.linspace(0.0, 1.0, 6)
+
+    def load(path) -> Model:
+        loads.append(Path(path).name)
+        offset = 0.5 if "ref" in Path(path).name else 0.0
+
+        def evaluate(corrupt):
+            calls.append(1)
+            return {"score": float(np.clip(corrupt(data, 0) + offset, 0, 1).mean())}
+
+        return Model(None, f"sha-{Path(path).name}", lambda alpha: evaluate)
+
+    model, ref = tmp_path / "toy.pt", tmp_path / "ref.pt"
+    study = Study(
+        task="toy",
+        metrics={"score": True},
+        corruptions={"dim": lambda x, s, rng: x * (1 - 0.2 * s)},
+        load=load,
+        settings={"data": "six numbers"},
+        extra={"n_items": len(data)},
+    )
+    config = RobustnessConfig.coerce({"severities": "1,2", "seed": 1})
+    out = tmp_path / "out"
+    summary = run_study(study, model, ref, out, config, progress=False)
+    assert loads == ["toy.pt", "ref.pt"] and len(calls) == 2 * 3
+    assert summary.counts == {"done": 6, "skipped": 0, "failed": 0}
+    assert summary.extra["task"] == "toy" and summary.extra["n_items"] == 6
+    assert summary.extra["models"] == {"toy": "sha-toy.pt", "ref": "sha-ref.pt"}
+    assert summary.extra["metrics"]["score"]["mce"]["ref"] == pytest.approx(1.0)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["task"] == "toy" and settings["data"] == "six numbers"
+    assert settings["corruptions"] == ["dim"] and settings["severities"] == [1, 2] and settings["seed"] == 1
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary.to_dict()))
+    before = (out / "results.csv").read_text()
+    calls.clear()
+    again = run_study(study, model, ref, out, config, progress=False)
+    assert calls == [] and again.counts == {"done": 0, "skipped": 6, "failed": 0}
+    assert (out / "results.csv").read_text() == before
+    with pytest.raises(HistoError, match=r"other settings \(seed\)"):
+        run_study(study, model, ref, out, config.updated({"seed": 2}), progress=False)
 
 
 # ---------------------------------------------------------------- end to end through the CLI
@@ -401,3 +446,44 @@ def test_ras_spacing_follows_the_axis_permutation() -> None:
     # voxel axis 0 runs S-I (3 mm), axis 1 L-R (1 mm), axis 2 A-P (2 mm)
     affine = np.array([[0, 1.0, 0, 0], [0, 0, -2.0, 0], [-3.0, 0, 0, 0], [0, 0, 0, 1]])
     assert ras_spacing(affine) == (1.0, 2.0, 3.0)
+
+
+def test_segment_study_scores_the_regions_of_the_models_scheme(tmp_path) -> None:
+    """A post-treatment glioma model (TC, WT, ET, RC) is scored on its four regions, cases read in its scheme;
+    a study mixing it with a three-region model, or cases of another task, is refused in one line."""
+    from segmentation.infer import save_model
+    from segmentation.robustness import evaluate_segmentation
+    from segmentation.synthetic import make_cases
+    from segmentation.unet import UNet3D
+
+    (case,) = make_cases(tmp_path / "data", 1, shape=(32, 32, 32), seed=0, scheme="2023")
+    torch.manual_seed(0)
+    gli = UNet3D(channels=(4, 8), blocks_per_level=1, out_channels=4)
+    save_model(tmp_path / "gli.pt", gli, {}, labels="gli")
+    save_model(tmp_path / "plain.pt", UNet3D(channels=(4, 8), blocks_per_level=1), {})
+    config = {
+        "corruptions": "bias_field",
+        "severities": "1",
+        "segment": {"roi": [32, 32, 32]},
+        "run": {"device": "cpu"},
+    }
+    summary = evaluate_segmentation(
+        tmp_path / "gli.pt", tmp_path / "data", tmp_path / "out", config, progress=False
+    )
+    assert summary.extra["labels"] == "gli" and summary.extra["regions"] == ["TC", "WT", "ET", "RC"]
+    rows = {(r["corruption"], r["metric"]): r["value"] for r in read_rows(tmp_path / "out" / "results.csv")}
+    regions = ("TC", "WT", "ET", "RC")
+    assert {m for _, m in rows} == {"dice_mean", *(f"{k}_{r}" for k in ("dice", "hd95") for r in regions)}
+    for corruption in {c for c, _ in rows}:
+        mean = np.mean([rows[corruption, f"dice_{r}"] for r in regions])
+        assert rows[corruption, "dice_mean"] == pytest.approx(mean)
+    with pytest.raises(HistoError, match=r"plain\.pt: predicts \['TC', 'WT', 'ET'\].*one task per study"):
+        evaluate_segmentation(
+            tmp_path / "gli.pt", tmp_path / "data", tmp_path / "x", config, reference=tmp_path / "plain.pt"
+        )
+    case.rename(case.with_name("BraTS-PED-00001-000"))  # detected as paediatric (TC, WT, ET, CC)
+    with pytest.raises(
+        HistoError, match=r"predicts \['TC', 'WT', 'ET'\], but cases BraTS-PED-00001-000 \(ped"
+    ):
+        evaluate_segmentation(tmp_path / "plain.pt", tmp_path / "data", tmp_path / "y", config)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import REPO, TILE_OVERRIDES
 
 from histo.classification import MACRO_F1_DEFINITION
 from histo.cli import main
-
-REPO = Path(__file__).resolve().parent.parent
-TILE_OVERRIDES = {"tile.px": 32, "tile.um": 64.0, "mosaic.percent": 50.0, "cellularity.top_fraction": 1.0}
 
 
 @pytest.fixture(scope="module")

@@ -59,10 +59,15 @@ def test_train_writes_checkpoints_and_metrics(trained):
     assert len(rows) == 1 and 0.0 <= float(rows[0]["val_dice_WT"]) <= 1.0
 
 
+def _predict_args(trained: dict, *inputs: Path, out: Path) -> list[str]:
+    """`histo segment predict` of `inputs` (case folders) with the trained model into `out`."""
+    return ["segment", "predict", "--model", str(trained["model"]), *map(str, inputs), "--out", str(out)]
+
+
 def test_predict_then_eval(trained, tmp_path):
     runner = CliRunner()
     out = tmp_path / "pred"
-    args = ["segment", "predict", "--model", str(trained["model"]), str(trained["data"]), "--out", str(out)]
+    args = _predict_args(trained, trained["data"], out=out)
     result = runner.invoke(main, [*args, "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -88,8 +93,8 @@ def test_predict_then_eval(trained, tmp_path):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["counts"]["done"] == 3 and "MONAI" in summary["hd95_definition"]
-    assert 0.0 <= summary["metrics"]["dice_WT"]["mean"] <= 1.0
+    assert summary["counts"]["done"] == 3 and "MONAI" in summary["hd95_definitions"]["legacy"]
+    assert 0.0 <= summary["metrics"]["legacy_dice_WT"]["mean"] <= 1.0
     with open(out / "metrics.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
 
@@ -101,8 +106,8 @@ def test_predict_then_eval(trained, tmp_path):
 def test_predict_records_a_case_with_missing_modalities(trained, tmp_path):
     deepmedic = BRATS / "deepmedic_brats2013_pat0005_1"
     case = sorted(trained["data"].iterdir())[0]
-    args = ["segment", "predict", "--model", str(trained["model"]), str(deepmedic), str(case)]
-    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "p"), "--device", "cpu", "--json"])
+    args = _predict_args(trained, deepmedic, case, out=tmp_path / "p")
+    result = CliRunner().invoke(main, [*args, "--device", "cpu", "--json"])
     assert result.exit_code == 1
     records = {r["id"]: r for r in json.loads(result.stdout)["outcomes"]}
     assert records[case.name]["status"] == "done"
@@ -141,7 +146,7 @@ def test_one_line_errors(trained, tmp_path):
 
 def test_overlap_outside_its_range_is_a_usage_error(trained, tmp_path):
     case = sorted(trained["data"].iterdir())[0]
-    args = ["segment", "predict", "--model", str(trained["model"]), str(case), "--out", str(tmp_path / "p")]
+    args = _predict_args(trained, case, out=tmp_path / "p")
     result = CliRunner().invoke(main, [*args, "--overlap", "1.0", "--device", "cpu"])
     assert (
         result.exit_code == 2
@@ -154,17 +159,7 @@ def test_a_window_the_model_cannot_take_is_refused_before_settings_are_written(t
     """An invalid --roi once went into settings.json and then blocked the corrected re-run."""
     case = sorted(trained["data"].iterdir())[0]
     out = tmp_path / "p"
-    args = [
-        "segment",
-        "predict",
-        "--model",
-        str(trained["model"]),
-        str(case),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-    ]
+    args = [*_predict_args(trained, case, out=out), "--device", "cpu"]
     result = CliRunner().invoke(main, [*args, "--roi", "8,8,7"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert result.output.startswith("error: infer.roi: [8, 8, 7] must be divisible by 2 on every side")
@@ -177,26 +172,39 @@ def test_a_window_the_model_cannot_take_is_refused_before_settings_are_written(t
 def test_eval_config_can_turn_hd95_off(trained, tmp_path):
     case = sorted(trained["data"].iterdir())[0]
     pred = tmp_path / "pred"
-    args = [
-        "segment",
-        "predict",
-        "--model",
-        str(trained["model"]),
-        str(case),
-        "--out",
-        str(pred),
-        "--device",
-        "cpu",
-    ]
+    args = [*_predict_args(trained, case, out=pred), "--device", "cpu"]
     assert CliRunner().invoke(main, args).exit_code == 0
     config = tmp_path / "eval.yaml"
     config.write_text("eval:\n  hd95: false\n")
     evaluate = ["segment", "eval", "--pred", str(pred), "--data", str(case.parent), "--json"]
     result = CliRunner().invoke(main, [*evaluate, "--out", str(tmp_path / "a"), "--config", str(config)])
     dice_only = json.loads(result.stdout)
-    assert set(dice_only["metrics"]) == {"dice_TC", "dice_WT", "dice_ET"}
+    regions = ("ET", "TC", "WT")
+    counts = {f"lesions_{c}_{r}" for c in ("tp", "fp", "fn") for r in regions}
+    dice_keys = {f"{kind}_dice_{r}" for kind in ("legacy", "global", "lesionwise") for r in regions}
+    assert set(dice_only["metrics"]) == dice_keys | counts
     assert "hd95" not in (tmp_path / "a" / "metrics.csv").read_text().splitlines()[0]
     result = CliRunner().invoke(main, [*evaluate, "--out", str(tmp_path / "b")])  # default: HD95 too
     full = json.loads(result.stdout)
-    assert {"hd95_TC", "hd95_WT", "hd95_ET"} < set(full["metrics"])
+    hd95_keys = {f"{kind}_hd95_{r}" for kind in ("legacy", "global", "lesionwise") for r in regions}
+    assert set(full["metrics"]) == dice_keys | counts | hd95_keys
     assert all(full["metrics"][k] == v for k, v in dice_only["metrics"].items())
+    result = CliRunner().invoke(
+        main, [*evaluate, "--out", str(tmp_path / "c"), "--no-hd95", "--workers", "2"]
+    )
+    assert json.loads(result.stdout)["metrics"] == dice_only["metrics"]  # the flag as the file; workers alike
+
+
+def test_scheme_and_fold_flags_are_checked_by_the_config(trained, tmp_path):
+    runner = CliRunner()
+    train = ["segment", "train", "--data", str(trained["data"]), "--out", str(tmp_path / "m.pt")]
+    result = runner.invoke(main, [*train, "--folds", "3", "--fold", "3"])
+    assert result.exit_code == 2 and result.output.startswith(
+        "error: --fold: data.fold: must be below data.folds (3), got 3"
+    )
+    result = runner.invoke(main, [*train, "--labels", "brats2099"])
+    assert result.exit_code == 2 and result.output.startswith("error: --labels: data.labels: input should be")
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "m.pt").exists()
+    evaluate = ["segment", "eval", "--pred", str(tmp_path), "--data", str(trained["data"])]
+    result = runner.invoke(main, [*evaluate, "--workers", "-1"])
+    assert result.exit_code == 2 and result.output.startswith("error: --workers: run.workers:")

@@ -26,7 +26,7 @@ from segmentation.data import (
     preprocess,
     to_ras,
 )
-from segmentation.labels import labels_to_regions, regions_to_labels
+from segmentation.label_schemes import labels_to_regions, regions_to_labels
 from segmentation.synthetic import make_cases
 
 BRATS = SHARED_DATA / "brats"

@@ -14,7 +14,7 @@ from conftest import SHARED_DATA
 from torch import nn
 
 from histo.config import load_config
-from histo.errors import InputFileError
+from histo.errors import HistoError, InputFileError
 from segmentation.config import SegmentConfig
 from segmentation.data import find_case
 from segmentation.infer import (
@@ -25,6 +25,7 @@ from segmentation.infer import (
     region_probabilities,
     save_model,
 )
+from segmentation.label_schemes import regions_to_labels
 from segmentation.synthetic import make_cases
 from segmentation.unet import UNet3D
 
@@ -165,3 +166,95 @@ def test_load_model_rejects_other_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputFileError, match=r"junk\.pt"):
         load_model(tmp_path / "junk.pt")
+
+
+# --- probabilities and ensembles ------------------------------------------------------------------------
+
+
+def _unet(path: Path, seed: int, labels="2021", roi=(16, 16, 16), out_channels=3, head="regions") -> Path:
+    torch.manual_seed(seed)
+    model = UNet3D(channels=(2, 4), blocks_per_level=1, expansion=1, out_channels=out_channels, head=head)
+    save_model(path, model, {"data": {"roi": list(roi)}}, labels=labels)
+    return path
+
+
+def _probabilities(out: Path, case_id: str) -> dict:
+    with np.load(out / f"{case_id}_probabilities.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_probabilities_are_float16_in_the_source_grid_and_threshold_to_the_labels(tmp_path):
+    folder = make_cases(tmp_path / "cases", 1, shape=(20, 24, 16), seed=4)[0]
+    ckpt = _unet(tmp_path / "m.pt", 0)
+    settings = config(save_probabilities=True, overlay_slices=0)
+    summary = predict_cases(ckpt, [folder], tmp_path / "out", settings)
+    assert summary.outcomes[0].status == "done"
+    saved = _probabilities(tmp_path / "out", folder.name)
+    source = nib.load(next(folder.glob("*_flair.nii.gz")))
+    assert saved["probabilities"].dtype == np.float16 and saved["probabilities"].shape == (3, 20, 24, 16)
+    np.testing.assert_array_equal(saved["affine"], source.affine)
+    assert saved["regions"].tolist() == ["TC", "WT", "ET"] and str(saved["scheme"]) == "2021"
+    labels = np.asarray(nib.load(tmp_path / "out" / f"{folder.name}.nii.gz").dataobj)
+    p = saved["probabilities"].astype(np.float32)
+    clear = (np.abs(p - 0.5) > 1e-3).all(axis=0)
+    assert clear.mean() > 0.9
+    expected = regions_to_labels(p >= 0.5, "2021")
+    np.testing.assert_array_equal(labels[clear], expected[clear])
+    (tmp_path / "out" / f"{folder.name}_probabilities.npz").unlink()  # a re-run completes the missing output
+    again = predict_cases(ckpt, [folder], tmp_path / "out", settings)
+    assert (
+        again.outcomes[0].status == "done"
+        and (tmp_path / "out" / f"{folder.name}_probabilities.npz").exists()
+    )
+
+
+def test_an_ensemble_averages_probabilities_before_thresholding(tmp_path):
+    folder = make_cases(tmp_path / "cases", 1, shape=(16, 16, 16), seed=5)[0]
+    a, b = _unet(tmp_path / "a.pt", 1), _unet(tmp_path / "b.pt", 2)
+    settings = config(save_probabilities=True, overlay_slices=0)
+    for m in (a, b):
+        predict_cases(m, [folder], tmp_path / m.stem, settings)
+    single = [_probabilities(tmp_path / m.stem, folder.name) for m in (a, b)]
+    summary = predict_cases([a, b], [folder], tmp_path / "ab", settings)
+    assert summary.extra["model"] == [str(a), str(b)]
+    both = _probabilities(tmp_path / "ab", folder.name)["probabilities"].astype(np.float32)
+    mean = (single[0]["probabilities"].astype(np.float32) + single[1]["probabilities"].astype(np.float32)) / 2
+    np.testing.assert_allclose(both, mean, atol=2e-3)  # float16 storage of each
+    assert np.abs(single[0]["probabilities"].astype(np.float32) - mean).max() > 1e-2
+    recorded = json.loads((tmp_path / "ab" / "settings.json").read_text())["model_sha256"]
+    assert len(recorded) == 2 and recorded[0] != recorded[1]
+
+
+def test_an_ensemble_refuses_checkpoints_that_do_not_fit_together(tmp_path):
+    folder = make_cases(tmp_path / "cases", 1, shape=(16, 16, 16), seed=5)[0]
+    base = _unet(tmp_path / "base.pt", 0)
+    others = {
+        "label scheme": _unet(tmp_path / "s.pt", 0, labels="2023"),
+        "output channels": _unet(tmp_path / "c.pt", 0, out_channels=4, head="labels"),
+        "training crop": _unet(tmp_path / "r.pt", 0, roi=(32, 32, 32)),
+    }
+    for what, other in others.items():
+        with pytest.raises(HistoError, match=rf"{other.name}: {what}"):
+            predict_cases([base, other], [folder], tmp_path / "out", config())
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_task_sets_output_labels(tmp_path):
+    """A post-treatment glioma model (4 channels) writes RC = 4 for a case detected as 2021."""
+    folder = make_cases(tmp_path / "cases", 1, shape=(16, 16, 16), seed=5)[0]
+    ckpt = _unet(tmp_path / "gli.pt", 0, labels="gli", out_channels=4)
+    summary = predict_cases(ckpt, [folder], tmp_path / "out", config(overlay_slices=1))
+    record = summary.outcomes[0]
+    assert record.status == "done" and record.detail["scheme"] == "gli"
+    assert set(record.detail["voxels"]) == {"TC", "WT", "ET", "RC"}
+    assert summary.extra["labels"] == "gli" and summary.extra["regions"] == ["TC", "WT", "ET", "RC"]
+    with pytest.raises(HistoError, match=r"scheme 2021 .* has channels"):
+        predict_case(
+            load_model(ckpt)[0],
+            find_case(folder, labels="2021"),
+            tmp_path / "x",
+            config(),
+            "cpu",
+            "gli",
+            ("TC", "WT", "ET", "RC"),
+        )

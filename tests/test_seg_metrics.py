@@ -10,8 +10,9 @@ import pytest
 from scipy import ndimage
 
 from histo.batch import Outcome
-from segmentation.labels import labels_to_regions
-from segmentation.metrics import HD95_DEFINITION, HD95_ONE_EMPTY, dice, evaluate_case, hd95, write_report
+from segmentation.evaluate import evaluate_case, write_report
+from segmentation.label_schemes import labels_to_regions
+from segmentation.metrics import HD95_DEFINITION, HD95_ONE_EMPTY, dice, hd95
 
 
 def reference_hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
@@ -82,28 +83,30 @@ def test_evaluate_case_per_region(scheme, et):
     out = evaluate_case(pred, ref, scheme, (1.0, 1.0, 2.0))
     regions_p, regions_r = labels_to_regions(pred, scheme), labels_to_regions(ref, scheme)
     for i, name in enumerate(("TC", "WT", "ET")):
-        assert out[f"dice_{name}"] == pytest.approx(dice(regions_p[i], regions_r[i]))
-    assert out["dice_WT"] < 1.0
-    assert out["dice_ET"] == 0.0 and out["hd95_ET"] == 373.13
-    assert out["hd95_WT"] == pytest.approx(
+        assert out[f"legacy_dice_{name}"] == pytest.approx(dice(regions_p[i], regions_r[i]))
+    assert out["legacy_dice_WT"] < 1.0
+    assert out["legacy_dice_ET"] == 0.0 and out["legacy_hd95_ET"] == 373.13
+    assert out["legacy_hd95_WT"] == pytest.approx(
         reference_hd95(regions_p[1], regions_r[1], (1.0, 1.0, 2.0)), rel=1e-5
     )
 
 
 def test_report_csv_and_summary(tmp_path):
-    metrics = [{f"{m}_{r}": v for m in ("dice", "hd95") for r in ("TC", "WT", "ET")} for v in (1.0, 0.5)]
+    metrics = [
+        {f"legacy_{m}_{r}": v for m in ("dice", "hd95") for r in ("TC", "WT", "ET")} for v in (1.0, 0.5)
+    ]
     outcomes = [
         Outcome.done("a", "/d/a", **metrics[0]),
         Outcome.done("b", "/d/b", **metrics[1]),
         Outcome.failed("c", "/d/c", "no prediction"),
     ]
-    summary = write_report(outcomes, tmp_path)
-    assert summary.extra["metrics"]["dice_WT"]["mean"] == pytest.approx(0.75)
-    assert summary.extra["metrics"]["dice_WT"]["median"] == pytest.approx(0.75)
+    summary = write_report(outcomes, tmp_path, "2021")
+    assert summary.extra["metrics"]["legacy_dice_WT"]["mean"] == pytest.approx(0.75)
+    assert summary.extra["metrics"]["legacy_dice_WT"]["median"] == pytest.approx(0.75)
     assert summary.counts["done"] == 2 and [(o.id, o.reason) for o in summary.failed()] == [
         ("c", "no prediction")
     ]
-    assert summary.extra["hd95_definition"] == HD95_DEFINITION and "MONAI" in HD95_DEFINITION
+    assert summary.extra["hd95_definitions"]["legacy"] == HD95_DEFINITION and "MONAI" in HD95_DEFINITION
     with open(tmp_path / "metrics.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["case_id"] for r in table] == ["a", "b", "c"] and table[2]["reason"] == "no prediction"

@@ -14,30 +14,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 import segmentation.train as seg_train
 from histo import checkpoint
-from histo.config import load_config
+from histo.config import flatten, load_config
 from histo.devices import DistInfo
 from histo.errors import ConfigError, HistoError
 from histo.training import Run
 from segmentation.config import SegmentConfig
 from segmentation.data import find_cases, load_case
 from segmentation.infer import load_model, predict_volume
-from segmentation.labels import labels_to_regions, regions_to_labels
+from segmentation.label_schemes import labels_to_regions, regions_to_labels
 from segmentation.metrics import dice
+from segmentation.splits import fold_cases, patient_id, split_cases
 from segmentation.synthetic import make_cases
 from segmentation.train import (
     SegLoss,
     SegmentTask,
     build_model,
     regions_to_classes,
-    split_cases,
     train_segmenter,
     validation_scores,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**overrides) -> SegmentConfig:
@@ -86,7 +85,7 @@ def test_region_loss_is_soft_dice_plus_bce():
 def test_regions_to_classes_inverts_label_conversion():
     seg = np.random.default_rng(0).choice([0, 1, 2, 4], size=(6, 5, 4))
     regions = torch.from_numpy(labels_to_regions(seg, "2021")).float()[None]
-    classes = regions_to_classes(regions)[0, 0].numpy()
+    classes = regions_to_classes(regions, "2021")[0, 0].numpy()
     assert np.array_equal(classes, np.select([seg == 1, seg == 2, seg == 4], [1, 2, 3], 0))
 
 
@@ -106,7 +105,7 @@ def test_validation_loads_each_case_once_without_cache(tiny_cases, monkeypatch):
     loads: list[str] = []
     monkeypatch.setattr(seg_train, "load_case", lambda case: loads.append(case.case_id) or load_case(case))
     cache: dict = {}
-    out = validation_scores(build_model(config), cases, config, CPU, cache)
+    out = validation_scores(build_model(config, "2021"), cases, config, CPU, cache)
     assert sorted(loads) == sorted(c.case_id for c in cases) and not cache
     assert 0.0 <= out["val_dice_mean"] <= 1.0
 
@@ -117,7 +116,7 @@ def test_validation_hd95_is_the_mean_of_per_case_hd95_in_ras_spacing(tiny_cases)
     from segmentation.metrics import region_metrics
 
     config = tiny_config(**{"train.val_hd95": True})
-    cases, model = find_cases(tiny_cases)[:2], build_model(config)
+    cases, model = find_cases(tiny_cases)[:2], build_model(config, "2021")
     out = validation_scores(model, cases, config, CPU, {})
     plain = validation_scores(model, cases, tiny_config(), CPU, {})
     assert set(plain) < set(out) and all(out[k] == v for k, v in plain.items())
@@ -273,8 +272,8 @@ def test_validation_robustness_and_segment_eval_agree_on_one_prediction(tiny_cas
 
     import segmentation.infer
     from histo.robustness_config import RobustnessConfig
+    from segmentation.evaluate import evaluate_predictions
     from segmentation.infer import predict_cases, save_model
-    from segmentation.metrics import evaluate_predictions
     from segmentation.robustness import Cases, make_evaluate
 
     case = find_cases(tiny_cases)[0]
@@ -285,11 +284,11 @@ def test_validation_robustness_and_segment_eval_agree_on_one_prediction(tiny_cas
     prob[0] = np.maximum(prob[0], np.roll(regions[0], -3, axis=2))  # TC beyond WT
     monkeypatch.setattr(segmentation.infer, "predict_volume", lambda *a, **k: prob)
     config = tiny_config()
-    model = build_model(config)
+    model = build_model(config, "2021")
 
     validation = validation_scores(model, [case], config, CPU, {})
     settings = RobustnessConfig.coerce(None).segment.model_copy(update={"roi": (16, 16, 16)})
-    robustness = make_evaluate(model, Cases(case.folder.parent, max_cases=1), settings, "cpu")(
+    robustness = make_evaluate(model, Cases(case.folder.parent, max_cases=1), settings, "cpu", "2021")(
         lambda raw, i: raw
     )
     save_model(tmp_path / "m.pt", model, config.recorded())
@@ -299,7 +298,7 @@ def test_validation_robustness_and_segment_eval_agree_on_one_prediction(tiny_cas
     evaluated = next(o["detail"] for o in report["outcomes"] if o["id"] == case.case_id)
     raw = [dice(prob[i] >= 0.5, regions[i]) for i in range(3)]
     for r in ("TC", "WT", "ET"):
-        assert validation[f"val_dice_{r}"] == robustness[f"dice_{r}"] == evaluated[f"dice_{r}"], r
+        assert validation[f"val_dice_{r}"] == robustness[f"dice_{r}"] == evaluated[f"legacy_dice_{r}"], r
     assert [validation[f"val_dice_{r}"] for r in ("TC", "WT")] != raw[:2]  # the nesting changed the score
 
 
@@ -314,11 +313,11 @@ def test_label_smoothing_smooths_the_bce_targets_not_the_dice():
     torch.testing.assert_close(SegLoss("regions", eps)(logits, target), want)
     seg = np.random.default_rng(0).choice([0, 1, 2, 4], size=(2, 4, 4, 4))
     nested = torch.from_numpy(np.stack([labels_to_regions(s, "2021") for s in seg])).double()
-    classes = regions_to_classes(nested)[:, 0].long()
+    classes = regions_to_classes(nested, "2021")[:, 0].long()
     four = torch.randn(2, 4, 4, 4, 4, dtype=torch.float64)
-    dice_only = SegLoss("labels").dice_ce.dice(four, classes[:, None])
+    dice_only = SegLoss("labels", scheme="2021").dice_ce.dice(four, classes[:, None])
     ce = torch.nn.functional.cross_entropy(four, classes, label_smoothing=eps)
-    torch.testing.assert_close(SegLoss("labels", eps)(four, nested), dice_only + ce)
+    torch.testing.assert_close(SegLoss("labels", eps, "2021")(four, nested), dice_only + ce)
 
 
 DDP_SCRIPT = """
@@ -339,7 +338,8 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tiny_cases, tmp_p
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     args = [
-        f"{k}={v!r}" for k, v in {**_flat(tiny_config(**common).model_dump()), "train.batch_size": 2}.items()
+        f"{k}={v!r}"
+        for k, v in {**flatten(tiny_config(**common).model_dump()), "train.batch_size": 2}.items()
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -347,22 +347,12 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tiny_cases, tmp_p
         [*torchrun, str(script), str(tiny_cases), str(tmp_path / "ddp.pt"), *args],
         check=True,
         env=env,
-        cwd=ROOT,
+        cwd=REPO,
     )
     train_segmenter(tiny_cases, tmp_path / "one.pt", tiny_config(**common, **{"train.batch_size": 2}))
     a, b = checkpoint.load(tmp_path / "ddp.pt", "unet3d"), checkpoint.load(tmp_path / "one.pt", "unet3d")
     for key, value in a.weights.items():
         torch.testing.assert_close(value, b.weights[key], rtol=1e-4, atol=1e-5)
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 @pytest.mark.slow
@@ -402,3 +392,82 @@ def test_short_training_segments_held_out_synthetic_cases(tmp_path):
         f"{time.time() - start:.0f} s"
     )
     assert wt >= 0.8
+
+
+def _case(case_id: str):
+    from segmentation.data import Case
+
+    return Case(case_id, {}, None, "2023")
+
+
+def test_folds_are_patient_level_seeded_and_cover_every_patient_once():
+    ids = [f"BraTS-GLI-{p:05d}-{t:03d}" for p in range(7) for t in range(2)] + ["other_case"]
+    cases = [_case(i) for i in ids]
+    held_out = []
+    for fold in range(3):
+        train, val = fold_cases(cases, 3, fold, seed=4)
+        assert sorted(c.case_id for c in train + val) == sorted(ids)
+        patients = {patient_id(c.case_id) for c in val}
+        assert not patients & {patient_id(c.case_id) for c in train}  # timepoints stay together
+        held_out.append(patients)
+        assert fold_cases(cases, 3, fold, seed=4) == (train, val)
+    assert set().union(*held_out) == {f"BraTS-GLI-{p:05d}" for p in range(7)} | {"other_case"}
+    assert sum(len(h) for h in held_out) == 8 and {len(h) for h in held_out} == {2, 3}
+    assert patient_id("BraTS-MEN-RT-0012-1") == "BraTS-MEN-RT-0012"
+    for folds, fold in ((1, 0), (3, 3)):
+        with pytest.raises(HistoError, match=r"data\.folds must be >= 2"):
+            fold_cases(cases, folds, fold, seed=0)
+    with pytest.raises(HistoError, match="exceeds the 8 patients"):
+        fold_cases(cases, 9, 0, seed=0)
+
+
+def test_the_config_refuses_a_fold_outside_its_folds_and_an_unknown_scheme():
+    refused = {
+        r"data\.fold: 1 needs data\.folds \(--folds K\)": {"data.fold": 1},
+        r"data\.folds: needs 0 \(no folds, val_fraction\) or K >= 2 folds, got 1": {"data.folds": 1},
+        r"data\.fold: must be below data\.folds \(3\), got 3": {"data.folds": 3, "data.fold": 3},
+        r"data\.labels: input should be 'auto', '2021', '2023', 'gli'": {"data.labels": "brats"},
+    }
+    for reason, keys in refused.items():
+        with pytest.raises(ConfigError, match=reason):
+            tiny_config(**keys)
+    assert tiny_config(**{"data.folds": 3, "data.fold": 2}).data.fold == 2
+
+
+def test_fold_and_scheme_are_recorded_in_the_checkpoint(tiny_cases, tmp_path):
+    config = tiny_config(**{"data.folds": 3, "data.fold": 2, "train.epochs": 1, "train.samples_per_epoch": 2})
+    summary = train_segmenter(tiny_cases, tmp_path / "model.pt", config)
+    expected = fold_cases(find_cases(tiny_cases), 3, 2, seed=config.seed)[1]
+    assert summary["val_cases"] == [c.case_id for c in expected] and summary["labels"] == "2021"
+    ckpt = checkpoint.load(tmp_path / "model.pt", "unet3d")
+    assert (
+        ckpt.extra["split"] == summary["split"]
+        and summary["split"]["folds"] == 3
+        and summary["split"]["fold"] == 2
+    )
+    assert ckpt.config["train_config"]["data"]["labels"] == "2021" and ckpt.config["task"]["regions"] == [
+        "TC",
+        "WT",
+        "ET",
+    ]
+
+
+def test_a_run_recorded_before_label_schemes_resumes_and_records_the_scheme(tiny_cases):
+    """A state of a release before data.labels/folds/fold detected the 2018-2021 or 2023 scheme as `auto`
+    does: its config still matches; an explicit other scheme does not."""
+    from histo.training import config_changes
+
+    task = SegmentTask(tiny_cases, tiny_config(), CPU)
+    assert task.scheme == "2021" and task.run_config["data"]["labels"] == "2021"
+    old = task.run_config | {
+        "data": {k: v for k, v in task.run_config["data"].items() if k not in ("labels", "folds", "fold")}
+    }
+    assert config_changes(old, task.run_config, task.resume_ignore, task.default_config) == ""
+    gli = SegmentTask(tiny_cases, tiny_config(**{"data.labels": "gli"}), CPU)
+    assert (
+        config_changes(old, gli.run_config, gli.resume_ignore, gli.default_config)
+        == "data.labels: None -> 'gli'"
+    )
+    assert set(gli.monitors) == {"val_dice_mean", *(f"val_dice_{r}" for r in ("TC", "WT", "ET", "RC"))}
+    with pytest.raises(ConfigError, match=r"train\.monitor: val_dice_RC is not a metric of scheme 2021"):
+        SegmentTask(tiny_cases, tiny_config(**{"train.monitor": "val_dice_RC"}), CPU)

@@ -16,7 +16,6 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
-from serve_support import build_demo
 
 from pathology.store import TileStore
 from search.web.app import create_app
@@ -24,11 +23,6 @@ from search.web.server import background
 from search.web.service import ServeConfig, Service
 
 WAIT_S = 120
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_demo(tmp_path_factory.getbasetemp() / "serve-demo")
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +82,16 @@ def rows(driver: webdriver.Chrome) -> list[tuple[str, str]]:
             for li in driver.find_elements(By.CSS_SELECTOR, "li.hit")]  # fmt: skip
 
 
+def submit(driver: webdriver.Chrome, form, k: int, button: str) -> list[tuple[str, str]]:
+    """Ask for `k` hits, press the form's `button`, wait for the results: their (rank, slide) rows."""
+    field = form.find_element(By.NAME, "k")
+    field.clear()
+    field.send_keys(str(k))
+    form.find_element(By.ID, button).click()
+    wait_for_results(driver)
+    return rows(driver)
+
+
 def test_upload_a_patch_and_see_its_tile_first(site: str, browser, demo: dict, tmp_path: Path) -> None:
     tile = TileStore.open(demo["tiles"]).read_selected("SYN-C1-P01-S0", [0])[0]
     patch = tmp_path / "query patch.png"
@@ -95,12 +99,7 @@ def test_upload_a_patch_and_see_its_tile_first(site: str, browser, demo: dict, t
     browser.get(f"{site}/query")
     form = browser.find_element(By.ID, "form-patch")
     form.find_element(By.ID, "image").send_keys(str(patch))
-    k = form.find_element(By.NAME, "k")
-    k.clear()
-    k.send_keys("5")
-    form.find_element(By.ID, "run-patch").click()
-    wait_for_results(browser)
-    ranked = rows(browser)
+    ranked = submit(browser, form, k=5, button="run-patch")
     assert [r for r, _ in ranked] == ["1", "2", "3", "4", "5"] and ranked[0][1] == "SYN-C1-P01-S0"
     crops = loaded_images(browser, "img.crop")
     assert len(crops) == 10 and all(c["w"] == 64 and c["h"] == 64 for c in crops), crops
@@ -117,12 +116,7 @@ def test_pick_a_slide_and_see_matched_tile_pairs(site: str, browser, demo: dict,
     browser.get(f"{site}/query")
     form = browser.find_element(By.ID, "form-slide")
     Select(form.find_element(By.ID, "slide_id")).select_by_value("SYN-C2-P00-S0")
-    k = form.find_element(By.NAME, "k")
-    k.clear()
-    k.send_keys("4")
-    form.find_element(By.ID, "run-slide").click()
-    wait_for_results(browser)
-    ranked = rows(browser)
+    ranked = submit(browser, form, k=4, button="run-slide")
     assert len(ranked) == 4 and ranked[0][1] == "SYN-C2-P00-S0"
     for li in browser.find_elements(By.CSS_SELECTOR, "li.hit"):
         pairs = li.find_elements(By.CSS_SELECTOR, "figure.pair")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from serve_support import build_demo, catalog, index_files, until
+from serve_support import catalog, index_files, until
 from starlette.testclient import TestClient
 
 from histo.cli import main
@@ -32,11 +32,6 @@ from search.web.server import background
 from search.web.service import ServeConfig, Service
 
 WEB = Path(__file__).resolve().parent.parent / "search" / "web"
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_demo(tmp_path_factory.getbasetemp() / "serve-demo")
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 from conftest import SHARED_DATA
 
 from histo.errors import InputFileError
-from pathology import slide as slide_mod
-from pathology.slide import open_slide, resolve_scale, slide_id_of
+from pathology.slide import base as slide_mod
+from pathology.slide import open_slide, openslide_backend, resolve_scale, slide_id_of
 from pathology.synthetic import write_synthetic_slide
 
 DATA = SHARED_DATA
@@ -162,11 +162,13 @@ def test_partly_transparent_pixels_are_composited_over_white():
     rgba = rng.integers(0, 256, (6, 7, 4), dtype=np.uint8)
     rgba[0, 0] = (100, 150, 200, 128)
     rgba[0, 1] = (0, 0, 0, 0)  # outside the slide
-    got = slide_mod._composite_white(Image.fromarray(rgba, "RGBA"))
+    got = openslide_backend.composite_white(Image.fromarray(rgba, "RGBA"))
     a = rgba[..., 3:].astype(np.float64) / 255.0
     expected = np.floor(rgba[..., :3] * a + 255.0 * (1.0 - a) + 0.5)
     np.testing.assert_array_equal(got, expected.astype(np.uint8))
     assert tuple(got[0, 0]) == (177, 202, 227) and tuple(got[0, 1]) == (255, 255, 255)
     opaque = rgba.copy()
     opaque[..., 3] = 255
-    np.testing.assert_array_equal(slide_mod._composite_white(Image.fromarray(opaque, "RGBA")), rgba[..., :3])
+    np.testing.assert_array_equal(
+        openslide_backend.composite_white(Image.fromarray(opaque, "RGBA")), rgba[..., :3]
+    )

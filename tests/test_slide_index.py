@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TILE_OVERRIDES
 
 from histo.errors import ConfigError, HistoError, InputFileError
 from search import SlideIndex
 from search.barcodes import minmax_barcode
 
-TILE_OVERRIDES = {"tile.px": 32, "tile.um": 64.0, "mosaic.percent": 50.0, "cellularity.top_fraction": 1.0}
 STRUCTURE_FILES = ("catalog.json", "coords.npy", "barcodes.faissb", "float.faiss")
 CPU = {"run": {"device": "cpu"}}  # index config over the defaults
 

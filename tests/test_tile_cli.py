@@ -13,16 +13,16 @@ import numpy as np
 import openslide
 import pytest
 from click.testing import CliRunner
-from conftest import SHARED_DATA
+from conftest import REPO, SHARED_DATA
 
 from histo.cli import main
 from histo.config import load_config
+from histo.errors import HistoError
 from pathology.config import TileConfig
 from pathology.store import PARTIAL, TileStore
 from pathology.synthetic import write_synthetic_slide
 from pathology.tiler import tile_slides
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = SHARED_DATA
 WSI = DATA / "wsi"
 TILE_PX = "224"
@@ -188,7 +188,7 @@ def test_kill_and_resume_equals_uninterrupted_run(cohort, reference, tmp_path):
         "--tile-px",
         TILE_PX,
     ]
-    killed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     assert len(TileStore.open(out).slide_ids(None)) == 2
     assert len(list((out / PARTIAL).iterdir())) == 1
@@ -238,3 +238,30 @@ def test_cli_config_errors_exit_2(tmp_path):
     )
     assert result.exit_code == 2 and f"error: {bad}: mosaic.k: unknown key" in result.stderr
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_store_of_an_earlier_release_resumes_when_the_new_keys_keep_their_defaults(
+    cohort, config, tmp_path
+):
+    """Keys added to the tile config since a store was written are filled with their defaults (which
+    reproduce what that release did), so a re-run resumes instead of calling the parameters different."""
+    import shutil
+
+    import zarr
+
+    out = tmp_path / "old.zarr"
+    first = tile_slides([cohort / "syn0.svs"], out, config, progress=False)
+    assert first.counts["done"] == 1
+    root = zarr.open_group(out, mode="r+")
+    params = dict(root.attrs["params"])
+    added = [k for k in ("stain", "roi", "from_coords") if k in params]
+    assert added, "the test needs a key that an earlier release did not record"
+    for key in added:
+        del params[key]
+    root.attrs["params"] = params
+    again = tile_slides([cohort / "syn0.svs"], out, config, progress=False)
+    assert again.counts == {"done": 0, "skipped": 1, "failed": 0}
+    changed = config.updated({"tile.px": 256})
+    with pytest.raises(HistoError, match=r"different tiling parameters \(.*tile\.px"):
+        tile_slides([cohort / "syn0.svs"], out, changed, progress=False)
+    shutil.rmtree(out)

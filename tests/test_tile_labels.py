@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from histo.errors import InputFileError
-from pathology.labels import SlideMeta, find_meta, read_labels, resolve_meta, tcga_patient
+from pathology.slide_labels import SlideMeta, find_meta, read_labels, resolve_meta, tcga_patient
 
 
 def test_read_and_match(tmp_path):

@@ -334,22 +334,3 @@ def test_kmeans_matches_scikit_learn():
     dup = np.repeat(points[:2], 5, axis=0)  # fewer distinct points than k
     labels, _ = kmeans(dup, 4, seed=0)
     assert len(np.unique(labels)) <= 2 + 2 and labels.shape == (10,)
-
-
-def test_tile_geometry_options():
-    from histo.errors import ConfigError
-    from pathology.tiler import tile_geometry
-
-    base = load_config(TileConfig)
-    g = tile_geometry(base)
-    assert (g.px, g.mpp, g.um) == (1000, 0.5, 500.0)
-    as_um = base.updated({"tile.px": 224, "tile.um": 500.0})
-    assert tile_geometry(as_um).mpp == pytest.approx(500 / 224)
-    at_mpp = base.updated({"tile.px": 256, "tile.mpp": 0.25})
-    assert tile_geometry(at_mpp).um == 64.0
-    at_10x = base.updated({"tile.px": 224, "tile.magnification": 10.0})
-    assert tile_geometry(at_10x).mpp == 1.0
-    with pytest.raises(ConfigError, match=r"tile\.px"):
-        base.updated({"tile.px": 4})
-    with pytest.raises(ConfigError, match=r"tile\.um or tile\.mpp, not both"):
-        base.updated({"tile.um": 500.0, "tile.mpp": 0.5})

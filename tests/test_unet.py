@@ -72,7 +72,7 @@ def test_bad_input_raises_value_error(shape: tuple[int, ...]) -> None:
         {"channels": (8, 15)},
         {"channels": ()},
         {"head": "softmax"},
-        {"head": "regions", "out_channels": 4},
+        {"head": "regions", "out_channels": 0},  # one channel per region of the label scheme, at least one
         {"head": "labels", "out_channels": 1},
         {"blocks_per_level": 0},
     ],

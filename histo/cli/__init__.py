@@ -15,10 +15,12 @@ from pathlib import Path
 import click
 
 from histo import __version__
+from histo.batch import BatchStopped
 from histo.errors import HistoError
 from histo.log import close_logging, setup_logging
 
 logger = logging.getLogger(__name__)
+STOPPED = 3  # exit code of a batch stopped by its environment (disk full, output not writable)
 
 # name -> "module:attribute" of the click command; imported on first use.
 COMMANDS = {
@@ -29,6 +31,9 @@ COMMANDS = {
     "segment": "histo.cli.segment:segment",
     "robustness": "histo.cli.robustness:robustness",
     "serve": "histo.cli.serve:serve",
+    "export": "histo.cli.export:export",
+    "features": "histo.cli.features:features",
+    "encoders": "histo.cli.encoders:encoders",
 }
 
 HELP = {
@@ -39,6 +44,9 @@ HELP = {
     "segment": "Train, apply and evaluate reversible-MBConv 3D U-Nets on BraTS MRI.",
     "robustness": "Evaluate models under image corruptions (ImageNet-C style metrics).",
     "serve": "Serve a search page (archive, queries, matched tiles, slide viewer) and its JSON API.",
+    "export": "Write a tile store's tiles as CLAM/TRIDENT coordinates or QuPath GeoJSON.",
+    "features": "Write per-slide CLAM/TRIDENT feature files (.h5, optionally .pt) of a tile store.",
+    "encoders": "List the feature encoders (KimiaNet, UNI, Virchow2, ...) and what defines their features.",
 }
 
 
@@ -62,6 +70,13 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except BatchStopped as e:  # the environment ended a batch: what finished, then the reason
+            from histo.cli.options import JSON_META
+            from histo.cli.outcomes import report_stopped
+
+            report_stopped(e, ctx.meta.get(JSON_META, False))
+            logger.error("%s", e, exc_info=True)
+            sys.exit(STOPPED)
         except HistoError as e:  # a user mistake: one line on the terminal, the traceback in --log-file
             logger.error("%s", e, exc_info=True)
             sys.exit(2)
@@ -87,16 +102,3 @@ def main(ctx: click.Context, verbose: bool, quiet: bool, log_file: str | None) -
     ctx.call_on_close(close_logging)
     setup_logging(1 if verbose else -1 if quiet else 0, log_file)
     logger.debug("histo %s in %s: %s", __version__, Path.cwd(), shlex.join(sys.argv))
-
-
-def not_built(name: str, issue: int) -> click.Command:
-    """A placeholder command that says it is not built yet and exits non-zero."""
-
-    @click.command(name=name, context_settings={"ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def command(args: tuple[str, ...]) -> None:
-        click.echo(f"error: `histo {name}` is not built yet (issue {issue})", err=True)
-        sys.exit(3)
-
-    command.help = f"{HELP[name]} (not built yet)"
-    return command

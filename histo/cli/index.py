@@ -1,4 +1,5 @@
-"""`histo index`: extract KimiaNet features of a tile store and build a FAISS slide index."""
+"""`histo index`: extract features of a tile store (a histo checkpoint or a registry encoder) and build a
+FAISS slide index."""
 
 from __future__ import annotations
 
@@ -14,16 +15,48 @@ from histo.cli.options import (
     shard_option,
     stage_config,
 )
-from histo.cli.outcomes import failure_lines, finish
+from histo.cli.outcomes import failure_lines, finish, update_lines
 from search.kinds import kind_names
 
 KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.device"}
 
 
 @click.command("index")
-@click.option("--tiles", "tiles", required=True, type=click.Path(), help="Tile store (from `histo tile`).")
+@click.option("--tiles", "tiles", type=click.Path(), help="Tile store (from `histo tile`).")
 @click.option(
-    "--model", required=True, type=click.Path(), help="Feature extractor checkpoint (`histo train`)."
+    "--features",
+    "features_dir",
+    type=click.Path(file_okay=False),
+    help="Instead of --tiles: a folder of per-slide CLAM/TRIDENT feature .h5 files (`histo features`).",
+)
+@click.option(
+    "--model", type=click.Path(), help="Feature extractor checkpoint (`histo train`), or --encoder/--weights."
+)
+@click.option(
+    "--labels",
+    "labels_csv",
+    type=click.Path(dir_okay=False),
+    help="--features: CSV slide,label[,patient,site].",
+)
+@click.option(
+    "--encoder",
+    help="--tiles: a registered encoder (`histo encoders`), with --weights; --features: the encoder name "
+    "the files must carry (needed if they carry none).",
+)
+@click.option(
+    "--weights", default=None, type=click.Path(), help="The encoder's weight file (.pth/.bin/.safetensors)."
+)
+@click.option(
+    "--tile-rule", type=click.Choice(["resize", "grid"]), default=None, help="Tile -> encoder input."
+)
+@click.option(
+    "--grid", type=int, default=None, help="Grid rule: crops per side (default: the encoder's µm/px)."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Compute precision.",
 )
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Index directory (created/resumed)."
@@ -41,8 +74,15 @@ KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.dev
 @config_option
 @json_option
 def index(
-    tiles: str,
-    model: str,
+    tiles: str | None,
+    features_dir: str | None,
+    model: str | None,
+    labels_csv: str | None,
+    encoder: str | None,
+    weights: str | None,
+    tile_rule: str | None,
+    grid: int | None,
+    precision: str | None,
     out: str,
     index_type: str | None,
     batch_size: int | None,
@@ -60,14 +100,27 @@ def index(
     from search.config import IndexConfig
     from search.slide_index import SlideIndex
 
-    cfg = stage_config(IndexConfig, config_path, KEYS)
+    rule = {"weights": "weights", "tile_rule": "tile_rule", "grid": "grid", "precision": "precision"}
+    # --encoder: a registry name for --tiles (in the config); for --features the name its files carry
+    cfg = stage_config(
+        IndexConfig, config_path, {**KEYS, **rule, **({"encoder": "encoder"} if tiles else {})}
+    )
     shard_pair = parse_shard(shard)
+    if (tiles is None) == (features_dir is None):
+        raise click.UsageError("give exactly one of --tiles STORE or --features DIR")
+    if features_dir is not None and shard_pair[1] > 1:
+        raise click.UsageError("--shard applies to --tiles (feature files are imported in one run)")
     if shard_pair[1] > 1:
         batch = SlideIndex.extract(tiles, model, out, cfg, shard=shard_pair)
         note = f"shard {shard_pair[0]}/{shard_pair[1]}: features in {out}; run without --shard to build the index"
         finish(batch, as_json, [*failure_lines(batch), note])
         return
-    built = SlideIndex.build(tiles, model, out, cfg)
+    if features_dir is not None:
+        built = SlideIndex.build_from_features(
+            features_dir, out, cfg, labels_csv=labels_csv, encoder=encoder, model=model
+        )
+    else:
+        built = SlideIndex.build(tiles, model, out, cfg)
     m = built.manifest
     batch = built.extraction.with_extra(
         index={
@@ -81,7 +134,7 @@ def index(
     lines = [
         f"{out}: {m['counts']['slides']} slides, {m['counts']['tiles']} tiles, {m['index']['type']} index"
     ]
-    lines += failure_lines(batch)
+    lines += [*failure_lines(batch), *update_lines(batch)]
     if evaluate:
         ev_dir = Path(out) / "evaluation"
         ev_cfg = cfg.evaluate

@@ -25,7 +25,18 @@ config_option = click.option(
     default=None,
     help="YAML file overriding the defaults in configs/ (flags override both).",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON object on stdout.")
+JSON_META = "histo.json"  # ctx.meta key: whether the running command was given --json
+
+
+def _remember_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """Note --json where the command group sees it (it prints a stopped batch's summary)."""
+    ctx.meta[JSON_META] = value
+    return value
+
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, callback=_remember_json, help="Print a JSON object on stdout."
+)
 # Choices and ranges of every config flag are checked by the stage's config model, so a bad value reads the
 # same from a flag, a file or the Python API: `error: --device: run.device: input should be ...`.
 device_option = click.option(

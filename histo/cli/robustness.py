@@ -71,14 +71,27 @@ def robustness() -> None:
 @robustness.command("pathology")
 @click.option("--tiles", required=True, type=click.Path(exists=True), help="Tile store (zarr).")
 @click.option("--k", type=int, default=None, help="Neighbours voting for a query tile's label.")
+@click.option("--encoder", default=None, help="Registered encoder: --model/--reference are its weight files.")
 @common_options
 def pathology_command(
-    tiles, k, model, corruptions, severities, alpha_bn, reference, seed, out_dir, device, config_path, as_json
+    tiles,
+    k,
+    encoder,
+    model,
+    corruptions,
+    severities,
+    alpha_bn,
+    reference,
+    seed,
+    out_dir,
+    device,
+    config_path,
+    as_json,
 ):
     """Leave-one-patient-out nearest-neighbour tile classification under H&E corruptions."""
     from pathology.robustness import evaluate_pathology
 
-    config = _config(config_path, k="pathology.k")
+    config = _config(config_path, k="pathology.k", encoder="pathology.encoder")
     summary = evaluate_pathology(model, tiles, out_dir, config, reference=reference)
     _finish(summary, out_dir, as_json)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -21,6 +22,15 @@ from search.config import Mode
 @click.option(
     "--exhaustive", is_flag=True, default=None, help="Compare every indexed slide (exact; no first stage)."
 )
+@click.option(
+    "--geojson",
+    "geojson_dir",
+    type=click.Path(file_okay=False),
+    help="Write QuPath GeoJSON of the matched tiles: DIR/<query id>/query/ and DIR/<query id>/hits/.",
+)
+@click.option(
+    "--weights", default=None, type=click.Path(), help="The index encoder's weight file, if it moved."
+)
 @device_option
 @config_option
 @json_option
@@ -31,15 +41,18 @@ def search(
     mode: str | None,
     exclude_same_patient: bool | None,
     exhaustive: bool | None,
+    weights: str | None,
     device: str | None,
     config_path: str | None,
+    geojson_dir: str | None,
     as_json: bool,
 ) -> None:
     """Search INDEX with QUERY slide files (tiled and featurised like the index) or image patches
     (PNG, JPEG, a plain TIFF: their nearest indexed tiles).
 
     A query that fails is reported (and in --json carries an "error") and the others go on; the exit
-    status is then 1.
+    status is then 1. With --geojson each query's folder is written (search/geojson.py) and named in the
+    output (`geojson` in --json).
     """
     from histo.errors import HistoError
     from search.config import SearchConfig
@@ -51,14 +64,22 @@ def search(
         "exclude_same_patient": "exclude_same_patient",
         "exhaustive": "exhaustive",
     }
-    cfg = stage_config(SearchConfig, config_path, {**keys, "device": "run.device"})
+    cfg = stage_config(SearchConfig, config_path, {**keys, "device": "run.device", "weights": "run.weights"})
     idx = SlideIndex.open(index_dir, cfg)
+    if geojson_dir is not None:
+        _check_geojson(idx, queries, Path(geojson_dir))
     out, failed = [], 0
     for q in queries:
         try:
             result = idx.search(q)  # a slide or an image patch; every setting from the config
-            out.append(result.to_dict())
-            _print_result(result.to_dict(), err=as_json)
+            shown = result.to_dict()
+            if geojson_dir is not None:
+                from pathology.slide import slide_id_of
+                from search.geojson import write_result_geojson
+
+                shown["geojson"] = str(write_result_geojson(result, geojson_dir, slide_id_of(q)))
+            out.append(shown)
+            _print_result(shown, err=as_json)
         except HistoError as e:
             failed += 1
             click.echo(f"error: {e}", err=True)
@@ -69,8 +90,38 @@ def search(
         sys.exit(1)
 
 
+def _check_geojson(idx, queries: tuple[str, ...], out: Path) -> None:
+    """Before any query: every indexed slide's tile side is recorded, query IDs are distinct folder names,
+    and the output folder can be made."""
+    from histo.errors import HistoError
+    from pathology.slide import slide_id_of
+    from pathology.store import slide_id_problem
+    from search.geojson import missing_tile_sides
+
+    missing = missing_tile_sides(idx.catalog)
+    if missing:
+        raise HistoError(
+            f"{idx.path}: tile sizes of {len(missing)} slide(s) are not recorded (first {missing[0]}); "
+            "rebuild the index with histo index to write GeoJSON"
+        )
+    seen: dict[str, str] = {}
+    for q in queries:
+        qid = slide_id_of(q)
+        problem = slide_id_problem(qid)
+        if problem:
+            raise HistoError(f"{q}: cannot name its GeoJSON folder: {problem}")
+        if seen.setdefault(qid, q) != q:
+            raise HistoError(f"{q}: same query ID {qid!r} as {seen[qid]}; their GeoJSON folders would clash")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HistoError(f"{out}: cannot create the GeoJSON folder ({e.strerror})") from None
+
+
 def _print_result(r: dict, err: bool) -> None:
     click.echo(f"{r['query']}: prediction {r['prediction']}", err=err)
+    if "geojson" in r:
+        click.echo(f"  geojson: {r['geojson']}", err=err)
     click.echo(
         f"  {'rank':>4} {'slide':<28} {'label':<16} {'distance':>9}  best match (query x,y -> x,y)", err=err
     )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import click
 
 from histo.batch import BatchSummary
-from histo.cli.options import config_option, json_option, parse_shard, shard_option, stage_config
-from histo.cli.outcomes import finish
+from histo.cli.options import choices, config_option, json_option, parse_shard, shard_option, stage_config
+from histo.cli.outcomes import finish, update_lines
+from pathology.config import Reader, StainMethod
 
 
 def _table(batch: BatchSummary) -> list[str]:
@@ -44,9 +45,38 @@ def _table(batch: BatchSummary) -> list[str]:
     type=click.FloatRange(min=0, min_open=True),
     help="µm/px for slides without a scale.",
 )
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Tile a slide whose ID is done in the store from another file (or a changed one) in its place.",
+)
 @click.option("--tile-px", type=int, help="Override tile.px (pixels at the target resolution).")
 @click.option("--magnification", type=float, help="Override tile.magnification.")
 @click.option("--seed", type=int, help="Override seed.")
+@click.option(
+    "--from-coords",
+    type=click.Path(file_okay=False),
+    help="Folder of CLAM/TRIDENT coordinate .h5 files: their patches are the tiles (see from_coords.select).",
+)
+@click.option(
+    "--roi",
+    type=click.Path(),
+    help="QuPath GeoJSON (a file, or a folder of <slide id>.geojson): regions restrict or replace the tissue mask.",
+)
+@click.option(
+    "--reader",
+    default=None,
+    help=f"Slide reader (run.reader): {choices(Reader)} (auto: OpenSlide, then tiatoolbox for "
+    "OME-TIFF/NGFF/JP2/... when installed).",
+)
+@click.option(
+    "--stain-norm", default=None, help=f"Stain normalization (stain.method): {choices(StainMethod)}."
+)
+@click.option(
+    "--stain-target",
+    default=None,
+    help="What the stains are fitted to (stain.target): an RGB image, or a tile store (its tiles: the archive).",
+)
 @json_option
 def tile(
     slides: tuple[str, ...],
@@ -58,9 +88,15 @@ def tile(
     save_pixels: bool,
     qc_dir: str | None,
     mpp_override: float | None,
+    replace: bool,
     tile_px: int | None,
     magnification: float | None,
     seed: int | None,
+    from_coords: str | None,
+    roi: str | None,
+    reader: str | None,
+    stain_norm: str | None,
+    stain_target: str | None,
     as_json: bool,
 ) -> None:
     """Tile SLIDES (files or folders searched for slide files) into the tile store OUT.
@@ -76,10 +112,13 @@ def tile(
         "magnification": "tile.magnification",
         "seed": "seed",
         "workers": "run.workers",
+        "reader": "run.reader",
+        "stain_norm": "stain.method",
+        "stain_target": "stain.target",
     }
     config = stage_config(TileConfig, config_path, keys)
     batch = tile_slides(
         list(slides), out, config, labels_csv=labels_csv, shard=parse_shard(shard), save_pixels=save_pixels,
-        qc_dir=qc_dir, mpp_override=mpp_override,
+        qc_dir=qc_dir, mpp_override=mpp_override, from_coords=from_coords, roi=roi, replace=replace,
     )  # fmt: skip
-    finish(batch, as_json, _table(batch))
+    finish(batch, as_json, [*_table(batch), *update_lines(batch)])

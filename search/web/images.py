@@ -156,7 +156,9 @@ class SlideImages:
         """An indexed slide's tile side in level-0 pixels (the store's record, else from its scale)."""
         if entry.tile_size_level0 is not None:
             return entry.tile_size_level0
-        return self.archive.geometry.um / self._slides.get(self.archive.slide_file(entry), entry.mpp).mpp
+        return self.archive.geometry.level0_px(
+            self._slides.get(self.archive.slide_file(entry), entry.mpp).mpp
+        )
 
     def tile_crop(self, entry: SlideEntry, tile: int) -> bytes:
         """PNG of an indexed slide's `tile`-th indexed tile."""

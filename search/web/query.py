@@ -8,24 +8,16 @@ Results are returned in the `histo search --json` shape (`SearchResult.to_dict()
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pathology.geometry import TileGeometry
 from search.config import SearchConfig
 from search.features import FEATURES_DIR, SLIDES
+from search.manifest import MANIFEST
 from search.slide_index import SlideIndex
-
-
-@dataclass(frozen=True)
-class TileGeometry:
-    """The index's tile: `px` pixels at `mpp` µm/px, `um` µm on a side (the tiling's resolved values)."""
-
-    px: int
-    mpp: float
-    um: float
 
 
 def open_index(index_dir: Path, search_cfg: SearchConfig) -> SlideIndex:
@@ -73,8 +65,7 @@ def indexed_coords(index: SlideIndex, slide_id: str) -> np.ndarray:
 
 def tile_geometry(index: SlideIndex) -> TileGeometry:
     """The tile the index was built from (a patch query should show this much tissue)."""
-    resolved = index.manifest["tiling"]["resolved"]
-    return TileGeometry(int(resolved["tile_px"]), float(resolved["target_mpp"]), float(resolved["tile_um"]))
+    return TileGeometry.recorded(index.manifest["tiling"], str(index.path / MANIFEST))
 
 
 def tile_query_slide(index: SlideIndex, path: Path, mpp: float | None = None) -> Any:

@@ -1,7 +1,9 @@
-"""Whole-slide reading through OpenSlide: physical scale resolution and bounded-memory scaled reads.
+"""The slide-reading interface: physical scale resolution, level choice and bounded-memory scaled reads
+over any backend (pathology/slide/ backends: OpenSlide, tiatoolbox, in-memory arrays).
 
 Levels are always chosen by downsample (never by index), and any region is read in blocks so that
-memory stays bounded whatever the slide's size or pyramid layout.
+memory stays bounded whatever the slide's size or pyramid layout. A backend only reads one region of
+one level as RGB on white; everything else lives here, the same for every backend.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-import openslide
 from PIL import Image
 
 from histo.errors import InputFileError
+from pathology.diagnose import describe
 
 # File extensions OpenSlide reads (DICOM series are opened through any one of their files).
 SLIDE_EXTENSIONS = (
@@ -72,32 +75,38 @@ def resolve_scale(props: dict, vendor: str, mpp_override: float | None, path: ob
     )
 
 
-def _composite_white(region: Image.Image) -> np.ndarray:
-    """RGBA from openslide-python (not premultiplied; transparent outside the slide) -> RGB over white,
-    rounded: (rgb * a + 255 * (255 - a)) / 255."""
-    rgba = np.asarray(region)
-    alpha = rgba[..., 3:4].astype(np.uint32)
-    if alpha.min() == 255:  # the common case: no transparency
-        return np.ascontiguousarray(rgba[..., :3])
-    out = (rgba[..., :3].astype(np.uint32) * alpha + 255 * (255 - alpha) + 127) // 255
-    return out.astype(np.uint8)
+class Backend(Protocol):
+    """What a reader gives the interface: pyramid geometry, OpenSlide-named properties, one level read."""
+
+    name: str  # e.g. "openslide"
+    version: str  # the library's version, recorded per slide
+    read_errors: tuple[type[BaseException], ...]  # the library's read failures (reported naming the file)
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    properties: dict[str, str]  # openslide.vendor, openslide.mpp-x/-y, openslide.objective-power, ...
+
+    def read_region(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """w x h pixels of `level` at level-0 origin (x0, y0), RGB uint8 on white outside the slide."""
+
+    def close(self) -> None: ...
 
 
 class Slide:
-    """An open whole-slide image with a resolved physical scale."""
+    """An open whole-slide image with a resolved physical scale, read through a backend."""
 
-    def __init__(self, path: Path, osr: openslide.OpenSlide, scale: Scale, slide_id: str) -> None:
+    def __init__(self, path: Path, backend: Backend, scale: Scale, slide_id: str) -> None:
         self.path = path
         self.slide_id = slide_id
-        self._osr = osr
-        self.width, self.height = osr.dimensions
-        props = osr.properties
+        self.backend = backend
+        self.width, self.height = (int(v) for v in backend.level_dimensions[0])
+        props = backend.properties
         self.vendor = props.get("openslide.vendor", "unknown")
         self.mpp = scale.mpp
         self.mpp_source = scale.source
         self.objective_power = _float(props.get("openslide.objective-power"))
-        self.level_downsamples = tuple(float(d) for d in osr.level_downsamples)
-        self.level_dimensions = tuple(osr.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in backend.level_downsamples)
+        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in backend.level_dimensions)
+        self.reader = f"{backend.name} {backend.version}"
 
     def best_level(self, downsample: float) -> int:
         """The coarsest level whose downsample does not exceed `downsample` (chosen by value, not index)."""
@@ -105,12 +114,12 @@ class Slide:
         return max(ok, key=lambda i: self.level_downsamples[i]) if ok else 0
 
     def read_region(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        """One OpenSlide read (level-0 origin, size at `level`) as RGB on white; errors name the file."""
+        """One backend read (level-0 origin, size at `level`) as RGB on white; errors name the file."""
         try:
-            region = self._osr.read_region((int(x0), int(y0)), level, (int(w), int(h)))
-        except openslide.OpenSlideError as e:
-            raise InputFileError(self.path, f"read error at ({x0}, {y0}) level {level}: {e}") from None
-        return _composite_white(region)
+            return self.backend.read_region(level, int(x0), int(y0), int(w), int(h))
+        except self.backend.read_errors as e:
+            reason = describe(self.path, f"read error at ({x0}, {y0}) level {level}: {e}")
+            raise InputFileError(self.path, reason) from None
 
     def read_scaled(self, x0: float, y0: float, w0: float, h0: float, out_w: int, out_h: int) -> np.ndarray:
         """Level-0 box (x0, y0, w0, h0) resampled to out_w x out_h RGB, read block by block from the
@@ -155,7 +164,7 @@ class Slide:
         return self.read_scaled(0, 0, self.width, self.height, out_w, out_h)
 
     def close(self) -> None:
-        self._osr.close()
+        self.backend.close()
 
     def __enter__(self) -> Slide:
         return self
@@ -170,28 +179,3 @@ def slide_id_of(path: str | os.PathLike) -> str:
     if path.suffix.lower() == ".dcm":
         return path.parent.name
     return path.name[: -len(path.suffix)] if path.suffix else path.name
-
-
-def open_slide(path: str | os.PathLike, mpp_override: float | None = None) -> Slide:
-    """Open a slide and resolve its physical scale; InputFileError with the reason otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise InputFileError(path, "file not found")
-    if path.is_file() and path.stat().st_size == 0:
-        raise InputFileError(path, "empty file (0 bytes)")
-    try:
-        osr = openslide.OpenSlide(str(path))
-    except openslide.OpenSlideUnsupportedFormatError:
-        raise InputFileError(path, "not a slide format OpenSlide can read") from None
-    except (openslide.OpenSlideError, OSError) as e:
-        raise InputFileError(path, f"unreadable slide: {e}") from None
-    try:
-        vendor = osr.properties.get("openslide.vendor", "unknown")
-        scale = resolve_scale(dict(osr.properties), vendor, mpp_override, path)
-        w, h = osr.dimensions
-        if w < 1 or h < 1:
-            raise InputFileError(path, f"slide has no pixels ({w}x{h})")
-    except BaseException:
-        osr.close()
-        raise
-    return Slide(path, osr, scale, slide_id_of(path))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from histo.errors import InputFileError
+from pathology.slide import SLIDE_EXTENSIONS
 
 TCGA_RE = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", re.IGNORECASE)
 OPTIONAL = ("patient", "site", "project", "mpp")
@@ -44,11 +46,13 @@ def read_labels(path: str | Path) -> dict[str, SlideMeta]:
     missing = {"slide", "label"} - set(header)
     if missing:
         raise InputFileError(
-            path, f"labels CSV needs columns slide,label (missing {', '.join(sorted(missing))})"
+            path,
+            f"labels CSV needs columns slide,label (missing {', '.join(sorted(missing))}){_delimiter_hint(header)}",
         )
     if not rows:
         raise InputFileError(path, "labels CSV has a header but no rows")
     out: dict[str, SlideMeta] = {}
+    lines: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         key = (row["slide"] or "").strip()
         if not key:
@@ -68,7 +72,33 @@ def read_labels(path: str | Path) -> dict[str, SlideMeta]:
                 )
         label = (row["label"] or "").strip() or None
         out[key] = SlideMeta(label, values["patient"], values["site"], values["project"], mpp)
+        lines[key] = line
+    _check_names_agree(path, out, lines)
     return out
+
+
+def _delimiter_hint(header: list[str]) -> str:
+    """'; the header ... looks ';'-separated ...' when a one-column header holds another delimiter."""
+    if len(header) == 1:
+        for delimiter in (";", "\t", "|"):
+            if delimiter in header[0]:
+                return (
+                    f"; its header {header[0]!r} looks {delimiter!r}-separated, and the file must use commas"
+                )
+    return ""
+
+
+def _check_names_agree(path: Path, labels: dict[str, SlideMeta], lines: dict[str, int]) -> None:
+    """Refuse a slide listed both with and without its extension (`X.svs` and `X`) with different
+    values: either row could be the slide's."""
+    for key, meta in labels.items():
+        stem, suffix = os.path.splitext(key)
+        if suffix.lower() in SLIDE_EXTENSIONS and stem in labels and labels[stem] != meta:
+            raise InputFileError(
+                path,
+                f"lines {lines[stem]} and {lines[key]}: slide {stem!r} is listed as {stem!r} and {key!r} "
+                f"with different values (label {labels[stem].label!r} and {meta.label!r}); keep one row",
+            )
 
 
 def find_meta(labels: dict[str, SlideMeta], path: Path, slide_id: str) -> SlideMeta | None:

@@ -1,0 +1,1 @@
+"""Files other pathology tools read and write: CLAM/TRIDENT coordinate and feature .h5, QuPath GeoJSON."""

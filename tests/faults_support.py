@@ -1,0 +1,118 @@
+"""Helpers of the fault tests (tests/test_faults_*.py): small slides, a writer paused mid-run, and
+running a command as an unprivileged user (permission faults cannot happen to root)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TILE = ["--tile-px", "64"]
+TILE_CONFIG = {"tile": {"px": 64}}
+NOBODY = 65534
+
+# Runs `histo ARGS...` with `MODULE.FUNCTION` paused until the file GATE.go exists (GATE.started says
+# it has been reached), so a test can start a second writer while the first is mid-run.
+PAUSED = """
+import sys, time, importlib, pathlib
+gate, target, args = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+module_name, name = target.rsplit(".", 1)
+module = importlib.import_module(module_name)
+original = getattr(module, name)
+def paused(*a, **k):
+    gate.with_suffix(".started").touch()
+    while not gate.with_suffix(".go").exists():
+        time.sleep(0.05)
+    return original(*a, **k)
+setattr(module, name, paused)
+from histo.cli import main
+main(args)
+"""
+
+
+def write_slides(
+    folder: Path, n: int, size: tuple[int, int] = (1600, 1200), first_seed: int = 0
+) -> list[Path]:
+    """n small synthetic Aperio slides s<k>.svs (label k % 2) that tile in a fraction of a second."""
+    from pathology.synthetic import write_synthetic_slide
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return [write_synthetic_slide(folder / f"s{k}.svs", *size, k % 2, seed=first_seed + k) for k in range(n)]
+
+
+@contextmanager
+def paused_run(gate: Path, target: str, args: list[str]) -> Iterator[subprocess.Popen]:
+    """A `histo` subprocess paused in `target` (module.function) until the block ends; then it finishes."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED, str(gate), target, *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not gate.with_suffix(".started").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the paused run never reached its pause"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        gate.with_suffix(".go").touch()
+        proc.wait(timeout=300)
+
+
+def shared_tmp() -> Path:
+    """A world-writable temporary folder (another user can work in it)."""
+    path = Path(tempfile.mkdtemp(prefix="histo-faults-"))
+    path.chmod(0o777)
+    return path
+
+
+def _without_file_override() -> None:
+    """In a child of root, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding
+    set, so the program run is refused unreadable files like any user (prctl PR_CAPBSET_DROP)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def run_unprivileged(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`python -m histo.cli ARGS` subject to file permissions (root's override dropped when the tests
+    run as root; permission faults cannot happen to root otherwise)."""
+    return subprocess.run(
+        [sys.executable, "-m", "histo.cli", *args], cwd=ROOT, capture_output=True, text=True,
+        preexec_fn=_without_file_override if os.geteuid() == 0 else None,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300, **kwargs,
+    )  # fmt: skip
+
+
+def as_nobody() -> None:
+    """preexec_fn: run the child as the user `nobody` (a colleague without our files' ownership)."""
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A batch item of the worker tests (module level: a spawned worker unpickles it)."""
+
+    id: str
+    path: str
+
+
+def sleepy(item: Job) -> object:
+    """A batch item that records its worker's PID in item.path and then sleeps (module level: a
+    spawned worker imports it)."""
+    from histo.batch import Outcome
+
+    Path(item.path).write_text(str(os.getpid()))
+    time.sleep(120)
+    return Outcome.done(item.id, item.path)

@@ -1,0 +1,125 @@
+"""Slide readers behind one interface: the backend is chosen explicitly and recorded; a virtual slide
+(array) reads like its pixels; tiatoolbox (lane 2) reads OME-TIFF, plain images, generic TIFF and DICOM
+regions equal to what was written or to OpenSlide's read."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import openslide
+import pytest
+
+from histo.config import load_config
+from histo.errors import ConfigError, HistoError, InputFileError
+from pathology.config import TileConfig
+from pathology.slide import open_array, open_slide
+from pathology.slide.openslide_backend import composite_white
+from pathology.store import TileStore
+from pathology.synthetic import write_synthetic_slide
+from pathology.tiler import tile_slides
+
+
+def test_array_slide_reads_its_pixels_and_white_outside():
+    rgb = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    s = open_array(rgb, mpp=0.5, slide_id="patch")
+    assert (s.width, s.height, s.mpp, s.mpp_source, s.reader.split()[0]) == (
+        400,
+        300,
+        0.5,
+        "metadata",
+        "array",
+    )
+    np.testing.assert_array_equal(s.read_tile(50, 60, 100, 100), rgb[60:160, 50:150])
+    assert (s.read_tile(390, 0, 20, 20)[:, 10:] == 255).all()
+    down = s.read_tile(0, 0, 200, 100).astype(np.float64)  # box mean of 2 x 2 blocks
+    ref = rgb[:200, :200].reshape(100, 2, 100, 2, 3).mean(axis=(1, 3))
+    assert np.abs(down - ref).max() <= 1.0
+
+
+def test_reader_is_explicit_and_recorded(tmp_path, monkeypatch, shared_data):
+    slide = write_synthetic_slide(tmp_path / "s" / "a.svs", 3000, 2000, 0, seed=0)
+    assert open_slide(slide, reader="openslide").reader == f"openslide {openslide.__library_version__}"
+    with pytest.raises(HistoError, match="unknown reader 'bioformats'"):
+        open_slide(slide, reader="bioformats")
+    png = shared_data / "histology_patches" / "kather1.tif"
+    with pytest.raises(InputFileError, match="not a slide format OpenSlide can read"):
+        open_slide(shared_data / "histology_patches" / "stardist_histo.jpg", reader="openslide")
+    monkeypatch.setitem(sys.modules, "tiatoolbox", None)  # as in lane 1: the extra is absent
+    with pytest.raises(InputFileError, match=r"install the extra histo\[tiatoolbox\]"):
+        open_slide(shared_data / "histology_patches" / "stardist_histo.jpg")
+    with pytest.raises(HistoError, match=r"needs the extra: pip install 'histo\[tiatoolbox\]'"):
+        open_slide(png, reader="tiatoolbox", mpp_override=0.5)
+    with pytest.raises(
+        ConfigError, match=r"run\.reader: input should be 'auto', 'openslide' or 'tiatoolbox'"
+    ):
+        load_config(TileConfig, overrides={"run.reader": "bioformats"})
+    cfg = load_config(TileConfig, overrides={"tile.px": 224, "run.reader": "openslide"})
+    tile_slides([tmp_path / "s"], tmp_path / "st.zarr", cfg, progress=False)
+    assert TileStore.open(tmp_path / "st.zarr").record("a").reader.startswith("openslide ")
+
+
+def test_composite_white_is_shared_by_the_openslide_backend():
+    from PIL import Image
+
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (100, 150, 200, 128)
+    assert tuple(composite_white(Image.fromarray(rgba, "RGBA"))[0, 0]) == (177, 202, 227)
+
+
+# ---- lane 2: tiatoolbox ------------------------------------------------------------------------------
+
+
+def _ome_tiff(path, rgb: np.ndarray, mpp: float) -> None:
+    """A pyramidal OME-TIFF (sub-IFDs, 2 levels) written with tifffile, physical size in the OME-XML."""
+    import tifffile
+
+    with tifffile.TiffWriter(path, bigtiff=False, ome=True) as tif:
+        meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp, "PhysicalSizeXUnit": "µm"}
+        tif.write(rgb, subifds=1, tile=(256, 256), photometric="rgb", metadata=meta)
+        tif.write(rgb[::2, ::2], subfiletype=1, tile=(256, 256), photometric="rgb")
+
+
+@pytest.mark.full
+def test_tiatoolbox_reads_ome_tiff_like_the_array(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (1024, 1536, 3), dtype=np.uint8)
+    _ome_tiff(tmp_path / "a.ome.tif", rgb, 0.5)
+    s = open_slide(tmp_path / "a.ome.tif", reader="tiatoolbox")
+    assert s.reader.startswith("tiatoolbox ") and "TIFFWSIReader" in s.reader
+    assert (s.width, s.height) == (1536, 1024) and s.mpp == pytest.approx(0.5)
+    np.testing.assert_array_equal(s.read_region(0, 300, 200, 128, 96), rgb[200:296, 300:428])
+    auto = open_slide(tmp_path / "a.ome.tif")  # OpenSlide does not read OME-TIFF: auto takes tiatoolbox
+    assert auto.reader.startswith("tiatoolbox ")
+
+
+@pytest.mark.full
+def test_tiatoolbox_matches_openslide_on_generic_tiff_and_dicom(shared_data, tmp_path):
+    import tifffile
+
+    rgb = np.random.default_rng(2).integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "tiled.tif", rgb, tile=(256, 256), photometric="rgb")  # one tiled page
+    for path in (tmp_path / "tiled.tif", shared_data / "wsi_synthetic" / "boxes_0.dcm"):
+        a = open_slide(path, reader="openslide", mpp_override=0.5)
+        b = open_slide(path, reader="tiatoolbox", mpp_override=0.5)
+        assert a.level_dimensions[0] == b.level_dimensions[0]
+        w, h = a.width, a.height
+        np.testing.assert_array_equal(a.read_region(0, 0, 0, w, h), b.read_region(0, 0, 0, w, h))
+    a = open_slide(tmp_path / "tiled.tif", reader="tiatoolbox", mpp_override=0.5)
+    np.testing.assert_array_equal(a.read_region(0, 100, 50, 300, 200), rgb[50:250, 100:400])
+    # a multi-page generic TIFF pyramid is OpenSlide's alone (tiatoolbox 2.1 reads one tiled page)
+    with pytest.raises(InputFileError, match="unreadable by tiatoolbox TIFFWSIReader: Unsupported TIFF"):
+        open_slide(shared_data / "wsi_synthetic" / "boxes.tiff", reader="tiatoolbox", mpp_override=0.5)
+    assert open_slide(shared_data / "wsi_synthetic" / "boxes.tiff", mpp_override=0.5).reader.startswith(
+        "openslide"
+    )
+
+
+@pytest.mark.full
+def test_tiatoolbox_reads_a_plain_image(shared_data):
+    from PIL import Image
+
+    path = shared_data / "histology_patches" / "stardist_histo.jpg"
+    s = open_slide(path, mpp_override=0.5)
+    assert s.reader.startswith("tiatoolbox ") and "VirtualWSIReader" in s.reader
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    np.testing.assert_array_equal(s.read_region(0, 10, 20, 64, 32), rgb[20:52, 10:74])
