@@ -109,10 +109,15 @@ def open_image(path: Path, max_pixels: int) -> Any:
     `Image.open`; the format's opener is called as `Image.open` calls it, so the limit is ours alone."""
     from PIL import Image
 
+    from pathology.diagnose import os_reason
+
     Image.init()
     try:
         with open(path, "rb") as fh:
             prefix = fh.read(16)
+    except OSError as e:
+        raise InputFileError(path, os_reason(e)) from None
+    try:
         for fmt in PATCH_FORMATS:
             factory, accept = Image.OPEN[fmt]
             accepted = accept is None or accept(prefix)

@@ -4,16 +4,12 @@ pixel is decoded, and `histo search --mpp` scales query slides without a scale a
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from faults_support import TILE, write_slides
+from faults_support import TILE, image_declaring, write_slides
 from PIL import Image
 
 from histo.cli import main
@@ -139,60 +135,13 @@ def test_a_patch_takes_its_scale_from_mpp_then_its_metadata(built, tmp_path) -> 
     assert "16 x 16 px at 0.5 µm/px (assumed: the tile's)" in q["screen.png"]["error"]
 
 
-def _png_declaring(path, rgb, w: int, h: int):
-    """A valid PNG whose header (IHDR, checksum rewritten) declares w x h px; its data stays tiny."""
-    data = bytearray(_encoded(rgb, "PNG"))
-    chunk = b"IHDR" + struct.pack(">II", w, h) + bytes(data[24:29])
-    data[12:29], data[29:33] = chunk, struct.pack(">I", zlib.crc32(chunk))
-    path.write_bytes(bytes(data))
-    return path
-
-
-def _jpeg_declaring(path, rgb, w: int, h: int):
-    """A JPEG whose frame header (SOF0) declares w x h px."""
-    data = bytearray(_encoded(rgb, "JPEG"))
-    sof = data.find(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = struct.pack(">HH", h, w)
-    path.write_bytes(bytes(data))
-    return path
-
-
-def _tiff_declaring(path, rgb, w: int, h: int):
-    """A plain TIFF whose ImageWidth / ImageLength tags declare w x h px (in one strip, as RowsPerStrip says)."""
-    import tifffile
-
-    tifffile.imwrite(path, rgb, photometric="rgb", metadata=None)
-    with tifffile.TiffFile(path) as tif:
-        tags = tif.pages[0].tags
-        where = [
-            (tags[name].valueoffset, tags[name].dtype, v)
-            for name, v in (("ImageWidth", w), ("ImageLength", h), ("RowsPerStrip", h))
-        ]
-    data = bytearray(path.read_bytes())
-    for offset, dtype, value in where:
-        fmt = "<H" if int(dtype) == 3 else "<I"
-        data[offset : offset + struct.calcsize(fmt)] = struct.pack(fmt, value)
-    path.write_bytes(bytes(data))
-    return path
-
-
-def _encoded(rgb, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, fmt)
-    return buf.getvalue()
-
-
 def test_a_decompression_bomb_fails_its_query_only_before_any_pixel_is_decoded(
     built, tmp_path, monkeypatch
 ) -> None:
     from PIL import ImageFile
 
     t, n = built["tile"], BOMB_SIDE
-    bombs = [
-        _png_declaring(tmp_path / "bomb.png", t[:8, :8], n, n),
-        _jpeg_declaring(tmp_path / "bomb.jpg", t[:8, :8], n, n),
-        _tiff_declaring(tmp_path / "bomb.tif", t[:8, :8], n, n),
-    ]
+    bombs = [image_declaring(tmp_path / f"bomb.{ext}", t[:8, :8], n, n) for ext in ("png", "jpg", "tif")]
     good = _png(tmp_path / "good.png", t)
     decoded = []
     load = ImageFile.ImageFile.load
@@ -202,9 +151,11 @@ def test_a_decompression_bomb_fails_its_query_only_before_any_pixel_is_decoded(
         return load(im)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", recorded_load)
-    code, out, stderr = _search(built, bombs[0], good, *bombs[1:])
-    assert code == 1 and out["counts"] == {"done": 1, "skipped": 0, "failed": 3}
+    gone = tmp_path / "gone.png"
+    code, out, stderr = _search(built, bombs[0], good, *bombs[1:], gone)
+    assert code == 1 and out["counts"] == {"done": 1, "skipped": 0, "failed": 4}
     q = _queries(out)
+    assert q["gone.png"]["error"] == f"{gone}: file not found"
     for bomb in bombs:
         assert q[bomb.name]["error"] == (
             f"{bomb}: declares {n} x {n} px ({n * n:,} pixels), over the 67,108,864 a query image may have "
@@ -213,7 +164,7 @@ def test_a_decompression_bomb_fails_its_query_only_before_any_pixel_is_decoded(
         assert f"error: {q[bomb.name]['error']}" in stderr
     assert q["good.png"]["results"][0]["slide_id"] == "s1"
     assert set(decoded) == {(64, 64)}  # only the good patch was decoded
-    assert stderr.strip().splitlines()[-1] == "1 done, 0 skipped, 3 failed"
+    assert stderr.strip().splitlines()[-1] == "1 done, 0 skipped, 4 failed"
 
 
 def test_the_pixel_limit_is_the_search_configs(built, tmp_path) -> None:
@@ -228,27 +179,17 @@ def test_the_python_api_refuses_a_bomb_with_the_same_line(built, tmp_path) -> No
     from histo.errors import InputFileError
     from search.slide_index import SlideIndex
 
-    bomb = _png_declaring(tmp_path / "bomb.png", built["tile"][:8, :8], BOMB_SIDE, BOMB_SIDE)
+    bomb = image_declaring(tmp_path / "bomb.png", built["tile"][:8, :8], BOMB_SIDE, BOMB_SIDE)
     with pytest.raises(
         InputFileError, match=r"bomb.png: declares 50000 x 50000 px .* refused before decoding"
     ):
         SlideIndex.open(built["index"], {"run": {"device": "cpu"}}).search(bomb)
 
 
-def _without_scale(src, dst):
-    """A copy of a synthetic Aperio slide whose description keeps no MPP and no AppMag."""
-    import tifffile
-
-    shutil.copy(src, dst)
-    with tifffile.TiffFile(dst) as tif:
-        description = tif.pages[0].description
-    kept = "|".join(p for p in description.split("|") if not p.strip().startswith(("MPP", "AppMag")))
-    tifffile.tiffcomment(dst, kept.encode())
-    return dst
-
-
 def test_mpp_scales_a_query_slide_without_a_scale(built, tmp_path) -> None:
-    bare = _without_scale(built["slides"][0], tmp_path / "s0_bare.svs")
+    from pathology.synthetic import write_synthetic_slide
+
+    bare = write_synthetic_slide(tmp_path / "s0_bare.svs", 1600, 1200, 0, seed=0, scale=False)  # s0's pixels
     code, out, stderr = _search(built, bare, built["slides"][2])
     assert code == 1 and out["counts"]["failed"] == 1
     error = _queries(out)["s0_bare.svs"]["error"]
