@@ -61,8 +61,8 @@ def search(
     A patch is checked against the index's tile before it is decoded (its declared pixels, its field of
     view: README "Query files"); `search.query` in --json records its scale and the rule applied. A query
     that fails is reported (and in --json carries an "error") and the others go on; the summary line and
-    `counts` follow, and the exit status is then 1. With --geojson each query's folder is written (search/geojson.py) and named in the
-    output (`geojson` in --json).
+    `counts` follow, and the exit status is then 1. With --geojson each query's folder is written
+    (search/geojson.py) and named in the output (`geojson` in --json).
     """
     from histo.batch import BatchSummary, Outcome
     from histo.errors import HistoError
