@@ -129,6 +129,9 @@ def open_image(path: Path, max_pixels: int) -> Any:
     except (OSError, SyntaxError, ValueError, IndexError, EOFError) as e:
         raise InputFileError(path, f"not a readable image ({type(e).__name__})") from None
     w, h = im.size
+    if w * h == 0:
+        im.close()
+        raise InputFileError(path, f"declares an empty image ({w} x {h} px)")
     if w * h > max_pixels:
         im.close()
         raise InputFileError(
