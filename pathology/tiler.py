@@ -294,9 +294,9 @@ def find_slides(
     paths: list[str | os.PathLike], unreadable: list[tuple[Path, str]] | None = None
 ) -> list[Path]:
     """Slide files and OME-Zarr image folders named or found (recursively) in folders, sorted and
-    de-duplicated; a DICOM series counts once per folder. Named files are kept whatever their extension (bad ones fail later), and so
-    are links with a slide extension that lead nowhere. A folder that cannot be listed is appended to
-    `unreadable` as (folder, reason)."""
+    de-duplicated; a DICOM series counts once per folder. Named files are kept whatever their extension
+    (bad ones fail later), and so are links with a slide extension that lead nowhere. A folder that
+    cannot be listed is appended to `unreadable` as (folder, reason)."""
     found: set[Path] = set()
     for p in map(Path, paths):
         if not p.is_dir() or is_ngff(p):
