@@ -90,3 +90,81 @@ def write_jp2(path: Path, rgb: np.ndarray, mpp: float | None, levels: int = 3) -
         tmp.unlink()
     else:
         tmp.rename(path)
+
+
+def write_dicom_wsi(
+    folder: Path, rgb: np.ndarray, mpp: float, levels: int = 2, tile: int = 256
+) -> list[np.ndarray]:
+    """A DICOM-WSI series (VL Whole Slide Microscopy, TILED_FULL, uncompressed RGB frames): one file per
+    pyramid level, the µm/px in the Pixel Spacing of the shared functional groups; its levels."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, VLWholeSlideMicroscopyImageStorage, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series, frame_of_reference, pyramid_uid = (generate_uid() for _ in range(4))
+    levels_rgb = pyramid(rgb, levels)
+    for i, a in enumerate(levels_rgb):
+        h, w = a.shape[:2]
+        ny, nx = -(-h // tile), -(-w // tile)
+        padded = np.zeros((ny * tile, nx * tile, 3), np.uint8)
+        padded[:h, :w] = a
+        frames = padded.reshape(ny, tile, nx, tile, 3).transpose(0, 2, 1, 3, 4)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = VLWholeSlideMicroscopyImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = VLWholeSlideMicroscopyImageStorage
+        ds.ImageType = [
+            "ORIGINAL" if i == 0 else "DERIVED",
+            "PRIMARY",
+            "VOLUME",
+            "NONE" if i == 0 else "RESAMPLED",
+        ]
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.FrameOfReferenceUID, ds.PyramidUID = frame_of_reference, pyramid_uid
+        ds.Modality, ds.Manufacturer, ds.InstanceNumber = "SM", "histo tests", i + 1
+        ds.PatientName, ds.PatientID, ds.StudyDate, ds.StudyTime, ds.ContainerIdentifier = (
+            "",
+            "",
+            "",
+            "",
+            "SLIDE_1",
+        )
+        ds.SpecimenDescriptionSequence = Sequence([Dataset()])
+        ds.SpecimenDescriptionSequence[0].SpecimenIdentifier = "SPECIMEN_1"
+        ds.SpecimenDescriptionSequence[0].SpecimenUID = generate_uid()
+        ds.VolumetricProperties, ds.DimensionOrganizationType = "VOLUME", "TILED_FULL"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.Rows = ds.Columns = tile
+        ds.NumberOfFrames = ny * nx
+        ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = w, h
+        ds.TotalPixelMatrixFocalPlanes, ds.NumberOfOpticalPaths = 1, 1
+        spacing_mm = mpp * 1e-3 * 2**i
+        ds.ImagedVolumeWidth, ds.ImagedVolumeHeight, ds.ImagedVolumeDepth = (
+            w * spacing_mm,
+            h * spacing_mm,
+            0.0,
+        )
+        origin = Dataset()
+        origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem = 0, 0
+        ds.TotalPixelMatrixOriginSequence = Sequence([origin])
+        ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
+        path_ = Dataset()
+        path_.OpticalPathIdentifier = "0"
+        illumination = Dataset()
+        illumination.CodeValue, illumination.CodingSchemeDesignator = "111744", "DCM"
+        illumination.CodeMeaning = "Brightfield illumination"
+        path_.IlluminationTypeCodeSequence = Sequence([illumination])
+        ds.OpticalPathSequence = Sequence([path_])
+        measures = Dataset()
+        measures.PixelSpacing = [spacing_mm, spacing_mm]
+        measures.SliceThickness = 0
+        shared = Dataset()
+        shared.PixelMeasuresSequence = Sequence([measures])
+        ds.SharedFunctionalGroupsSequence = Sequence([shared])
+        ds.PixelData = np.ascontiguousarray(frames).tobytes()
+        ds.save_as(folder / f"level_{i}.dcm", enforce_file_format=True)
+    return levels_rgb

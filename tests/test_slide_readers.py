@@ -173,3 +173,21 @@ def test_tiatoolbox_reads_lossless_jpeg2000_with_its_resolution_box(tmp_path, sh
         open_slide(tmp_path / "b.jp2")
     s = open_slide(tmp_path / "b.jp2", mpp_override=0.5)
     assert (s.mpp, s.mpp_source, s.objective_power) == (0.5, "override", None)
+
+
+@pytest.mark.full
+def test_openslide_and_tiatoolbox_read_a_written_dicom_wsi_series(tmp_path):
+    from slide_support import write_dicom_wsi
+
+    rgb = np.random.default_rng(4).integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    levels = write_dicom_wsi(tmp_path / "case7", rgb, mpp=0.25, levels=2)
+    for reader in ("auto", "openslide", "tiatoolbox"):  # any one file opens the series (both levels)
+        s = open_slide(tmp_path / "case7" / "level_1.dcm", reader=reader)
+        assert s.reader.split()[0] == ("openslide" if reader == "auto" else reader) and s.slide_id == "case7"
+        assert (s.mpp, s.mpp_source) == (pytest.approx(0.25), "metadata")
+        assert s.level_downsamples == (1.0, 2.0) and s.level_dimensions == ((900, 700), (450, 350))
+        np.testing.assert_array_equal(s.read_tile(300, 200, 128, 128), rgb[200:328, 300:428])
+        np.testing.assert_array_equal(s.read_tile(300, 200, 256, 128), levels[1][100:228, 150:278])
+        corner = s.read_region(0, 800, 600, 128, 128)  # past the edges (the padded last tiles): white
+        np.testing.assert_array_equal(corner[:100, :100], rgb[600:, 800:])
+        assert (corner[100:] == 255).all() and (corner[:, 100:] == 255).all()

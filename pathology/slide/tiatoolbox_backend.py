@@ -59,6 +59,12 @@ def ngff_for_tiatoolbox(path: Path) -> Multiscale:
     return ms
 
 
+def _source(path: Path, cls: type) -> Path:
+    """What the reader is given: a DICOM series' folder for any one of its files (DICOMWSIReader opens
+    only the file it is given, one level of the pyramid, where OpenSlide opens the series)."""
+    return path.parent if cls.__name__ == "DICOMWSIReader" and path.is_file() else path
+
+
 def without_guesses(cls: type) -> type:
     """`cls` reporting only the scale its file states: tiatoolbox's readers otherwise fill a missing
     objective power from the MPP (0.5 µm/px -> "20x") or the MPP from the power, which histo would
@@ -87,7 +93,7 @@ class TiatoolboxBackend:
         ngff = ngff_for_tiatoolbox(path) if cls.__name__ == "NGFFWSIReader" else None
         kwargs = {} if cls.__name__ == "VirtualWSIReader" else {"post_proc": None}
         try:
-            self._reader = without_guesses(cls)(path, **kwargs)
+            self._reader = without_guesses(cls)(_source(path, cls), **kwargs)
             info = self._reader.info
         except Exception as e:  # each tiatoolbox reader raises its own library's errors
             raise InputFileError(
