@@ -175,3 +175,27 @@ def test_tiling_finds_the_image_folder_and_records_its_reader(tmp_path, shared_d
     # The same pixels at the same scale: the same tiles, scored the same, as the slide it was copied from.
     np.testing.assert_array_equal(store.coords("cmu.ome"), store.coords("cmu_svs"))
     np.testing.assert_array_equal(store.cellularity("cmu.ome"), store.cellularity("cmu_svs"))
+
+
+def test_histo_tile_reads_a_folder_of_images_and_fails_a_malformed_one(tmp_path, shared_data):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from histo.cli import main
+
+    tissue = shared_data / "histology_patches" / "TCGA-HE-7130-01Z-00-DX1.png"
+    rgb = np.asarray(Image.open(tissue).convert("RGB"))
+    write_ngff(tmp_path / "in" / "good.ome.zarr", rgb, 0.5, levels=2)
+    write_ngff(tmp_path / "in" / "nested" / "bad.ome.zarr", rgb[:256, :256], 0.5, levels=2)
+    attrs = json.loads((tmp_path / "in" / "nested" / "bad.ome.zarr" / ".zattrs").read_text())
+    attrs["multiscales"][0]["datasets"].reverse()
+    (tmp_path / "in" / "nested" / "bad.ome.zarr" / ".zattrs").write_text(json.dumps(attrs))
+    args = ["tile", str(tmp_path / "in"), "--out", str(tmp_path / "st.zarr"), "--tile-px", "64", "--json"]
+    result = CliRunner().invoke(main, [*args, "--reader", "ngff"])
+    assert result.exit_code == 1, result.output
+    rows = {r["id"]: r for r in json.loads(result.stdout)["outcomes"]}
+    assert rows["good.ome"]["status"] == "done" and rows["good.ome"]["detail"]["mpp_source"] == "metadata"
+    assert rows["bad.ome"]["status"] == "failed"
+    reason = rows["bad.ome"]["reason"]
+    assert reason.startswith("malformed NGFF multiscales metadata: datasets[1] is finer"), reason
+    assert TileStore.open(tmp_path / "st.zarr").record("good.ome").reader.startswith("ngff ")
