@@ -199,3 +199,17 @@ def test_histo_tile_reads_a_folder_of_images_and_fails_a_malformed_one(tmp_path,
     reason = rows["bad.ome"]["reason"]
     assert reason.startswith("malformed NGFF multiscales metadata: datasets[1] is finer"), reason
     assert TileStore.open(tmp_path / "st.zarr").record("good.ome").reader.startswith("ngff ")
+
+
+def test_an_image_whose_metadata_cannot_be_read_says_why(tmp_path):
+    from faults_support import run_unprivileged
+
+    path = tmp_path / "cohort" / "a.ome.zarr"
+    write_ngff(path, RGB[:256, :256], 0.5, levels=1)
+    (path / ".zattrs").chmod(0o000)
+    args = ["tile", str(tmp_path / "cohort"), "--out", str(tmp_path / "s.zarr"), "--tile-px", "64", "--json"]
+    result = run_unprivileged(args)
+    assert result.returncode == 1, result.stderr
+    (row,) = json.loads(result.stdout)["outcomes"]
+    assert (row["id"], row["status"]) == ("a.ome", "failed")
+    assert row["reason"].startswith("unreadable NGFF metadata .zattrs: permission denied"), row

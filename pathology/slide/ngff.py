@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histo.errors import InputFileError
+from pathology.diagnose import os_reason
 
 VERSIONS = ("0.4", "0.5")
 # The length units of the specification (UDUNITS-2 names) a microscope scale may be given in, in µm.
@@ -39,14 +40,16 @@ class Multiscale:
 
 def _group_attributes(path: Path) -> dict | None:
     """The NGFF attributes of the zarr group at `path` (0.4 `.zattrs` or 0.5 `zarr.json` `ome`), or
-    None when `path` is no such group; a JSON file that does not parse is an InputFileError."""
+    None when `path` is no such group; a metadata file that cannot be read or parsed is an InputFileError."""
     for name in (".zattrs", "zarr.json"):
         meta = path / name
-        if not meta.is_file():
+        if not meta.is_file():  # OSError when the folder cannot be looked into
             continue
         try:
             attrs = json.loads(meta.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except OSError as e:
+            raise InputFileError(path, f"unreadable NGFF metadata {name}: {os_reason(e)}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputFileError(path, f"unreadable NGFF metadata {name}: {e}") from None
         if name == "zarr.json":
             attrs = attrs.get("attributes", {}).get("ome") if isinstance(attrs, dict) else None
@@ -61,6 +64,8 @@ def is_ngff(path: Path) -> bool:
         return path.is_dir() and _group_attributes(path) is not None
     except InputFileError:
         return True  # an image whose metadata is damaged: opening it says why
+    except OSError:
+        return False  # a folder that cannot be looked into: searching it says why
 
 
 def metadata_files(path: Path) -> list[Path]:
@@ -108,7 +113,10 @@ def _axes(path: Path, multiscale: dict) -> tuple[tuple[str, ...], str | None]:
 def read_multiscale(path: str | Path) -> Multiscale:
     """The first multiscale of the OME-Zarr image at `path`, checked; InputFileError naming the folder."""
     path = Path(path)
-    attrs = _group_attributes(path) if path.is_dir() else None
+    try:
+        attrs = _group_attributes(path) if path.is_dir() else None
+    except OSError as e:
+        raise InputFileError(path, os_reason(e)) from None
     if attrs is None:
         raise InputFileError(path, "not an OME-Zarr (NGFF) image: no multiscales in .zattrs or zarr.json")
     found = attrs["multiscales"]
