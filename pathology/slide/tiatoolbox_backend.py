@@ -109,7 +109,7 @@ class TiatoolboxBackend:
         mpp = ngff.mpp if ngff is not None else info.mpp
         if mpp is not None:
             self.properties |= {"openslide.mpp-x": str(mpp[0]), "openslide.mpp-y": str(mpp[1])}
-        if info.objective_power and ngff is None:  # NGFFWSIReader's power is always guessed from the MPP
+        if info.objective_power:
             self.properties["openslide.objective-power"] = str(info.objective_power)
 
     def read_region(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
