@@ -120,7 +120,7 @@ class RoiConfig(Section):
     exclude: Annotated[tuple[ClassName, ...], AsTuple]
 
 
-Reader = Literal["auto", "openslide", "tiatoolbox"]
+Reader = Literal["auto", "openslide", "tiatoolbox", "ngff"]
 StainMethod = Literal["none", "macenko", "vahadane", "reinhard"]
 
 

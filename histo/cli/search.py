@@ -31,6 +31,13 @@ from search.config import Mode
 @click.option(
     "--weights", default=None, type=click.Path(), help="The index encoder's weight file, if it moved."
 )
+@click.option(
+    "--mpp",
+    type=float,
+    default=None,
+    help="µm/px of the query patches (over their metadata) and of query slides without a scale of their "
+    "own (query.mpp).",
+)
 @device_option
 @config_option
 @json_option
@@ -42,6 +49,7 @@ def search(
     exclude_same_patient: bool | None,
     exhaustive: bool | None,
     weights: str | None,
+    mpp: float | None,
     device: str | None,
     config_path: str | None,
     geojson_dir: str | None,
@@ -50,12 +58,16 @@ def search(
     """Search INDEX with QUERY slide files (tiled and featurised like the index) or image patches
     (PNG, JPEG, a plain TIFF: their nearest indexed tiles).
 
-    A query that fails is reported (and in --json carries an "error") and the others go on; the exit
-    status is then 1. With --geojson each query's folder is written (search/geojson.py) and named in the
-    output (`geojson` in --json).
+    A patch is checked against the index's tile before it is decoded (its declared pixels, its field of
+    view: README "Query files"); `search.query` in --json records its scale and the rule applied. A query
+    that fails is reported (and in --json carries an "error") and the others go on; the summary line and
+    `counts` follow, and the exit status is then 1. With --geojson each query's folder is written
+    (search/geojson.py) and named in the output (`geojson` in --json).
     """
+    from histo.batch import BatchSummary, Outcome
     from histo.errors import HistoError
     from search.config import SearchConfig
+    from search.queries import file_query
     from search.slide_index import SlideIndex
 
     keys = {
@@ -63,15 +75,18 @@ def search(
         "mode": "mode",
         "exclude_same_patient": "exclude_same_patient",
         "exhaustive": "exhaustive",
+        "mpp": "query.mpp",
     }
     cfg = stage_config(SearchConfig, config_path, {**keys, "device": "run.device", "weights": "run.weights"})
     idx = SlideIndex.open(index_dir, cfg)
     if geojson_dir is not None:
         _check_geojson(idx, queries, Path(geojson_dir))
-    out, failed = [], 0
+    out, outcomes = [], []
     for q in queries:
         try:
-            result = idx.search(q)  # a slide or an image patch; every setting from the config
+            query, checked = file_query(idx, q, cfg.query)  # a slide's tiles or a patch's checked pixels
+            result = idx.search(query, name=q)  # every setting from the config
+            result.info["query"] = checked
             shown = result.to_dict()
             if geojson_dir is not None:
                 from pathology.slide import slide_id_of
@@ -79,15 +94,18 @@ def search(
 
                 shown["geojson"] = str(write_result_geojson(result, geojson_dir, slide_id_of(q)))
             out.append(shown)
+            outcomes.append(Outcome.done(q, q))
             _print_result(shown, err=as_json)
         except HistoError as e:
-            failed += 1
+            outcomes.append(Outcome.failed(q, q, str(e)))
             click.echo(f"error: {e}", err=True)
             out.append({"query": q, "prediction": None, "results": [], "error": str(e)})
+    summary = BatchSummary(tuple(outcomes))
+    click.echo(summary.summary_line(), err=as_json)
     if as_json:
-        emit_json({"queries": out})
-    if failed:
-        sys.exit(1)
+        emit_json({"queries": out, "counts": summary.counts})
+    if summary.exit_code():
+        sys.exit(summary.exit_code())
 
 
 def _check_geojson(idx, queries: tuple[str, ...], out: Path) -> None:
