@@ -305,7 +305,7 @@ def pathology_scenarios(rows: list[Row], work: Path, inp: dict[str, Path]) -> No
     ], [2], ["--mpp: query.mpp: input should be a finite number"])  # fmt: skip
     scenario(rows, "train", "a store with a damaged pixel chunk", [
         "train", "--tiles", store, "--out", work / "trained.pt", "--epochs", "1", "--input-px", "32", "--batch-size",
-        "4", "--arch", "cbr-tiny", "--variant", "scratch", "--workers", "0", "--device", "cpu",
+        "4", "--encoder", "cbr-tiny", "--variant", "scratch", "--workers", "0", "--device", "cpu",
     ], [2], ["crc32c checksum"])  # fmt: skip
     check(rows, "tile --workers 2", "parent killed: the workers end with it", lambda: _kill_parent(work, inp))
 
