@@ -28,11 +28,13 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     return t.movedim(-1, -3)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """ImageNet mean/std normalisation of (..., 3, H, W) tensors in [0, 1], as KimiaNet."""
-    mean = x.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = x.new_tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
+def normalize(
+    x: torch.Tensor,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Mean/std normalisation of (..., 3, H, W) tensors in [0, 1] (ImageNet's by default, as KimiaNet)."""
+    return (x - x.new_tensor(mean).view(3, 1, 1)) / x.new_tensor(std).view(3, 1, 1)
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:

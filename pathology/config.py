@@ -120,7 +120,7 @@ class RoiConfig(Section):
     exclude: Annotated[tuple[ClassName, ...], AsTuple]
 
 
-Reader = Literal["auto", "openslide", "tiatoolbox"]
+Reader = Literal["auto", "openslide", "tiatoolbox", "ngff"]
 StainMethod = Literal["none", "macenko", "vahadane", "reinhard"]
 
 
@@ -210,35 +210,53 @@ class TileConfig(StageConfig):
 
 # ---- histo train --------------------------------------------------------------------------------
 
-Variant = Literal["I", "II", "III", "IV", "scratch"]
+Variant = Literal["I", "II", "III", "IV", "scratch", "norm_only", "norm_shift"]  # pathology/variants.py
 Monitor = Literal["val_macro_f1", "val_acc", "val_slide_acc", "val_loss"]
 
 
-def _known_arch(name: str) -> str:
-    from pathology.kimianet import ARCHS
-
-    if name not in ARCHS:
-        raise ValueError(f"unknown arch {name!r} (known: {', '.join(ARCHS)})")
-    return name
-
-
 class NetworkConfig(Section):
-    arch: Annotated[str, AfterValidator(_known_arch)]
-    norm: NormName
+    """The network `histo train` trains: a registry encoder (`histo encoders`) with a head on its feature."""
+
+    encoder: EncoderName
+    norm: NormName | None  # None: the entry's own norms; any registered norm for the DenseNet/CBR entries
     variant: Variant
     init: PathStr | None
-    input_px: Annotated[int, Field(ge=32)]
+    input_px: Annotated[int, Field(ge=32)] | None  # None: the entry's input size
 
     @model_validator(mode="after")
     def _fits(self) -> NetworkConfig:
-        from pathology.kimianet import norm_refusal
+        """Everything about the encoder, norm and variant that can be refused before any work."""
+        from histo.errors import HistoError
+        from pathology.encoders import get_encoder
+        from pathology.kimianet import encoder_entry
+        from pathology.variants import network_refusal
 
-        reason = norm_refusal(self.norm, self.arch)
+        try:
+            get_encoder(self.encoder).check_usable()
+        except HistoError as e:
+            raise KeyedError("encoder", str(e)) from None
+        try:
+            enc = encoder_entry(self.encoder, self.norm)
+        except HistoError as e:
+            raise KeyedError("norm", str(e)) from None
+        if self.input_px not in (None, enc.input_px) and not enc.flexible_input:
+            raise KeyedError("input_px", f"encoder {enc.name!r} takes {enc.input_px} px inputs only")
+        reason = network_refusal(self.variant, enc.family, enc.arch.get("norm"))
         if reason is not None:
-            raise KeyedError("norm", f"norm {self.norm!r} cannot be used here: {reason}")
-        if self.variant in ("I", "II", "III") and self.arch != "densenet121":
-            raise KeyedError("variant", f"variant {self.variant} freezes dense blocks; {self.arch} has none")
-        return self
+            raise KeyedError("variant", reason)
+        return self  # whether --init is needed (pathology.variants.init_refusal) is checked per run
+
+    @property
+    def entry(self) -> Any:
+        """The registry entry with this config's norm (pathology.encoders.Encoder)."""
+        from pathology.kimianet import encoder_entry
+
+        return encoder_entry(self.encoder, self.norm)
+
+    @property
+    def px(self) -> int:
+        """The network input size: `input_px`, or the entry's."""
+        return int(self.input_px or self.entry.input_px)
 
 
 class TrainDataConfig(Section):

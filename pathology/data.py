@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from histo.errors import HistoError, InputFileError
-from pathology.augment import augment, normalize, resize, to_tensor
+from pathology.augment import IMAGENET_MEAN, IMAGENET_STD, augment, normalize, resize, to_tensor
 from pathology.config import AugmentConfig
 
 
@@ -116,7 +116,7 @@ def plan_training_data(
 
 
 class TileDataset(Dataset):
-    """Tiles of a store as (normalised tensor (3, px, px), class index), read lazily in each worker.
+    """Tiles of a store as (tensor (3, px, px) normalised with `mean`/`std`, class index), read lazily per worker.
 
     Keys are `(item index, augmentation seed)`; a seed < 0 (or `augment_cfg=None`) means no augmentation.
     Pixels come from the store when saved, otherwise from the source slide (kept open per worker).
@@ -128,11 +128,14 @@ class TileDataset(Dataset):
         items: list[tuple[str, int, int]],
         input_px: int,
         augment_cfg: AugmentConfig | None = None,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
     ) -> None:
         self.store_path = str(store_path)
         self.items = items
         self.input_px = input_px
         self.augment_cfg = augment_cfg
+        self.mean, self.std = tuple(mean), tuple(std)
         self._store: Any = None
         self._slides: dict[str, Any] = {}
         self._coords: dict[str, np.ndarray] = {}
@@ -171,7 +174,7 @@ class TileDataset(Dataset):
             x = augment(x, self.input_px, self.augment_cfg, torch.Generator().manual_seed(int(seed)))
         else:
             x = resize(x, self.input_px)
-        return normalize(x), label
+        return normalize(x, self.mean, self.std), label
 
 
 def balanced_weights(labels: list[int]) -> torch.Tensor:

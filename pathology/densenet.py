@@ -17,7 +17,7 @@ nonlinearity (EvoNorm, FRN) get no ReLU after them (`make_norm_act`).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import torch
 from torch import nn
@@ -45,32 +45,36 @@ class Trunk(nn.Sequential):
 
 
 class FeatureClassifier(nn.Module):
-    """`features` (a Trunk, pooled feature) followed by a linear `classifier`; frozen parts stay in eval.
+    """`features` (a network returning the pooled feature) followed by a linear `classifier`.
 
     `num_classes=0` builds no head (forward returns the feature), for untrained feature extractors.
+    `set_trainable` says which parameters train and which submodules stay in eval mode on every `.train()`
+    (frozen parts keep their BN statistics; a training variant's rule, `pathology.variants`).
     """
 
-    def __init__(self, features: Trunk, feature_dim: int, num_classes: int) -> None:
+    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int) -> None:
         super().__init__()
         self.features = features
         self.feature_dim = feature_dim
         self.classifier = nn.Linear(feature_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.frozen: tuple[str, ...] = ()
+        self.eval_modules: tuple[str, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
-    def freeze(self, names: Iterable[str]) -> None:
-        """Stop gradients through the named submodules and keep them (their BN statistics) in eval mode."""
-        self.frozen = tuple(names)
-        for name in self.frozen:
-            for p in self.get_submodule(name).parameters():
-                p.requires_grad_(False)
+    def set_trainable(self, trainable: Collection[str], eval_modules: Iterable[str] = ()) -> None:
+        """Train exactly the parameters named in `trainable`; keep `eval_modules` in eval mode."""
+        unknown = set(trainable) - {n for n, _ in self.named_parameters()}
+        if unknown:
+            raise ValueError(f"no such parameters: {', '.join(sorted(unknown)[:3])}")
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in trainable)
+        self.eval_modules = tuple(eval_modules)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> FeatureClassifier:
         super().train(mode)
-        for name in self.frozen:
+        for name in self.eval_modules:
             self.get_submodule(name).eval()
         return self
 

@@ -1,4 +1,6 @@
-"""Load foreign DenseNet-121 weights (`--init`): official KimiaNet, torchvision (old and new keys), histo.
+"""Load foreign DenseNet-121 weights into a histo model (`import_pretrained`): official KimiaNet, torchvision
+(old and new keys), histo. `histo train --init` reads weights through the encoder registry instead
+(`pathology.encoders.load_weights`, whose DenseNet layouts use `split_backbone` and `check_keys` from here).
 
 Layouts recognised after stripping DataParallel `module.` prefixes:
   KimiaNet (official PyTorch): backbone `model.0.*` (= densenet121.features), head `fc_4.*` (30 x 1024)

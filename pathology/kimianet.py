@@ -1,21 +1,25 @@
-"""KimiaNet: models, training variants, checkpoints and the feature extractor used by the slide index.
+"""Trainable encoders with a head: models, training variants, checkpoints and the index's feature extractor.
 
-The feature is the global average pool of DenseNet-121's final norm (`norm5`) output *without* the
-final ReLU (Riasatian et al. 2021), 1024-d; torchvision's penultimate feature (ReLU, then pool) differs.
-Variants (KimiaNet-I ... IV): I trains dense block 4, II blocks 3-4, III blocks 2-4 (each with everything
-after it: transitions between trained blocks, `norm5`, head; the transition feeding the first trained
-block stays frozen, as when Keras' DenseNet is frozen up to `conv5_block1`); IV and `scratch` train
-everything (IV from imported weights, scratch from random ones). Frozen parts keep their BN statistics
-(eval mode on every `.train()`).
+The network is the encoder registry's (`pathology.encoders`: kimianet, densenet121-imagenet, the CBR nets,
+resnet50-trunc, and in lane 2 the timm ViT/Swin entries): `build_model` puts a linear head on the entry's
+pooled feature (KimiaNet: avgpool of `norm5` without the final ReLU, Riasatian et al. 2021) and freezes it
+per training variant (`pathology.variants`). The DenseNet and CBR entries take any registered norm
+(`norm`); the others keep their published norms. A checkpoint records the encoder, its architecture, the
+feature definition (preprocessing as trained: the store's tiles resized bilinearly to `input_px`, the
+entry's mean/std and colour order; pooling; dimension), the variant and the `--init` file's sha256, so
+`histo index --model CKPT` makes the feature the network was trained on. Checkpoints from before the
+registry record `arch` densenet121 (the kimianet entry) or a CBR name and still load.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
+from torch import nn
 
 from histo.errors import HistoError, InputFileError
 from histo.io import file_sha256
@@ -23,98 +27,96 @@ from histo.norms import names as norm_names
 from histo.norms import norm_traits
 from histo.norms.placement import stale_placement_hint
 from pathology import encoders
-from pathology.augment import IMAGENET_MEAN, IMAGENET_STD
-from pathology.cbr import CBR_SPECS, cbr
-from pathology.cbr import FAMILY as CBR_FAMILY
-from pathology.config import Variant
-from pathology.densenet import FAMILY as DENSENET_FAMILY
-from pathology.densenet import FeatureClassifier, densenet121
+from pathology.densenet import FeatureClassifier
+from pathology.encoders import Encoder, encoder_definition, get_encoder
 from pathology.encoders.extractor import weights_hash
 from pathology.encoders.preprocess import Preprocess, crops_per_side
+from pathology.variants import VARIANTS, apply_variant, network_refusal
 
 KIND = "kimianet"  # histo.checkpoint kind of a trained (or imported) feature extractor
-ARCHS = ("densenet121", *sorted(CBR_SPECS))
-VARIANTS = get_args(Variant)
-_FIRST_TRAINED_BLOCK = {"I": 4, "II": 3, "III": 2}
+LEGACY_ARCHS = {"densenet121": "kimianet"}  # `arch` names of checkpoints before the registry
 NO_MASK = "tiles come without one"  # why this trainer gives region-masked norms (rn_b) no mask
 
 
-def build_model(
-    arch: str = "densenet121", norm: str = "batch", num_classes: int = 30, variant: str = "IV"
-) -> FeatureClassifier:
-    """A model with `.features(x)` -> pooled feature and `forward(x)` -> logits, frozen per `variant`."""
-    if arch not in ARCHS:
-        raise HistoError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
-    if variant not in VARIANTS:
-        raise HistoError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    _check_norm(norm, arch)
-    model = densenet121(norm, num_classes) if arch == "densenet121" else cbr(arch, norm, num_classes)
-    model.freeze(frozen_modules(model, arch, variant))
-    return model
+def norm_refusal(norm: str, encoder: str) -> str | None:
+    """Why this trainer cannot serve a registered norm on `encoder` (its traits: rn_b, ibn_b), or None."""
+    return norm_traits(norm).refusal(get_encoder(LEGACY_ARCHS.get(encoder, encoder)).family, no_mask=NO_MASK)
 
 
-def norm_refusal(norm: str, arch: str) -> str | None:
-    """Why this trainer cannot serve a registered norm on `arch` (its traits: rn_b, ibn_b), or None."""
-    family = DENSENET_FAMILY if arch == "densenet121" else CBR_FAMILY
-    return norm_traits(norm).refusal(family, no_mask=NO_MASK)
-
-
-def _check_norm(norm: str, arch: str) -> None:
+def _check_norm(norm: str, encoder: str) -> None:
     """Refuse an unknown norm, or one whose traits this trainer cannot serve (rn_b, ibn_b), in one line."""
     if norm not in norm_names():
-        usable = [n for n in norm_names() if norm_refusal(n, arch) is None]
+        usable = [n for n in norm_names() if norm_refusal(n, encoder) is None]
         raise HistoError(f"unknown norm {norm!r}; known: {', '.join(usable)}")
-    reason = norm_refusal(norm, arch)
+    reason = norm_refusal(norm, encoder)
     if reason is not None:
         raise HistoError(f"norm {norm!r} cannot be used here: {reason}")
 
 
-def frozen_modules(model: FeatureClassifier, arch: str, variant: str) -> list[str]:
-    """Names of the submodules a variant keeps frozen (all of `features` before the first trained block)."""
-    if variant in ("IV", "scratch"):
-        return []
-    if arch != "densenet121":
-        raise HistoError(f"variant {variant} freezes dense blocks; {arch} has none (use IV or scratch)")
-    first = f"denseblock{_FIRST_TRAINED_BLOCK[variant]}"
-    names = []
-    for name, _ in model.features.named_children():
-        if name == first:
-            break
-        names.append(f"features.{name}")
-    return names
+def encoder_entry(name: str | Encoder, norm: str | None = None) -> Encoder:
+    """The registry entry `name` (a pre-registry arch name, or an Encoder as is) with `norm` in its network
+    (None: its own)."""
+    enc = get_encoder(LEGACY_ARCHS.get(name, name) if isinstance(name, str) else name)
+    if norm is None or norm == enc.arch.get("norm"):
+        return enc
+    if "norm" not in enc.arch:
+        raise HistoError(
+            f"encoder {enc.name!r} keeps its published norms; a norm is chosen for the DenseNet and CBR entries"
+        )
+    _check_norm(norm, enc.name)
+    return enc.with_arch(norm=norm)
 
 
-def feature_definition(arch: str, norm: str, variant: str, input_px: int) -> dict[str, Any]:
-    """What a feature vector means; an index refuses features made under another definition."""
-    pooling = "avgpool(norm5) without ReLU" if arch == "densenet121" else "avgpool(last conv-norm-ReLU)"
-    return {
-        "arch": arch,
-        "norm": norm,
-        "variant": variant,
-        "pooling": pooling,
-        "input_px": int(input_px),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-    }
+def build_model(
+    encoder: str | Encoder = "kimianet", norm: str | None = None, num_classes: int = 30, variant: str = "IV"
+) -> FeatureClassifier:
+    """The entry's network with a linear head for `num_classes` (0: none), trainable per `variant`."""
+    if variant not in VARIANTS:
+        raise HistoError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    enc = encoder_entry(encoder, norm)
+    reason = network_refusal(variant, enc.family, enc.arch.get("norm"))
+    if reason is not None:
+        raise HistoError(reason)
+    model = FeatureClassifier(enc.network(), enc.feature_dim, num_classes)
+    if num_classes > 0:
+        nn.init.zeros_(model.classifier.bias)
+    return apply_variant(model, variant)
+
+
+def training_preprocess(enc: Encoder, input_px: int, crops: int = 1) -> Preprocess:
+    """The preprocessing `histo train` feeds the entry (pathology.data.TileDataset) and its index repeats."""
+    return Preprocess(int(input_px), enc.mean, enc.std, "bilinear", 1.0, enc.colour, crops)
+
+
+def feature_definition(
+    enc: Encoder, variant: str, input_px: int, init_sha256: str | None = None
+) -> dict[str, Any]:
+    """What a trained checkpoint's feature means; an index refuses features made under another definition."""
+    definition = encoder_definition(enc, training_preprocess(enc, input_px), "float32")
+    return json.loads(json.dumps({**definition, "variant": variant, "init_sha256": init_sha256}))
 
 
 def model_config(
-    arch: str,
-    norm: str,
+    encoder: str,
+    norm: str | None,
     variant: str,
     classes: list[str],
     input_px: int,
     data_hash: str | None = None,
+    init_sha256: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """The JSON-able config stored beside the weights (enough to rebuild the model)."""
+    """The JSON-able config stored beside the weights (enough to rebuild the model and its feature)."""
+    enc = encoder_entry(encoder, norm)
     return {
-        "arch": arch,
-        "norm": norm,
+        "encoder": enc.name,
+        "architecture": json.loads(json.dumps(dict(enc.arch))),
+        "arch": enc.histo_arch or enc.name,
+        "norm": enc.arch.get("norm"),
         "variant": variant,
         "classes": list(classes),
         "input_px": int(input_px),
-        "feature_definition": feature_definition(arch, norm, variant, input_px),
+        "feature_definition": feature_definition(enc, variant, input_px, init_sha256),
         "data_hash": data_hash,
         **extra,
     }
@@ -134,7 +136,9 @@ def load_model(path: str | Path) -> tuple[FeatureClassifier, dict[str, Any]]:
     ckpt = checkpoint.load(path, KIND)
     cfg = ckpt.config
     try:
-        model = build_model(cfg["arch"], cfg["norm"], len(cfg["classes"]), cfg["variant"])
+        model = build_model(
+            cfg.get("encoder") or cfg["arch"], cfg["norm"], len(cfg["classes"]), cfg["variant"]
+        )
         model.load_state_dict(ckpt.weights)
     except KeyError as e:
         raise InputFileError(path, f"its config has no {e} entry") from None
@@ -142,12 +146,12 @@ def load_model(path: str | Path) -> tuple[FeatureClassifier, dict[str, Any]]:
         raise InputFileError(path, str(e)) from None
     except RuntimeError as e:
         problem = f"weights do not match its config: {str(e).splitlines()[0]}"
-        raise InputFileError(path, problem + stale_placement_hint(cfg["norm"])) from None
+        raise InputFileError(path, problem + stale_placement_hint(cfg["norm"] or "")) from None
     return model, cfg
 
 
 def random_init_checkpoint(
-    path: str | Path, arch: str = "densenet121", norm: str = "batch", input_px: int = 224, seed: int = 0
+    path: str | Path, arch: str = "kimianet", norm: str | None = None, input_px: int = 224, seed: int = 0
 ) -> Path:
     """Write a valid checkpoint of an untrained network (no head), for baselines and tests."""
     torch.manual_seed(seed)
@@ -157,8 +161,8 @@ def random_init_checkpoint(
 
 
 class FeatureExtractor(encoders.FeatureExtractor):
-    """The extractor of a histo KimiaNet / CBR model: `model.features` on tiles resized to the config's
-    input_px with ImageNet mean/std (or a grid of `grid` x `grid` crops per tile, embeddings averaged)."""
+    """The extractor of a histo checkpoint: `model.features` on tiles prepared as in training (resized to
+    the config's input_px, the entry's mean/std; or a grid of `grid` x `grid` crops, embeddings averaged)."""
 
     def __init__(
         self,
@@ -172,7 +176,8 @@ class FeatureExtractor(encoders.FeatureExtractor):
     ) -> None:
         # A histo-trained network has no native µm/px: it saw its store's tiles resized, so a grid needs `grid`.
         n = crops_per_side(tile_rule, grid, field_px=None, mpp=None, tiling=None)
-        pre = Preprocess(int(config["input_px"]), IMAGENET_MEAN, IMAGENET_STD, crops_per_side=n)
+        enc = encoder_entry(config.get("encoder") or config["arch"], config.get("norm"))
+        pre = training_preprocess(enc, int(config["input_px"]), n)
         definition = dict(config["feature_definition"])  # as written at training time (histo 0.1 indexes)
         if n > 1:
             definition["tile_rule"] = pre.definition()["tile_rule"]

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from histo.batch import BatchSummary
+from histo.batch import BatchSummary, Outcome
 from histo.calibration import alpha_bn_mode
 from histo.classification import DEFINITIONS, classification_report, vote
-from histo.errors import HistoError
+from histo.errors import HistoError, InputFileError
 from histo.robustness.grid import Evaluate, select_corruptions
 from histo.robustness.study import Model, Study, run_study
 from histo.robustness_config import PathologyRobustness, RobustnessConfig
@@ -44,7 +44,7 @@ class Cohort:
     labels: list[str]
     patients: list[str]
     indices: list[np.ndarray]
-    skipped: list[dict] = field(default_factory=list)
+    left_out: list[Outcome] = field(default_factory=list)  # slides not evaluated, and why
     cache: dict[int, np.ndarray] = field(default_factory=dict)
 
     def tiles(self, i: int) -> np.ndarray:
@@ -57,26 +57,36 @@ def load_cohort(store: Any, max_tiles_per_slide: int = 16, cache_mb: float = 204
     """Labelled slides with selected tiles; tiles evenly spaced when more than `max_tiles_per_slide`."""
     cohort = Cohort(store, [], [], [], [])
     budget = cache_mb * 2**20
-    for slide_id in store.slide_ids():
-        rec = store.record(slide_id)
-        n = int(np.count_nonzero(store.selected(slide_id)))
+    for slide_id in store.slide_ids(status=None):
+        try:
+            rec = store.record(slide_id)
+            if rec.status != "done":  # its tiling failed: the store records why
+                continue
+            n = int(np.count_nonzero(store.selected(slide_id)))
+        except InputFileError as e:  # a damaged record fails its slide, not the study
+            cohort.left_out.append(Outcome.failed(slide_id, None, str(e)))
+            continue
         if rec.label in (None, ""):
-            cohort.skipped.append({"slide_id": slide_id, "reason": "no label"})
+            cohort.left_out.append(Outcome.skipped(slide_id, None, "no label"))
             continue
         if n == 0:
-            cohort.skipped.append({"slide_id": slide_id, "reason": "no selected tiles"})
+            cohort.left_out.append(Outcome.skipped(slide_id, None, "no selected tiles"))
             continue
         idx = np.arange(n)
         if 0 < max_tiles_per_slide < n:
             idx = np.unique(np.linspace(0, n - 1, max_tiles_per_slide).round().astype(np.int64))
+        size = len(idx) * rec.tile_px * rec.tile_px * 3
+        if size <= budget:
+            try:
+                cohort.cache[len(cohort.slide_ids)] = store.read_selected(slide_id, idx)
+            except InputFileError as e:  # a damaged chunk: its slide is left out, the rest evaluated
+                cohort.left_out.append(Outcome.failed(slide_id, None, str(e)))
+                continue
+            budget -= size
         cohort.slide_ids.append(slide_id)
         cohort.labels.append(str(rec.label))
         cohort.patients.append(str(rec.patient or slide_id))
         cohort.indices.append(idx)
-        size = len(idx) * rec.tile_px * rec.tile_px * 3
-        if size <= budget:
-            cohort.cache[len(cohort.slide_ids) - 1] = store.read_selected(slide_id, idx)
-            budget -= size
     if len(set(cohort.patients)) < 2 or len(set(cohort.labels)) < 2:
         raise HistoError(
             f"{store.path}: need labelled slides of at least 2 patients and 2 labels for "
@@ -222,9 +232,9 @@ def evaluate_pathology(
         extra={
             "n_slides": len(cohort.slide_ids),
             "n_tiles": int(sum(len(i) for i in cohort.indices)),
-            "skipped_slides": cohort.skipped,
             **record,
             **calibrates,
         },
+        left_out=cohort.left_out,
     )
     return run_study(study, model, reference, out, config, progress)

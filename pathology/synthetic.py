@@ -246,9 +246,11 @@ def write_synthetic_slide(
     tissue_fraction: float = 0.4,
     quality: int = 85,
     stain_jitter: float = 0.0,
+    scale: bool = True,
 ) -> Path:
     """Write a pyramidal JPEG tiled slide: "svs" (Aperio-style, MPP and AppMag in the description) or
-    "tiff" (generic TIFF, scale in the resolution tags). Written to a temporary file and renamed."""
+    "tiff" (generic TIFF, scale in the resolution tags); `scale` False records neither (a slide that
+    needs --mpp, as some TCGA files do), the pixels unchanged. Written to a temporary file and renamed."""
     import tifffile
 
     if fmt not in ("svs", "tiff"):
@@ -267,11 +269,12 @@ def write_synthetic_slide(
             tiles = (r.level_tile(ds, ty, tx, quality) for ty in range(nty) for tx in range(ntx))
             options: dict = {}
             if fmt == "svs":
+                recorded = f"|AppMag = {power:g}|MPP = {mpp:g}" if scale else ""
                 options["description"] = (
                     f"Aperio Image Library v12.0.0 synthetic\r\n{width}x{height} [0,0 {w}x{h}] "
-                    f"({tile}x{tile}) JPEG/RGB Q={quality}|AppMag = {power:g}|MPP = {mpp:g}|class = {class_id}"
+                    f"({tile}x{tile}) JPEG/RGB Q={quality}{recorded}|class = {class_id}"
                 )
-            elif k == 0:
+            elif k == 0 and scale:
                 options.update(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
             tif.write(
                 tiles, shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",

@@ -28,6 +28,7 @@ from pathology.mosaic import (
     tissue_fractions,
 )
 from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, recorded_reader, slide_id_of
+from pathology.slide.ngff import is_ngff, metadata_files
 from pathology.slide_labels import SlideMeta, resolve_meta
 from pathology.stain import fit_config, normalize_tiles
 from pathology.store import SlideRecord, read_tiles, slide_id_problem, tiles_digest
@@ -93,8 +94,11 @@ class EmptyMosaicError(InputFileError):
 
 
 def _identity(path: str | os.PathLike) -> SourceIdentity:
-    """A slide file's identity; only its path when it cannot be read (the slide then fails on its own)."""
+    """A slide file's identity (an OME-Zarr folder's: its metadata files'); only its path when it cannot be
+    read (the slide then fails on its own)."""
     try:
+        if is_ngff(Path(path)):
+            return SourceIdentity.of_files(path, metadata_files(Path(path)))
         return SourceIdentity.of(path)
     except OSError:
         return SourceIdentity(os.path.realpath(path))
@@ -271,32 +275,38 @@ def tile_slide(
 
 
 def _files_under(folder: Path, unreadable: list[tuple[Path, str]]) -> list[Path]:
-    """Every file under `folder`, sorted (links to folders are not followed, as in Path.rglob); a
-    folder that cannot be listed is appended to `unreadable` as (folder, reason)."""
+    """Every file under `folder` and every OME-Zarr image folder (not searched inside), sorted (links to
+    folders are not followed, as in Path.rglob); a folder that cannot be listed is appended to
+    `unreadable` as (folder, reason)."""
     files: list[Path] = []
 
     def refused(e: OSError) -> None:
         unreadable.append((Path(e.filename), f"folder not searched for slides: {e.strerror}"))
 
-    for root, _, names in os.walk(folder, onerror=refused):
-        files += [Path(root) / name for name in names]
+    for root, dirs, names in os.walk(folder, onerror=refused):
+        images = {d for d in dirs if not d.startswith(".") and is_ngff(Path(root) / d)}
+        dirs[:] = [d for d in dirs if d not in images]
+        files += [Path(root) / name for name in (*images, *names)]
     return sorted(files)
 
 
 def find_slides(
     paths: list[str | os.PathLike], unreadable: list[tuple[Path, str]] | None = None
 ) -> list[Path]:
-    """Slide files named or found (recursively) in folders, sorted and de-duplicated; a DICOM series
-    counts once per folder. Named files are kept whatever their extension (bad ones fail later), and so
-    are links with a slide extension that lead nowhere. A folder that cannot be listed is appended to
-    `unreadable` as (folder, reason)."""
+    """Slide files and OME-Zarr image folders named or found (recursively) in folders, sorted and
+    de-duplicated; a DICOM series counts once per folder. Named files are kept whatever their extension
+    (bad ones fail later), and so are links with a slide extension that lead nowhere. A folder that
+    cannot be listed is appended to `unreadable` as (folder, reason)."""
     found: set[Path] = set()
     for p in map(Path, paths):
-        if not p.is_dir():
+        if not p.is_dir() or is_ngff(p):
             found.add(p.absolute())
             continue
         dicom_dirs: set[Path] = set()
         for f in _files_under(p, unreadable if unreadable is not None else []):
+            if f.is_dir():  # an OME-Zarr image
+                found.add(f.absolute())
+                continue
             suffix = f.suffix.lower()
             if suffix not in SLIDE_EXTENSIONS or f.name.startswith("."):
                 continue
@@ -466,7 +476,8 @@ def _jobs(
         shown = ", ".join(map(str, paths))
         refused = "".join(f"; {folder}: {reason}" for folder, reason in unreadable)
         raise HistoError(
-            f"no slide files found in {shown} (extensions: {', '.join(sorted(SLIDE_EXTENSIONS))}){refused}"
+            f"no slide files found in {shown} (extensions: {', '.join(sorted(SLIDE_EXTENSIONS))}; "
+            f"OME-Zarr folders){refused}"
         )
     first_of: dict[str, Path] = {}
     jobs = []

@@ -1,9 +1,12 @@
-"""Train or fine-tune KimiaNet (or a CBR baseline) on the high-cellularity tiles of a tile store.
+"""Train or fine-tune a registry encoder (KimiaNet by default) on the high-cellularity tiles of a tile store.
 
 The task of `histo.training.fit` (which owns the loop, checkpoints, DDP and resume): patient-level split,
 class-balanced sampling of augmented tiles, cross-entropy (with `optim.label_smoothing`), and per epoch the
 tile-level validation loss, accuracy and macro-F1 and the slide-level majority-vote accuracy (definitions:
 `histo.classification`). `optim.batch_size` is the global batch of one forward step (split over processes).
+The network is the encoder's with a head on its pooled feature (`pathology.kimianet.build_model`), trained
+per `model.variant` (`pathology.variants`: which parameters train, how the norms run); the run logs and
+reports its parameter counts, and `--init` weights are loaded by the registry with every tensor checked.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathology.config import TrainConfig
 from pathology.data import EpochSampler, TileDataset, TrainingData, balanced_weights, plan_training_data
 from pathology.densenet import FeatureClassifier
 from pathology.kimianet import KIND, build_model, model_config
+from pathology.variants import counts_line, init_refusal, parameter_counts
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ def _worker_init(_: int) -> None:
 
 
 class KimiaNetTask:
-    """KimiaNet (or CBR) tile classification on a tile store, for one process of a possibly distributed job."""
+    """Encoder + head tile classification on a tile store, for one process of a possibly distributed job."""
 
     monitors = MONITORS
     memory_format = torch.channels_last
@@ -68,26 +72,23 @@ class KimiaNetTask:
         }
         self.default_config = TrainConfig.coerce(None).recorded()
         self.init_report = None
+        self.parameter_counts: dict[str, Any] = {}
         self._build_loaders()
 
     def _check_variant(self) -> None:
         m = self.cfg.model
-        if m.variant == "scratch" and m.init:
-            raise HistoError("--variant scratch trains from random weights; drop --init or use --variant IV")
-        if m.variant != "scratch" and not m.init:
-            raise HistoError(
-                f"variant {m.variant} fine-tunes pretrained weights: give --init PATH "
-                "(KimiaNet or torchvision DenseNet-121 weights) or use --variant scratch"
-            )
+        reason = init_refusal(m.variant, m.init is not None)
+        if reason is not None:
+            raise HistoError(reason)
 
     def _build_loaders(self) -> None:
         from histo.training import per_process_batch
 
         d, w = self.cfg.data, self.dist.world_size
         batch = per_process_batch(self.options.batch_size, w)
-        px = self.cfg.model.input_px
-        train_set = TileDataset(self.store_path, self.data.train, px, self.cfg.augment)
-        val_set = TileDataset(self.store_path, self.data.val, px, None)
+        px, enc = self.cfg.model.px, self.cfg.model.entry
+        train_set = TileDataset(self.store_path, self.data.train, px, self.cfg.augment, enc.mean, enc.std)
+        val_set = TileDataset(self.store_path, self.data.val, px, None, enc.mean, enc.std)
         labels = [label for _, _, label in self.data.train]
         self.train_sampler = EpochSampler(
             len(train_set),
@@ -111,13 +112,16 @@ class KimiaNetTask:
 
     # ---- the task protocol (histo.training.Task) ----------------------------------------------------
     def build_model(self) -> FeatureClassifier:
-        """The network with a head for the store's classes, initialised from `--init` when given."""
-        m = self.cfg.model
-        model = build_model(m.arch, m.norm, len(self.data.classes), m.variant)
-        if m.init:
-            from pathology.importers import load_pretrained
+        """The encoder with a head for the store's classes, its network loaded from `--init` when given."""
+        from pathology.encoders import load_weights
 
-            self.init_report = load_pretrained(model, m.init, m.arch)
+        m = self.cfg.model
+        model = build_model(m.encoder, m.norm, len(self.data.classes), m.variant)
+        if m.init:
+            self.init_report = load_weights(model.features, m.init, m.entry)
+        self.parameter_counts = parameter_counts(model)
+        if self.dist.is_main:
+            logger.info(counts_line(m.variant, self.parameter_counts))
         return model
 
     def batches_per_epoch(self) -> int:
@@ -187,10 +191,11 @@ class KimiaNetTask:
     def model_record(
         self, model: torch.nn.Module, epoch: int, row: Mapping[str, Any]
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        m = self.cfg.model
+        m, init = self.cfg.model, self.init_report
         config = model_config(
-            m.arch, m.norm, m.variant, self.data.classes, m.input_px, self.data.data_hash,
-            epoch=epoch, metrics=dict(row), init=self.init_report, train_config=self.run_config,
+            m.encoder, m.norm, m.variant, self.data.classes, m.px, self.data.data_hash,
+            init_sha256=init["sha256"] if init else None, epoch=epoch, metrics=dict(row), init=init,
+            parameters=self.parameter_counts, train_config=self.run_config,
         )  # fmt: skip
         return config, {}
 
@@ -203,6 +208,9 @@ class KimiaNetTask:
             "val_patients": len(self.data.val_patients),
             "skipped": self.data.skipped,
             "init": self.init_report,
+            "encoder": self.cfg.model.encoder,
+            "variant": self.cfg.model.variant,
+            "parameters": self.parameter_counts,
             "data_hash": self.data.data_hash,
             **DEFINITIONS,
         }

@@ -75,7 +75,7 @@ def bench_models(repeats: int) -> dict[str, float]:
     from pathology.kimianet import build_model
     from segmentation.unet import UNet3D
 
-    net = build_model("densenet121", "batch", num_classes=0, variant="scratch").eval()
+    net = build_model("kimianet", "batch", num_classes=0, variant="scratch").eval()
     x = torch.rand(16, 3, 224, 224)
     with torch.inference_mode():
         kimianet = _rate(lambda: net.features(x), 16, repeats)

@@ -95,7 +95,7 @@ def end_to_end(store: Path, work: Path, px: int, batch: int, steps: int, workers
     start = time.perf_counter()
     trainer.train_epoch(1)
     e2e = batch * steps / (time.perf_counter() - start)
-    only = model_only("densenet121", px, batch, steps, train=True)
+    only = model_only("kimianet", px, batch, steps, train=True)
     return {"px": px, "batch": batch, "steps": steps, "workers": workers, "end_to_end_tiles_s": e2e,
             "model_only_tiles_s": only, "ratio": e2e / only}  # fmt: skip
 
@@ -199,8 +199,8 @@ def main() -> None:
         rows = []
         for px, batch, steps in ((224, 8, 3), (1000, 2, 2)):
             rows.append({"px": px, "batch": batch,
-                         "train_tiles_s": model_only("densenet121", px, batch, steps, train=True),
-                         "extract_tiles_s": model_only("densenet121", px, batch * 2, steps, train=False)})  # fmt: skip
+                         "train_tiles_s": model_only("kimianet", px, batch, steps, train=True),
+                         "extract_tiles_s": model_only("kimianet", px, batch * 2, steps, train=False)})  # fmt: skip
         result["throughput"] = rows
         print("\nDenseNet-121 model-only throughput (CPU)")
         print(f"{'px':>6} {'batch':>6} {'train tiles/s':>14} {'extract tiles/s':>16}")

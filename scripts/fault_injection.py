@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # faults_support: the tests' fault builders (image_declaring)
 TILE = ["--tile-px", "64"]
 
 # `histo ARGS` whose tile store writer finds the disk full after the first slide it writes.
@@ -98,8 +99,14 @@ def _report(result: subprocess.CompletedProcess) -> tuple[str, dict]:
         text = f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
         if "stopped" in summary:
             text += f"; stopped, {summary['not_processed']} not processed"
-        failed = {o["id"]: o["reason"] for o in summary["outcomes"] if o["status"] == "failed"}
-        return text, {"failed": failed}
+        failed = {o["id"]: o["reason"] for o in summary.get("outcomes", []) if o["status"] == "failed"}
+        failed |= {q["query"]: q["error"] for q in summary.get("queries", []) if "error" in q}
+        warned = {
+            q["query"]: q["search"]["query"]["warning"]
+            for q in summary.get("queries", [])
+            if (q.get("search", {}).get("query") or {}).get("warning")
+        }
+        return text, {"failed": failed, **({"warned": warned} if warned else {})}
     return last[:160], {}
 
 
@@ -277,11 +284,59 @@ def pathology_scenarios(rows: list[Row], work: Path, inp: dict[str, Path]) -> No
         "search", "--index", index, inp["small"] / "s0.svs", work / "gone.svs", cohort / "cut.svs", "--device", "cpu",
         "--json",
     ], [1], ["file not found", "truncated"])  # fmt: skip
+    queries = query_inputs(work / "queries", store)
+    scenario(rows, "search", "patches: tile-sized, 48 px, 16 px, 4x, 50000 x 50000 PNG/JPEG/TIFF headers", [
+        "search", "--index", index, *queries["patches"], "--device", "cpu", "--json",
+    ], [1], [
+        "covers 0.25 x 0.25 of the index's 64 px tile", "covers 4 x 4", "warning:", "resized by 1.33",
+        "declares 50000 x 50000 px", "refused before decoding it", '"done": 2',
+    ])  # fmt: skip
+    scenario(rows, "search", "a 16 px patch at 2 µm/px given with --mpp", [
+        "search", "--index", index, queries["patches"][2], "--mpp", "2", "--device", "cpu", "--json",
+    ], [0], ['"mpp_source": "override"', '"rule": "as is"'])  # fmt: skip
+    scenario(rows, "search", "a query slide without a scale, no --mpp", [
+        "search", "--index", index, queries["bare"], "--device", "cpu", "--json",
+    ], [1], ["no usable physical scale", "pass --mpp"])  # fmt: skip
+    scenario(rows, "search", "the same slide with --mpp 0.25", [
+        "search", "--index", index, queries["bare"], "--mpp", "0.25", "--device", "cpu", "--json",
+    ], [0], ['"mpp_source": "override"', '"slide_id": "s0"'])  # fmt: skip
+    scenario(rows, "search", "--mpp inf", [
+        "search", "--index", index, queries["bare"], "--mpp", "inf",
+    ], [2], ["--mpp: query.mpp: input should be a finite number"])  # fmt: skip
     scenario(rows, "train", "a store with a damaged pixel chunk", [
         "train", "--tiles", store, "--out", work / "trained.pt", "--epochs", "1", "--input-px", "32", "--batch-size",
-        "4", "--arch", "cbr-tiny", "--variant", "scratch", "--workers", "0", "--device", "cpu",
+        "4", "--encoder", "cbr-tiny", "--variant", "scratch", "--workers", "0", "--device", "cpu",
     ], [2], ["crc32c checksum"])  # fmt: skip
     check(rows, "tile --workers 2", "parent killed: the workers end with it", lambda: _kill_parent(work, inp))
+
+
+def query_inputs(folder: Path, store: Path) -> dict:
+    """Query files for `histo search`: patches cut from a stored 64 px tile (the tile, 48 px, 16 px, tiled
+    4 x 4), PNG/JPEG/TIFF files declaring 50000 x 50000 px, and s0's pixels as a slide without a scale."""
+    import numpy as np
+    from faults_support import image_declaring
+    from PIL import Image
+
+    from pathology.store import TileStore
+    from pathology.synthetic import write_synthetic_slide
+
+    folder.mkdir(parents=True)
+    tile = TileStore.open(store).read_selected("s0", [0])[0]
+    cuts = {
+        "tile.png": tile,
+        "near.png": tile[:48, :48],
+        "small.png": tile[:16, :16],
+        "large.png": np.tile(tile, (4, 4, 1)),
+    }
+    patches = []
+    for name, rgb in cuts.items():
+        Image.fromarray(rgb).save(folder / name)
+        patches.append(folder / name)
+    patches += [
+        image_declaring(folder / f"bomb.{ext}", tile[:8, :8], 50_000, 50_000) for ext in ("png", "jpg", "tif")
+    ]
+    bare = write_synthetic_slide(folder / "s0_bare.svs", 1600, 1200, 0, seed=0, scale=False)
+    return {"patches": patches, "bare": bare}
 
 
 def _descendants(pid: int) -> set[int]:

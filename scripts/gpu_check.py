@@ -70,7 +70,7 @@ def train_step_fn(
 def check_kimianet_training(device: torch.device, px: int, batch: int, repeats: int) -> dict:
     from pathology.kimianet import build_model
 
-    model = build_model("densenet121", "batch", num_classes=30, variant="IV").to(device).train()
+    model = build_model("kimianet", "batch", num_classes=30, variant="IV").to(device).train()
     x = torch.randn(batch, 3, px, px, device=device)
     if device.type == "cuda":
         model, x = (

@@ -10,11 +10,13 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from histo.config import (
     AsTuple,
     Device,
+    KeyedError,
+    Positive,
     PositiveInt,
     RunOptions,
     Section,
@@ -106,6 +108,42 @@ class SearchRun(RunOptions):
     weights: str | None  # an encoder index's weight file where it is now (sha256 checked); None: as recorded
 
 
+class PatchBands(Section):
+    """How far a query patch's field of view may stray from the index tile's (per side) and from a square
+    (search/patch_fit.py): refused outside the refuse bounds, searched with a warning between them and the
+    warn bounds."""
+
+    refuse_below: Positive
+    warn_below: Positive
+    warn_above: Positive
+    refuse_above: Positive
+    warn_aspect: Annotated[float, Field(ge=1)]
+    refuse_aspect: Annotated[float, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _nested(self) -> PatchBands:
+        if not self.refuse_below <= self.warn_below <= 1 <= self.warn_above <= self.refuse_above:
+            raise KeyedError(
+                "warn_below",
+                "need refuse_below <= warn_below <= 1 <= warn_above <= refuse_above, got "
+                f"{self.refuse_below}, {self.warn_below}, {self.warn_above}, {self.refuse_above}",
+            )
+        if self.warn_aspect > self.refuse_aspect:
+            raise KeyedError(
+                "warn_aspect",
+                f"need warn_aspect <= refuse_aspect, got {self.warn_aspect} > {self.refuse_aspect}",
+            )
+        return self
+
+
+class QueryChecks(Section):
+    """What a query file must be before it is searched: its scale, its declared pixels, a patch's field."""
+
+    mpp: Positive | None  # µm/px of a query patch, and of a query slide without a scale of its own
+    max_pixels: PositiveInt  # a query image declaring more is refused before its pixels are decoded
+    patch: PatchBands
+
+
 class SearchConfig(StageConfig):
     """`histo search`: what a query returns; tile_k / stage1_tiles null take the index's defaults."""
 
@@ -118,4 +156,5 @@ class SearchConfig(StageConfig):
     exhaustive: bool
     tile_k: PositiveInt | None
     stage1_tiles: PositiveInt | None
+    query: QueryChecks
     run: SearchRun

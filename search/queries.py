@@ -3,6 +3,11 @@ array), decided once here for `SlideIndex.search`, `histo search` and `histo ser
 
 An image file is a patch when its suffix is an image format (PNG, JPEG, ...) or it is a TIFF that is
 neither pyramidal nor an Aperio file; every other path is a slide for the slide reader.
+
+A patch file's header is read first and its pixels decoded only when it declares at most
+`query.max_pixels` (a decompression bomb fails that query alone). `histo search` runs `file_query`,
+which also checks a patch's field of view against the index's tile (search/patch_fit.py) and tiles a
+slide with `query.mpp` (--mpp) when it has no scale of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 from histo.errors import HistoError, InputFileError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+PATCH_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP")  # what Pillow may open a patch file as
 
 
 @dataclass(frozen=True)
@@ -84,12 +90,84 @@ def is_patch_file(path: Path) -> bool:
         return False  # let the slide reader give the reason
 
 
-def read_patch(path: Path) -> np.ndarray:
-    """An RGB patch as uint8 (H, W, 3); InputFileError if unreadable or not RGB(A)/grey."""
-    from PIL import Image, UnidentifiedImageError
+def read_patch(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    """An RGB patch as uint8 (H, W, 3); InputFileError if unreadable, not RGB(A)/grey, or declaring more
+    than `max_pixels` (None: the search config's `query.max_pixels`)."""
+    if max_pixels is None:
+        from search.config import SearchConfig
+
+        max_pixels = SearchConfig.coerce().query.max_pixels
+    with open_image(path, max_pixels) as im:
+        return decode_rgb(im, path)
+
+
+def open_image(path: Path, max_pixels: int) -> Any:
+    """The image file with only its header read (a PIL image, not decoded); InputFileError naming the
+    declared size when it has more than `max_pixels` pixels, or when it is not a patch format.
+
+    Pillow's own check (`Image.MAX_IMAGE_PIXELS`, an error only past twice its limit) runs in
+    `Image.open`; the format's opener is called as `Image.open` calls it, so the limit is ours alone."""
+    from PIL import Image
+
+    from pathology.diagnose import os_reason
+
+    Image.init()
+    try:
+        with open(path, "rb") as fh:
+            prefix = fh.read(16)
+    except OSError as e:
+        raise InputFileError(path, os_reason(e)) from None
+    try:
+        for fmt in PATCH_FORMATS:
+            factory, accept = Image.OPEN[fmt]
+            accepted = accept is None or accept(prefix)
+            if accepted and not isinstance(accepted, str):  # a str: the format, in a variant not read
+                im = factory(os.fspath(path))
+                break
+        else:
+            raise InputFileError(path, f"not a readable image (not {', '.join(PATCH_FORMATS)})")
+    except (OSError, SyntaxError, ValueError, IndexError, EOFError) as e:
+        raise InputFileError(path, f"not a readable image ({type(e).__name__})") from None
+    w, h = im.size
+    if w * h == 0:
+        im.close()
+        raise InputFileError(path, f"declares an empty image ({w} x {h} px)")
+    if w * h > max_pixels:
+        im.close()
+        raise InputFileError(
+            path,
+            f"declares {w} x {h} px ({w * h:,} pixels), over the {max_pixels:,} a query image may have "
+            "(search config query.max_pixels); refused before decoding it",
+        )
+    return im
+
+
+def decode_rgb(im: Any, path: Path) -> np.ndarray:
+    """The pixels of an opened image as RGB uint8 (H, W, 3) (its first frame); InputFileError if they
+    cannot be decoded."""
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))  # a writable copy
-    except (OSError, UnidentifiedImageError) as e:
+        return np.array(im.convert("RGB"))  # a writable copy
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise InputFileError(path, f"not a readable image ({type(e).__name__})") from None
+
+
+def file_query(index: Any, path: str, checks: Any) -> tuple[Any, dict[str, Any]]:
+    """What `histo search` passes to `index.search` for a query file (with name=path) and what its outcome
+    records (`search.query`): a patch's RGB, read and checked against the index's tile by `checks` (the
+    search config's `query`), or a slide's TileSet, tiled with the index's tiling and `checks.mpp` where
+    it has no scale of its own."""
+    from pathology.geometry import TileGeometry
+    from search.manifest import MANIFEST
+    from search.patch_fit import fit_patch, patch_scale
+
+    if not is_patch_file(Path(path)):
+        tiles = index.tile_query(path, checks.mpp)
+        rec = tiles.record
+        return tiles, {"kind": "slide", "mpp": rec.mpp, "mpp_source": rec.mpp_source}
+    tile = TileGeometry.recorded(index.manifest["tiling"], str(index.path / MANIFEST))
+    with open_image(Path(path), checks.max_pixels) as im:
+        scale = patch_scale(im.info, checks.mpp, tile)
+        fit = fit_patch(path, im.size, scale, tile, checks.patch)
+        return decode_rgb(im, Path(path)), fit.record()

@@ -21,7 +21,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from histo.batch import BatchSummary
+from histo.batch import BatchSummary, Outcome
 from histo.errors import HistoError
 from histo.io import file_sha256
 from histo.robustness.grid import select_corruptions
@@ -64,8 +64,8 @@ class Cases:
 
         errors: list[dict] = []
         found = find_cases(data, errors, labels)
-        self.skipped = [dict(e) for e in errors] + [
-            {"case_id": c.case_id, "reason": "no label map"} for c in found if c.seg is None
+        self.left_out = [Outcome.failed(e["case_id"], None, e["reason"]) for e in errors] + [
+            Outcome.skipped(c.case_id, c.folder, "no label map") for c in found if c.seg is None
         ]
         self.cases = [c for c in found if c.seg is not None]
         if max_cases > 0:
@@ -193,8 +193,8 @@ def evaluate_segmentation(
             "n_cases": len(cases),
             "labels": scheme,
             "regions": list(regions),
-            "skipped_cases": cases.skipped,
             **record,
         },
+        left_out=cases.left_out,
     )
     return run_study(study, model, reference, out, config, progress)

@@ -3,11 +3,14 @@ running a command as an unprivileged user (permission faults cannot happen to ro
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -116,3 +119,53 @@ def sleepy(item: Job) -> object:
     Path(item.path).write_text(str(os.getpid()))
     time.sleep(120)
     return Outcome.done(item.id, item.path)
+
+
+def image_declaring(path: Path, rgb, w: int, h: int) -> Path:
+    """A small PNG, JPEG or TIFF (by `path`'s suffix) of `rgb` whose header declares w x h px: a
+    decompression bomb as a reader meets it, without the gigabytes."""
+    writer = {".png": _png_declaring, ".jpg": _jpeg_declaring, ".tif": _tiff_declaring}[path.suffix]
+    writer(path, rgb, w, h)
+    return path
+
+
+def _png_declaring(path: Path, rgb, w: int, h: int) -> None:
+    """A valid PNG whose header (IHDR, checksum rewritten) declares w x h px; its data stays tiny."""
+    data = bytearray(_encoded(rgb, "PNG"))
+    chunk = b"IHDR" + struct.pack(">II", w, h) + bytes(data[24:29])
+    data[12:29], data[29:33] = chunk, struct.pack(">I", zlib.crc32(chunk))
+    path.write_bytes(bytes(data))
+
+
+def _jpeg_declaring(path: Path, rgb, w: int, h: int) -> None:
+    """A JPEG whose frame header (SOF0) declares w x h px."""
+    data = bytearray(_encoded(rgb, "JPEG"))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", h, w)
+    path.write_bytes(bytes(data))
+
+
+def _tiff_declaring(path: Path, rgb, w: int, h: int) -> None:
+    """A plain TIFF whose ImageWidth / ImageLength tags declare w x h px (one strip, as RowsPerStrip says)."""
+    import tifffile
+
+    tifffile.imwrite(path, rgb, photometric="rgb", metadata=None)
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        where = [
+            (tags[name].valueoffset, tags[name].dtype, v)
+            for name, v in (("ImageWidth", w), ("ImageLength", h), ("RowsPerStrip", h))
+        ]
+    data = bytearray(path.read_bytes())
+    for offset, dtype, value in where:
+        fmt = "<H" if int(dtype) == 3 else "<I"
+        data[offset : offset + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    path.write_bytes(bytes(data))
+
+
+def _encoded(rgb, fmt: str) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, fmt)
+    return buf.getvalue()

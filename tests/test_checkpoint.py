@@ -323,10 +323,14 @@ def test_model_loaders_name_the_file_for_a_bad_config(tmp_path):
     checkpoint.save(tmp_path / "k.pt", "kimianet", 1, {}, {"arch": "densenet121"})
     with pytest.raises(InputFileError, match=r"k\.pt: its config has no 'norm' entry$"):
         load_model(tmp_path / "k.pt")
-    config = model_config("resnet", "batch", "IV", [], 32)
+    config = {**model_config("cbr-tiny", "batch", "IV", [], 32), "encoder": "resnet"}
     checkpoint.save(tmp_path / "r.pt", "kimianet", 1, {}, config)
-    with pytest.raises(InputFileError, match=r"r\.pt: unknown arch 'resnet'"):
+    with pytest.raises(InputFileError, match=r"r\.pt: unknown encoder 'resnet'"):
         load_model(tmp_path / "r.pt")
+    legacy = {k: v for k, v in config.items() if k not in ("encoder", "architecture")} | {"arch": "resnet"}
+    checkpoint.save(tmp_path / "a.pt", "kimianet", 1, {}, legacy)
+    with pytest.raises(InputFileError, match=r"a\.pt: unknown encoder 'resnet'"):
+        load_model(tmp_path / "a.pt")
 
 
 # ---- histo 0.1 layouts, written as that release's code writes them ----------------------------------

@@ -308,10 +308,10 @@ def test_a_manifest_with_a_bad_search_value_is_one_line(tmp_path):
         (TileConfig, {"tile.um": 100.0, "tile.mpp": 0.5}, "tile.um: set tile.um or tile.mpp, not both"),
         (TrainConfig, {"model.norm": "nosuch"}, "model.norm: unknown norm 'nosuch' (known: batch,"),
         (TrainConfig, {"model.norm": "rn_b"}, "model.norm: norm 'rn_b' cannot be used here"),
-        (TrainConfig, {"model.arch": "resnet"}, "model.arch: unknown arch 'resnet'"),
+        (TrainConfig, {"model.encoder": "resnet"}, "model.encoder: unknown encoder 'resnet'"),
         (
             TrainConfig,
-            {"model.arch": "cbr-tiny", "model.variant": "II"},
+            {"model.encoder": "cbr-tiny", "model.variant": "II"},
             "model.variant: variant II freezes dense",
         ),
         (TrainConfig, {"augment.crop_scale": [0.9, 0.5]}, "augment.crop_scale: needs 0 < low <= high <= 1"),

@@ -42,7 +42,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     store = make_store(tmp_path / "t.zarr", cohort(tiles=8))
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  samples_per_epoch: 16\n  val_fraction: 0.34\noptim:\n  warmup_epochs: 0.5\n")
-    args = ["--tiles", str(store), "--arch", "cbr-tiny", "--norm", "group", "--variant", "scratch",
+    args = ["--tiles", str(store), "--encoder", "cbr-tiny", "--norm", "group", "--variant", "scratch",
             "--input-px", str(PX), "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--workers", "0",
             "--config", str(cfg)]  # fmt: skip
     one = _train(args, tmp_path / "one.pt", nproc=1)

@@ -171,7 +171,7 @@ def test_histo_checkpoint_as_weights_only_for_its_own_batchnorm_arch(tmp_path):
 
     bn = random_init_checkpoint(tmp_path / "bn.pt", norm="batch", input_px=PX)
     fx = encoders.open_extractor("kimianet", bn, "cpu", input_px=PX)
-    assert fx.weights["layout"] == "torchvision" and fx.weights["tensors_loaded"] == len(trunk_state(0))
+    assert fx.weights["layout"] == "histo" and fx.weights["tensors_loaded"] == len(trunk_state(0))
     gn = random_init_checkpoint(tmp_path / "gn.pt", norm="group", input_px=PX)
     with pytest.raises(
         InputFileError, match=r"gn\.pt: a histo checkpoint \(densenet121, norm 'group'\).*--model"

@@ -56,7 +56,7 @@ def test_files_hold_features_coords_and_the_tools_attributes(cohort, tmp_path):
             assert f["features"].dtype == np.float32 and f["coords"].dtype == np.int64
             np.testing.assert_array_equal(f["features"][...], feats)
             fa, ca = dict(f["features"].attrs), dict(f["coords"].attrs)
-        assert fa["name"] == sid and fa["encoder"] == "densenet121"
+        assert fa["name"] == sid and fa["encoder"] == "kimianet"  # the registry entry the checkpoint trained
         assert (
             fa["histo_model_hash"] == extractor.model_hash
             and json.loads(fa["histo_tiling"])["tile"]["px"] == 32

@@ -70,7 +70,7 @@ def cohort(n_classes: int = 2, patients: int = 3, tiles: int = 6) -> list[tuple[
 
 def config(**overrides) -> TrainConfig:
     base = {
-        "run.device": "cpu", "model.arch": "cbr-tiny", "model.variant": "scratch", "model.input_px": PX,
+        "run.device": "cpu", "model.encoder": "cbr-tiny", "model.variant": "scratch", "model.input_px": PX,
         "run.workers": 0, "data.val_fraction": 0.34, "optim.epochs": 2, "optim.batch_size": 4,
         "optim.warmup_epochs": 0.5, "data.samples_per_epoch": 8,
     }  # fmt: skip
@@ -125,7 +125,7 @@ TRAINED = {
 def test_variant_step_changes_exactly_the_trained_parts(tmp_path, variant):
     init = random_init_checkpoint(tmp_path / "init.pt", input_px=PX)
     store = make_store(tmp_path / "t.zarr", cohort())
-    cfg = config(**{"model.arch": "densenet121", "model.variant": variant, "model.init": str(init),
+    cfg = config(**{"model.encoder": "kimianet", "model.variant": variant, "model.init": str(init),
                     "data.samples_per_epoch": 4, "optim.epochs": 1, "optim.warmup_epochs": 0.0})  # fmt: skip
     run = Run(KimiaNetTask(store, cfg, CPU), tmp_path / "m.pt", CPU)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
@@ -221,7 +221,7 @@ def test_training_writes_outputs_and_checkpoint_loads(tmp_path):
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     store = make_store(tmp_path / "t.zarr", cohort())
-    cfg = config(**{"model.arch": "densenet121", "model.norm": "batch", "optim.epochs": 3})
+    cfg = config(**{"model.encoder": "kimianet", "model.norm": "batch", "optim.epochs": 3})
     train_kimianet(store, tmp_path / "full.pt", cfg)
     full = checkpoint.load(tmp_path / "full.last.pt", "kimianet-train-state")
 
@@ -315,7 +315,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, 
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     assert len(paths["csv"].read_text().splitlines()) == 2
     result = CliRunner().invoke(main, ["train", "--tiles", str(store), "--out", str(tmp_path / "c.pt"),
-                                       "--arch", "cbr-tiny", "--variant", "scratch", "--input-px", str(PX),
+                                       "--encoder", "cbr-tiny", "--variant", "scratch", "--input-px", str(PX),
                                        "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--workers", "0"])  # fmt: skip
     assert (
         result.exit_code == 2
@@ -365,7 +365,7 @@ def test_cli_train_json_and_bad_init(tmp_path):
     yaml.write_text("data:\n  samples_per_epoch: 4\n  val_fraction: 0.34\noptim:\n  warmup_epochs: 0.0\n")
     common = ["train", "--tiles", str(store), "--input-px", str(PX), "--epochs", "1", "--batch-size", "4",
               "--device", "cpu", "--workers", "0", "--config", str(yaml)]  # fmt: skip
-    result = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "m.pt"), "--arch", "cbr-tiny",
+    result = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "m.pt"), "--encoder", "cbr-tiny",
                                        "--variant", "scratch", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -374,7 +374,7 @@ def test_cli_train_json_and_bad_init(tmp_path):
         *common,
         "--out",
         str(tmp_path / "m.pt"),
-        "--arch",
+        "--encoder",
         "cbr-tiny",
         "--variant",
         "scratch",
@@ -388,6 +388,10 @@ def test_cli_train_json_and_bad_init(tmp_path):
     other = random_init_checkpoint(tmp_path / "cbr.pt", arch="cbr-small")
     result = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "d.pt"), "--init", str(other)])
     assert result.exit_code == 2
-    assert "error:" in result.output and "arch 'cbr-small'" in result.output and "cbr.pt" in result.output
+    assert (
+        "error:" in result.output
+        and "(cbr-small, norm 'batch')" in result.output
+        and "cbr.pt" in result.output
+    )
     result = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "d.pt"), "--variant", "III"])
     assert result.exit_code == 2 and "give --init PATH" in result.output

@@ -129,6 +129,33 @@ def _placeable(name: str, *builders) -> list:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_affine_trait_is_what_norm_parameters_finds(name: str) -> None:
+    """Every registry block is a norm layer; its own `weight`/`bias` are its scale/shift, nothing else."""
+    block = hn.make_norm(name, 64, 2)
+    assert hn.is_norm_layer(block) and "" in hn.norm_layers(block)
+    roles = hn.norm_parameters(block)
+    assert bool(roles) == hn.norm_traits(name).affine
+    params = dict(block.named_parameters())
+    for key, role in roles.items():
+        assert key.rsplit(".", 1)[-1] == {"scale": "weight", "shift": "bias"}[role] and key in params
+    assert not any(k.endswith(("tau", ".v", "attention.weight")) or k in ("v", "tau") for k in roles)
+
+
+def test_norm_layers_of_networks_built_outside_the_registry() -> None:
+    """torch's own norm classes count too (timm's ViTs, the ResNet-50 trunk), whatever built them."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2))
+    )
+    assert hn.norm_layers(net) == ["1", "2.0"]
+    assert hn.norm_parameters(net) == {
+        "1.weight": "scale",
+        "1.bias": "shift",
+        "2.0.weight": "scale",
+        "2.0.bias": "shift",
+    }
+
+
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("arch", ["densenet121", "cbr-tiny"])
 def test_kimianet_refuses_exactly_what_the_traits_refuse(name: str, arch: str) -> None:
     from histo.errors import HistoError
@@ -155,6 +182,7 @@ def test_declared_traits_of_the_shipped_norms() -> None:
     assert having("placement") == {"ibn_a", "ibn_b"} and hn.norm_traits("ibn_a").placement == hn.IBN_A
     assert hn.norm_traits("ibn_b").placement == hn.IBN_B
     assert having("unsupported") == {"ibn_b"}
+    assert set(NAMES) - having("affine") == {"rn_l"}
 
 
 # ---------------------------------------------------------------- make_norm_act, conv_for, resolve_norm

@@ -194,6 +194,27 @@ def test_report_writes_tables_and_plots(tmp_path) -> None:
     assert math.isnan(read_rows(tmp_path / "x.csv")[0]["value"])
 
 
+def test_curves_draw_no_two_of_twenty_models_alike(tmp_path, monkeypatch) -> None:
+    """The norm study plots 20+ models (every norm, with and without α-BN): tab10 alone repeats after 10."""
+    import histo.plots
+    from histo.plots import plt
+    from histo.robustness import plots
+
+    rows = []
+    for i in range(22):
+        rows += _rows(f"m{i:02d}", 0.9, {"blur": [0.8 - i / 100, 0.6]})
+    drawn = []
+    monkeypatch.setattr(histo.plots, "save_figure", lambda fig, path: drawn.append(fig) or Path(path))
+    plots.plot_severity_curves(rows, "acc", tmp_path / "c.png")
+    lines = drawn[0].axes[0].get_lines()
+    assert len(lines) == 22
+    looks = {
+        (tuple(plt.matplotlib.colors.to_rgba(ln.get_color())), ln.get_linestyle(), ln.get_marker())
+        for ln in lines
+    }
+    assert len(looks) == 22
+
+
 def test_parsers() -> None:
     assert parse_severities("1-5") == [1, 2, 3, 4, 5]
     assert parse_severities("1,3-4") == [1, 3, 4]
@@ -487,3 +508,72 @@ def test_segment_study_scores_the_regions_of_the_models_scheme(tmp_path) -> None
     ):
         evaluate_segmentation(tmp_path / "plain.pt", tmp_path / "data", tmp_path / "y", config)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_segment_study_records_the_cases_it_cannot_score_and_scores_the_rest(tmp_path) -> None:
+    """A case missing a modality is a failed item (exit 1, named with the reason), one without a label map
+    is left out with the reason; the good case is still scored."""
+    import json
+
+    from click.testing import CliRunner
+
+    from histo.cli import main
+    from segmentation.infer import save_model
+    from segmentation.synthetic import make_cases
+    from segmentation.unet import UNet3D
+
+    make_cases(tmp_path / "data", 3, shape=(32, 32, 32), seed=0)
+    _, no_flair, no_seg = sorted(p for p in (tmp_path / "data").iterdir())
+    next(no_flair.glob("*flair*")).unlink()
+    next(no_seg.glob("*seg*")).unlink()
+    torch.manual_seed(0)
+    save_model(tmp_path / "unet.pt", UNet3D(channels=(4, 8), blocks_per_level=1, norm="batch"), {})
+    (tmp_path / "cfg.yaml").write_text("segment:\n  roi: [32, 32, 32]\n")
+    args = ["robustness", "segment", "--model", str(tmp_path / "unet.pt"), "--data", str(tmp_path / "data")]
+    args += ["--out", str(tmp_path / "out"), "--corruptions", "bias_field", "--severities", "5"]
+    result = CliRunner().invoke(
+        main, [*args, "--config", str(tmp_path / "cfg.yaml"), "--device", "cpu", "--json"]
+    )
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n_cases"] == 1 and summary["counts"] == {"done": 2, "skipped": 1, "failed": 1}
+    by_id = {o["id"]: o for o in summary["outcomes"]}
+    assert by_id[no_flair.name]["status"] == "failed" and "flair" in by_id[no_flair.name]["reason"].lower()
+    assert by_id[no_seg.name] == {**by_id[no_seg.name], "status": "skipped", "reason": "no label map"}
+    assert (
+        f"failed: {no_flair.name}: " in result.stderr
+        and f"left out: {no_seg.name}: no label map" in result.stderr
+    )
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["counts"] == summary["counts"]
+
+
+def test_pathology_study_fails_a_damaged_slide_and_evaluates_the_others(tile_store, tmp_path) -> None:
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from histo.cli import main
+    from pathology.kimianet import random_init_checkpoint
+
+    store = Path(shutil.copytree(tile_store, tmp_path / "tiles.zarr"))
+    (store / "slides" / "s1" / "zarr.json").write_text('{"attributes": {"record": {"slide_id": ')
+    model = random_init_checkpoint(tmp_path / "bn.pt", norm="batch", input_px=32, seed=1)
+    args = [
+        "robustness",
+        "pathology",
+        "--model",
+        str(model),
+        "--tiles",
+        str(store),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    args += ["--corruptions", "gaussian_noise", "--severities", "1", "--device", "cpu", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n_slides"] == 3 and summary["counts"] == {"done": 2, "skipped": 0, "failed": 1}
+    s1 = next(o for o in summary["outcomes"] if o["id"] == "s1")
+    assert s1["status"] == "failed" and "damaged slide record" in s1["reason"]
+    assert "failed: s1: " in result.stderr

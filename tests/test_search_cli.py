@@ -88,7 +88,8 @@ def test_search_json_schema(built: Path, data: dict) -> None:
     code, stdout, stderr = run(["search", "--index", built, data["slide"], patch, "--k", "3", "--json"])
     assert code == 0, stderr
     out = json.loads(stdout)
-    assert set(out) == {"queries"} and len(out["queries"]) == 2
+    assert set(out) == {"queries", "counts"} and len(out["queries"]) == 2
+    assert out["counts"] == {"done": 2, "skipped": 0, "failed": 0}
     slide_q, patch_q = out["queries"]
     for q in out["queries"]:
         assert set(q) == {"query", "prediction", "results", "search"}  # search: how it was searched
@@ -129,6 +130,8 @@ def test_bad_query_is_reported_and_the_rest_goes_on(built: Path, data: dict) -> 
     assert "missing.svs" in first["error"] and first["results"] == []
     assert second["results"][0]["slide_id"] == data["slide"].stem
     assert "error: " in stderr and "missing.svs" in stderr
+    assert json.loads(stdout)["counts"] == {"done": 1, "skipped": 0, "failed": 1}
+    assert stderr.strip().splitlines()[-1] == "1 done, 0 skipped, 1 failed"
 
 
 def test_corrupted_index_is_one_line_error(built: Path, data: dict, tmp_path: Path) -> None:

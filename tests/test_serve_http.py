@@ -622,3 +622,19 @@ def _status(port: int) -> int | None:
         return conn.getresponse().status
     except OSError:
         return None
+
+
+def test_slides_root_lists_ome_zarr_images_as_slides_not_folders(demo: dict, tmp_path: Path) -> None:
+    """An OME-Zarr image is a folder of chunks: the query page lists it as one slide, never its chunks."""
+    from slide_support import write_ngff
+
+    from search.web.archive import Archive
+
+    root = tmp_path / "archive"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.svs").write_bytes(b"x")
+    (root / "sub" / "c.tiff").write_bytes(b"x")
+    (root / "notes.txt").write_bytes(b"x")
+    write_ngff(root / "sub" / "b.ome.zarr", np.full((300, 400, 3), 200, np.uint8), 0.5, levels=2)
+    archive = Archive(SlideIndex.open(demo["index"]), root)
+    assert sorted(archive.list_files()) == ["a.svs", "sub/b.ome.zarr", "sub/c.tiff"]

@@ -51,7 +51,7 @@ def test_reader_is_explicit_and_recorded(tmp_path, monkeypatch, shared_data):
     with pytest.raises(HistoError, match=r"needs the extra: pip install 'histo\[tiatoolbox\]'"):
         open_slide(png, reader="tiatoolbox", mpp_override=0.5)
     with pytest.raises(
-        ConfigError, match=r"run\.reader: input should be 'auto', 'openslide' or 'tiatoolbox'"
+        ConfigError, match=r"run\.reader: input should be 'auto', 'openslide', 'tiatoolbox' or 'ngff'"
     ):
         load_config(TileConfig, overrides={"run.reader": "bioformats"})
     cfg = load_config(TileConfig, overrides={"tile.px": 224, "run.reader": "openslide"})
@@ -123,3 +123,71 @@ def test_tiatoolbox_reads_a_plain_image(shared_data):
     assert s.reader.startswith("tiatoolbox ") and "VirtualWSIReader" in s.reader
     rgb = np.asarray(Image.open(path).convert("RGB"))
     np.testing.assert_array_equal(s.read_region(0, 10, 20, 64, 32), rgb[20:52, 10:74])
+
+
+@pytest.mark.full
+def test_tiatoolbox_reads_ngff_level_0_with_histos_scale(tmp_path):
+    from slide_support import write_ngff
+
+    rgb = np.random.default_rng(3).integers(0, 256, (1024, 1536, 3), dtype=np.uint8)
+    levels = write_ngff(tmp_path / "a.ome.zarr", rgb, 0.5, unit="nanometer")  # scale 500 nm
+    s = open_slide(tmp_path / "a.ome.zarr", reader="tiatoolbox")
+    assert "NGFFWSIReader" in s.reader and (s.width, s.height) == (1536, 1024)
+    assert (s.mpp, s.mpp_source, s.objective_power) == (pytest.approx(0.5), "metadata", None)
+    np.testing.assert_array_equal(s.read_region(0, 300, 200, 128, 96), rgb[200:296, 300:428])
+    # tiatoolbox 2.1 gives NGFF pyramids one downsample: lower scales are resampled from level 0
+    assert s.level_downsamples == (1.0,)
+    half = s.read_tile(300, 200, 256, 128).astype(int)
+    assert np.abs(half - levels[1][100:228, 150:278]).max() <= 1
+    assert open_slide(tmp_path / "a.ome.zarr").reader.startswith("ngff ")  # auto: the pyramid reader
+    write_ngff(tmp_path / "b.ome.zarr", rgb[:256, :256], 0.5, levels=1, version="0.5", axes="yxc")
+    write_ngff(tmp_path / "c.ome.zarr", rgb[:256, :256], 0.5, levels=1, omero=False)
+    for name, problem in (("b", r"NGFF 0\.5 \(it reads 0\.4\)"), ("c", r"no omero metadata \(it needs it\)")):
+        with pytest.raises(
+            InputFileError, match=rf"NGFFWSIReader cannot read this image: {problem}; use --reader ngff"
+        ):
+            open_slide(tmp_path / f"{name}.ome.zarr", reader="tiatoolbox")
+        assert open_slide(tmp_path / f"{name}.ome.zarr", reader="ngff").width == 256
+
+
+@pytest.mark.full
+def test_tiatoolbox_reads_lossless_jpeg2000_with_its_resolution_box(tmp_path, shared_data):
+    from PIL import Image
+    from slide_support import write_jp2
+
+    tissue = shared_data / "histology_patches" / "TCGA-HE-7130-01Z-00-DX1.png"
+    rgb = np.asarray(Image.open(tissue).convert("RGB"))[:768, :1000]
+    write_jp2(tmp_path / "a.jp2", rgb, mpp=0.25, levels=3)
+    s = open_slide(tmp_path / "a.jp2")  # auto: OpenSlide does not read JP2, tiatoolbox does
+    assert s.reader.startswith("tiatoolbox ") and "JP2WSIReader" in s.reader
+    assert (s.mpp, s.mpp_source, s.objective_power) == (pytest.approx(0.25), "metadata", None)
+    assert s.level_downsamples[:2] == (1.0, 2.0) and s.level_dimensions[:2] == ((1000, 768), (500, 384))
+    np.testing.assert_array_equal(s.read_region(0, 300, 200, 128, 96), rgb[200:296, 300:428])
+    # level 1 is the 5/3 wavelet's half-resolution image, as OpenJPEG decodes it through Pillow
+    with Image.open(tmp_path / "a.jp2") as im:
+        im.reduce = 1
+        half = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(s.read_tile(200, 100, 600, 300), half[50:350, 100:400])
+    write_jp2(tmp_path / "b.jp2", rgb, mpp=None)
+    with pytest.raises(InputFileError, match=r"b\.jp2: no usable physical scale.*pass --mpp"):
+        open_slide(tmp_path / "b.jp2")
+    s = open_slide(tmp_path / "b.jp2", mpp_override=0.5)
+    assert (s.mpp, s.mpp_source, s.objective_power) == (0.5, "override", None)
+
+
+@pytest.mark.full
+def test_openslide_and_tiatoolbox_read_a_written_dicom_wsi_series(tmp_path):
+    from slide_support import write_dicom_wsi
+
+    rgb = np.random.default_rng(4).integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    levels = write_dicom_wsi(tmp_path / "case7", rgb, mpp=0.25, levels=2)
+    for reader in ("auto", "openslide", "tiatoolbox"):  # any one file opens the series (both levels)
+        s = open_slide(tmp_path / "case7" / "level_1.dcm", reader=reader)
+        assert s.reader.split()[0] == ("openslide" if reader == "auto" else reader) and s.slide_id == "case7"
+        assert (s.mpp, s.mpp_source) == (pytest.approx(0.25), "metadata")
+        assert s.level_downsamples == (1.0, 2.0) and s.level_dimensions == ((900, 700), (450, 350))
+        np.testing.assert_array_equal(s.read_tile(300, 200, 128, 128), rgb[200:328, 300:428])
+        np.testing.assert_array_equal(s.read_tile(300, 200, 256, 128), levels[1][100:228, 150:278])
+        corner = s.read_region(0, 800, 600, 128, 128)  # past the edges (the padded last tiles): white
+        np.testing.assert_array_equal(corner[:100, :100], rgb[600:, 800:])
+        assert (corner[100:] == 255).all() and (corner[:, 100:] == 255).all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from histo.batch import BatchSummary
+from histo.batch import ALREADY_DONE, BatchSummary
 from histo.cli.options import compose, config_option, device_option, json_option, stage_config
 from histo.cli.outcomes import failure_lines, finish
 
@@ -58,6 +58,8 @@ def _finish(batch: BatchSummary, out_dir: str, as_json: bool) -> None:
             if "mce" in entry:
                 line += f"  mCE {entry['mce'][model]:.3f}  rel. mCE {entry['rmce'][model]:.3f}"
             lines.append(line)
+    left_out = [o for o in batch.outcomes if o.status == "skipped" and o.reason != ALREADY_DONE]
+    lines += [f"left out: {o.id}: {o.reason}" for o in left_out]
     lines += failure_lines(batch)
     lines.append(f"results in {out_dir}: {', '.join(batch.extra['files'])}")
     finish(batch, as_json, lines)

@@ -38,6 +38,13 @@ from search.config import Mode
 @click.option(
     "--weights", default=None, type=click.Path(), help="The index encoder's weight file, if it moved."
 )
+@click.option(
+    "--mpp",
+    type=float,
+    default=None,
+    help="µm/px of the query patches (over their metadata) and of query slides without a scale of their "
+    "own (query.mpp).",
+)
 @device_option
 @config_option
 @json_option
@@ -50,6 +57,7 @@ def search(
     exhaustive: bool | None,
     where: tuple[str, ...],
     weights: str | None,
+    mpp: float | None,
     device: str | None,
     config_path: str | None,
     geojson_dir: str | None,
@@ -59,13 +67,18 @@ def search(
     (PNG, JPEG, a plain TIFF: their nearest indexed tiles).
 
     With --where the results come only from the slides passing the filter (e.g. --where site=A,B --where
-    label=LUAD), exact within it. A query that fails is reported (and in --json carries an "error") and
-    the others go on; the exit status is then 1. With --geojson each query's folder is written
+    label=LUAD), exact within it. A patch is checked against the index's tile before it is decoded (its
+    declared pixels, its field of view: README "Query files"); `search.query` in --json records its scale
+    and the rule applied. A query that fails is reported (and in --json carries an "error") and the others
+    go on; the summary line and `counts` follow, and the exit status is then 1. With --geojson each query's
+    folder is written
     (search/geojson.py) and named in the output (`geojson` in --json).
     """
+    from histo.batch import BatchSummary, Outcome
     from histo.errors import HistoError
     from search.config import SearchConfig
     from search.filters import parse_where
+    from search.queries import file_query
     from search.slide_index import SlideIndex
 
     keys = {
@@ -73,6 +86,7 @@ def search(
         "mode": "mode",
         "exclude_same_patient": "exclude_same_patient",
         "exhaustive": "exhaustive",
+        "mpp": "query.mpp",
     }
     cfg = stage_config(SearchConfig, config_path, {**keys, "device": "run.device", "weights": "run.weights"})
     filter_ = parse_where(where)
@@ -80,10 +94,12 @@ def search(
     idx.catalog.allowed(None, filter_)  # a filter no slide passes is an error before any query
     if geojson_dir is not None:
         _check_geojson(idx, queries, Path(geojson_dir))
-    out, failed = [], 0
+    out, outcomes = [], []
     for q in queries:
         try:
-            result = idx.search(q, where=filter_)  # a slide or an image patch; the rest from the config
+            query, checked = file_query(idx, q, cfg.query)  # a slide's tiles or a patch's checked pixels
+            result = idx.search(query, name=q, where=filter_)  # the rest from the config
+            result.info["query"] = checked
             shown = result.to_dict()
             if geojson_dir is not None:
                 from pathology.slide import slide_id_of
@@ -91,15 +107,18 @@ def search(
 
                 shown["geojson"] = str(write_result_geojson(result, geojson_dir, slide_id_of(q)))
             out.append(shown)
+            outcomes.append(Outcome.done(q, q))
             _print_result(shown, err=as_json)
         except HistoError as e:
-            failed += 1
+            outcomes.append(Outcome.failed(q, q, str(e)))
             click.echo(f"error: {e}", err=True)
             out.append({"query": q, "prediction": None, "results": [], "error": str(e)})
+    summary = BatchSummary(tuple(outcomes))
+    click.echo(summary.summary_line(), err=as_json)
     if as_json:
-        emit_json({"queries": out})
-    if failed:
-        sys.exit(1)
+        emit_json({"queries": out, "counts": summary.counts})
+    if summary.exit_code():
+        sys.exit(summary.exit_code())
 
 
 def _check_geojson(idx, queries: tuple[str, ...], out: Path) -> None:

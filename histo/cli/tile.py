@@ -66,8 +66,8 @@ def _table(batch: BatchSummary) -> list[str]:
 @click.option(
     "--reader",
     default=None,
-    help=f"Slide reader (run.reader): {choices(Reader)} (auto: OpenSlide, then tiatoolbox for "
-    "OME-TIFF/NGFF/JP2/... when installed).",
+    help=f"Slide reader (run.reader): {choices(Reader)} (auto: ngff for OME-Zarr, OpenSlide, then "
+    "tiatoolbox for OME-TIFF/DICOM/JP2/... when installed).",
 )
 @click.option(
     "--stain-norm", default=None, help=f"Stain normalization (stain.method): {choices(StainMethod)}."

@@ -1,4 +1,4 @@
-"""`histo train`: train or fine-tune KimiaNet (DenseNet-121) or a CBR baseline on a tile store."""
+"""`histo train`: train or fine-tune a registry encoder (KimiaNet by default) with a head on a tile store."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathology.config import Variant
 # click parameter -> config key (flags override the --config file, which overrides the defaults)
 KEYS = {
     "variant": "model.variant",
-    "arch": "model.arch",
+    "encoder": "model.encoder",
     "norm": "model.norm",
     "init": "model.init",
     "input_px": "model.input_px",
@@ -36,15 +36,17 @@ KEYS = {
 _options = compose(
     click.option("--tiles", "tiles", required=True, type=click.Path(), help="Tile store (from `histo tile`)."),
     click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Model checkpoint to write."),
+    click.option("--encoder", default=None,
+                 help="Registry encoder to fine-tune (`histo encoders`): kimianet, densenet121-imagenet, cbr-*, resnet50-trunc, ..."),
     click.option("--variant", default=None,
-                 help=f"{choices(Variant)}: train the last 1/2/3 dense blocks (I-III), all layers (IV), or from random init (scratch)."),
-    click.option("--arch", default=None, help="densenet121 | cbr-tiny | cbr-small | cbr-large-t | cbr-large-w."),
-    click.option("--norm", default=None, help="Normalization block (histo.norms name: batch, ibn_a, group, ...)."),
+                 help=f"{choices(Variant)}: the last 1/2/3 dense blocks (I-III, DenseNet), all layers (IV), random init "
+                      "(scratch), norm scales+shifts (norm_only) or shifts (norm_shift), each with the head."),
+    click.option("--norm", default=None, help="DenseNet/CBR: normalization block (histo.norms name: batch, ibn_a, group, ...)."),
     click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
-                 help="Pretrained weights: official KimiaNet or torchvision DenseNet-121 checkpoint."),
+                 help="The encoder's pretrained weight file (e.g. KimiaNetPyTorchWeights.pth, torchvision .pth, timm .safetensors)."),
     click.option("--epochs", type=int, default=None),
     click.option("--batch-size", type=int, default=None, help="Global batch per step (over all processes)."),
-    click.option("--input-px", type=int, default=None, help="Network input size in pixels (paper: 1000)."),
+    click.option("--input-px", type=int, default=None, help="Network input size in pixels (default: the encoder's; KimiaNet 1000)."),
     click.option("--lr", type=float, default=None),
     click.option("--workers", type=int, default=None, help="DataLoader workers per process."),
     click.option("--seed", type=int, default=None),
@@ -61,7 +63,8 @@ _options = compose(
 @click.command(name="train")
 @_options
 def train(tiles, out, config_path, as_json, **flags) -> None:
-    """Train on the high-cellularity tiles of a tile store (weak slide labels, split by patient).
+    """Fine-tune (or train) an encoder on the high-cellularity tiles of a tile store (weak slide labels,
+    split by patient); prints what the variant trains (parameter counts, also in --json).
 
     Writes OUT = STEM.pt (best model), STEM.last.pt (training state), STEM.metrics.csv and STEM.curves.png.
     A re-run with the same config resumes (a finished run does nothing); another config is refused unless
@@ -69,6 +72,7 @@ def train(tiles, out, config_path, as_json, **flags) -> None:
     """
     from pathology.config import TrainConfig
     from pathology.train import train_kimianet
+    from pathology.variants import counts_line
 
     config = stage_config(TrainConfig, config_path, KEYS)
     summary = train_kimianet(tiles, out, config)
@@ -77,7 +81,8 @@ def train(tiles, out, config_path, as_json, **flags) -> None:
     if as_json:
         emit_json(summary)
     else:
-        best = summary["best"]
+        best, counts = summary["best"], summary["parameters"]
+        click.echo(counts_line(summary["variant"], counts), err=True)
         click.echo(
             f"best epoch {summary['best_epoch']}: val acc {best.get('val_acc', float('nan')):.3f}, "
             f"macro-F1 {best.get('val_macro_f1', float('nan')):.3f} -> {summary['out']}",

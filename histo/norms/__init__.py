@@ -7,13 +7,15 @@ PyTorch's names (num_groups, eps, momentum, affine). Each name is registered wit
 callable), `make_norm_act` (no activation after a norm that has its own) and `conv_for` (bcn's
 weight-standardised convolution); networks put ibn_a/ibn_b where IBN-Net does through
 `histo.norms.placement` (their `placement` trait). Calibration, the reversible recompute and
-`set_region_mask` find modules by the protocols in `histo.norms.protocols`. Every name is also in MONAI's `Norm` factory under
+`set_region_mask` find modules by the protocols in `histo.norms.protocols`; `norm_layers` and
+`norm_parameters` (`histo.norms.affine`) find the normalization layers and their scale/shift parameters. Every name is also in MONAI's `Norm` factory under
 `monai_name(name)` (the name itself, or `histo_<name>` where MONAI already defines it: batch, instance,
 group, layer). Blocks with running statistics (BN parts, evonorm_b0) update them only when
 `updates_stats(self)`, so `frozen_running_stats(model)` covers them.
 """
 
 from histo.norms import bcn, evonorm, frn, ibn, region, standard  # noqa: F401  (registers the names)
+from histo.norms.affine import is_norm_layer, norm_layers, norm_parameters
 from histo.norms.bcn import WS_CONV, BatchChannelNorm, WSConv1d, WSConv2d, WSConv3d, standardize_weight
 from histo.norms.choice import NormArg, NormChoice, resolve_norm
 from histo.norms.common import resolve_groups
@@ -57,10 +59,13 @@ __all__ = [
     "conv_for",
     "frozen_running_stats",
     "get_norm",
+    "is_norm_layer",
     "make_norm",
     "make_norm_act",
     "monai_name",
     "names",
+    "norm_layers",
+    "norm_parameters",
     "norm_traits",
     "region_mask",
     "register",

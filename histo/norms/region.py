@@ -200,6 +200,6 @@ def _rn_b(channels: int, spatial_dims: int, **kwargs) -> nn.Module:
     return RegionNormB(channels, spatial_dims, **kwargs)
 
 
-@register("rn_l")
+@register("rn_l", traits=NormTraits(affine=False))
 def _rn_l(channels: int, spatial_dims: int, **kwargs) -> nn.Module:
     return RegionNormL(channels, spatial_dims, **kwargs)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from histo.norms.affine import mark
 from histo.norms.monai_factory import add_to_monai, remove_from_monai
 from histo.norms.traits import NormTraits
 
@@ -89,4 +90,4 @@ def make_norm(name: str, channels: int, spatial_dims: int = 2, **kwargs) -> nn.M
         raise ValueError(f"norm {name!r}: spatial_dims must be one of {dims}, got {spatial_dims!r}")
     if not isinstance(channels, int) or channels < 1:
         raise ValueError(f"norm {name!r}: channels must be a positive int, got {channels!r}")
-    return spec.builder(channels, spatial_dims, **kwargs)
+    return mark(spec.builder(channels, spatial_dims, **kwargs), name)

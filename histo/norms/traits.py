@@ -33,6 +33,8 @@ class NormTraits:
     spatial_dims: the spatial dims it is defined for.
     placement: a placement rule (`IBN_A`, `IBN_B`) networks follow per site; None: at every norm site.
     unsupported: network family -> the reason that family cannot use it (e.g. a ResNet-only placement).
+    affine: its blocks have a per-channel scale `weight` and shift `bias` (`histo.norms.affine`), which the
+        norm_only / norm_shift training variants train; False: none (RN-L's come from convolutions).
     """
 
     activating: bool = False
@@ -43,6 +45,7 @@ class NormTraits:
     spatial_dims: frozenset[int] = ALL_DIMS
     placement: str | None = None
     unsupported: Mapping[str, str] = field(default_factory=dict, hash=False)
+    affine: bool = True
 
     def __post_init__(self) -> None:
         if not self.spatial_dims or not self.spatial_dims <= ALL_DIMS:

@@ -13,6 +13,25 @@ import numpy as np
 from histo.robustness.grid import CLEAN
 from histo.robustness.results import usable
 
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D")
+
+
+def model_styles(models: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """A distinct line style per model: tab10's ten colours, then the next line style and marker, so a
+    study of more than ten models (every norm with and without α-BN) never draws two alike."""
+    from histo.plots import plt
+
+    colours = plt.get_cmap("tab10").colors
+    return {
+        m: {
+            "color": colours[i % 10],
+            "linestyle": LINESTYLES[i // 10 % len(LINESTYLES)],
+            "marker": MARKERS[i // 10 % len(MARKERS)],
+        }
+        for i, m in enumerate(models)
+    }
+
 
 def plot_severity_curves(rows: Sequence[Mapping[str, Any]], metric: str, png_path: str | os.PathLike) -> Path:
     """One panel per corruption: `metric` against severity (0 = clean) with a line per model."""
@@ -21,6 +40,7 @@ def plot_severity_curves(rows: Sequence[Mapping[str, Any]], metric: str, png_pat
     ok = [r for r in rows if usable(r, metric)]
     corruptions = sorted({r["corruption"] for r in ok} - {CLEAN})
     models = sorted({r["model"] for r in ok})
+    styles = model_styles(models)
     cols = min(4, max(1, len(corruptions)))
     nrows = max(1, math.ceil(len(corruptions) / cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.9 * nrows), squeeze=False, sharey=True)
@@ -32,7 +52,7 @@ def plot_severity_curves(rows: Sequence[Mapping[str, Any]], metric: str, png_pat
             )
             pts = [(0, clean[0]), *pts] if clean else pts
             if pts:
-                ax.plot(*zip(*pts, strict=False), marker="o", ms=3, label=model)
+                ax.plot(*zip(*pts, strict=False), ms=3, label=model, **styles[model])
         ax.set_title(c, fontsize=9)
         ax.set_xlabel("severity")
         ax.grid(alpha=0.3)

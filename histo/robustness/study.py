@@ -37,7 +37,8 @@ class Model:
 
 @dataclass(frozen=True)
 class Study:
-    """A domain's part of a study; `settings` are recorded in settings.json, `extra` added to the summary."""
+    """A domain's part of a study; `settings` are recorded in settings.json, `extra` added to the summary,
+    `left_out` (the data items it could not evaluate: failed or skipped, with the reason) head its outcomes."""
 
     task: str
     metrics: Mapping[str, bool]  # metric -> higher is better
@@ -45,6 +46,7 @@ class Study:
     load: Callable[[str | os.PathLike], Model]
     settings: Mapping[str, Any]
     extra: Mapping[str, Any]
+    left_out: Sequence[Outcome] = ()
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def run_study(
         runs, study.corruptions, config.severities, out, settings, config.seed, progress
     )
     extra = report(rows, out, study.metrics, reference=ref_label)
-    summary = BatchSummary(tuple(outcomes), out=str(out), extra=extra)
+    summary = BatchSummary((*study.left_out, *outcomes), out=str(out), extra=extra)
     summary = summary.with_extra(task=study.task, models=hashes, **study.extra)
     atomic_write_json(Path(out) / "summary.json", summary.to_dict())
     return summary

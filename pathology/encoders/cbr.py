@@ -1,6 +1,6 @@
 """The CBR baselines (Raghu et al. 2019, pathology.cbr) as encoders: avgpool of the last conv-norm-ReLU.
 
-They have no released weights: they read histo checkpoints of a BatchNorm CBR net (`histo train --arch`),
+They have no released weights: they read histo checkpoints of a BatchNorm CBR net (`histo train --encoder`),
 or a state dict with the same `features.*` names.
 """
 

@@ -11,6 +11,7 @@ missing, unexpected or mis-shaped tensor is a one-line InputFileError naming the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -126,15 +127,26 @@ def choose_layout(layouts: tuple[Layout, ...], state: State, path: Path, name: s
     )
 
 
-def _check_histo_config(config: Mapping[str, Any], path: Path, name: str, histo_arch: str | None) -> None:
-    """A histo checkpoint loads into a registry entry only when it is that entry's BatchNorm network."""
+def _check_histo_config(config: Mapping[str, Any], path: Path, encoder: Encoder) -> None:
+    """A histo checkpoint loads into a registry entry only when it holds that entry's network: the same
+    architecture (a `histo train` checkpoint of the registry), or (older ones) its histo arch and norm."""
     arch, norm = config.get("arch"), config.get("norm")
-    if histo_arch is None or arch != histo_arch or norm != "batch":
+    same_net = arch == (encoder.histo_arch or encoder.name)
+    if "architecture" in config:
+        same_net = same_net and config["architecture"] == json.loads(json.dumps(dict(encoder.arch)))
+    else:
+        same_net = same_net and encoder.histo_arch is not None and norm == encoder.arch.get("norm", "batch")
+    if not same_net:
         raise InputFileError(
             path,
-            f"a histo checkpoint ({arch}, norm {norm!r}), not weights of encoder {name!r}: "
-            "give it as --model (it carries its own architecture)",
+            f"a histo checkpoint ({arch}, norm {norm!r}), not weights of encoder {encoder.name!r} "
+            "(to index with it, give it as --model: it carries its own architecture)",
         )
+
+
+# A histo checkpoint: `features.*` is the encoder's network, `classifier.*` the head of its training task.
+HISTO_LAYOUT = Layout("histo", "features.", lambda s: {k.removeprefix("features."): v for k, v in s.items()},
+                      ignored=(r"classifier\.",))  # fmt: skip
 
 
 def load_weights(network: nn.Module, path: str | os.PathLike, encoder: Encoder) -> dict:
@@ -145,8 +157,9 @@ def load_weights(network: nn.Module, path: str | os.PathLike, encoder: Encoder) 
     path, name = Path(path), encoder.name
     state, config = read_weights(path)
     if config is not None:
-        _check_histo_config(config, path, name, encoder.histo_arch)
-    layout = choose_layout(encoder.layouts, state, path, name)
+        _check_histo_config(config, path, encoder)
+    layouts = (HISTO_LAYOUT,) if config is not None and "architecture" in config else encoder.layouts
+    layout = choose_layout(layouts, state, path, name)
     ignored = sorted(k for k in state if layout.is_ignored(k))
     converted = layout.convert({k: v for k, v in state.items() if not layout.is_ignored(k)})
     expected = network.state_dict()

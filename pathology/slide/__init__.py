@@ -1,8 +1,9 @@
 """Slide reading: one interface (pathology/slide/base.py) over backends chosen explicitly.
 
-Backends: OpenSlide (default, openslide_backend.py), tiatoolbox for OME-TIFF, NGFF, DICOM, JP2 and plain
-images (extra `tiatoolbox`, tiatoolbox_backend.py), in-memory arrays (array_backend.py). To add one: a
-class with the `Backend` protocol's members and a name in `open.READERS`.
+Backends: OpenSlide (default, openslide_backend.py), histo's own OME-Zarr/NGFF reader on zarr
+(ngff_backend.py, metadata in ngff.py), tiatoolbox for OME-TIFF, NGFF, DICOM, JP2 and plain images (extra
+`tiatoolbox`, tiatoolbox_backend.py), in-memory arrays (array_backend.py). To add one: a class with the
+`Backend` protocol's members and a name in `open.READERS` (`pathology.config.Reader`).
 """
 
 from pathology.slide.base import (

@@ -1,5 +1,6 @@
-"""Opening a slide with the reader asked for: `auto` (OpenSlide, then tiatoolbox for what OpenSlide
-cannot open, when the extra is installed), `openslide`, `tiatoolbox`, or an in-memory array."""
+"""Opening a slide with the reader asked for: `auto` (histo's NGFF backend for OME-Zarr, OpenSlide, then
+tiatoolbox for what OpenSlide cannot open, when the extra is installed), `openslide`, `tiatoolbox`,
+`ngff`, or an in-memory array."""
 
 from __future__ import annotations
 
@@ -26,14 +27,20 @@ def _has_tiatoolbox() -> bool:
 
 
 def _backend(path: Path, reader: str) -> Backend:
-    """The backend that opens `path`; `auto` takes tiatoolbox for OME-TIFF when it is installed (OpenSlide
-    reads OME-TIFF as a generic TIFF, without the OME-XML scale) and otherwise only when OpenSlide says the
-    format is not its own (a damaged slide of a format OpenSlide knows stays OpenSlide's error)."""
+    """The backend that opens `path`; `auto` takes histo's own NGFF backend for an OME-Zarr folder (in
+    every lane, so a store records the same reader with or without the extra), tiatoolbox for OME-TIFF
+    when it is installed (OpenSlide reads OME-TIFF as a generic TIFF, without the OME-XML scale) and
+    otherwise only when OpenSlide says the format is not its own (a damaged slide of a format OpenSlide
+    knows stays OpenSlide's error)."""
+    from pathology.slide.ngff import is_ngff
+    from pathology.slide.ngff_backend import NgffBackend
     from pathology.slide.openslide_backend import OpenSlideBackend
     from pathology.slide.tiatoolbox_backend import EXTENSIONS, OME_EXTENSIONS, TiatoolboxBackend
 
     if reader == "openslide":
         return OpenSlideBackend(path)
+    if reader == "ngff" or (reader == "auto" and is_ngff(path)):
+        return NgffBackend(path)
     if reader == "tiatoolbox" or (path.name.lower().endswith(OME_EXTENSIONS) and _has_tiatoolbox()):
         return TiatoolboxBackend(path)
 

@@ -115,20 +115,26 @@ class Archive:
 
     # ---- --slides-root ----------------------------------------------------------------------------
     def list_files(self) -> dict[str, Path]:
-        """{key: file} of the slide files under --slides-root (key: the path relative to the root;
-        hidden entries and links leading outside the root are left out)."""
+        """{key: file} of the slide files (and OME-Zarr image folders) under --slides-root (key: the path
+        relative to the root; hidden entries and links leading outside the root are left out)."""
+        from pathology.slide.ngff import is_ngff
+
         root = self.slides_root
         if root is None:
             return {}
         files: dict[str, Path] = {}
         for folder, dirs, names in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(names):
+            visible = sorted(d for d in dirs if not d.startswith("."))
+            images = [d for d in visible if is_ngff(Path(folder) / d)]
+            dirs[:] = [d for d in visible if d not in images]  # an image folder is a slide, not a folder
+            for name in sorted([*names, *images]):
                 path = Path(folder) / name
-                if name.startswith(".") or path.suffix.lower() not in self._extensions:
+                if name.startswith(".") or (
+                    name not in images and path.suffix.lower() not in self._extensions
+                ):
                     continue
                 real = path.resolve()
-                if real.is_file() and real.is_relative_to(root):
+                if (real.is_file() or name in images) and real.is_relative_to(root):
                     files[path.relative_to(root).as_posix()] = real
                 if len(files) >= MAX_LISTED_FILES:
                     return files
