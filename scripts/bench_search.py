@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from search.barcodes import build_binary_index, minmax_barcode
+from search.barcodes import BarcodeIndex, build_binary_index, minmax_barcode
 from search.config import IndexConfig
 from search.distance import slide_distance, slide_distances
 from search.engine import Catalog, SearchEngine
 from search.index import build_float_index, exact_knn, recall_at_k
+from search.kinds import barcode_kind
 
 
 def slide_features(rng, centre, n_tiles, dim, clusters=4, spread=0.6, noise=0.5) -> np.ndarray:
@@ -177,7 +178,8 @@ def slide_search(args, report, feats, queries, cat, offsets) -> None:
                                     "params": params}  # fmt: skip
         for m in (int(v) for v in args.stage1_tiles.split(",")):
             settings = IndexConfig.section("search", {"tile_k": args.tile_k, "stage1_tiles": m})
-            engines[f"{kind}/{m}"] = SearchEngine(cat, knn={"barcode": binary.search}, tiles={"barcode": lambda: codes},
+            searched = BarcodeIndex(barcode_kind(kind), binary, codes)  # the engine's kNN takes a row filter
+            engines[f"{kind}/{m}"] = SearchEngine(cat, knn={"barcode": searched.search}, tiles={"barcode": lambda: codes},
                                                   settings=settings)  # fmt: skip
     base_q = [minmax_barcode(q) for q in queries]
     loop_t = []  # the Yottixel way: one slide-distance call per database slide (a few queries only)

@@ -9,14 +9,17 @@ value 1 << (i % 8)).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from search.config import IndexParams, index_params
+from search.filters import CACHED_FILTERS, ListPlan, digest, row_selector, widened
 from search.index import (
     Calibration,
-    held_out_rows,
+    add_rows,
+    calibration_rows,
     new_faiss_index,
     resolve_build_params,
     set_search_parameter,
@@ -41,12 +44,20 @@ def code_bits(feature_dim: int) -> int:
     return -(-(feature_dim - 1) // 8) * 8
 
 
-def minmax_barcode(features: np.ndarray) -> np.ndarray:
-    """Packed MinMax barcodes uint8 (N, code_bits(D) / 8); 1024-d features give 128 bytes per tile."""
-    bits = minmax_bits(features)
-    padded = np.zeros((bits.shape[0], code_bits(bits.shape[1] + 1)), dtype=bool)
-    padded[:, : bits.shape[1]] = bits
-    return np.packbits(padded, axis=1, bitorder=BITORDER)
+def minmax_barcode(features: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """Packed MinMax barcodes uint8 (N, code_bits(D) / 8); 1024-d features give 128 bytes per tile.
+    Computed `block` rows at a time, so the unpacked bits never take more than block x D bytes."""
+    features = np.asarray(features)
+    d = features.shape[1] if features.ndim == 2 else 0
+    out = np.empty((len(features), code_bits(d) // 8), dtype=np.uint8)
+    for start in range(0, len(features), block):
+        bits = minmax_bits(features[start : start + block])
+        padded = np.zeros((bits.shape[0], code_bits(d)), dtype=bool)
+        padded[:, : bits.shape[1]] = bits
+        out[start : start + block] = np.packbits(padded, axis=1, bitorder=BITORDER)
+    if len(features) == 0:
+        minmax_bits(features)  # the shape check
+    return out
 
 
 def hamming_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -91,13 +102,11 @@ def build_binary_index(
     if row.tunes is None:
         index.add(codes)
         return index, {"kind": row.name, **chosen}
-    held = held_out_rows(
-        len(codes), groups, min(int(p["calibration_queries"]), len(codes) // 10), int(p["seed"])
-    )
+    held = calibration_rows(len(codes), groups, p)
     rest = np.flatnonzero(~held)
-    index.add_with_ids(codes[rest], rest.astype(np.int64))
+    add_rows(index, codes, rest)
     calibration = _calibrate(index, row, codes, np.flatnonzero(held), rest, p)
-    index.add_with_ids(codes[held], np.flatnonzero(held).astype(np.int64))
+    add_rows(index, codes, np.flatnonzero(held))
     if isinstance(index, faiss.IndexBinaryIVF):
         index.make_direct_map()
     return index, {"kind": row.name, **chosen, **calibration.record()}
@@ -140,3 +149,115 @@ def stored_codes(index: Any) -> np.ndarray:
     if index.direct_map.type == 0:
         index.make_direct_map()
     return index.reconstruct_n(0, index.ntotal)
+
+
+def empty_copy(index: Any) -> Any:
+    """The trained, empty copy of a binary index (its quantizer without any code): new rows join as a part
+    made from it."""
+    import faiss
+
+    empty = faiss.clone_binary_index(index)
+    empty.reset()
+    if isinstance(empty, faiss.IndexBinaryIVF):
+        empty.set_direct_map_type(faiss.DirectMap.NoMap)
+    return empty
+
+
+HAMMING_NONE = np.iinfo(np.int32).max  # the distance of a missing neighbour (id -1)
+
+
+@dataclass
+class BarcodeIndex:
+    """A FAISS binary index with the codes of its rows (row order), searched with an optional row filter.
+
+    Filtered search (search/filters.py): IndexBinaryFlat takes the filter as a FAISS id selector (exact
+    within it); FAISS's IndexBinaryIVF takes none, so a filtered IVF search widens when few rows are
+    excluded, and otherwise searches a view of the index holding only the allowed rows.
+    """
+
+    kind: IndexKind
+    index: Any
+    codes: np.ndarray
+    _lists: ListPlan | None = field(default=None, repr=False)
+    _centroid_codes: np.ndarray | None = field(default=None, repr=False)
+    _views: dict[bytes, Any] = field(default_factory=dict, repr=False)
+
+    def search(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest rows by Hamming distance among the allowed `rows` (boolean mask; None: all):
+        (distances int32 (Q, k), ids (Q, k), -1 = none)."""
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.uint8)
+        k = min(k, len(self.codes))
+        if rows is None:
+            return self.index.search(queries, k)
+        if isinstance(self.index, faiss.IndexBinaryIVF):
+            found = widened(lambda q, n: self.index.search(q, n), queries, k, rows)
+            return found if found is not None else self._filtered_ivf(queries, k, rows)
+        selector, bits = row_selector(rows)
+        params = faiss.SearchParameters()
+        params.sel = selector
+        found = self.index.search(queries, k, params=params)
+        del bits  # the selector reads it until here
+        return found
+
+    def _filtered_ivf(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The IVF search within the allowed rows: FAISS's IndexBinaryIVF takes no id selector, so it runs on
+        a view of the index holding only the allowed rows (made once per filter), each query's lists
+        chosen as search/filters.py's `ListPlan` says."""
+        import faiss
+
+        ivf = self.index
+        if self._lists is None:
+            self._lists = ListPlan.of(ivf.invlists)
+        key = digest(rows)
+        view = self._view(rows, key)
+        plan, nprobe = self._lists, int(ivf.nprobe)
+        nearest = np.argsort(hamming_matrix(queries, self._centroids()), axis=1, kind="stable")
+        lists = plan.probes(nearest[:, : plan.width(rows, nprobe)], plan.allowed_sizes(rows, key), nprobe)
+        coarse = np.zeros(lists.shape, dtype=np.int32)  # unused by a binary IVF scan
+        dist = np.empty((len(queries), k), dtype=np.int32)
+        ids = np.empty((len(queries), k), dtype=np.int64)
+        ptr = faiss.swig_ptr
+        view.nprobe = lists.shape[1]
+        view.search_preassigned_c(
+            len(queries), ptr(queries), k, ptr(lists), ptr(coarse), ptr(dist), ptr(ids), False
+        )
+        return dist, ids
+
+    def _centroids(self) -> np.ndarray:
+        import faiss
+
+        if self._centroid_codes is None:
+            quantizer = faiss.downcast_IndexBinary(self.index.quantizer)
+            self._centroid_codes = faiss.vector_to_array(quantizer.xb).reshape(-1, self.index.code_size)
+        return self._centroid_codes
+
+    def _view(self, rows: np.ndarray, key: bytes) -> Any:
+        """An IndexBinaryIVF on the same quantizer whose lists hold only the allowed rows (cached per filter)."""
+        import faiss
+
+        if key in self._views:
+            return self._views[key]
+        ivf = self.index
+        view = faiss.IndexBinaryIVF(faiss.clone_binary_index(ivf.quantizer), ivf.d, ivf.nlist)
+        view.is_trained = True
+        size = ivf.code_size
+        for i in np.flatnonzero(self._lists.sizes):
+            n = int(self._lists.sizes[i])
+            ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(int(i)), n)
+            codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(int(i)), n * size).reshape(n, size)
+            keep = rows[ids]
+            if keep.any():
+                kept_ids = np.ascontiguousarray(ids[keep])
+                kept = np.ascontiguousarray(codes[keep])
+                view.invlists.add_entries(
+                    int(i), len(kept_ids), faiss.swig_ptr(kept_ids), faiss.swig_ptr(kept)
+                )
+        view.ntotal = int(np.count_nonzero(rows))
+        if len(self._views) >= CACHED_FILTERS // 2:
+            self._views.pop(next(iter(self._views)))
+        self._views[key] = view
+        return view

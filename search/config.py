@@ -66,6 +66,14 @@ class EvaluateConfig(Section):
     strategy: Literal["exhaustive", "two-stage"]  # every slide ranked (published protocol) | the search's
 
 
+class UpdateConfig(Section):
+    """Growing an index in place (search/growth.py): when parts are merged and when to advise a retrain."""
+
+    max_parts: Annotated[int, Field(ge=1)]
+    max_removed_fraction: Annotated[float, Field(gt=0, le=1)]
+    max_imbalance_growth: Annotated[float, Field(ge=1)]
+
+
 class IndexRun(RunOptions):
     device: Device
     batch_size: PositiveInt
@@ -85,6 +93,7 @@ class IndexConfig(StageConfig):
     params: IndexParams
     search: IndexSearch
     evaluate: EvaluateConfig
+    update: UpdateConfig
     run: IndexRun
 
 

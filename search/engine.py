@@ -16,6 +16,7 @@ import numpy as np
 from histo.classification import vote
 from search.config import IndexSearch, Mode
 from search.distance import best_matches, slide_distances
+from search.filters import Where, slide_mask
 
 MODES = get_args(Mode)
 
@@ -86,6 +87,7 @@ class Catalog:
     sites: list[str | None]
     offsets: np.ndarray  # (S + 1,) int64
     coords: np.ndarray  # (N, 2) int64 level-0 x, y of every row
+    projects: list[str | None] | None = None  # None: no project recorded for any slide
     tile_sides: list[float | None] | None = None  # per slide: tile side in level-0 px (None: not recorded)
 
     def __post_init__(self) -> None:
@@ -93,6 +95,10 @@ class Catalog:
         self.tile_sides = list(self.tile_sides or [None] * len(self.slide_ids))
         self.row_slide = np.repeat(np.arange(len(self.slide_ids)), np.diff(self.offsets))
         self.position = {sid: i for i, sid in enumerate(self.slide_ids)}
+        if self.projects is None:
+            self.projects = [None] * len(self.slide_ids)
+        # Ties in slide distance go to the smaller slide ID, so a ranking never depends on row order.
+        self.id_rank = np.argsort(np.argsort(np.array(self.slide_ids, dtype=object), kind="stable"))
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -105,32 +111,33 @@ class Catalog:
         slide = int(self.row_slide[row])
         return slide, int(row - self.offsets[slide])
 
-    def allowed(self, exclude_patient: str | None = None, site: str | None = None) -> np.ndarray | None:
-        """Boolean mask of searchable slides (None: all), dropping a patient and/or keeping one site."""
-        if exclude_patient is None and site is None:
+    def allowed(self, exclude_patient: str | None = None, where: Where | None = None) -> np.ndarray | None:
+        """Boolean mask of searchable slides (None: all): those passing the filter `where`
+        (search/filters.py), without the patient `exclude_patient`."""
+        if exclude_patient is None and not where:
             return None
-        mask = np.ones(len(self), dtype=bool)
+        mask = slide_mask(self, where) if where else np.ones(len(self), dtype=bool)
         if exclude_patient is not None:
             mask &= np.array([p != exclude_patient for p in self.patients], dtype=bool)
-        if site is not None:
-            mask &= np.array([s == site for s in self.sites], dtype=bool)
         return mask
 
 
 @dataclass
 class SearchEngine:
-    """Two-stage search over a catalog; `knn[mode](queries, k) -> (distances, rows)`, `tiles[mode]` arrays.
+    """Two-stage search over a catalog; `knn[mode](queries, k, rows) -> (distances, rows)` where `rows` is
+    None or a boolean mask of the rows the kNN may return; `tiles[mode]` arrays.
 
     `settings` (the index's `search` config, see search/config.py) set the first stage and the matches;
     a query may bring its own (`settings=` of `rank` and `search`).
-    First stage: `stage1_tiles` evenly spread query tiles each fetch their `tile_k` nearest tiles, and every
-    slide hit becomes a candidate (tile_k grows 4x while fewer than k slides are hit). Second stage: the
-    exact slide distance, over all query tiles, on the candidates. tile_k must exceed the tiles of a slide
-    that nearly duplicates the query (another slide of the patient), or that slide alone fills every list.
+    First stage: `stage1_tiles` evenly spread query tiles each fetch their `tile_k` nearest tiles among the
+    allowed slides' rows, and every slide hit becomes a candidate (tile_k grows 4x while fewer than k
+    slides are hit). Second stage: the exact slide distance, over all query tiles, on the candidates.
+    tile_k must exceed the tiles of a slide that nearly duplicates the query (another slide of the
+    patient), or that slide alone fills every list. Ties in slide distance go to the smaller slide ID.
     """
 
     catalog: Catalog
-    knn: dict[str, Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]]
+    knn: dict[str, Callable[[np.ndarray, int, np.ndarray | None], tuple[np.ndarray, np.ndarray]]]
     tiles: dict[str, Callable[[], np.ndarray]]  # mode -> all rows' codes (uint8) or features (float32)
     settings: IndexSearch
 
@@ -149,18 +156,17 @@ class SearchEngine:
             raise ValueError(f"unknown search mode {mode!r} (barcode, float)")
         cat = self.catalog
         everything = np.arange(len(cat)) if allowed is None else np.flatnonzero(allowed)
-        excluded_rows = 0 if allowed is None else int(np.diff(cat.offsets)[~allowed].sum())
         info: dict[str, Any] = {"mode": mode, "strategy": "exhaustive", "tile_k": 0, "stage1_tiles": 0}
         candidates = everything
-        if not exhaustive and excluded_rows * 2 < len(cat.row_slide) and len(everything) > k:
-            hit, info["tile_k"] = self._first_stage(query, mode, allowed, excluded_rows, k, settings)
+        if not exhaustive and len(everything) > k:
+            hit, info["tile_k"] = self._first_stage(query, mode, allowed, k, settings)
             info["stage1_tiles"] = min(len(query), settings.stage1_tiles)
             if len(hit) >= k:
                 candidates, info["strategy"] = hit, "two-stage"
             else:  # fewer distinct slides than asked for even with every row: search all allowed ones
                 info["strategy"] = "exhaustive (fewer than k candidates)"
         distances = slide_distances(query, self.tiles[mode](), cat.offsets, candidates)
-        order = np.lexsort((candidates, distances))[:k]
+        order = np.lexsort((cat.id_rank[candidates], distances))[:k]
         info["candidates"] = len(candidates)
         return [(int(candidates[i]), float(distances[i])) for i in order], info
 
@@ -169,23 +175,23 @@ class SearchEngine:
         query: np.ndarray,
         mode: str,
         allowed: np.ndarray | None,
-        excluded_rows: int,
         wanted: int,
         settings: IndexSearch,
     ) -> tuple[np.ndarray, int]:
-        """Allowed slides hit by the kNN of the stage-1 query tiles, widening tile_k until `wanted` are hit."""
+        """Allowed slides hit by the kNN of the stage-1 query tiles (over the allowed rows only), widening
+        tile_k until `wanted` are hit."""
         cat = self.catalog
-        n_rows = len(cat.row_slide)
+        rows_allowed = None if allowed is None else allowed[cat.row_slide]
+        n_rows = len(cat.row_slide) if rows_allowed is None else int(rows_allowed.sum())
         picked = np.unique(np.linspace(0, len(query) - 1, min(len(query), settings.stage1_tiles)).round())
         tiles = query[picked.astype(np.int64)]
         tile_k = settings.tile_k or default_tile_k(cat)
         while True:
-            # Asking for tile_k + excluded rows neighbours guarantees tile_k allowed ones per query tile.
-            _, rows = self.knn[mode](tiles, min(n_rows, tile_k + excluded_rows))
+            _, rows = self.knn[mode](tiles, min(n_rows, tile_k), rows_allowed)
             slides = np.unique(cat.row_slide[rows[rows >= 0]])
             if allowed is not None:
-                slides = slides[allowed[slides]]
-            if len(slides) >= wanted or tile_k + excluded_rows >= n_rows:
+                slides = slides[allowed[slides]]  # a kNN honours the filter; this only guards it
+            if len(slides) >= wanted or tile_k >= n_rows:
                 return slides, tile_k
             tile_k *= 4
 
@@ -234,12 +240,16 @@ class SearchEngine:
         hits = self.hits(query, ranked, mode, query_xy, settings.n_matches)
         return SearchResult(name, vote_of(hits), hits, info)
 
-    def nearest_tiles(self, name: str, tile: np.ndarray, mode: str, k: int) -> SearchResult:
-        """The k indexed tiles nearest one query tile's code/features (1, D): one hit per tile, in order."""
+    def nearest_tiles(
+        self, name: str, tile: np.ndarray, mode: str, k: int, allowed: np.ndarray | None = None
+    ) -> SearchResult:
+        """The k indexed tiles nearest one query tile's code/features (1, D), among the `allowed` slides'
+        (None: all): one hit per tile, in order."""
         if mode not in MODES:
             raise ValueError(f"unknown search mode {mode!r} (barcode, float)")
         cat = self.catalog
-        dist, rows = self.knn[mode](tile, k)
+        rows_allowed = None if allowed is None else allowed[cat.row_slide]
+        dist, rows = self.knn[mode](tile, k, rows_allowed)
         hits = []
         for d, row in zip(dist[0], rows[0], strict=True):
             if row < 0:

@@ -7,7 +7,8 @@ Reported per k (`histo.classification.classification_report`): accuracy, macro-F
 in the truth or the predictions; a query with no labelled neighbour abstains, "(none)", which is wrong and a
 miss of its class but not a class) and per-class precision/recall/F1/support; confusion matrices as PNG.
 Scopes: horizontal (all slides) and, when every slide has a site, vertical (only slides of the query's
-site). A query with no other patient in its scope is listed as unanswerable and left out of the metrics.
+site: the filtered search of `--where site=...`, search/filters.py, whose first stage searches only that
+site's rows, so vertical two-stage rankings are exact within the site like horizontal ones). A query with no other patient in its scope is listed as unanswerable and left out of the metrics.
 
 Ranking (`strategy`, recorded in the result): `exhaustive` (the default) computes the slide distance to
 every allowed slide, as the published protocol ranks; `two-stage` uses the search's approximation (per-tile
@@ -28,6 +29,7 @@ import numpy as np
 from histo.classification import ABSTAIN, DEFINITIONS, ClassificationReport, classification_report, vote
 from histo.errors import HistoError
 from search.engine import Catalog, SearchEngine
+from search.filters import slide_mask
 
 STRATEGIES = ("exhaustive", "two-stage")
 
@@ -133,8 +135,8 @@ def evaluate_engine(
             if cat.labels[s] is None:
                 continue
             allowed = patients != patients[s]
-            if scope == "vertical":
-                allowed &= np.array([x == sites[s] for x in sites])
+            if scope == "vertical":  # the filtered search of `--where site=<the query's site>`
+                allowed &= slide_mask(cat, {"site": frozenset([sites[s]])})
             if not allowed.any():
                 sr.unanswerable.append(cat.slide_ids[s])
                 continue

@@ -248,6 +248,7 @@ def extract_features(
             "label": rec.label,
             "patient": rec.patient,
             "site": rec.site,
+            "project": rec.project,
             "n_tiles": len(coords),
             "tile_size_level0": rec.tile_size_level0,
             "store": str(Path(store.path).resolve()),

@@ -7,7 +7,7 @@ For each query, `DIR/<query id>/` holds
 with measurements rank (of the hit slide), slide_distance, distance (of the tile pair), tile (the hit's
 indexed tile) and query_tile (the query's selected tile). Coordinates are level-0 pixels of each slide, as
 `histo export --format qupath` writes them: open a slide in QuPath and import its file (File > Import
-objects). The index records each slide's tile side for this (`catalog.json`, `tile_size_level0`). A re-run
+objects). The index records each slide's tile side for this (its catalog, `tile_size_level0`). A re-run
 replaces a query's folder as a whole, so no file of an earlier result is left beside the new ones.
 """
 

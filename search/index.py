@@ -29,7 +29,7 @@ import math
 import string
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -38,6 +38,7 @@ import numpy as np
 
 from histo.errors import HistoError, InputFileError
 from search.config import MIN_POINTS_PER_LIST, IndexParams, index_params
+from search.filters import widened
 from search.kinds import IndexKind, SearchParameter, float_kind
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,12 @@ def _pq_nbits(p: Mapping[str, Any], n: int, d: int) -> int:
     # 2**nbits centroids per sub-quantizer need >= 39 training points each.
     return int(min(p["pq_nbits"], max(1, int(math.log2(n / MIN_POINTS_PER_LIST)))))
 
+
+# FloatIndex.exact_is_cheaper's factor: the exact scan of the allowed rows costs about as much as a
+# filtered IVF search through its lists at f^2 = EXACT_SCAN_ADVANTAGE * nprobe / nlist. Fitted at 1M
+# 1024-d tiles (nprobe 128, nlist 4,000; scripts/bench_grow.py): the exact scan won at 10 % of the rows
+# (two-stage 208 ms against 277 ms unfiltered) and lost at 25 % (402 ms against 256 ms).
+EXACT_SCAN_ADVANTAGE = 0.7
 
 # How a factory-string parameter left null is chosen from N vectors of dimension D (others: as given).
 CHOOSERS: dict[str, Callable[[Mapping[str, Any], int, int], int]] = {
@@ -175,25 +182,35 @@ def resolve_faiss_device(device: str, kind: str | IndexKind) -> str:
 
 
 def exact_knn(
-    queries: np.ndarray, base: np.ndarray, k: int, base_sqnorms: np.ndarray | None = None
+    queries: np.ndarray,
+    base: np.ndarray,
+    k: int,
+    base_sqnorms: np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest rows of `base` by L2 (blocked GEMM); returns (Euclidean distances, row ids)."""
+    """Exact k nearest rows of `base` by L2 (blocked GEMM), among the `allowed` rows (a boolean mask; None:
+    all); returns (Euclidean distances, row ids), -1 where fewer than k rows are allowed."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    k = min(k, len(base))
+    n_allowed = len(base) if allowed is None else int(np.count_nonzero(allowed))
+    k_all, k = k, min(k, n_allowed)
     if base_sqnorms is None:
         base_sqnorms = np.einsum("ij,ij->i", base, base)
     neg2q = -2.0 * queries
     best_d = np.full((len(queries), 0), np.inf, dtype=np.float32)
     best_i = np.zeros((len(queries), 0), dtype=np.int64)
     step = max(k, KNN_BLOCK_ELEMENTS // max(1, len(queries)))
-    for start in range(0, len(base), step):
-        block = base[start : start + step]
+    for start in range(0, len(base) if k else 0, step):
+        rows, block = _allowed_block(base, start, step, allowed)
+        if len(rows) == 0:
+            continue
         d2 = neg2q @ block.T  # |x|^2 - 2 q.x: the -2 folded into the queries, the norms added in place
-        d2 += base_sqnorms[start : start + step][None, :]
+        d2 += base_sqnorms[rows][None, :]
+        if allowed is not None and len(rows) == len(block) and not allowed[rows].all():
+            d2[:, ~allowed[rows]] = np.inf  # a mostly allowed block is searched whole, the rest masked
         take = min(k, d2.shape[1])
         part = np.argpartition(d2, take - 1, axis=1)[:, :take]
         best_d = np.concatenate([best_d, np.take_along_axis(d2, part, 1)], axis=1)
-        best_i = np.concatenate([best_i, part + start], axis=1)
+        best_i = np.concatenate([best_i, rows[part]], axis=1)
         if best_d.shape[1] > k:
             keep = np.argpartition(best_d, k - 1, axis=1)[:, :k]
             best_d, best_i = np.take_along_axis(best_d, keep, 1), np.take_along_axis(best_i, keep, 1)
@@ -201,24 +218,52 @@ def exact_knn(
     diff = base[best_i] - queries[:, None, :]
     best_d = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff)).astype(np.float32)
     order = np.lexsort((best_i, best_d), axis=1) if best_d.size else np.zeros_like(best_i)
-    return np.take_along_axis(best_d, order, 1), np.take_along_axis(best_i, order, 1)
+    dist, ids = np.take_along_axis(best_d, order, 1), np.take_along_axis(best_i, order, 1)
+    if k < k_all:  # fewer allowed rows than asked for: pad as FAISS does
+        pad = ((0, 0), (0, min(k_all, len(base)) - k))
+        dist, ids = np.pad(dist, pad, constant_values=np.inf), np.pad(ids, pad, constant_values=-1)
+    return dist, ids
+
+
+def _allowed_block(
+    base: np.ndarray, start: int, step: int, allowed: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, rows) of one block of `base`: all of it when at least half is allowed (the excluded rows
+    are masked after the product), else only its allowed rows, gathered."""
+    rows = np.arange(start, min(start + step, len(base)))
+    if allowed is None or np.count_nonzero(allowed[rows]) * 2 >= len(rows):
+        return rows, base[start : start + step]
+    rows = rows[allowed[rows]]
+    return rows, base[rows]
 
 
 @dataclass
 class FloatIndex:
-    """A FAISS float index plus what its search needs: its kind, parameters, device and the stored vectors."""
+    """A FAISS float index plus what its search needs: its kind, parameters, device and the stored vectors.
+
+    `tombstones`: rows of a kind that cannot delete (search/kinds.py `removes`) left in the index with id
+    -1; every search filters them out. `trained`: the trained, empty index a build started from (new rows
+    join as a part made from it; None for untrained kinds). `held_out`: the rows a build calibrated with.
+    """
 
     kind: IndexKind
     index: Any  # the CPU faiss index (what is saved)
     parameters: IndexParameters
     device: str = "cpu"  # "cpu" or "gpu"; set by to_device
     vectors: Callable[[np.ndarray], np.ndarray] | None = None  # rows -> float32 features (re-ranking)
+    base: Callable[[], np.ndarray] | None = None  # every row's float32 features (exact filtered search)
+    tombstones: int = 0
+    trained: Any = field(default=None, repr=False)
+    held_out: np.ndarray | None = field(default=None, repr=False)
     _search_index: Any = field(default=None, repr=False)
+    _lists: Any = field(default=None, repr=False)  # search/filters.py ListPlan of an IVF, read once
     _flat_cache: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _base_norms: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        """The rows a search can return (tombstones excluded)."""
+        return int(self.index.ntotal) - self.tombstones
 
     @property
     def params(self) -> Mapping[str, Any]:
@@ -250,25 +295,120 @@ class FloatIndex:
             info["multi_gpu"] = "shards" if self.params["gpu_shard"] else "replicas"
         return info
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest indexed vectors of each query: (Euclidean distances (Q, k), ids (Q, k), -1 = none)."""
+    def search(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None = None, own: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest indexed vectors of each query among the `rows` allowed (a boolean mask over the rows;
+        None: all): (Euclidean distances (Q, k), ids (Q, k), -1 = none). `own`: through the index's own
+        structure even where an exact scan is cheaper (the drift check measures the index itself).
+
+        A filtered search is exact within the filter for the flat kind, and for an IVF whose filter
+        allows so few rows that scanning them all costs less than the lists a filtered IVF search would
+        scan (`exact_is_cheaper`; it needs `base`); other filtered searches get the filter as a FAISS id
+        selector and visit about as many allowed vectors as an unfiltered search visits (see
+        `_filtered_search`). Filtered searches run on the CPU (FAISS GPU indexes take no selector)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, self.ntotal)
         if self._search_index is None:
             self.to_device("cpu")
         if self.kind.exact and self.device == "cpu":
             base, norms = self._flat_arrays()
-            return exact_knn(queries, base, k, norms)
+            return exact_knn(queries, base, k, norms, rows)
+        if rows is not None and not own and self.exact_is_cheaper(rows):
+            base = self.base()
+            if self._base_norms is None:
+                self._base_norms = np.einsum("ij,ij->i", base, base)
+            return exact_knn(queries, base, k, self._base_norms, rows)
+        if rows is not None and not self.tombstones:
+            found = widened(lambda q, n: self.search(q, n), queries, k, rows)
+            if found is not None:
+                return found
+        if rows is None and not self.tombstones:
+            search = self._search_index.search
+        else:
+            search = partial(self._filtered_search, rows=rows)
         if self.kind.rerank:
-            return self._search_reranked(queries, k)
-        d2, ids = self._search_index.search(queries, k)
+            return self._search_reranked(queries, k, search)
+        d2, ids = search(queries, k)
         return np.sqrt(np.maximum(d2, 0.0)), ids
+
+    def exact_is_cheaper(self, rows: np.ndarray) -> bool:
+        """Whether scanning every allowed row exactly costs less than a filtered IVF search. That search
+        scans about nprobe / (nlist * f) of the rows per query to meet as many allowed vectors as an
+        unfiltered one (f: the allowed fraction), the exact scan f of them in one matrix product for all
+        queries: so f^2 <= EXACT_SCAN_ADVANTAGE * nprobe / nlist (f <= 0.15 for nprobe 128 of 4,000
+        lists)."""
+        nlist, nprobe = self.params.get("nlist"), self.params.get("nprobe")
+        if self.base is None or not nlist or not nprobe or self.tombstones:
+            return False
+        fraction = np.count_nonzero(rows) / max(1, self.ntotal)
+        return fraction**2 <= EXACT_SCAN_ADVANTAGE * nprobe / nlist
+
+    def _filtered_search(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search of the CPU index through an id selector of the allowed rows (tombstones never pass):
+        an IVF scans each query's lists as search/filters.py's `ListPlan` says; a graph gets its calibrated
+        efSearch divided by the allowed fraction."""
+        import faiss
+
+        from search.filters import ListPlan, digest, row_selector, scaled
+
+        allowed = np.ones(self.ntotal, dtype=bool) if rows is None else rows
+        selector, bits = row_selector(allowed)
+        tuned = self.kind.tunes
+        params = getattr(faiss, tuned.params_class)() if tuned is not None else faiss.SearchParameters()
+        params.sel = selector
+        ivf = next((p for p in index_parts(self.index) if isinstance(p, faiss.IndexIVF)), None)
+        if ivf is not None:
+            if self._lists is None:
+                self._lists = ListPlan.of(ivf.invlists)
+            plan, nprobe = self._lists, int(ivf.nprobe)
+            coarse, nearest = ivf.quantizer.search(queries, plan.width(allowed, nprobe))
+            lists = plan.probes(nearest, plan.allowed_sizes(allowed, digest(allowed)), nprobe)
+            params.nprobe = lists.shape[1]
+            d2 = np.empty((len(queries), k), dtype=np.float32)
+            ids = np.empty((len(queries), k), dtype=np.int64)
+            ptr = faiss.swig_ptr
+            ivf.search_preassigned_c(
+                len(queries), ptr(queries), k, ptr(lists), ptr(coarse), ptr(d2), ptr(ids), False, params
+            )
+        else:
+            if tuned is not None and self.params.get(tuned.key):
+                fraction = np.count_nonzero(allowed) / max(1, int(self.index.ntotal))
+                value = scaled(int(self.params[tuned.key]), fraction, tuned.limit(self.params))
+                setattr(params, tuned.faiss_name, value)
+            d2, ids = self.index.search(queries, k, params=params)
+        del bits  # the selector reads it until here
+        return d2, ids
 
     def stored_vectors(self) -> np.ndarray:
         """The vectors held by an exact (flat) index (a zero-copy view of FAISS's storage), row order = ids."""
         if not self.kind.exact:
             raise HistoError(f"a {self.kind.name} index does not hold its float vectors")
         return self._flat_arrays()[0]
+
+    def row_vectors(self) -> np.ndarray | None:
+        """Every row's float vector read back from the index, in row order, when the index stores them
+        unchanged (flat, IVF-Flat, HNSW-Flat); None for kinds that store lossy codes (PQ, SQ)."""
+        import faiss
+
+        if self.kind.exact:
+            return self.stored_vectors()
+        parts = list(index_parts(self.index))
+        ivf = next((p for p in parts if isinstance(p, faiss.IndexIVF)), None)
+        if isinstance(ivf, faiss.IndexIVFFlat):
+            ivf.make_direct_map()
+            return ivf.reconstruct_n(0, ivf.ntotal)
+        hnsw = next((p for p in parts if isinstance(p, faiss.IndexHNSW)), None)
+        storage = None if hnsw is None else faiss.downcast_index(hnsw.storage)
+        if not isinstance(parts[0], faiss.IndexIDMap) or not isinstance(storage, faiss.IndexFlat):
+            return None
+        stored = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d).reshape(-1, storage.d)
+        ids = faiss.vector_to_array(parts[0].id_map)
+        out = np.empty((self.ntotal, storage.d), dtype=np.float32)
+        out[ids[ids >= 0]] = stored[ids >= 0]
+        return out
 
     def _flat_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         import faiss
@@ -279,11 +419,13 @@ class FloatIndex:
             self._flat_cache = (base, np.einsum("ij,ij->i", base, base))
         return self._flat_cache
 
-    def _search_reranked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_reranked(
+        self, queries: np.ndarray, k: int, search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+    ) -> tuple[np.ndarray, np.ndarray]:
         if self.vectors is None:
             raise HistoError(f"{self.kind.name} search needs the stored float features for exact re-ranking")
         shortlist = min(self.ntotal, int(self.params["rerank"]) * k)
-        _, cand = self._search_index.search(queries, shortlist)
+        _, cand = search(queries, shortlist)
         dists = np.full(cand.shape, np.inf, dtype=np.float32)
         for qi in range(len(queries)):
             valid = cand[qi] >= 0
@@ -333,8 +475,11 @@ def build_float_index(
 
     Calibrated kinds get their vectors in two steps: all but some held-out rows, then (after calibrating
     with the held-out rows as unseen queries) the held-out rows. With `groups` (the slide of each row)
-    whole slides are held out, as a query slide is never in the index; FAISS ids = row numbers.
+    whole slides are held out, as a query slide is never in the index; FAISS ids = row numbers. The
+    returned index keeps the trained, empty index (`trained`) and the held-out rows (`held_out`).
     """
+    import faiss
+
     kind = float_kind(kind)
     requested = index_params(params)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -348,23 +493,39 @@ def build_float_index(
     built = FloatIndex(kind, index, IndexParameters(requested, chosen), vectors=lambda rows: vectors[rows])
     if kind.trainable:
         index.train(training_sample(vectors, p))
+        built.trained = faiss.clone_index(index)  # still empty: the start of every part added later
     if kind.tunes is None:
         index.add(vectors)
         return built
-    held_out = held_out_rows(n, groups, min(int(p["calibration_queries"]), n // 10), int(p["seed"]))
+    held_out = calibration_rows(n, groups, p)
+    built.held_out = np.flatnonzero(held_out)
     rest = np.flatnonzero(~held_out)
-    index.add_with_ids(vectors[rest], rest.astype(np.int64))
+    add_rows(index, vectors, rest)
     calibration = calibrate(built, vectors, np.flatnonzero(held_out), rest)
     built.parameters = built.parameters.with_resolved(calibration.record())
-    index.add_with_ids(vectors[held_out], np.flatnonzero(held_out).astype(np.int64))
+    add_rows(index, vectors, np.flatnonzero(held_out))
     built.to_device("cpu")
     return built
+
+
+def add_rows(index: Any, x: np.ndarray, rows: np.ndarray, block: int = 1 << 16) -> None:
+    """`index.add_with_ids(x[rows], rows)`, `block` rows at a time (never a copy of most of `x`)."""
+    for start in range(0, len(rows), block):
+        ids = np.ascontiguousarray(rows[start : start + block], dtype=np.int64)
+        index.add_with_ids(x[ids], ids)
 
 
 def training_sample(x: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
     """The seeded training rows of a trainable index: `train_points_per_list` per list (all rows if fewer)."""
     n_lists = int(params.get("nlist") or 1)
     return sample_rows(x, n_lists * int(params["train_points_per_list"]), int(params["seed"]))
+
+
+def calibration_rows(n: int, groups: np.ndarray | None, params: Mapping[str, Any]) -> np.ndarray:
+    """The rows a build holds out to calibrate on (whole slides with `groups`): about
+    `calibration_queries` rows, at most a tenth of the index; the float and barcode builds hold out the same."""
+    n_rows = min(int(params["calibration_queries"]), n // 10)
+    return held_out_rows(n, groups, n_rows, int(params["seed"]))
 
 
 def held_out_rows(n: int, groups: np.ndarray | None, n_rows: int, seed: int) -> np.ndarray:
@@ -469,7 +630,9 @@ def calibrate(
         index.to_device("cpu")
         return recall_at_k(index.search(vectors[queries], k)[1], truth)
 
-    truth = indexed[exact_knn(vectors[queries], vectors[indexed], k)[1]] if len(queries) else None
+    indexed_rows = np.zeros(len(vectors), dtype=bool)
+    indexed_rows[indexed] = True  # a mask, not a copy of the indexed vectors
+    truth = exact_knn(vectors[queries], vectors, k, allowed=indexed_rows)[1] if len(queries) else None
     calibration = tune(tuned, base.effective, recall_of if len(queries) else None, index.kind.name)
     index.parameters = base
     return calibration

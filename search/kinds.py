@@ -3,7 +3,9 @@
 A row gives the FAISS factory string (its `{placeholders}` are parameters resolved at build time, see
 `search.index.resolve_build_params`), the search parameter FAISS's ParameterSpace sets at query time and
 the build calibrates, whether faiss-gpu can hold the index, whether its candidates are re-ranked by exact
-distance on the stored float features, whether it is trained, and the barcode index it pairs with.
+distance on the stored float features, whether it is trained, the barcode index it pairs with, and how it
+takes an update (search/growth.py): new rows as a new part of the trained index, or the whole index
+rewritten with them; removed rows deleted, or left in and filtered out of every search.
 `search/index.py` and `search/barcodes.py` build every kind from its row through `faiss.index_factory`
 (`index_binary_factory`), so adding a kind is one `register(IndexKind(...))` call; the config's `type`
 and `params.barcode_index` accept the registered names.
@@ -24,11 +26,15 @@ from histo.errors import HistoError
 @dataclass(frozen=True)
 class SearchParameter:
     """A search-time FAISS parameter: its ParameterSpace name, its config key, the values calibration tries
-    (smallest first; the first reaching the recall target is kept) given the resolved parameters."""
+    (smallest first; the first reaching the recall target is kept) given the resolved parameters, the
+    FAISS SearchParameters class that carries it with an id filter, and its largest useful value (a
+    filtered search scales the calibrated value by 1 / the allowed fraction, up to that)."""
 
     faiss_name: str
     key: str
     sweep: Callable[[Mapping[str, Any]], list[int]]
+    params_class: str
+    limit: Callable[[Mapping[str, Any]], int]
 
 
 def _nprobe_sweep(params: Mapping[str, Any]) -> list[int]:
@@ -36,8 +42,14 @@ def _nprobe_sweep(params: Mapping[str, Any]) -> list[int]:
     return sorted({2**i for i in range(int(math.log2(nlist)) + 1)} | {nlist})
 
 
-NPROBE = SearchParameter("nprobe", "nprobe", _nprobe_sweep)
-EF_SEARCH = SearchParameter("efSearch", "ef_search", lambda params: [2**i for i in range(4, 12)])
+NPROBE = SearchParameter(
+    "nprobe", "nprobe", _nprobe_sweep, "SearchParametersIVF", lambda params: int(params["nlist"])
+)
+EF_SEARCH = SearchParameter(
+    "efSearch", "ef_search", lambda params: [2**i for i in range(4, 12)], "SearchParametersHNSW",
+    lambda params: 1 << 14,
+)  # fmt: skip
+GROWS = ("part", "rewrite")
 
 
 @dataclass(frozen=True)
@@ -46,7 +58,12 @@ class IndexKind:
     CPU its search is a blocked GEMM and its storage doubles as the feature matrix). `rerank`: candidates
     (`params.rerank` x k) are re-ranked by exact distance on the stored float features. `trainable`: the
     index is trained (k-means / codebooks) on a seeded sample of `params.train_points_per_list` x nlist.
-    `barcodes`: the barcode index kind used with this float kind when `params.barcode_index` is null."""
+    `barcodes`: the barcode index kind used with this float kind when `params.barcode_index` is null.
+    `grows`: how added rows join the index: "part" (a new file of the trained, empty index holding only them,
+    merged with the others when the index is opened; FAISS merges IVF lists and flat arrays) or "rewrite"
+    (the stored index is read, the rows added and the whole file written again: FAISS cannot merge HNSW
+    graphs). `removes`: FAISS deletes a removed row's id; False (HNSW: a graph node cannot be deleted) leaves
+    it in the index as a tombstone that every search filters out, until `--retrain` rebuilds."""
 
     name: str
     factory: str
@@ -58,6 +75,12 @@ class IndexKind:
     exact: bool = False
     barcodes: str = "ivf"
     binary: bool = False
+    grows: str = "part"
+    removes: bool = True
+
+    def __post_init__(self) -> None:
+        if self.grows not in GROWS:
+            raise ValueError(f"index kind {self.name!r}: grows must be one of {', '.join(GROWS)}")
 
 
 FLOAT_KINDS: dict[str, IndexKind] = {}
@@ -123,7 +146,17 @@ register(
         trainable=True,
     )
 )
-register(IndexKind("hnsw", "IDMap,HNSW{hnsw_m},Flat", "HNSW-Flat", tunes=EF_SEARCH, gpu=False))
+register(
+    IndexKind(
+        "hnsw",
+        "IDMap,HNSW{hnsw_m},Flat",
+        "HNSW-Flat",
+        tunes=EF_SEARCH,
+        gpu=False,
+        grows="rewrite",  # FAISS has no merge of HNSW graphs: the graph takes the new rows in place
+        removes=False,  # nor a deletion of a graph node: removed rows become filtered tombstones
+    )
+)
 # The FAISS guideline's index for 1e6-1e7 vectors: IVF whose coarse quantizer is an HNSW graph over the
 # centroids, so nlist can grow to 2**16 and beyond without a flat scan of the centroids per query.
 register(

@@ -1,13 +1,21 @@
-"""The index manifest: what built the index and the sha256 of every file, verified on open.
+"""The index manifest: what built the index, which files make up its current version, and their sha256.
 
 `manifest.json` is written last, atomically: an index dir without it is incomplete (an interrupted
 `histo index`; re-running resumes). Opening checks the format version, then every listed file's size and
 sha256, so a truncated or corrupted file is refused with one line naming it.
+
+Versions: every update (search/growth.py) writes its new files under new names (`catalog.000004.json`,
+`float.000004.faiss`, ...; search/storage.py) and then replaces the manifest, which names the files of the
+version (`version`). Replacing it is the switch: a reader that read the manifest before sees the previous
+version's files, one that reads it after sees the whole update, and a writer killed before the switch
+leaves the previous version as it was. Files no version names are deleted afterwards (`collect_garbage`).
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +23,9 @@ from histo.errors import HistoError, InputFileError
 from histo.io import atomic_write_json, file_sha256
 
 FORMAT = "histo-slide-index"
-VERSION = 1
+VERSION = 2  # 2: versioned parts (catalog.<v>.json, coords/barcodes/float parts, trained indexes)
 MANIFEST = "manifest.json"
+VERSIONED = re.compile(r"^(catalog|coords|barcodes|float|trained)\.\d{6}\.(json|npy|faissb?)$")
 
 
 def list_files(index_dir: Path, entries: list[str]) -> list[str]:
@@ -32,22 +41,58 @@ def list_files(index_dir: Path, entries: list[str]) -> list[str]:
     return out
 
 
-def checksums(index_dir: Path, entries: list[str]) -> dict[str, dict[str, Any]]:
-    """{relative path: {"bytes", "sha256"}} of every index file."""
-    return {rel: {"bytes": (index_dir / rel).stat().st_size, "sha256": file_sha256(index_dir / rel)}
-            for rel in list_files(index_dir, entries)}  # fmt: skip
+def checksums(
+    index_dir: Path, entries: list[str], known: Mapping[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """{relative path: {"bytes", "sha256"}} of every index file under `entries`. An entry with files in
+    `known` (the previous version's checksums, less those of slides whose features were written again or
+    relabelled since; versioned files are never rewritten) keeps their records without reading the disk,
+    so an update hashes only new files."""
+    under: dict[str, list[str]] = {}
+    for rel in known or {}:
+        parent = rel
+        while parent:
+            under.setdefault(parent, []).append(rel)
+            parent = parent.rpartition("/")[0]
+    out = {}
+    for entry in entries:
+        if entry in under:
+            out.update({rel: known[rel] for rel in under[entry]})
+            continue
+        for rel in list_files(index_dir, [entry]):
+            out[rel] = {"bytes": (index_dir / rel).stat().st_size, "sha256": file_sha256(index_dir / rel)}
+    return out
 
 
-def write_manifest(index_dir: Path, content: dict[str, Any], entries: list[str]) -> dict[str, Any]:
-    """Add format, version and the checksums of the files under `entries`; write manifest.json atomically."""
+def write_manifest(
+    index_dir: Path,
+    content: dict[str, Any],
+    entries: list[str],
+    known: Mapping[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Add format, version and the checksums of the files under `entries` (`known`: see `checksums`);
+    write manifest.json atomically: the switch to the version it describes."""
     manifest = {
         "format": FORMAT,
         "format_version": VERSION,
         **content,
-        "files": checksums(index_dir, entries),
+        "files": checksums(index_dir, entries, known),
     }
     atomic_write_json(index_dir / MANIFEST, manifest)
     return manifest
+
+
+def collect_garbage(index_dir: Path, manifest: Mapping[str, Any]) -> list[str]:
+    """Delete the versioned files the manifest does not name and the temporary files of killed writes;
+    returns their names. Run under the writer lock only."""
+    named = set(manifest["files"])
+    gone = []
+    for p in sorted(index_dir.iterdir()):
+        stale_tmp = p.name.startswith(".") and p.name.endswith(".tmp")
+        if p.is_file() and (stale_tmp or (VERSIONED.match(p.name) and p.name not in named)):
+            p.unlink()
+            gone.append(p.name)
+    return gone
 
 
 def read_manifest(index_dir: Path, verify: str = "full") -> dict[str, Any]:
@@ -67,7 +112,9 @@ def read_manifest(index_dir: Path, verify: str = "full") -> dict[str, Any]:
         raise InputFileError(path, f"not a slide index manifest (format {manifest.get('format')!r})")
     if manifest.get("format_version") != VERSION:
         raise InputFileError(
-            path, f"index format version {manifest.get('format_version')} (this code reads {VERSION})"
+            path,
+            f"index format version {manifest.get('format_version')} (this code reads {VERSION}); build it "
+            "again into a new --out from the same tile store",
         )
     if verify not in ("full", "size", "none"):
         raise HistoError(f"unknown verify mode {verify!r} (full, size, none)")

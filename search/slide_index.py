@@ -1,22 +1,29 @@
-"""`SlideIndex`: build, open, search, update and evaluate a slide index directory.
+"""`SlideIndex`: build, open, search, grow and evaluate a slide index directory.
 
-Index dir (DESIGN.md "Index dir")::
+Index dir (DESIGN.md "Index dir"; version v is the manifest's `version`)::
 
-    manifest.json      format version, model (hash, feature definition, dim; a registry encoder's weight file:
-                       path, sha256, layout), tiling config, index type and
-                       parameters (requested and effective), counts, skipped slides, sha256 of every file
-    features.zarr/     per-slide tile features and coordinates (search/features.py)
-    catalog.json       slides in row order: slide_id, label, patient, site, n_tiles, tile_size_level0 (the
-                       tiles' side in level-0 px, to draw hits on the slide; null in older indexes)
-    coords.npy         (N, 2) int64 level-0 x, y of every row (rows of a slide are contiguous)
-    barcodes.faissb    FAISS binary index over the packed MinMax barcodes (Hamming): IndexBinaryFlat for a
-                       flat index, IndexBinaryIVF (+ direct map) otherwise (search/barcodes.py)
-    float.faiss        FAISS float index of the chosen type (search/index.py)
-    model.pt           copy of the feature extractor checkpoint (when built from a histo checkpoint; an
-                       encoder's weight file is recorded in the manifest, not copied)
+    manifest.json           format version, model (hash, feature definition, dim; a registry encoder's
+                            weight file: path, sha256, layout), tiling config, index type and parameters
+                            (requested and effective), counts, the files of version v and their sha256,
+                            what the quantizers were trained on (`training`), the growth since (`growth`),
+                            every change (`history`); replaced atomically by each update
+    features.zarr/          per-slide tile features and coordinates (search/features.py)
+    catalog.<v>.json        slides in row order (slide ID order): slide_id, label, patient, site, project,
+                            n_tiles, tile_size_level0 (the tiles' side in level-0 px, to draw hits on the
+                            slide; null in older indexes), first (storage id of its first row)
+    coords.<v>.npy          parts: (n, 2) int64 level-0 x, y of the rows a version added
+    barcodes.<v>.faissb     parts of the FAISS binary index over the packed MinMax barcodes (Hamming):
+                            IndexBinaryFlat for a flat index, IndexBinaryIVF otherwise (search/barcodes.py)
+    float.<v>.faiss         parts of the FAISS float index of the chosen type (search/index.py)
+    trained.<v>.faiss(b)    the trained, empty float / barcode IVF indexes new parts are made from
+    model.pt                copy of the feature extractor checkpoint (when built from a histo checkpoint;
+                            an encoder's weight file is recorded in the manifest, not copied)
+    .lock                   the writer lock (histo/lock.py)
 
-Every structure is rebuilt from the stored features (sorted by slide ID) by `build`, `add` and `remove`,
-so an updated index equals one built from scratch on the same slides.
+A build trains and calibrates every structure (search/growth.py); adding slides later appends parts to the
+trained structures and removing slides drops them from the catalog, each as a new version, so searches of
+an opened index never see half an update. Opened, the parts are assembled in slide-ID order
+(search/storage.py): a grown flat index equals a fresh build on the same slides.
 """
 
 from __future__ import annotations
@@ -25,8 +32,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,28 +40,34 @@ import numpy as np
 
 from histo.batch import BatchSummary
 from histo.errors import HistoError, InputFileError
-from histo.io import atomic_path, atomic_write_json, file_sha256
+from histo.io import atomic_path, file_sha256
 from histo.lock import writer_lock
 from search import features as feats_io
-from search.barcodes import BITORDER, build_binary_index, code_bits, minmax_barcode, stored_codes
-from search.config import IndexConfig, SearchConfig, index_params
+from search.barcodes import BarcodeIndex, minmax_barcode, stored_codes
+from search.config import IndexConfig, SearchConfig
+from search.drift import Drift, check_drift
 from search.engine import Catalog, SearchEngine, SearchResult
-from search.index import FloatIndex, IndexParameters, build_float_index, load_float_index
-from search.kinds import float_kind
-from search.manifest import MANIFEST, read_manifest, write_manifest
+from search.filters import recorded_where, where_of
+from search.growth import (
+    MODEL,
+    Update,
+    add_extracted,
+    build_version,
+    last_update,
+    read_catalog,
+    remove_slides,
+    retrain,
+    structure_kind,
+    writing,
+)
+from search.index import FloatIndex, IndexParameters, new_faiss_index, set_search_parameter
+from search.manifest import MANIFEST, read_manifest
 from search.queries import PatchQuery, SlideQuery, as_query, patch_query, slide_query
+from search.storage import BARCODES, COORDS, FLOAT, assemble, parts_of, read_coords, row_map
 
 logger = logging.getLogger(__name__)
 
-CATALOG, COORDS, BARCODES, FLOAT, MODEL = (
-    "catalog.json",
-    "coords.npy",
-    "barcodes.faissb",
-    "float.faiss",
-    "model.pt",
-)
-CATALOG_KEYS = ("slide_id", "label", "patient", "site", "n_tiles", "tile_size_level0")
-BARCODE_DEFINITION = "MinMax: bit i = f[i+1] < f[i] for i < D-1, zero-padded to a multiple of 8 bits"
+OPEN_ATTEMPTS = 3  # an update switching versions while an index opens makes it start over, this often
 
 
 def _open_store(store: Any) -> Any:
@@ -129,6 +141,28 @@ def recorded_config(path: Path, manifest: Mapping[str, Any]) -> IndexConfig:
     return IndexConfig.coerce(recorded, source=str(path / MANIFEST))
 
 
+def check_request(path: Path, manifest: Mapping[str, Any], config: IndexConfig) -> None:
+    """Refuse a config that asks for another index than the one `path` holds (type, params and search
+    values set away from the defaults and different from the recorded ones): slides are added to the index
+    as it was built."""
+    have = recorded_config(path, manifest)
+    defaults = IndexConfig.coerce()
+    for section in ("type", "params", "search"):
+        asked, default, held = (_flat(getattr(c, section), section) for c in (config, defaults, have))
+        for key, value in asked.items():
+            if value != default[key] and value != held[key]:
+                raise HistoError(
+                    f"{path}: an existing index with {key}={held[key]!r}; adding slides keeps it, so "
+                    f"{key}={value!r} needs a new --out"
+                )
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if not hasattr(value, "model_dump"):
+        return {prefix: value}
+    return {f"{prefix}.{k}": v for k, v in value.model_dump(mode="json").items()}
+
+
 class SlideIndex:
     """A searchable slide index directory (see the module docstring for its files)."""
 
@@ -137,46 +171,66 @@ class SlideIndex:
         self.config = config
         self._extractor = None
         self.extraction: BatchSummary | None = None  # the feature extraction of `build`, when built here
+        self.update: Update | None = None  # the last change this object made (build, add, remove, retrain)
         self._load(manifest)
         if model is not None:
-            self._extractor = self._check_model(load_extractor(model, config.run.device))
+            self._extractor = check_model(path, manifest, load_extractor(model, config.run.device))
 
     def _load(self, manifest: dict[str, Any]) -> None:
-        """Read the catalog, barcodes and float index that `manifest` describes, and the search engine."""
-        import faiss
-
+        """Assemble the catalog, coordinates, barcodes and float index of the manifest's version in memory
+        (so later updates never change what this object searches), and the search engine."""
         path = self.path
         self.manifest = manifest
-        slides = json.loads((path / CATALOG).read_text())["slides"]
-        offsets = np.concatenate([[0], np.cumsum([s["n_tiles"] for s in slides])])
+        slides = read_catalog(path, manifest)
+        rows = row_map(slides, manifest["storage_rows"])
+        parts = {role: parts_of(manifest["parts"][role]) for role in (COORDS, BARCODES, FLOAT)}
         self.catalog = Catalog(
             slide_ids=[s["slide_id"] for s in slides],
             labels=[s["label"] for s in slides],
             patients=[s["patient"] for s in slides],
             sites=[s["site"] for s in slides],
-            offsets=offsets,
-            coords=np.load(path / COORDS, allow_pickle=False),
+            offsets=np.concatenate([[0], np.cumsum([s["n_tiles"] for s in slides])]),
+            coords=read_coords(path, parts[COORDS], rows),
+            projects=[s.get("project") for s in slides],
             tile_sides=[s.get("tile_size_level0") for s in slides],
         )
-        try:
-            self.barcode_index = faiss.read_index_binary(str(path / BARCODES))
-        except RuntimeError:
-            raise InputFileError(path / BARCODES, "not a readable FAISS binary index") from None
-        self.codes = stored_codes(self.barcode_index)
+        barcode_kind, binary, _ = self._structure(BARCODES, parts, rows)
+        if barcode_kind.tunes is not None:
+            value = manifest["barcode"]["index"][barcode_kind.tunes.key]
+            set_search_parameter(binary, barcode_kind.tunes, value)
+        self.barcodes = BarcodeIndex(barcode_kind, binary, stored_codes(binary))
         recorded = recorded_config(path, manifest)
+        kind, index, tombstones = self._structure(FLOAT, parts, rows)
         parameters = IndexParameters.recorded(manifest["index"], str(path / MANIFEST))
-        self.float_index: FloatIndex = load_float_index(path / FLOAT, recorded.type, parameters)
+        self.float_index = FloatIndex(kind, index, parameters, tombstones=tombstones)
         self.float_index.vectors = lambda rows: self._features()[rows]
+        self.float_index.base = self._features
         self.float_index.to_device(self.config.run.device)
+        # Kinds that store lossy codes read their features now: a later removal deletes the files.
         self._feature_array: np.ndarray | None = None
+        if not kind.exact and self.float_index.row_vectors() is None:
+            self._feature_array = self._stored_features()
         # The index's search defaults, unless the search config sets tile_k / stage1_tiles.
         first_stage = {f"search.{k}": getattr(self.config, k) for k in ("tile_k", "stage1_tiles")}
         self.engine = SearchEngine(
             self.catalog,
-            knn={"barcode": self.barcode_index.search, "float": self.float_index.search},
-            tiles={"barcode": lambda: self.codes, "float": self._features},
+            knn={"barcode": self.barcodes.search, "float": self.float_index.search},
+            tiles={"barcode": lambda: self.barcodes.codes, "float": self._features},
             settings=recorded.updated(first_stage, source="search config").search,
         )
+
+    def _structure(self, role: str, parts: Mapping[str, Any], rows: Any) -> tuple[Any, Any, int]:
+        """(kind, canonical FAISS index, tombstones) of the barcode or float structure."""
+        kind, params, dim = structure_kind(self.manifest, role)
+        index, tombstones = assemble(
+            self.path, parts[role], rows, kind.binary, lambda: new_faiss_index(kind, params, dim)
+        )
+        return kind, index, tombstones
+
+    @property
+    def codes(self) -> np.ndarray:
+        """Every row's packed barcode (row order)."""
+        return self.barcodes.codes
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -195,21 +249,32 @@ class SlideIndex:
         the config's registry `encoder` and its `weights` file (recorded by path and sha256, not copied).
         `config`: an IndexConfig, None (the defaults) or a mapping over the defaults, e.g. {"type": "ivf",
         "encoder": "uni", "weights": "pytorch_model.bin"}; its type, params, search and the encoder's tile
-        rule, grid, precision and input_px (pathology.encoders.preprocess) define the features. Returns
-        the opened index, its `extraction` the
-        BatchSummary of the feature extraction, or None for a shard job (run once more without a shard to
+        rule, grid, precision and input_px (pathology.encoders.preprocess) define the features. When `out`
+        already holds an index, the store's new slides are added to it without retraining (`grow`; `model`
+        None then means the index's own extractor, and a config asking for another type or parameters is
+        refused). Returns the opened index, its `extraction` the BatchSummary of the feature extraction
+        and `update` what changed, or None for a shard job (run once more without a shard to
         assemble; `extract` returns the shard's summary).
         """
         config = IndexConfig.coerce(config)
         out = Path(out)
         store = _open_store(store)
-        extractor = config_extractor(model, config, store.params)
-        with writer_lock(out, "histo index", shared=shard[1] > 1):
-            batch = feats_io.extract_features(store, extractor, out, shard, config.run.batch_size, progress)
-            if shard[1] > 1:
-                return None
-            built_with = {"feature_device": str(extractor.device)}
-            return cls._finish(out, model, extractor, batch, config, built_with)
+        if shard[1] > 1:
+            cls.extract(store, model, out, config, shard, progress)
+            return None
+        with writing(out, "histo index"):
+            extractor = index_extractor(out, model, config, store.params)
+            if (out / MANIFEST).exists():
+                batch, update = grow(store, extractor, out, config, progress)
+            else:
+                batch = feats_io.extract_features(
+                    store, extractor, out, shard, config.run.batch_size, progress
+                )
+                built_with = {"feature_device": str(extractor.device)}
+                update = _first_version(out, model, extractor, batch, config, built_with)
+        index = cls.open(out, {"run": {"device": config.run.device}}, model=extractor)
+        index.extraction, index.update = batch, update
+        return index
 
     @classmethod
     def build_from_features(
@@ -222,7 +287,8 @@ class SlideIndex:
         model: Any = None,
         progress: bool = True,
     ) -> SlideIndex:
-        """Build the index from per-slide CLAM/TRIDENT feature files (search/feature_files.py).
+        """Build the index from per-slide CLAM/TRIDENT feature files (search/feature_files.py), or add the
+        folder's new slides to the index already in `out` (without retraining, as `build` does).
 
         `config` as for `build`; `encoder`: the name the files must carry (needed when they carry none);
         `model`: the checkpoint that made histo's files (its hash must match theirs), so the index can
@@ -232,7 +298,10 @@ class SlideIndex:
 
         config = IndexConfig.coerce(config)
         out = Path(out)
-        with writer_lock(out, "histo index"):
+        with writing(out, "histo index"):
+            existing = (out / MANIFEST).exists()
+            if existing:
+                check_request(out, read_manifest(out, "none"), config)
             batch, info = import_feature_files(folder, out, labels_csv, encoder, progress)
             extractor = None
             if model is not None:
@@ -242,34 +311,13 @@ class SlideIndex:
                         f"{folder}: features were made by model {info['hash'][:12]}, "
                         f"not by {model} ({extractor.model_hash[:12]})"
                     )
-            built_with = {"features_from": str(Path(folder).resolve())}
-            return cls._finish(out, model, extractor, batch, config, built_with)
-
-    @classmethod
-    def _finish(
-        cls,
-        out: Path,
-        model: Any,
-        extractor: Any,
-        batch: BatchSummary,
-        config: IndexConfig,
-        built_with: dict[str, Any],
-    ) -> SlideIndex:
-        """Copy the model file into the index (when one is a file), assemble it and open it."""
-        if not isinstance(model, (str, os.PathLike)):
-            (out / MODEL).unlink(missing_ok=True)
-        elif not (out / MODEL).exists() or feats_io.model_info(extractor)["hash"] != file_sha256(out / MODEL):
-            with atomic_path(out / MODEL) as tmp:
-                shutil.copyfile(model, tmp)
-        content = {
-            "index": {"type": config.type, "params_requested": config.params.model_dump(mode="json")},
-            "search": config.search.model_dump(mode="json"),
-            "failed_slides": _failed_slides(batch),
-            "built_with": built_with,
-        }
-        _assemble(out, content)
+            if existing:
+                update = add_extracted(out, config.update, _failed_slides(batch), **_refreshed(batch))
+            else:
+                built_with = {"features_from": str(Path(folder).resolve())}
+                update = _first_version(out, model, extractor, batch, config, built_with)
         index = cls.open(out, {"run": {"device": config.run.device}}, model=extractor)
-        index.extraction = batch
+        index.extraction, index.update = batch, update
         return index
 
     @classmethod
@@ -282,10 +330,11 @@ class SlideIndex:
         shard: tuple[int, int] = (0, 1),
         progress: bool = True,
     ) -> BatchSummary:
-        """Extract the features of the shard's slides into `out` (resumable) without building the index."""
+        """Extract the features of the shard's slides into `out` (resumable) without building the index
+        (`model` None on an existing index: its own extractor). --shard runs share the writer lock."""
         config = IndexConfig.coerce(config)
         store = _open_store(store)
-        extractor = config_extractor(model, config, store.params)
+        extractor = index_extractor(Path(out), model, config, store.params)
         with writer_lock(out, "histo index", shared=shard[1] > 1):
             return feats_io.extract_features(
                 store, extractor, Path(out), shard, config.run.batch_size, progress
@@ -299,42 +348,57 @@ class SlideIndex:
         model: Any = None,
     ) -> SlideIndex:
         """Open an index dir for searching per `config` (a SearchConfig, None for the defaults, or a mapping
-        over them), verifying its manifest and the checksums of its files (`config.run.verify`)."""
+        over them), verifying its manifest and the checksums of its files (`config.run.verify`). The
+        opened object keeps the version it read, whatever updates come later; an update switching versions
+        while it opens makes it read the new version."""
         path = Path(path)
         config = SearchConfig.coerce(config)
-        return cls(path, read_manifest(path, config.run.verify), config, model)
+        for attempt in range(OPEN_ATTEMPTS):
+            version = _current_version(path)
+            try:
+                return cls(path, read_manifest(path, config.run.verify), config, model)
+            except (InputFileError, FileNotFoundError) as e:
+                if attempt + 1 == OPEN_ATTEMPTS or _current_version(path) in (None, version):
+                    if isinstance(e, FileNotFoundError):  # not an update under way: the index is broken
+                        raise InputFileError(e.filename, "index file missing") from None
+                    raise
+                logger.info("%s: updated while opening; reading the new version", path)
+        raise AssertionError("unreachable")
 
     def add(self, store: Any, batch_size: int | None = None, progress: bool = True) -> BatchSummary:
-        """Extract and index the slides of `store` not in the index yet (`batch_size` None: the index
-        config's `run.batch_size`); returns the extraction summary."""
+        """Extract the slides of `store` not in the index yet and add them to the trained structures
+        (no retraining; `batch_size` None: the index config's `run.batch_size`); returns the extraction
+        summary, and `update` says what changed. This object then searches the new version."""
         store = _open_store(store)
         run = IndexConfig.coerce().updated({"run.batch_size": batch_size}, source="batch_size").run
-        with writer_lock(self.path, "SlideIndex.add"):
+        with writing(self.path, "SlideIndex.add"):
             batch = feats_io.extract_features(
                 store, self.extractor, self.path, (0, 1), run.batch_size, progress
             )
-            failed = {f["slide_id"]: f for f in self.manifest.get("failed_slides", [])} | {
-                f["slide_id"]: f for f in _failed_slides(batch)
-            }
-            self._reassemble({"failed_slides": sorted(failed.values(), key=lambda f: f["slide_id"])})
+            self.update = add_extracted(self.path, failed=_failed_slides(batch), **_refreshed(batch))
+        self._reload()
         return batch
 
-    def remove(self, slide_ids: list[str]) -> None:
-        """Remove slides from the index (all IDs must be indexed; nothing changes otherwise)."""
-        unknown = sorted(set(slide_ids) - set(self.catalog.slide_ids))
-        if unknown:
-            raise HistoError(f"{self.path}: not in the index: {', '.join(unknown)}")
-        with writer_lock(self.path, "SlideIndex.remove"):
-            (self.path / MANIFEST).unlink()
-            feats_io.remove_slides(self.path / feats_io.FEATURES_DIR, list(slide_ids))
-            self._reassemble({})
+    def remove(self, slide_ids: Sequence[str]) -> Update:
+        """Remove slides from the index (all IDs must be indexed; nothing changes otherwise); this object
+        then searches the new version."""
+        self.update = remove_slides(self.path, list(slide_ids))
+        self._reload()
+        return self.update
 
-    def _reassemble(self, changes: dict[str, Any]) -> None:
-        keep = ("index", "search", "failed_slides", "built_with")
-        content = {k: self.manifest[k] for k in keep if k in self.manifest} | changes
-        content["index"] = {k: content["index"][k] for k in ("type", "params_requested")}
-        _assemble(self.path, content)
-        self._load(read_manifest(self.path, "full"))
+    def retrain(self) -> Update:
+        """Rebuild every structure from the stored features (training, calibration) as a new version."""
+        self.update = retrain(self.path)
+        self._reload()
+        return self.update
+
+    def drift(self, update: Mapping[str, Any] | None = None) -> Drift:
+        """The drift check (search/drift.py): recall on the held-out calibration slides, list imbalance,
+        tombstones, and whether to retrain; `update`: the index config's `update` section over defaults."""
+        return check_drift(self, IndexConfig.section("update", update))
+
+    def _reload(self) -> None:
+        self._load(read_manifest(self.path, self.config.run.verify))
 
     # ---- model --------------------------------------------------------------------------------------
     @property
@@ -342,54 +406,27 @@ class SlideIndex:
         """The index's feature extractor, loaded on first use: model.pt of the index, or the registry
         encoder and weight file the manifest records (`weights` of `open` if the file moved)."""
         if self._extractor is None:
-            model = self.manifest["model"]
-            if (self.path / MODEL).exists():
-                rule = _checkpoint_rule(model["feature_definition"])
-                extractor = load_extractor(self.path / MODEL, self.config.run.device, rule=rule)
-            elif model.get("weights"):
-                from pathology.encoders import reopen_extractor
-
-                extractor = reopen_extractor(model, self.config.run.device, self.config.run.weights)
-            else:
-                raise HistoError(
-                    f"{self.path}: built with an in-memory model (hash {self.model_hash[:12]}); "
-                    "pass the same model to SlideIndex.open(..., model=...)"
-                )
-            self._extractor = self._check_model(extractor)
+            self._extractor = recorded_extractor(
+                self.path, self.manifest, self.config.run.device, self.config.run.weights
+            )
         return self._extractor
 
     @property
     def model_hash(self) -> str:
         return self.manifest["model"]["hash"]
 
-    def _check_model(self, extractor: Any) -> Any:
-        """The extractor, if it has the index's weights and feature definition; HistoError otherwise."""
-        built = self.manifest["model"]
-        got = feats_io.model_info(extractor)
-        if got["hash"] != built["hash"]:
-            raise HistoError(
-                f"{self.path}: index was built with model {built['hash'][:12]} ({_encoder_label(built)}), "
-                f"refusing to search with a different model ({got['hash'][:12]}, {_encoder_label(got)})"
-            )
-        if got["feature_definition"] != built["feature_definition"]:
-            old, new = built["feature_definition"], got["feature_definition"]
-            differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-            raise HistoError(
-                f"{self.path}: index features were made by {_encoder_label(built)} under another feature "
-                f"definition (differs in {', '.join(differ)}); refusing to search with it"
-            )
-        return extractor
-
     def _features(self) -> np.ndarray:
-        """All rows' float features (the flat index's own storage, else loaded once from features.zarr)."""
+        """All rows' float features: the flat index's own storage, else read back from the index once
+        (IVF-Flat, HNSW-Flat), else read from features.zarr when the index opened (lossy codes)."""
         if self.float_index.kind.exact:
             return self.float_index.stored_vectors()
         if self._feature_array is None:
-            root = self.path / feats_io.FEATURES_DIR
-            self._feature_array = np.concatenate(
-                [feats_io.read_slide(root, sid)[1] for sid in self.catalog.slide_ids]
-            )
+            self._feature_array = self.float_index.row_vectors()
         return self._feature_array
+
+    def _stored_features(self) -> np.ndarray:
+        root = self.path / feats_io.FEATURES_DIR
+        return np.concatenate([feats_io.read_slide(root, sid)[1] for sid in self.catalog.slide_ids])
 
     # ---- search -------------------------------------------------------------------------------------
     def search(
@@ -403,6 +440,7 @@ class SlideIndex:
         stage1_tiles: int | None = None,
         exhaustive: bool | None = None,
         name: str | None = None,
+        where: Mapping[str, Any] | Sequence[str] | None = None,
     ) -> SearchResult:
         """Search the index with a slide or a patch (search/queries.py decides which).
 
@@ -414,7 +452,9 @@ class SlideIndex:
         a patient ID, or True for the query's own patient (TCGA: first 12 characters). `tile_k`,
         `stage1_tiles`: the first stage (see SearchEngine; the index's defaults unless set); `exhaustive`:
         skip it and compare every indexed slide (exact, slower). These four apply to slides only.
-        `name`: what the result calls the query (default: its path, its slide ID, or "patch").
+        `name`: what the result calls the query (default: its path, its slide ID, or "patch"). `where`:
+        only slides passing this filter are returned (search/filters.py: {"site": ["A", "B"], "label":
+        "X"} or clauses ["site=A,B", "label=X"]); the search stays exact within it.
         """
         options = {
             "exclude_patient": exclude_patient,
@@ -424,11 +464,11 @@ class SlideIndex:
         }
         q = as_query(query, name)
         if isinstance(q, SlideQuery):
-            return self._search_slide(q, k, mode, "search", **options)
+            return self._search_slide(q, k, mode, "search", **options, where=where)
         given = [key for key, value in options.items() if value is not None]
         if given:
             raise HistoError(f"{q.name}: {', '.join(given)} apply to slide queries, not to a patch")
-        return self._search_patch(q, k, mode, "search")
+        return self._search_patch(q, k, mode, "search", where)
 
     def search_slide(
         self,
@@ -457,6 +497,7 @@ class SlideIndex:
         tile_k: int | None = None,
         stage1_tiles: int | None = None,
         exhaustive: bool | None = None,
+        where: Mapping[str, Any] | Sequence[str] | None = None,
     ) -> SearchResult:
         """The two-stage slide search with the config's values for the arguments left None."""
         first_stage = {"tile_k": tile_k, "stage1_tiles": stage1_tiles}
@@ -473,22 +514,27 @@ class SlideIndex:
             exclude_patient = self.query_patient(record)
             if exclude_patient is None:
                 raise HistoError(f"{q.name}: patient of the query is unknown; cannot exclude it")
-        allowed = self.catalog.allowed(exclude_patient or None)
+        filter_ = where_of(where)
+        allowed = self.catalog.allowed(exclude_patient or None, filter_)
         codes = minmax_barcode(f) if s.mode == "barcode" else f
         result = self.engine.search(q.name, codes, s.mode, s.k, allowed, xy, s.exhaustive, settings)
         result.info.update(self.float_index.device_info() if s.mode == "float" else {"device": "cpu"})
         result.query_slide_id, result.query_tile_size_level0 = record.slide_id, record.tile_size_level0
-        return result
+        return _with_filter(result, filter_, allowed)
 
-    def _search_patch(self, q: PatchQuery, k: int | None, mode: str | None, source: str) -> SearchResult:
+    def _search_patch(
+        self, q: PatchQuery, k: int | None, mode: str | None, source: str, where: Any = None
+    ) -> SearchResult:
         """The k nearest indexed tiles of a patch, with the config's patch_k / patch_mode for None."""
         from pathology.stain import normalize_tiles
 
         s = self.config.updated({"patch_k": k, "patch_mode": mode}, source=source)
-        extractor = self.extractor
-        f = extractor.extract(normalize_tiles(q.rgb[None], self.query_stain(), q.name))
+        filter_ = where_of(where)
+        allowed = self.catalog.allowed(None, filter_)
+        f = self.extractor.extract(normalize_tiles(q.rgb[None], self.query_stain(), q.name))
         codes = minmax_barcode(f) if s.patch_mode == "barcode" else f
-        return self.engine.nearest_tiles(q.name, codes, s.patch_mode, s.patch_k)
+        result = self.engine.nearest_tiles(q.name, codes, s.patch_mode, s.patch_k, allowed)
+        return _with_filter(result, filter_, allowed)
 
     def tile_query(self, path: str | os.PathLike, mpp: float | None = None) -> Any:
         """A query slide's TileSet, tiled as the index's slides were (its manifest's tiling); `mpp` is used
@@ -540,63 +586,130 @@ class SlideIndex:
         return len(self.catalog)
 
 
+def grow(
+    store: Any,
+    model: Any,
+    out: str | os.PathLike,
+    config: IndexConfig | Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> tuple[BatchSummary, Update | None]:
+    """Add the slides of `store` that the index in `out` lacks, and the changes of those it has (new
+    labels, patient or site; features extracted anew for a slide tiled anew), to the trained structures
+    (search/growth.py) without opening the index. `model`: a checkpoint path or a FeatureExtractor (its
+    hash must be the index's), None for the index's own; a `config` asking for another index type or other
+    parameters than `out` was built with is refused. Returns (extraction summary, the update or None)."""
+    config = IndexConfig.coerce(config)
+    out, store = Path(out), _open_store(store)
+    with writing(out, "histo index"):
+        check_request(out, read_manifest(out, "none"), config)
+        extractor = index_extractor(out, model, config, store.params)
+        batch = feats_io.extract_features(store, extractor, out, (0, 1), config.run.batch_size, progress)
+        return batch, add_extracted(out, config.update, _failed_slides(batch), **_refreshed(batch))
+
+
+def index_extractor(out: Path, model: Any, config: IndexConfig, tiling: dict[str, Any]) -> Any:
+    """The extractor that adds slides to `out`: `model` or the config's encoder (the stored features'
+    model must be the same: search/features.py refuses another), else the index's own."""
+    if not (out / MANIFEST).exists() or model is not None or config.encoder is not None:
+        return config_extractor(model, config, tiling)
+    return recorded_extractor(out, read_manifest(out, "none"), config.run.device, config.weights)
+
+
+def recorded_extractor(path: Path, manifest: Mapping[str, Any], device: str, weights: Any = None) -> Any:
+    """The extractor an index records: its model.pt, or its registry encoder's weight file (`weights`:
+    where that file is now, if it moved)."""
+    model = manifest["model"]
+    if (path / MODEL).exists():
+        rule = _checkpoint_rule(model["feature_definition"])
+        extractor = load_extractor(path / MODEL, device, rule=rule)
+    elif model.get("weights"):
+        from pathology.encoders import reopen_extractor
+
+        extractor = reopen_extractor(model, device, weights)
+    else:
+        raise HistoError(
+            f"{path}: built with an in-memory model (hash {model['hash'][:12]}); give the same model "
+            "(--model, or SlideIndex.open(..., model=...))"
+        )
+    return check_model(path, manifest, extractor)
+
+
+def check_model(path: Path, manifest: Mapping[str, Any], extractor: Any) -> Any:
+    """The extractor, if it has the index's weights and feature definition; HistoError otherwise."""
+    built = manifest["model"]
+    got = feats_io.model_info(extractor)
+    if got["hash"] != built["hash"]:
+        raise HistoError(
+            f"{path}: index was built with model {built['hash'][:12]} ({_encoder_label(built)}), "
+            f"refusing to search with a different model ({got['hash'][:12]}, {_encoder_label(got)})"
+        )
+    if got["feature_definition"] != built["feature_definition"]:
+        old, new = built["feature_definition"], got["feature_definition"]
+        differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise HistoError(
+            f"{path}: index features were made by {_encoder_label(built)} under another feature "
+            f"definition (differs in {', '.join(differ)}); refusing to search with it"
+        )
+    return extractor
+
+
+def _refreshed(batch: BatchSummary) -> dict[str, list[str]]:
+    """The slides whose stored features this run wrote (`extracted`) or relabelled (`relabelled`): the
+    indexed ones among them get their new rows or their new labels in the next version."""
+    done = [o for o in batch.outcomes if o.status == "done"]
+    return {
+        "extracted": [o.id for o in done if not o.detail.get("updated")],
+        "relabelled": [o.id for o in done if o.detail.get("updated")],
+    }
+
+
 def _failed_slides(batch: BatchSummary) -> list[dict[str, Any]]:
     """The manifest's record of the slides whose features failed: slide_id, status, reason."""
     return [{"slide_id": o.id, "status": o.status, "reason": o.reason} for o in batch.failed()]
 
 
-def _assemble(out: Path, content: dict[str, Any]) -> None:
-    """(Re)build catalog, barcodes and float index from the stored features, then write the manifest."""
-    import faiss
+def _with_filter(result: SearchResult, where: Mapping[str, Any], allowed: np.ndarray | None) -> SearchResult:
+    """Record a filtered search's filter and how many slides it allowed in the result's `search` info."""
+    if where:
+        result.info.update(where=recorded_where(where), allowed_slides=int(np.count_nonzero(allowed)))
+    return result
 
-    (out / MANIFEST).unlink(missing_ok=True)  # the index is incomplete until the manifest is back
-    root = out / feats_io.FEATURES_DIR
-    attrs = feats_io.read_attrs(root)
-    slide_ids = feats_io.done_slides(root)
-    if not slide_ids:
+
+def _first_version(
+    out: Path,
+    model: Any,
+    extractor: Any,
+    batch: BatchSummary,
+    config: IndexConfig,
+    built_with: dict[str, Any],
+) -> Update:
+    """Copy the model file into the index (when one is a file) and build version 1 from every slide with
+    stored features."""
+    _copy_model(model, extractor, out)
+    content = {
+        "index": {"type": config.type, "params_requested": config.params.model_dump(mode="json")},
+        "search": config.search.model_dump(mode="json"),
+        "failed_slides": _failed_slides(batch),
+        "built_with": built_with,
+    }
+    slides = feats_io.done_slides(out / feats_io.FEATURES_DIR)
+    if not slides:
         raise HistoError(f"{out}: no slide has features; nothing to index")
-    records, features, coords = [], [], []
-    for sid in slide_ids:
-        rec, f, xy = feats_io.read_slide(root, sid)
-        records.append({key: rec.get(key) for key in CATALOG_KEYS})
-        features.append(f)
-        coords.append(xy)
-    matrix = np.concatenate(features)
-    del features
-    logger.info("%s: indexing %d tiles of %d slides", out, len(matrix), len(records))
-    with atomic_path(out / COORDS) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, np.concatenate(coords))
-    atomic_write_json(out / CATALOG, {"slides": records})
-    index_type = content["index"]["type"]
-    requested = index_params(content["index"]["params_requested"], source=str(out / MANIFEST))
-    groups = np.repeat(np.arange(len(records)), [r["n_tiles"] for r in records])
-    barcode_kind = requested.barcode_index or float_kind(index_type).barcodes
-    barcodes, barcode_params = build_binary_index(minmax_barcode(matrix), barcode_kind, requested, groups)
-    with atomic_path(out / BARCODES) as tmp:
-        faiss.write_index_binary(barcodes, str(tmp))
-    float_index = build_float_index(matrix, index_type, requested, groups)
-    float_index.save(out / FLOAT)
-    content["index"]["params"] = dict(float_index.params)
-    content["index"]["metric"] = "Euclidean (L2) on float features; Hamming on barcodes"
-    write_manifest(
-        out,
-        {
-            **content,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": attrs["model"] | {"file": MODEL if (out / MODEL).exists() else None},
-            "tiling": attrs["tiling"],
-            "barcode": {
-                "definition": BARCODE_DEFINITION,
-                "bits": int(matrix.shape[1] - 1),
-                "padded_bits": code_bits(matrix.shape[1]),
-                "bitorder": BITORDER,
-                "index": barcode_params,
-            },
-            "counts": {
-                "slides": len(records),
-                "tiles": len(matrix),
-                "failed_slides": len(content.get("failed_slides", [])),
-            },
-        },
-        [feats_io.FEATURES_DIR, CATALOG, COORDS, BARCODES, FLOAT, MODEL],
-    )
+    return last_update(build_version(out, content, slides, None))
+
+
+def _copy_model(model: Any, extractor: Any, out: Path) -> None:
+    """Copy a checkpoint file into the index as model.pt (an in-memory model or an encoder leaves none)."""
+    if not isinstance(model, (str, os.PathLike)):
+        (out / MODEL).unlink(missing_ok=True)
+    elif not (out / MODEL).exists() or feats_io.model_info(extractor)["hash"] != file_sha256(out / MODEL):
+        with atomic_path(out / MODEL) as tmp:
+            shutil.copyfile(model, tmp)
+
+
+def _current_version(path: Path) -> int | None:
+    """The version the index's manifest names now (None when unreadable)."""
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("version")
+    except (OSError, ValueError):
+        return None

@@ -9,7 +9,8 @@ from typing import Any
 
 
 def catalog(index: Path) -> list[dict[str, Any]]:
-    return json.loads((index / "catalog.json").read_text())["slides"]
+    manifest = json.loads((index / "manifest.json").read_text())
+    return json.loads((index / manifest["catalog"]).read_text())["slides"]
 
 
 def index_files(index: Path) -> dict[str, bytes]:

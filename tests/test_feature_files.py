@@ -81,7 +81,9 @@ def test_index_from_histo_files_equals_index_from_the_store(cohort, tmp_path):
         tmp_path / "f", tmp_path / "idx", model=cohort["model"], config=CPU, progress=False
     )
     flat = cohort["flat"]
-    for name in ("catalog.json", "coords.npy"):
+    for index in (built, flat):  # one version each: the same catalog and coordinates files
+        assert index.manifest["catalog"] == "catalog.000001.json"
+    for name in ("catalog.000001.json", "coords.000001.npy"):
         assert (built.path / name).read_bytes() == (flat.path / name).read_bytes()
     store = TileStore.open(cohort["store"])
     assert flat.catalog.tile_sides == [store.record(s).tile_size_level0 for s in flat.catalog.slide_ids]
@@ -96,6 +98,32 @@ def test_index_from_histo_files_equals_index_from_the_store(cohort, tmp_path):
         SlideIndex.build_from_features(
             tmp_path / "f", tmp_path / "x", model=other, config=CPU, progress=False
         )
+
+
+def test_an_index_grows_from_more_feature_files(cohort, tmp_path):
+    """`histo index --features DIR` on an existing index adds the folder's new slides, as `--tiles` does."""
+    import shutil
+
+    extractor = load_extractor(cohort["model"], "cpu")
+    write_feature_files(cohort["store"], extractor, tmp_path / "all", progress=False)
+    files = sorted((tmp_path / "all").glob("*.h5"))
+    (tmp_path / "first").mkdir()
+    for f in files[:2]:
+        shutil.copy(f, tmp_path / "first" / f.name)
+    out = tmp_path / "idx"
+    SlideIndex.build_from_features(tmp_path / "first", out, model=cohort["model"], config=CPU, progress=False)
+    args = ["index", "--features", str(tmp_path / "all"), "--out", str(out), "--device", "cpu", "--json"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["counts"] == {"done": 2, "skipped": 2, "failed": 0}
+    assert report["updates"][0]["op"] == "add" and len(report["updates"][0]["slide_ids"]) == 2
+    grown, flat = SlideIndex.open(out), cohort["flat"]
+    assert grown.catalog.slide_ids == flat.catalog.slide_ids and grown.manifest["version"] == 2
+    np.testing.assert_array_equal(grown.codes, flat.codes)
+    np.testing.assert_array_equal(grown._features(), flat._features())
+    again = CliRunner().invoke(main, args[:-1])
+    assert again.exit_code == 0 and "no new slide or change in" in again.output
 
 
 def _trident_file(path: Path, name: str, feats: np.ndarray, encoder: str | None = "uni_v1") -> None:

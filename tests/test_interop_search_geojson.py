@@ -120,10 +120,11 @@ def test_an_index_without_tile_sides_and_clashing_ids_are_refused_first(built, t
     assert not (tmp_path / "g").exists()
     old = tmp_path / "old"  # an index built before tile sides were recorded
     shutil.copytree(built["index"], old)
-    catalog = json.loads((old / "catalog.json").read_text())
+    catalog_file = old / json.loads((old / "manifest.json").read_text())["catalog"]  # this version's
+    catalog = json.loads(catalog_file.read_text())
     for row in catalog["slides"]:
         del row["tile_size_level0"]
-    (old / "catalog.json").write_text(json.dumps(catalog))
+    catalog_file.write_text(json.dumps(catalog))
     code, output = run(
         ["search", "--index", old, query, "--geojson", tmp_path / "g", "--config", _no_verify(tmp_path)]
     )

@@ -137,11 +137,11 @@ def test_bad_query_is_reported_and_the_rest_goes_on(built: Path, data: dict) -> 
 def test_corrupted_index_is_one_line_error(built: Path, data: dict, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(built, bad)
-    coords = bad / "coords.npy"
+    coords = bad / json.loads((bad / "manifest.json").read_text())["parts"]["coords"][0]["file"]
     coords.write_bytes(coords.read_bytes()[:-3] + b"\x00\x01\x02")
     code, _, stderr = run(["search", "--index", bad, data["slide"]])
     assert code == 2 and stderr.strip().count("\n") == 0
-    assert stderr.startswith("error: ") and "coords.npy: index file corrupted" in stderr
+    assert stderr.startswith("error: ") and f"{coords.name}: index file corrupted" in stderr
 
 
 def test_kill_then_rerun_equals_uninterrupted(built: Path, data: dict, tmp_path: Path) -> None:
@@ -188,3 +188,83 @@ def test_unknown_config_key_and_bad_store(data: dict, tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
     code, _, stderr = run(["index", "--tiles", tmp_path, "--model", data["model"], "--out", tmp_path / "y"])
     assert code == 2 and "not a tile store" in stderr
+
+
+def test_search_where_returns_only_the_filtered_slides(built: Path, data: dict) -> None:
+    args = ["search", "--index", built, data["slide"], "--k", "5", "--json"]
+    code, stdout, stderr = run([*args, "--where", "label=class1,class2", "--where", "site=site1"])
+    assert code == 0, stderr
+    q = json.loads(stdout)["queries"][0]
+    assert {r["label"] for r in q["results"]} == {"class2"}  # site1 holds classes 2 and 3
+    assert len(q["results"]) == 2  # two patients of class 2
+    assert q["search"]["where"] == {"label": ["class1", "class2"], "site": ["site1"]}
+    assert q["search"]["allowed_slides"] == 2
+    code, _, stderr = run([*args, "--where", "site=site9"])
+    assert (
+        code == 2
+        and stderr.strip() == "error: no indexed slide has site=site9 (the index has site: site0, site1)"
+    )
+
+
+def test_index_grows_shrinks_retrains_and_checks_drift(built: Path, data: dict, tmp_path: Path) -> None:
+    from search.slide_index import SlideIndex
+
+    out = tmp_path / "index"
+    shutil.copytree(built, out)
+    ids = SlideIndex.open(built).catalog.slide_ids
+    code, stdout, stderr = run(["index", "--out", out, "--remove", ids[1], ids[4], "--json"])
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert [o["id"] for o in report["outcomes"]] == [ids[1], ids[4]] and report["index"]["counts"][
+        "slides"
+    ] == 4
+    assert report["updates"][0]["op"] == "remove" and "remove 2 slides" in stderr
+    # the store again, without --model: the index's own model.pt extracts the two removed slides
+    code, stdout, stderr = run(["index", "--tiles", data["tiles"], "--out", out, "--device", "cpu", "--json"])
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert (
+        report["counts"] == {"done": 2, "skipped": 4, "failed": 0}
+        and report["index"]["counts"]["slides"] == 6
+    )
+    assert report["updates"][0]["op"] == "add" and sorted(report["updates"][0]["slide_ids"]) == [
+        ids[1],
+        ids[4],
+    ]
+    assert "device" not in report["index"]  # grown without loading the index
+    grown, fresh = SlideIndex.open(out), SlideIndex.open(built)
+    assert grown.catalog.slide_ids == fresh.catalog.slide_ids
+    assert (grown.codes == fresh.codes).all() and (grown._features() == fresh._features()).all()
+    code, stdout, stderr = run(["index", "--tiles", data["tiles"], "--out", out, "--device", "cpu"])
+    assert code == 0 and "no new slide" in stdout
+    code, stdout, stderr = run(["index", "--out", out, "--retrain", "--drift", "--json"])
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["updates"][0]["op"] == "retrain" and report["drift"]["retrain"] is False
+    assert report["index"]["growth"]["tiles_vs_trained"] == 1.0 and "drift: no retrain needed" in stderr
+    assert file_hashes(out)["features.zarr/zarr.json"] == file_hashes(built)["features.zarr/zarr.json"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--remove"], "--remove takes the slide IDs to remove"),
+        (["S1"], "unexpected arguments S1 (slide IDs go with --remove)"),
+        (["--remove", "nope"], "not in the index: nope"),
+        (
+            [],
+            "give --tiles STORE or --features DIR (build or grow OUT), or --remove, --retrain, --drift or "
+            "--evaluate",
+        ),
+        (
+            ["--tiles", "TILES", "--type", "hnsw"],
+            "an existing index with type='flat'; adding slides keeps it",
+        ),
+    ],
+)
+def test_index_update_mistakes_are_one_line(built: Path, data: dict, args: list, message: str) -> None:
+    before = file_hashes(built)
+    args = [data["tiles"] if a == "TILES" else a for a in args]
+    code, _, stderr = run(["index", "--out", built, *args])
+    assert code == 2 and stderr.count("\n") == 1 and message in stderr
+    assert file_hashes(built) == before

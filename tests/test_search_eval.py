@@ -31,7 +31,7 @@ def line_engine(xs, labels, patients, sites) -> SearchEngine:
     )
     return SearchEngine(
         cat,
-        knn={"float": lambda q, k: exact_knn(q, feats, k)},
+        knn={"float": lambda q, k, rows: exact_knn(q, feats, k, allowed=rows)},
         tiles={"float": lambda: feats},
         settings=settings(),
     )
@@ -92,7 +92,8 @@ def test_unanswerable_queries_are_listed_not_scored() -> None:
 
 
 def test_two_stage_matches_exhaustive_on_clustered_slides() -> None:
-    from search.barcodes import build_binary_index, minmax_barcode
+    from search.barcodes import BarcodeIndex, build_binary_index, minmax_barcode
+    from search.kinds import barcode_kind
 
     rng = np.random.default_rng(1)
     n_slides, n_tiles = 60, 20
@@ -104,7 +105,7 @@ def test_two_stage_matches_exhaustive_on_clustered_slides() -> None:
                   [None] * n_slides, np.arange(n_slides + 1) * n_tiles, np.zeros((len(codes), 2), np.int64))  # fmt: skip
     eng = SearchEngine(
         cat,
-        knn={"barcode": index.search},
+        knn={"barcode": BarcodeIndex(barcode_kind("flat"), index, codes).search},
         tiles={"barcode": lambda: codes},
         settings=settings(stage1_tiles=8),
     )
@@ -123,7 +124,7 @@ def test_two_stage_matches_exhaustive_on_clustered_slides() -> None:
 def test_first_stage_uses_an_evenly_spread_subset_of_query_tiles() -> None:
     calls = []
 
-    def knn(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def knn(q: np.ndarray, k: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         calls.append(q.copy())
         return np.zeros((len(q), k)), np.tile(np.arange(k), (len(q), 1))
 
@@ -152,7 +153,7 @@ def tiles_engine(slides: list[list[list[float]]], labels, **search_keys) -> Sear
     n = len(slides)
     cat = Catalog([f"s{i}" for i in range(n)], labels, [f"p{i}" for i in range(n)], [None] * n, offsets,
                   np.zeros((len(feats), 2), np.int64))  # fmt: skip
-    knn = {"float": lambda q, k: exact_knn(q, feats, k)}
+    knn = {"float": lambda q, k, rows: exact_knn(q, feats, k, allowed=rows)}
     return SearchEngine(cat, knn=knn, tiles={"float": lambda: feats}, settings=settings(**search_keys))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from conftest import TILE_OVERRIDES
 from histo.errors import ConfigError, HistoError, InputFileError
 from search import SlideIndex
 from search.barcodes import minmax_barcode
+from search.growth import compact
 
-STRUCTURE_FILES = ("catalog.json", "coords.npy", "barcodes.faissb", "float.faiss")
+STRUCTURE_FILES = ("catalog", "coords", "barcodes", "float")  # the structure files of a version, by role
 CPU = {"run": {"device": "cpu"}}  # index config over the defaults
 
 
@@ -47,8 +49,19 @@ def flat(cohort: dict) -> SlideIndex:
     return SlideIndex.build(cohort["all"], cohort["model"], cohort["root"] / "flat", CPU, progress=False)
 
 
-def files_of(path: Path) -> dict[str, bytes]:
-    return {name: (path / name).read_bytes() for name in STRUCTURE_FILES}
+def structure_files(path: Path) -> dict[str, list[str]]:
+    """The files of each structure of the index's current version (the manifest names them)."""
+    m = json.loads((path / "manifest.json").read_text())
+    return {
+        "catalog": [m["catalog"]],
+        **{role: [p["file"] for p in m["parts"][role]] for role in STRUCTURE_FILES[1:]},
+    }
+
+
+def files_of(path: Path) -> dict[str, list[bytes]]:
+    return {
+        role: [(path / name).read_bytes() for name in names] for role, names in structure_files(path).items()
+    }
 
 
 def test_build_records_everything(flat: SlideIndex, cohort: dict) -> None:
@@ -61,7 +74,9 @@ def test_build_records_everything(flat: SlideIndex, cohort: dict) -> None:
     assert m["model"]["hash"] == flat.extractor.model_hash and m["model"]["feature_dim"] == 1024
     assert m["tiling"] == store.params and m["index"]["type"] == "flat"
     assert m["barcode"]["bits"] == 1023 and m["barcode"]["padded_bits"] == 1024
-    assert set(STRUCTURE_FILES) | {"model.pt"} <= set(m["files"])
+    assert {f for names in structure_files(flat.path).values() for f in names} | {"model.pt"} <= set(
+        m["files"]
+    )
     assert flat.codes.shape == (m["counts"]["tiles"], 128)
     # the stored barcodes are the MinMax codes of the stored features
     np.testing.assert_array_equal(flat.codes, minmax_barcode(flat._features()))
@@ -194,6 +209,14 @@ def test_add_and_remove_equal_a_fresh_build(flat: SlideIndex, cohort: dict, tmp_
     extracted = [o.id for o in summary.outcomes if o.status == "done"]
     assert sorted(extracted) == sorted(set(flat.catalog.slide_ids) - set(half_ids))
     assert sorted(o.id for o in summary.outcomes if o.status == "skipped") == sorted(half_ids)
+    assert grown.update.op == "add" and sorted(grown.update.slide_ids) == sorted(extracted)
+    # the added rows are a new part of each structure; opened, the index holds a fresh build's arrays
+    assert all(len(names) == 2 for names in structure_files(tmp_path / "half").values() if len(names) > 1)
+    assert grown.catalog.slide_ids == flat.catalog.slide_ids
+    np.testing.assert_array_equal(grown.catalog.coords, flat.catalog.coords)
+    np.testing.assert_array_equal(grown.codes, flat.codes)
+    np.testing.assert_array_equal(grown._features(), flat._features())
+    compact(tmp_path / "half")  # one file per structure again: byte for byte the fresh build's
     assert files_of(tmp_path / "half") == files_of(flat.path)
     q = cohort["slides"][1]
     assert grown.search_slide(q, k=4).to_dict() == flat.search_slide(q, k=4).to_dict()
@@ -249,13 +272,15 @@ def test_a_registered_kind_is_built_and_searched_end_to_end(
 def test_corrupted_truncated_and_incomplete_index_refused(flat: SlideIndex, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(flat.path, bad)
-    data = bytearray((bad / "float.faiss").read_bytes())
+    files = structure_files(bad)
+    float_file, barcodes_file = bad / files["float"][0], bad / files["barcodes"][0]
+    data = bytearray(float_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (bad / "float.faiss").write_bytes(bytes(data))
-    with pytest.raises(InputFileError, match=r"float\.faiss: index file corrupted \(sha256"):
+    float_file.write_bytes(bytes(data))
+    with pytest.raises(InputFileError, match=r"float\.000001\.faiss: index file corrupted \(sha256"):
         SlideIndex.open(bad)
-    (bad / "barcodes.faissb").write_bytes((bad / "barcodes.faissb").read_bytes()[:-10])
-    with pytest.raises(InputFileError, match=r"barcodes\.faissb: index file truncated"):
+    barcodes_file.write_bytes(barcodes_file.read_bytes()[:-10])
+    with pytest.raises(InputFileError, match=r"barcodes\.000001\.faissb: index file truncated"):
         SlideIndex.open(bad, {"run": {"verify": "size"}})
     (bad / "manifest.json").write_text('{"format": "histo-slide-in')
     with pytest.raises(InputFileError, match="truncated manifest"):

@@ -23,6 +23,13 @@ from search.config import Mode
     "--exhaustive", is_flag=True, default=None, help="Compare every indexed slide (exact; no first stage)."
 )
 @click.option(
+    "--where",
+    "where",
+    multiple=True,
+    metavar="KEY=V1,V2",
+    help="Only slides whose KEY (label, site, project, patient) is one of the values; repeat to AND keys.",
+)
+@click.option(
     "--geojson",
     "geojson_dir",
     type=click.Path(file_okay=False),
@@ -48,6 +55,7 @@ def search(
     mode: str | None,
     exclude_same_patient: bool | None,
     exhaustive: bool | None,
+    where: tuple[str, ...],
     weights: str | None,
     mpp: float | None,
     device: str | None,
@@ -58,15 +66,18 @@ def search(
     """Search INDEX with QUERY slide files (tiled and featurised like the index) or image patches
     (PNG, JPEG, a plain TIFF: their nearest indexed tiles).
 
-    A patch is checked against the index's tile before it is decoded (its declared pixels, its field of
-    view: README "Query files"); `search.query` in --json records its scale and the rule applied. A query
-    that fails is reported (and in --json carries an "error") and the others go on; the summary line and
-    `counts` follow, and the exit status is then 1. With --geojson each query's folder is written
+    With --where the results come only from the slides passing the filter (e.g. --where site=A,B --where
+    label=LUAD), exact within it. A patch is checked against the index's tile before it is decoded (its
+    declared pixels, its field of view: README "Query files"); `search.query` in --json records its scale
+    and the rule applied. A query that fails is reported (and in --json carries an "error") and the others
+    go on; the summary line and `counts` follow, and the exit status is then 1. With --geojson each query's
+    folder is written
     (search/geojson.py) and named in the output (`geojson` in --json).
     """
     from histo.batch import BatchSummary, Outcome
     from histo.errors import HistoError
     from search.config import SearchConfig
+    from search.filters import parse_where
     from search.queries import file_query
     from search.slide_index import SlideIndex
 
@@ -78,14 +89,16 @@ def search(
         "mpp": "query.mpp",
     }
     cfg = stage_config(SearchConfig, config_path, {**keys, "device": "run.device", "weights": "run.weights"})
+    filter_ = parse_where(where)
     idx = SlideIndex.open(index_dir, cfg)
+    idx.catalog.allowed(None, filter_)  # a filter no slide passes is an error before any query
     if geojson_dir is not None:
         _check_geojson(idx, queries, Path(geojson_dir))
     out, outcomes = [], []
     for q in queries:
         try:
             query, checked = file_query(idx, q, cfg.query)  # a slide's tiles or a patch's checked pixels
-            result = idx.search(query, name=q)  # every setting from the config
+            result = idx.search(query, name=q, where=filter_)  # the rest from the config
             result.info["query"] = checked
             shown = result.to_dict()
             if geojson_dir is not None:
