@@ -5,10 +5,9 @@ the cellularity ranking; on a slide, no tile lands on a stroke."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from PIL import Image, ImageDraw
 
 from histo.config import load_config
@@ -17,7 +16,7 @@ from pathology.config import TileConfig
 from pathology.ink import ink_regions
 from pathology.tissue import filter_size, hsd_cy, hsd_mask, tissue_mask
 
-PATCHES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "histology_patches"
+PATCHES = SHARED_DATA / "histology_patches"
 INK = {"blue": (40, 70, 170), "green": (40, 150, 70), "black": (35, 35, 40)}  # marker transmittance
 ALL_INK = tuple(INK)
 

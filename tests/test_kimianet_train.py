@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import SHARED_DATA
 from skimage.color import hed2rgb, rgb2hed
 
 from histo import checkpoint
@@ -29,7 +30,7 @@ from pathology.store import SlideRecord, TileStore
 from pathology.train import KimiaNetTask, train_kimianet
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
-CMU = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
+CMU = SHARED_DATA / "wsi" / "CMU-1-Small-Region.svs"
 PX = 32
 
 

@@ -6,11 +6,11 @@ queries alike); bad settings are one line before any output. Lane 2 compares wit
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import SHARED_DATA
 from PIL import Image
 
 from histo.cli import main
@@ -21,7 +21,7 @@ from pathology.stain import fit_image, normalize, normalize_tiles
 from pathology.stain.od import od_to_rgb, rgb_to_od
 from pathology.stain.reinhard import lab_stats
 
-PATCHES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "histology_patches"
+PATCHES = SHARED_DATA / "histology_patches"
 H_RUIFROK, E_RUIFROK = [0.65, 0.70, 0.29], [0.07, 0.99, 0.11]
 H_OTHER, E_OTHER = [0.55, 0.76, 0.35], [0.20, 0.90, 0.38]  # a second lab's stains
 
