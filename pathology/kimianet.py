@@ -34,7 +34,7 @@ from pathology.encoders.extractor import weights_hash
 from pathology.encoders.preprocess import Preprocess, crops_per_side
 from pathology.variants import VARIANTS, apply_variant, network_refusal
 
-KIND = "kimianet"  # histo.checkpoint kind of a trained (or imported) feature extractor
+KIND = "kimianet"  # histo.checkpoint kind of a trained (or untrained baseline) feature extractor
 # `arch` names before the registry (checkpoints, `histo train --arch`, `model.arch`) -> registry entries
 LEGACY_ARCHS = {"densenet121": "kimianet", **{name: name for name in sorted(CBR_SPECS)}}
 NO_MASK = "tiles come without one"  # why this trainer gives region-masked norms (rn_b) no mask

@@ -19,6 +19,7 @@ from histo.errors import HistoError
 from pathology.config import Variant
 
 logger = logging.getLogger(__name__)
+
 # click parameter -> config key (flags override the --config file, which overrides the defaults)
 KEYS = {
     "variant": "model.variant",
