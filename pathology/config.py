@@ -223,6 +223,21 @@ class NetworkConfig(Section):
     init: PathStr | None
     input_px: Annotated[int, Field(ge=32)] | None  # None: the entry's input size
 
+    @model_validator(mode="before")
+    @classmethod
+    def _arch_renamed(cls, data: Any) -> Any:
+        """`model.arch` (before the encoder registry) is refused naming its new key, not as an unknown one."""
+        if isinstance(data, dict) and "arch" in data:
+            from histo.errors import HistoError
+            from pathology.kimianet import encoder_of_arch
+
+            try:
+                meant = f"arch {data['arch']} is encoder {encoder_of_arch(str(data['arch']))}; "
+            except HistoError:
+                meant = ""
+            raise KeyedError("arch", f"renamed model.encoder: rename the key ({meant}see `histo encoders`)")
+        return data
+
     @model_validator(mode="after")
     def _fits(self) -> NetworkConfig:
         """Everything about the encoder, norm and variant that can be refused before any work."""

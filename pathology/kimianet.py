@@ -27,15 +27,24 @@ from histo.norms import names as norm_names
 from histo.norms import norm_traits
 from histo.norms.placement import stale_placement_hint
 from pathology import encoders
+from pathology.cbr import CBR_SPECS
 from pathology.densenet import FeatureClassifier
 from pathology.encoders import Encoder, encoder_definition, get_encoder
 from pathology.encoders.extractor import weights_hash
 from pathology.encoders.preprocess import Preprocess, crops_per_side
 from pathology.variants import VARIANTS, apply_variant, network_refusal
 
-KIND = "kimianet"  # histo.checkpoint kind of a trained (or imported) feature extractor
-LEGACY_ARCHS = {"densenet121": "kimianet"}  # `arch` names of checkpoints before the registry
+KIND = "kimianet"  # histo.checkpoint kind of a trained (or untrained baseline) feature extractor
+# `arch` names before the registry (checkpoints, `histo train --arch`, `model.arch`) -> registry entries
+LEGACY_ARCHS = {"densenet121": "kimianet", **{name: name for name in sorted(CBR_SPECS)}}
 NO_MASK = "tiles come without one"  # why this trainer gives region-masked norms (rn_b) no mask
+
+
+def encoder_of_arch(arch: str) -> str:
+    """The registry entry a pre-registry `arch` name means (densenet121: kimianet; a CBR net: itself)."""
+    if arch not in LEGACY_ARCHS:
+        raise HistoError(f"unknown arch {arch!r}; the arch names were {', '.join(LEGACY_ARCHS)}")
+    return LEGACY_ARCHS[arch]
 
 
 def norm_refusal(norm: str, encoder: str) -> str | None:

@@ -28,6 +28,14 @@ BAD = {
         ),
         ("optim:\n  epochs: 0\n", "optim.epochs: input should be greater than or equal to 1, got 0"),
         ("optim:\n  epoch: 3\n", "optim.epoch: unknown key (known here: accumulate, amp,"),
+        (
+            "model:\n  arch: densenet121\n",  # the key before the encoder registry
+            "model.arch: renamed model.encoder: rename the key (arch densenet121 is encoder kimianet; see `histo encoders`)",
+        ),
+        (
+            "model:\n  arch: vgg16\n",
+            "model.arch: renamed model.encoder: rename the key (see `histo encoders`)",
+        ),
     ],
     "index": [
         ("search:\n  tile_k: lots\n", "search.tile_k: input should be a valid integer, got 'lots'"),

@@ -331,6 +331,8 @@ def test_histo_train_prints_what_the_variant_trains(cohort, tmp_path):
         (["--variant", "norm_shift"], "variant norm_shift fine-tunes pretrained weights: give --init PATH"),
         (["--variant", "scratch", "--init", "w.pth"], "--variant scratch trains from random weights; drop --init"),
         (["--variant", "norm_half"], "model.variant: input should be 'I', 'II', 'III', 'IV', 'scratch', 'norm_only' or 'norm_shift'"),
+        (["--arch", "densenet121", "--encoder", "kimianet"], "error: --arch is the deprecated spelling of --encoder: give only --encoder"),
+        (["--arch", "resnet50"], "error: --arch: unknown arch 'resnet50'; the arch names were densenet121, cbr-large-t, cbr-large-w, cbr-small, cbr-tiny (use --encoder NAME"),
     ],
 )  # fmt: skip
 def test_bad_combinations_are_one_line_errors_before_any_work(cohort, tmp_path, args, message):
@@ -339,6 +341,35 @@ def test_bad_combinations_are_one_line_errors_before_any_work(cohort, tmp_path, 
     assert code == 2 and message in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_deprecated_arch_flag_trains_the_entry_it_names_with_one_warning(cohort, tmp_path):
+    """Scripts from before the registry (`--arch densenet121`) still run: the kimianet entry, one warning."""
+    code, _, err = run_cli(
+        train_args(
+            cohort, tmp_path / "m.pt", "--arch", "densenet121", "--variant", "I", "--init", cohort["init"]
+        )
+    )
+    assert code == 0, err
+    assert [line for line in err.splitlines() if "--arch" in line] == [
+        "warning: --arch is deprecated; use --encoder kimianet"
+    ]
+    cfg = checkpoint.load(tmp_path / "m.pt", "kimianet").config
+    assert (
+        cfg["encoder"] == "kimianet"
+        and cfg["variant"] == "I"
+        and cfg["init"]["sha256"] == _sha256(cohort["init"])
+    )
+
+
+def test_the_old_arch_names_are_registry_entries():
+    from pathology.cbr import CBR_SPECS
+    from pathology.encoders import get_encoder
+    from pathology.kimianet import encoder_of_arch
+
+    assert encoder_of_arch("densenet121") == "kimianet"
+    for name in CBR_SPECS:  # the CBR nets kept their names
+        assert encoder_of_arch(name) == name and get_encoder(name).family == "cbr"
 
 
 def test_norm_only_may_start_from_random_weights_as_in_frankle(cohort, tmp_path):

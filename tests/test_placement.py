@@ -2,7 +2,7 @@
 
 References: XingangPan/IBN-Net `ibnnet/resnet_ibn.py` (IBN-a: `bn1` of every block of layer1-3 is IBN with
 IN on the first half; IBN-b: conv1's norm is IN, and an IN follows the residual sum of the last block of
-layer1-2) and `ibnnet/densenet_ibn.py` (tests/test_densenet.py, tests/test_importers.py).
+layer1-2) and `ibnnet/densenet_ibn.py` (tests/test_densenet.py, tests/test_encoder_weights.py).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from histo.cli.options import (
@@ -13,7 +15,10 @@ from histo.cli.options import (
     json_option,
     stage_config,
 )
+from histo.errors import HistoError
 from pathology.config import Variant
+
+logger = logging.getLogger(__name__)
 
 # click parameter -> config key (flags override the --config file, which overrides the defaults)
 KEYS = {
@@ -38,6 +43,7 @@ _options = compose(
     click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Model checkpoint to write."),
     click.option("--encoder", default=None,
                  help="Registry encoder to fine-tune (`histo encoders`): kimianet, densenet121-imagenet, cbr-*, resnet50-trunc, ..."),
+    click.option("--arch", default=None, hidden=True, help="Deprecated spelling of --encoder (densenet121: kimianet)."),
     click.option("--variant", default=None,
                  help=f"{choices(Variant)}: the last 1/2/3 dense blocks (I-III, DenseNet), all layers (IV), random init "
                       "(scratch), norm scales+shifts (norm_only) or shifts (norm_shift), each with the head."),
@@ -60,9 +66,26 @@ _options = compose(
 )  # fmt: skip
 
 
+def _arch_alias(ctx: click.Context, arch: str | None) -> None:
+    """`--arch NAME`, the flag before the encoder registry, sets --encoder to the entry it means (with a
+    warning), so old scripts keep working; giving both is refused."""
+    from pathology.kimianet import encoder_of_arch
+
+    if arch is None:
+        return
+    if ctx.params["encoder"] is not None:
+        raise HistoError("--arch is the deprecated spelling of --encoder: give only --encoder")
+    try:
+        ctx.params["encoder"] = encoder_of_arch(arch)
+    except HistoError as e:
+        raise HistoError(f"--arch: {e} (use --encoder NAME, see `histo encoders`)") from None
+    logger.warning("--arch is deprecated; use --encoder %s", ctx.params["encoder"])
+
+
 @click.command(name="train")
 @_options
-def train(tiles, out, config_path, as_json, **flags) -> None:
+@click.pass_context
+def train(ctx, tiles, out, config_path, as_json, arch, **flags) -> None:
     """Fine-tune (or train) an encoder on the high-cellularity tiles of a tile store (weak slide labels,
     split by patient); prints what the variant trains (parameter counts, also in --json).
 
@@ -74,6 +97,7 @@ def train(tiles, out, config_path, as_json, **flags) -> None:
     from pathology.train import train_kimianet
     from pathology.variants import counts_line
 
+    _arch_alias(ctx, arch)
     config = stage_config(TrainConfig, config_path, KEYS)
     summary = train_kimianet(tiles, out, config)
     if summary.get("world_size", 1) > 1 and summary.get("rank", 0) != 0:

@@ -6,13 +6,15 @@ densenet121-imagenet  ReLU, then avgpool (torchvision's penultimate feature, Ker
                       KimiaNet paper's ImageNet baseline (TCGA vertical search 63.8 against KimiaNet's 81.3).
 Both read the official KimiaNet file (`module.model.0.*`; its 30-class head `module.fc_4.*` is not
 loaded), torchvision's DenseNet-121 (`features.*`, old-style `norm.1` keys renamed; `classifier.*` not
-loaded) and histo checkpoints of a BatchNorm densenet121 (torchvision's names).
+loaded), histo checkpoints of a BatchNorm densenet121 (torchvision's names) and, with norm ibn_a, the
+IBN-Net authors' densenet121_ibn_a (torchvision's names, `norm1.BN` / `norm1.IN` in IBN layers).
 """
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -24,6 +26,8 @@ from pathology.encoders.registry import Encoder, register
 from pathology.encoders.weights import Layout, State
 
 ARCH = {"network": "densenet121", "norm": "batch"}
+# torchvision's released densenet121-a639ec97.pth names `denselayer1.norm.1`, its module now `norm1`
+_OLD_STYLE = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
 
 
 class ReluPooledTrunk(Trunk):
@@ -43,14 +47,15 @@ def _relu_trunk(arch: Mapping[str, Any]) -> Trunk:
     return ReluPooledTrunk(OrderedDict(_trunk(arch).named_children()))
 
 
-def _backbone(prefix: str):
-    """Keys under `prefix` renamed as the DenseNet importer does; other keys are kept (and reported)."""
+def _backbone(prefix: str) -> Callable[[State], State]:
+    """Keys under `prefix` made relative to the trunk, old-style names (`norm.1`) renamed (`norm1`); other
+    keys are kept, so they are reported as unexpected."""
 
     def convert(state: State) -> State:
-        from pathology.importers import split_backbone
-
-        _, backbone = split_backbone(state)
-        return {**backbone, **{k: v for k, v in state.items() if not k.startswith(prefix)}}
+        trunk = {
+            _OLD_STYLE.sub(r"\1\2.", k[len(prefix) :]): v for k, v in state.items() if k.startswith(prefix)
+        }
+        return {**trunk, **{k: v for k, v in state.items() if not k.startswith(prefix)}}
 
     return convert
 

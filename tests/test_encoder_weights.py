@@ -1,4 +1,10 @@
-"""Importers: every key of KimiaNet-layout and torchvision-layout (old and new) files maps; bad files fail."""
+"""The registry's weight loader (pathology.encoders.weights, DenseNet layouts in pathology.encoders.densenet):
+every key of official-KimiaNet and torchvision (old and new style) files maps; wrong files fail in one line.
+
+Loaded as `histo train --encoder NAME [--norm N] --init FILE` and `histo index --encoder NAME --weights FILE`
+do: `load_weights` into the network of the entry (`encoder_entry`, with the norm when one is chosen).
+Features from loaded files, poolings and the other refusals: tests/test_encoders.py.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +14,18 @@ import pytest
 import torch
 
 from histo.errors import InputFileError
-from pathology.importers import load_pretrained
-from pathology.kimianet import build_model, random_init_checkpoint
+from pathology.encoders import load_weights
+from pathology.kimianet import encoder_entry, random_init_checkpoint
 
 
 @pytest.fixture(scope="module")
 def source() -> dict[str, torch.Tensor]:
     """A DenseNet-121 backbone whose every tensor (running stats, counters included) is distinct."""
     torch.manual_seed(0)
-    model = build_model("densenet121", "batch", num_classes=0, variant="scratch")
+    network = encoder_entry("kimianet").network()
     g = torch.Generator().manual_seed(1)
     state = {}
-    for k, v in model.features.state_dict().items():
+    for k, v in network.state_dict().items():
         if v.is_floating_point():
             state[k] = torch.rand(v.shape, generator=g) + 0.1
         else:
@@ -31,11 +37,20 @@ def _old_style(key: str) -> str:
     return re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key)
 
 
+def load(path, norm: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """(network, weights record) of `path` loaded into the kimianet entry's network with `norm`, as
+    `histo train --encoder kimianet --norm NORM --init FILE` does."""
+    entry = encoder_entry("kimianet", norm)
+    network = entry.network()
+    return network, load_weights(network, path, entry)
+
+
 def _load_and_compare(path, source, drop_counters=False):
-    model = build_model("densenet121", "batch", num_classes=4, variant="IV")
-    before = {k: v.clone() for k, v in model.features.state_dict().items()}
-    report = load_pretrained(model, path)
-    after = model.features.state_dict()
+    entry = encoder_entry("kimianet")
+    network = entry.network()
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    report = load_weights(network, path, entry)
+    after = network.state_dict()
     for k, v in source.items():
         if drop_counters and k.endswith("num_batches_tracked"):
             assert torch.equal(after[k], before[k])
@@ -50,7 +65,7 @@ def test_kimianet_official_layout(tmp_path, source):
     state["module.fc_4.bias"] = torch.randn(30)
     torch.save(state, tmp_path / "KimiaNetPyTorchWeights.pth")
     report = _load_and_compare(tmp_path / "KimiaNetPyTorchWeights.pth", source)
-    assert report["layout"] == "KimiaNet" and report["tensors_loaded"] == len(source) == 725
+    assert report["layout"] == "KimiaNet (official)" and report["tensors_loaded"] == len(source) == 725
 
 
 def test_torchvision_new_style(tmp_path, source):
@@ -73,9 +88,8 @@ def test_torchvision_old_style_without_counters(tmp_path, source):
 
 def test_histo_checkpoint_of_another_arch_is_refused(tmp_path):
     path = random_init_checkpoint(tmp_path / "cbr.pt", arch="cbr-tiny")
-    model = build_model("densenet121", "batch", 2, "IV")
-    with pytest.raises(InputFileError, match="arch 'cbr-tiny'") as e:
-        load_pretrained(model, path)
+    with pytest.raises(InputFileError, match=r"a histo checkpoint \(cbr-tiny, norm 'batch'\)") as e:
+        load(path)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
@@ -84,9 +98,8 @@ def test_foreign_densenet169_lists_missing_and_unexpected(tmp_path, source):
     state["features.denseblock3.denselayer25.conv1.weight"] = torch.randn(128, 1024, 1, 1)
     state["features.norm5.weight"] = torch.randn(1664)
     torch.save(state, tmp_path / "densenet169.pth")
-    model = build_model("densenet121", "batch", 2, "IV")
     with pytest.raises(InputFileError) as e:
-        load_pretrained(model, tmp_path / "densenet169.pth")
+        load(tmp_path / "densenet169.pth")
     msg = str(e.value)
     assert "\n" not in msg and "densenet169.pth" in msg
     assert "missing (features." not in msg  # keys are shown relative to the backbone
@@ -95,27 +108,10 @@ def test_foreign_densenet169_lists_missing_and_unexpected(tmp_path, source):
     assert "1 shape mismatches (norm5.weight (1664,))" in msg
 
 
-def test_unknown_layout(tmp_path):
-    torch.save(
-        {"conv1.weight": torch.randn(64, 3, 7, 7), "layer1.0.bn1.weight": torch.randn(64)}, tmp_path / "r.pth"
-    )
-    model = build_model("densenet121", "batch", 2, "IV")
-    with pytest.raises(InputFileError, match=r"unknown checkpoint layout.*unexpected"):
-        load_pretrained(model, tmp_path / "r.pth")
-
-
 def test_norm_mismatch_is_reported(tmp_path, source):
     torch.save({f"features.{k}": v for k, v in source.items()}, tmp_path / "bn.pth")
-    model = build_model("densenet121", "ibn_a", 2, "IV")
     with pytest.raises(InputFileError, match=r"missing \(denseblock1\.denselayer1\.norm1\.BN"):
-        load_pretrained(model, tmp_path / "bn.pth")
-
-
-def test_histo_checkpoint_of_another_norm_names_its_norm(tmp_path):
-    path = random_init_checkpoint(tmp_path / "gn.pt", norm="group")
-    model = build_model("densenet121", "batch", 2, "IV")
-    with pytest.raises(InputFileError, match=r"histo \(norm 'group'\) layout does not match .*missing"):
-        load_pretrained(model, path)
+        load(tmp_path / "bn.pth", norm="ibn_a")
 
 
 def test_a_unet_checkpoint_is_refused_by_kind(tmp_path):
@@ -123,32 +119,12 @@ def test_a_unet_checkpoint_is_refused_by_kind(tmp_path):
     from segmentation.unet import UNet3D
 
     save_model(tmp_path / "unet.pt", UNet3D(channels=(2, 4), blocks_per_level=1, expansion=1), {})
-    model = build_model("densenet121", "batch", 2, "IV")
     with pytest.raises(InputFileError) as e:
-        load_pretrained(model, tmp_path / "unet.pt")
+        load(tmp_path / "unet.pt")
     assert str(e.value) == (
         f"{tmp_path / 'unet.pt'}: is a 3D U-Net segmentation model (histo segment train), "
         "expected a KimiaNet feature extractor (histo train)"
     )
-
-
-def test_import_pretrained_writes_a_kimianet_checkpoint_for_histo_index(tmp_path, source):
-    import numpy as np
-
-    from histo import checkpoint
-    from pathology.importers import import_pretrained
-    from pathology.kimianet import FeatureExtractor
-
-    state = {f"module.model.0.{k}": v for k, v in source.items()}
-    state["module.fc_4.weight"], state["module.fc_4.bias"] = torch.randn(30, 1024), torch.randn(30)
-    torch.save(state, tmp_path / "KimiaNetPyTorchWeights.pth")
-    out = import_pretrained(tmp_path / "KimiaNetPyTorchWeights.pth", tmp_path / "kimianet.pt", input_px=32)
-    ckpt = checkpoint.load(out, "kimianet")
-    assert ckpt.config["init"]["layout"] == "KimiaNet" and ckpt.config["classes"] == []
-    assert all(torch.equal(ckpt.weights[f"features.{k}"], v) for k, v in source.items())
-    fx = FeatureExtractor.from_checkpoint(out, device="cpu")
-    assert fx.input_px == 32 and fx.feature_definition["pooling"] == "avgpool(norm5) without ReLU"
-    assert fx.extract(np.zeros((1, 32, 32, 3), np.uint8)).shape == (1, 1024)
 
 
 def _ibn_net_densenet121_state() -> dict[str, torch.Tensor]:
@@ -195,13 +171,12 @@ def test_ibn_net_densenet121_ibn_a_weights_load_and_split_as_the_authors(tmp_pat
     torch.save(
         {"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "densenet121_ibn_a.pth"
     )
-    model = build_model("densenet121", "ibn_a", 2, "IV")
-    report = load_pretrained(model, tmp_path / "densenet121_ibn_a.pth")
-    loaded = model.features.state_dict()
-    assert report["tensors_loaded"] == len(state) - 2 == len(loaded)
+    network, report = load(tmp_path / "densenet121_ibn_a.pth", norm="ibn_a")
+    loaded = network.state_dict()
+    assert report["tensors_loaded"] == len(state) - 2 == len(loaded) and report["ignored"]["tensors"] == 2
     backbone = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     assert all(torch.equal(loaded[k], v) for k, v in backbone.items())
-    block = model.features.denseblock1.denselayer1.norm1.eval()
+    block = network.denseblock1.denselayer1.norm1.eval()
     x = torch.randn(2, 64, 5, 5)
     prefix = "features.denseblock1.denselayer1.norm1"
     w, b = state[f"{prefix}.BN.weight"], state[f"{prefix}.BN.bias"]
