@@ -5,8 +5,8 @@ An image file is a patch when its suffix is an image format (PNG, JPEG, ...) or 
 neither pyramidal nor an Aperio file; every other path is a slide for the slide reader.
 
 A patch file's header is read first and its pixels decoded only when it declares at most
-`query.max_pixels` (a decompression bomb fails that query alone). `histo search` runs `file_query`,
-which also checks a patch's field of view against the index's tile (search/patch_fit.py) and tiles a
+`query.max_pixels` (a decompression bomb fails that query alone). `SlideIndex.search` (so `histo search`
+too) runs `file_query` on a query file, which also checks a patch's field of view against the index's tile (search/patch_fit.py) and tiles a
 slide with `query.mpp` (--mpp) when it has no scale of its own.
 """
 
@@ -42,14 +42,11 @@ class PatchQuery:
 
 
 def as_query(query: Any, name: str | None = None) -> SlideQuery | PatchQuery:
-    """The query a slide path, an image path, an RGB array or a TileSet is; `name` (default: the path,
-    the slide ID, or "patch") is what results call it."""
+    """The query a slide path, an RGB array or a TileSet is (a query file: `file_query` first); `name`
+    (default: the path, the slide ID, or "patch") is what results call it."""
     from pathology.tiler import TileSet
 
     if isinstance(query, (str, os.PathLike)):
-        path = Path(query)
-        if is_patch_file(path):
-            return PatchQuery(name or os.fspath(query), read_patch(path))
         return SlideQuery(name or os.fspath(query), query)
     if isinstance(query, TileSet):
         return slide_query(query, name)
@@ -88,17 +85,6 @@ def is_patch_file(path: Path) -> bool:
             return not (tif.is_svs or len(tif.series[0].levels) > 1 or len(tif.pages) > 1)
     except (OSError, tifffile.TiffFileError):
         return False  # let the slide reader give the reason
-
-
-def read_patch(path: Path, max_pixels: int | None = None) -> np.ndarray:
-    """An RGB patch as uint8 (H, W, 3); InputFileError if unreadable, not RGB(A)/grey, or declaring more
-    than `max_pixels` (None: the search config's `query.max_pixels`)."""
-    if max_pixels is None:
-        from search.config import SearchConfig
-
-        max_pixels = SearchConfig.coerce().query.max_pixels
-    with open_image(path, max_pixels) as im:
-        return decode_rgb(im, path)
 
 
 def open_image(path: Path, max_pixels: int) -> Any:

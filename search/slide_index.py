@@ -62,7 +62,7 @@ from search.growth import (
 )
 from search.index import FloatIndex, IndexParameters, new_faiss_index, set_search_parameter
 from search.manifest import MANIFEST, read_manifest
-from search.queries import PatchQuery, SlideQuery, as_query, patch_query, slide_query
+from search.queries import PatchQuery, SlideQuery, as_query, file_query, patch_query, slide_query
 from search.storage import BARCODES, COORDS, FLOAT, assemble, parts_of, read_coords, row_map
 
 logger = logging.getLogger(__name__)
@@ -455,6 +455,10 @@ class SlideIndex:
         `name`: what the result calls the query (default: its path, its slide ID, or "patch"). `where`:
         only slides passing this filter are returned (search/filters.py: {"site": ["A", "B"], "label":
         "X"} or clauses ["site=A,B", "label=X"]); the search stays exact within it.
+
+        A query file goes through `search.queries.file_query`, as in `histo search`: a patch file is
+        checked against the index's tile (declared pixels, field of view) before it is decoded, a slide
+        without a scale is tiled at the config's `query.mpp`; `info["query"]` records what was applied.
         """
         options = {
             "exclude_patient": exclude_patient,
@@ -462,13 +466,21 @@ class SlideIndex:
             "stage1_tiles": stage1_tiles,
             "exhaustive": exhaustive,
         }
+        checked = None
+        if isinstance(query, (str, os.PathLike)):
+            name = name or os.fspath(query)
+            query, checked = file_query(self, os.fspath(query), self.config.query)
         q = as_query(query, name)
         if isinstance(q, SlideQuery):
-            return self._search_slide(q, k, mode, "search", **options, where=where)
-        given = [key for key, value in options.items() if value is not None]
-        if given:
-            raise HistoError(f"{q.name}: {', '.join(given)} apply to slide queries, not to a patch")
-        return self._search_patch(q, k, mode, "search", where)
+            result = self._search_slide(q, k, mode, "search", **options, where=where)
+        else:
+            given = [key for key, value in options.items() if value is not None]
+            if given:
+                raise HistoError(f"{q.name}: {', '.join(given)} apply to slide queries, not to a patch")
+            result = self._search_patch(q, k, mode, "search", where)
+        if checked is not None:
+            result.info["query"] = checked
+        return result
 
     def search_slide(
         self,

@@ -186,6 +186,20 @@ def test_the_python_api_refuses_a_bomb_with_the_same_line(built, tmp_path) -> No
         SlideIndex.open(built["index"], {"run": {"device": "cpu"}}).search(bomb)
 
 
+def test_the_python_api_applies_the_field_of_view_rule_of_histo_search(built, tmp_path) -> None:
+    """`SlideIndex.search(path)` checks a patch file as `histo search` does (one owner: file_query)."""
+    from histo.errors import InputFileError
+    from search.slide_index import SlideIndex
+
+    index = SlideIndex.open(built["index"], {"run": {"device": "cpu"}})
+    with pytest.raises(InputFileError, match=r"small.png: 16 x 16 px .* covers 0.25 x 0.25 of the index's"):
+        index.search(_png(tmp_path / "small.png", built["tile"][:16, :16]))
+    near = index.search(_png(tmp_path / "near.png", built["tile"][:48, :48]))
+    assert near.info["query"]["rule"] == "warned" and near.info["query"]["resize"] == [1.3333, 1.3333]
+    same = index.search(_png(tmp_path / "same.png", built["tile"]))
+    assert same.info["query"]["rule"] == "as is" and same.to_dict()["results"][0]["slide_id"] == "s1"
+
+
 def test_mpp_scales_a_query_slide_without_a_scale(built, tmp_path) -> None:
     from pathology.synthetic import write_synthetic_slide
 

@@ -143,9 +143,15 @@ def test_search_takes_slides_images_arrays_and_tile_sets(
 
     slide = next(p for p in cohort["slides"] if p.suffix == ".svs")
     by_path = flat.search(slide, 3)
+    checked = by_path.info.pop("query")  # a query file records what file_query applied
+    assert checked == {"kind": "slide", "mpp": 0.25, "mpp_source": "metadata"}
     assert by_path.to_dict() == flat.search_slide(slide, k=3).to_dict() and by_path.query == str(slide)
     plain = next(p for p in cohort["slides"] if p.suffix == ".tiff")  # one-page TIFF: read as an image
-    assert flat.search(plain, 3).info == {"mode": "float"} and "strategy" in flat.search_slide(plain, 3).info
+    with pytest.raises(
+        InputFileError, match=r"\.tiff: 1536 x 1024 px .* covers 6 x 4 of the index's 32 px tile"
+    ):
+        flat.search(plain, 3)  # read as an image: a patch 6 x 4 tiles wide is refused, as histo search does
+    assert "strategy" in flat.search_slide(plain, 3).info
     tiles = flat.tile_query(slide)
     by_tiles = flat.search(tiles, 3, mode="float", exhaustive=True)
     assert by_tiles.query == slide.stem and by_tiles.info["strategy"] == "exhaustive"
@@ -155,6 +161,7 @@ def test_search_takes_slides_images_arrays_and_tile_sets(
     png = tmp_path / "patch.png"
     Image.fromarray(rgb).save(png)
     from_file = flat.search(png, 4)
+    assert from_file.info.pop("query")["rule"] == "as is"  # the index's own tile: searched as is
     assert from_file.query == str(png) and from_file.info == {"mode": "float"}  # patch_mode of the config
     assert from_file.results == flat.search_patch(rgb, k=4).results == flat.search(rgb, 4, name="x").results
     assert from_file.results[0].slide_id == store.slide_ids()[2] and from_file.results[0].matches[0].tile == 1

@@ -78,7 +78,6 @@ def search(
     from histo.errors import HistoError
     from search.config import SearchConfig
     from search.filters import parse_where
-    from search.queries import file_query
     from search.slide_index import SlideIndex
 
     keys = {
@@ -97,9 +96,7 @@ def search(
     out, outcomes = [], []
     for q in queries:
         try:
-            query, checked = file_query(idx, q, cfg.query)  # a slide's tiles or a patch's checked pixels
-            result = idx.search(query, name=q, where=filter_)  # the rest from the config
-            result.info["query"] = checked
+            result = idx.search(q, where=filter_)  # a query file's checks, then the rest from the config
             shown = result.to_dict()
             if geojson_dir is not None:
                 from pathology.slide import slide_id_of
