@@ -45,6 +45,8 @@ ARRAYS = ("coords", "cluster", "cellularity", "selected")
 # Every stored array: zstd (zarr's default) and then a crc32c per chunk, verified by zarr on every read.
 # Arrays of stores written before this have no checksum and are read as they are.
 CHUNK_CODECS = (zarr.codecs.ZstdCodec(level=0), zarr.codecs.Crc32cCodec())
+# Record fields a labels CSV sets (and a re-run may correct without tiling again); the index copies them.
+METADATA = ("label", "patient", "site", "project")
 DAMAGED = "damaged"  # status listed for a slide whose record cannot be read
 _TMP_RE = re.compile(r"^(?P<slide_id>.+)\.tmp-\d+-[0-9a-f]{8}$")
 

@@ -31,13 +31,11 @@ from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, recorded_reader
 from pathology.slide.ngff import is_ngff, metadata_files
 from pathology.slide_labels import SlideMeta, resolve_meta
 from pathology.stain import fit_config, normalize_tiles
-from pathology.store import SlideRecord, read_tiles, slide_id_problem, tiles_digest
+from pathology.store import METADATA, SlideRecord, read_tiles, slide_id_problem, tiles_digest
 from pathology.tissue import brightfield_problem, tissue_mask
 
 log = logging.getLogger(__name__)
 
-# Record fields a labels CSV sets: a re-run with other values changes them without tiling again.
-METADATA = ("label", "patient", "site", "project")
 MAX_MASK_PX = 8192  # long side of the tissue-mask image; coarser µm/px beyond (bounded memory)
 NO_CLUSTER = -1  # cluster of a given patch kept without the colour mosaic
 

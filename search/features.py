@@ -31,7 +31,7 @@ import zarr
 from histo.batch import BatchSummary, Outcome, run_batch
 from histo.errors import HistoError, InputFileError
 from histo.io import atomic_write_json
-from pathology.store import CHUNK_CODECS, DAMAGED, decoded
+from pathology.store import CHUNK_CODECS, DAMAGED, METADATA, decoded
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ FEATURES_DIR = "features.zarr"
 SLIDES = "slides"
 PARTIAL = ".partial"
 ARRAYS = ("features", "coords")
-METADATA = ("label", "patient", "site")  # store record fields copied into the index; updated in place
 
 
 def _jsonable(obj: Any) -> Any:

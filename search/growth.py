@@ -36,6 +36,7 @@ import numpy as np
 from histo.errors import HistoError, InputFileError
 from histo.io import atomic_write_json
 from histo.lock import writer_lock
+from pathology.store import METADATA
 from search import features as feats_io
 from search.barcodes import BITORDER, build_binary_index, code_bits, empty_copy, minmax_barcode
 from search.config import UpdateConfig, index_params
@@ -62,7 +63,6 @@ logger = logging.getLogger(__name__)
 
 MODEL = "model.pt"
 CATALOG_KEYS = ("slide_id", "label", "patient", "site", "project", "n_tiles", "tile_size_level0")
-METADATA = ("label", "patient", "site", "project")  # catalog fields a re-run may correct in place
 BARCODE_DEFINITION = "MinMax: bit i = f[i+1] < f[i] for i < D-1, zero-padded to a multiple of 8 bits"
 METRIC = "Euclidean (L2) on float features; Hamming on barcodes"
 

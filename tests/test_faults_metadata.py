@@ -21,8 +21,13 @@ def slides(tmp_path_factory):
     return write_slides(tmp_path_factory.mktemp("slides"), 4)
 
 
-def _csv(path, rows):
-    path.write_text("slide,label,site\n" + "".join(f"{s},{label},{site}\n" for s, label, site in rows))
+def _csv(path, rows, projects=None):
+    """A labels CSV of (slide, label, site) rows, with a project column when `projects` ({slide: project})."""
+    if projects is None:
+        path.write_text("slide,label,site\n" + "".join(f"{s},{label},{site}\n" for s, label, site in rows))
+    else:
+        lines = [f"{s},{label},{site},{projects.get(s, '')}\n" for s, label, site in rows]
+        path.write_text("slide,label,site,project\n" + "".join(lines))
     return path
 
 
@@ -38,7 +43,9 @@ def test_a_corrected_labels_csv_updates_store_and_index_without_reading_pixels(
 
     store, index = tmp_path / "s.zarr", tmp_path / "index"
     first = _csv(
-        tmp_path / "v1.csv", [("s0", "A", "X"), ("s1.svs", "B", "X"), ("s2", "A", "Y"), ("s3", "B", "Y")]
+        tmp_path / "v1.csv",
+        [("s0", "A", "X"), ("s1.svs", "B", "X"), ("s2", "A", "Y"), ("s3", "B", "Y")],
+        {"s3": "P1"},
     )
     tile = ["tile", *slides, "--out", store, *TILE, "--save-pixels", "--labels"]
     assert _invoke([*tile, first])[0].exit_code == 0
@@ -48,7 +55,9 @@ def test_a_corrected_labels_csv_updates_store_and_index_without_reading_pixels(
     features_before = feats_io.read_slide(index / feats_io.FEATURES_DIR, "s0")[1]
 
     corrected = _csv(
-        tmp_path / "v2.csv", [("s0", "B", "X"), ("s1.svs", "B", "Z"), ("s2", "A", "Y"), ("s3", "B", "Y")]
+        tmp_path / "v2.csv",
+        [("s0", "B", "X"), ("s1.svs", "B", "Z"), ("s2", "A", "Y"), ("s3", "B", "Y")],
+        {"s3": "P2"},
     )
 
     def no_pixels(*args, **kwargs):
@@ -59,7 +68,7 @@ def test_a_corrected_labels_csv_updates_store_and_index_without_reading_pixels(
     assert result.exit_code == 0, result.output
     assert rows["s0"]["status"] == "done" and rows["s0"]["detail"]["updated"] == {"label": ["A", "B"]}
     assert rows["s1"]["detail"]["updated"] == {"site": ["X", "Z"]}
-    assert rows["s2"]["status"] == rows["s3"]["status"] == "skipped"
+    assert rows["s2"]["status"] == "skipped" and rows["s3"]["detail"]["updated"] == {"project": ["P1", "P2"]}
     assert "updated: s0: label A -> B" in result.stderr and "updated: s1: site X -> Z" in result.stderr
     records = TileStore.open(store)
     assert (records.record("s0").label, records.record("s1").site) == ("B", "Z")
@@ -70,9 +79,10 @@ def test_a_corrected_labels_csv_updates_store_and_index_without_reading_pixels(
     assert result.exit_code == 0, result.output
     assert rows["s0"]["status"] == "done" and rows["s0"]["detail"]["updated"] == {"label": ["A", "B"]}
     assert rows["s1"]["detail"]["updated"] == {"site": ["X", "Z"]}
-    assert rows["s2"]["status"] == "skipped"
+    assert rows["s2"]["status"] == "skipped" and rows["s3"]["detail"]["updated"] == {"project": ["P1", "P2"]}
     assert "updated: s0: label A -> B" in result.stderr
     built = SlideIndex.open(index)
+    assert built.catalog.projects[built.catalog.slide_ids.index("s3")] == "P2"
     position = built.catalog.slide_ids.index("s0")
     assert (
         built.catalog.labels[position] == "B"
