@@ -14,7 +14,7 @@ from growth_support import build, slide_ids, write_features
 from histo.errors import HistoError
 from search.barcodes import BarcodeIndex, build_binary_index, hamming_matrix, minmax_barcode
 from search.evaluate import evaluate_engine
-from search.filters import parse_where, slide_mask, where_of
+from search.filters import ListPlan, digest, parse_where, slide_mask, where_of
 from search.index import EXACT_SCAN_ADVANTAGE, exact_knn
 from search.kinds import barcode_kind
 from search.slide_index import SlideIndex
@@ -104,6 +104,35 @@ def test_barcode_flat_and_ivf_filters_return_allowed_rows_only() -> None:
     assert allowed[i[i >= 0]].all() and (i >= 0).all()
     assert ((d <= truth[:, -1:]).sum() / d.size) >= 0.9  # tie-aware recall within the filter
     np.testing.assert_array_equal(searched.search(codes[:20], 10)[1], ivf.search(codes[:20], 10)[1])
+
+
+def test_binary_ivf_probes_only_lists_holding_allowed_rows_and_every_one_the_list_scan_took() -> None:
+    """The binary IVF ranks only the lists holding an allowed row, nearest first, and still scans every
+    such list that `ListPlan.probes` (all lists nearest first, at least nprobe) scans."""
+    import faiss
+
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((60, 64))
+    codes = minmax_barcode(np.repeat(centres, 40, 0) + 0.5 * rng.standard_normal((2400, 64)))
+    groups = np.repeat(np.arange(60), 40)
+    ivf, _ = build_binary_index(codes, "ivf", {"calibration_queries": 200}, groups=groups)
+    quantizer = faiss.downcast_IndexBinary(ivf.quantizer)
+    centroids = faiss.vector_to_array(quantizer.xb).reshape(-1, ivf.code_size)
+    plan, queries = ListPlan.of(ivf.invlists), codes[::97]
+    distances = hamming_matrix(queries, centroids)
+    for allowed in (np.isin(groups, np.arange(0, 60, 10)), groups == 7, np.ones(2400, dtype=bool)):
+        sizes = plan.allowed_sizes(allowed, digest(allowed))
+        lists = plan.probes_among(distances.astype(np.uint16), sizes, int(ivf.nprobe))
+        scanned = plan.probes(np.argsort(distances, axis=1, kind="stable"), sizes, int(ivf.nprobe))
+        for q, row in enumerate(lists):
+            taken = row[row >= 0]
+            assert (row[: len(taken)] == taken).all() and (sizes[taken] > 0).all()
+            assert (np.diff(distances[q, taken]) >= 0).all()  # nearest first
+            assert set(scanned[q][(scanned[q] >= 0) & (sizes[np.maximum(scanned[q], 0)] > 0)]) <= set(taken)
+            met = sizes[taken].sum()
+            assert met >= min(
+                sizes.sum(), plan.sizes[np.argsort(distances[q], kind="stable")[: ivf.nprobe]].sum()
+            )
 
 
 def rank_all(index: SlideIndex, queries: SlideIndex, where: dict | None, exhaustive: bool = False) -> list:
