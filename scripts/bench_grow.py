@@ -372,7 +372,8 @@ def filtered_row(index: SlideIndex, qs: list[np.ndarray], mode: str, allowed: np
         same += ranked == index.engine.rank(q, mode, 5, allowed, exhaustive=True)[0]
     return {"unfiltered_ms_median": 1e3 * float(np.median(unfiltered)),
             "filtered_ms_median": 1e3 * float(np.median(times)),
-            "identical_top5_to_exhaustive_in_subset": same / len(qs), "allowed_slides": int(allowed.sum())}  # fmt: skip
+            "identical_top5_to_exhaustive_in_subset": same / len(qs), "allowed_slides": int(allowed.sum()),
+            "queries": len(qs)}  # fmt: skip
 
 
 def float_row(findex, qtiles, truth, build_s) -> dict:
