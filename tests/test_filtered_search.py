@@ -107,8 +107,9 @@ def test_barcode_flat_and_ivf_filters_return_allowed_rows_only() -> None:
 
 
 def test_binary_ivf_probes_only_lists_holding_allowed_rows_and_every_one_the_list_scan_took() -> None:
-    """The binary IVF ranks only the lists holding an allowed row, nearest first, and still scans every
-    such list that `ListPlan.probes` (all lists nearest first, at least nprobe) scans."""
+    """The binary IVF ranks only the lists holding an allowed row, nearest first (ties: the lower list),
+    until they hold as many allowed rows as the query's nprobe nearest lists hold rows, and at least every
+    such list as near as its nprobe-th nearest; so it scans every non-empty list `ListPlan.probes` scans."""
     import faiss
 
     rng = np.random.default_rng(2)
@@ -118,21 +119,24 @@ def test_binary_ivf_probes_only_lists_holding_allowed_rows_and_every_one_the_lis
     ivf, _ = build_binary_index(codes, "ivf", {"calibration_queries": 200}, groups=groups)
     quantizer = faiss.downcast_IndexBinary(ivf.quantizer)
     centroids = faiss.vector_to_array(quantizer.xb).reshape(-1, ivf.code_size)
-    plan, queries = ListPlan.of(ivf.invlists), codes[::97]
+    plan, queries, nprobe = ListPlan.of(ivf.invlists), codes[::97], int(ivf.nprobe)
     distances = hamming_matrix(queries, centroids)
-    for allowed in (np.isin(groups, np.arange(0, 60, 10)), groups == 7, np.ones(2400, dtype=bool)):
+    for allowed in (groups % 2 == 0, groups % 10 == 0, groups == 7, np.ones(2400, dtype=bool)):
         sizes = plan.allowed_sizes(allowed, digest(allowed))
-        lists = plan.probes_among(distances.astype(np.uint16), sizes, int(ivf.nprobe))
-        scanned = plan.probes(np.argsort(distances, axis=1, kind="stable"), sizes, int(ivf.nprobe))
+        lists = plan.probes_among(distances.astype(np.uint16), sizes, nprobe)
+        scanned = plan.probes(np.argsort(distances, axis=1, kind="stable"), sizes, nprobe)
         for q, row in enumerate(lists):
-            taken = row[row >= 0]
-            assert (row[: len(taken)] == taken).all() and (sizes[taken] > 0).all()
-            assert (np.diff(distances[q, taken]) >= 0).all()  # nearest first
-            assert set(scanned[q][(scanned[q] >= 0) & (sizes[np.maximum(scanned[q], 0)] > 0)]) <= set(taken)
-            met = sizes[taken].sum()
-            assert met >= min(
-                sizes.sum(), plan.sizes[np.argsort(distances[q], kind="stable")[: ivf.nprobe]].sum()
-            )
+            order = np.argsort(distances[q], kind="stable")
+            target, reach = plan.sizes[order[:nprobe]].sum(), distances[q, order[nprobe - 1]]
+            expected, met = [], 0
+            for i in order[sizes[order] > 0]:
+                if met >= target and distances[q, i] > reach:
+                    break
+                expected.append(i)
+                met += sizes[i]
+            assert row[row >= 0].tolist() == expected and (row[len(expected) :] == -1).all()
+            took = scanned[q][scanned[q] >= 0]
+            assert set(took[sizes[took] > 0]) <= set(expected)
 
 
 def rank_all(index: SlideIndex, queries: SlideIndex, where: dict | None, exhaustive: bool = False) -> list:
