@@ -106,7 +106,8 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=20)
     ap.add_argument("--add", type=int, default=100, help="slides added to the built index")
     ap.add_argument("--queries", type=int, default=50)
-    ap.add_argument("--filter-queries", type=int, default=20, help="query slides per filter, side and mode")
+    ap.add_argument("--filter-queries", type=int, default=100,
+                    help="query slides per filter, side and mode (100: a share of identical top-5 to 1 %%)")  # fmt: skip
     ap.add_argument("--growth-kinds", default="flat,ivf", help="kinds built and grown by --add slides")
     ap.add_argument("--no-fifty", action="store_true", help="skip the IVF grown by 50 %%")
     ap.add_argument("--no-hnsw-table", action="store_true", help="skip the IVF-HNSW vs IVF-Flat table")
