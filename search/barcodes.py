@@ -206,7 +206,7 @@ class BarcodeIndex:
     def _filtered_ivf(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The IVF search within the allowed rows: FAISS's IndexBinaryIVF takes no id selector, so it runs on
         a view of the index holding only the allowed rows (made once per filter), each query's lists
-        chosen as search/filters.py's `ListPlan` says."""
+        chosen as search/filters.py's `ListPlan.probes_among` says from its distances to every centroid."""
         import faiss
 
         ivf = self.index
@@ -214,9 +214,10 @@ class BarcodeIndex:
             self._lists = ListPlan.of(ivf.invlists)
         key = digest(rows)
         view = self._view(rows, key)
-        plan, nprobe = self._lists, int(ivf.nprobe)
-        nearest = np.argsort(hamming_matrix(queries, self._centroids()), axis=1, kind="stable")
-        lists = plan.probes(nearest[:, : plan.width(rows, nprobe)], plan.allowed_sizes(rows, key), nprobe)
+        distances = hamming_matrix(queries, self._centroids())
+        if ivf.d < 1 << 16:  # numpy's stable sort orders 16-bit integers by radix, 10x faster than int32
+            distances = distances.astype(np.uint16)
+        lists = self._lists.probes_among(distances, self._lists.allowed_sizes(rows, key), int(ivf.nprobe))
         coarse = np.zeros(lists.shape, dtype=np.int32)  # unused by a binary IVF scan
         dist = np.empty((len(queries), k), dtype=np.int32)
         ids = np.empty((len(queries), k), dtype=np.int64)

@@ -14,9 +14,9 @@ How each index kind takes a filter: a filter that excludes few rows (a patient's
 by the excluded rows and drops them (`widened`). Otherwise the flat kinds search the allowed rows exactly
 (FAISS id selectors, the exact kernel restricted to them); an IVF index scans, per query, its lists nearest
 first until it has met as many allowed vectors as an unfiltered search meets in its `nprobe` nearest lists
-(`ListPlan`), so a filter that excludes the query's own neighbourhood (a label the query does not have)
-sends it on to farther lists instead of returning fewer, worse neighbours; an HNSW graph gets efSearch
-divided by the allowed fraction.
+(`ListPlan`; a binary IVF ranks and visits only the lists holding an allowed vector), so a filter that
+excludes the query's own neighbourhood (a label the query does not have) sends it on to farther lists
+instead of returning fewer, worse neighbours; an HNSW graph gets efSearch divided by the allowed fraction.
 """
 
 from __future__ import annotations
@@ -189,3 +189,24 @@ class ListPlan:
         target = np.where(lists[:, :nprobe] >= 0, self.sizes[safe[:, :nprobe]], 0).sum(axis=1)
         needed = np.maximum(nprobe, (met < target[:, None]).sum(axis=1) + 1)
         return np.ascontiguousarray(np.where(np.arange(lists.shape[1])[None, :] < needed[:, None], lists, -1))
+
+    def probes_among(self, distances: np.ndarray, allowed_sizes: np.ndarray, nprobe: int) -> np.ndarray:
+        """`probes` for a query's distances to every centroid (Q, nlist), ranking only the lists that hold an
+        allowed vector (Q, width; -1 marks one not scanned): nearest first (ties: the lower list), until they
+        hold as many allowed vectors as its `nprobe` nearest lists hold vectors, and at least every one as
+        near as its nprobe-th nearest list. Lists without an allowed vector are never ranked nor visited: in a
+        10 % filter's view of 1M codes in 4,000 lists, 7 of 10 lists `probes` takes are empty."""
+        holding = np.flatnonzero(allowed_sizes > 0)
+        nearest = np.argsort(distances, axis=1, kind="stable")[:, :nprobe]  # argpartition is slower here
+        target = self.sizes[nearest].sum(axis=1)
+        reach = np.take_along_axis(distances, nearest, 1).max(axis=1, initial=0)
+        ranked = holding[np.argsort(distances[:, holding], axis=1, kind="stable")]
+        met = allowed_sizes[ranked].cumsum(axis=1)
+        near = np.take_along_axis(distances, ranked, 1) <= reach[:, None]
+        needed = np.minimum(
+            len(holding), np.maximum((met < target[:, None]).sum(axis=1) + 1, near.sum(axis=1))
+        )
+        width = max(1, int(needed.max(initial=0)))
+        lists = np.full((len(distances), width), -1, dtype=np.int64)
+        lists[:, : ranked.shape[1]] = ranked[:, :width]
+        return np.ascontiguousarray(np.where(np.arange(width)[None, :] < needed[:, None], lists, -1))

@@ -14,7 +14,7 @@ from growth_support import build, slide_ids, write_features
 from histo.errors import HistoError
 from search.barcodes import BarcodeIndex, build_binary_index, hamming_matrix, minmax_barcode
 from search.evaluate import evaluate_engine
-from search.filters import parse_where, slide_mask, where_of
+from search.filters import ListPlan, digest, parse_where, slide_mask, where_of
 from search.index import EXACT_SCAN_ADVANTAGE, exact_knn
 from search.kinds import barcode_kind
 from search.slide_index import SlideIndex
@@ -104,6 +104,39 @@ def test_barcode_flat_and_ivf_filters_return_allowed_rows_only() -> None:
     assert allowed[i[i >= 0]].all() and (i >= 0).all()
     assert ((d <= truth[:, -1:]).sum() / d.size) >= 0.9  # tie-aware recall within the filter
     np.testing.assert_array_equal(searched.search(codes[:20], 10)[1], ivf.search(codes[:20], 10)[1])
+
+
+def test_binary_ivf_probes_only_lists_holding_allowed_rows_and_every_one_the_list_scan_took() -> None:
+    """The binary IVF ranks only the lists holding an allowed row, nearest first (ties: the lower list),
+    until they hold as many allowed rows as the query's nprobe nearest lists hold rows, and at least every
+    such list as near as its nprobe-th nearest; so it scans every non-empty list `ListPlan.probes` scans."""
+    import faiss
+
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((60, 64))
+    codes = minmax_barcode(np.repeat(centres, 40, 0) + 0.5 * rng.standard_normal((2400, 64)))
+    groups = np.repeat(np.arange(60), 40)
+    ivf, _ = build_binary_index(codes, "ivf", {"calibration_queries": 200}, groups=groups)
+    quantizer = faiss.downcast_IndexBinary(ivf.quantizer)
+    centroids = faiss.vector_to_array(quantizer.xb).reshape(-1, ivf.code_size)
+    plan, queries, nprobe = ListPlan.of(ivf.invlists), codes[::97], int(ivf.nprobe)
+    distances = hamming_matrix(queries, centroids)
+    for allowed in (groups % 2 == 0, groups % 10 == 0, groups == 7, np.ones(2400, dtype=bool)):
+        sizes = plan.allowed_sizes(allowed, digest(allowed))
+        lists = plan.probes_among(distances.astype(np.uint16), sizes, nprobe)
+        scanned = plan.probes(np.argsort(distances, axis=1, kind="stable"), sizes, nprobe)
+        for q, row in enumerate(lists):
+            order = np.argsort(distances[q], kind="stable")
+            target, reach = plan.sizes[order[:nprobe]].sum(), distances[q, order[nprobe - 1]]
+            expected, met = [], 0
+            for i in order[sizes[order] > 0]:
+                if met >= target and distances[q, i] > reach:
+                    break
+                expected.append(i)
+                met += sizes[i]
+            assert row[row >= 0].tolist() == expected and (row[len(expected) :] == -1).all()
+            took = scanned[q][scanned[q] >= 0]
+            assert set(took[sizes[took] > 0]) <= set(expected)
 
 
 def rank_all(index: SlideIndex, queries: SlideIndex, where: dict | None, exhaustive: bool = False) -> list:
