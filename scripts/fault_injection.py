@@ -31,23 +31,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "tests"))  # faults_support: the tests' fault builders (image_declaring)
+sys.path.insert(
+    1, str(ROOT / "tests")
+)  # faults_support: the tests' fault builders (DISK_FULL, image_declaring)
 TILE = ["--tile-px", "64"]
-
-# `histo ARGS` whose tile store writer finds the disk full after the first slide it writes.
-DISK_FULL = """
-import errno, sys
-import pathology.store as st
-original, written = st.TileStore.write_slide, []
-def write(self, record, *args, **kwargs):
-    written.append(record.slide_id)
-    if len(written) > 1:
-        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "slides" / record.slide_id))
-    original(self, record, *args, **kwargs)
-st.TileStore.write_slide = write
-from histo.cli import main
-main(sys.argv[1:])
-"""
 
 
 @dataclass
@@ -213,6 +200,8 @@ def segment_inputs(work: Path) -> dict[str, Path]:
 
 
 def pathology_scenarios(rows: list[Row], work: Path, inp: dict[str, Path]) -> None:
+    from faults_support import DISK_FULL
+
     from histo.lock import writer_lock
 
     store, index = work / "store.zarr", work / "index"

@@ -21,6 +21,21 @@ TILE = ["--tile-px", "64"]
 TILE_CONFIG = {"tile": {"px": 64}}
 NOBODY = 65534
 
+# Runs `histo ARGS...` with a tile store whose writer finds the disk full after the first slide it writes.
+DISK_FULL = """
+import errno, sys
+import pathology.store as st
+original, written = st.TileStore.write_slide, []
+def write(self, record, *args, **kwargs):
+    written.append(record.slide_id)
+    if len(written) > 1:
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "slides" / record.slide_id))
+    original(self, record, *args, **kwargs)
+st.TileStore.write_slide = write
+from histo.cli import main
+main(sys.argv[1:])
+"""
+
 # Runs `histo ARGS...` with `MODULE.FUNCTION` paused until the file GATE.go exists (GATE.started says
 # it has been reached), so a test can start a second writer while the first is mid-run.
 PAUSED = """

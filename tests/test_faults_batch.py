@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 from click.testing import CliRunner
-from faults_support import TILE, write_slides
+from faults_support import DISK_FULL, TILE, write_slides
 
 from histo.batch import BatchStopped, EnvironmentFault, Outcome, run_batch
 from histo.cli import main
@@ -123,21 +123,6 @@ def test_a_damaged_record_fails_that_slide_only(slides, tmp_path) -> None:
     assert TileStore.open(store).record("s1").status == "done"
 
 
-FULL_AFTER_ONE = """
-import errno, sys
-import pathology.store as st
-original, calls = st.TileStore.write_slide, []
-def write(self, record, *args, **kwargs):
-    calls.append(record.slide_id)
-    if len(calls) > 1:
-        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "slides" / record.slide_id))
-    original(self, record, *args, **kwargs)
-st.TileStore.write_slide = write
-from histo.cli import main
-main(sys.argv[1:])
-"""
-
-
 def test_a_full_disk_stops_tile_with_one_line_and_the_json_summary(slides, tmp_path) -> None:
     import subprocess
     import sys
@@ -148,7 +133,7 @@ def test_a_full_disk_stops_tile_with_one_line_and_the_json_summary(slides, tmp_p
     cmd = [
         sys.executable,
         "-c",
-        FULL_AFTER_ONE,
+        DISK_FULL,
         "tile",
         *map(str, slides),
         "--out",
