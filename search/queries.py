@@ -13,6 +13,7 @@ slide with `query.mpp` (--mpp) when it has no scale of its own.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,33 +88,38 @@ def is_patch_file(path: Path) -> bool:
         return False  # let the slide reader give the reason
 
 
-def open_image(path: Path, max_pixels: int) -> Any:
-    """The image file with only its header read (a PIL image, not decoded); InputFileError naming the
-    declared size when it has more than `max_pixels` pixels, or when it is not a patch format.
-
-    Pillow's own check (`Image.MAX_IMAGE_PIXELS`, an error only past twice its limit) runs in
-    `Image.open`; the format's opener is called as `Image.open` calls it, so the limit is ours alone."""
+def open_header(fp: Any, prefix: bytes, formats: Sequence[str]) -> Any | None:
+    """The image in `fp` (a path or a binary file) opened by the first of `formats` whose opener accepts
+    its first bytes `prefix`, with only its header read; None when none does. The format's opener is
+    called as `Image.open` calls it, without Pillow's own pixel limit (`Image.MAX_IMAGE_PIXELS`, an
+    error only past twice its value), so the caller's limit is the only one and names the size."""
     from PIL import Image
 
+    Image.init()
+    for fmt in formats:
+        factory, accept = Image.OPEN[fmt]
+        accepted = accept is None or accept(prefix)
+        if accepted and not isinstance(accepted, str):  # a str: the format, in a variant not read
+            return factory(fp)
+    return None
+
+
+def open_image(path: Path, max_pixels: int) -> Any:
+    """The image file with only its header read (a PIL image, not decoded); InputFileError naming the
+    declared size when it has more than `max_pixels` pixels, or when it is not a patch format."""
     from pathology.diagnose import os_reason
 
-    Image.init()
     try:
         with open(path, "rb") as fh:
             prefix = fh.read(16)
     except OSError as e:
         raise InputFileError(path, os_reason(e)) from None
     try:
-        for fmt in PATCH_FORMATS:
-            factory, accept = Image.OPEN[fmt]
-            accepted = accept is None or accept(prefix)
-            if accepted and not isinstance(accepted, str):  # a str: the format, in a variant not read
-                im = factory(os.fspath(path))
-                break
-        else:
-            raise InputFileError(path, f"not a readable image (not {', '.join(PATCH_FORMATS)})")
+        im = open_header(os.fspath(path), prefix, PATCH_FORMATS)
     except (OSError, SyntaxError, ValueError, IndexError, EOFError) as e:
         raise InputFileError(path, f"not a readable image ({type(e).__name__})") from None
+    if im is None:
+        raise InputFileError(path, f"not a readable image (not {', '.join(PATCH_FORMATS)})")
     w, h = im.size
     if w * h == 0:
         im.close()

@@ -354,6 +354,20 @@ def test_a_decompression_bomb_is_refused_before_decoding(client: TestClient) -> 
     assert r.status_code == 413 and "more than the 16,777,216 allowed" in r.json()["error"]
 
 
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
+def test_a_huge_declared_image_is_refused_with_its_size(
+    client: TestClient, tmp_path: Path, suffix: str
+) -> None:
+    """Past twice Pillow's own limit `Image.open` raises before the size can be read; the upload is
+    opened header first, so the answer still names the size (as `histo search` does for a file)."""
+    from faults_support import image_declaring
+
+    huge = image_declaring(tmp_path / f"huge{suffix}", np.zeros((8, 8, 3), np.uint8), 50_000, 50_000)
+    r = _upload(client, huge.read_bytes(), huge.name)
+    assert r.status_code == 413, r.text
+    assert "50000x50000 = 2,500,000,000 pixels is more than the 16,777,216 allowed" in r.json()["error"]
+
+
 @pytest.mark.parametrize(
     ("data", "ctype", "says"),
     [

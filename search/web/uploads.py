@@ -8,11 +8,11 @@ decoded, so a small file that would expand into gigabytes (a decompression bomb)
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 
 from histo.errors import HistoError
+from search.queries import open_header
 
 FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")  # what Pillow may open an upload as (no GIF, no SVG)
 MIN_SIDE = 8  # px; smaller is no tissue patch
@@ -28,30 +28,29 @@ class UploadRejected(HistoError):
 
 def decode_patch(data: bytes, name: str, content_type: str | None, max_pixels: int) -> np.ndarray:
     """The uploaded image as RGB uint8 (H, W, 3); UploadRejected naming the file and the reason."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     if content_type and not (content_type.startswith("image/") or content_type == "application/octet-stream"):
         raise UploadRejected(f"{name}: not an image upload (content type {content_type})")
     if not data:
         raise UploadRejected(f"{name}: empty upload")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=list(FORMATS)) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise UploadRejected(
-                        f"{name}: {w}x{h} = {w * h:,} pixels is more than the {max_pixels:,} allowed", 413
-                    )
-                if min(w, h) < MIN_SIDE:
-                    raise UploadRejected(f"{name}: {w}x{h} is too small for a tissue patch")
-                im.seek(0)
-                return np.array(im.convert("RGB"))
+        im = open_header(io.BytesIO(data), data[:16], FORMATS)  # the header only: nothing decoded yet
+        if im is None:
+            raise UploadRejected(f"{name}: not a {', '.join(FORMATS)} image")
+        with im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise UploadRejected(
+                    f"{name}: {w}x{h} = {w * h:,} pixels is more than the {max_pixels:,} allowed", 413
+                )
+            if min(w, h) < MIN_SIDE:
+                raise UploadRejected(f"{name}: {w}x{h} is too small for a tissue patch")
+            im.seek(0)
+            return np.array(im.convert("RGB"))
     except UploadRejected:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UploadRejected(f"{name}: refused as a decompression bomb", 413) from None
     except UnidentifiedImageError:
         raise UploadRejected(f"{name}: not a {', '.join(FORMATS)} image") from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, IndexError, EOFError) as e:
         raise UploadRejected(f"{name}: unreadable image ({type(e).__name__})") from None
