@@ -11,7 +11,7 @@ FULL_BIN := $(FULL_VENV)/bin
 FULL_STAMP := $(FULL_VENV)/.installed
 FULL_TORCH := torch==2.12.1 torchvision==0.27.1
 
-.PHONY: install install-full browser test test-full .venv-brats demo lint bench clean
+.PHONY: install install-full browser openjpeg test test-full .venv-brats demo lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,13 @@ browser:
 	  command -v apt-get >/dev/null || { echo "install chromium and chromedriver (browser tests)"; exit 1; }; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
+# OpenJPEG, the C library glymur (tiatoolbox's JPEG 2000 reader, and the JP2 writer of the reader tests) loads
+# at run time; pip cannot install it. A Debian package, installed only when missing.
+openjpeg:
+	@ldconfig -p | grep -q libopenjp2.so.7 || { \
+	  command -v apt-get >/dev/null || { echo "install OpenJPEG 2 (libopenjp2) for the JPEG 2000 tests"; exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenjp2-7; }
+
 # Lane 1: the core deps + cpu,dev,serve; the tests needing lane-2 packages are deselected by their marker.
 test: $(STAMP) browser
 	$(BIN)/python -m pytest tests -q -m "not full"
@@ -56,7 +63,7 @@ $(BRATS_STAMP):
 
 # Lane 2: every test marked `full` (encoders vs their reference code, tiatoolbox readers and stain methods in
 # .venv-full; the official BraTS scorer's agreement tests call .venv-brats in a subprocess).
-test-full: $(FULL_STAMP) $(BRATS_STAMP)
+test-full: $(FULL_STAMP) $(BRATS_STAMP) openjpeg
 	$(FULL_BIN)/python -m pytest tests -q -m full
 
 lint: $(STAMP)
