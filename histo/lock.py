@@ -60,15 +60,19 @@ def _read_record(fd: int) -> dict[str, Any] | None:
 
 
 def _write_record(fd: int, record: dict[str, Any] | None) -> None:
-    os.ftruncate(fd, 0)
-    if record is not None:
-        os.pwrite(fd, (json.dumps(record, sort_keys=True) + "\n").encode(), 0)
+    """Replace the holder record (written before the file is cut to it, so a reader never sees it empty)."""
+    data = b"" if record is None else (json.dumps(record, sort_keys=True) + "\n").encode()
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
     os.fsync(fd)
 
 
 def _refusal(folder: Path, command: str, shared: bool, record: dict[str, Any] | None) -> str:
     if record is None:
-        return f"{folder}: --shard runs are writing here; an unsharded {command} can start when they end"
+        return (
+            f"{folder}: another run is writing here (--shard runs, or a run just starting); "
+            f"an unsharded {command} can start when they end"
+        )
     remedy = (
         "a --shard run can start when it ends"
         if shared
@@ -82,16 +86,9 @@ def writer_lock(folder: str | os.PathLike, command: str, shared: bool = False) -
     """Hold the writer lock of `folder` (created if absent) while the block runs; LockedError if taken."""
     folder = Path(folder)
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _locked(folder, path, command, shared)
     try:
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockedError(_refusal(folder, command, shared, _read_record(fd))) from None
-        except OSError as e:
-            raise HistoError(f"{path}: cannot take the writer lock ({e.strerror})") from None
         stale = _read_record(fd)
         host = socket.gethostname()
         if stale is not None and stale.get("host") != host:
@@ -116,6 +113,36 @@ def writer_lock(folder: str | os.PathLike, command: str, shared: bool = False) -
                 _remove_if_unused(folder, fd)
     finally:
         os.close(fd)  # releases the flock
+
+
+def _locked(folder: Path, path: Path, command: str, shared: bool, tries: int = 5) -> int:
+    """A descriptor of `path` holding its flock. A lock file removed between our open and our flock (by
+    a run that ends and removes the folder it created) is locked in vain: the lock must be on the file the
+    path names now, so the open is retried until they are the same file."""
+    for _ in range(tries):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            record = _read_record(fd)
+            os.close(fd)
+            raise LockedError(_refusal(folder, command, shared, record)) from None
+        except OSError as e:
+            os.close(fd)
+            raise HistoError(f"{path}: cannot take the writer lock ({e.strerror})") from None
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)
+    raise HistoError(f"{path}: the lock file keeps being replaced; is another program removing it?")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        named, held = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _remove_if_unused(folder: Path, fd: int) -> None:

@@ -50,7 +50,7 @@ def test_shard_runs_run_together_but_never_beside_an_unsharded_one(slides, tmp_p
         assert other_shard.exit_code == 0, other_shard.output
         unsharded = _tile(slides, out)
         assert unsharded.exit_code == 2
-        assert "--shard runs are writing here" in unsharded.stderr
+        assert "another run is writing here (--shard runs, or a run just starting)" in unsharded.stderr
     with writer_lock(out, "histo tile"):
         shard = _tile(slides, out, "--shard", "0/2")
         assert shard.exit_code == 2 and "a --shard run can start when it ends" in shard.stderr
@@ -103,3 +103,38 @@ def test_a_second_unsharded_index_run_is_refused(tile_store, tmp_path):
         assert second.exit_code == 2, second.output
         assert f"error: {out}: PID {first.pid} on " in second.stderr and "histo index" in second.stderr
     assert first.returncode == 0, first.stderr
+
+
+def test_a_lock_file_removed_before_it_is_locked_is_not_held_in_vain(tmp_path, monkeypatch):
+    """A run ending removes the folder it created (and its .lock) while another run has opened .lock but
+    not yet locked it: that run must lock the file the path names now, or a third writer would run beside it."""
+    import fcntl
+
+    import histo.lock as lock
+
+    out = tmp_path / "index"
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_removal(fd, op):
+        calls.append(op)
+        if len(calls) == 1:  # the ending run's cleanup wins the race: .lock and its folder are gone
+            (out / LOCK).unlink()
+            out.rmdir()
+        return real_flock(fd, op)
+
+    out.mkdir()
+    monkeypatch.setattr(lock.fcntl, "flock", flock_after_removal)
+    with writer_lock(out, "histo index"):
+        monkeypatch.setattr(lock.fcntl, "flock", real_flock)
+        with pytest.raises(LockedError, match="is writing here"), writer_lock(out, "histo index"):
+            pass
+    assert len(calls) == 2  # locked once in vain, then the file the path names
+
+
+def test_a_folder_the_lock_created_is_removed_when_the_run_leaves_nothing(tmp_path):
+    with writer_lock(tmp_path / "new", "histo index"):
+        assert (tmp_path / "new" / LOCK).exists()
+    assert not (tmp_path / "new").exists()
+    with writer_lock(tmp_path / "kept", "histo index"):
+        (tmp_path / "kept" / "manifest.json").write_text("{}")
+    assert (tmp_path / "kept" / LOCK).exists()
