@@ -75,14 +75,14 @@ def load_cohort(store: Any, max_tiles_per_slide: int = 16, cache_mb: float = 204
         idx = np.arange(n)
         if 0 < max_tiles_per_slide < n:
             idx = np.unique(np.linspace(0, n - 1, max_tiles_per_slide).round().astype(np.int64))
-        size = len(idx) * rec.tile_px * rec.tile_px * 3
-        if size <= budget:
-            try:
-                cohort.cache[len(cohort.slide_ids)] = store.read_selected(slide_id, idx)
-            except InputFileError as e:  # a damaged chunk: its slide is left out, the rest evaluated
-                cohort.left_out.append(Outcome.failed(slide_id, None, str(e)))
-                continue
-            budget -= size
+        try:  # every slide is read once here, so a damaged chunk fails its slide, not the study
+            tiles = store.read_selected(slide_id, idx)
+        except InputFileError as e:
+            cohort.left_out.append(Outcome.failed(slide_id, None, str(e)))
+            continue
+        if tiles.nbytes <= budget:
+            cohort.cache[len(cohort.slide_ids)] = tiles
+            budget -= tiles.nbytes
         cohort.slide_ids.append(slide_id)
         cohort.labels.append(str(rec.label))
         cohort.patients.append(str(rec.patient or slide_id))

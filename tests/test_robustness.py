@@ -547,6 +547,29 @@ def test_segment_study_records_the_cases_it_cannot_score_and_scores_the_rest(tmp
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["counts"] == summary["counts"]
 
 
+def test_a_damaged_chunk_fails_its_slide_whether_or_not_it_is_cached(tile_store, tmp_path) -> None:
+    """The cohort reads every slide once at setup: a damaged chunk of a slide beyond the memory cache must
+    fail that slide there, not the whole study later."""
+    import shutil
+
+    from pathology.robustness import load_cohort
+    from pathology.store import TileStore
+
+    store = Path(shutil.copytree(tile_store, tmp_path / "tiles.zarr"))
+    chunk = max(
+        (p for p in (store / "slides" / "s2" / "pixels").rglob("*") if p.is_file() and p.name != "zarr.json"),
+        key=lambda p: p.stat().st_size,
+    )
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    chunk.write_bytes(bytes(data))
+    for cache_mb in (0, 2048):
+        cohort = load_cohort(TileStore.open(store), cache_mb=cache_mb)
+        assert cohort.slide_ids == ["s0", "s1", "s3"] and len(cohort.cache) == (0 if cache_mb == 0 else 3)
+        (failed,) = cohort.left_out
+        assert failed.id == "s2" and failed.status == "failed" and "crc32c" in failed.reason
+
+
 def test_pathology_study_fails_a_damaged_slide_and_evaluates_the_others(tile_store, tmp_path) -> None:
     import json
     import shutil
