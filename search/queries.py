@@ -28,7 +28,7 @@ PATCH_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP")  # what Pillow may
 
 @dataclass(frozen=True)
 class SlideQuery:
-    """A query slide: `source` is its file (tiled with the index's tiling) or its TileSet."""
+    """A query slide: `source` is its TileSet (a query file is tiled with the index's tiling first)."""
 
     name: str
     source: Any
@@ -36,19 +36,17 @@ class SlideQuery:
 
 @dataclass(frozen=True)
 class PatchQuery:
-    """A query patch: one RGB uint8 (H, W, 3) image at the index's tile resolution."""
+    """A query patch: one RGB uint8 (H, W, 3) image (a file's checked against the index's tile first)."""
 
     name: str
     rgb: np.ndarray
 
 
 def as_query(query: Any, name: str | None = None) -> SlideQuery | PatchQuery:
-    """The query a slide path, an RGB array or a TileSet is (a query file: `file_query` first); `name`
-    (default: the path, the slide ID, or "patch") is what results call it."""
+    """The query a TileSet or an RGB array is (a query file goes through `file_query` first); `name`
+    (default: the slide ID, or "patch") is what results call it."""
     from pathology.tiler import TileSet
 
-    if isinstance(query, (str, os.PathLike)):
-        return SlideQuery(name or os.fspath(query), query)
     if isinstance(query, TileSet):
         return slide_query(query, name)
     if isinstance(query, np.ndarray):
@@ -58,10 +56,9 @@ def as_query(query: Any, name: str | None = None) -> SlideQuery | PatchQuery:
     )
 
 
-def slide_query(query: Any, name: str | None = None) -> SlideQuery:
-    """A slide query from a slide path or a TileSet (never read as a patch)."""
-    default = os.fspath(query) if isinstance(query, (str, os.PathLike)) else query.record.slide_id
-    return SlideQuery(name or default, query)
+def slide_query(tiles: Any, name: str | None = None) -> SlideQuery:
+    """A slide query from a TileSet (named by its slide ID unless `name`)."""
+    return SlideQuery(name or tiles.record.slide_id, tiles)
 
 
 def patch_query(rgb: Any, name: str | None = None) -> PatchQuery:

@@ -489,10 +489,16 @@ class SlideIndex:
         mode: str | None = None,
         exclude_patient: str | bool | None = None,
         exhaustive: bool | None = None,
+        where: Mapping[str, Any] | Sequence[str] | None = None,
     ) -> SearchResult:
-        """`search` for a slide (path or TileSet), never read as a patch: a one-line wrapper."""
+        """`search` for a slide (path or TileSet), never read as a patch; a path is tiled as `search`
+        tiles a query slide (the config's `query.mpp` where it has no scale of its own)."""
+        if isinstance(query, (str, os.PathLike)):
+            q = slide_query(self.tile_query(query, self.config.query.mpp), os.fspath(query))
+        else:
+            q = slide_query(query)
         return self._search_slide(
-            slide_query(query), k, mode, "search_slide", exclude_patient, exhaustive=exhaustive
+            q, k, mode, "search_slide", exclude_patient, exhaustive=exhaustive, where=where
         )
 
     def search_patch(self, rgb: np.ndarray, k: int | None = None, mode: str | None = None) -> SearchResult:
@@ -556,9 +562,8 @@ class SlideIndex:
         tiling = tiling_config(self.manifest["tiling"], str(self.path / MANIFEST))
         return tile_slide(path, tiling, mpp_override=mpp)
 
-    def query_features(self, query: Any) -> tuple[np.ndarray, np.ndarray, Any]:
-        """(features, level-0 coords, slide record) of a query slide's selected tiles (path or TileSet)."""
-        tiles = query if not isinstance(query, (str, os.PathLike)) else self.tile_query(query)
+    def query_features(self, tiles: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+        """(features, level-0 coords, slide record) of a query slide's selected tiles (its TileSet)."""
         pixels = tiles.read_tiles("selected")
         if len(pixels) == 0:
             raise InputFileError(tiles.record.source_path, "no selected tiles in the query slide")

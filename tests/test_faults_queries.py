@@ -243,3 +243,19 @@ def test_mpp_must_be_a_positive_finite_number(built, value, reason) -> None:
         ["search", "--index", built["index"], built["slides"][0], f"--mpp={value}"]
     )
     assert code == 2 and stderr.strip() == f"error: --mpp: query.mpp: {reason}" and stdout == ""
+
+
+def test_search_slide_tiles_a_slide_without_a_scale_at_the_configs_mpp(built, tmp_path) -> None:
+    """`SlideIndex.search_slide(path)` tiles as `search` does: `query.mpp` where the file has no scale."""
+    from histo.errors import InputFileError
+    from pathology.synthetic import write_synthetic_slide
+    from search.slide_index import SlideIndex
+
+    bare = write_synthetic_slide(tmp_path / "s0_bare.svs", 1600, 1200, 0, seed=0, scale=False)
+    with pytest.raises(InputFileError, match="no usable physical scale"):
+        SlideIndex.open(built["index"], {"run": {"device": "cpu"}}).search_slide(bare)
+    scaled = SlideIndex.open(built["index"], {"run": {"device": "cpu"}, "query": {"mpp": 0.25}})
+    result = scaled.search_slide(bare)
+    assert (
+        result.query == str(bare) and result.results[0].slide_id == "s0" and result.results[0].distance == 0
+    )
