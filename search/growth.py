@@ -13,7 +13,8 @@
 
 Each runs under the index's writer lock (histo/lock.py, through `writing`), writes its files under names of the new version
 and switches by replacing the manifest (search/manifest.py), so readers see the previous version or the
-whole new one and a writer killed at any point leaves the previous version intact; the next writer first
+whole new one (one opening during the switch reads the new one again) and a writer killed at any point
+leaves the previous version intact; the next writer first
 deletes what a killed one left. The manifest records what the quantizers were trained on (`training`), how
 far the index has grown since (`growth`) and every change (`history`); search/drift.py says when to retrain.
 """
@@ -432,7 +433,7 @@ def remove_slides(
         removed = 1 - manifest["counts"]["tiles"] / manifest["storage_rows"]
         if removed > (update_config or _defaults()).max_removed_fraction:
             compact(index_dir)
-            return Update("remove", version, tuple(sorted(gone)), tiles, compacted=True)
+            return dataclasses.replace(update, compacted=True)
         return update
 
 

@@ -6,9 +6,10 @@ sha256, so a truncated or corrupted file is refused with one line naming it.
 
 Versions: every update (search/growth.py) writes its new files under new names (`catalog.000004.json`,
 `float.000004.faiss`, ...; search/storage.py) and then replaces the manifest, which names the files of the
-version (`version`). Replacing it is the switch: a reader that read the manifest before sees the previous
-version's files, one that reads it after sees the whole update, and a writer killed before the switch
-leaves the previous version as it was. Files no version names are deleted afterwards (`collect_garbage`).
+version (`version`). Replacing it is the switch: an index opened before holds the previous version in
+memory, one opened after sees the whole update, one opening during the switch finds its files gone and
+reads the new version again (`SlideIndex.open`), and a writer killed before the switch leaves the previous
+version as it was. Files no version names are deleted right after the switch (`collect_garbage`).
 """
 
 from __future__ import annotations

@@ -161,6 +161,10 @@ def test_removed_slides_are_never_returned(source: Path, tmp_path: Path, kind: s
     )
     with pytest.raises(HistoError, match="not in the index: S010"):
         remove_slides(root, ["S010"])
+    left = index.catalog.slide_ids
+    with pytest.raises(HistoError, match="removing every slide would leave an empty index"):
+        remove_slides(root, left)
+    assert SlideIndex.open(root).catalog.slide_ids == left  # refused: nothing changed
 
 
 def test_a_large_removal_merges_the_parts(source: Path, tmp_path: Path) -> None:
