@@ -28,7 +28,7 @@ from pathology.mosaic import (
     tissue_fractions,
 )
 from pathology.slide import SLIDE_EXTENSIONS, Slide, open_slide, recorded_reader, slide_id_of
-from pathology.slide.ngff import is_ngff, metadata_files
+from pathology.slide.ngff import identity_files, is_ngff
 from pathology.slide_labels import SlideMeta, resolve_meta
 from pathology.stain import fit_config, normalize_tiles
 from pathology.store import METADATA, SlideRecord, read_tiles, slide_id_problem, tiles_digest
@@ -92,13 +92,13 @@ class EmptyMosaicError(InputFileError):
 
 
 def _identity(path: str | os.PathLike) -> SourceIdentity:
-    """A slide file's identity (an OME-Zarr folder's: its metadata files'); only its path when it cannot be
-    read (the slide then fails on its own)."""
+    """A slide file's identity (an OME-Zarr folder's: its metadata and level 0's first and last chunk
+    files'); only its path when it cannot be read (the slide then fails on its own)."""
     try:
         if is_ngff(Path(path)):
-            return SourceIdentity.of_files(path, metadata_files(Path(path)))
+            return SourceIdentity.of_files(path, identity_files(Path(path)))
         return SourceIdentity.of(path)
-    except OSError:
+    except (OSError, InputFileError):
         return SourceIdentity(os.path.realpath(path))
 
 

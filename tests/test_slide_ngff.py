@@ -199,6 +199,14 @@ def test_histo_tile_reads_a_folder_of_images_and_fails_a_malformed_one(tmp_path,
     reason = rows["bad.ome"]["reason"]
     assert reason.startswith("malformed NGFF multiscales metadata: datasets[1] is finer"), reason
     assert TileStore.open(tmp_path / "st.zarr").record("good.ome").reader.startswith("ngff ")
+    # Re-exported with other pixels of the same shape and scale: byte-identical metadata, other chunks.
+    write_ngff(tmp_path / "in" / "good.ome.zarr", np.ascontiguousarray(rgb[::-1]), 0.5, levels=2)
+    again = CliRunner().invoke(
+        main, ["tile", str(tmp_path / "in" / "good.ome.zarr"), *args[2:], "--reader", "ngff"]
+    )
+    assert again.exit_code == 1, again.output
+    (row,) = json.loads(again.stdout)["outcomes"]
+    assert row["status"] == "failed" and "good.ome.zarr changed since" in row["reason"], row
 
 
 def test_an_image_whose_metadata_cannot_be_read_says_why(tmp_path):

@@ -68,12 +68,22 @@ def is_ngff(path: Path) -> bool:
         return False  # a folder that cannot be looked into: searching it says why
 
 
+METADATA_NAMES = (".zattrs", ".zgroup", ".zarray", "zarr.json")
+
+
 def metadata_files(path: Path) -> list[Path]:
-    """The group's and its arrays' metadata files, sorted: what identifies an image folder whose thousands
-    of chunk files are not read to tell it from another."""
-    names = (".zattrs", ".zgroup", ".zarray", "zarr.json")
+    """The group's and its arrays' metadata files, sorted."""
     folders = [path, *sorted(p for p in path.iterdir() if p.is_dir())]  # the group and its level arrays
-    return [f / n for f in folders for n in names if (f / n).is_file()]
+    return [f / n for f in folders for n in METADATA_NAMES if (f / n).is_file()]
+
+
+def identity_files(path: Path) -> list[Path]:
+    """What identifies an image folder without reading its thousands of chunks: its metadata files and
+    the first and last chunk file of level 0 (a re-exported image of the same shape and scale has the
+    same metadata; its pixels differ there)."""
+    level0 = path / read_multiscale(path).paths[0]
+    chunks = sorted(p for p in level0.rglob("*") if p.is_file() and p.name not in METADATA_NAMES)
+    return [*metadata_files(path), *chunks[:1], *chunks[1:][-1:]]
 
 
 def _fail(path: Path, reason: str) -> InputFileError:
