@@ -14,9 +14,10 @@ How each index kind takes a filter: a filter that excludes few rows (a patient's
 by the excluded rows and drops them (`widened`). Otherwise the flat kinds search the allowed rows exactly
 (FAISS id selectors, the exact kernel restricted to them); an IVF index scans, per query, its lists nearest
 first until it has met as many allowed vectors as an unfiltered search meets in its `nprobe` nearest lists
-(`ListPlan`; a binary IVF ranks and visits only the lists holding an allowed vector), so a filter that
-excludes the query's own neighbourhood (a label the query does not have) sends it on to farther lists
-instead of returning fewer, worse neighbours; an HNSW graph gets efSearch divided by the allowed fraction.
+(`ListPlan`; a binary IVF ranks and visits only the lists holding an allowed vector, merged into groups of
+about the unfiltered list size, `ListGroups`), so a filter that excludes the query's own neighbourhood (a
+label the query does not have) sends it on to farther lists instead of returning fewer, worse neighbours;
+an HNSW graph gets efSearch divided by the allowed fraction.
 """
 
 from __future__ import annotations
