@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from search.config import IndexParams, index_params
-from search.filters import CACHED_FILTERS, ListPlan, digest, row_selector, widened
+from search.filters import CACHED_FILTERS, ListGroups, ListPlan, digest, row_selector, widened
 from search.index import (
     Calibration,
     add_rows,
@@ -180,7 +180,7 @@ class BarcodeIndex:
     codes: np.ndarray
     _lists: ListPlan | None = field(default=None, repr=False)
     _centroid_codes: np.ndarray | None = field(default=None, repr=False)
-    _views: dict[bytes, Any] = field(default_factory=dict, repr=False)
+    _views: dict[bytes, tuple[Any, ListGroups]] = field(default_factory=dict, repr=False)
 
     def search(
         self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
@@ -205,19 +205,21 @@ class BarcodeIndex:
 
     def _filtered_ivf(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The IVF search within the allowed rows: FAISS's IndexBinaryIVF takes no id selector, so it runs on
-        a view of the index holding only the allowed rows (made once per filter), each query's lists
-        chosen as search/filters.py's `ListPlan.probes_among` says from its distances to every centroid."""
+        a view of the index holding only the allowed rows in groups of its lists (made once per filter,
+        search/filters.py's `ListGroups`), each query's groups chosen as `ListPlan.probes_among` says from
+        its distances to every centroid."""
         import faiss
 
         ivf = self.index
         if self._lists is None:
             self._lists = ListPlan.of(ivf.invlists)
         key = digest(rows)
-        view = self._view(rows, key)
+        sizes = self._lists.allowed_sizes(rows, key)
+        view, groups = self._view(rows, key, sizes)
         distances = hamming_matrix(queries, self._centroids())
         if ivf.d < 1 << 16:  # numpy's stable sort orders 16-bit integers by radix, 10x faster than int32
             distances = distances.astype(np.uint16)
-        lists = self._lists.probes_among(distances, self._lists.allowed_sizes(rows, key), int(ivf.nprobe))
+        lists = self._lists.probes_among(distances, sizes, int(ivf.nprobe), groups)
         coarse = np.zeros(lists.shape, dtype=np.int32)  # unused by a binary IVF scan
         dist = np.empty((len(queries), k), dtype=np.int32)
         ids = np.empty((len(queries), k), dtype=np.int64)
@@ -236,29 +238,30 @@ class BarcodeIndex:
             self._centroid_codes = faiss.vector_to_array(quantizer.xb).reshape(-1, self.index.code_size)
         return self._centroid_codes
 
-    def _view(self, rows: np.ndarray, key: bytes) -> Any:
-        """An IndexBinaryIVF on the same quantizer whose lists hold only the allowed rows (cached per filter)."""
+    def _view(self, rows: np.ndarray, key: bytes, allowed_sizes: np.ndarray) -> tuple[Any, ListGroups]:
+        """An IndexBinaryIVF with one list per group of the index's lists (`ListGroups`) holding only their
+        allowed rows, and the groups (cached per filter)."""
         import faiss
 
         if key in self._views:
             return self._views[key]
         ivf = self.index
-        view = faiss.IndexBinaryIVF(faiss.clone_binary_index(ivf.quantizer), ivf.d, ivf.nlist)
+        groups = ListGroups.of(self._centroids(), allowed_sizes, ivf.ntotal / ivf.nlist)
+        view = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(ivf.d), ivf.d, len(groups.sizes))
         view.is_trained = True
         size = ivf.code_size
-        for i in np.flatnonzero(self._lists.sizes):
+        for i in np.flatnonzero(groups.group_of >= 0):
             n = int(self._lists.sizes[i])
             ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(int(i)), n)
             codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(int(i)), n * size).reshape(n, size)
             keep = rows[ids]
-            if keep.any():
-                kept_ids = np.ascontiguousarray(ids[keep])
-                kept = np.ascontiguousarray(codes[keep])
-                view.invlists.add_entries(
-                    int(i), len(kept_ids), faiss.swig_ptr(kept_ids), faiss.swig_ptr(kept)
-                )
+            kept_ids = np.ascontiguousarray(ids[keep])
+            kept = np.ascontiguousarray(codes[keep])
+            view.invlists.add_entries(
+                int(groups.group_of[i]), len(kept_ids), faiss.swig_ptr(kept_ids), faiss.swig_ptr(kept)
+            )
         view.ntotal = int(np.count_nonzero(rows))
         if len(self._views) >= CACHED_FILTERS // 2:
             self._views.pop(next(iter(self._views)))
-        self._views[key] = view
-        return view
+        self._views[key] = view, groups
+        return view, groups

@@ -56,11 +56,11 @@ def slide_distances(
             rows += sizes[stop]
             stop += 1
         block = slides[start:stop]
+        seg_starts = np.concatenate([[0], np.cumsum(sizes[start:stop])[:-1]])
         if (np.diff(block) == 1).all():  # consecutive slides: one contiguous slice, no gather
             tiles = base[offsets[block[0]] : offsets[block[-1] + 1]]
-        else:
-            tiles = base[np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in block])]
-        seg_starts = np.concatenate([[0], np.cumsum(sizes[start:stop])[:-1]])
+        else:  # every block row's base row at once (a Python range per slide cost 0.4 ms at 470 slides)
+            tiles = base[np.arange(rows) + np.repeat(offsets[block] - seg_starts, sizes[start:stop])]
         minima = np.minimum.reduceat(tile_distances(query, tiles), seg_starts, axis=1)
         out[start:stop] = np.median(minima, axis=0)
         start = stop

@@ -16,7 +16,7 @@ import numpy as np
 from histo.classification import vote
 from search.config import IndexSearch, Mode
 from search.distance import best_matches, slide_distances
-from search.filters import Where, slide_mask
+from search.filters import CACHED_FILTERS, Where, slide_mask
 
 MODES = get_args(Mode)
 
@@ -99,6 +99,7 @@ class Catalog:
             self.projects = [None] * len(self.slide_ids)
         # Ties in slide distance go to the smaller slide ID, so a ranking never depends on row order.
         self.id_rank = np.argsort(np.argsort(np.array(self.slide_ids, dtype=object), kind="stable"))
+        self._row_masks: dict[bytes, tuple[np.ndarray, int]] = {}
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -110,6 +111,18 @@ class Catalog:
         """(slide, tile number within the slide) of a row."""
         slide = int(self.row_slide[row])
         return slide, int(row - self.offsets[slide])
+
+    def allowed_rows(self, allowed: np.ndarray) -> tuple[np.ndarray, int]:
+        """The read-only row mask of a slide mask and its count of rows, cached per mask (CACHED_FILTERS): at
+        1M rows the gather and the count were 0.8 ms of every filtered first stage."""
+        key = np.packbits(allowed).tobytes()
+        if key not in self._row_masks:
+            if len(self._row_masks) >= CACHED_FILTERS:
+                self._row_masks.pop(next(iter(self._row_masks)))
+            rows = allowed[self.row_slide]
+            rows.flags.writeable = False
+            self._row_masks[key] = rows, int(np.count_nonzero(rows))
+        return self._row_masks[key]
 
     def allowed(self, exclude_patient: str | None = None, where: Where | None = None) -> np.ndarray | None:
         """Boolean mask of searchable slides (None: all): those passing the filter `where`
@@ -181,8 +194,7 @@ class SearchEngine:
         """Allowed slides hit by the kNN of the stage-1 query tiles (over the allowed rows only), widening
         tile_k until `wanted` are hit."""
         cat = self.catalog
-        rows_allowed = None if allowed is None else allowed[cat.row_slide]
-        n_rows = len(cat.row_slide) if rows_allowed is None else int(rows_allowed.sum())
+        rows_allowed, n_rows = (None, len(cat.row_slide)) if allowed is None else cat.allowed_rows(allowed)
         picked = np.unique(np.linspace(0, len(query) - 1, min(len(query), settings.stage1_tiles)).round())
         tiles = query[picked.astype(np.int64)]
         tile_k = settings.tile_k or default_tile_k(cat)
@@ -248,7 +260,7 @@ class SearchEngine:
         if mode not in MODES:
             raise ValueError(f"unknown search mode {mode!r} (barcode, float)")
         cat = self.catalog
-        rows_allowed = None if allowed is None else allowed[cat.row_slide]
+        rows_allowed = None if allowed is None else cat.allowed_rows(allowed)[0]
         dist, rows = self.knn[mode](tile, k, rows_allowed)
         hits = []
         for d, row in zip(dist[0], rows[0], strict=True):

@@ -14,9 +14,10 @@ How each index kind takes a filter: a filter that excludes few rows (a patient's
 by the excluded rows and drops them (`widened`). Otherwise the flat kinds search the allowed rows exactly
 (FAISS id selectors, the exact kernel restricted to them); an IVF index scans, per query, its lists nearest
 first until it has met as many allowed vectors as an unfiltered search meets in its `nprobe` nearest lists
-(`ListPlan`; a binary IVF ranks and visits only the lists holding an allowed vector), so a filter that
-excludes the query's own neighbourhood (a label the query does not have) sends it on to farther lists
-instead of returning fewer, worse neighbours; an HNSW graph gets efSearch divided by the allowed fraction.
+(`ListPlan`; a binary IVF ranks and visits only the lists holding an allowed vector, merged into groups of
+about the unfiltered list size, `ListGroups`), so a filter that excludes the query's own neighbourhood (a
+label the query does not have) sends it on to farther lists instead of returning fewer, worse neighbours;
+an HNSW graph gets efSearch divided by the allowed fraction.
 """
 
 from __future__ import annotations
@@ -190,23 +191,77 @@ class ListPlan:
         needed = np.maximum(nprobe, (met < target[:, None]).sum(axis=1) + 1)
         return np.ascontiguousarray(np.where(np.arange(lists.shape[1])[None, :] < needed[:, None], lists, -1))
 
-    def probes_among(self, distances: np.ndarray, allowed_sizes: np.ndarray, nprobe: int) -> np.ndarray:
+    def probes_among(
+        self, distances: np.ndarray, allowed_sizes: np.ndarray, nprobe: int, groups: ListGroups | None = None
+    ) -> np.ndarray:
         """`probes` for a query's distances to every centroid (Q, nlist), ranking only the lists that hold an
         allowed vector (Q, width; -1 marks one not scanned): nearest first (ties: the lower list), until they
         hold as many allowed vectors as its `nprobe` nearest lists hold vectors, and at least every one as
         near as its nprobe-th nearest list. Lists without an allowed vector are never ranked nor visited: in a
-        10 % filter's view of 1M codes in 4,000 lists, 7 of 10 lists `probes` takes are empty."""
-        holding = np.flatnonzero(allowed_sizes > 0)
+        10 % filter's view of 1M codes in 4,000 lists, 7 of 10 lists `probes` takes are empty.
+        With `groups` the same rule ranks and returns groups of lists (a group as near as its nearest list)."""
         nearest = np.argsort(distances, axis=1, kind="stable")[:, :nprobe]  # argpartition is slower here
         target = self.sizes[nearest].sum(axis=1)
         reach = np.take_along_axis(distances, nearest, 1).max(axis=1, initial=0)
-        ranked = holding[np.argsort(distances[:, holding], axis=1, kind="stable")]
-        met = allowed_sizes[ranked].cumsum(axis=1)
-        near = np.take_along_axis(distances, ranked, 1) <= reach[:, None]
-        needed = np.minimum(
-            len(holding), np.maximum((met < target[:, None]).sum(axis=1) + 1, near.sum(axis=1))
-        )
+        if groups is None:
+            names = np.flatnonzero(allowed_sizes > 0)
+            unit_distances, unit_sizes = distances[:, names], allowed_sizes[names]
+        else:
+            names, unit_distances, unit_sizes = (
+                np.arange(len(groups.sizes)),
+                groups.distances(distances),
+                groups.sizes,
+            )
+        order = np.argsort(unit_distances, axis=1, kind="stable")
+        met = unit_sizes[order].cumsum(axis=1)
+        near = np.take_along_axis(unit_distances, order, 1) <= reach[:, None]
+        needed = np.minimum(len(names), np.maximum((met < target[:, None]).sum(axis=1) + 1, near.sum(axis=1)))
         width = max(1, int(needed.max(initial=0)))
         lists = np.full((len(distances), width), -1, dtype=np.int64)
-        lists[:, : ranked.shape[1]] = ranked[:, :width]
+        lists[:, : order.shape[1]] = names[order[:, :width]]
         return np.ascontiguousarray(np.where(np.arange(width)[None, :] < needed[:, None], lists, -1))
+
+
+@dataclass
+class ListGroups:
+    """A filter's IVF lists that hold an allowed vector, merged into groups of about the unfiltered mean list
+    size (weighted k-means of their centroids' bits): a 10-25 % filter's view otherwise spreads its allowed
+    codes over 4-7x more, smaller lists than an unfiltered search scans, and each list is a new place in
+    memory (a third of the filtered scan's time at 1M codes)."""
+
+    group_of: np.ndarray  # (nlist,) the group of each list; -1: it holds no allowed vector
+    sizes: np.ndarray  # (groups,) allowed vectors per group
+    _order: np.ndarray = field(repr=False)  # the holding lists, group after group
+    _starts: np.ndarray = field(repr=False)  # group g's lists are _order[_starts[g]:_starts[g + 1]]
+
+    @classmethod
+    def of(cls, centroid_codes: np.ndarray, allowed_sizes: np.ndarray, mean_size: float) -> ListGroups:
+        """Groups of the binary centroids (packed, one per list) of the lists holding an allowed vector; a
+        list stays alone when the filter leaves no more lists than groups."""
+        import faiss
+
+        holding = np.flatnonzero(allowed_sizes > 0)
+        n_groups = max(1, round(float(allowed_sizes.sum()) / max(mean_size, 1.0)))
+        assigned = np.arange(len(holding))
+        if n_groups < len(holding):
+            bits = np.unpackbits(centroid_codes[holding], axis=1, bitorder="little").astype(np.float32)
+            kmeans = faiss.Kmeans(
+                bits.shape[1],
+                n_groups,
+                niter=10,
+                seed=1,
+                min_points_per_centroid=1,
+                max_points_per_centroid=len(holding),
+            )
+            kmeans.train(bits, weights=allowed_sizes[holding].astype(np.float32))
+            assigned = np.unique(kmeans.index.search(bits, 1)[1][:, 0], return_inverse=True)[1]
+        group_of = np.full(len(allowed_sizes), -1, dtype=np.int64)
+        group_of[holding] = assigned
+        order = holding[np.argsort(assigned, kind="stable")]
+        counts = np.bincount(assigned)
+        sizes = np.bincount(assigned, weights=allowed_sizes[holding]).astype(np.int64)
+        return cls(group_of, sizes, order, np.concatenate([[0], np.cumsum(counts)]))
+
+    def distances(self, list_distances: np.ndarray) -> np.ndarray:
+        """Each query's distance to every group (Q, groups): to its nearest list."""
+        return np.minimum.reduceat(list_distances[:, self._order], self._starts[:-1], axis=1)

@@ -94,10 +94,10 @@ def test_slide_distances_vectorised_equals_per_slide(monkeypatch: pytest.MonkeyP
     for query, base in ((query_f, base_f), (minmax_barcode(query_f), minmax_barcode(base_f))):
         want = [ref_slide_distance(query, base[offsets[s] : offsets[s + 1]]) for s in range(len(sizes))]
         np.testing.assert_allclose(slide_distances(query, base, offsets), want, rtol=1e-5)
-        picked = np.array([4, 0, 2])
-        np.testing.assert_allclose(
-            slide_distances(query, base, offsets, picked), np.take(want, picked), rtol=1e-5
-        )
+        for picked in (np.array([4, 0, 2]), np.array([1, 2, 4, 3, 3, 0])):  # gathers: gaps, runs, repeats
+            np.testing.assert_allclose(
+                slide_distances(query, base, offsets, picked), np.take(want, picked), rtol=1e-5
+            )
 
 
 def test_best_matches_pairs_each_query_tile_with_its_nearest() -> None:

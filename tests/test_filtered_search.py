@@ -14,7 +14,7 @@ from growth_support import build, slide_ids, write_features
 from histo.errors import HistoError
 from search.barcodes import BarcodeIndex, build_binary_index, hamming_matrix, minmax_barcode
 from search.evaluate import evaluate_engine
-from search.filters import ListPlan, digest, parse_where, slide_mask, where_of
+from search.filters import ListGroups, ListPlan, digest, parse_where, slide_mask, where_of
 from search.index import EXACT_SCAN_ADVANTAGE, exact_knn
 from search.kinds import barcode_kind
 from search.slide_index import SlideIndex
@@ -137,6 +137,50 @@ def test_binary_ivf_probes_only_lists_holding_allowed_rows_and_every_one_the_lis
             assert row[row >= 0].tolist() == expected and (row[len(expected) :] == -1).all()
             took = scanned[q][scanned[q] >= 0]
             assert set(took[sizes[took] > 0]) <= set(expected)
+
+
+def test_binary_ivf_groups_of_lists_hold_what_the_list_rule_asks() -> None:
+    """A filter's view merges the lists holding allowed rows into groups of about the unfiltered mean list
+    size (each such list in exactly one group); a query scans its groups nearest first (a group as near as
+    its nearest list) until they hold as many allowed rows as its nprobe nearest lists hold rows, and every
+    group holding a list as near as its nprobe-th nearest list."""
+    import faiss
+
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((60, 64))
+    codes = minmax_barcode(np.repeat(centres, 40, 0) + 0.5 * rng.standard_normal((2400, 64)))
+    groups_of_rows = np.repeat(np.arange(60), 40)
+    ivf, _ = build_binary_index(codes, "ivf", {"calibration_queries": 200}, groups=groups_of_rows)
+    centroids = faiss.vector_to_array(faiss.downcast_IndexBinary(ivf.quantizer).xb).reshape(-1, ivf.code_size)
+    plan, queries, nprobe = ListPlan.of(ivf.invlists), codes[::97], int(ivf.nprobe)
+    distances = hamming_matrix(queries, centroids)
+    mean_size = ivf.ntotal / ivf.nlist
+    spread = np.arange(2400)
+    merged = 0
+    for allowed in (spread % 4 == 0, spread % 10 == 0, groups_of_rows % 2 == 0, groups_of_rows == 7):
+        sizes = plan.allowed_sizes(allowed, digest(allowed))
+        groups = ListGroups.of(centroids, sizes, mean_size)
+        holding = np.flatnonzero(sizes > 0)
+        assert (groups.group_of[sizes == 0] == -1).all() and (groups.group_of[holding] >= 0).all()
+        assert len(groups.sizes) == min(len(holding), max(1, round(sizes.sum() / mean_size)))
+        np.testing.assert_array_equal(
+            groups.sizes, np.bincount(groups.group_of[holding], weights=sizes[holding])
+        )
+        if sizes[holding].mean() < mean_size / 2:  # lists mostly excluded: merged into fewer, larger ones
+            assert len(groups.sizes) < len(holding)
+            merged += 1
+        picked = plan.probes_among(distances.astype(np.uint16), sizes, nprobe, groups)
+        for q, row in enumerate(picked):
+            scanned = row[row >= 0]
+            members = [np.flatnonzero(groups.group_of == g) for g in range(len(groups.sizes))]
+            group_d = np.array([distances[q, m].min() for m in members])
+            assert (np.diff(group_d[scanned].astype(int)) >= 0).all()  # nearest first
+            order = np.argsort(distances[q], kind="stable")
+            target, reach = plan.sizes[order[:nprobe]].sum(), distances[q, order[nprobe - 1]]
+            assert groups.sizes[scanned].sum() >= min(target, sizes.sum())
+            assert set(groups.group_of[holding[distances[q, holding] <= reach]]) <= set(scanned)
+            assert groups.sizes[scanned[:-1]].sum() < target or group_d[scanned[-1]] <= reach  # no extra
+    assert merged == 2
 
 
 def rank_all(index: SlideIndex, queries: SlideIndex, where: dict | None, exhaustive: bool = False) -> list:
