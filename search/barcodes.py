@@ -163,7 +163,6 @@ def empty_copy(index: Any) -> Any:
     return empty
 
 
-HAMMING_NONE = np.iinfo(np.int32).max  # the distance of a missing neighbour (id -1)
 
 
 @dataclass
