@@ -163,8 +163,6 @@ def empty_copy(index: Any) -> Any:
     return empty
 
 
-
-
 @dataclass
 class BarcodeIndex:
     """A FAISS binary index with the codes of its rows (row order), searched with an optional row filter.
