@@ -213,9 +213,17 @@ def extract_features(
     root = open_features(index_dir, model_info(extractor), store.params)
     existing = set(done_slides(root))
 
+    checked: dict[str, dict[str, list] | None] = {}  # is_done's answer, reused by extract
+
     def changes_of(item: _Slide) -> dict[str, list] | None:
         """{field: [indexed, stored]} of an extracted slide whose features still fit its tiles ({}
-        when nothing changed); None when it is to be extracted."""
+        when nothing changed); None when it is to be extracted. Each slide's stored features are read
+        (and their checksums verified) once per run."""
+        if item.id not in checked:
+            checked[item.id] = _changes(item)
+        return checked[item.id]
+
+    def _changes(item: _Slide) -> dict[str, list] | None:
         if item.id not in existing or item.path is None:
             return None
         try:
