@@ -14,9 +14,9 @@ Layout::
 Extraction is resumable per slide (a slide's group appears only when complete) and shardable
 (`shard=(i, n)` takes every n-th slide of the sorted list, starting at i), through `histo.batch`.
 
-The quick check (rsync's): a re-run decides that a stored slide is done from its record alone when its
-array files still have the size, mtime and inode its stamp recorded when it was written (or last verified),
-so adding 100 slides to 10,000 reads no stored features. A slide whose files differ from their stamp, or
+The quick check (rsync's): a re-run decides that a stored slide is done from its record alone when the
+array files its stamp lists still have the size, mtime and inode recorded when it was written (or last
+verified), so adding 100 slides to 10,000 reads no stored features. A slide whose files differ from their stamp, or
 without one (written before stamps), is decoded, every chunk's crc32c verified, and stamped anew;
 `verify="full"` (`histo index --verify`) decodes every slide. A chunk changed in place with its size and
 mtime put back (bit rot below the file system, a tool restoring times) passes the quick check: `--verify`,
@@ -191,23 +191,40 @@ def _read_stamp(where: Path) -> dict[str, list[int]] | None:
     return files if isinstance(files, dict) else None
 
 
+def stamp_matches(root: Path, slide_id: str) -> bool:
+    """True when a stored slide has a stamp and every file it lists still has its size, mtime and inode
+    (the quick check: nothing decoded, no folder walked)."""
+    where = root / SLIDES / slide_id
+    stamp = _read_stamp(where)
+    if stamp is None:
+        return False
+    for rel, recorded in stamp.items():
+        try:
+            st = os.stat(where / rel)
+        except OSError:
+            return False
+        if [st.st_size, st.st_mtime_ns, st.st_ino] != recorded:
+            return False
+    return True
+
+
 def verified_record(root: Path, slide_id: str, verify: Verify = "quick") -> dict[str, Any]:
     """The record of a stored slide whose features are sound. Quick: from its zarr.json alone when its
-    array files match their stamp; otherwise (and always for "full") after decoding them (every chunk's
-    crc32c verified) and checking that no stamped file is gone, then stamped anew when the stamp differs.
-    InputFileError naming the slide (or its file) when it is damaged."""
-    where = root / SLIDES / slide_id
-    stamp, now = _read_stamp(where), _stamp_of(where)
-    if verify == "quick" and stamp == now:
+    stamp matches (`stamp_matches`); otherwise (and always for "full") after decoding its arrays (every
+    chunk's crc32c verified) and checking that no stamped file is gone, then stamped anew when the stamp
+    differs. InputFileError naming the slide (or its file) when it is damaged."""
+    if verify == "quick" and stamp_matches(root, slide_id):
         record = read_record(root, slide_id)
         if record is not None:
             return record
+    where = root / SLIDES / slide_id
+    stamp, now = _read_stamp(where), _stamp_of(where)  # before decoding: a change during it is seen next time
     gone = sorted(set(stamp or ()) - set(now))
     if gone:
         raise InputFileError(where / gone[0], "damaged data: a chunk file written with the slide is missing")
     record = read_slide(root, slide_id)[0]
     if stamp != now:
-        _write_stamp(where, now)  # the stat taken before decoding: a change since is seen next time
+        _write_stamp(where, now)
     return record
 
 

@@ -9,11 +9,14 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import REPO
 
 from histo.cli import main
 from histo.errors import InputFileError
@@ -199,3 +202,18 @@ def test_verify_without_tiles_is_refused_in_one_line(index) -> None:
         result.output.strip()
         == "error: --verify checks the stored features of a --tiles run (no --tiles given)"
     )
+
+
+def test_the_rerun_benchmark_times_both_checks_side_by_side(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["--slides", "6", "--tiles", "4", "--dim", "16", "--work", str(tmp_path / "w"), "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts/bench_index_rerun.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["slides"] == 6 and row["tiles"] == 24 and row["quick_s"] > 0 and row["full_s"] > 0
+    assert "full/quick" in done.stdout
