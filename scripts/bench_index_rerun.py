@@ -92,8 +92,8 @@ def row(name: str, root: Path, ids: list[str], quick: float, full: float) -> dic
         "feature_dim": int(attrs["feature_dim"]),
         "features_gib": round(tiles * int(attrs["feature_dim"]) * 4 / GIB, 3),
         "stored_gib": round(stored_bytes(root, ids) / GIB, 3),
-        "quick_s": round(quick, 3),
-        "full_s": round(full, 3),
+        "quick_s": round(quick, 6),
+        "full_s": round(full, 6),
         "full_over_quick": round(full / quick, 1),
         "quick_ms_per_slide": round(1000 * quick / len(ids), 3),
     }

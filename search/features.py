@@ -16,12 +16,13 @@ Extraction is resumable per slide (a slide's group appears only when complete) a
 
 The quick check (rsync's): a re-run decides that a stored slide is done from its record alone when the
 array files its stamp lists still have the size, mtime and inode recorded when it was written (or last
-verified), so adding 100 slides to 10,000 reads no stored features. A slide whose files differ from their stamp, or
-without one (written before stamps), is decoded, every chunk's crc32c verified, and stamped anew;
-`verify="full"` (`histo index --verify`) decodes every slide. A chunk changed in place with its size and
-mtime put back (bit rot below the file system, a tool restoring times) passes the quick check: `--verify`,
-any read of that slide's features (`--retrain`, an IVF-PQ index opening) or a rebuild finds it. The stamp is
-hidden, so it is no file of the index's manifest (search/manifest.py).
+verified), so adding 100 slides to 10,000 reads no stored features. A slide whose files differ from their
+stamp, or without one (written before stamps), is decoded, every chunk's crc32c verified, and stamped
+anew; `verify="full"` (`histo index --verify`) decodes every slide. A chunk changed in place with its size
+and mtime put back (bit rot below the file system, a tool restoring times; a rewrite within the file
+system's timestamp granularity of the original write) passes the quick check: `--verify`, any read of that
+slide's features (`--retrain`, an IVF-PQ index opening) or a rebuild finds it. The stamp is hidden, so it
+is no file of the index's manifest (search/manifest.py).
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ def verified_record(root: Path, slide_id: str, verify: Verify = "quick") -> dict
         if record is not None:
             return record
     where = root / SLIDES / slide_id
-    stamp, now = _read_stamp(where), _stamp_of(where)  # before decoding: a change during it is seen next time
+    stamp, now = _read_stamp(where), _stamp_of(where)  # before decoding: a change during it shows next time
     gone = sorted(set(stamp or ()) - set(now))
     if gone:
         raise InputFileError(where / gone[0], "damaged data: a chunk file written with the slide is missing")
