@@ -77,6 +77,7 @@ class UpdateConfig(Section):
 class IndexRun(RunOptions):
     device: Device
     batch_size: PositiveInt
+    verify_features: Literal["quick", "full"]  # stored features on a re-run: stamp check | decode all
 
 
 class IndexConfig(StageConfig):

@@ -7,11 +7,22 @@ Layout::
     INDEX/features.zarr/slides/<id>/     per slide: attributes record (slide_id, label, patient, site,
                                          n_tiles, source store, the store record's tiles_digest);
                                          arrays features (n, D) float32, coords (n, 2) int64 level-0
-                                         x, y of the selected tiles (each chunk with a crc32c)
+                                         x, y of the selected tiles (each chunk with a crc32c);
+                                         .stamp.json: size, mtime and inode of each array file
     INDEX/features.zarr/.partial/        slides being written (renamed into slides/ when complete)
 
 Extraction is resumable per slide (a slide's group appears only when complete) and shardable
 (`shard=(i, n)` takes every n-th slide of the sorted list, starting at i), through `histo.batch`.
+
+The quick check (rsync's): a re-run decides that a stored slide is done from its record alone when the
+array files its stamp lists still have the size, mtime and inode recorded when it was written (or last
+verified), so adding 100 slides to 10,000 reads no stored features. A slide whose files differ from their
+stamp, or without one (written before stamps), is decoded, every chunk's crc32c verified, and stamped
+anew; `verify="full"` (`histo index --verify`) decodes every slide. A chunk changed in place with its size
+and mtime put back (bit rot below the file system, a tool restoring times; a rewrite within the file
+system's timestamp granularity of the original write) passes the quick check: `--verify`, any read of that
+slide's features (`--retrain`, an IVF-PQ index opening) or a rebuild finds it. The stamp is hidden, so it
+is no file of the index's manifest (search/manifest.py).
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -41,6 +52,8 @@ FEATURES_DIR = "features.zarr"
 SLIDES = "slides"
 PARTIAL = ".partial"
 ARRAYS = ("features", "coords")
+STAMP = ".stamp.json"  # hidden: not one of the files the index manifest checksums
+Verify = Literal["quick", "full"]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -127,6 +140,7 @@ def write_slide(root: Path, record: dict[str, Any], features: np.ndarray, coords
         strict=True,
     ):
         group.create_array(name, data=data, chunks=data.shape, compressors=CHUNK_CODECS)
+    _write_stamp(tmp, _stamp_of(tmp))  # times and inodes survive the rename
     old = None
     if final.exists():
         old = _tmp(root, record["slide_id"])
@@ -155,6 +169,64 @@ def read_record(root: Path, slide_id: str) -> dict[str, Any] | None:
         return dict(json.loads((root / SLIDES / slide_id / "zarr.json").read_text())["attributes"]["record"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _stamp_of(where: Path) -> dict[str, list[int]]:
+    """{array file of a slide (relative path): [bytes, mtime_ns, inode]}: what the quick check compares."""
+    files = (p for name in ARRAYS for p in sorted((where / name).rglob("*")) if p.is_file())
+    return {
+        p.relative_to(where).as_posix(): [(st := p.stat()).st_size, st.st_mtime_ns, st.st_ino] for p in files
+    }
+
+
+def _write_stamp(where: Path, files: dict[str, list[int]]) -> None:
+    atomic_write_json(where / STAMP, {"files": files})
+
+
+def _read_stamp(where: Path) -> dict[str, list[int]] | None:
+    """A slide's stamp; None when it has none (written before stamps) or it is unreadable."""
+    try:
+        files = json.loads((where / STAMP).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return files if isinstance(files, dict) else None
+
+
+def stamp_matches(root: Path, slide_id: str) -> bool:
+    """True when a stored slide has a stamp and every file it lists still has its size, mtime and inode
+    (the quick check: nothing decoded, no folder walked)."""
+    where = root / SLIDES / slide_id
+    stamp = _read_stamp(where)
+    if stamp is None:
+        return False
+    for rel, recorded in stamp.items():
+        try:
+            st = os.stat(where / rel)
+        except OSError:
+            return False
+        if [st.st_size, st.st_mtime_ns, st.st_ino] != recorded:
+            return False
+    return True
+
+
+def verified_record(root: Path, slide_id: str, verify: Verify = "quick") -> dict[str, Any]:
+    """The record of a stored slide whose features are sound. Quick: from its zarr.json alone when its
+    stamp matches (`stamp_matches`); otherwise (and always for "full") after decoding its arrays (every
+    chunk's crc32c verified) and checking that no stamped file is gone, then stamped anew when the stamp
+    differs. InputFileError naming the slide (or its file) when it is damaged."""
+    if verify == "quick" and stamp_matches(root, slide_id):
+        record = read_record(root, slide_id)
+        if record is not None:
+            return record
+    where = root / SLIDES / slide_id
+    stamp, now = _read_stamp(where), _stamp_of(where)  # before decoding: a change during it shows next time
+    gone = sorted(set(stamp or ()) - set(now))
+    if gone:
+        raise InputFileError(where / gone[0], "damaged data: a chunk file written with the slide is missing")
+    record = read_slide(root, slide_id)[0]
+    if stamp != now:
+        _write_stamp(where, now)
+    return record
 
 
 def update_record(root: Path, slide_id: str, changes: dict[str, Any]) -> None:
@@ -195,16 +267,18 @@ def extract_features(
     shard: tuple[int, int],
     batch_size: int,
     progress: bool = True,
+    verify: Verify = "quick",
 ) -> BatchSummary:
     """Extract the features of every done slide of `store` in this shard that is not extracted yet.
 
     Slides already extracted are skipped, unless the store's record changed since: new labels,
     patient or site are copied into the features record without extracting again (done, detail
     `updated`: {field: [old, new]}); a slide tiled anew (another `tiles_digest`) or whose stored
-    features are damaged is extracted again. A slide that fails (tiles unreadable or damaged, no
-    selected tile, a damaged store record) is recorded with its reason and the rest goes on. A store
-    without a done slide is a HistoError, raised before anything is created. Returns the BatchSummary
-    (done detail: n_tiles).
+    features are damaged is extracted again; `verify` says how stored features are checked
+    (`verified_record`: "quick" decodes only the slides whose files changed since their stamp, "full"
+    every one). A slide that fails (tiles unreadable or damaged, no selected tile, a damaged store
+    record) is recorded with its reason and the rest goes on. A store without a done slide is a
+    HistoError, raised before anything is created. Returns the BatchSummary (done detail: n_tiles).
     """
     slide_ids = store.slide_ids()
     damaged = store.slide_ids(DAMAGED)  # listed so that each fails with its reason
@@ -217,8 +291,7 @@ def extract_features(
 
     def changes_of(item: _Slide) -> dict[str, list] | None:
         """{field: [indexed, stored]} of an extracted slide whose features still fit its tiles ({}
-        when nothing changed); None when it is to be extracted. Each slide's stored features are read
-        (and their checksums verified) once per run."""
+        when nothing changed); None when it is to be extracted. Each slide is checked once per run."""
         if item.id not in checked:
             checked[item.id] = _changes(item)
         return checked[item.id]
@@ -227,7 +300,7 @@ def extract_features(
         if item.id not in existing or item.path is None:
             return None
         try:
-            indexed = read_slide(root, item.id)[0]  # reads the chunks: their checksums are verified
+            indexed = verified_record(root, item.id, verify)
         except InputFileError as e:
             log.warning("%s; extracting it again", e)
             return None

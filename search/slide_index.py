@@ -268,7 +268,7 @@ class SlideIndex:
                 batch, update = grow(store, extractor, out, config, progress)
             else:
                 batch = feats_io.extract_features(
-                    store, extractor, out, shard, config.run.batch_size, progress
+                    store, extractor, out, shard, config.run.batch_size, progress, config.run.verify_features
                 )
                 built_with = {"feature_device": str(extractor.device)}
                 update = _first_version(out, model, extractor, batch, config, built_with)
@@ -337,7 +337,13 @@ class SlideIndex:
         extractor = index_extractor(Path(out), model, config, store.params)
         with writer_lock(out, "histo index", shared=shard[1] > 1):
             return feats_io.extract_features(
-                store, extractor, Path(out), shard, config.run.batch_size, progress
+                store,
+                extractor,
+                Path(out),
+                shard,
+                config.run.batch_size,
+                progress,
+                config.run.verify_features,
             )
 
     @classmethod
@@ -365,15 +371,23 @@ class SlideIndex:
                 logger.info("%s: updated while opening; reading the new version", path)
         raise AssertionError("unreachable")
 
-    def add(self, store: Any, batch_size: int | None = None, progress: bool = True) -> BatchSummary:
+    def add(
+        self,
+        store: Any,
+        batch_size: int | None = None,
+        progress: bool = True,
+        verify_features: str | None = None,
+    ) -> BatchSummary:
         """Extract the slides of `store` not in the index yet and add them to the trained structures
-        (no retraining; `batch_size` None: the index config's `run.batch_size`); returns the extraction
-        summary, and `update` says what changed. This object then searches the new version."""
+        (no retraining; `batch_size` and `verify_features` (quick | full) None: the index config's `run`
+        values); returns the extraction summary, and `update` says what changed. This object then
+        searches the new version."""
         store = _open_store(store)
-        run = IndexConfig.coerce().updated({"run.batch_size": batch_size}, source="batch_size").run
+        overrides = {"run.batch_size": batch_size, "run.verify_features": verify_features}
+        run = IndexConfig.coerce().updated(overrides, source="SlideIndex.add").run
         with writing(self.path, "SlideIndex.add"):
             batch = feats_io.extract_features(
-                store, self.extractor, self.path, (0, 1), run.batch_size, progress
+                store, self.extractor, self.path, (0, 1), run.batch_size, progress, run.verify_features
             )
             self.update = add_extracted(self.path, failed=_failed_slides(batch), **_refreshed(batch))
         self._reload()
@@ -620,7 +634,9 @@ def grow(
     with writing(out, "histo index"):
         check_request(out, read_manifest(out, "none"), config)
         extractor = index_extractor(out, model, config, store.params)
-        batch = feats_io.extract_features(store, extractor, out, (0, 1), config.run.batch_size, progress)
+        batch = feats_io.extract_features(
+            store, extractor, out, (0, 1), config.run.batch_size, progress, config.run.verify_features
+        )
         return batch, add_extracted(out, config.update, _failed_slides(batch), **_refreshed(batch))
 
 

@@ -20,7 +20,12 @@ from histo.cli.options import (
 from histo.cli.outcomes import failure_lines, finish, update_lines
 from search.kinds import kind_names
 
-KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.device"}
+KEYS = {
+    "index_type": "type",
+    "batch_size": "run.batch_size",
+    "device": "run.device",
+    "verify": "run.verify_features",
+}
 
 
 @click.command("index")
@@ -92,6 +97,14 @@ KEYS = {"index_type": "type", "batch_size": "run.batch_size", "device": "run.dev
     help="Check whether OUT should be retrained (recall on the held-out calibration slides, list imbalance).",
 )
 @click.option("--evaluate", "evaluate", is_flag=True, help="Leave-one-patient-out evaluation of OUT.")
+@click.option(
+    "--verify",
+    "verify",
+    flag_value="full",
+    default=None,
+    help="--tiles on an existing OUT: decode every stored slide's features (their crc32c checked) before "
+    "adding, not only those whose files changed size, time or inode (config run.verify_features).",
+)
 @device_option
 @shard_option
 @config_option
@@ -114,6 +127,7 @@ def index(
     retrain: bool,
     drift: bool,
     evaluate: bool,
+    verify: str | None,
     device: str | None,
     shard: str | None,
     config_path: str | None,
@@ -141,7 +155,7 @@ def index(
     )
     source = tiles if features_dir is None else features_dir
     exists = _check_options(
-        Path(out), tiles, features_dir, remove, slide_ids, retrain, drift, evaluate, shard
+        Path(out), tiles, features_dir, remove, slide_ids, retrain, drift, evaluate, shard, verify
     )
     shard_pair = parse_shard(shard)
     if shard_pair[1] > 1:
@@ -215,6 +229,7 @@ def _check_options(
     drift: bool,
     evaluate: bool,
     shard: str | None,
+    verify: str | None,
 ) -> bool:
     """Refuse option combinations that mean nothing (one line each); True when OUT holds an index."""
     from histo.errors import HistoError
@@ -239,6 +254,8 @@ def _check_options(
         raise HistoError(
             "--shard extracts the features of --tiles only (no --remove/--retrain/--drift/--evaluate)"
         )
+    if verify is not None and tiles is None:
+        raise HistoError("--verify checks the stored features of a --tiles run (no --tiles given)")
     if source is None and not exists:
         raise HistoError(f"{out}: no index here (build one with --tiles STORE --model CKPT)")
     return exists
