@@ -96,8 +96,13 @@ def collect_garbage(index_dir: Path, manifest: Mapping[str, Any]) -> list[str]:
     return gone
 
 
-def read_manifest(index_dir: Path, verify: str = "full") -> dict[str, Any]:
-    """Read and verify the manifest. verify: "full" (size + sha256 of every file), "size", or "none"."""
+def read_manifest(
+    index_dir: Path, verify: str = "full", verified: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Read and verify the manifest. verify: "full" (size + sha256 of every file), "size", or "none".
+    `verified`: the files of a manifest this reader already verified; a file listed there with the same
+    size and sha256 is checked by size only (a reader reloading after its own update hashes only what
+    the update wrote, not 4 GiB of unchanged features)."""
     path = index_dir / MANIFEST
     if not index_dir.is_dir():
         raise InputFileError(index_dir, "no such index directory")
@@ -120,12 +125,19 @@ def read_manifest(index_dir: Path, verify: str = "full") -> dict[str, Any]:
     if verify not in ("full", "size", "none"):
         raise HistoError(f"unknown verify mode {verify!r} (full, size, none)")
     if verify != "none":
-        verify_files(index_dir, manifest["files"], full=verify == "full")
+        verify_files(index_dir, manifest["files"], full=verify == "full", verified=verified)
     return manifest
 
 
-def verify_files(index_dir: Path, files: dict[str, dict[str, Any]], full: bool) -> None:
-    """Raise InputFileError for the first missing, resized or (full) altered file."""
+def verify_files(
+    index_dir: Path,
+    files: dict[str, dict[str, Any]],
+    full: bool,
+    verified: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """Raise InputFileError for the first missing, resized or (full) altered file; files whose entry equals
+    their entry in `verified` are checked by size only."""
+    verified = verified or {}
     for rel, meta in files.items():
         p = index_dir / rel
         if not p.is_file():
@@ -135,5 +147,5 @@ def verify_files(index_dir: Path, files: dict[str, dict[str, Any]], full: bool) 
             raise InputFileError(
                 p, f"index file truncated or altered ({size} bytes, manifest says {meta['bytes']})"
             )
-        if full and file_sha256(p) != meta["sha256"]:
+        if full and verified.get(rel) != meta and file_sha256(p) != meta["sha256"]:
             raise InputFileError(p, "index file corrupted (sha256 differs from the manifest)")

@@ -412,7 +412,8 @@ class SlideIndex:
         return check_drift(self, IndexConfig.section("update", update))
 
     def _reload(self) -> None:
-        self._load(read_manifest(self.path, self.config.run.verify))
+        """Load the index's current version, hashing only the files this object has not verified yet."""
+        self._load(read_manifest(self.path, self.config.run.verify, self.manifest["files"]))
 
     # ---- model --------------------------------------------------------------------------------------
     @property

@@ -118,6 +118,33 @@ def test_an_add_reads_and_hashes_only_the_new_slides_features(index, decodes, mo
     assert len(SlideIndex.open(index["out"])) == 4  # full sha256 verify of the new version
 
 
+def test_an_api_add_reloads_hashing_only_the_files_it_wrote(index, monkeypatch) -> None:
+    """SlideIndex.add reloads the new version with full verification (the default run.verify), hashing
+    only the files the add wrote: those it opened with were hashed then."""
+    from search import manifest
+
+    opened = SlideIndex.open(index["out"])
+    before = dict(opened.manifest["files"])
+    hashed: list[str] = []
+    sha256 = manifest.file_sha256
+    monkeypatch.setattr(manifest, "file_sha256", lambda p: hashed.append(str(p)) or sha256(p))
+    shutil.move(index["aside"], index["store"] / "slides" / "s3")
+    opened.add(TileStore.open(index["store"]), progress=False)
+    assert len(opened) == 4
+    after = opened.manifest["files"]
+    reloaded = {Path(h).relative_to(index["out"]).as_posix() for h in hashed}
+    written = {rel for rel, meta in after.items() if before.get(rel) != meta}
+    assert written and reloaded >= written  # every new or changed file was hashed, by the add or the reload
+    assert not reloaded & {rel for rel, meta in after.items() if before.get(rel) == meta}
+    # a file damaged with its size kept is still found by a fresh open
+    victim = next(rel for rel in sorted(after) if rel.startswith(f"{ROOT.as_posix()}/slides/s0/features/c"))
+    data = bytearray((index["out"] / victim).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (index["out"] / victim).write_bytes(bytes(data))
+    with pytest.raises(InputFileError, match="sha256"):
+        SlideIndex.open(index["out"])
+
+
 def test_a_chunk_damaged_in_place_is_found_by_the_quick_check(index, decodes, caplog) -> None:
     _damage(_chunk(index["out"], "s1"), keep_times=False)
     with caplog.at_level(logging.WARNING, logger="search.features"):
