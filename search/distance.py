@@ -38,16 +38,24 @@ def slide_distances(
     query: np.ndarray, base: np.ndarray, offsets: np.ndarray, slides: np.ndarray | None = None
 ) -> np.ndarray:
     """Slide distances (float64, one per slide) from `query` to slides whose tiles are base[offsets[s]:offsets[s+1]].
-
-    Vectorised: slides are processed in blocks of about BLOCK_ELEMENTS tile pairs, with one distance
-    matrix and a segmented minimum (np.minimum.reduceat) per block. `slides=None` means every slide.
-    """
+    `slides=None` means every slide."""
     offsets = np.asarray(offsets, dtype=np.int64)
     slides = np.arange(len(offsets) - 1) if slides is None else np.asarray(slides, dtype=np.int64)
+    return np.median(segment_minima(query, base, offsets, slides), axis=0)
+
+
+def segment_minima(
+    query: np.ndarray, base: np.ndarray, offsets: np.ndarray, slides: np.ndarray
+) -> np.ndarray:
+    """(query tiles, slides): each query tile's minimum distance to each slide's tiles.
+
+    Vectorised: slides are processed in blocks of about BLOCK_ELEMENTS tile pairs, with one distance
+    matrix and a segmented minimum (np.minimum.reduceat) per block.
+    """
     sizes = offsets[slides + 1] - offsets[slides]
     if len(query) == 0 or (sizes <= 0).any():
         raise ValueError("slide distance needs at least one tile on each side")
-    out = np.empty(len(slides), dtype=np.float64)
+    out = np.empty((len(query), len(slides)), dtype=np.float64)
     budget = max(1, BLOCK_ELEMENTS // len(query))
     start = 0
     while start < len(slides):
@@ -55,16 +63,78 @@ def slide_distances(
         while stop < len(slides) and rows + sizes[stop] <= budget:
             rows += sizes[stop]
             stop += 1
-        block = slides[start:stop]
-        seg_starts = np.concatenate([[0], np.cumsum(sizes[start:stop])[:-1]])
-        if (np.diff(block) == 1).all():  # consecutive slides: one contiguous slice, no gather
-            tiles = base[offsets[block[0]] : offsets[block[-1] + 1]]
-        else:  # every block row's base row at once (a Python range per slide cost 0.4 ms at 470 slides)
-            tiles = base[np.arange(rows) + np.repeat(offsets[block] - seg_starts, sizes[start:stop])]
-        minima = np.minimum.reduceat(tile_distances(query, tiles), seg_starts, axis=1)
-        out[start:stop] = np.median(minima, axis=0)
+        tiles, seg_starts = gathered(base, offsets, slides[start:stop])
+        out[:, start:stop] = np.minimum.reduceat(tile_distances(query, tiles), seg_starts, axis=1)
         start = stop
     return out
+
+
+def gathered(base: np.ndarray, offsets: np.ndarray, slides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tiles of `slides`, slide after slide, and where each slide's tiles start."""
+    sizes = offsets[slides + 1] - offsets[slides]
+    seg_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    if (np.diff(slides) == 1).all():  # consecutive slides: one contiguous slice, no gather
+        return base[offsets[slides[0]] : offsets[slides[-1] + 1]], seg_starts
+    # every row's base row at once (a Python range per slide cost 0.4 ms at 470 slides)
+    return base[np.arange(int(sizes.sum())) + np.repeat(offsets[slides] - seg_starts, sizes)], seg_starts
+
+
+PRUNE_CHUNK = 32  # slides measured per step of `nearest_slides` (the k-th distance is updated between steps)
+
+
+def nearest_slides(
+    query: np.ndarray, base: np.ndarray, offsets: np.ndarray, slides: np.ndarray, k: int, tie_rank: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The k of `slides` nearest the query by slide distance (nearest first, ties to the lower `tie_rank`),
+    their distances, and how many slides were measured on every query tile: the top k of `slide_distances`
+    over all of them, exactly, for less work (branch and bound on the median).
+
+    Slides are measured in the order given (likely near ones first), PRUNE_CHUNK at a time. Once k are
+    measured, a chunk's query-tile minima are computed on growing subsets of the query tiles (51 %, 60 %,
+    75 %); as soon as more than half of all query tiles are farther from a slide than the current k-th
+    distance, its median is too, and it is dropped. The slides left are measured on every query tile.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    slides = np.asarray(slides, dtype=np.int64)
+    n = len(query)
+    need = n // 2 + 1  # query tiles farther than the k-th distance that prove the median is farther
+    phases = (
+        sorted({need, need + (n - need) // 5, need + (n - need) // 2})
+        if query.dtype == np.uint8
+        else [need + (n - need) // 5]
+    )
+    order = np.random.default_rng(0).permutation(n)  # spread subsets (query tiles come in scan order)
+    tol = 0.0 if query.dtype == np.uint8 else 1e-9  # float minima of a tile subset may differ in the last ulp
+    kept, dist = [slides[:k]], [slide_distances(query, base, offsets, slides[:k])]
+    for start in range(k, len(slides), PRUNE_CHUNK):
+        chunk = slides[start : start + PRUNE_CHUNK]
+        computed = np.concatenate(dist)
+        bound = np.partition(computed, k - 1)[k - 1] * (1 + tol) + tol
+        tiles, seg_starts = gathered(base, offsets, chunk)  # once: float rows are 4 KB each
+        if tiles.dtype != np.uint8:
+            tiles = tiles.astype(np.float64)  # converted once, not once per subset of query tiles
+        sizes = np.diff(np.append(seg_starts, len(tiles)))
+        farther = np.zeros(len(chunk), dtype=np.int64)
+        done = 0
+        for end in phases if n > need else ():
+            minima = np.minimum.reduceat(tile_distances(query[order[done:end]], tiles), seg_starts, axis=1)
+            farther += (minima > bound).sum(axis=0)
+            keep = farther < need
+            if not keep.all():
+                chunk, farther, sizes = chunk[keep], farther[keep], sizes[keep]
+                tiles = tiles[np.repeat(keep, np.diff(np.append(seg_starts, len(tiles))))]
+                seg_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            done = end
+            if not len(chunk):
+                break
+        if len(chunk):
+            kept.append(chunk)
+            dist.append(
+                np.median(np.minimum.reduceat(tile_distances(query, tiles), seg_starts, axis=1), axis=0)
+            )
+    kept_all, dist_all = np.concatenate(kept), np.concatenate(dist)
+    best = np.lexsort((tie_rank[kept_all], dist_all))[:k]
+    return kept_all[best], dist_all[best], len(kept_all)
 
 
 def best_matches(query: np.ndarray, candidate: np.ndarray, n: int) -> list[tuple[int, int, float]]:

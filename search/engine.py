@@ -15,7 +15,7 @@ import numpy as np
 
 from histo.classification import vote
 from search.config import IndexSearch, Mode
-from search.distance import best_matches, slide_distances
+from search.distance import best_matches, nearest_slides
 from search.filters import CACHED_FILTERS, Where, slide_mask
 
 MODES = get_args(Mode)
@@ -144,7 +144,8 @@ class SearchEngine:
     a query may bring its own (`settings=` of `rank` and `search`).
     First stage: `stage1_tiles` evenly spread query tiles each fetch their `tile_k` nearest tiles among the
     allowed slides' rows, and every slide hit becomes a candidate (tile_k grows 4x while fewer than k
-    slides are hit). Second stage: the exact slide distance, over all query tiles, on the candidates.
+    slides are hit). Second stage: the exact slide distance, over all query tiles, on the candidates (the top
+    k of it: search/distance.py `nearest_slides` drops a candidate once it is proven farther than the k-th).
     tile_k must exceed the tiles of a slide that nearly duplicates the query (another slide of the
     patient), or that slide alone fills every list. Ties in slide distance go to the smaller slide ID.
     """
@@ -178,10 +179,11 @@ class SearchEngine:
                 candidates, info["strategy"] = hit, "two-stage"
             else:  # fewer distinct slides than asked for even with every row: search all allowed ones
                 info["strategy"] = "exhaustive (fewer than k candidates)"
-        distances = slide_distances(query, self.tiles[mode](), cat.offsets, candidates)
-        order = np.lexsort((cat.id_rank[candidates], distances))[:k]
+        top, distances, info["measured"] = nearest_slides(
+            query, self.tiles[mode](), cat.offsets, candidates, k, cat.id_rank
+        )
         info["candidates"] = len(candidates)
-        return [(int(candidates[i]), float(distances[i])) for i in order], info
+        return [(int(s), float(d)) for s, d in zip(top, distances, strict=True)], info
 
     def _first_stage(
         self,
@@ -191,8 +193,9 @@ class SearchEngine:
         wanted: int,
         settings: IndexSearch,
     ) -> tuple[np.ndarray, int]:
-        """Allowed slides hit by the kNN of the stage-1 query tiles (over the allowed rows only), widening
-        tile_k until `wanted` are hit."""
+        """Allowed slides hit by the kNN of the stage-1 query tiles (over the allowed rows only), most
+        neighbour rows first (the second stage measures them in this order), widening tile_k until `wanted`
+        are hit."""
         cat = self.catalog
         rows_allowed, n_rows = (None, len(cat.row_slide)) if allowed is None else cat.allowed_rows(allowed)
         picked = np.unique(np.linspace(0, len(query) - 1, min(len(query), settings.stage1_tiles)).round())
@@ -200,11 +203,11 @@ class SearchEngine:
         tile_k = settings.tile_k or default_tile_k(cat)
         while True:
             _, rows = self.knn[mode](tiles, min(n_rows, tile_k), rows_allowed)
-            slides = np.unique(cat.row_slide[rows[rows >= 0]])
+            slides, hits = np.unique(cat.row_slide[rows[rows >= 0]], return_counts=True)
             if allowed is not None:
-                slides = slides[allowed[slides]]  # a kNN honours the filter; this only guards it
+                slides, hits = slides[allowed[slides]], hits[allowed[slides]]  # only a guard: a kNN filters
             if len(slides) >= wanted or tile_k >= n_rows:
-                return slides, tile_k
+                return slides[np.argsort(-hits, kind="stable")], tile_k
             tile_k *= 4
 
     def hits(

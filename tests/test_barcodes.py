@@ -15,7 +15,7 @@ from search.barcodes import (
     minmax_barcode,
     stored_codes,
 )
-from search.distance import best_matches, slide_distance, slide_distances, tile_distances
+from search.distance import best_matches, nearest_slides, slide_distance, slide_distances, tile_distances
 
 
 def ref_barcode_bits(f: list[float]) -> list[int]:
@@ -98,6 +98,69 @@ def test_slide_distances_vectorised_equals_per_slide(monkeypatch: pytest.MonkeyP
             np.testing.assert_allclose(
                 slide_distances(query, base, offsets, picked), np.take(want, picked), rtol=1e-5
             )
+
+
+def _clustered(rng: np.random.Generator, n_slides: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float tiles of slides around a few class centres (so some slides are far and get pruned)."""
+    sizes = rng.integers(1, 9, n_slides)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    centres = 3 * rng.standard_normal((4, dim))[rng.integers(0, 4, n_slides)]
+    base = (np.repeat(centres, sizes, axis=0) + rng.standard_normal((offsets[-1], dim))).astype(np.float32)
+    return base, offsets
+
+
+@pytest.mark.parametrize("n_query", [1, 2, 5, 8])
+def test_nearest_slides_is_the_top_k_of_every_slide_distance(monkeypatch, n_query: int) -> None:
+    """The pruned ranking equals ranking the per-slide loop reference over every candidate (ties to the
+    lower tie rank), in both modes, with candidates in any order, k above and below their number; and from
+    3 query tiles on (a median of 1 or 2 needs every tile) it prunes: fewer slides measured on every tile."""
+    import search.distance as distance
+
+    monkeypatch.setattr(distance, "PRUNE_CHUNK", 3)
+    rng = np.random.default_rng(n_query)
+    base_f, offsets = _clustered(rng, 60, 16)
+    query_f = (base_f[offsets[7] : offsets[8]].mean(0) + rng.standard_normal((n_query, 16))).astype(
+        np.float32
+    )
+    measured = []
+    for query, base in ((query_f, base_f), (minmax_barcode(query_f), minmax_barcode(base_f))):
+        want = np.array([ref_slide_distance(query, base[offsets[s] : offsets[s + 1]]) for s in range(60)])
+        tie_rank = rng.permutation(60)
+        for candidates in (np.arange(60), rng.permutation(60)[:41]):
+            for k in (1, 5, 70):
+                ref = candidates[np.lexsort((tie_rank[candidates], want[candidates]))][:k]
+                top, dist, n = nearest_slides(query, base, offsets, candidates, k, tie_rank)
+                assert list(top) == list(ref)
+                np.testing.assert_allclose(dist, want[ref], rtol=1e-6)
+                measured.append(n / len(candidates))
+    assert min(measured) == 1.0 if n_query <= 2 else min(measured) < 0.5
+
+
+def test_nearest_slides_keeps_ties_at_the_kth_distance() -> None:
+    """Slides exactly as far as the k-th are measured, not pruned: the tie goes to the lower tie rank."""
+    rng = np.random.default_rng(3)
+    query = rng.integers(0, 256, (4, 4), dtype=np.uint8)
+    copies = np.concatenate([query[:1]] * 10)  # ten one-tile slides, all the same distance
+    base = np.concatenate([copies ^ 1, rng.integers(0, 256, (5, 4), dtype=np.uint8)])
+    offsets = np.arange(len(base) + 1)
+    tie_rank = np.arange(len(base))[::-1].copy()  # the last copy wins every tie
+    top, _, _ = nearest_slides(query, base, offsets, np.arange(len(base)), 2, tie_rank)
+    assert list(top) == [9, 8]
+
+
+@pytest.mark.parametrize("n_query", [4, 5])
+def test_nearest_slides_keeps_a_slide_whose_median_is_below_the_kth(n_query: int) -> None:
+    """A slide far from all but just over half of the query tiles is still the nearest: fewer than
+    n // 2 + 1 tiles farther than the k-th distance never prune it, wherever those tiles are."""
+    from itertools import combinations
+
+    far = (n_query - 1) // 2  # query tiles far from A: one short of proving its median is farther
+    for placed in combinations(range(n_query), far):
+        query = np.zeros((n_query, 1), dtype=np.float32)
+        query[list(placed), 0] = 100.0
+        base = np.array([[10.0], [0.0]], dtype=np.float32)  # slide B (measured first): 10; slide A: 0 or 100
+        top, _, _ = nearest_slides(query, base, np.array([0, 1, 2]), np.array([0, 1]), 1, np.arange(2))
+        assert list(top) == [1], placed
 
 
 def test_best_matches_pairs_each_query_tile_with_its_nearest() -> None:

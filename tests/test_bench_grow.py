@@ -36,6 +36,19 @@ def test_bench_grow_tiny_run_writes_the_report_and_resumes(tmp_path: Path) -> No
         "codes_bytes"
     ] == 6000 * 8
     assert "add/build" in first.stdout and "recall@10" in first.stdout
+    outside = subprocess.run(
+        [sys.executable, str(REPO / "scripts/bench_filter_outside.py"), "--work", str(tmp_path / "work"),
+         "--slides", "90", "--add", "6", "--tiles", "12", "--dim", "64", "--classes", "3", "--queries", "3",
+         "--threads", "1", "--out", str(tmp_path / "outside.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert outside.returncode == 0, outside.stderr[-2000:]
+    sides = json.loads((tmp_path / "outside.json").read_text())["sides"]
+    assert (
+        set(sides) == {"inside", "outside"}
+        and sides["outside"]["smaller_scan"]["nprobe/1"]["identical_top5"] == 1.0
+    )
+    assert "stage 2, all measured" in outside.stdout
     again = _run(tmp_path / "work", tmp_path / "b.json")
     assert again.returncode == 0, again.stderr[-2000:]
     rerun = json.loads((tmp_path / "b.json").read_text())
