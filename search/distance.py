@@ -72,7 +72,7 @@ def segment_minima(
 def gathered(base: np.ndarray, offsets: np.ndarray, slides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The tiles of `slides`, slide after slide, and where each slide's tiles start."""
     sizes = offsets[slides + 1] - offsets[slides]
-    seg_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    seg_starts = _starts(sizes)
     if (np.diff(slides) == 1).all():  # consecutive slides: one contiguous slice, no gather
         return base[offsets[slides[0]] : offsets[slides[-1] + 1]], seg_starts
     # every row's base row at once (a Python range per slide cost 0.4 ms at 470 slides)
@@ -89,52 +89,67 @@ def nearest_slides(
     their distances, and how many slides were measured on every query tile: the top k of `slide_distances`
     over all of them, exactly, for less work (branch and bound on the median).
 
-    Slides are measured in the order given (likely near ones first), PRUNE_CHUNK at a time. Once k are
-    measured, a chunk's query-tile minima are computed on growing subsets of the query tiles (51 %, 60 %,
-    75 %); as soon as more than half of all query tiles are farther from a slide than the current k-th
-    distance, its median is too, and it is dropped. The slides left are measured on every query tile.
+    Slides are measured in the order given (likely near ones first), PRUNE_CHUNK at a time; once k are
+    measured, each chunk first goes through `_pruned` against the current k-th distance.
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     slides = np.asarray(slides, dtype=np.int64)
-    n = len(query)
-    need = n // 2 + 1  # query tiles farther than the k-th distance that prove the median is farther
-    phases = (
-        sorted({need, need + (n - need) // 5, need + (n - need) // 2})
-        if query.dtype == np.uint8
-        else [need + (n - need) // 5]
-    )
-    order = np.random.default_rng(0).permutation(n)  # spread subsets (query tiles come in scan order)
-    tol = 0.0 if query.dtype == np.uint8 else 1e-9  # float minima of a tile subset may differ in the last ulp
     kept, dist = [slides[:k]], [slide_distances(query, base, offsets, slides[:k])]
+    tol = 0.0 if query.dtype == np.uint8 else 1e-9  # float minima of a tile subset may differ in the last ulp
     for start in range(k, len(slides), PRUNE_CHUNK):
-        chunk = slides[start : start + PRUNE_CHUNK]
-        computed = np.concatenate(dist)
-        bound = np.partition(computed, k - 1)[k - 1] * (1 + tol) + tol
-        tiles, seg_starts = gathered(base, offsets, chunk)  # once: float rows are 4 KB each
-        if tiles.dtype != np.uint8:
-            tiles = tiles.astype(np.float64)  # converted once, not once per subset of query tiles
-        sizes = np.diff(np.append(seg_starts, len(tiles)))
-        farther = np.zeros(len(chunk), dtype=np.int64)
-        done = 0
-        for end in phases if n > need else ():
-            minima = np.minimum.reduceat(tile_distances(query[order[done:end]], tiles), seg_starts, axis=1)
-            farther += (minima > bound).sum(axis=0)
-            keep = farther < need
-            if not keep.all():
-                chunk, farther, sizes = chunk[keep], farther[keep], sizes[keep]
-                tiles = tiles[np.repeat(keep, np.diff(np.append(seg_starts, len(tiles))))]
-                seg_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-            done = end
-            if not len(chunk):
-                break
+        bound = np.partition(np.concatenate(dist), k - 1)[k - 1] * (1 + tol) + tol
+        chunk, tiles, sizes = _pruned(query, base, offsets, slides[start : start + PRUNE_CHUNK], bound)
         if len(chunk):
             kept.append(chunk)
             dist.append(
-                np.median(np.minimum.reduceat(tile_distances(query, tiles), seg_starts, axis=1), axis=0)
+                np.median(np.minimum.reduceat(tile_distances(query, tiles), _starts(sizes), axis=1), 0)
             )
     kept_all, dist_all = np.concatenate(kept), np.concatenate(dist)
     best = np.lexsort((tie_rank[kept_all], dist_all))[:k]
     return kept_all[best], dist_all[best], len(kept_all)
+
+
+def _pruned(
+    query: np.ndarray, base: np.ndarray, offsets: np.ndarray, chunk: np.ndarray, bound: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The slides of `chunk` whose median may not exceed `bound`, their tiles and tile counts.
+
+    Query-tile minima are computed on growing subsets of the query tiles (51 %, 60 %, 75 %; for float
+    features 60 % only, their tiles cost a memory pass per subset); a slide more than half of all of whose
+    query tiles are farther than `bound` has a median farther than it, and is dropped.
+    """
+    n = len(query)
+    need = n // 2 + 1
+    if query.dtype == np.uint8:
+        phases = sorted({need, need + (n - need) // 5, need + (n - need) // 2})
+    else:
+        phases = [need + (n - need) // 5]
+    order = np.random.default_rng(0).permutation(n)  # spread subsets (query tiles come in scan order)
+    tiles, _ = gathered(base, offsets, chunk)  # once: float rows are 4 KB each
+    if tiles.dtype != np.uint8:
+        tiles = tiles.astype(np.float64)  # converted once, not once per subset of query tiles
+    sizes = offsets[chunk + 1] - offsets[chunk]
+    farther = np.zeros(len(chunk), dtype=np.int64)
+    done = 0
+    for end in phases if n > need else ():
+        minima = np.minimum.reduceat(tile_distances(query[order[done:end]], tiles), _starts(sizes), axis=1)
+        farther += (minima > bound).sum(axis=0)
+        keep, done = farther < need, end
+        if not keep.all():
+            tiles, chunk, farther, sizes = (
+                tiles[np.repeat(keep, sizes)],
+                chunk[keep],
+                farther[keep],
+                sizes[keep],
+            )
+        if not len(chunk):
+            break
+    return chunk, tiles, sizes
+
+
+def _starts(sizes: np.ndarray) -> np.ndarray:
+    """Where each segment of `sizes` rows starts."""
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
 
 
 def best_matches(query: np.ndarray, candidate: np.ndarray, n: int) -> list[tuple[int, int, float]]:
