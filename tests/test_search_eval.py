@@ -115,6 +115,7 @@ def test_two_stage_matches_exhaustive_on_clustered_slides() -> None:
         slow, _ = eng.rank(query, "barcode", k=5, exhaustive=True)
         assert fast == slow and fast[0][0] == parent
         assert info["strategy"] == "two-stage" and info["tile_k"] == 30 and 5 <= info["candidates"] < n_slides
+        assert 5 <= info["measured"] <= info["candidates"]  # the second stage's branch and bound
     eng.settings = settings(stage1_tiles=8, tile_k=1)  # one neighbour per tile hits only the parent:
     # widened 4x until 5 slides are hit
     fast, info = eng.rank(query, "barcode", k=5)
