@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from search.config import IndexParams, index_params
-from search.filters import CACHED_FILTERS, ListGroups, ListPlan, digest, row_selector, widened
+from search.filters import CACHED_FILTERS, LastFilter, ListGroups, ListPlan, row_selector, widened
 from search.index import (
     Calibration,
     add_rows,
@@ -178,6 +178,7 @@ class BarcodeIndex:
     _lists: ListPlan | None = field(default=None, repr=False)
     _centroid_codes: np.ndarray | None = field(default=None, repr=False)
     _views: dict[bytes, tuple[Any, ListGroups]] = field(default_factory=dict, repr=False)
+    _last: LastFilter = field(default_factory=LastFilter, repr=False)
 
     def search(
         self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
@@ -210,7 +211,7 @@ class BarcodeIndex:
         ivf = self.index
         if self._lists is None:
             self._lists = ListPlan.of(ivf.invlists)
-        key = digest(rows)
+        key = self._last.digest(rows)
         sizes = self._lists.allowed_sizes(rows, key)
         view, groups = self._view(rows, key, sizes)
         distances = hamming_matrix(queries, self._centroids())

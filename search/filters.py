@@ -144,6 +144,20 @@ def digest(rows: np.ndarray) -> bytes:
 
 
 @dataclass
+class LastFilter:
+    """The digest of the last row filter, reused while the same read-only mask comes again (the catalog
+    caches one per filter): hashing a 1M-row mask cost 0.12-0.18 ms of every filtered first stage."""
+
+    rows: np.ndarray | None = None
+    key: bytes = b""
+
+    def digest(self, rows: np.ndarray) -> bytes:
+        if rows is not self.rows or rows.flags.writeable:
+            self.rows, self.key = rows, digest(rows)
+        return self.key
+
+
+@dataclass
 class ListPlan:
     """The membership of an IVF index's lists (read once) and which lists a filtered search scans: per
     query its nearest lists until they hold as many allowed vectors as its `nprobe` nearest lists hold
@@ -191,6 +205,23 @@ class ListPlan:
         needed = np.maximum(nprobe, (met < target[:, None]).sum(axis=1) + 1)
         return np.ascontiguousarray(np.where(np.arange(lists.shape[1])[None, :] < needed[:, None], lists, -1))
 
+    def nearest_lists(self, distances: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per query (rows of its distances to every centroid): the vectors its nprobe nearest lists hold
+        (ties: the lower lists) and the distance of the nprobe-th. By a partition of the distances, not a
+        sort (0.03 against 0.35 ms for 32 query tiles and 4,000 lists)."""
+        nprobe = min(nprobe, distances.shape[1])
+        reach = np.partition(distances, nprobe - 1, axis=1)[:, nprobe - 1]
+        below = distances < reach[:, None]
+        spare = nprobe - np.count_nonzero(
+            below, axis=1
+        )  # lists at the reach that still fit, lower ones first
+        rows, cols = np.divmod(np.flatnonzero(distances == reach[:, None]), distances.shape[1])  # in order
+        rank = np.arange(len(rows)) - np.searchsorted(rows, np.arange(len(distances)))[rows]
+        fit = rank < spare[rows]
+        sizes = self.sizes.astype(np.float64)  # exact: sums of list sizes are far below 2**53
+        tied = np.bincount(rows[fit], weights=sizes[cols[fit]], minlength=len(distances))
+        return (below.astype(np.float64) @ sizes + tied).astype(np.int64), reach
+
     def probes_among(
         self, distances: np.ndarray, allowed_sizes: np.ndarray, nprobe: int, groups: ListGroups | None = None
     ) -> np.ndarray:
@@ -200,9 +231,7 @@ class ListPlan:
         near as its nprobe-th nearest list. Lists without an allowed vector are never ranked nor visited: in a
         10 % filter's view of 1M codes in 4,000 lists, 7 of 10 lists `probes` takes are empty.
         With `groups` the same rule ranks and returns groups of lists (a group as near as its nearest list)."""
-        nearest = np.argsort(distances, axis=1, kind="stable")[:, :nprobe]  # argpartition is slower here
-        target = self.sizes[nearest].sum(axis=1)
-        reach = np.take_along_axis(distances, nearest, 1).max(axis=1, initial=0)
+        target, reach = self.nearest_lists(distances, nprobe)
         if groups is None:
             names = np.flatnonzero(allowed_sizes > 0)
             unit_distances, unit_sizes = distances[:, names], allowed_sizes[names]

@@ -14,7 +14,7 @@ from growth_support import build, slide_ids, write_features
 from histo.errors import HistoError
 from search.barcodes import BarcodeIndex, build_binary_index, hamming_matrix, minmax_barcode
 from search.evaluate import evaluate_engine
-from search.filters import ListGroups, ListPlan, digest, parse_where, slide_mask, where_of
+from search.filters import LastFilter, ListGroups, ListPlan, digest, parse_where, slide_mask, where_of
 from search.index import EXACT_SCAN_ADVANTAGE, exact_knn
 from search.kinds import barcode_kind
 from search.slide_index import SlideIndex
@@ -358,3 +358,30 @@ def test_few_excluded_rows_widen_the_unfiltered_knn() -> None:
     assert rows[i].all()
     rows[:200] = False  # more than 4 x k excluded: no widening
     assert widened(lambda q, k: exact_knn(q, base, k), queries, 10, rows) is None
+
+
+@pytest.mark.parametrize("spread", [400, 12, 1])
+def test_nearest_lists_equals_the_stable_sort_of_the_centroid_distances(spread: int) -> None:
+    """The vectors of each query's nprobe nearest lists and the nprobe-th distance, by a partition: the same
+    as taking the first nprobe of a stable sort (ties to the lower list), however many lists tie."""
+    rng = np.random.default_rng(spread)
+    sizes = rng.integers(0, 600, 300)
+    plan = ListPlan(np.concatenate([[0], np.cumsum(sizes)]), np.zeros(sizes.sum(), np.int64),
+                    np.repeat(np.arange(300), sizes).astype(np.int32))  # fmt: skip
+    distances = rng.integers(300, 300 + spread, (7, 300)).astype(np.uint16)
+    for nprobe in (1, 16, 300, 400):
+        nearest = np.argsort(distances, axis=1, kind="stable")[:, :nprobe]
+        target, reach = plan.nearest_lists(distances, nprobe)
+        assert (target == sizes[nearest].sum(axis=1)).all()
+        assert (reach == np.take_along_axis(distances, nearest, 1).max(axis=1)).all()
+
+
+def test_last_filter_hashes_a_mask_again_unless_it_is_the_same_read_only_one() -> None:
+    last, rows = LastFilter(), np.arange(100) % 3 == 0
+    assert last.digest(rows) == digest(rows)
+    rows[0] = False  # a writable mask may have changed in place: hashed again
+    assert last.digest(rows) == digest(rows)
+    frozen = rows.copy()
+    frozen.flags.writeable = False
+    key = last.digest(frozen)
+    assert last.digest(frozen) is key and last.digest(~frozen) == digest(~frozen) != key
