@@ -87,32 +87,67 @@ def nearest_slides(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """The k of `slides` nearest the query by slide distance (nearest first, ties to the lower `tie_rank`),
     their distances, and how many slides were measured on every query tile: the top k of `slide_distances`
-    over all of them, exactly, for less work (branch and bound on the median).
+    over all of them for less work (branch and bound on the median). Exact for barcodes; for float features
+    up to float64 rounding, as before: a matrix product's rounding depends on the candidates it holds
+    together, so the distances of near-duplicate tiles (about 1e-5 at norms of 800) and the order of slides
+    that close to each other already varied with the candidate set.
 
-    Slides are measured in the order given (likely near ones first), PRUNE_CHUNK at a time; once k are
-    measured, each chunk first goes through `_pruned` against the current k-th distance.
+    Slides are measured in the order given (likely near ones first), in chunks of at most PRUNE_CHUNK
+    slides and BLOCK_ELEMENTS tile pairs; once k are measured, each chunk first goes through `_pruned`
+    against the current k-th distance.
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     slides = np.asarray(slides, dtype=np.int64)
+    sizes = offsets[slides + 1] - offsets[slides]
+    if len(query) == 0 or (sizes <= 0).any():
+        raise ValueError("slide distance needs at least one tile on each side")
+    if k <= 0:
+        return slides[:0], np.empty(0), 0
     kept, dist = [slides[:k]], [slide_distances(query, base, offsets, slides[:k])]
-    tol = 0.0 if query.dtype == np.uint8 else 1e-9  # float minima of a tile subset may differ in the last ulp
-    for start in range(k, len(slides), PRUNE_CHUNK):
-        bound = np.partition(np.concatenate(dist), k - 1)[k - 1] * (1 + tol) + tol
-        chunk, tiles, sizes = _pruned(query, base, offsets, slides[start : start + PRUNE_CHUNK], bound)
+    largest = (_largest_square(query), _largest_square(gathered(base, offsets, slides[:k])[0]))
+    budget = max(1, BLOCK_ELEMENTS // len(query))
+    start = k
+    while start < len(slides):
+        stop = start + 1
+        while stop < min(len(slides), start + PRUNE_CHUNK) and sizes[start : stop + 1].sum() <= budget:
+            stop += 1
+        bound = np.partition(np.concatenate(dist), k - 1)[k - 1]
+        chunk, tiles, chunk_sizes, largest = _pruned(query, base, offsets, slides[start:stop], bound, largest)
         if len(chunk):
+            minima = np.minimum.reduceat(tile_distances(query, tiles), _starts(chunk_sizes), axis=1)
             kept.append(chunk)
-            dist.append(
-                np.median(np.minimum.reduceat(tile_distances(query, tiles), _starts(sizes), axis=1), 0)
-            )
+            dist.append(np.median(minima, axis=0))
+        start = stop
     kept_all, dist_all = np.concatenate(kept), np.concatenate(dist)
     best = np.lexsort((tie_rank[kept_all], dist_all))[:k]
     return kept_all[best], dist_all[best], len(kept_all)
 
 
+def _largest_square(tiles: np.ndarray) -> float:
+    """The largest squared norm of float tiles (0 for packed barcodes)."""
+    if tiles.dtype == np.uint8 or not len(tiles):
+        return 0.0
+    x = np.asarray(tiles, dtype=np.float64)
+    return float(np.einsum("ij,ij->i", x, x).max())
+
+
+def _rounding(dim: int, query_square: float, tile_square: float) -> float:
+    """A bound on how far one float tile distance can come out between two matrix products (0 for Hamming):
+    |q|^2 + |c|^2 - 2 q.c in float64 errs by at most about D * eps * (|q|^2 + |c|^2), and a square root
+    moves by at most the square root of that (near-duplicate tiles: about 1e-5 at norms of 800)."""
+    return float(np.sqrt(4 * dim * np.finfo(np.float64).eps * (query_square + tile_square)))
+
+
 def _pruned(
-    query: np.ndarray, base: np.ndarray, offsets: np.ndarray, chunk: np.ndarray, bound: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The slides of `chunk` whose median may not exceed `bound`, their tiles and tile counts.
+    query: np.ndarray,
+    base: np.ndarray,
+    offsets: np.ndarray,
+    chunk: np.ndarray,
+    bound: float,
+    largest: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
+    """The slides of `chunk` whose median may not exceed `bound`, their tiles and tile counts, and the
+    largest squared norms (query, tiles seen) updated with the chunk's (for the float rounding slack).
 
     Query-tile minima are computed on growing subsets of the query tiles (51 %, 60 %, 75 %; for float
     features 60 % only, their tiles cost a memory pass per subset); a slide more than half of all of whose
@@ -128,6 +163,9 @@ def _pruned(
     tiles, _ = gathered(base, offsets, chunk)  # once: float rows are 4 KB each
     if tiles.dtype != np.uint8:
         tiles = tiles.astype(np.float64)  # converted once, not once per subset of query tiles
+        largest = (largest[0], max(largest[1], _largest_square(tiles)))
+        # a bound and a minimum computed in different matrices differ by up to twice the rounding
+        bound += 4 * _rounding(query.shape[1], *largest)
     sizes = offsets[chunk + 1] - offsets[chunk]
     farther = np.zeros(len(chunk), dtype=np.int64)
     done = 0
@@ -144,7 +182,7 @@ def _pruned(
             )
         if not len(chunk):
             break
-    return chunk, tiles, sizes
+    return chunk, tiles, sizes, largest
 
 
 def _starts(sizes: np.ndarray) -> np.ndarray:

@@ -148,19 +148,75 @@ def test_nearest_slides_keeps_ties_at_the_kth_distance() -> None:
     assert list(top) == [9, 8]
 
 
-@pytest.mark.parametrize("n_query", [4, 5])
+@pytest.mark.parametrize("n_query", [4, 5, 6, 7])
 def test_nearest_slides_keeps_a_slide_whose_median_is_below_the_kth(n_query: int) -> None:
     """A slide far from all but just over half of the query tiles is still the nearest: fewer than
-    n // 2 + 1 tiles farther than the k-th distance never prune it, wherever those tiles are."""
+    n // 2 + 1 tiles farther than the k-th distance never prune it, wherever those tiles are. Query tiles
+    sit at (0, 0) or (60, 0); slide A at (0, 0), slide B (measured first) at (30, 20), 36.1 from both: A's
+    median is 0 for odd n and 30 for even n (n / 2 tiles at 60), below B's."""
     from itertools import combinations
 
-    far = (n_query - 1) // 2  # query tiles far from A: one short of proving its median is farther
+    far = n_query // 2  # query tiles 60 from A: one short of proving its median farther than B's 36.1
+    base = np.array([[30.0, 20.0], [0.0, 0.0]], dtype=np.float32)
     for placed in combinations(range(n_query), far):
-        query = np.zeros((n_query, 1), dtype=np.float32)
-        query[list(placed), 0] = 100.0
-        base = np.array([[10.0], [0.0]], dtype=np.float32)  # slide B (measured first): 10; slide A: 0 or 100
+        query = np.zeros((n_query, 2), dtype=np.float32)
+        query[list(placed), 0] = 60.0
         top, _, _ = nearest_slides(query, base, np.array([0, 1, 2]), np.array([0, 1]), 1, np.arange(2))
         assert list(top) == [1], placed
+
+
+def test_nearest_slides_with_near_duplicate_float_tiles_agrees_up_to_rounding(monkeypatch) -> None:
+    """Float features with copies of the query slide indexed (distances at the rounding level, about 1e-5):
+    the returned slides are a top k of the reference ranking up to rounding (any swap is between slides
+    within the rounding bound of the k-th), with their distances within that bound; k=0 returns nothing."""
+    import search.distance as distance
+
+    monkeypatch.setattr(distance, "PRUNE_CHUNK", 1)
+    rng = np.random.default_rng(2)
+    for _ in range(60):
+        sizes = rng.integers(1, 30, int(rng.integers(8, 80)))
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        base = (rng.normal(size=(offsets[-1], 64)) * 30 + 100).astype(np.float32)
+        query = base[: offsets[1]].copy()
+        for s in rng.integers(0, len(sizes), 5):  # copies of the query's tiles in other slides
+            m = min(len(query), sizes[s])
+            base[offsets[s] : offsets[s] + m] = query[:m]
+        candidates, tie_rank, k = (
+            rng.permutation(len(sizes)),
+            rng.permutation(len(sizes)),
+            int(rng.integers(1, 8)),
+        )
+        want = dict(zip(candidates, slide_distances(query, base, offsets, candidates), strict=True))
+        kth = sorted(want.values())[min(k, len(want)) - 1]
+        top, dist, _ = nearest_slides(query, base, offsets, candidates, k, tie_rank)
+        tol = distance._rounding(64, *(distance._largest_square(x) for x in (query, base)))
+        assert len(top) == min(k, len(candidates)) and len(set(top)) == len(top)
+        assert all(abs(d - want[s]) <= tol and want[s] <= kth + tol for s, d in zip(top, dist, strict=True))
+        assert {s for s, d in want.items() if d < kth - tol} <= set(top)
+    assert len(nearest_slides(query, base, offsets, candidates, 0, tie_rank)[0]) == 0
+
+
+def test_nearest_slides_holds_at_most_block_elements_distances(monkeypatch) -> None:
+    """Like slide_distances, the pruned ranking never builds a distance matrix above BLOCK_ELEMENTS pairs
+    (but one slide's): chunks of slides are cut to that budget."""
+    import search.distance as distance
+
+    shapes: list[tuple[int, int]] = []
+    measure = distance.tile_distances
+
+    def recorded(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        shapes.append((len(a), len(b)))
+        return measure(a, b)
+
+    monkeypatch.setattr(distance, "tile_distances", recorded)
+    monkeypatch.setattr(distance, "BLOCK_ELEMENTS", 40 * 20)
+    rng = np.random.default_rng(6)
+    sizes = rng.integers(1, 12, 50)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    base = minmax_barcode(rng.standard_normal((offsets[-1], 32)).astype(np.float32))
+    query = minmax_barcode(rng.standard_normal((40, 32)).astype(np.float32))
+    nearest_slides(query, base, offsets, np.arange(50), 3, np.arange(50))
+    assert shapes and max(a * b for a, b in shapes) <= 40 * max(20, int(sizes.max()))
 
 
 def test_best_matches_pairs_each_query_tile_with_its_nearest() -> None:
