@@ -197,8 +197,8 @@ def stamp_matches(root: Path, slide_id: str) -> bool:
     (the quick check: nothing decoded, no folder walked)."""
     where = root / SLIDES / slide_id
     stamp = _read_stamp(where)
-    if stamp is None:
-        return False
+    if not stamp or not all(any(rel.startswith(f"{name}/") for rel in stamp) for name in ARRAYS):
+        return False  # none, or one that lists no file of an array: nothing it vouches for
     for rel, recorded in stamp.items():
         try:
             st = os.stat(where / rel)

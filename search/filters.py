@@ -148,13 +148,13 @@ class LastFilter:
     """The digest of the last row filter, reused while the same read-only mask comes again (the catalog
     caches one per filter): hashing a 1M-row mask cost 0.12-0.18 ms of every filtered first stage."""
 
-    rows: np.ndarray | None = None
-    key: bytes = b""
+    last: tuple[np.ndarray, bytes] | None = None  # one attribute: two threads never pair a mask and a key
 
     def digest(self, rows: np.ndarray) -> bytes:
-        if rows is not self.rows or rows.flags.writeable:
-            self.rows, self.key = rows, digest(rows)
-        return self.key
+        last = self.last
+        if last is None or rows is not last[0] or rows.flags.writeable:
+            last = self.last = rows, digest(rows)
+        return last[1]
 
 
 @dataclass

@@ -96,13 +96,13 @@ def collect_garbage(index_dir: Path, manifest: Mapping[str, Any]) -> list[str]:
     return gone
 
 
-def read_manifest(
-    index_dir: Path, verify: str = "full", verified: Mapping[str, Mapping[str, Any]] | None = None
-) -> dict[str, Any]:
+Verified = dict[str, tuple[int, int, int, str]]  # file -> size, mtime_ns, inode and sha256 when it verified
+
+
+def read_manifest(index_dir: Path, verify: str = "full", verified: Verified | None = None) -> dict[str, Any]:
     """Read and verify the manifest. verify: "full" (size + sha256 of every file), "size", or "none".
-    `verified`: the files of a manifest this reader already verified; a file listed there with the same
-    size and sha256 is checked by size only (a reader reloading after its own update hashes only what
-    the update wrote, not 4 GiB of unchanged features)."""
+    `verified`: a reader's record of the files it hashed (`verify_files`), so that reloading after its own
+    update hashes only the files the update wrote, not 4 GiB of unchanged features."""
     path = index_dir / MANIFEST
     if not index_dir.is_dir():
         raise InputFileError(index_dir, "no such index directory")
@@ -130,22 +130,25 @@ def read_manifest(
 
 
 def verify_files(
-    index_dir: Path,
-    files: dict[str, dict[str, Any]],
-    full: bool,
-    verified: Mapping[str, Mapping[str, Any]] | None = None,
+    index_dir: Path, files: dict[str, dict[str, Any]], full: bool, verified: Verified | None = None
 ) -> None:
-    """Raise InputFileError for the first missing, resized or (full) altered file; files whose entry equals
-    their entry in `verified` are checked by size only."""
-    verified = verified or {}
+    """Raise InputFileError for the first missing, resized or (full) altered file. `verified` (full only):
+    a file it records with the same size, mtime, inode and expected sha256 is not hashed again (a change in
+    place moves its mtime), and every file hashed here is recorded."""
     for rel, meta in files.items():
         p = index_dir / rel
         if not p.is_file():
             raise InputFileError(p, "index file missing")
-        size = p.stat().st_size
+        st = p.stat()
+        size = st.st_size
         if size != meta["bytes"]:
             raise InputFileError(
                 p, f"index file truncated or altered ({size} bytes, manifest says {meta['bytes']})"
             )
-        if full and verified.get(rel) != meta and file_sha256(p) != meta["sha256"]:
+        stamp = (size, st.st_mtime_ns, st.st_ino, meta["sha256"])
+        if not full or (verified is not None and verified.get(rel) == stamp):
+            continue
+        if file_sha256(p) != meta["sha256"]:
             raise InputFileError(p, "index file corrupted (sha256 differs from the manifest)")
+        if verified is not None:
+            verified[rel] = stamp

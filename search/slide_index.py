@@ -61,7 +61,7 @@ from search.growth import (
     writing,
 )
 from search.index import FloatIndex, IndexParameters, new_faiss_index, set_search_parameter
-from search.manifest import MANIFEST, read_manifest
+from search.manifest import MANIFEST, Verified, read_manifest
 from search.queries import PatchQuery, SlideQuery, as_query, file_query, patch_query, slide_query
 from search.storage import BARCODES, COORDS, FLOAT, assemble, parts_of, read_coords, row_map
 
@@ -166,8 +166,16 @@ def _flat(value: Any, prefix: str) -> dict[str, Any]:
 class SlideIndex:
     """A searchable slide index directory (see the module docstring for its files)."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], config: SearchConfig, model: Any = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        config: SearchConfig,
+        model: Any = None,
+        verified: Verified | None = None,
+    ) -> None:
         self.path = path
+        self._verified: Verified = {} if verified is None else verified  # files hashed (read_manifest)
         self.config = config
         self._extractor = None
         self.extraction: BatchSummary | None = None  # the feature extraction of `build`, when built here
@@ -361,8 +369,9 @@ class SlideIndex:
         config = SearchConfig.coerce(config)
         for attempt in range(OPEN_ATTEMPTS):
             version = _current_version(path)
+            verified: Verified = {}
             try:
-                return cls(path, read_manifest(path, config.run.verify), config, model)
+                return cls(path, read_manifest(path, config.run.verify, verified), config, model, verified)
             except (InputFileError, FileNotFoundError) as e:
                 if attempt + 1 == OPEN_ATTEMPTS or _current_version(path) in (None, version):
                     if isinstance(e, FileNotFoundError):  # not an update under way: the index is broken
@@ -413,7 +422,7 @@ class SlideIndex:
 
     def _reload(self) -> None:
         """Load the index's current version, hashing only the files this object has not verified yet."""
-        self._load(read_manifest(self.path, self.config.run.verify, self.manifest["files"]))
+        self._load(read_manifest(self.path, self.config.run.verify, self._verified))
 
     # ---- model --------------------------------------------------------------------------------------
     @property

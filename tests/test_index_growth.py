@@ -376,9 +376,9 @@ def test_open_retries_when_an_update_switches_versions(source: Path, tmp_path: P
     add_extracted(root, IndexConfig.section("update", {"max_parts": 1}))  # merged: v1's parts deleted
     reads = []
 
-    def first_the_stale_one(path, verify):
+    def first_the_stale_one(path, verify, verified=None):
         reads.append(verify)
-        return stale if len(reads) == 1 else read_manifest(path, verify)
+        return stale if len(reads) == 1 else read_manifest(path, verify, verified)
 
     monkeypatch.setattr(slide_index, "read_manifest", first_the_stale_one)
     monkeypatch.setattr(slide_index, "_current_version", lambda path: [1, 3][min(1, len(reads))])

@@ -145,6 +145,22 @@ def test_an_api_add_reloads_hashing_only_the_files_it_wrote(index, monkeypatch) 
         SlideIndex.open(index["out"])
 
 
+def test_an_api_add_after_a_file_was_damaged_since_the_open_refuses_it(index) -> None:
+    """What this object hashed at its open is trusted on reload only while its size, mtime and inode hold: a
+    file damaged in place after the open (same size) is hashed again and refused, naming it."""
+    opened = SlideIndex.open(index["out"])
+    part = next(
+        rel for rel in sorted(opened.manifest["files"]) if rel.startswith("barcodes.")
+    )  # kept by an add
+    data = bytearray((index["out"] / part).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (index["out"] / part).write_bytes(bytes(data))
+    shutil.move(index["aside"], index["store"] / "slides" / "s3")
+    with pytest.raises(InputFileError, match="sha256") as refused:
+        opened.add(TileStore.open(index["store"]), progress=False)
+    assert part in str(refused.value)
+
+
 def test_a_chunk_damaged_in_place_is_found_by_the_quick_check(index, decodes, caplog) -> None:
     _damage(_chunk(index["out"], "s1"), keep_times=False)
     with caplog.at_level(logging.WARNING, logger="search.features"):
@@ -211,6 +227,9 @@ def test_the_stamp_is_written_with_the_slide_and_survives_its_rename(tmp_path) -
         st = (where / rel).stat()
         assert (st.st_size, st.st_mtime_ns, st.st_ino) == (size, mtime_ns, inode)
     assert feats_io.verified_record(root, "a") == record
+    assert feats_io.stamp_matches(root, "a")
+    (where / feats_io.STAMP).write_text(json.dumps({"files": {}}))  # a stamp that vouches for no file
+    assert not feats_io.stamp_matches(root, "a")
 
 
 def test_a_stamped_chunk_file_that_is_gone_fails_the_slide(tmp_path) -> None:
