@@ -38,7 +38,6 @@ from bench_grow import FILTERS, Cohort
 
 from search.barcodes import minmax_barcode
 from search.distance import nearest_slides, slide_distances
-from search.engine import default_tile_k
 from search.slide_index import SlideIndex
 
 BUDGET_DIVISORS = (2, 4, 8)
@@ -64,23 +63,12 @@ def stages(index: SlideIndex, q: np.ndarray, allowed: np.ndarray | None) -> tupl
     return t1, t2, len(hit), t_all
 
 
-def hit_counts(index: SlideIndex, q: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The slides the filtered first stage hits and how many of its neighbour rows each one holds."""
-    engine, cat = index.engine, index.catalog
-    settings = engine.settings
-    rows, n_rows = cat.allowed_rows(allowed)
-    picked = np.unique(np.linspace(0, len(q) - 1, min(len(q), settings.stage1_tiles)).round()).astype(int)
-    tile_k = settings.tile_k or default_tile_k(cat)
-    _, found = engine.knn["barcode"](q[picked], min(n_rows, tile_k), rows)
-    return np.unique(cat.row_slide[found[found >= 0]], return_counts=True)
-
-
 def capped_top5(index: SlideIndex, q: np.ndarray, allowed: np.ndarray, cap: int) -> list[int]:
-    """The top-5 when only the `cap` most-hit candidates get the exact slide distance."""
-    cat = index.catalog
-    slides, counts = hit_counts(index, q, allowed)
-    kept = slides[np.argsort(-counts, kind="stable")[:cap]]
-    d = slide_distances(q, index.engine.tiles["barcode"](), cat.offsets, kept)
+    """The top-5 when only the `cap` most-hit candidates (the first stage orders them so) get the exact
+    slide distance."""
+    engine, cat = index.engine, index.catalog
+    kept = engine._first_stage(q, "barcode", allowed, 5, engine.settings)[0][:cap]
+    d = slide_distances(q, engine.tiles["barcode"](), cat.offsets, kept)
     return [int(s) for s in kept[np.lexsort((cat.id_rank[kept], d))[:5]]]
 
 

@@ -104,7 +104,11 @@ def nearest_slides(
     if k <= 0:
         return slides[:0], np.empty(0), 0
     kept, dist = [slides[:k]], [slide_distances(query, base, offsets, slides[:k])]
-    largest = (_largest_square(query), _largest_square(gathered(base, offsets, slides[:k])[0]))
+    float_tiles = query.dtype != np.uint8
+    largest = (
+        _largest_square(query),
+        _largest_square(gathered(base, offsets, slides[:k])[0]) if float_tiles else 0.0,
+    )
     budget = max(1, BLOCK_ELEMENTS // len(query))
     start = k
     while start < len(slides):
@@ -112,7 +116,9 @@ def nearest_slides(
         while stop < min(len(slides), start + PRUNE_CHUNK) and sizes[start : stop + 1].sum() <= budget:
             stop += 1
         bound = np.partition(np.concatenate(dist), k - 1)[k - 1]
-        chunk, tiles, chunk_sizes, largest = _pruned(query, base, offsets, slides[start:stop], bound, largest)
+        chunk, tiles, chunk_sizes, largest = _pruned(
+            query, base, offsets, slides[start:stop], sizes[start:stop], bound, largest
+        )
         if len(chunk):
             minima = np.minimum.reduceat(tile_distances(query, tiles), _starts(chunk_sizes), axis=1)
             kept.append(chunk)
@@ -143,10 +149,12 @@ def _pruned(
     base: np.ndarray,
     offsets: np.ndarray,
     chunk: np.ndarray,
+    sizes: np.ndarray,
     bound: float,
     largest: tuple[float, float],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
-    """The slides of `chunk` whose median may not exceed `bound`, their tiles and tile counts, and the
+    """The slides of `chunk` (of `sizes` tiles) whose median may not exceed `bound`, their tiles and tile
+    counts, and the
     largest squared norms (query, tiles seen) updated with the chunk's (for the float rounding slack).
 
     Query-tile minima are computed on growing subsets of the query tiles (51 %, 60 %, 75 %; for float
@@ -166,7 +174,6 @@ def _pruned(
         largest = (largest[0], max(largest[1], _largest_square(tiles)))
         # a bound and a minimum computed in different matrices differ by up to twice the rounding
         bound += 4 * _rounding(query.shape[1], *largest)
-    sizes = offsets[chunk + 1] - offsets[chunk]
     farther = np.zeros(len(chunk), dtype=np.int64)
     done = 0
     for end in phases if n > need else ():
