@@ -66,6 +66,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
 
 
+def stat_stamp(st: os.stat_result) -> tuple[int, int, int]:
+    """Size, mtime (ns) and inode of a file: what tells it unchanged without reading it (rsync's quick check;
+    a write in place moves the mtime, a replacement the inode)."""
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 hex digest of a file, read in 1 MiB chunks (identifies checkpoints and index files)."""
     h = hashlib.sha256()

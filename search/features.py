@@ -41,7 +41,7 @@ import zarr
 
 from histo.batch import BatchSummary, Outcome, run_batch
 from histo.errors import HistoError, InputFileError
-from histo.io import atomic_write_json
+from histo.io import atomic_write_json, stat_stamp
 from pathology.store import CHUNK_CODECS, DAMAGED, METADATA, decoded
 
 log = logging.getLogger(__name__)
@@ -174,9 +174,7 @@ def read_record(root: Path, slide_id: str) -> dict[str, Any] | None:
 def _stamp_of(where: Path) -> dict[str, list[int]]:
     """{array file of a slide (relative path): [bytes, mtime_ns, inode]}: what the quick check compares."""
     files = (p for name in ARRAYS for p in sorted((where / name).rglob("*")) if p.is_file())
-    return {
-        p.relative_to(where).as_posix(): [(st := p.stat()).st_size, st.st_mtime_ns, st.st_ino] for p in files
-    }
+    return {p.relative_to(where).as_posix(): list(stat_stamp(p.stat())) for p in files}
 
 
 def _write_stamp(where: Path, files: dict[str, list[int]]) -> None:
@@ -204,7 +202,7 @@ def stamp_matches(root: Path, slide_id: str) -> bool:
             st = os.stat(where / rel)
         except OSError:
             return False
-        if [st.st_size, st.st_mtime_ns, st.st_ino] != recorded:
+        if list(stat_stamp(st)) != recorded:
             return False
     return True
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from histo.errors import HistoError, InputFileError
-from histo.io import atomic_write_json, file_sha256
+from histo.io import atomic_write_json, file_sha256, stat_stamp
 
 FORMAT = "histo-slide-index"
 VERSION = 2  # 2: versioned parts (catalog.<v>.json, coords/barcodes/float parts, trained indexes)
@@ -145,7 +145,7 @@ def verify_files(
             raise InputFileError(
                 p, f"index file truncated or altered ({size} bytes, manifest says {meta['bytes']})"
             )
-        stamp = (size, st.st_mtime_ns, st.st_ino, meta["sha256"])
+        stamp = (*stat_stamp(st), meta["sha256"])
         if not full or (verified is not None and verified.get(rel) == stamp):
             continue
         if file_sha256(p) != meta["sha256"]:
