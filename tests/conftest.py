@@ -98,3 +98,12 @@ def demo(tmp_path_factory) -> dict[str, Path]:
     model = random_init_checkpoint(root / "model.pt", input_px=32)
     SlideIndex.build(root / "tiles.zarr", model, root / "index", {"run": {"device": "cpu"}}, progress=False)
     return {"root": root, "index": root / "index", "slides": root / "slides", "tiles": root / "tiles.zarr"}
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Kill any worker process a test left alive: Python joins non-daemon children at exit, so one stuck
+    worker would hold the finished session (and CI) open until its time limit instead of reporting."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()

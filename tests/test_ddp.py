@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import os
 import subprocess
@@ -66,7 +67,10 @@ def _average_worker(rank: int, init_file: str, out: str) -> None:
 
     from histo.devices import average_buffers
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    timeout = datetime.timedelta(seconds=120)  # a stuck collective raises instead of hanging the test
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timeout
+    )
     bn = torch.nn.BatchNorm2d(3)
     bn.running_mean.fill_(float(rank + 1))  # rank 0: 1, rank 1: 2
     bn.running_var.fill_(float(4 * rank + 1))  # rank 0: 1, rank 1: 5
@@ -83,7 +87,9 @@ def test_average_buffers_gives_every_rank_the_mean_statistics(tmp_path):
     from histo.devices import average_buffers
 
     assert average_buffers(torch.nn.BatchNorm2d(3)) == 0  # single process: nothing to do
-    mp.spawn(_average_worker, args=(str(tmp_path / "init"), str(tmp_path / "bn")), nprocs=2, join=True)
+    mp.spawn(
+        _average_worker, args=(str(tmp_path / "init"), str(tmp_path / "bn")), nprocs=2, join=True, daemon=True
+    )
     for rank in (0, 1):
         got = torch.load(tmp_path / f"bn.{rank}", weights_only=True)
         assert got["n"] == 2  # running_mean and running_var, not the integer counter

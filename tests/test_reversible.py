@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 
 import pytest
 import torch
@@ -195,7 +196,14 @@ def _ddp_worker(rank: int, port: int, find_unused: bool, queue) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # a collective that waits longer than this raises in the worker instead of hanging the test
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         seq = nn.parallel.DistributedDataParallel(
             make_sequence(2).double(), find_unused_parameters=find_unused
@@ -221,15 +229,24 @@ def test_ddp_two_gloo_processes_average_the_reversible_gradients(find_unused: bo
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
+    # spawned, not forked: a child forked from this many-threaded pytest process can deadlock on a lock
+    # another thread held at the fork (CI once hung here for the whole run); daemons never outlive the test
+    ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, port, find_unused, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    # a generous wait: the two gloo processes share two cores with whatever else runs (once over 120 s under load)
-    results = dict(queue.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    procs = [
+        ctx.Process(target=_ddp_worker, args=(r, port, find_unused, queue), daemon=True) for r in range(2)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        # a generous wait: the two gloo processes share two cores with whatever else runs (once over 120 s)
+        results = dict(queue.get(timeout=300) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
     assert all(isinstance(r, dict) for r in results.values()), results
     seq = make_sequence(2).double()
