@@ -191,3 +191,50 @@ def test_openslide_and_tiatoolbox_read_a_written_dicom_wsi_series(tmp_path):
         corner = s.read_region(0, 800, 600, 128, 128)  # past the edges (the padded last tiles): white
         np.testing.assert_array_equal(corner[:100, :100], rgb[600:, 800:])
         assert (corner[100:] == 255).all() and (corner[:, 100:] == 255).all()
+
+
+def _root_unchanged_by(step: str, pythonpath: str | None = None) -> str:
+    """Run `step` in a fresh interpreter; "True" when the root logger's handlers and level and the warnings
+    hook are what they were before it (tiatoolbox's first import adds root handlers, captures warnings)."""
+    import os
+    import subprocess
+
+    script = (
+        "import logging, sys, warnings\n"
+        "root = logging.getLogger()\n"
+        "before = (list(root.handlers), root.level, warnings.showwarning)\n"
+        f"{step}\n"
+        "assert 'tiatoolbox' in sys.modules\n"
+        "print((list(root.handlers), root.level, warnings.showwarning) == before)\n"
+    )
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_importing_tiatoolbox_leaves_the_root_logger_as_it_was(tmp_path):
+    """A stand-in tiatoolbox whose import does what tiatoolbox 2.1's does to the root logger."""
+    fake = tmp_path / "tiatoolbox"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import logging, sys\n"
+        "logging.captureWarnings(True)\n"
+        "logging.getLogger().addHandler(logging.StreamHandler(sys.stdout))\n"
+        "logging.getLogger().setLevel(logging.INFO)\n"
+    )
+    helper = "from pathology.slide.tiatoolbox_backend import import_tiatoolbox; assert import_tiatoolbox()"
+    assert _root_unchanged_by(helper, str(tmp_path)) == "True"
+    assert _root_unchanged_by("import tiatoolbox", str(tmp_path)) == "False"  # the check can fail
+
+
+@pytest.mark.full
+def test_opening_an_ome_tiff_with_tiatoolbox_leaves_the_root_logger_as_it_was(tmp_path):
+    _ome_tiff(tmp_path / "a.ome.tif", np.zeros((512, 512, 3), np.uint8), 0.5)
+    step = f"from pathology.slide import open_slide; open_slide({str(tmp_path / 'a.ome.tif')!r})"
+    assert _root_unchanged_by(step) == "True"
+    assert _root_unchanged_by("import tiatoolbox") == "False"

@@ -19,11 +19,9 @@ READERS = get_args(Reader)
 
 
 def _has_tiatoolbox() -> bool:
-    try:
-        import tiatoolbox  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from pathology.slide.tiatoolbox_backend import import_tiatoolbox
+
+    return import_tiatoolbox() is not None
 
 
 def _backend(path: Path, reader: str) -> Backend:

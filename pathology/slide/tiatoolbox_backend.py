@@ -11,7 +11,10 @@ metadata is checked by histo first (pathology/slide/ngff.py), which also gives i
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -21,6 +24,23 @@ from pathology.slide.ngff import Multiscale, is_ngff, read_multiscale
 PLAIN_IMAGES = (".png", ".jpg", ".jpeg", ".bmp")
 OME_EXTENSIONS = (".ome.tif", ".ome.tiff")
 EXTENSIONS = (*OME_EXTENSIONS, ".tif", ".tiff", ".jp2", ".dcm", ".zarr", ".ngff", *PLAIN_IMAGES)
+
+
+def import_tiatoolbox() -> ModuleType | None:
+    """tiatoolbox, or None without the extra. Its first import, when the root logger has no handler, adds
+    an INFO stdout and a stderr handler to the root and sends warnings to logging: a library opening one
+    OME-TIFF must not change how its caller's process logs, so the root is left as it was."""
+    root = logging.getLogger()
+    handlers, level, showwarning = list(root.handlers), root.level, warnings.showwarning
+    try:
+        import tiatoolbox
+    except ImportError:
+        return None
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        warnings.showwarning = showwarning
+    return tiatoolbox
 
 
 def reader_class(path: Path) -> type:
@@ -83,12 +103,9 @@ class TiatoolboxBackend:
     read_errors = (ValueError, OSError, RuntimeError)
 
     def __init__(self, path: Path) -> None:
-        try:
-            import tiatoolbox
-        except ImportError:
-            raise HistoError(
-                "the tiatoolbox reader needs the extra: pip install 'histo[tiatoolbox]'"
-            ) from None
+        tiatoolbox = import_tiatoolbox()
+        if tiatoolbox is None:
+            raise HistoError("the tiatoolbox reader needs the extra: pip install 'histo[tiatoolbox]'")
         cls = reader_class(path)
         ngff = ngff_for_tiatoolbox(path) if cls.__name__ == "NGFFWSIReader" else None
         kwargs = {} if cls.__name__ == "VirtualWSIReader" else {"post_proc": None}
