@@ -16,6 +16,7 @@ from slide_support import write_ngff
 from histo.errors import InputFileError
 from pathology.config import TileConfig
 from pathology.slide import open_slide
+from pathology.slide.blosc_check import blosc_problem
 from pathology.store import TileStore
 from pathology.tiler import find_slides, tile_slides
 
@@ -152,6 +153,45 @@ def test_damaged_or_unusable_images_are_one_line(tmp_path):
         InputFileError, match=r"level 0 \(0\) is uint16 with 5 channels: histo reads RGB uint8"
     ):
         open_slide(fluo)
+
+
+def test_blosc_problem_reads_the_frames_own_length():
+    """Against numcodecs' own frames: whole is fine; cut short, padded or shorter than a header is not."""
+    import numcodecs
+
+    frame = bytes(numcodecs.Blosc().encode(RGB[:64, :64].tobytes()))
+    assert blosc_problem(frame) is None
+    assert blosc_problem(frame[:-1]) == f"{len(frame) - 1} bytes where its Blosc header says {len(frame)}"
+    assert blosc_problem(frame + b"\0") == f"{len(frame) + 1} bytes where its Blosc header says {len(frame)}"
+    assert blosc_problem(frame[:10]) == "10 bytes, shorter than a Blosc header"
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_a_truncated_blosc_chunk_is_a_read_error_not_wrong_pixels(tmp_path, no_tiatoolbox, zarr_format):
+    """numcodecs decodes a Blosc chunk cut short into wrong pixels without an error (it reads past the end of
+    the buffer, so the test does not show it); the NGFF backend refuses it naming the slide and the chunk."""
+    import numcodecs
+    import zarr
+
+    path = tmp_path / "cut.ome.zarr"
+    write_ngff(path, RGB[:512, :768], 0.5, version="0.4" if zarr_format == 2 else "0.5")
+    blosc = numcodecs.Blosc() if zarr_format == 2 else zarr.codecs.BloscCodec()
+    level0 = np.ascontiguousarray(RGB[:512, :768].transpose(2, 0, 1))
+    group = zarr.open_group(path, mode="a", zarr_format=zarr_format)
+    group.create_array("0", data=level0, chunks=(3, 256, 256), compressors=blosc, overwrite=True)
+    np.testing.assert_array_equal(open_slide(path).read_region(0, 0, 0, 768, 512), RGB[:512, :768])
+    chunk = path / "0" / ("0.0.0" if zarr_format == 2 else "c/0/0/0")
+    whole = chunk.read_bytes()
+    chunk.write_bytes(whole[: len(whole) // 2])
+    key = "0.0.0" if zarr_format == 2 else "c/0/0/0"
+    with pytest.raises(
+        InputFileError, match=rf"damaged chunk {key}: {len(whole) // 2} bytes where its Blosc"
+    ) as e:
+        open_slide(path).read_region(0, 0, 0, 768, 512)
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+    np.testing.assert_array_equal(  # chunks not cut still read
+        open_slide(path).read_region(0, 512, 256, 256, 256), RGB[256:512, 512:768]
+    )
 
 
 def test_tiling_finds_the_image_folder_and_records_its_reader(tmp_path, shared_data, no_tiatoolbox):

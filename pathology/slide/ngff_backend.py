@@ -11,6 +11,7 @@ import zarr
 
 import histo
 from histo.errors import InputFileError
+from pathology.slide.blosc_check import open_checked
 from pathology.slide.ngff import Multiscale, read_multiscale
 
 
@@ -53,7 +54,7 @@ class NgffBackend:
         ms = read_multiscale(path)
         _register_codecs()
         try:
-            arrays = [zarr.open_array(path / p, mode="r") for p in ms.paths]
+            arrays = [open_checked(path / p) for p in ms.paths]
         except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError) as e:
             raise InputFileError(path, f"unreadable NGFF level array: {e}") from None
         size0 = dict(zip(ms.axes, arrays[0].shape, strict=False))
