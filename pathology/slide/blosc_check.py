@@ -33,14 +33,18 @@ def stores_blosc_frames(array: zarr.Array) -> bool:
 
 
 class BloscCheckedStore(LocalStore):
-    """A local store that refuses, with ValueError naming the chunk, a whole chunk that is not one Blosc frame."""
+    """A local store that, once `frames` is set, refuses with ValueError naming the chunk a whole chunk that
+    is not one Blosc frame (metadata files are never checked)."""
+
+    frames = False
 
     async def get(
         self, key: str, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None
     ) -> Buffer | None:
         buf = await super().get(key, prototype, byte_range)
         if (
-            buf is not None
+            self.frames
+            and buf is not None
             and byte_range is None
             and not key.rsplit("/", 1)[-1].startswith((".z", "zarr.json"))
         ):
@@ -51,8 +55,8 @@ class BloscCheckedStore(LocalStore):
 
 
 def open_checked(path: Path) -> zarr.Array:
-    """Open the array at `path` read-only; through BloscCheckedStore when its chunks are Blosc frames."""
-    array = zarr.open_array(path, mode="r")
-    if not stores_blosc_frames(array):
-        return array
-    return zarr.open_array(BloscCheckedStore(path, read_only=True), mode="r")
+    """Open the array at `path` read-only, its chunks checked when they are Blosc frames (one open)."""
+    store = BloscCheckedStore(path, read_only=True)
+    array = zarr.open_array(store, mode="r")
+    store.frames = stores_blosc_frames(array)
+    return array
